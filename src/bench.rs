@@ -1,0 +1,284 @@
+//! `switchyard bench`: end-to-end throughput (first publish → last result
+//! committed) with a zero-latency in-process provider and with the HTTP
+//! simulator, next to the raw JetStream ceiling (publish → consume → ack of
+//! the same number of same-size messages) measured in the same run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use async_nats::jetstream::{self, consumer, stream};
+use futures::stream::{FuturesUnordered, StreamExt};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::bus::Bus;
+use crate::config::{Config, ProviderKind};
+use crate::demo::{on_simulator, sample_jobs};
+use crate::enqueue::{publish_jobs, Outgoing};
+use crate::sim::{SimProfile, SimServer};
+use crate::worker::{self, WorkerOptions};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchFigures {
+    pub jobs: usize,
+    pub inproc_jobs_per_sec: f64,
+    pub http_jobs_per_sec: f64,
+    pub jetstream_ceiling_msgs_per_sec: f64,
+    /// In-process throughput as a share of the JetStream ceiling.
+    pub inproc_to_ceiling_ratio: f64,
+    pub http_to_ceiling_ratio: f64,
+    pub inproc_secs: f64,
+    pub http_secs: f64,
+    pub ceiling_secs: f64,
+    pub avg_payload_bytes: usize,
+    pub peak_rss_mb: f64,
+}
+
+/// Peak resident set size of this process (VmHWM), in MiB.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Remove the limits that would make the bench measure the lane's rate
+/// limiter instead of the system.
+fn unthrottled(cfg: &mut Config) {
+    for p in cfg.providers.values_mut() {
+        p.rpm = 100_000_000;
+        p.tpm = u32::MAX;
+        p.max_concurrency = p.max_concurrency.max(128);
+    }
+}
+
+async fn run_pipeline(
+    cfg: Config,
+    pool: &PgPool,
+    nats_url: &str,
+    jobs: &[Outgoing],
+    run_prefix: &str,
+) -> Result<f64> {
+    let bus = Bus::connect(nats_url, &cfg.nats.prefix).await?;
+    bus.delete_streams().await;
+    let cfg = Arc::new(cfg);
+    let handle = worker::start(
+        cfg.clone(),
+        pool.clone(),
+        bus.clone(),
+        WorkerOptions::default(),
+    )
+    .await?;
+    let started = Instant::now();
+    publish_jobs(&bus, jobs, None).await?;
+    let like = format!("{run_prefix}%");
+    let deadline = started + Duration::from_secs(600);
+    loop {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE id LIKE $1
+             AND status IN ('succeeded','failed','needs_review','dead')",
+        )
+        .bind(&like)
+        .fetch_one(pool)
+        .await?;
+        if done as usize >= jobs.len() {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "bench run did not finish within 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    handle.shutdown().await;
+    bus.delete_streams().await;
+    Ok(secs)
+}
+
+/// Publish, consume and ack `n` messages of `size` bytes on a bare stream.
+async fn jetstream_ceiling(
+    nats_url: &str,
+    stream_name: &str,
+    n: usize,
+    size: usize,
+) -> Result<f64> {
+    let client = async_nats::connect(nats_url)
+        .await
+        .context("connecting to NATS")?;
+    let js = jetstream::new(client);
+    let _ = js.delete_stream(stream_name).await;
+    let subject = format!("{}.x", stream_name.to_ascii_lowercase());
+    let s = js
+        .create_stream(stream::Config {
+            name: stream_name.to_string(),
+            subjects: vec![subject.clone()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating stream: {e}"))?;
+    let consumer: consumer::PullConsumer = s
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("ceiling".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating consumer: {e}"))?;
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let started = Instant::now();
+    let publisher = {
+        let js = js.clone();
+        let subject = subject.clone();
+        tokio::spawn(async move {
+            let mut pending = FuturesUnordered::new();
+            for i in 0..n {
+                if pending.len() >= 512 {
+                    if let Some(r) = pending.next().await {
+                        r?;
+                    }
+                }
+                let ack = js
+                    .send_publish(
+                        subject.clone(),
+                        jetstream::message::PublishMessage::build()
+                            .payload(payload.clone())
+                            .message_id(format!("c{i}")),
+                    )
+                    .await?;
+                pending.push(async move { ack.await });
+            }
+            while let Some(r) = pending.next().await {
+                r?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut consumed = 0;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    while consumed < n {
+        let m = tokio::time::timeout(Duration::from_secs(60), messages.next())
+            .await
+            .context("ceiling consumer stalled")?
+            .context("ceiling consumer ended")?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        consumed += 1;
+    }
+    publisher.await??;
+    let secs = started.elapsed().as_secs_f64();
+    let _ = js.delete_stream(stream_name).await;
+    Ok(secs)
+}
+
+pub async fn run(cfg: Config, pool: PgPool, nats_url: &str, n: usize) -> Result<BenchFigures> {
+    let tag = &crate::enqueue::new_job_id()[..8];
+    let base = format!("{}-bench-{tag}", cfg.nats.prefix);
+
+    // 1. In-process provider.
+    let mut c1 = cfg.clone();
+    unthrottled(&mut c1);
+    for p in c1.providers.values_mut() {
+        p.kind = ProviderKind::Inproc;
+    }
+    c1.nats.prefix = format!("{base}-inproc");
+    let run1 = format!("bench-{tag}-i");
+    let jobs1 = sample_jobs(&c1, &run1, n)?;
+    let avg = jobs1.iter().map(|j| j.payload.len()).sum::<usize>() / n.max(1);
+    eprintln!("bench: {n} jobs through the in-process provider…");
+    let inproc_secs = run_pipeline(c1, &pool, nats_url, &jobs1, &run1).await?;
+
+    // 2. HTTP simulator, clean profile.
+    let sim = SimServer::start("127.0.0.1:0", SimProfile::default()).await?;
+    let mut c2 = cfg.clone();
+    unthrottled(&mut c2);
+    on_simulator(&mut c2, &sim.base_url());
+    c2.nats.prefix = format!("{base}-http");
+    let run2 = format!("bench-{tag}-h");
+    let jobs2 = sample_jobs(&c2, &run2, n)?;
+    eprintln!("bench: {n} jobs through the HTTP simulator…");
+    let http_secs = run_pipeline(c2, &pool, nats_url, &jobs2, &run2).await?;
+    sim.stop();
+
+    // 3. JetStream ceiling with the same count and size.
+    eprintln!("bench: JetStream ceiling with {n} messages of {avg} bytes…");
+    let stream_name = format!("{}_CEILING", base.to_ascii_uppercase().replace('-', "_"));
+    let ceiling_secs = jetstream_ceiling(nats_url, &stream_name, n, avg).await?;
+
+    // Leave the database as we found it.
+    for run in [&run1, &run2] {
+        let like = format!("{run}%");
+        sqlx::query("DELETE FROM results WHERE job_id LIKE $1")
+            .bind(&like)
+            .execute(&pool)
+            .await?;
+        sqlx::query("DELETE FROM calls WHERE job_id LIKE $1")
+            .bind(&like)
+            .execute(&pool)
+            .await?;
+        sqlx::query("DELETE FROM jobs WHERE id LIKE $1")
+            .bind(&like)
+            .execute(&pool)
+            .await?;
+    }
+
+    let rate = |secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+    let ceiling = rate(ceiling_secs);
+    Ok(BenchFigures {
+        jobs: n,
+        inproc_jobs_per_sec: rate(inproc_secs),
+        http_jobs_per_sec: rate(http_secs),
+        jetstream_ceiling_msgs_per_sec: ceiling,
+        inproc_to_ceiling_ratio: if ceiling > 0.0 {
+            rate(inproc_secs) / ceiling
+        } else {
+            0.0
+        },
+        http_to_ceiling_ratio: if ceiling > 0.0 {
+            rate(http_secs) / ceiling
+        } else {
+            0.0
+        },
+        inproc_secs,
+        http_secs,
+        ceiling_secs,
+        avg_payload_bytes: avg,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+impl BenchFigures {
+    pub fn summary(&self) -> String {
+        format!(
+            "jobs                      {}\n\
+             in-process provider       {:>10.0} jobs/s  ({:.2}s)\n\
+             HTTP simulator            {:>10.0} jobs/s  ({:.2}s)\n\
+             JetStream ceiling         {:>10.0} msgs/s  ({:.2}s, {} B messages)\n\
+             in-process / ceiling      {:>10.2}\n\
+             HTTP / ceiling            {:>10.2}\n\
+             peak RSS                  {:>10.1} MiB",
+            self.jobs,
+            self.inproc_jobs_per_sec,
+            self.inproc_secs,
+            self.http_jobs_per_sec,
+            self.http_secs,
+            self.jetstream_ceiling_msgs_per_sec,
+            self.ceiling_secs,
+            self.avg_payload_bytes,
+            self.inproc_to_ceiling_ratio,
+            self.http_to_ceiling_ratio,
+            self.peak_rss_mb
+        )
+    }
+}

@@ -1,0 +1,226 @@
+//! NATS JetStream: connection, subjects, streams, consumers and the message
+//! shapes that travel between the dispatcher and the lanes. The only module
+//! (with `bench`'s raw ceiling measurement) that talks to NATS.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::envelope::Message;
+
+/// Subject and stream names for one prefix.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub prefix: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+    pub fn jobs_stream(&self) -> String {
+        format!("{}_JOBS", self.prefix.to_ascii_uppercase())
+    }
+    pub fn calls_stream(&self) -> String {
+        format!("{}_CALLS", self.prefix.to_ascii_uppercase())
+    }
+    pub fn job_subject(&self, category: &str) -> String {
+        format!("{}.jobs.{category}", self.prefix)
+    }
+    pub fn jobs_wildcard(&self) -> String {
+        format!("{}.jobs.>", self.prefix)
+    }
+    pub fn call_subject(&self, provider: &str) -> String {
+        format!("{}.calls.{provider}", self.prefix)
+    }
+    pub fn calls_wildcard(&self) -> String {
+        format!("{}.calls.>", self.prefix)
+    }
+    pub fn done_subject(&self, category: &str) -> String {
+        format!("{}.done.{category}", self.prefix)
+    }
+    pub fn dispatcher_consumer(&self) -> &'static str {
+        "dispatcher"
+    }
+    pub fn lane_consumer(&self, provider: &str) -> String {
+        format!("lane-{provider}")
+    }
+    /// The last subject token after `<prefix>.jobs.` (the subject category).
+    pub fn category_of<'a>(&self, subject: &'a str) -> &'a str {
+        subject.rsplit('.').next().unwrap_or("")
+    }
+}
+
+/// A connected JetStream context plus names.
+#[derive(Clone)]
+pub struct Bus {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub names: Names,
+}
+
+/// The internal message a dispatcher sends to a provider lane: everything the
+/// lane needs to make the call and write its rows, so a lane never reads Postgres
+/// on the happy path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallMsg {
+    pub job_id: String,
+    pub category: String,
+    pub provider: String,
+    pub model: String,
+    /// Step of the job's route (0 for a single-target route).
+    pub step: u32,
+    pub messages: Vec<Message>,
+    pub max_tokens: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// When the job was published to NATS, in Unix milliseconds.
+    pub enqueued_at_ms: i64,
+}
+
+impl CallMsg {
+    /// `Nats-Msg-Id` of a call: unique per job and step.
+    pub fn msg_id(&self) -> String {
+        format!("{}#{}", self.job_id, self.step)
+    }
+}
+
+/// Event published (core NATS) on `<prefix>.done.<category>` when a job ends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DoneEvent {
+    pub job_id: String,
+    pub category: String,
+    pub status: String,
+}
+
+impl Bus {
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
+        let client = async_nats::ConnectOptions::new()
+            .name("switchyard")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .with_context(|| format!("connecting to NATS at {url}"))?;
+        let js = jetstream::new(client.clone());
+        Ok(Self {
+            client,
+            js,
+            names: Names::new(prefix),
+        })
+    }
+
+    /// Create (or reuse) the jobs and calls streams: WorkQueue retention, file
+    /// storage, de-duplication by `Nats-Msg-Id`.
+    pub async fn ensure_streams(&self, cfg: &Config) -> Result<()> {
+        let dup = Duration::from_secs(cfg.nats.duplicate_window_secs);
+        for (name, subject) in [
+            (self.names.jobs_stream(), self.names.jobs_wildcard()),
+            (self.names.calls_stream(), self.names.calls_wildcard()),
+        ] {
+            self.js
+                .get_or_create_stream(stream::Config {
+                    name: name.clone(),
+                    subjects: vec![subject],
+                    retention: stream::RetentionPolicy::WorkQueue,
+                    storage: stream::StorageType::File,
+                    duplicate_window: dup,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("creating stream {name}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// A durable pull consumer with explicit acks on `stream`, filtered to `filter`.
+    pub async fn pull_consumer(
+        &self,
+        stream_name: &str,
+        durable: &str,
+        filter: &str,
+        ack_wait: Duration,
+        max_deliver: i64,
+        max_ack_pending: i64,
+    ) -> Result<consumer::PullConsumer> {
+        let stream = self
+            .js
+            .get_stream(stream_name)
+            .await
+            .map_err(|e| anyhow::anyhow!("getting stream {stream_name}: {e}"))?;
+        let config = consumer::pull::Config {
+            durable_name: Some(durable.to_string()),
+            filter_subject: filter.to_string(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait,
+            max_deliver,
+            max_ack_pending,
+            ..Default::default()
+        };
+        // Create, or update an existing consumer to the current settings.
+        let consumer = match stream.create_consumer(config.clone()).await {
+            Ok(c) => c,
+            Err(_) => stream
+                .get_consumer(durable)
+                .await
+                .map_err(|e| anyhow::anyhow!("getting consumer {durable} on {stream_name}: {e}"))?,
+        };
+        Ok(consumer)
+    }
+
+    /// Publish with `Nats-Msg-Id` and wait for JetStream's ack.
+    /// Returns false when JetStream reports the message as a duplicate.
+    pub async fn publish_durable(
+        &self,
+        subject: String,
+        msg_id: &str,
+        payload: Bytes,
+    ) -> Result<bool> {
+        let ack = self
+            .js
+            .send_publish(
+                subject.clone(),
+                jetstream::message::PublishMessage::build()
+                    .payload(payload)
+                    .message_id(msg_id),
+            )
+            .await
+            .with_context(|| format!("publishing to {subject}"))?
+            .await
+            .with_context(|| format!("awaiting JetStream ack for {subject}"))?;
+        Ok(!ack.duplicate)
+    }
+
+    /// Best-effort core-NATS event; losing one never loses a job.
+    pub async fn publish_done(&self, ev: &DoneEvent) {
+        if let Ok(body) = serde_json::to_vec(ev) {
+            let _ = self
+                .client
+                .publish(self.names.done_subject(&ev.category), body.into())
+                .await;
+        }
+    }
+
+    /// Delete both streams of this prefix (tests and bench clean-up).
+    pub async fn delete_streams(&self) {
+        let _ = self.js.delete_stream(self.names.jobs_stream()).await;
+        let _ = self.js.delete_stream(self.names.calls_stream()).await;
+    }
+}
+
+/// Unix milliseconds of a JetStream message's publish time.
+pub fn published_ms(info: &jetstream::message::Info<'_>) -> i64 {
+    (info.published.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

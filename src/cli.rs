@@ -1,0 +1,293 @@
+//! Command-line interface: argument parsing (clap) and one function per
+//! subcommand that wires the library together.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Bus;
+use crate::config::{Config, DEFAULT_DATABASE_URL, DEFAULT_NATS_URL};
+use crate::report::Format;
+use crate::sim::{SimProfile, SimServer};
+use crate::worker::WorkerOptions;
+use crate::{bench, demo, enqueue, report, store, worker};
+
+/// Switchyard: a durable, multi-model LLM job system. Jobs arrive on NATS
+/// JetStream subjects by task category, rate-limited provider lanes serve
+/// them, and every result and cost record lands in Postgres.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Config file (TOML). `SWITCHYARD_*` variables override its keys.
+    #[arg(long, global = true, env = "SWITCHYARD_CONFIG", default_value = crate::config::DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Postgres URL; the database is created when missing.
+    #[arg(long, global = true, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+    /// NATS server URL (JetStream must be enabled).
+    #[arg(long, global = true, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
+    pub nats_url: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the database if missing and apply the migrations.
+    Migrate,
+    /// Run the dispatcher and provider lanes until SIGINT/SIGTERM.
+    ///
+    /// With no flags: the dispatcher and every provider lane of the config.
+    /// Run as many workers as you like; they share the durable consumers.
+    Worker {
+        /// Do not run the dispatcher (run lanes only).
+        #[arg(long)]
+        no_dispatcher: bool,
+        /// Run only these provider lanes (comma-separated); `none` for no lanes.
+        #[arg(long, value_delimiter = ',')]
+        lanes: Option<Vec<String>>,
+        /// Seconds to wait for in-flight calls when stopping.
+        #[arg(long, default_value_t = 30)]
+        drain_secs: u64,
+    },
+    /// Serve the provider simulator (OpenAI chat completions) until stopped.
+    Sim {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: String,
+        /// A TOML profile (latency_ms, jitter_ms, error_rate, rpm, tpm, cached_share).
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// Use the demo's profile (latency, 3% 500s, RPM limits).
+        #[arg(long, conflicts_with = "profile")]
+        demo_profile: bool,
+    },
+    /// Publish the jobs of a JSONL file (one envelope per line).
+    Enqueue {
+        /// The JSONL file.
+        file: PathBuf,
+        /// Publish every line to this category's subject.
+        #[arg(long)]
+        category: Option<String>,
+        /// Return only when every job is terminal (succeeded, failed, dead, needs_review).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds (exit code 2).
+        #[arg(long, default_value_t = 3600)]
+        timeout_secs: u64,
+    },
+    /// Print jobs by status and calls, tokens and USD by category and by model.
+    Report {
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Only jobs whose id starts with this prefix.
+        #[arg(long)]
+        job_prefix: Option<String>,
+    },
+    /// Run the whole system on the simulator with sample jobs and print the cost report.
+    Demo {
+        /// Number of sample jobs.
+        #[arg(long, default_value_t = 1000)]
+        jobs: usize,
+        /// Simulator profile instead of the demo's default error mix.
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
+    /// Measure end-to-end throughput against the raw JetStream ceiling.
+    Bench {
+        /// Number of jobs per run.
+        #[arg(long, default_value_t = 20_000)]
+        jobs: usize,
+        /// End with one JSON object of the figures on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Cancel `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = match signal(SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    token.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("stop requested; draining");
+        token.cancel();
+    });
+}
+
+/// Exit status of a command.
+pub type ExitCode = u8;
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let g = &cli.global;
+    let load = || Config::load(Some(&g.config));
+    match cli.command {
+        Command::Migrate => {
+            let cfg = load()?;
+            store::connect_and_migrate(&g.database_url, cfg.database.max_connections).await?;
+            println!("migrations applied");
+            Ok(0)
+        }
+        Command::Worker {
+            no_dispatcher,
+            lanes,
+            drain_secs,
+        } => {
+            let cfg = Arc::new(load()?);
+            let pool =
+                store::connect_and_migrate(&g.database_url, cfg.database.max_connections).await?;
+            let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
+            let lanes = lanes.map(|l| l.into_iter().filter(|n| n != "none").collect());
+            let handle = worker::start(
+                cfg,
+                pool,
+                bus,
+                WorkerOptions {
+                    dispatcher: !no_dispatcher,
+                    lanes,
+                    drain_timeout: Duration::from_secs(drain_secs),
+                },
+            )
+            .await?;
+            cancel_on_signal(handle.token());
+            let drained = handle.run_until_stopped().await;
+            Ok(if drained { 0 } else { 1 })
+        }
+        Command::Sim {
+            listen,
+            profile,
+            demo_profile,
+        } => {
+            let profile = match (profile, demo_profile) {
+                (Some(p), _) => SimProfile::load(&p)?,
+                (None, true) => SimProfile::demo(),
+                (None, false) => SimProfile::default(),
+            };
+            let sim = SimServer::start(&listen, profile.clone()).await?;
+            eprintln!("simulator listening on {} with {profile:?}", sim.base_url());
+            let token = CancellationToken::new();
+            cancel_on_signal(token.clone());
+            token.cancelled().await;
+            sim.stop();
+            Ok(0)
+        }
+        Command::Enqueue {
+            file,
+            category,
+            wait,
+            timeout_secs,
+        } => {
+            let cfg = load()?;
+            let (jobs, errors) = enqueue::read_jsonl(&file, category.as_deref())?;
+            for e in &errors {
+                eprintln!("{}: {e}", file.display());
+            }
+            let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
+            bus.ensure_streams(&cfg).await?;
+            let pb = enqueue::progress_bar(jobs.len() as u64, "published");
+            let fresh = enqueue::publish_jobs(&bus, &jobs, Some(&pb)).await?;
+            pb.finish();
+            eprintln!(
+                "published {} jobs ({} de-duplicated by JetStream), {} lines rejected",
+                jobs.len(),
+                jobs.len() - fresh,
+                errors.len()
+            );
+            if wait {
+                let pool = store::connect_and_migrate(&g.database_url, 4).await?;
+                let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+                let pb = enqueue::progress_bar(ids.len() as u64, "finished");
+                let ok = enqueue::wait_finished(
+                    &pool,
+                    &ids,
+                    Duration::from_secs(timeout_secs),
+                    Some(&pb),
+                )
+                .await?;
+                pb.finish();
+                if !ok {
+                    eprintln!("timed out waiting for jobs to finish");
+                    return Ok(2);
+                }
+            }
+            Ok(if errors.is_empty() { 0 } else { 1 })
+        }
+        Command::Report { format, job_prefix } => {
+            let cfg = load()?;
+            let pool =
+                store::connect_and_migrate(&g.database_url, cfg.database.max_connections.min(4))
+                    .await?;
+            let r = report::build(&pool, job_prefix).await?;
+            print!("{}", r.render(format));
+            if format == Format::Json {
+                println!();
+            }
+            Ok(0)
+        }
+        Command::Demo {
+            jobs,
+            profile,
+            timeout_secs,
+        } => {
+            let cfg = load()?;
+            let profile = match profile {
+                Some(p) => SimProfile::load(&p)?,
+                None => SimProfile::demo(),
+            };
+            let pool =
+                store::connect_and_migrate(&g.database_url, cfg.database.max_connections).await?;
+            let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
+            let outcome = demo::run(
+                cfg,
+                pool,
+                bus,
+                jobs,
+                profile,
+                Duration::from_secs(timeout_secs),
+            )
+            .await
+            .context("demo failed")?;
+            Ok(if demo::print(&outcome, jobs) { 0 } else { 1 })
+        }
+        Command::Bench { jobs, json } => {
+            anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
+            let cfg = load()?;
+            let pool =
+                store::connect_and_migrate(&g.database_url, cfg.database.max_connections).await?;
+            let figures = bench::run(cfg, pool, &g.nats_url, jobs).await?;
+            println!("{}", figures.summary());
+            if json {
+                println!("{}", serde_json::to_string(&figures)?);
+            }
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,601 @@
+//! Configuration: `config/switchyard.toml` plus `SWITCHYARD_*` environment
+//! overrides, deserialised with `deny_unknown_fields` and then validated into
+//! the runtime [`Config`]. Every error names the offending key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Deserializer};
+
+/// Default location of the config file, relative to the working directory.
+pub const DEFAULT_CONFIG_PATH: &str = "config/switchyard.toml";
+/// Default database URL (the interface contract).
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/switchyard";
+/// Default NATS URL (the interface contract).
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// Environment variables with this prefix override config keys.
+pub const ENV_PREFIX: &str = "SWITCHYARD_";
+
+/// A configuration error; the message always names the key (or file) at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("config error: {0}")]
+pub struct ConfigError(pub String);
+
+fn err(key: impl fmt::Display, msg: impl fmt::Display) -> ConfigError {
+    ConfigError(format!("`{key}`: {msg}"))
+}
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// NATS subjects, streams and delivery settings.
+    #[serde(default)]
+    pub nats: NatsConfig,
+    /// Postgres pool settings.
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    /// Input limits enforced by the dispatcher.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// The batched Postgres writer.
+    #[serde(default)]
+    pub writer: WriterConfig,
+    /// The dispatcher (jobs stream consumer).
+    #[serde(default)]
+    pub dispatcher: DispatcherConfig,
+    /// Retries of provider calls.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Providers by name; each gets one worker lane.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Models by name (the name sent to the provider), with prices.
+    pub models: BTreeMap<String, ModelConfig>,
+    /// Task categories by name.
+    pub categories: BTreeMap<String, CategoryConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Prefix of every subject (`<prefix>.jobs.<category>`) and stream (`<PREFIX>_JOBS`).
+    pub prefix: String,
+    /// Seconds a delivered message may stay unacknowledged before redelivery.
+    pub ack_wait_secs: u64,
+    /// JetStream duplicate window for `Nats-Msg-Id`, in seconds.
+    pub duplicate_window_secs: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "switchyard".into(),
+            ack_wait_secs: 120,
+            duplicate_window_secs: 120,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Connections in the pool of each process.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest job payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 256 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WriterConfig {
+    /// Most messages committed in one transaction.
+    pub batch_size: usize,
+    /// Longest wait to fill a batch, in milliseconds.
+    pub flush_interval_ms: u64,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 512,
+            flush_interval_ms: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatcherConfig {
+    /// Jobs in flight in one dispatcher.
+    pub concurrency: usize,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        Self { concurrency: 256 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Provider attempts per call before the job fails.
+    pub max_attempts: u32,
+    /// Base backoff delay without a `retry-after`, in milliseconds.
+    pub base_delay_ms: u64,
+    /// Cap on the backoff delay, in milliseconds.
+    pub max_delay_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 6,
+            base_delay_ms: 500,
+            max_delay_ms: 30_000,
+        }
+    }
+}
+
+/// Which adapter speaks to a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// OpenAI chat completions.
+    Openai,
+    /// Any server speaking OpenAI chat completions (Ollama, vLLM, llama.cpp, gateways).
+    OpenaiCompatible,
+    /// Anthropic messages (adapter not built yet).
+    Anthropic,
+    /// Google Gemini generateContent (adapter not built yet).
+    Gemini,
+    /// Answers in-process with no I/O and no latency (benchmarks).
+    Inproc,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// The adapter.
+    pub kind: ProviderKind,
+    /// Base URL; the adapter appends the provider's path (`/v1/chat/completions`).
+    #[serde(default)]
+    pub base_url: String,
+    /// Name of the environment variable holding the API key (never the key itself).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Requests per minute this process may send.
+    pub rpm: u32,
+    /// Tokens per minute (input estimate + reserved max_tokens) this process may send.
+    pub tpm: u32,
+    /// Most requests in flight at once.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    /// Request timeout in seconds.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+const fn default_max_concurrency() -> usize {
+    32
+}
+const fn default_timeout_secs() -> u64 {
+    60
+}
+
+impl ProviderConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The provider (key of `[providers]`) that serves this model.
+    pub provider: String,
+    /// USD per 1M input tokens.
+    #[serde(deserialize_with = "de_decimal")]
+    pub input_per_mtok: Decimal,
+    /// USD per 1M output tokens.
+    #[serde(deserialize_with = "de_decimal")]
+    pub output_per_mtok: Decimal,
+    /// USD per 1M cached input tokens (defaults to the input price).
+    #[serde(default, deserialize_with = "de_opt_decimal")]
+    pub cached_input_per_mtok: Option<Decimal>,
+}
+
+impl ModelConfig {
+    pub fn prices(&self) -> crate::pricing::Prices {
+        crate::pricing::Prices {
+            input_per_mtok: self.input_per_mtok,
+            output_per_mtok: self.output_per_mtok,
+            cached_input_per_mtok: self.cached_input_per_mtok.unwrap_or(self.input_per_mtok),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CategoryConfig {
+    /// How jobs of this category are served.
+    pub route: RouteConfig,
+    /// System prompt for every job of this category (a job's own `system` is appended).
+    #[serde(default)]
+    pub system: Option<String>,
+    /// `max_tokens` when the job sets none.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+}
+
+const fn default_max_tokens() -> u32 {
+    512
+}
+
+/// A route: how a category is served. More kinds arrive with the routing issue.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RouteConfig {
+    /// One target model.
+    Single { target: String },
+}
+
+fn decimal_from_value<E: serde::de::Error>(v: toml::Value) -> Result<Decimal, E> {
+    let s = match v {
+        toml::Value::String(s) => s,
+        toml::Value::Integer(i) => i.to_string(),
+        // A float's shortest representation is what the user typed (0.15 -> "0.15").
+        toml::Value::Float(f) => f.to_string(),
+        other => {
+            return Err(E::custom(format!(
+                "expected a decimal price, got a {}",
+                other.type_str()
+            )))
+        }
+    };
+    let d = Decimal::from_str(s.trim())
+        .map_err(|e| E::custom(format!("invalid decimal `{s}`: {e}")))?;
+    if d.is_sign_negative() {
+        return Err(E::custom(format!("price must not be negative, got {d}")));
+    }
+    Ok(d)
+}
+
+fn de_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+    decimal_from_value(toml::Value::deserialize(d)?)
+}
+
+fn de_opt_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+    Option::<toml::Value>::deserialize(d)?
+        .map(decimal_from_value)
+        .transpose()
+}
+
+impl Config {
+    /// Load `path` (or `$SWITCHYARD_CONFIG`, or the default path) and apply the
+    /// process environment's overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None => std::env::var_os("SWITCHYARD_CONFIG")
+                .map(Into::into)
+                .unwrap_or_else(|| DEFAULT_CONFIG_PATH.into()),
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::from_toml_with_env(&text, &env)
+            .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// Parse TOML text, apply `SWITCHYARD_*` overrides from `env`, validate.
+    pub fn from_toml_with_env(text: &str, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let mut value: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError(format!("invalid TOML: {e}")))?;
+        apply_env_overrides(&mut value, env)?;
+        let cfg: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if path == "." {
+                    ConfigError(inner.to_string())
+                } else {
+                    err(path, inner)
+                }
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parse TOML text without environment overrides.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_toml_with_env(text, &[])
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.nats.prefix;
+        if p.is_empty()
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(err(
+                "nats.prefix",
+                format!("`{p}` must be non-empty ASCII letters, digits, `-` or `_`"),
+            ));
+        }
+        if self.nats.ack_wait_secs == 0 {
+            return Err(err("nats.ack_wait_secs", "must be at least 1"));
+        }
+        if self.writer.batch_size == 0 {
+            return Err(err("writer.batch_size", "must be at least 1"));
+        }
+        if self.dispatcher.concurrency == 0 {
+            return Err(err("dispatcher.concurrency", "must be at least 1"));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(err("retry.max_attempts", "must be at least 1"));
+        }
+        if self.database.max_connections < 2 {
+            return Err(err("database.max_connections", "must be at least 2"));
+        }
+        if self.limits.max_payload_bytes == 0 {
+            return Err(err("limits.max_payload_bytes", "must be at least 1"));
+        }
+        if self.providers.is_empty() {
+            return Err(err("providers", "at least one provider is required"));
+        }
+        for (name, prov) in &self.providers {
+            check_token(&format!("providers.{name}"), name)?;
+            match prov.kind {
+                ProviderKind::Anthropic | ProviderKind::Gemini => {
+                    return Err(err(
+                        format!("providers.{name}.kind"),
+                        "the native anthropic/gemini adapters are not built yet; use \
+                         `openai_compatible` against an OpenAI-compatible endpoint",
+                    ))
+                }
+                ProviderKind::Inproc => {}
+                ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
+                    if !(prov.base_url.starts_with("http://")
+                        || prov.base_url.starts_with("https://"))
+                    {
+                        return Err(err(
+                            format!("providers.{name}.base_url"),
+                            format!("`{}` must start with http:// or https://", prov.base_url),
+                        ));
+                    }
+                }
+            }
+            if prov.rpm == 0 {
+                return Err(err(format!("providers.{name}.rpm"), "must be at least 1"));
+            }
+            if prov.tpm == 0 {
+                return Err(err(format!("providers.{name}.tpm"), "must be at least 1"));
+            }
+            if prov.max_concurrency == 0 {
+                return Err(err(
+                    format!("providers.{name}.max_concurrency"),
+                    "must be at least 1",
+                ));
+            }
+            if prov.timeout_secs == 0 {
+                return Err(err(
+                    format!("providers.{name}.timeout_secs"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        for (name, model) in &self.models {
+            if !self.providers.contains_key(&model.provider) {
+                return Err(err(
+                    format!("models.{name}.provider"),
+                    format!("unknown provider `{}`", model.provider),
+                ));
+            }
+        }
+        if self.categories.is_empty() {
+            return Err(err("categories", "at least one category is required"));
+        }
+        for (name, cat) in &self.categories {
+            check_token(&format!("categories.{name}"), name)?;
+            let RouteConfig::Single { target } = &cat.route;
+            let Some(model) = self.models.get(target) else {
+                return Err(err(
+                    format!("categories.{name}.route.target"),
+                    format!("unknown model `{target}`"),
+                ));
+            };
+            if cat.max_tokens == 0 {
+                return Err(err(
+                    format!("categories.{name}.max_tokens"),
+                    "must be at least 1",
+                ));
+            }
+            let prov = &self.providers[&model.provider];
+            if prov.tpm < cat.max_tokens {
+                return Err(err(
+                    format!("providers.{}.tpm", model.provider),
+                    format!(
+                        "{} is below categories.{name}.max_tokens ({}): no call could ever be sent",
+                        prov.tpm, cat.max_tokens
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs(self.nats.ack_wait_secs)
+    }
+}
+
+/// Subject tokens (category and provider names) must be single NATS tokens.
+fn check_token(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(err(
+            key,
+            "name must be ASCII letters, digits, `-` or `_` (it becomes a NATS subject token)",
+        ));
+    }
+    Ok(())
+}
+
+/// Apply `SWITCHYARD_A__B__C=value` as `a.b.c = value`. The value is parsed
+/// as a TOML value when it is one (numbers, booleans, inline tables), else
+/// taken as a string. `SWITCHYARD_CONFIG` names the file and is skipped.
+fn apply_env_overrides(
+    root: &mut toml::Table,
+    env: &[(String, String)],
+) -> Result<(), ConfigError> {
+    let mut vars: Vec<&(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "SWITCHYARD_CONFIG")
+        .collect();
+    vars.sort();
+    for (key, raw) in vars {
+        let path: Vec<String> = key[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        if path.iter().any(|s| s.is_empty()) {
+            return Err(ConfigError(format!(
+                "environment variable {key}: empty path segment"
+            )));
+        }
+        let value = parse_env_value(raw);
+        let dotted = path.join(".");
+        let mut table = &mut *root;
+        for seg in &path[..path.len() - 1] {
+            let entry = table
+                .entry(seg.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError(format!(
+                        "environment variable {key}: `{seg}` in `{dotted}` is not a table"
+                    )))
+                }
+            };
+        }
+        table.insert(path[path.len() - 1].clone(), value);
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    let probe = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&probe) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const SHIPPED: &str = include_str!("../config/switchyard.toml");
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let cfg = Config::from_toml(SHIPPED).unwrap();
+        assert_eq!(cfg.nats.prefix, "switchyard");
+        assert!(cfg.categories.len() >= 3);
+        let m = &cfg.models["gemini-2.5-flash-lite"];
+        assert_eq!(
+            m.prices().input_per_mtok,
+            Decimal::from_str("0.10").unwrap()
+        );
+    }
+
+    #[test]
+    fn env_overrides_apply_with_types() {
+        let env = vec![
+            ("SWITCHYARD_NATS__PREFIX".to_string(), "test1".to_string()),
+            ("SWITCHYARD_PROVIDERS__OPENAI__RPM".into(), "42".into()),
+            ("SWITCHYARD_CONFIG".into(), "ignored.toml".into()),
+            ("OTHER".into(), "x".into()),
+        ];
+        let cfg = Config::from_toml_with_env(SHIPPED, &env).unwrap();
+        assert_eq!(cfg.nats.prefix, "test1");
+        assert_eq!(cfg.providers["openai"].rpm, 42);
+    }
+
+    #[test]
+    fn env_override_with_wrong_type_names_the_key() {
+        let env = vec![(
+            "SWITCHYARD_PROVIDERS__OPENAI__RPM".to_string(),
+            "lots".to_string(),
+        )];
+        let e = Config::from_toml_with_env(SHIPPED, &env).unwrap_err().0;
+        assert!(e.contains("providers.openai.rpm"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = SHIPPED.replace("rpm = 5000", "rmp = 5000");
+        let e = Config::from_toml(&text).unwrap_err().0;
+        assert!(e.contains("providers.openai") && e.contains("rmp"), "{e}");
+    }
+
+    #[test]
+    fn bad_reference_is_named() {
+        let text = SHIPPED.replace("target = \"gpt-4.1\"", "target = \"gpt-9\"");
+        let e = Config::from_toml(&text).unwrap_err().0;
+        assert!(
+            e.contains("categories.sales.route.target") && e.contains("gpt-9"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_price_is_named() {
+        let text = SHIPPED.replace("output_per_mtok = \"0.60\"", "output_per_mtok = \"cheap\"");
+        let e = Config::from_toml(&text).unwrap_err().0;
+        assert!(e.contains("models.gpt-4o-mini.output_per_mtok"), "{e}");
+    }
+
+    #[test]
+    fn float_prices_stay_exact() {
+        let text = SHIPPED.replace("input_per_mtok = \"0.15\"", "input_per_mtok = 0.15");
+        let cfg = Config::from_toml(&text).unwrap();
+        assert_eq!(
+            cfg.models["gpt-4o-mini"].input_per_mtok,
+            Decimal::from_str("0.15").unwrap()
+        );
+    }
+}

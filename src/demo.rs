@@ -1,0 +1,144 @@
+//! `switchyard demo`: the simulator plays every provider of the config, a
+//! worker runs in-process, sample jobs over every category are published,
+//! and once all are terminal the cost report of this run is printed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use sqlx::PgPool;
+
+use crate::bus::Bus;
+use crate::config::{Config, ProviderKind};
+use crate::enqueue::{progress_bar, publish_jobs, wait_finished, Outgoing};
+use crate::envelope::JobEnvelope;
+use crate::report::{self, Format, Report};
+use crate::sim::{SimProfile, SimServer};
+use crate::worker::{self, WorkerOptions};
+
+const PROMPTS: &[(&str, &[&str])] = &[
+    (
+        "support",
+        &[
+            "My order #{n} arrived damaged. What can I do?",
+            "I was charged twice for invoice {n}; please help.",
+            "How do I reset my password? Ticket {n}.",
+            "The app crashes when I upload photo {n}.",
+        ],
+    ),
+    (
+        "sales",
+        &[
+            "Write a two-line pitch for our ergonomic chair, variant {n}.",
+            "Draft a follow-up email to lead {n} who asked about pricing.",
+            "Give three taglines for the spring sale, batch {n}.",
+        ],
+    ),
+    (
+        "lookup",
+        &[
+            "What is the capital of country number {n} in our list?",
+            "Convert {n} kilometres to miles.",
+            "When does store {n} open on Sundays?",
+        ],
+    ),
+];
+
+/// Sample jobs, spread round-robin over the config's categories.
+pub fn sample_jobs(cfg: &Config, run_id: &str, n: usize) -> Result<Vec<Outgoing>> {
+    let cats: Vec<&String> = cfg.categories.keys().collect();
+    (0..n)
+        .map(|i| {
+            let cat = cats[i % cats.len()];
+            let templates = PROMPTS
+                .iter()
+                .find(|(c, _)| c == cat)
+                .map(|(_, t)| *t)
+                .unwrap_or(&["Please answer request {n} for this category."]);
+            let prompt =
+                templates[(i / cats.len()) % templates.len()].replace("{n}", &i.to_string());
+            let mut env = JobEnvelope::prompt(format!("{run_id}-{i:06}"), cat.clone(), prompt);
+            env.metadata.insert("run".into(), run_id.to_string());
+            Outgoing::from_envelope(&env)
+        })
+        .collect()
+}
+
+/// Point every provider at the simulator, with no key and the HTTP adapter.
+pub fn on_simulator(cfg: &mut Config, base_url: &str) {
+    for p in cfg.providers.values_mut() {
+        p.base_url = base_url.to_string();
+        p.api_key_env = None;
+        if p.kind == ProviderKind::Inproc {
+            p.kind = ProviderKind::OpenaiCompatible;
+        }
+    }
+}
+
+pub struct DemoOutcome {
+    pub report: Report,
+    pub elapsed: Duration,
+    pub finished: bool,
+}
+
+pub async fn run(
+    mut cfg: Config,
+    pool: PgPool,
+    bus: Bus,
+    jobs: usize,
+    profile: SimProfile,
+    timeout: Duration,
+) -> Result<DemoOutcome> {
+    let sim = SimServer::start("127.0.0.1:0", profile).await?;
+    on_simulator(&mut cfg, &sim.base_url());
+    let cfg = Arc::new(cfg);
+    eprintln!(
+        "simulator on {}; {} jobs over categories {:?}",
+        sim.base_url(),
+        jobs,
+        cfg.categories.keys().collect::<Vec<_>>()
+    );
+    let handle = worker::start(
+        cfg.clone(),
+        pool.clone(),
+        bus.clone(),
+        WorkerOptions::default(),
+    )
+    .await?;
+    let run_id = format!("demo-{}", &crate::enqueue::new_job_id()[..8]);
+    let outgoing = sample_jobs(&cfg, &run_id, jobs)?;
+    let ids: Vec<String> = outgoing.iter().map(|j| j.id.clone()).collect();
+    let started = Instant::now();
+    let pb = progress_bar(jobs as u64, "published");
+    publish_jobs(&bus, &outgoing, Some(&pb)).await?;
+    pb.finish();
+    let pb = progress_bar(jobs as u64, "finished");
+    let finished = wait_finished(&pool, &ids, timeout, Some(&pb)).await?;
+    pb.finish();
+    let elapsed = started.elapsed();
+    handle.shutdown().await;
+    sim.stop();
+    let report = report::build(&pool, Some(run_id)).await?;
+    Ok(DemoOutcome {
+        report,
+        elapsed,
+        finished,
+    })
+}
+
+/// Print the outcome; returns whether the run met the demo's bar (all jobs
+/// terminal, at least 95% succeeded).
+pub fn print(outcome: &DemoOutcome, jobs: usize) -> bool {
+    println!("{}", outcome.report.render(Format::Table));
+    let ok = outcome.report.jobs_with_status("succeeded");
+    let pct = 100.0 * ok as f64 / jobs.max(1) as f64;
+    println!(
+        "{ok} of {jobs} jobs succeeded ({pct:.1}%) in {:.1}s; total cost ${}",
+        outcome.elapsed.as_secs_f64(),
+        outcome.report.total.cost_usd.round_dp(6)
+    );
+    if !outcome.finished {
+        eprintln!("demo timed out before every job was terminal");
+    }
+    outcome.finished && pct >= 95.0
+}

@@ -1,0 +1,398 @@
+//! Job envelope v1: the JSON document producers publish on
+//! `<prefix>.jobs.<category>`, and its validation. Pure: no I/O.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The only envelope version this build understands.
+pub const ENVELOPE_VERSION: u32 = 1;
+/// Longest accepted job id, in bytes.
+pub const MAX_ID_LEN: usize = 256;
+
+/// A job as published by a producer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobEnvelope {
+    /// Envelope version; absent means 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// Client-chosen idempotency key; also the `Nats-Msg-Id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Task category; absent means the subject's last token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    /// Chat messages (role/content). Exactly one of `messages` and `prompt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<Message>>,
+    /// A single user prompt. Exactly one of `messages` and `prompt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// Extra system prompt, appended to the category's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// Generation parameters.
+    #[serde(default, skip_serializing_if = "Params::is_empty")]
+    pub params: Params,
+    /// Free-form string metadata, stored with the job.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+}
+
+impl Params {
+    fn is_empty(&self) -> bool {
+        self.max_tokens.is_none() && self.temperature.is_none()
+    }
+}
+
+/// Why a job message was rejected; the text lands in `dead_letters.reason`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    Oversize { size: usize, limit: usize },
+    #[error("not a valid job envelope: {0}")]
+    Malformed(String),
+    #[error("unsupported envelope version {0} (this worker understands version 1)")]
+    UnknownVersion(u32),
+    #[error("empty input: give a non-empty `prompt` or `messages` with content")]
+    EmptyInput,
+    #[error("give either `prompt` or `messages`, not both")]
+    BothInputs,
+    #[error("invalid job id: {0}")]
+    BadId(String),
+    #[error("unknown category `{0}`")]
+    UnknownCategory(String),
+    #[error("body category `{body}` contradicts subject category `{subject}`")]
+    CategoryMismatch { body: String, subject: String },
+    #[error("invalid params: {0}")]
+    BadParams(String),
+}
+
+/// A validated job, ready to route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidJob {
+    pub id: String,
+    pub category: String,
+    pub envelope: JobEnvelope,
+}
+
+/// What the dispatcher learned from a message, good or bad.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parsed {
+    Valid(ValidJob),
+    /// Rejected; `id`/`category` are what could be read, for the `jobs` row.
+    Rejected {
+        id: Option<String>,
+        category: Option<String>,
+        reason: Rejection,
+    },
+}
+
+/// Parse and validate one job message.
+///
+/// * `subject_category`: the subject's last token.
+/// * `fallback_id`: the id used when the envelope has none (derived from the
+///   stream sequence, so a redelivery keeps it).
+/// * `known_category`: whether a category exists in config.
+pub fn parse_job(
+    payload: &[u8],
+    subject_category: &str,
+    fallback_id: &str,
+    max_payload_bytes: usize,
+    known_category: impl Fn(&str) -> bool,
+) -> Parsed {
+    if payload.len() > max_payload_bytes {
+        return Parsed::Rejected {
+            id: None,
+            category: Some(subject_category.to_string()),
+            reason: Rejection::Oversize {
+                size: payload.len(),
+                limit: max_payload_bytes,
+            },
+        };
+    }
+    let env: JobEnvelope = match serde_json::from_slice(payload) {
+        Ok(e) => e,
+        Err(e) => {
+            // Salvage the id for the jobs row when the JSON is an object with a string id.
+            let id = serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string))
+                .filter(|id| check_id(id).is_ok());
+            return Parsed::Rejected {
+                id,
+                category: Some(subject_category.to_string()),
+                reason: Rejection::Malformed(e.to_string()),
+            };
+        }
+    };
+    let id = env.id.clone().unwrap_or_else(|| fallback_id.to_string());
+    let reject = |reason: Rejection| Parsed::Rejected {
+        id: check_id(&id).ok().map(|_| id.clone()),
+        category: Some(
+            env.category
+                .clone()
+                .unwrap_or_else(|| subject_category.to_string()),
+        ),
+        reason,
+    };
+    if let Err(e) = check_id(&id) {
+        return reject(e);
+    }
+    if let Some(v) = env.version {
+        if v != ENVELOPE_VERSION {
+            return reject(Rejection::UnknownVersion(v));
+        }
+    }
+    let category = match &env.category {
+        Some(c) if c != subject_category => {
+            return reject(Rejection::CategoryMismatch {
+                body: c.clone(),
+                subject: subject_category.to_string(),
+            })
+        }
+        Some(c) => c.clone(),
+        None => subject_category.to_string(),
+    };
+    if !known_category(&category) {
+        return reject(Rejection::UnknownCategory(category));
+    }
+    match (&env.prompt, &env.messages) {
+        (Some(_), Some(_)) => return reject(Rejection::BothInputs),
+        (Some(p), None) if p.trim().is_empty() => return reject(Rejection::EmptyInput),
+        (None, Some(m)) if m.iter().all(|m| m.content.trim().is_empty()) => {
+            return reject(Rejection::EmptyInput)
+        }
+        (None, None) => return reject(Rejection::EmptyInput),
+        _ => {}
+    }
+    if env.params.max_tokens == Some(0) {
+        return reject(Rejection::BadParams("max_tokens must be at least 1".into()));
+    }
+    if let Some(t) = env.params.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return reject(Rejection::BadParams(format!(
+                "temperature {t} is outside 0..=2"
+            )));
+        }
+    }
+    Parsed::Valid(ValidJob {
+        id,
+        category,
+        envelope: env,
+    })
+}
+
+fn check_id(id: &str) -> Result<(), Rejection> {
+    if id.is_empty() {
+        return Err(Rejection::BadId("empty".into()));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(Rejection::BadId(format!(
+            "{} bytes, the limit is {MAX_ID_LEN}",
+            id.len()
+        )));
+    }
+    if id.chars().any(|c| c.is_control()) {
+        return Err(Rejection::BadId("contains control characters".into()));
+    }
+    Ok(())
+}
+
+impl JobEnvelope {
+    /// A minimal envelope with a prompt.
+    pub fn prompt(
+        id: impl Into<String>,
+        category: impl Into<String>,
+        prompt: impl Into<String>,
+    ) -> Self {
+        Self {
+            version: Some(ENVELOPE_VERSION),
+            id: Some(id.into()),
+            category: Some(category.into()),
+            messages: None,
+            prompt: Some(prompt.into()),
+            system: None,
+            params: Params::default(),
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    /// The conversation to send: the system prompt (category's, then the job's)
+    /// first, then the messages or the prompt as one user message.
+    pub fn conversation(&self, category_system: Option<&str>) -> Vec<Message> {
+        let mut out = Vec::new();
+        let system = match (category_system, self.system.as_deref()) {
+            (Some(a), Some(b)) => Some(format!("{a}\n\n{b}")),
+            (Some(a), None) => Some(a.to_string()),
+            (None, Some(b)) => Some(b.to_string()),
+            (None, None) => None,
+        };
+        if let Some(s) = system {
+            out.push(Message {
+                role: Role::System,
+                content: s,
+            });
+        }
+        if let Some(p) = &self.prompt {
+            out.push(Message {
+                role: Role::User,
+                content: p.clone(),
+            });
+        }
+        if let Some(m) = &self.messages {
+            out.extend(m.iter().cloned());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(payload: &str, subject_cat: &str) -> Parsed {
+        parse_job(payload.as_bytes(), subject_cat, "JOBS-7", 1024, |c| {
+            matches!(c, "support" | "sales")
+        })
+    }
+
+    fn reason(p: Parsed) -> Rejection {
+        match p {
+            Parsed::Rejected { reason, .. } => reason,
+            Parsed::Valid(v) => panic!("expected rejection, got {v:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_prompt_job_is_valid_and_takes_subject_category() {
+        let Parsed::Valid(v) = parse(r#"{"id":"a1","prompt":"hi"}"#, "support") else {
+            panic!()
+        };
+        assert_eq!(v.id, "a1");
+        assert_eq!(v.category, "support");
+    }
+
+    #[test]
+    fn missing_id_uses_the_fallback() {
+        let Parsed::Valid(v) = parse(r#"{"prompt":"hi"}"#, "sales") else {
+            panic!()
+        };
+        assert_eq!(v.id, "JOBS-7");
+    }
+
+    #[test]
+    fn full_envelope_round_trips() {
+        let text = r#"{"version":1,"id":"x","category":"sales","messages":[{"role":"user","content":"hello"}],
+            "system":"be brief","params":{"max_tokens":10,"temperature":0.5},"metadata":{"k":"v"}}"#;
+        let Parsed::Valid(v) = parse(text, "sales") else {
+            panic!()
+        };
+        let again = serde_json::to_string(&v.envelope).unwrap();
+        let Parsed::Valid(w) = parse(&again, "sales") else {
+            panic!()
+        };
+        assert_eq!(v, w);
+    }
+
+    #[test]
+    fn rejections_have_reasons() {
+        assert!(matches!(
+            reason(parse("not json", "support")),
+            Rejection::Malformed(_)
+        ));
+        assert!(matches!(
+            reason(parse(r#"{"id":1,"prompt":"x"}"#, "support")),
+            Rejection::Malformed(_)
+        ));
+        assert!(matches!(
+            reason(parse(r#"{"id":"a","promt":"x"}"#, "support")),
+            Rejection::Malformed(_)
+        ));
+        assert_eq!(
+            reason(parse(r#"{"version":2,"id":"a","prompt":"x"}"#, "support")),
+            Rejection::UnknownVersion(2)
+        );
+        assert_eq!(
+            reason(parse(r#"{"id":"a","prompt":"  "}"#, "support")),
+            Rejection::EmptyInput
+        );
+        assert_eq!(
+            reason(parse(r#"{"id":"a"}"#, "support")),
+            Rejection::EmptyInput
+        );
+        assert_eq!(
+            reason(parse(r#"{"id":"a","prompt":"x","messages":[]}"#, "support")),
+            Rejection::BothInputs
+        );
+        assert_eq!(
+            reason(parse(r#"{"id":"a","prompt":"x"}"#, "billing")),
+            Rejection::UnknownCategory("billing".into())
+        );
+        assert_eq!(
+            reason(parse(
+                r#"{"id":"a","category":"sales","prompt":"x"}"#,
+                "support"
+            )),
+            Rejection::CategoryMismatch {
+                body: "sales".into(),
+                subject: "support".into()
+            }
+        );
+        assert!(matches!(
+            reason(parse(
+                r#"{"id":"a","prompt":"x","params":{"temperature":9}}"#,
+                "support"
+            )),
+            Rejection::BadParams(_)
+        ));
+        let big = format!(r#"{{"id":"a","prompt":"{}"}}"#, "x".repeat(2000));
+        assert!(matches!(
+            reason(parse(&big, "support")),
+            Rejection::Oversize { limit: 1024, .. }
+        ));
+    }
+
+    #[test]
+    fn rejected_messages_keep_a_salvageable_id() {
+        let Parsed::Rejected { id, .. } = parse(r#"{"id":"keep-me","prompt":5}"#, "support") else {
+            panic!()
+        };
+        assert_eq!(id.as_deref(), Some("keep-me"));
+    }
+
+    #[test]
+    fn conversation_puts_system_first() {
+        let mut e = JobEnvelope::prompt("a", "support", "question");
+        e.system = Some("job system".into());
+        let conv = e.conversation(Some("category system"));
+        assert_eq!(conv[0].role, Role::System);
+        assert_eq!(conv[0].content, "category system\n\njob system");
+        assert_eq!(conv[1].content, "question");
+    }
+}

@@ -1,0 +1,321 @@
+//! A provider lane: consumes `<prefix>.calls.<provider>`, waits for the
+//! lane's limiter, calls the provider, hands the call's cost record (and the
+//! result or failure) to the writer, and acks, or naks with the retry delay,
+//! only after the commit.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{AckKind, Message};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::bus::{now_ms, Bus, CallMsg, DoneEvent};
+use crate::config::Config;
+use crate::limit::LaneLimiter;
+use crate::pricing::Usage;
+use crate::providers::{estimate_input_tokens, CallRequest, Provider};
+use crate::route::{self, Action, Outcome};
+use crate::store::{self, CallOutcome, CallRow, DeadLetterRow, ResultRow, Row, StatusRow, Writer};
+
+pub struct Lane {
+    name: String,
+    cfg: Arc<Config>,
+    bus: Bus,
+    writer: Writer,
+    pool: PgPool,
+    provider: Provider,
+    limiter: LaneLimiter,
+    token: CancellationToken,
+}
+
+impl Lane {
+    pub fn new(
+        name: &str,
+        cfg: Arc<Config>,
+        bus: Bus,
+        writer: Writer,
+        pool: PgPool,
+        token: CancellationToken,
+    ) -> Result<Self> {
+        let pc = cfg
+            .providers
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("no provider `{name}` in config"))?;
+        let provider = Provider::from_config(name, pc)?;
+        let limiter = LaneLimiter::new(pc.rpm, pc.tpm, pc.max_concurrency);
+        Ok(Self {
+            name: name.to_string(),
+            cfg,
+            bus,
+            writer,
+            pool,
+            provider,
+            limiter,
+            token,
+        })
+    }
+
+    /// Messages in flight in this lane: calls running plus calls waiting for
+    /// their commit.
+    pub fn max_in_flight(&self) -> usize {
+        self.cfg.providers[&self.name].max_concurrency * 2 + 16
+    }
+
+    /// JetStream delivers a call at most this often: the retry budget plus
+    /// room for redeliveries after crashes.
+    pub fn max_deliver(&self) -> i64 {
+        i64::from(self.cfg.retry.max_attempts) + 3
+    }
+
+    pub async fn consumer(&self) -> Result<PullConsumer> {
+        let n = &self.bus.names;
+        self.bus
+            .pull_consumer(
+                &n.calls_stream(),
+                &n.lane_consumer(&self.name),
+                &n.call_subject(&self.name),
+                self.cfg.ack_wait(),
+                self.max_deliver(),
+                (self.max_in_flight() + self.cfg.writer.batch_size) as i64,
+            )
+            .await
+    }
+
+    /// Handle one call message. Never panics on its content.
+    pub async fn handle(&self, msg: Message) {
+        let (stream, seq, delivered) = match msg.info() {
+            Ok(i) => (i.stream.to_string(), i.stream_sequence, i.delivered),
+            Err(e) => {
+                warn!(lane = %self.name, error = %e, "call message without JetStream metadata; dropping");
+                let _ = msg.ack().await;
+                return;
+            }
+        };
+        let call: CallMsg = match serde_json::from_slice(&msg.payload) {
+            Ok(c) => c,
+            Err(e) => {
+                let row = Row::DeadLetter(DeadLetterRow {
+                    source: format!("{stream}:{seq}"),
+                    subject: msg.subject.to_string(),
+                    job_id: None,
+                    payload: msg.payload.to_vec(),
+                    reason: format!("not a valid call message: {e}"),
+                });
+                self.finish(
+                    &msg,
+                    self.writer.write(vec![row]).await.map(|_| ()),
+                    None,
+                    None,
+                )
+                .await;
+                return;
+            }
+        };
+        let attempt = delivered.clamp(1, i64::from(i32::MAX)) as i32;
+        let span = info_span!("call", job_id = %call.job_id, category = %call.category,
+                              provider = %self.name, model = %call.model, attempt);
+        self.handle_call(&msg, call, attempt).instrument(span).await;
+    }
+
+    async fn handle_call(&self, msg: &Message, call: CallMsg, attempt: i32) {
+        // A redelivery may follow a crash after the commit but before the ack:
+        // then the job is already finished and must not be paid for twice.
+        if attempt > 1 {
+            match store::job_status(&self.pool, &call.job_id).await {
+                Ok(Some(s)) if store::TERMINAL.contains(&s.as_str()) => {
+                    debug!(status = %s, "job already finished; acking redelivery");
+                    let _ = msg.ack().await;
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %e, "status check failed; will retry");
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                    return;
+                }
+            }
+        }
+        let Some(model) = self.cfg.models.get(&call.model) else {
+            let err = format!("model `{}` is not in the config", call.model);
+            let rows = vec![Row::Status(StatusRow {
+                job_id: call.job_id.clone(),
+                status: "failed",
+                error: Some(err),
+            })];
+            let res = self.writer.write(rows).await.map(|_| ());
+            self.finish(msg, res, None, Some((&call, "failed"))).await;
+            return;
+        };
+        let prices = model.prices();
+        let req = CallRequest {
+            model: call.model.clone(),
+            messages: call.messages.clone(),
+            max_tokens: call.max_tokens,
+            temperature: call.temperature,
+        };
+        let reserve = estimate_input_tokens(&req.messages) + u64::from(req.max_tokens);
+
+        // Wait for the limiter, telling JetStream we are still working, and
+        // giving the message back at once if the worker is stopping.
+        let admission = {
+            let admit = self.limiter.admit(reserve);
+            tokio::pin!(admit);
+            let mut tick = tokio::time::interval(self.cfg.ack_wait() / 3);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    a = &mut admit => break a,
+                    _ = self.token.cancelled() => {
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        return;
+                    }
+                    _ = tick.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
+                }
+            }
+        };
+
+        let started = Instant::now();
+        let result = self.provider.call(&req).await;
+        let latency_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
+
+        let mut row = CallRow {
+            job_id: call.job_id.clone(),
+            category: call.category.clone(),
+            provider: self.name.clone(),
+            model: call.model.clone(),
+            step: call.step as i32,
+            attempt,
+            usage: Usage::default(),
+            prices,
+            latency_ms,
+            http_status: None,
+            outcome: CallOutcome::Ok,
+            error: None,
+        };
+        let (outcome, response) = match result {
+            Ok(resp) => {
+                self.limiter.settle(
+                    &admission,
+                    resp.usage.input_tokens + resp.usage.output_tokens,
+                );
+                if let Some(d) = resp.rate.exhausted_for() {
+                    self.limiter.pause_for(d);
+                }
+                row.usage = resp.usage;
+                row.http_status = Some(i32::from(resp.http_status));
+                (Outcome::Success, Some(resp))
+            }
+            Err(e) => {
+                // A failed call used no tokens we know of.
+                self.limiter.settle(&admission, 0);
+                if let Some(d) = e.retry_after.or_else(|| e.rate.exhausted_for()) {
+                    self.limiter.pause_for(d);
+                }
+                row.http_status = e.http_status.map(i32::from);
+                row.outcome = if e.retryable {
+                    CallOutcome::RetryableError
+                } else {
+                    CallOutcome::TerminalError
+                };
+                row.error = Some(e.to_string());
+                if e.retryable {
+                    debug!(error = %e, "provider call failed; retryable");
+                } else {
+                    warn!(error = %e, "provider call failed");
+                }
+                let outcome = if e.retryable {
+                    Outcome::Retryable {
+                        retry_after: e.retry_after,
+                        error: e.to_string(),
+                    }
+                } else {
+                    Outcome::Terminal {
+                        error: e.to_string(),
+                    }
+                };
+                (outcome, None)
+            }
+        };
+        drop(admission);
+
+        let action = route::decide(&self.cfg.retry, attempt as u32, &outcome, fastrand::f64());
+        let mut rows = vec![Row::Call(row)];
+        let (ack, done): (Option<Duration>, Option<&str>) = match &action {
+            Action::Complete => {
+                let resp = response.expect("success has a response");
+                rows.push(Row::Result(ResultRow {
+                    job_id: call.job_id.clone(),
+                    category: call.category.clone(),
+                    output: resp.text,
+                    model: call.model.clone(),
+                    finish_reason: resp.finish_reason,
+                    latency_ms: (now_ms() - call.enqueued_at_ms).max(0),
+                }));
+                rows.push(Row::Status(StatusRow {
+                    job_id: call.job_id.clone(),
+                    status: "succeeded",
+                    error: None,
+                }));
+                (None, Some("succeeded"))
+            }
+            Action::Retry { delay } => {
+                rows.push(Row::Status(StatusRow {
+                    job_id: call.job_id.clone(),
+                    status: "running",
+                    error: None,
+                }));
+                (Some(*delay), None)
+            }
+            Action::Fail { error } => {
+                rows.push(Row::Status(StatusRow {
+                    job_id: call.job_id.clone(),
+                    status: "failed",
+                    error: Some(error.clone()),
+                }));
+                (None, Some("failed"))
+            }
+        };
+        let res = self.writer.write(rows).await.map(|_| ());
+        self.finish(msg, res, ack, done.map(|s| (&call, s))).await;
+    }
+
+    /// After the commit: ack (or nak with `retry_in`), then announce a finished job.
+    /// If the commit failed, nak so the message comes back.
+    async fn finish(
+        &self,
+        msg: &Message,
+        committed: Result<()>,
+        retry_in: Option<Duration>,
+        done: Option<(&CallMsg, &str)>,
+    ) {
+        if let Err(e) = committed {
+            warn!(error = %format!("{e:#}"), "commit failed; message will be redelivered");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
+        let acked = match retry_in {
+            Some(d) => msg.ack_with(AckKind::Nak(Some(d))).await,
+            None => msg.ack().await,
+        };
+        if let Err(e) = acked {
+            warn!(error = %e, "ack failed; a redelivery will find the job finished");
+        }
+        if let Some((call, status)) = done {
+            self.bus
+                .publish_done(&DoneEvent {
+                    job_id: call.job_id.clone(),
+                    category: call.category.clone(),
+                    status: status.to_string(),
+                })
+                .await;
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Per-process limits of one provider lane: requests per minute (governor),
+//! tokens per minute (our own bucket, because reservations of `max_tokens`
+//! must be refunded once the real usage is known, which governor cannot do),
+//! a concurrency cap, and a pause the provider can impose ("exhausted until T").
+//! Uses tokio's clock so tests can drive time.
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// A token bucket that allows refunds. `capacity` tokens, refilled
+/// continuously at `capacity` per minute.
+#[derive(Debug)]
+pub struct TokenBucket {
+    capacity: f64,
+    per_sec: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    pub fn per_minute(capacity: u32) -> Self {
+        let capacity = f64::from(capacity.max(1));
+        Self {
+            capacity,
+            per_sec: capacity / 60.0,
+            state: Mutex::new((capacity, Instant::now())),
+        }
+    }
+
+    /// Take `n` tokens now, or say how long until they are there. Requests
+    /// larger than the capacity are clamped to it, so they can still run.
+    pub fn try_take(&self, n: u64) -> Result<(), Duration> {
+        let n = (n as f64).min(self.capacity);
+        let mut s = self.state.lock().expect("bucket lock");
+        let now = Instant::now();
+        s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.per_sec).min(self.capacity);
+        s.1 = now;
+        if s.0 >= n {
+            s.0 -= n;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((n - s.0) / self.per_sec))
+        }
+    }
+
+    /// Wait until `n` tokens are available and take them.
+    pub async fn take(&self, n: u64) {
+        while let Err(wait) = self.try_take(n) {
+            tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+        }
+    }
+
+    /// Give back tokens reserved but not used.
+    pub fn refund(&self, n: u64) {
+        let mut s = self.state.lock().expect("bucket lock");
+        s.0 = (s.0 + n as f64).min(self.capacity);
+    }
+
+    pub fn available(&self) -> f64 {
+        let s = self.state.lock().expect("bucket lock");
+        (s.0 + Instant::now().duration_since(s.1).as_secs_f64() * self.per_sec).min(self.capacity)
+    }
+}
+
+/// All limits of one lane.
+pub struct LaneLimiter {
+    rpm: DefaultDirectRateLimiter,
+    tpm: TokenBucket,
+    concurrency: Arc<Semaphore>,
+    paused_until: Mutex<Option<Instant>>,
+}
+
+/// Held while a call is in flight: the concurrency slot and the token reservation.
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
+    pub reserved_tokens: u64,
+}
+
+impl LaneLimiter {
+    pub fn new(rpm: u32, tpm: u32, max_concurrency: usize) -> Self {
+        let rpm = NonZeroU32::new(rpm.max(1)).expect("non-zero");
+        // Allow a burst of a tenth of a minute's requests, at least one.
+        let burst = NonZeroU32::new((rpm.get() / 10).max(1)).expect("non-zero");
+        Self {
+            rpm: RateLimiter::direct(Quota::per_minute(rpm).allow_burst(burst)),
+            tpm: TokenBucket::per_minute(tpm),
+            concurrency: Arc::new(Semaphore::new(max_concurrency.max(1))),
+            paused_until: Mutex::new(None),
+        }
+    }
+
+    /// Stop sending until `now + d` (a provider said its budget is exhausted).
+    pub fn pause_for(&self, d: Duration) {
+        let until = Instant::now() + d;
+        let mut p = self.paused_until.lock().expect("pause lock");
+        if p.is_none_or(|cur| cur < until) {
+            *p = Some(until);
+        }
+    }
+
+    /// When the current pause ends, if any.
+    pub fn paused_until(&self) -> Option<Instant> {
+        let p = *self.paused_until.lock().expect("pause lock");
+        p.filter(|t| *t > Instant::now())
+    }
+
+    /// Wait for a concurrency slot, the pause to end, a request token and
+    /// `tokens` tokens, in that order.
+    pub async fn admit(&self, tokens: u64) -> Admission {
+        let permit = self
+            .concurrency
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        while let Some(t) = self.paused_until() {
+            tokio::time::sleep_until(t).await;
+        }
+        self.rpm.until_ready().await;
+        self.tpm.take(tokens).await;
+        // A pause may have started while we waited for tokens.
+        while let Some(t) = self.paused_until() {
+            tokio::time::sleep_until(t).await;
+        }
+        Admission {
+            _permit: permit,
+            reserved_tokens: tokens,
+        }
+    }
+
+    /// Settle a reservation against the tokens the call really used.
+    pub fn settle(&self, admission: &Admission, used: u64) {
+        if used < admission.reserved_tokens {
+            self.tpm.refund(admission.reserved_tokens - used);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_waits_and_refunds() {
+        let b = TokenBucket::per_minute(600); // 10 per second
+        assert!(b.try_take(600).is_ok());
+        let wait = b.try_take(100).unwrap_err();
+        assert!((wait.as_secs_f64() - 10.0).abs() < 0.01, "{wait:?}");
+        b.refund(100);
+        assert!(b.try_take(100).is_ok());
+        let start = Instant::now();
+        b.take(50).await;
+        let waited = start.elapsed().as_secs_f64();
+        assert!((4.9..=5.2).contains(&waited), "{waited}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pause_holds_admission() {
+        let l = LaneLimiter::new(6000, 1_000_000, 4);
+        l.pause_for(Duration::from_secs(3));
+        let start = Instant::now();
+        let a = l.admit(10).await;
+        assert!(start.elapsed() >= Duration::from_secs(3));
+        l.settle(&a, 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_is_capped() {
+        let l = Arc::new(LaneLimiter::new(60_000, 10_000_000, 2));
+        let a = l.admit(1).await;
+        let _b = l.admit(1).await;
+        let l2 = l.clone();
+        let third = tokio::spawn(async move { l2.admit(1).await.reserved_tokens });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!third.is_finished());
+        drop(a);
+        assert_eq!(third.await.unwrap(), 1);
+    }
+}

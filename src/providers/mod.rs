@@ -1,0 +1,197 @@
+//! Provider adapters behind one closed enum built from config. Each adapter
+//! turns a [`CallRequest`] into its provider's wire format, and the answer
+//! (or failure) into a [`CallResponse`] or a typed [`CallError`] that says
+//! whether to retry and after how long.
+
+pub mod headers;
+pub mod inproc;
+pub mod openai;
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::config::{ProviderConfig, ProviderKind};
+use crate::envelope::Message;
+use crate::pricing::Usage;
+
+/// What a lane asks a provider for.
+#[derive(Debug, Clone)]
+pub struct CallRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    pub max_tokens: u32,
+    pub temperature: Option<f32>,
+}
+
+/// Rate-limit state reported by the provider with an answer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RateInfo {
+    pub remaining_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+    pub reset_requests: Option<Duration>,
+    pub reset_tokens: Option<Duration>,
+}
+
+impl RateInfo {
+    /// How long the provider says the lane must stop sending, if a budget is exhausted.
+    pub fn exhausted_for(&self) -> Option<Duration> {
+        let req = (self.remaining_requests == Some(0))
+            .then_some(self.reset_requests)
+            .flatten();
+        let tok = (self.remaining_tokens == Some(0))
+            .then_some(self.reset_tokens)
+            .flatten();
+        match (req, tok) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// A successful answer, normalised.
+#[derive(Debug, Clone)]
+pub struct CallResponse {
+    pub text: String,
+    pub finish_reason: Option<String>,
+    pub usage: Usage,
+    pub http_status: u16,
+    pub rate: RateInfo,
+}
+
+/// Why a call failed, in provider-independent terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Too many requests or tokens for now.
+    RateLimited,
+    /// Out of credit or over a spend limit: retrying cannot help.
+    QuotaExceeded,
+    /// The provider is overloaded or failing (5xx, 408, 409).
+    Server,
+    /// No answer in time.
+    Timeout,
+    /// Could not connect, or the connection broke.
+    Connection,
+    /// An answer we could not parse.
+    BadResponse,
+    /// The request was rejected (4xx other than the above).
+    BadRequest,
+    /// Credentials missing or refused.
+    Auth,
+}
+
+/// A failed call.
+#[derive(Debug, Clone)]
+pub struct CallError {
+    pub class: ErrorClass,
+    pub retryable: bool,
+    pub http_status: Option<u16>,
+    /// Provider-advised wait before retrying.
+    pub retry_after: Option<Duration>,
+    /// Human-readable reason, free of credentials.
+    pub message: String,
+    pub rate: RateInfo,
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.http_status {
+            Some(s) => write!(f, "{:?} (HTTP {s}): {}", self.class, self.message),
+            None => write!(f, "{:?}: {}", self.class, self.message),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+impl CallError {
+    pub fn new(class: ErrorClass, http_status: Option<u16>, message: impl Into<String>) -> Self {
+        let retryable = matches!(
+            class,
+            ErrorClass::RateLimited
+                | ErrorClass::Server
+                | ErrorClass::Timeout
+                | ErrorClass::Connection
+                | ErrorClass::BadResponse
+        );
+        Self {
+            class,
+            retryable,
+            http_status,
+            retry_after: None,
+            message: message.into(),
+            rate: RateInfo::default(),
+        }
+    }
+}
+
+/// An API key. Its `Debug` and `Display` never show the value.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Self {
+        Self(s)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// Replace every occurrence of the key in `text`.
+    pub fn redact(&self, text: &str) -> String {
+        if self.0.len() < 4 {
+            return text.to_string();
+        }
+        text.replace(&self.0, "[REDACTED]")
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([REDACTED])")
+    }
+}
+
+/// The closed set of adapters.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    OpenAi(openai::OpenAiAdapter),
+    Inproc(inproc::InprocAdapter),
+}
+
+impl Provider {
+    /// Build the adapter for a provider from config; the key is read from the
+    /// environment variable the config names.
+    pub fn from_config(name: &str, cfg: &ProviderConfig) -> anyhow::Result<Self> {
+        let key = cfg
+            .api_key_env
+            .as_deref()
+            .and_then(|var| std::env::var(var).ok())
+            .filter(|k| !k.is_empty())
+            .map(Secret::new);
+        match cfg.kind {
+            ProviderKind::Openai | ProviderKind::OpenaiCompatible => Ok(Provider::OpenAi(
+                openai::OpenAiAdapter::new(name, &cfg.base_url, key, cfg.timeout())?,
+            )),
+            ProviderKind::Inproc => Ok(Provider::Inproc(inproc::InprocAdapter)),
+            ProviderKind::Anthropic | ProviderKind::Gemini => {
+                anyhow::bail!("providers.{name}.kind: adapter not built yet")
+            }
+        }
+    }
+
+    pub async fn call(&self, req: &CallRequest) -> Result<CallResponse, CallError> {
+        match self {
+            Provider::OpenAi(a) => a.call(req).await,
+            Provider::Inproc(a) => a.call(req),
+        }
+    }
+}
+
+/// Rough token estimate for limits: about four characters a token, plus a
+/// per-message overhead, rounded up.
+pub fn estimate_input_tokens(messages: &[Message]) -> u64 {
+    messages
+        .iter()
+        .map(|m| (m.content.chars().count() as u64).div_ceil(4) + 4)
+        .sum::<u64>()
+        + 3
+}

@@ -1,0 +1,305 @@
+//! OpenAI chat completions (`POST {base}/v1/chat/completions`), used for
+//! OpenAI itself and for any OpenAI-compatible server.
+
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::headers::{openai_rate_info, retry_after};
+use super::{CallError, CallRequest, CallResponse, ErrorClass, Secret};
+use crate::envelope::Role;
+use crate::pricing::Usage;
+
+#[derive(Debug, Clone)]
+pub struct OpenAiAdapter {
+    name: String,
+    client: reqwest::Client,
+    url: String,
+    key: Option<Secret>,
+}
+
+/// Install the process-wide TLS crypto provider (ring) once.
+pub fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    model: &'a str,
+    messages: Vec<WireMessage<'a>>,
+    max_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+}
+
+#[derive(Serialize)]
+struct WireMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+/// The response body (only what we use).
+#[derive(Debug, Deserialize)]
+pub struct WireResponse {
+    pub choices: Vec<WireChoice>,
+    pub usage: WireUsage,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireChoice {
+    pub message: WireAnswer,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireAnswer {
+    #[serde(default)]
+    pub content: Option<String>,
+    #[serde(default)]
+    pub refusal: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PromptDetails {
+    #[serde(default)]
+    pub cached_tokens: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireErrorBody {
+    error: WireError,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireError {
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    code: Option<serde_json::Value>,
+}
+
+impl OpenAiAdapter {
+    pub fn new(
+        name: &str,
+        base_url: &str,
+        key: Option<Secret>,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        install_tls_provider();
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(256)
+            .build()?;
+        Ok(Self {
+            name: name.to_string(),
+            client,
+            url: format!("{}/v1/chat/completions", base_url.trim_end_matches('/')),
+            key,
+        })
+    }
+
+    fn redact(&self, s: &str) -> String {
+        match &self.key {
+            Some(k) => k.redact(s),
+            None => s.to_string(),
+        }
+    }
+
+    pub async fn call(&self, req: &CallRequest) -> Result<CallResponse, CallError> {
+        let body = WireRequest {
+            model: &req.model,
+            messages: req
+                .messages
+                .iter()
+                .map(|m| WireMessage {
+                    role: match m.role {
+                        Role::System => "system",
+                        Role::User => "user",
+                        Role::Assistant => "assistant",
+                    },
+                    content: &m.content,
+                })
+                .collect(),
+            max_tokens: req.max_tokens,
+            temperature: req.temperature,
+        };
+        let mut rb = self.client.post(&self.url).json(&body);
+        if let Some(k) = &self.key {
+            rb = rb.bearer_auth(k.expose());
+        }
+        let resp = rb.send().await.map_err(|e| self.transport_error(&e))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let rate = openai_rate_info(&headers);
+        let bytes = resp.bytes().await.map_err(|e| {
+            let mut ce = self.transport_error(&e);
+            ce.http_status = Some(status);
+            ce
+        })?;
+        if status == 200 {
+            return parse_success(&bytes, rate.clone()).map_err(|mut e| {
+                e.rate = rate;
+                e
+            });
+        }
+        let mut err = classify_error(status, &bytes);
+        err.message = self.redact(&err.message);
+        if err.retryable {
+            err.retry_after = retry_after(&headers, SystemTime::now());
+        }
+        err.rate = rate;
+        Err(err)
+    }
+
+    fn transport_error(&self, e: &reqwest::Error) -> CallError {
+        // reqwest errors carry the URL (never the key, which travels in a header);
+        // redact anyway in case a user put it in the base URL.
+        let msg = self.redact(&format!("{}: {e}", self.name));
+        let class = if e.is_timeout() {
+            ErrorClass::Timeout
+        } else if e.is_decode() || e.is_body() {
+            ErrorClass::BadResponse
+        } else {
+            ErrorClass::Connection
+        };
+        CallError::new(class, None, msg)
+    }
+}
+
+/// Parse a 200 body.
+pub fn parse_success(bytes: &[u8], rate: super::RateInfo) -> Result<CallResponse, CallError> {
+    let wire: WireResponse = serde_json::from_slice(bytes).map_err(|e| {
+        CallError::new(
+            ErrorClass::BadResponse,
+            Some(200),
+            format!("unparseable chat completion: {e}"),
+        )
+    })?;
+    let Some(choice) = wire.choices.into_iter().next() else {
+        return Err(CallError::new(
+            ErrorClass::BadResponse,
+            Some(200),
+            "chat completion has no choices",
+        ));
+    };
+    let text = match (choice.message.content, choice.message.refusal) {
+        (Some(t), _) => t,
+        (None, Some(r)) => r,
+        (None, None) => String::new(),
+    };
+    let cached = wire
+        .usage
+        .prompt_tokens_details
+        .and_then(|d| d.cached_tokens)
+        .unwrap_or(0);
+    Ok(CallResponse {
+        text,
+        finish_reason: choice.finish_reason,
+        usage: Usage {
+            input_tokens: wire.usage.prompt_tokens,
+            output_tokens: wire.usage.completion_tokens,
+            cached_input_tokens: cached.min(wire.usage.prompt_tokens),
+        },
+        http_status: 200,
+        rate,
+    })
+}
+
+/// Map a non-200 status and body to a typed error.
+pub fn classify_error(status: u16, body: &[u8]) -> CallError {
+    let parsed: Option<WireError> = serde_json::from_slice::<WireErrorBody>(body)
+        .ok()
+        .map(|b| b.error);
+    let code = parsed
+        .as_ref()
+        .and_then(|e| e.code.as_ref())
+        .and_then(|c| c.as_str().map(str::to_string));
+    let kind = parsed.as_ref().and_then(|e| e.kind.clone());
+    let message = parsed
+        .as_ref()
+        .and_then(|e| e.message.clone())
+        .unwrap_or_else(|| {
+            let s = String::from_utf8_lossy(&body[..body.len().min(200)]).to_string();
+            if s.is_empty() {
+                "no error body".into()
+            } else {
+                s
+            }
+        });
+    let is_quota = code.as_deref() == Some("insufficient_quota")
+        || kind.as_deref() == Some("insufficient_quota");
+    let class = match status {
+        429 if is_quota => ErrorClass::QuotaExceeded,
+        429 => ErrorClass::RateLimited,
+        401 | 403 => ErrorClass::Auth,
+        408 | 409 => ErrorClass::Server,
+        s if s >= 500 => ErrorClass::Server,
+        _ => ErrorClass::BadRequest,
+    };
+    CallError::new(class, Some(status), message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_usage_with_cached_tokens() {
+        let body = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini",
+          "choices":[{"index":0,"message":{"role":"assistant","content":"hi","refusal":null},"finish_reason":"stop"}],
+          "usage":{"prompt_tokens":100,"completion_tokens":7,"total_tokens":107,
+                   "prompt_tokens_details":{"cached_tokens":64},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
+        let r = parse_success(body, Default::default()).unwrap();
+        assert_eq!(r.text, "hi");
+        assert_eq!(r.finish_reason.as_deref(), Some("stop"));
+        assert_eq!(
+            r.usage,
+            Usage {
+                input_tokens: 100,
+                output_tokens: 7,
+                cached_input_tokens: 64
+            }
+        );
+    }
+
+    #[test]
+    fn truncated_body_is_a_bad_response_not_a_panic() {
+        let e = parse_success(
+            br#"{"choices":[{"message":{"content":"h"#,
+            Default::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.class, ErrorClass::BadResponse);
+    }
+
+    #[test]
+    fn classifies_errors() {
+        let rl = br#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+        let e = classify_error(429, rl);
+        assert_eq!(e.class, ErrorClass::RateLimited);
+        assert!(e.retryable);
+        let q = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+        let e = classify_error(429, q);
+        assert_eq!(e.class, ErrorClass::QuotaExceeded);
+        assert!(!e.retryable);
+        assert!(classify_error(500, b"").retryable);
+        assert!(classify_error(503, b"<html>").retryable);
+        assert!(!classify_error(400, b"{}").retryable);
+        assert_eq!(classify_error(401, b"{}").class, ErrorClass::Auth);
+    }
+}

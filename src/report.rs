@@ -1,0 +1,230 @@
+//! `switchyard report`: jobs by status; calls, tokens and USD by category and
+//! by model, read from Postgres and printed as a table, JSON or CSV.
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::PgPool;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StatusCount {
+    pub status: String,
+    pub jobs: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CostLine {
+    /// Category name, or `provider/model`.
+    pub key: String,
+    pub calls: i64,
+    pub ok_calls: i64,
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_usd: Decimal,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Report {
+    /// The job-id prefix the report is limited to, if any.
+    pub job_prefix: Option<String>,
+    pub jobs_by_status: Vec<StatusCount>,
+    pub by_category: Vec<CostLine>,
+    pub by_model: Vec<CostLine>,
+    pub total: CostLine,
+    pub dead_letters: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+fn like_prefix(prefix: &Option<String>) -> String {
+    match prefix {
+        Some(p) => format!(
+            "{}%",
+            p.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        ),
+        None => "%".into(),
+    }
+}
+
+type CostTuple = (String, i64, i64, i64, i64, i64, Decimal);
+
+fn cost_line(t: CostTuple) -> CostLine {
+    CostLine {
+        key: t.0,
+        calls: t.1,
+        ok_calls: t.2,
+        input_tokens: t.3,
+        cached_input_tokens: t.4,
+        output_tokens: t.5,
+        cost_usd: t.6,
+    }
+}
+
+const COST_COLUMNS: &str = "count(*)::int8, count(*) FILTER (WHERE outcome = 'ok')::int8,
+     COALESCE(sum(input_tokens), 0)::int8, COALESCE(sum(cached_input_tokens), 0)::int8,
+     COALESCE(sum(output_tokens), 0)::int8, COALESCE(sum(cost_usd), 0)";
+
+/// Build the report, optionally limited to jobs whose id starts with `job_prefix`.
+pub async fn build(pool: &PgPool, job_prefix: Option<String>) -> Result<Report> {
+    let like = like_prefix(&job_prefix);
+    let jobs_by_status: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT status, count(*)::int8 FROM jobs WHERE id LIKE $1 GROUP BY status ORDER BY status",
+    )
+    .bind(&like)
+    .fetch_all(pool)
+    .await?;
+    let by_category: Vec<CostTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT category, {COST_COLUMNS} FROM calls WHERE job_id LIKE $1 GROUP BY category ORDER BY category"
+    )))
+    .bind(&like)
+    .fetch_all(pool)
+    .await?;
+    let by_model: Vec<CostTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT provider || '/' || model, {COST_COLUMNS} FROM calls WHERE job_id LIKE $1
+         GROUP BY provider, model ORDER BY provider, model"
+    )))
+    .bind(&like)
+    .fetch_all(pool)
+    .await?;
+    let total: CostTuple = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT 'total', {COST_COLUMNS} FROM calls WHERE job_id LIKE $1"
+    )))
+    .bind(&like)
+    .fetch_one(pool)
+    .await?;
+    let dead_letters: i64 = match &job_prefix {
+        Some(_) => {
+            sqlx::query_scalar("SELECT count(*)::int8 FROM dead_letters WHERE job_id LIKE $1")
+                .bind(&like)
+                .fetch_one(pool)
+                .await?
+        }
+        None => {
+            sqlx::query_scalar("SELECT count(*)::int8 FROM dead_letters")
+                .fetch_one(pool)
+                .await?
+        }
+    };
+    Ok(Report {
+        job_prefix,
+        jobs_by_status: jobs_by_status
+            .into_iter()
+            .map(|(status, jobs)| StatusCount { status, jobs })
+            .collect(),
+        by_category: by_category.into_iter().map(cost_line).collect(),
+        by_model: by_model.into_iter().map(cost_line).collect(),
+        total: cost_line(total),
+        dead_letters,
+    })
+}
+
+impl Report {
+    pub fn jobs_with_status(&self, status: &str) -> i64 {
+        self.jobs_by_status
+            .iter()
+            .find(|s| s.status == status)
+            .map_or(0, |s| s.jobs)
+    }
+
+    pub fn total_jobs(&self) -> i64 {
+        self.jobs_by_status.iter().map(|s| s.jobs).sum()
+    }
+
+    pub fn render(&self, format: Format) -> String {
+        match format {
+            Format::Json => serde_json::to_string_pretty(self).unwrap_or_default(),
+            Format::Csv => self.to_csv(),
+            Format::Table => self.to_table(),
+        }
+    }
+
+    fn to_table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "Jobs by status");
+        for s in &self.jobs_by_status {
+            let _ = writeln!(out, "  {:<14} {:>8}", s.status, s.jobs);
+        }
+        let _ = writeln!(out, "  {:<14} {:>8}", "total", self.total_jobs());
+        let _ = writeln!(out, "  {:<14} {:>8}", "dead letters", self.dead_letters);
+        for (title, lines) in [
+            ("Cost by category", &self.by_category),
+            ("Cost by model", &self.by_model),
+        ] {
+            let _ = writeln!(out, "\n{title}");
+            let _ = writeln!(
+                out,
+                "  {:<32} {:>7} {:>7} {:>12} {:>10} {:>11} {:>14}",
+                "", "calls", "ok", "input tok", "cached", "output tok", "USD"
+            );
+            for l in lines.iter().chain(std::iter::once(&self.total)) {
+                let _ = writeln!(
+                    out,
+                    "  {:<32} {:>7} {:>7} {:>12} {:>10} {:>11} {:>14}",
+                    l.key,
+                    l.calls,
+                    l.ok_calls,
+                    l.input_tokens,
+                    l.cached_input_tokens,
+                    l.output_tokens,
+                    l.cost_usd.round_dp(6).to_string()
+                );
+            }
+        }
+        out
+    }
+
+    fn to_csv(&self) -> String {
+        let mut out = String::from(
+            "section,key,jobs,calls,ok_calls,input_tokens,cached_input_tokens,output_tokens,cost_usd\n",
+        );
+        for s in &self.jobs_by_status {
+            let _ = writeln!(out, "status,{},{},,,,,,", csv_field(&s.status), s.jobs);
+        }
+        for (section, lines) in [("category", &self.by_category), ("model", &self.by_model)] {
+            for l in lines.iter() {
+                let _ = writeln!(
+                    out,
+                    "{section},{},,{},{},{},{},{},{}",
+                    csv_field(&l.key),
+                    l.calls,
+                    l.ok_calls,
+                    l.input_tokens,
+                    l.cached_input_tokens,
+                    l.output_tokens,
+                    l.cost_usd
+                );
+            }
+        }
+        let t = &self.total;
+        let _ = writeln!(
+            out,
+            "total,total,{},{},{},{},{},{},{}",
+            self.total_jobs(),
+            t.calls,
+            t.ok_calls,
+            t.input_tokens,
+            t.cached_input_tokens,
+            t.output_tokens,
+            t.cost_usd
+        );
+        out
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}

@@ -1,0 +1,532 @@
+//! Postgres: database creation, migrations, and the batched writer that
+//! commits many messages' rows per transaction and only then lets their NATS
+//! messages be acked. With `report` and the status queries here, the only
+//! code that talks to Postgres.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rust_decimal::Decimal;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, Executor, PgPool, Postgres, Transaction};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::pricing::{Prices, Usage};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connect to `url`, creating the database when it is missing, and apply the
+/// migrations (idempotent; an advisory lock makes concurrent starts safe).
+pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPool> {
+    let opts = PgConnectOptions::from_str(url)
+        .with_context(|| "invalid DATABASE_URL".to_string())?
+        .log_statements(tracing::log::LevelFilter::Trace);
+    create_database_if_missing(&opts).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(opts.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to Postgres database `{}`",
+                opts.get_database().unwrap_or("?")
+            )
+        })?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .context("applying database migrations")?;
+    Ok(pool)
+}
+
+async fn create_database_if_missing(opts: &PgConnectOptions) -> Result<()> {
+    let Some(db) = opts.get_database().map(str::to_string) else {
+        return Ok(());
+    };
+    match opts.connect().await {
+        Ok(conn) => {
+            let _ = conn.close().await;
+            return Ok(());
+        }
+        Err(e) if db_code(&e).as_deref() == Some("3D000") => {}
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "connecting to Postgres at {}:{}",
+                    opts.get_host(),
+                    opts.get_port()
+                )
+            })
+        }
+    }
+    let mut admin = opts
+        .clone()
+        .database("postgres")
+        .connect()
+        .await
+        .context("connecting to the `postgres` database to create ours")?;
+    let quoted = format!("\"{}\"", db.replace('"', "\"\""));
+    match admin
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+        .await
+    {
+        Ok(_) => tracing::info!(database = %db, "created database"),
+        // Another process created it first.
+        Err(e) if matches!(db_code(&e).as_deref(), Some("42P04") | Some("23505")) => {}
+        Err(e) => return Err(e).with_context(|| format!("creating database {db}")),
+    }
+    let _ = admin.close().await;
+    Ok(())
+}
+
+fn db_code(e: &sqlx::Error) -> Option<String> {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned())
+}
+
+/// Terminal job statuses: nothing more will happen to such a job.
+pub const TERMINAL: [&str; 4] = ["succeeded", "failed", "needs_review", "dead"];
+
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub id: String,
+    pub category: String,
+    pub status: &'static str,
+    pub envelope: Option<serde_json::Value>,
+    pub route_decision: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub enqueued_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeadLetterRow {
+    /// `<stream>:<sequence>`, unique, so a redelivery is recorded once.
+    pub source: String,
+    pub subject: String,
+    pub job_id: Option<String>,
+    pub payload: Vec<u8>,
+    pub reason: String,
+}
+
+/// The outcome column of `calls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    Ok,
+    RetryableError,
+    TerminalError,
+    Unknown,
+}
+
+impl CallOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallOutcome::Ok => "ok",
+            CallOutcome::RetryableError => "retryable_error",
+            CallOutcome::TerminalError => "terminal_error",
+            CallOutcome::Unknown => "unknown",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CallRow {
+    pub job_id: String,
+    pub category: String,
+    pub provider: String,
+    pub model: String,
+    pub step: i32,
+    pub attempt: i32,
+    pub usage: Usage,
+    pub prices: Prices,
+    pub latency_ms: i32,
+    pub http_status: Option<i32>,
+    pub outcome: CallOutcome,
+    pub error: Option<String>,
+}
+
+impl CallRow {
+    pub fn cost(&self) -> Decimal {
+        self.prices.cost(&self.usage)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ResultRow {
+    pub job_id: String,
+    pub category: String,
+    pub output: String,
+    pub model: String,
+    pub finish_reason: Option<String>,
+    pub latency_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct StatusRow {
+    pub job_id: String,
+    pub status: &'static str,
+    pub error: Option<String>,
+}
+
+/// One row to write.
+#[derive(Debug, Clone)]
+pub enum Row {
+    Job(JobRow),
+    DeadLetter(DeadLetterRow),
+    Call(CallRow),
+    Result(ResultRow),
+    Status(StatusRow),
+}
+
+/// What the writer reports back once a request's rows are committed.
+#[derive(Debug, Clone, Default)]
+pub struct Committed {
+    /// Status of each job a `Row::Job` named, after the commit.
+    pub job_status: HashMap<String, String>,
+}
+
+struct WriteReq {
+    rows: Vec<Row>,
+    reply: oneshot::Sender<Result<Committed, String>>,
+}
+
+/// Handle to the batched writer. Cloned into every task that writes.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<WriteReq>,
+}
+
+impl Writer {
+    /// Start the writer task. It ends when every `Writer` clone is dropped,
+    /// after committing what it holds.
+    pub fn spawn(
+        pool: PgPool,
+        batch_size: usize,
+        flush_interval: Duration,
+        tracker: &tokio_util::task::TaskTracker,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(batch_size * 4);
+        tracker.spawn(writer_loop(pool, rx, batch_size, flush_interval));
+        Self { tx }
+    }
+
+    /// Queue rows and wait until they are committed.
+    pub async fn write(&self, rows: Vec<Row>) -> Result<Committed> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(WriteReq { rows, reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("writer has stopped"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("writer dropped the request"))?
+            .map_err(|e| anyhow::anyhow!("database write failed: {e}"))
+    }
+}
+
+async fn writer_loop(
+    pool: PgPool,
+    mut rx: mpsc::Receiver<WriteReq>,
+    batch_size: usize,
+    flush_interval: Duration,
+) {
+    let mut batch: Vec<WriteReq> = Vec::with_capacity(batch_size);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + flush_interval;
+        while batch.len() < batch_size {
+            // Take whatever is already queued without waiting.
+            match rx.try_recv() {
+                Ok(r) => {
+                    batch.push(r);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(r)) => batch.push(r),
+                _ => break,
+            }
+        }
+        commit_batch(&pool, std::mem::take(&mut batch)).await;
+    }
+    debug!("writer stopped");
+}
+
+async fn commit_batch(pool: &PgPool, batch: Vec<WriteReq>) {
+    let n = batch.len();
+    for attempt in 1..=3u32 {
+        let rows: Vec<&Row> = batch.iter().flat_map(|r| r.rows.iter()).collect();
+        match write_rows(pool, &rows).await {
+            Ok(status) => {
+                debug!(requests = n, rows = rows.len(), "batch committed");
+                for req in batch {
+                    let _ = req.reply.send(Ok(committed_for(&req.rows, &status)));
+                }
+                return;
+            }
+            Err(e) => {
+                warn!(attempt, requests = n, error = %e, "batch commit failed");
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+            }
+        }
+    }
+    // Isolate a poisoned request: commit each on its own.
+    for req in batch {
+        let rows: Vec<&Row> = req.rows.iter().collect();
+        let res = write_rows(pool, &rows)
+            .await
+            .map(|status| committed_for(&req.rows, &status))
+            .map_err(|e| format!("{e:#}"));
+        let _ = req.reply.send(res);
+    }
+}
+
+fn committed_for(rows: &[Row], status: &HashMap<String, String>) -> Committed {
+    let mut c = Committed::default();
+    for r in rows {
+        if let Row::Job(j) = r {
+            if let Some(s) = status.get(&j.id) {
+                c.job_status.insert(j.id.clone(), s.clone());
+            }
+        }
+    }
+    c
+}
+
+/// Write all rows in one transaction, in dependency order.
+async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<HashMap<String, String>> {
+    let mut tx = pool.begin().await?;
+    // One row per job id (a batch can hold the same job twice); a valid job
+    // wins over a dead-lettered copy.
+    let mut by_id: HashMap<&str, &JobRow> = HashMap::new();
+    for r in rows {
+        if let Row::Job(j) = r {
+            let keep = by_id.get(j.id.as_str()).is_some_and(|k| k.status != "dead");
+            if !keep {
+                by_id.insert(j.id.as_str(), j);
+            }
+        }
+    }
+    let jobs: Vec<&JobRow> = by_id.into_values().collect();
+    let dead: Vec<&DeadLetterRow> = rows
+        .iter()
+        .filter_map(|r| match r {
+            Row::DeadLetter(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    let calls: Vec<&CallRow> = rows
+        .iter()
+        .filter_map(|r| match r {
+            Row::Call(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    let results: Vec<&ResultRow> = rows
+        .iter()
+        .filter_map(|r| match r {
+            Row::Result(x) => Some(x),
+            _ => None,
+        })
+        .collect();
+    let statuses: Vec<&StatusRow> = rows
+        .iter()
+        .filter_map(|r| match r {
+            Row::Status(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let mut status = HashMap::new();
+    if !jobs.is_empty() {
+        insert_jobs(&mut tx, &jobs).await?;
+        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+        let found: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, status FROM jobs WHERE id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?;
+        status.extend(found);
+    }
+    if !dead.is_empty() {
+        insert_dead_letters(&mut tx, &dead).await?;
+    }
+    if !calls.is_empty() {
+        insert_calls(&mut tx, &calls).await?;
+    }
+    if !results.is_empty() {
+        insert_results(&mut tx, &results).await?;
+    }
+    if !statuses.is_empty() {
+        update_statuses(&mut tx, &statuses).await?;
+    }
+    tx.commit().await?;
+    Ok(status)
+}
+
+async fn insert_jobs(tx: &mut Transaction<'_, Postgres>, jobs: &[&JobRow]) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO jobs (id, category, status, envelope, route_decision, error, enqueued_at, finished_at)
+         SELECT u.id, u.category, u.status, u.envelope, u.route_decision, u.error,
+                to_timestamp(u.enqueued_ms / 1000.0),
+                CASE WHEN u.status IN ('succeeded','failed','needs_review','dead') THEN now() END
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::text[], $7::int8[])
+              AS u(id, category, status, envelope, route_decision, error, enqueued_ms)
+         ON CONFLICT (id) DO UPDATE
+             SET category = EXCLUDED.category, status = EXCLUDED.status,
+                 envelope = EXCLUDED.envelope, route_decision = EXCLUDED.route_decision,
+                 error = NULL, enqueued_at = EXCLUDED.enqueued_at, finished_at = NULL
+             -- A job first seen malformed may be published again, fixed, under its id.
+             WHERE jobs.status = 'dead' AND EXCLUDED.status <> 'dead'",
+    )
+    .bind(jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.category.clone()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.status.to_string()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.envelope.clone()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.route_decision.clone()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.error.clone()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.enqueued_at_ms).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_dead_letters(
+    tx: &mut Transaction<'_, Postgres>,
+    dead: &[&DeadLetterRow],
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO dead_letters (source, subject, job_id, payload, reason)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[])
+         ON CONFLICT (source) DO NOTHING",
+    )
+    .bind(dead.iter().map(|d| d.source.clone()).collect::<Vec<_>>())
+    .bind(dead.iter().map(|d| d.subject.clone()).collect::<Vec<_>>())
+    .bind(dead.iter().map(|d| d.job_id.clone()).collect::<Vec<_>>())
+    .bind(dead.iter().map(|d| d.payload.clone()).collect::<Vec<_>>())
+    .bind(dead.iter().map(|d| d.reason.clone()).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_calls(tx: &mut Transaction<'_, Postgres>, calls: &[&CallRow]) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO calls (job_id, category, provider, model, step, attempt,
+                            input_tokens, output_tokens, cached_input_tokens,
+                            price_input_per_mtok, price_output_per_mtok, price_cached_input_per_mtok,
+                            cost_usd, latency_ms, http_status, outcome, error)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::int4[],
+                              $7::int8[], $8::int8[], $9::int8[],
+                              $10::numeric[], $11::numeric[], $12::numeric[],
+                              $13::numeric[], $14::int4[], $15::int4[], $16::text[], $17::text[])
+         ON CONFLICT (job_id, step, attempt) DO NOTHING",
+    )
+    .bind(calls.iter().map(|c| c.job_id.clone()).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.category.clone()).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.provider.clone()).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.model.clone()).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.step).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.attempt).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.usage.input_tokens as i64).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.usage.output_tokens as i64).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.usage.cached_input_tokens as i64).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.prices.input_per_mtok).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.prices.output_per_mtok).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.prices.cached_input_per_mtok).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.cost()).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.latency_ms).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.http_status).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.outcome.as_str().to_string()).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.error.clone()).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_results(tx: &mut Transaction<'_, Postgres>, results: &[&ResultRow]) -> Result<()> {
+    // Cost and tokens are the sums over all the job's calls, committed earlier
+    // in this same transaction or in earlier ones.
+    sqlx::query(
+        "INSERT INTO results (job_id, category, output, model, finish_reason, cost_usd,
+                              input_tokens, output_tokens, latency_ms)
+         SELECT r.job_id, r.category, r.output, r.model, r.finish_reason,
+                COALESCE(c.cost, 0), COALESCE(c.inp, 0), COALESCE(c.outp, 0), r.latency_ms
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[])
+              AS r(job_id, category, output, model, finish_reason, latency_ms)
+         LEFT JOIN LATERAL (
+             SELECT sum(cost_usd) AS cost, sum(input_tokens)::int8 AS inp,
+                    sum(output_tokens)::int8 AS outp
+             FROM calls WHERE calls.job_id = r.job_id
+         ) c ON true
+         ON CONFLICT (job_id) DO NOTHING",
+    )
+    .bind(results.iter().map(|r| r.job_id.clone()).collect::<Vec<_>>())
+    .bind(
+        results
+            .iter()
+            .map(|r| r.category.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(results.iter().map(|r| r.output.clone()).collect::<Vec<_>>())
+    .bind(results.iter().map(|r| r.model.clone()).collect::<Vec<_>>())
+    .bind(
+        results
+            .iter()
+            .map(|r| r.finish_reason.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(results.iter().map(|r| r.latency_ms).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn update_statuses(tx: &mut Transaction<'_, Postgres>, rows: &[&StatusRow]) -> Result<()> {
+    // A terminal status is final: never overwrite one.
+    sqlx::query(
+        "UPDATE jobs SET status = u.status, error = COALESCE(u.error, jobs.error),
+                finished_at = CASE WHEN u.status IN ('succeeded','failed','needs_review','dead')
+                                   THEN now() ELSE jobs.finished_at END
+         FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(id, status, error)
+         WHERE jobs.id = u.id
+           AND jobs.status NOT IN ('succeeded','failed','needs_review','dead')",
+    )
+    .bind(rows.iter().map(|r| r.job_id.clone()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.status.to_string())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|r| r.error.clone()).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Status of a job, if it exists.
+pub async fn job_status(pool: &PgPool, job_id: &str) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// How many of `ids` are finished: a terminal `jobs` row, or a dead letter
+/// with no jobs row.
+pub async fn count_finished(pool: &PgPool, ids: &[String]) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM unnest($1::text[]) AS i(id)
+         WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = i.id
+                       AND j.status IN ('succeeded','failed','needs_review','dead'))
+            OR (NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = i.id)
+                AND EXISTS (SELECT 1 FROM dead_letters d WHERE d.job_id = i.id))",
+    )
+    .bind(ids)
+    .fetch_one(pool)
+    .await?)
+}

@@ -1,0 +1,227 @@
+//! `switchyard worker`: wires the dispatcher and the provider lanes to NATS,
+//! the batched writer and a shutdown token, and drains them on stop.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::Message;
+use futures::StreamExt;
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::dispatcher::Dispatcher;
+use crate::lane::Lane;
+use crate::store::Writer;
+
+/// Which parts of the worker this process runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Run the dispatcher (jobs stream → calls).
+    pub dispatcher: bool,
+    /// Provider lanes to run; `None` = every provider in the config.
+    pub lanes: Option<Vec<String>>,
+    /// How long a stop waits for in-flight work before giving up.
+    pub drain_timeout: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            dispatcher: true,
+            lanes: None,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A running worker.
+pub struct WorkerHandle {
+    token: CancellationToken,
+    tracker: TaskTracker,
+    writer_tracker: TaskTracker,
+    drain_timeout: Duration,
+}
+
+impl WorkerHandle {
+    /// The token whose cancellation stops the worker.
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+
+    /// Stop fetching, let in-flight messages finish (commit, ack) within the
+    /// drain timeout, then stop the writer. Returns false if the deadline passed.
+    pub async fn shutdown(self) -> bool {
+        self.token.cancel();
+        self.tracker.close();
+        let drained = tokio::time::timeout(self.drain_timeout, self.tracker.wait())
+            .await
+            .is_ok();
+        if !drained {
+            warn!(
+                remaining = self.tracker.len(),
+                "drain deadline passed; unacked messages will be redelivered"
+            );
+            return false;
+        }
+        self.writer_tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.writer_tracker.wait()).await;
+        info!("worker drained");
+        true
+    }
+
+    /// Wait until the token is cancelled (by a signal or a caller), then shut down.
+    pub async fn run_until_stopped(self) -> bool {
+        self.token.cancelled().await;
+        self.shutdown().await
+    }
+}
+
+/// Start the dispatcher and lanes selected by `opts`.
+pub async fn start(
+    cfg: Arc<Config>,
+    pool: PgPool,
+    bus: Bus,
+    opts: WorkerOptions,
+) -> Result<WorkerHandle> {
+    bus.ensure_streams(&cfg).await?;
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let writer_tracker = TaskTracker::new();
+    let writer = Writer::spawn(
+        pool.clone(),
+        cfg.writer.batch_size,
+        Duration::from_millis(cfg.writer.flush_interval_ms),
+        &writer_tracker,
+    );
+
+    let lane_names: Vec<String> = match &opts.lanes {
+        None => cfg.providers.keys().cloned().collect(),
+        Some(names) => {
+            for n in names {
+                anyhow::ensure!(
+                    cfg.providers.contains_key(n),
+                    "unknown lane `{n}`: the config's providers are {:?}",
+                    cfg.providers.keys().collect::<Vec<_>>()
+                );
+            }
+            names.clone()
+        }
+    };
+
+    if opts.dispatcher {
+        let d = Dispatcher::new(cfg.clone(), bus.clone(), writer.clone());
+        let consumer = d.consumer().await?;
+        let in_flight = cfg.dispatcher.concurrency;
+        tracker.spawn(consume(
+            "dispatcher".into(),
+            consumer,
+            in_flight,
+            token.clone(),
+            tracker.clone(),
+            move |m| {
+                let d = d.clone();
+                async move { d.handle(m).await }
+            },
+        ));
+    }
+    for name in lane_names {
+        let lane = Arc::new(
+            Lane::new(
+                &name,
+                cfg.clone(),
+                bus.clone(),
+                writer.clone(),
+                pool.clone(),
+                token.clone(),
+            )
+            .with_context(|| format!("building lane `{name}`"))?,
+        );
+        let consumer = lane.consumer().await?;
+        let in_flight = lane.max_in_flight();
+        tracker.spawn(consume(
+            format!("lane-{name}"),
+            consumer,
+            in_flight,
+            token.clone(),
+            tracker.clone(),
+            move |m| {
+                let lane = lane.clone();
+                async move { lane.handle(m).await }
+            },
+        ));
+    }
+    info!(prefix = %bus.names.prefix, "worker started");
+    Ok(WorkerHandle {
+        token,
+        tracker,
+        writer_tracker,
+        drain_timeout: opts.drain_timeout,
+    })
+}
+
+/// Pull messages and run `handler` on each in a tracked task, with at most
+/// `max_in_flight` at once. Each fetch asks for no more than the free slots,
+/// so nothing sits pulled-but-unprocessed when a stop comes.
+async fn consume<F, Fut>(
+    name: String,
+    consumer: PullConsumer,
+    max_in_flight: usize,
+    token: CancellationToken,
+    tracker: TaskTracker,
+    handler: F,
+) where
+    F: Fn(Message) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(max_in_flight));
+    while !token.is_cancelled() {
+        // Wait for at least one free slot.
+        let first = tokio::select! {
+            _ = token.cancelled() => break,
+            p = slots.clone().acquire_owned() => p.expect("never closed"),
+        };
+        let free = slots.available_permits() + 1;
+        drop(first);
+        let batch = consumer
+            .fetch()
+            .max_messages(free)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(consumer = %name, error = %e, "fetch failed; retrying");
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        while let Some(next) = batch.next().await {
+            match next {
+                Ok(msg) => {
+                    let permit = slots.clone().acquire_owned().await.expect("never closed");
+                    let fut = handler(msg);
+                    tracker.spawn(async move {
+                        fut.await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    warn!(consumer = %name, error = %e, "fetch interrupted");
+                    break;
+                }
+            }
+        }
+    }
+    info!(consumer = %name, "stopped fetching");
+}

@@ -1,0 +1,170 @@
+//! Test harness: every test gets its own Postgres database (created and
+//! dropped), its own NATS subject/stream prefix, and its own simulator on an
+//! ephemeral loopback port. Real NATS, real Postgres; only the LLM provider
+//! is simulated. Set TEST_LOG=1 to see the worker's logs.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use switchyard::bus::Bus;
+use switchyard::config::Config;
+use switchyard::enqueue::Outgoing;
+use switchyard::envelope::JobEnvelope;
+use switchyard::sim::{SimProfile, SimServer};
+use switchyard::worker::{self, WorkerHandle, WorkerOptions};
+
+pub const SHIPPED_CONFIG: &str = include_str!("../../config/switchyard.toml");
+
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| switchyard::config::DEFAULT_NATS_URL.into())
+}
+
+/// The Postgres server of `DATABASE_URL` (or the default), with another database name.
+pub fn database_url_for(db: &str) -> String {
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| switchyard::config::DEFAULT_DATABASE_URL.into());
+    let (server, _) = base.rsplit_once('/').expect("DATABASE_URL has a path");
+    format!("{server}/{db}")
+}
+
+pub struct TestEnv {
+    pub name: String,
+    pub db_url: String,
+    pub pool: PgPool,
+    pub bus: Bus,
+    pub sim: SimServer,
+}
+
+impl TestEnv {
+    pub async fn new(profile: SimProfile) -> Self {
+        if std::env::var_os("TEST_LOG").is_some() {
+            switchyard::init_logging();
+        }
+        let name = format!("sy_t_{}", &switchyard::enqueue::new_job_id()[..12]);
+        let db_url = database_url_for(&name);
+        let pool = switchyard::store::connect_and_migrate(&db_url, 8)
+            .await
+            .expect("test database");
+        let bus = Bus::connect(&nats_url(), &name).await.expect("NATS");
+        let sim = SimServer::start("127.0.0.1:0", profile).await.expect("sim");
+        Self {
+            name,
+            db_url,
+            pool,
+            bus,
+            sim,
+        }
+    }
+
+    /// The shipped config with this test's prefix, every provider on this
+    /// test's simulator, and `extra` TOML-style env overrides applied.
+    pub fn config_with(&self, extra: &[(&str, &str)]) -> Config {
+        let mut env: Vec<(String, String)> =
+            vec![("SWITCHYARD_NATS__PREFIX".to_string(), self.name.clone())];
+        for p in ["OPENAI", "ANTHROPIC", "GEMINI"] {
+            env.push((
+                format!("SWITCHYARD_PROVIDERS__{p}__BASE_URL"),
+                self.sim.base_url(),
+            ));
+        }
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Config::from_toml_with_env(SHIPPED_CONFIG, &env).expect("test config")
+    }
+
+    pub fn config(&self) -> Config {
+        self.config_with(&[])
+    }
+
+    /// Environment for a `switchyard` child process pointed at this test's
+    /// database, prefix and simulator.
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("DATABASE_URL".to_string(), self.db_url.clone()),
+            ("NATS_URL".to_string(), nats_url()),
+            ("SWITCHYARD_NATS__PREFIX".to_string(), self.name.clone()),
+            (
+                "SWITCHYARD_CONFIG".to_string(),
+                format!("{}/config/switchyard.toml", env!("CARGO_MANIFEST_DIR")),
+            ),
+        ];
+        for p in ["OPENAI", "ANTHROPIC", "GEMINI"] {
+            env.push((
+                format!("SWITCHYARD_PROVIDERS__{p}__BASE_URL"),
+                self.sim.base_url(),
+            ));
+        }
+        env
+    }
+
+    pub async fn start_worker(&self, cfg: Config) -> WorkerHandle {
+        worker::start(
+            Arc::new(cfg),
+            self.pool.clone(),
+            self.bus.clone(),
+            WorkerOptions::default(),
+        )
+        .await
+        .expect("worker starts")
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Drop the database and the streams.
+    pub async fn cleanup(self) {
+        self.sim.stop();
+        self.bus.delete_streams().await;
+        self.pool.close().await;
+        let admin = sqlx::PgPool::connect(&database_url_for("postgres"))
+            .await
+            .expect("admin");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        )))
+        .execute(&admin)
+        .await;
+        admin.close().await;
+    }
+}
+
+/// `n` prompt jobs spread over support, sales and lookup, ids `<tag>-<i>`.
+pub fn jobs(tag: &str, n: usize) -> Vec<Outgoing> {
+    let cats = ["support", "sales", "lookup"];
+    (0..n)
+        .map(|i| {
+            let env = JobEnvelope::prompt(
+                format!("{tag}-{i:05}"),
+                cats[i % 3],
+                format!("Question number {i}: how do I do thing {}?", i * 7),
+            );
+            Outgoing::from_envelope(&env).unwrap()
+        })
+        .collect()
+}
+
+/// Poll `cond` until it is true or `timeout` passes; panics with `what` on timeout.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,368 @@
+//! The durable pipeline end to end: jobs on NATS → provider lanes → results
+//! and cost records in Postgres. Real NATS and Postgres, simulated provider.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{jobs, wait_until, TestEnv};
+use rust_decimal::Decimal;
+use switchyard::enqueue::{publish_jobs, wait_finished};
+use switchyard::report;
+use switchyard::sim::SimProfile;
+
+fn ids(jobs: &[switchyard::enqueue::Outgoing]) -> Vec<String> {
+    jobs.iter().map(|j| j.id.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_jobs_end_to_end_with_exact_costs() {
+    let env = TestEnv::new(SimProfile {
+        cached_share: 0.3,
+        ..Default::default()
+    })
+    .await;
+    let cfg = env.config();
+    let worker = env.start_worker(cfg.clone()).await;
+    let js = jobs("e2e", 1000);
+    publish_jobs(&env.bus, &js, None).await.unwrap();
+    assert!(
+        wait_finished(&env.pool, &ids(&js), Duration::from_secs(180), None)
+            .await
+            .unwrap(),
+        "all 1,000 jobs terminal"
+    );
+
+    assert_eq!(env.count("SELECT count(*) FROM results").await, 1000);
+    assert_eq!(
+        env.count("SELECT count(DISTINCT job_id) FROM results")
+            .await,
+        1000
+    );
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded' AND finished_at IS NOT NULL"
+        )
+        .await,
+        1000
+    );
+    // Every cost record is tokens × the unit prices stored with it.
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM calls WHERE cost_usd <>
+               ((input_tokens - cached_input_tokens) * price_input_per_mtok
+                + cached_input_tokens * price_cached_input_per_mtok
+                + output_tokens * price_output_per_mtok) / 1000000"
+        )
+        .await,
+        0
+    );
+    assert!(
+        env.count("SELECT count(*) FROM calls WHERE cached_input_tokens > 0")
+            .await
+            > 0
+    );
+    // ... and the stored unit prices are the configured ones.
+    for (name, model) in &cfg.models {
+        let p = model.prices();
+        let wrong: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM calls WHERE model = $1 AND (price_input_per_mtok <> $2
+             OR price_output_per_mtok <> $3 OR price_cached_input_per_mtok <> $4)",
+        )
+        .bind(name)
+        .bind(p.input_per_mtok)
+        .bind(p.output_per_mtok)
+        .bind(p.cached_input_per_mtok)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        assert_eq!(wrong, 0, "prices of {name}");
+    }
+    // A result's cost is the sum of its job's calls.
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM results r WHERE r.cost_usd <>
+               (SELECT sum(cost_usd) FROM calls c WHERE c.job_id = r.job_id)"
+        )
+        .await,
+        0
+    );
+
+    // What the provider was asked equals what Switchyard recorded.
+    let ledger = env.sim.ledger();
+    let answered: Vec<_> = ledger.iter().filter(|e| e.status == 200).collect();
+    assert_eq!(
+        answered.len() as i64,
+        env.count("SELECT count(*) FROM calls WHERE outcome = 'ok'")
+            .await
+    );
+    let sum =
+        |f: fn(&&switchyard::sim::LedgerEntry) -> u64| answered.iter().map(f).sum::<u64>() as i64;
+    assert_eq!(
+        sum(|e| e.prompt_tokens),
+        env.count("SELECT sum(input_tokens)::int8 FROM calls WHERE outcome = 'ok'")
+            .await
+    );
+    assert_eq!(
+        sum(|e| e.completion_tokens),
+        env.count("SELECT sum(output_tokens)::int8 FROM calls WHERE outcome = 'ok'")
+            .await
+    );
+    assert_eq!(
+        sum(|e| e.cached_tokens),
+        env.count("SELECT sum(cached_input_tokens)::int8 FROM calls WHERE outcome = 'ok'")
+            .await
+    );
+
+    // The report's totals match SQL sums.
+    let r = report::build(&env.pool, None).await.unwrap();
+    assert_eq!(r.jobs_with_status("succeeded"), 1000);
+    let total: Decimal = sqlx::query_scalar("SELECT sum(cost_usd) FROM calls")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(r.total.cost_usd, total);
+    assert_eq!(r.total.calls, env.count("SELECT count(*) FROM calls").await);
+    let by_cat: Vec<(String, i64, Decimal)> = sqlx::query_as(
+        "SELECT category, sum(output_tokens)::int8, sum(cost_usd) FROM calls GROUP BY category ORDER BY category",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(by_cat.len(), 3);
+    for (line, (cat, out, cost)) in r.by_category.iter().zip(&by_cat) {
+        assert_eq!(
+            (&line.key, line.output_tokens, line.cost_usd),
+            (cat, *out, *cost)
+        );
+    }
+    let model_cost: Decimal = r.by_model.iter().map(|l| l.cost_usd).sum();
+    assert_eq!(model_cost, total);
+
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_job_id_twice_yields_one_job_and_one_result() {
+    let env = TestEnv::new(SimProfile::default()).await;
+    let worker = env.start_worker(env.config()).await;
+    let job = jobs("dup", 1).remove(0);
+    // Twice with the same Nats-Msg-Id (JetStream de-duplicates) ...
+    let fresh = publish_jobs(&env.bus, &[job.clone(), job.clone()], None)
+        .await
+        .unwrap();
+    assert_eq!(fresh, 1);
+    // ... and once more under another message id, as after the duplicate window.
+    env.bus
+        .publish_durable(
+            env.bus.names.job_subject(&job.category),
+            "another-message-id",
+            job.payload.clone().into(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        wait_finished(&env.pool, &[job.id.clone()], Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    // Wait until both copies have been consumed and acked.
+    let js = env.bus.js.clone();
+    let jobs_stream = env.bus.names.jobs_stream();
+    let calls_stream = env.bus.names.calls_stream();
+    wait_until(
+        Duration::from_secs(30),
+        "job and call streams drained",
+        || {
+            let js = js.clone();
+            let (a, b) = (jobs_stream.clone(), calls_stream.clone());
+            async move {
+                let mut n = 0;
+                for s in [a, b] {
+                    n += js
+                        .get_stream(s)
+                        .await
+                        .unwrap()
+                        .info()
+                        .await
+                        .unwrap()
+                        .state
+                        .messages;
+                }
+                n == 0
+            }
+        },
+    )
+    .await;
+    assert_eq!(env.count("SELECT count(*) FROM jobs").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM results").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM calls").await, 1);
+    assert_eq!(env.sim.ledger().len(), 1, "the provider was asked once");
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_become_dead_letters_and_good_jobs_still_run() {
+    let env = TestEnv::new(SimProfile::default()).await;
+    let worker = env
+        .start_worker(env.config_with(&[("SWITCHYARD_LIMITS__MAX_PAYLOAD_BYTES", "4096")]))
+        .await;
+    let big = format!(r#"{{"id":"big","prompt":"{}"}}"#, "x".repeat(5000));
+    let bad: Vec<(&str, String, &str)> = vec![
+        (
+            "support",
+            "this is not json".into(),
+            "not a valid job envelope",
+        ),
+        (
+            "support",
+            r#"{"id":"types","prompt":42}"#.into(),
+            "invalid type",
+        ),
+        (
+            "billing",
+            r#"{"id":"nocat","prompt":"hi"}"#.into(),
+            "unknown category `billing`",
+        ),
+        ("support", big, "exceeds the limit of 4096 bytes"),
+        (
+            "support",
+            r#"{"id":"mismatch","category":"sales","prompt":"hi"}"#.into(),
+            "contradicts",
+        ),
+        (
+            "support",
+            r#"{"id":"v2","version":2,"prompt":"hi"}"#.into(),
+            "unsupported envelope version 2",
+        ),
+        (
+            "lookup",
+            r#"{"id":"empty","messages":[]}"#.into(),
+            "empty input",
+        ),
+    ];
+    let good = jobs("good", 20);
+    // Interleave: bad, good, bad, good ...
+    for (i, (cat, payload, _)) in bad.iter().enumerate() {
+        env.bus
+            .publish_durable(
+                env.bus.names.job_subject(cat),
+                &format!("bad-{i}"),
+                payload.clone().into_bytes().into(),
+            )
+            .await
+            .unwrap();
+        publish_jobs(&env.bus, &good[i * 2..i * 2 + 2], None)
+            .await
+            .unwrap();
+    }
+    publish_jobs(&env.bus, &good[14..], None).await.unwrap();
+
+    let pool = env.pool.clone();
+    wait_until(Duration::from_secs(60), "dead letters and results", || {
+        let pool = pool.clone();
+        async move {
+            let (d, r): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM dead_letters), (SELECT count(*) FROM results)",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            d == 7 && r == 20
+        }
+    })
+    .await;
+    let rows: Vec<(String, Vec<u8>, String)> =
+        sqlx::query_as("SELECT subject, payload, reason FROM dead_letters ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    for (cat, payload, why) in &bad {
+        let row = rows
+            .iter()
+            .find(|(_, p, _)| p == payload.as_bytes())
+            .unwrap_or_else(|| panic!("payload stored as received: {why}"));
+        assert!(
+            row.2.contains(why),
+            "reason {:?} should mention {why:?}",
+            row.2
+        );
+        assert_eq!(row.0, env.bus.names.job_subject(cat));
+    }
+    // Jobs whose id could be read are recorded as dead, with the reason.
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE status = 'dead' AND error IS NOT NULL")
+            .await,
+        5
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+            .await,
+        20
+    );
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_calls_wait_the_advertised_delay_and_complete() {
+    // The sim allows one request per second per model; each lane sends one at a time.
+    let env = TestEnv::new(SimProfile {
+        rpm: 60,
+        ..Default::default()
+    })
+    .await;
+    let cfg = env.config_with(&[
+        ("SWITCHYARD_PROVIDERS__OPENAI__MAX_CONCURRENCY", "1"),
+        ("SWITCHYARD_PROVIDERS__ANTHROPIC__MAX_CONCURRENCY", "1"),
+        ("SWITCHYARD_PROVIDERS__GEMINI__MAX_CONCURRENCY", "1"),
+        ("SWITCHYARD_RETRY__MAX_ATTEMPTS", "20"),
+    ]);
+    let worker = env.start_worker(cfg).await;
+    let js = jobs("rl", 12);
+    publish_jobs(&env.bus, &js, None).await.unwrap();
+    assert!(
+        wait_finished(&env.pool, &ids(&js), Duration::from_secs(90), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+            .await,
+        12
+    );
+
+    let ledger = env.sim.ledger();
+    let limited = ledger.iter().filter(|e| e.status == 429).count();
+    assert!(limited > 0, "the sim enforced its limit");
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM calls WHERE http_status = 429 AND outcome = 'retryable_error'"
+        )
+        .await,
+        limited as i64
+    );
+    // After a 429, the next request for that model came no sooner than the
+    // advertised retry-after.
+    let mut by_model: HashMap<&str, Vec<&switchyard::sim::LedgerEntry>> = HashMap::new();
+    for e in &ledger {
+        by_model.entry(e.model.as_str()).or_default().push(e);
+    }
+    for entries in by_model.values() {
+        for pair in entries.windows(2) {
+            if let Some(wait) = pair[0].retry_after_ms {
+                let gap = pair[1].at_ms - pair[0].at_ms;
+                assert!(
+                    gap + 25 >= wait,
+                    "request {} came {gap} ms after a 429 asking for {wait} ms",
+                    pair[1].seq
+                );
+            }
+        }
+    }
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

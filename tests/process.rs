@@ -1,0 +1,235 @@
+//! The `switchyard` binary as a user runs it: bad config, a worker killed
+//! with SIGKILL mid-batch and restarted, a graceful SIGTERM, and the
+//! enqueue/report commands.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{jobs, wait_until, TestEnv};
+use switchyard::enqueue::{publish_jobs, wait_finished};
+use switchyard::sim::SimProfile;
+
+fn switchyard(env: &[(String, String)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if std::env::var_os("TEST_LOG").is_none() {
+        cmd.env("RUST_LOG", "warn");
+    }
+    cmd
+}
+
+/// A child worker process, killed if the test ends early.
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_worker(env: &[(String, String)]) -> Worker {
+    Worker(
+        switchyard(env)
+            .arg("worker")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn worker"),
+    )
+}
+
+/// Wait for a child to exit, with a deadline.
+async fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn bad_config_fails_at_start_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("sy-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    let text = common::SHIPPED_CONFIG.replace("rpm = 5000", "rmp = 5000");
+    std::fs::write(&path, text).unwrap();
+    let out = switchyard(&[])
+        .args(["--config", path.to_str().unwrap(), "worker"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("providers.openai") && err.contains("rmp"),
+        "{err}"
+    );
+
+    // A bad environment override is named too.
+    let out = switchyard(&[("SWITCHYARD_PROVIDERS__GEMINI__TPM".into(), "lots".into())])
+        .arg("worker")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("providers.gemini.tpm"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
+    let env = TestEnv::new(SimProfile {
+        latency_ms: 20,
+        jitter_ms: 30,
+        ..Default::default()
+    })
+    .await;
+    let mut child_env = env.child_env();
+    // Short ack wait so the killed worker's unacked messages come back quickly.
+    child_env.push(("SWITCHYARD_NATS__ACK_WAIT_SECS".into(), "3".into()));
+    env.bus.ensure_streams(&env.config()).await.unwrap();
+    let worker = spawn_worker(&child_env);
+
+    let js = jobs("kill", 600);
+    let ids: Vec<String> = js.iter().map(|j| j.id.clone()).collect();
+    publish_jobs(&env.bus, &js, None).await.unwrap();
+    let pool = env.pool.clone();
+    wait_until(Duration::from_secs(60), "first results", || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM results")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                >= 60
+        }
+    })
+    .await;
+    drop(worker); // SIGKILL: no drain, no acks
+    let done_at_kill = env.count("SELECT count(*) FROM results").await;
+    assert!(done_at_kill < 600, "killed mid-run ({done_at_kill} done)");
+
+    let mut worker = spawn_worker(&child_env);
+    assert!(
+        wait_finished(&env.pool, &ids, Duration::from_secs(120), None)
+            .await
+            .unwrap(),
+        "every job finished after the restart"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM results").await, 600);
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+            .await,
+        600
+    );
+    // No job was recorded (or paid) as answered twice.
+    assert_eq!(
+        env.count("SELECT count(*) FROM (SELECT job_id FROM calls WHERE outcome = 'ok' GROUP BY job_id HAVING count(*) > 1) d")
+            .await,
+        0
+    );
+
+    // SIGTERM: a graceful stop exits 0.
+    let pid = worker.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = wait_exit(&mut worker.0, Duration::from_secs(40)).await;
+    assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_waits_for_jobs_and_report_prints_them() {
+    let env = TestEnv::new(SimProfile::default()).await;
+    let worker = env.start_worker(env.config()).await;
+    let dir = std::env::temp_dir().join(format!("sy-enq-{}", env.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("jobs.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for i in 0..30 {
+        // Half with ids, half without (enqueue assigns one); categories from the line.
+        let cat = ["support", "sales", "lookup"][i % 3];
+        if i % 2 == 0 {
+            writeln!(
+                f,
+                r#"{{"id":"cli-{i}","category":"{cat}","prompt":"hello {i}"}}"#
+            )
+            .unwrap();
+        } else {
+            writeln!(
+                f,
+                r#"{{"category":"{cat}","messages":[{{"role":"user","content":"hi {i}"}}]}}"#
+            )
+            .unwrap();
+        }
+    }
+    drop(f);
+    let env_vars = env.child_env();
+    let path_s = path.to_str().unwrap().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        switchyard(&env_vars)
+            .args(["enqueue", &path_s, "--wait", "--timeout-secs", "60"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // --wait returned only once all 30 were terminal.
+    assert_eq!(env.count("SELECT count(*) FROM results").await, 30);
+
+    let env_vars = env.child_env();
+    let out = tokio::task::spawn_blocking(move || {
+        switchyard(&env_vars)
+            .args(["report", "--format", "json"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is JSON only");
+    assert_eq!(report["jobs_by_status"][0]["status"], "succeeded");
+    assert_eq!(report["jobs_by_status"][0]["jobs"], 30);
+    assert_eq!(report["by_category"].as_array().unwrap().len(), 3);
+
+    let env_vars = env.child_env();
+    let out = tokio::task::spawn_blocking(move || {
+        switchyard(&env_vars)
+            .args(["report", "--format", "csv"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert!(csv.starts_with("section,key,jobs,calls"));
+    assert!(
+        csv.lines().any(|l| l.starts_with("total,total,30,30,30,")),
+        "{csv}"
+    );
+
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

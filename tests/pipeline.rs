@@ -163,11 +163,14 @@ async fn same_job_id_twice_yields_one_job_and_one_result() {
         )
         .await
         .unwrap();
-    assert!(
-        wait_finished(&env.pool, &[job.id.clone()], Duration::from_secs(60), None)
-            .await
-            .unwrap()
-    );
+    assert!(wait_finished(
+        &env.pool,
+        std::slice::from_ref(&job.id),
+        Duration::from_secs(60),
+        None
+    )
+    .await
+    .unwrap());
     // Wait until both copies have been consumed and acked.
     let js = env.bus.js.clone();
     let jobs_stream = env.bus.names.jobs_stream();

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::envelope::{Message, Role};
 
 /// Behaviour of the simulated providers. All zero = clean.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimProfile {
     /// Fixed latency added to every answer, in milliseconds.
@@ -40,6 +40,23 @@ pub struct SimProfile {
     pub tpm: u32,
     /// Share (0..1) of prompt tokens reported as cached.
     pub cached_share: f64,
+    /// Send `x-ratelimit-*` headers (true, like OpenAI) or none (like many
+    /// OpenAI-compatible servers, whose only signal is the 429 itself).
+    pub rate_headers: bool,
+}
+
+impl Default for SimProfile {
+    fn default() -> Self {
+        Self {
+            latency_ms: 0,
+            jitter_ms: 0,
+            error_rate: 0.0,
+            rpm: 0,
+            tpm: 0,
+            cached_share: 0.0,
+            rate_headers: true,
+        }
+    }
 }
 
 impl SimProfile {
@@ -73,6 +90,7 @@ impl SimProfile {
             rpm: 3000,
             tpm: 0,
             cached_share: 0.25,
+            rate_headers: true,
         }
     }
 }
@@ -88,6 +106,9 @@ pub struct LedgerEntry {
     pub cached_tokens: u64,
     /// Milliseconds since the sim started, when the request arrived.
     pub at_ms: u64,
+    /// Whether the request carried credentials (`Authorization` or a provider key header).
+    #[serde(default)]
+    pub has_auth: bool,
     /// For 429s: the advertised `retry-after`, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
@@ -264,7 +285,14 @@ fn openai_error(status: StatusCode, kind: &str, code: Option<&str>, message: &st
     (status, Json(body)).into_response()
 }
 
-async fn chat_completions(State(st): State<Arc<SimState>>, body: axum::body::Bytes) -> Response {
+async fn chat_completions(
+    State(st): State<Arc<SimState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let has_auth = headers.contains_key("authorization")
+        || headers.contains_key("x-api-key")
+        || headers.contains_key("x-goog-api-key");
     let arrived = Instant::now();
     let at_ms = arrived.duration_since(st.started).as_millis() as u64;
     let req: ChatRequest = match serde_json::from_slice(&body) {
@@ -304,6 +332,7 @@ async fn chat_completions(State(st): State<Arc<SimState>>, body: axum::body::Byt
             completion_tokens: completion,
             cached_tokens: cached,
             at_ms,
+            has_auth,
             retry_after_ms,
         });
     };
@@ -327,13 +356,14 @@ async fn chat_completions(State(st): State<Arc<SimState>>, body: axum::body::Byt
         let mut denied: Option<(Duration, &str)> = None;
         if p.rpm > 0 {
             let per_sec = f64::from(p.rpm) / 60.0;
-            match rb.take(1.0, per_sec.max(1.0), per_sec, arrived) {
+            let cap = per_sec.max(1.0);
+            match rb.take(1.0, cap, per_sec, arrived) {
                 Ok(left) => set_rate_headers(
                     &mut rate_headers,
                     "requests",
                     p.rpm,
                     left as u64,
-                    Duration::ZERO,
+                    refill_time(cap - left, per_sec),
                 ),
                 Err(wait) => {
                     set_rate_headers(&mut rate_headers, "requests", p.rpm, 0, wait);
@@ -344,13 +374,14 @@ async fn chat_completions(State(st): State<Arc<SimState>>, body: axum::body::Byt
         if p.tpm > 0 && denied.is_none() {
             let per_sec = f64::from(p.tpm) / 60.0;
             let need = (s.prompt_tokens + u64::from(max_tokens)) as f64;
-            match tb.take(need, per_sec.max(need), per_sec, arrived) {
+            let cap = per_sec.max(need);
+            match tb.take(need, cap, per_sec, arrived) {
                 Ok(left) => set_rate_headers(
                     &mut rate_headers,
                     "tokens",
                     p.tpm,
                     left as u64,
-                    Duration::ZERO,
+                    refill_time(cap - left, per_sec),
                 ),
                 Err(wait) => {
                     set_rate_headers(&mut rate_headers, "tokens", p.tpm, 0, wait);
@@ -359,6 +390,9 @@ async fn chat_completions(State(st): State<Arc<SimState>>, body: axum::body::Byt
             }
         }
         drop(buckets);
+        if !p.rate_headers {
+            rate_headers.clear();
+        }
         if let Some((wait, what)) = denied {
             // Whole seconds, rounded up, as OpenAI sends them.
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
@@ -420,6 +454,11 @@ async fn chat_completions(State(st): State<Arc<SimState>>, body: axum::body::Byt
     let mut resp = (StatusCode::OK, Json(body)).into_response();
     resp.headers_mut().extend(rate_headers);
     resp
+}
+
+/// Time for a bucket to refill `missing` tokens.
+fn refill_time(missing: f64, per_sec: f64) -> Duration {
+    Duration::from_secs_f64((missing / per_sec).max(0.0))
 }
 
 fn set_rate_headers(h: &mut HeaderMap, what: &str, limit: u32, remaining: u64, reset: Duration) {

@@ -313,34 +313,16 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<HashMap<String, Stri
         }
     }
     let jobs: Vec<&JobRow> = by_id.into_values().collect();
-    let dead: Vec<&DeadLetterRow> = rows
-        .iter()
-        .filter_map(|r| match r {
-            Row::DeadLetter(d) => Some(d),
-            _ => None,
-        })
-        .collect();
-    let calls: Vec<&CallRow> = rows
-        .iter()
-        .filter_map(|r| match r {
-            Row::Call(c) => Some(c),
-            _ => None,
-        })
-        .collect();
-    let results: Vec<&ResultRow> = rows
-        .iter()
-        .filter_map(|r| match r {
-            Row::Result(x) => Some(x),
-            _ => None,
-        })
-        .collect();
-    let statuses: Vec<&StatusRow> = rows
-        .iter()
-        .filter_map(|r| match r {
-            Row::Status(s) => Some(s),
-            _ => None,
-        })
-        .collect();
+    let (mut dead, mut calls, mut results, mut statuses) = (vec![], vec![], vec![], vec![]);
+    for r in rows {
+        match r {
+            Row::Job(_) => {}
+            Row::DeadLetter(d) => dead.push(d),
+            Row::Call(c) => calls.push(c),
+            Row::Result(x) => results.push(x),
+            Row::Status(st) => statuses.push(st),
+        }
+    }
     let mut status = HashMap::new();
     if !jobs.is_empty() {
         insert_jobs(&mut tx, &jobs).await?;

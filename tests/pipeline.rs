@@ -312,9 +312,12 @@ async fn malformed_messages_become_dead_letters_and_good_jobs_still_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limited_calls_wait_the_advertised_delay_and_complete() {
-    // The sim allows one request per second per model; each lane sends one at a time.
+    // The sim allows one request per second per model and, like many
+    // OpenAI-compatible servers, sends no rate-limit headers: its only signal
+    // is the 429 with `retry-after`. Each lane sends one request at a time.
     let env = TestEnv::new(SimProfile {
         rpm: 60,
+        rate_headers: false,
         ..Default::default()
     })
     .await;
@@ -366,6 +369,47 @@ async fn rate_limited_calls_wait_the_advertised_delay_and_complete() {
             }
         }
     }
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_obey_rate_limit_headers_instead_of_collecting_429s() {
+    // Same limit, but the sim reports `x-ratelimit-remaining-requests` and its
+    // reset: a lane that reads them waits before it would be refused.
+    let env = TestEnv::new(SimProfile {
+        rpm: 120,
+        ..Default::default()
+    })
+    .await;
+    let cfg = env.config_with(&[
+        ("SWITCHYARD_PROVIDERS__OPENAI__MAX_CONCURRENCY", "1"),
+        ("SWITCHYARD_PROVIDERS__ANTHROPIC__MAX_CONCURRENCY", "1"),
+        ("SWITCHYARD_PROVIDERS__GEMINI__MAX_CONCURRENCY", "1"),
+    ]);
+    let worker = env.start_worker(cfg).await;
+    let js = jobs("hdr", 15);
+    publish_jobs(&env.bus, &js, None).await.unwrap();
+    assert!(
+        wait_finished(&env.pool, &ids(&js), Duration::from_secs(90), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+            .await,
+        15
+    );
+    let ledger = env.sim.ledger();
+    assert_eq!(
+        ledger.len(),
+        15,
+        "no request was refused: {:?}",
+        ledger
+            .iter()
+            .filter(|e| e.status != 200)
+            .collect::<Vec<_>>()
+    );
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }

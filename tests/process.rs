@@ -233,3 +233,66 @@ async fn enqueue_waits_for_jobs_and_report_prints_them() {
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_never_reach_logs_or_the_database() {
+    const KEY: &str = "sk-test-DoNotLeak-5f3a9c27e1";
+    let env = TestEnv::new(SimProfile {
+        error_rate: 0.5,
+        ..Default::default()
+    })
+    .await;
+    env.bus.ensure_streams(&env.config()).await.unwrap();
+    let mut vars = env.child_env();
+    vars.push(("OPENAI_API_KEY".into(), KEY.into()));
+    vars.push(("SWITCHYARD_RETRY__BASE_DELAY_MS".into(), "10".into()));
+    let mut child = Worker(
+        switchyard(&vars)
+            .arg("worker")
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Drain stderr while the worker runs, so it never blocks on a full pipe.
+    let mut stderr = child.0.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut logs = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut logs).unwrap();
+        logs
+    });
+    let js = jobs("key", 60);
+    let ids: Vec<String> = js.iter().map(|j| j.id.clone()).collect();
+    publish_jobs(&env.bus, &js, None).await.unwrap();
+    assert!(
+        wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    // The key was in play: the OpenAI lane sent it, the others had none.
+    let ledger = env.sim.ledger();
+    assert!(ledger.iter().any(|e| e.has_auth && e.model == "gpt-4.1"));
+    assert!(
+        ledger.iter().any(|e| e.status == 500),
+        "some calls failed, so errors were logged"
+    );
+
+    let pid = child.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    wait_exit(&mut child.0, Duration::from_secs(30)).await;
+    let logs = reader.join().unwrap();
+    assert!(logs.contains("gpt-4.1"), "debug logs were captured");
+    assert!(!logs.contains(KEY), "the API key appeared in the logs");
+
+    let leaked = env
+        .count(&format!(
+            "SELECT (SELECT count(*) FROM calls WHERE calls::text LIKE '%{KEY}%')
+                  + (SELECT count(*) FROM jobs WHERE jobs::text LIKE '%{KEY}%')
+                  + (SELECT count(*) FROM results WHERE results::text LIKE '%{KEY}%')
+                  + (SELECT count(*) FROM dead_letters WHERE dead_letters::text LIKE '%{KEY}%')"
+        ))
+        .await;
+    assert_eq!(leaked, 0, "the API key reached the database");
+    env.cleanup().await;
+}

@@ -12,6 +12,17 @@ use switchyard::enqueue::{publish_jobs, wait_finished};
 use switchyard::report;
 use switchyard::sim::SimProfile;
 
+/// Overrides that make every lane send one request at a time, plus `extra`.
+fn one_call_at_a_time<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut v = vec![
+        ("SWITCHYARD_PROVIDERS__OPENAI__MAX_CONCURRENCY", "1"),
+        ("SWITCHYARD_PROVIDERS__ANTHROPIC__MAX_CONCURRENCY", "1"),
+        ("SWITCHYARD_PROVIDERS__GEMINI__MAX_CONCURRENCY", "1"),
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
 fn ids(jobs: &[switchyard::enqueue::Outgoing]) -> Vec<String> {
     jobs.iter().map(|j| j.id.clone()).collect()
 }
@@ -321,12 +332,10 @@ async fn rate_limited_calls_wait_the_advertised_delay_and_complete() {
         ..Default::default()
     })
     .await;
-    let cfg = env.config_with(&[
-        ("SWITCHYARD_PROVIDERS__OPENAI__MAX_CONCURRENCY", "1"),
-        ("SWITCHYARD_PROVIDERS__ANTHROPIC__MAX_CONCURRENCY", "1"),
-        ("SWITCHYARD_PROVIDERS__GEMINI__MAX_CONCURRENCY", "1"),
-        ("SWITCHYARD_RETRY__MAX_ATTEMPTS", "20"),
-    ]);
+    let cfg = env.config_with(&one_call_at_a_time(&[(
+        "SWITCHYARD_RETRY__MAX_ATTEMPTS",
+        "20",
+    )]));
     let worker = env.start_worker(cfg).await;
     let js = jobs("rl", 12);
     publish_jobs(&env.bus, &js, None).await.unwrap();
@@ -382,11 +391,7 @@ async fn lanes_obey_rate_limit_headers_instead_of_collecting_429s() {
         ..Default::default()
     })
     .await;
-    let cfg = env.config_with(&[
-        ("SWITCHYARD_PROVIDERS__OPENAI__MAX_CONCURRENCY", "1"),
-        ("SWITCHYARD_PROVIDERS__ANTHROPIC__MAX_CONCURRENCY", "1"),
-        ("SWITCHYARD_PROVIDERS__GEMINI__MAX_CONCURRENCY", "1"),
-    ]);
+    let cfg = env.config_with(&one_call_at_a_time(&[]));
     let worker = env.start_worker(cfg).await;
     let js = jobs("hdr", 15);
     publish_jobs(&env.bus, &js, None).await.unwrap();

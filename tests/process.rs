@@ -90,13 +90,20 @@ fn bad_config_fails_at_start_naming_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
+    // Slow enough (24 calls in flight, 100-200 ms each) that the kill lands mid-run.
     let env = TestEnv::new(SimProfile {
-        latency_ms: 20,
-        jitter_ms: 30,
+        latency_ms: 100,
+        jitter_ms: 100,
         ..Default::default()
     })
     .await;
     let mut child_env = env.child_env();
+    for p in ["OPENAI", "ANTHROPIC", "GEMINI"] {
+        child_env.push((
+            format!("SWITCHYARD_PROVIDERS__{p}__MAX_CONCURRENCY"),
+            "8".into(),
+        ));
+    }
     // Short ack wait so the killed worker's unacked messages come back quickly.
     child_env.push(("SWITCHYARD_NATS__ACK_WAIT_SECS".into(), "3".into()));
     env.bus.ensure_streams(&env.config()).await.unwrap();

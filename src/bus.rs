@@ -79,7 +79,7 @@ pub struct CallMsg {
     pub messages: Vec<Message>,
     pub max_tokens: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f32>,
+    pub temperature: Option<f64>,
     /// When the job was published to NATS, in Unix milliseconds.
     pub enqueued_at_ms: i64,
 }

@@ -170,9 +170,9 @@ pub enum ProviderKind {
     Openai,
     /// Any server speaking OpenAI chat completions (Ollama, vLLM, llama.cpp, gateways).
     OpenaiCompatible,
-    /// Anthropic messages (adapter not built yet).
+    /// Anthropic messages.
     Anthropic,
-    /// Google Gemini generateContent (adapter not built yet).
+    /// Google Gemini generateContent.
     Gemini,
     /// Answers in-process with no I/O and no latency (benchmarks).
     Inproc,
@@ -193,6 +193,12 @@ pub struct ProviderConfig {
     pub rpm: u32,
     /// Tokens per minute (input estimate + reserved max_tokens) this process may send.
     pub tpm: u32,
+    /// Input tokens per minute, for providers that limit input separately (Anthropic).
+    #[serde(default)]
+    pub input_tpm: Option<u32>,
+    /// Output tokens per minute (reserved `max_tokens`), for providers that limit output separately.
+    #[serde(default)]
+    pub output_tpm: Option<u32>,
     /// Most requests in flight at once.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: usize,
@@ -225,9 +231,12 @@ pub struct ModelConfig {
     /// USD per 1M output tokens.
     #[serde(deserialize_with = "de_decimal")]
     pub output_per_mtok: Decimal,
-    /// USD per 1M cached input tokens (defaults to the input price).
+    /// USD per 1M cached input tokens read (defaults to the input price).
     #[serde(default, deserialize_with = "de_opt_decimal")]
     pub cached_input_per_mtok: Option<Decimal>,
+    /// USD per 1M input tokens written to a cache (defaults to the input price).
+    #[serde(default, deserialize_with = "de_opt_decimal")]
+    pub cache_write_input_per_mtok: Option<Decimal>,
 }
 
 impl ModelConfig {
@@ -236,6 +245,9 @@ impl ModelConfig {
             input_per_mtok: self.input_per_mtok,
             output_per_mtok: self.output_per_mtok,
             cached_input_per_mtok: self.cached_input_per_mtok.unwrap_or(self.input_per_mtok),
+            cache_write_per_mtok: self
+                .cache_write_input_per_mtok
+                .unwrap_or(self.input_per_mtok),
         }
     }
 }
@@ -372,31 +384,27 @@ impl Config {
         }
         for (name, prov) in &self.providers {
             check_token(&format!("providers.{name}"), name)?;
-            match prov.kind {
-                ProviderKind::Anthropic | ProviderKind::Gemini => {
-                    return Err(err(
-                        format!("providers.{name}.kind"),
-                        "the native anthropic/gemini adapters are not built yet; use \
-                         `openai_compatible` against an OpenAI-compatible endpoint",
-                    ))
-                }
-                ProviderKind::Inproc => {}
-                ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
-                    if !(prov.base_url.starts_with("http://")
-                        || prov.base_url.starts_with("https://"))
-                    {
-                        return Err(err(
-                            format!("providers.{name}.base_url"),
-                            format!("`{}` must start with http:// or https://", prov.base_url),
-                        ));
-                    }
-                }
+            if prov.kind != ProviderKind::Inproc
+                && !(prov.base_url.starts_with("http://") || prov.base_url.starts_with("https://"))
+            {
+                return Err(err(
+                    format!("providers.{name}.base_url"),
+                    format!("`{}` must start with http:// or https://", prov.base_url),
+                ));
             }
             if prov.rpm == 0 {
                 return Err(err(format!("providers.{name}.rpm"), "must be at least 1"));
             }
             if prov.tpm == 0 {
                 return Err(err(format!("providers.{name}.tpm"), "must be at least 1"));
+            }
+            for (key, v) in [
+                ("input_tpm", prov.input_tpm),
+                ("output_tpm", prov.output_tpm),
+            ] {
+                if v == Some(0) {
+                    return Err(err(format!("providers.{name}.{key}"), "must be at least 1"));
+                }
             }
             if prov.max_concurrency == 0 {
                 return Err(err(

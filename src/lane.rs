@@ -46,7 +46,13 @@ impl Lane {
             .get(name)
             .ok_or_else(|| anyhow::anyhow!("no provider `{name}` in config"))?;
         let provider = Provider::from_config(name, pc)?;
-        let limiter = LaneLimiter::new(pc.rpm, pc.tpm, pc.max_concurrency);
+        let limiter = LaneLimiter::new(
+            pc.rpm,
+            pc.tpm,
+            pc.input_tpm,
+            pc.output_tpm,
+            pc.max_concurrency,
+        );
         Ok(Self {
             name: name.to_string(),
             cfg,
@@ -159,12 +165,12 @@ impl Lane {
             max_tokens: call.max_tokens,
             temperature: call.temperature,
         };
-        let reserve = estimate_input_tokens(&req.messages) + u64::from(req.max_tokens);
+        let estimate = estimate_input_tokens(&req.messages);
 
         // Wait for the limiter, telling JetStream we are still working, and
         // giving the message back at once if the worker is stopping.
         let admission = {
-            let admit = self.limiter.admit(reserve);
+            let admit = self.limiter.admit(estimate, u64::from(req.max_tokens));
             tokio::pin!(admit);
             let mut tick = tokio::time::interval(self.cfg.ack_wait() / 3);
             tick.tick().await;
@@ -202,7 +208,8 @@ impl Lane {
             Ok(resp) => {
                 self.limiter.settle(
                     &admission,
-                    resp.usage.input_tokens + resp.usage.output_tokens,
+                    resp.usage.input_tokens,
+                    resp.usage.output_tokens,
                 );
                 if let Some(d) = resp.rate.exhausted_for() {
                     self.limiter.pause_for(d);
@@ -213,7 +220,7 @@ impl Lane {
             }
             Err(e) => {
                 // A failed call used no tokens we know of.
-                self.limiter.settle(&admission, 0);
+                self.limiter.settle(&admission, 0, 0);
                 if let Some(d) = e.retry_after.or_else(|| e.rate.exhausted_for()) {
                     self.limiter.pause_for(d);
                 }

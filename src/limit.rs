@@ -70,6 +70,8 @@ impl TokenBucket {
 pub struct LaneLimiter {
     rpm: DefaultDirectRateLimiter,
     tpm: TokenBucket,
+    input_tpm: Option<TokenBucket>,
+    output_tpm: Option<TokenBucket>,
     concurrency: Arc<Semaphore>,
     paused_until: Mutex<Option<Instant>>,
 }
@@ -77,17 +79,28 @@ pub struct LaneLimiter {
 /// Held while a call is in flight: the concurrency slot and the token reservation.
 pub struct Admission {
     _permit: OwnedSemaphorePermit,
-    pub reserved_tokens: u64,
+    /// Input tokens reserved (the estimate).
+    pub reserved_input: u64,
+    /// Output tokens reserved (`max_tokens`).
+    pub reserved_output: u64,
 }
 
 impl LaneLimiter {
-    pub fn new(rpm: u32, tpm: u32, max_concurrency: usize) -> Self {
+    pub fn new(
+        rpm: u32,
+        tpm: u32,
+        input_tpm: Option<u32>,
+        output_tpm: Option<u32>,
+        max_concurrency: usize,
+    ) -> Self {
         let rpm = NonZeroU32::new(rpm.max(1)).expect("non-zero");
         // Allow a burst of a tenth of a minute's requests, at least one.
         let burst = NonZeroU32::new((rpm.get() / 10).max(1)).expect("non-zero");
         Self {
             rpm: RateLimiter::direct(Quota::per_minute(rpm).allow_burst(burst)),
             tpm: TokenBucket::per_minute(tpm),
+            input_tpm: input_tpm.map(TokenBucket::per_minute),
+            output_tpm: output_tpm.map(TokenBucket::per_minute),
             concurrency: Arc::new(Semaphore::new(max_concurrency.max(1))),
             paused_until: Mutex::new(None),
         }
@@ -109,8 +122,8 @@ impl LaneLimiter {
     }
 
     /// Wait for a concurrency slot, the pause to end, a request token and
-    /// `tokens` tokens, in that order.
-    pub async fn admit(&self, tokens: u64) -> Admission {
+    /// the tokens (`input` estimated + `output` reserved), in that order.
+    pub async fn admit(&self, input: u64, output: u64) -> Admission {
         let permit = self
             .concurrency
             .clone()
@@ -121,21 +134,35 @@ impl LaneLimiter {
             tokio::time::sleep_until(t).await;
         }
         self.rpm.until_ready().await;
-        self.tpm.take(tokens).await;
+        self.tpm.take(input + output).await;
+        if let Some(b) = &self.input_tpm {
+            b.take(input).await;
+        }
+        if let Some(b) = &self.output_tpm {
+            b.take(output).await;
+        }
         // A pause may have started while we waited for tokens.
         while let Some(t) = self.paused_until() {
             tokio::time::sleep_until(t).await;
         }
         Admission {
             _permit: permit,
-            reserved_tokens: tokens,
+            reserved_input: input,
+            reserved_output: output,
         }
     }
 
-    /// Settle a reservation against the tokens the call really used.
-    pub fn settle(&self, admission: &Admission, used: u64) {
-        if used < admission.reserved_tokens {
-            self.tpm.refund(admission.reserved_tokens - used);
+    /// Settle a reservation against the tokens the call really used
+    /// (refunds only: an underestimate is not charged after the fact).
+    pub fn settle(&self, admission: &Admission, used_input: u64, used_output: u64) {
+        let reserved = admission.reserved_input + admission.reserved_output;
+        self.tpm
+            .refund(reserved.saturating_sub(used_input + used_output));
+        if let Some(b) = &self.input_tpm {
+            b.refund(admission.reserved_input.saturating_sub(used_input));
+        }
+        if let Some(b) = &self.output_tpm {
+            b.refund(admission.reserved_output.saturating_sub(used_output));
         }
     }
 }
@@ -160,24 +187,47 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pause_holds_admission() {
-        let l = LaneLimiter::new(6000, 1_000_000, 4);
+        let l = LaneLimiter::new(6000, 1_000_000, None, None, 4);
         l.pause_for(Duration::from_secs(3));
         let start = Instant::now();
-        let a = l.admit(10).await;
+        let a = l.admit(10, 10).await;
         assert!(start.elapsed() >= Duration::from_secs(3));
-        l.settle(&a, 5);
+        l.settle(&a, 5, 5);
     }
 
     #[tokio::test(start_paused = true)]
     async fn concurrency_is_capped() {
-        let l = Arc::new(LaneLimiter::new(60_000, 10_000_000, 2));
-        let a = l.admit(1).await;
-        let _b = l.admit(1).await;
+        let l = Arc::new(LaneLimiter::new(60_000, 10_000_000, None, None, 2));
+        let a = l.admit(1, 0).await;
+        let _b = l.admit(1, 0).await;
         let l2 = l.clone();
-        let third = tokio::spawn(async move { l2.admit(1).await.reserved_tokens });
+        let third = tokio::spawn(async move { l2.admit(1, 0).await.reserved_input });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!third.is_finished());
         drop(a);
         assert_eq!(third.await.unwrap(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn output_budget_is_separate_and_refunded() {
+        // 600 output tokens a minute; each call reserves 300 and uses 50.
+        let l = LaneLimiter::new(60_000, 10_000_000, None, Some(600), 8);
+        let start = Instant::now();
+        for _ in 0..4 {
+            let a = l.admit(10, 300).await;
+            l.settle(&a, 10, 50);
+        }
+        // Refunds left room: 4 × 50 used of 600, no waiting.
+        assert!(start.elapsed() < Duration::from_millis(10));
+        let _a = l.admit(10, 300).await;
+        let _b = l.admit(10, 300).await;
+        // Now the output bucket is short: the next reservation waits.
+        let waited = Instant::now();
+        let _c = l.admit(10, 300).await;
+        assert!(
+            waited.elapsed() >= Duration::from_secs(10),
+            "{:?}",
+            waited.elapsed()
+        );
     }
 }

@@ -401,11 +401,13 @@ async fn insert_calls(tx: &mut Transaction<'_, Postgres>, calls: &[&CallRow]) ->
         "INSERT INTO calls (job_id, category, provider, model, step, attempt,
                             input_tokens, output_tokens, cached_input_tokens,
                             price_input_per_mtok, price_output_per_mtok, price_cached_input_per_mtok,
-                            cost_usd, latency_ms, http_status, outcome, error)
+                            cost_usd, latency_ms, http_status, outcome, error,
+                            cache_write_input_tokens, reasoning_tokens, price_cache_write_per_mtok)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::int4[],
                               $7::int8[], $8::int8[], $9::int8[],
                               $10::numeric[], $11::numeric[], $12::numeric[],
-                              $13::numeric[], $14::int4[], $15::int4[], $16::text[], $17::text[])
+                              $13::numeric[], $14::int4[], $15::int4[], $16::text[], $17::text[],
+                              $18::int8[], $19::int8[], $20::numeric[])
          ON CONFLICT (job_id, step, attempt) DO NOTHING",
     )
     .bind(calls.iter().map(|c| c.job_id.clone()).collect::<Vec<_>>())
@@ -425,6 +427,14 @@ async fn insert_calls(tx: &mut Transaction<'_, Postgres>, calls: &[&CallRow]) ->
     .bind(calls.iter().map(|c| c.http_status).collect::<Vec<_>>())
     .bind(calls.iter().map(|c| c.outcome.as_str().to_string()).collect::<Vec<_>>())
     .bind(calls.iter().map(|c| c.error.clone()).collect::<Vec<_>>())
+    .bind(
+        calls
+            .iter()
+            .map(|c| c.usage.cache_write_input_tokens as i64)
+            .collect::<Vec<_>>(),
+    )
+    .bind(calls.iter().map(|c| c.usage.reasoning_tokens as i64).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.prices.cache_write_per_mtok).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::header::HeaderMap;
 
-use super::RateInfo;
+use super::{Budget, RateInfo};
 
 /// Longest wait we accept from a provider header; beyond it the value is
 /// treated as nonsense (a daily quota is handled by failing, not sleeping).
@@ -81,20 +81,141 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
 /// OpenAI's `x-ratelimit-*` headers. Negative or unparsable values are absent.
 pub fn openai_rate_info(h: &HeaderMap) -> RateInfo {
     let num = |name: &str| header(h, name).and_then(|v| v.parse::<u64>().ok());
-    let dur = |name: &str| header(h, name).and_then(parse_go_duration);
-    // Some gateways send limit 0 / -1 with no meaning; a remaining count is only
-    // trusted when a positive limit accompanies it.
-    let limit_ok = |name: &str| num(name).is_some_and(|l| l > 0);
-    RateInfo {
-        remaining_requests: limit_ok("x-ratelimit-limit-requests")
-            .then(|| num("x-ratelimit-remaining-requests"))
-            .flatten(),
-        remaining_tokens: limit_ok("x-ratelimit-limit-tokens")
-            .then(|| num("x-ratelimit-remaining-tokens"))
-            .flatten(),
-        reset_requests: dur("x-ratelimit-reset-requests"),
-        reset_tokens: dur("x-ratelimit-reset-tokens"),
+    let mut info = RateInfo::default();
+    for what in ["requests", "tokens"] {
+        // Some gateways send limit 0 / -1 with no meaning; a remaining count
+        // is only trusted when a positive limit accompanies it.
+        if num(&format!("x-ratelimit-limit-{what}")).is_none_or(|l| l == 0) {
+            continue;
+        }
+        if let Some(remaining) = num(&format!("x-ratelimit-remaining-{what}")) {
+            info.budgets.push(Budget {
+                name: what_name(what),
+                remaining,
+                reset: header(h, &format!("x-ratelimit-reset-{what}")).and_then(parse_go_duration),
+            });
+        }
     }
+    info
+}
+
+/// Anthropic's `anthropic-ratelimit-<budget>-{limit,remaining,reset}` headers,
+/// resets as RFC 3339 timestamps (turned into waits from `now`).
+pub fn anthropic_rate_info(h: &HeaderMap, now: SystemTime) -> RateInfo {
+    let num = |name: &str| header(h, name).and_then(|v| v.parse::<u64>().ok());
+    let mut info = RateInfo::default();
+    for what in ["requests", "tokens", "input-tokens", "output-tokens"] {
+        if num(&format!("anthropic-ratelimit-{what}-limit")).is_none_or(|l| l == 0) {
+            continue;
+        }
+        if let Some(remaining) = num(&format!("anthropic-ratelimit-{what}-remaining")) {
+            let reset = header(h, &format!("anthropic-ratelimit-{what}-reset"))
+                .and_then(parse_rfc3339)
+                .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO))
+                .filter(|d| *d <= MAX_HEADER_WAIT);
+            info.budgets.push(Budget {
+                name: what_name(what),
+                remaining,
+                reset,
+            });
+        }
+    }
+    info
+}
+
+fn what_name(what: &str) -> &'static str {
+    match what {
+        "requests" => "requests",
+        "tokens" => "tokens",
+        "input-tokens" => "input_tokens",
+        _ => "output_tokens",
+    }
+}
+
+/// An RFC 3339 UTC timestamp such as `2025-08-21T12:40:59Z` (fractions and
+/// numeric offsets accepted).
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let s = s.trim();
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d, hh, mm, ss) = (
+        n(0..4)?,
+        n(5..7)?,
+        n(8..10)?,
+        n(11..13)?,
+        n(14..16)?,
+        n(17..19)?,
+    );
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    let mut rest = &s[19..];
+    let mut nanos = 0u32;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(frac.len());
+        let f = &frac[..digits];
+        if f.is_empty() {
+            return None;
+        }
+        let padded = format!("{:0<9}", &f[..f.len().min(9)]);
+        nanos = padded.parse().ok()?;
+        rest = &frac[digits..];
+    }
+    let offset_secs = match rest {
+        "Z" | "z" => 0,
+        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
+            let sign = if o.starts_with('-') { -1 } else { 1 };
+            sign * (o[1..3].parse::<i64>().ok()? * 3600 + o[4..6].parse::<i64>().ok()? * 60)
+        }
+        _ => return None,
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss - offset_secs;
+    let secs = u64::try_from(secs).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+/// Format a time as RFC 3339 UTC with whole seconds (`2025-08-21T12:40:59Z`).
+pub fn fmt_rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -166,7 +287,7 @@ mod tests {
             ("x-ratelimit-reset-tokens", "30s"),
         ]);
         let r = openai_rate_info(&h);
-        assert_eq!(r.remaining_requests, Some(0));
+        assert_eq!(r.budget("requests").unwrap().remaining, 0);
         assert_eq!(r.exhausted_for(), Some(Duration::from_secs(1)));
         // Azure-style nonsense is ignored.
         let h = hm(&[
@@ -175,5 +296,60 @@ mod tests {
             ("x-ratelimit-reset-requests", "0"),
         ]);
         assert_eq!(openai_rate_info(&h).exhausted_for(), None);
+    }
+
+    #[test]
+    fn rfc3339() {
+        let t = parse_rfc3339("2025-08-21T12:40:59Z").unwrap();
+        assert_eq!(
+            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            1_755_780_059
+        );
+        let f = parse_rfc3339("2025-08-21T12:40:59.250Z").unwrap();
+        assert_eq!(f.duration_since(t).unwrap(), Duration::from_millis(250));
+        let o = parse_rfc3339("2025-08-21T14:40:59+02:00").unwrap();
+        assert_eq!(o, t);
+        assert_eq!(
+            parse_rfc3339("2000-01-01T00:00:00Z")
+                .unwrap()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            946_684_800
+        );
+        assert_eq!(parse_rfc3339("yesterday"), None);
+        for t in [
+            t,
+            parse_rfc3339("2024-02-29T23:59:59Z").unwrap(),
+            SystemTime::UNIX_EPOCH,
+        ] {
+            assert_eq!(parse_rfc3339(&fmt_rfc3339(t)), Some(t));
+        }
+        assert_eq!(fmt_rfc3339(t), "2025-08-21T12:40:59Z");
+        assert_eq!(parse_rfc3339("2025-13-21T12:40:59Z"), None);
+        assert_eq!(parse_rfc3339("2025-08-21T12:40:59"), None);
+    }
+
+    #[test]
+    fn anthropic_rate_headers() {
+        let now = parse_rfc3339("2025-08-21T12:40:00Z").unwrap();
+        let h = hm(&[
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "49"),
+            ("anthropic-ratelimit-requests-reset", "2025-08-21T12:40:01Z"),
+            ("anthropic-ratelimit-input-tokens-limit", "30000"),
+            ("anthropic-ratelimit-input-tokens-remaining", "0"),
+            (
+                "anthropic-ratelimit-input-tokens-reset",
+                "2025-08-21T12:40:30Z",
+            ),
+            ("anthropic-ratelimit-output-tokens-limit", "8000"),
+            ("anthropic-ratelimit-output-tokens-remaining", "7000"),
+            ("anthropic-ratelimit-output-tokens-reset", "not a date"),
+        ]);
+        let r = anthropic_rate_info(&h, now);
+        assert_eq!(r.budgets.len(), 3);
+        assert_eq!(r.exhausted_for(), Some(Duration::from_secs(30)));
+        assert_eq!(r.budget("output_tokens").unwrap().reset, None);
     }
 }

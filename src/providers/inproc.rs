@@ -18,7 +18,7 @@ impl InprocAdapter {
             usage: Usage {
                 input_tokens: s.prompt_tokens,
                 output_tokens: s.completion_tokens,
-                cached_input_tokens: 0,
+                ..Default::default()
             },
             http_status: 200,
             rate: RateInfo::default(),

@@ -3,7 +3,10 @@
 //! (or failure) into a [`CallResponse`] or a typed [`CallError`] that says
 //! whether to retry and after how long.
 
+pub mod anthropic;
+pub mod gemini;
 pub mod headers;
+pub mod http;
 pub mod inproc;
 pub mod openai;
 
@@ -20,31 +23,37 @@ pub struct CallRequest {
     pub model: String,
     pub messages: Vec<Message>,
     pub max_tokens: u32,
-    pub temperature: Option<f32>,
+    pub temperature: Option<f64>,
+}
+
+/// One rate-limit budget a provider reported (requests, tokens, input
+/// tokens, output tokens): what is left and when it is replenished.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    pub name: &'static str,
+    pub remaining: u64,
+    pub reset: Option<Duration>,
 }
 
 /// Rate-limit state reported by the provider with an answer.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RateInfo {
-    pub remaining_requests: Option<u64>,
-    pub remaining_tokens: Option<u64>,
-    pub reset_requests: Option<Duration>,
-    pub reset_tokens: Option<Duration>,
+    pub budgets: Vec<Budget>,
 }
 
 impl RateInfo {
-    /// How long the provider says the lane must stop sending, if a budget is exhausted.
+    pub fn budget(&self, name: &str) -> Option<&Budget> {
+        self.budgets.iter().find(|b| b.name == name)
+    }
+
+    /// How long the provider says the lane must stop sending: the latest
+    /// reset among the exhausted budgets, if any is exhausted.
     pub fn exhausted_for(&self) -> Option<Duration> {
-        let req = (self.remaining_requests == Some(0))
-            .then_some(self.reset_requests)
-            .flatten();
-        let tok = (self.remaining_tokens == Some(0))
-            .then_some(self.reset_tokens)
-            .flatten();
-        match (req, tok) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        }
+        self.budgets
+            .iter()
+            .filter(|b| b.remaining == 0)
+            .filter_map(|b| b.reset)
+            .max()
     }
 }
 
@@ -154,6 +163,8 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone)]
 pub enum Provider {
     OpenAi(openai::OpenAiAdapter),
+    Anthropic(anthropic::AnthropicAdapter),
+    Gemini(gemini::GeminiAdapter),
     Inproc(inproc::InprocAdapter),
 }
 
@@ -167,20 +178,24 @@ impl Provider {
             .and_then(|var| std::env::var(var).ok())
             .filter(|k| !k.is_empty())
             .map(Secret::new);
-        match cfg.kind {
-            ProviderKind::Openai | ProviderKind::OpenaiCompatible => Ok(Provider::OpenAi(
-                openai::OpenAiAdapter::new(name, &cfg.base_url, key, cfg.timeout())?,
-            )),
-            ProviderKind::Inproc => Ok(Provider::Inproc(inproc::InprocAdapter)),
-            ProviderKind::Anthropic | ProviderKind::Gemini => {
-                anyhow::bail!("providers.{name}.kind: adapter not built yet")
+        let http = || http::HttpClient::new(name, &cfg.base_url, key.clone(), cfg.timeout());
+        Ok(match cfg.kind {
+            ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
+                Provider::OpenAi(openai::OpenAiAdapter::new(http()?))
             }
-        }
+            ProviderKind::Anthropic => {
+                Provider::Anthropic(anthropic::AnthropicAdapter::new(http()?))
+            }
+            ProviderKind::Gemini => Provider::Gemini(gemini::GeminiAdapter::new(http()?)),
+            ProviderKind::Inproc => Provider::Inproc(inproc::InprocAdapter),
+        })
     }
 
     pub async fn call(&self, req: &CallRequest) -> Result<CallResponse, CallError> {
         match self {
             Provider::OpenAi(a) => a.call(req).await,
+            Provider::Anthropic(a) => a.call(req).await,
+            Provider::Gemini(a) => a.call(req).await,
             Provider::Inproc(a) => a.call(req),
         }
     }

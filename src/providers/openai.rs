@@ -1,29 +1,19 @@
 //! OpenAI chat completions (`POST {base}/v1/chat/completions`), used for
 //! OpenAI itself and for any OpenAI-compatible server.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use super::headers::{openai_rate_info, retry_after};
-use super::{CallError, CallRequest, CallResponse, ErrorClass, Secret};
+use super::http::{body_snippet, HttpClient, RawResponse};
+use super::{CallError, CallRequest, CallResponse, ErrorClass};
 use crate::envelope::Role;
 use crate::pricing::Usage;
 
 #[derive(Debug, Clone)]
 pub struct OpenAiAdapter {
-    name: String,
-    client: reqwest::Client,
-    url: String,
-    key: Option<Secret>,
-}
-
-/// Install the process-wide TLS crypto provider (ring) once.
-pub fn install_tls_provider() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
+    http: HttpClient,
 }
 
 #[derive(Serialize)]
@@ -32,7 +22,7 @@ struct WireRequest<'a> {
     messages: Vec<WireMessage<'a>>,
     max_tokens: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
-    temperature: Option<f32>,
+    temperature: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -69,6 +59,14 @@ pub struct WireUsage {
     pub completion_tokens: u64,
     #[serde(default)]
     pub prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    pub completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionDetails {
+    #[serde(default)]
+    pub reasoning_tokens: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,92 +91,65 @@ struct WireError {
 }
 
 impl OpenAiAdapter {
-    pub fn new(
-        name: &str,
-        base_url: &str,
-        key: Option<Secret>,
-        timeout: Duration,
-    ) -> anyhow::Result<Self> {
-        install_tls_provider();
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(256)
-            .build()?;
-        Ok(Self {
-            name: name.to_string(),
-            client,
-            url: format!("{}/v1/chat/completions", base_url.trim_end_matches('/')),
-            key,
-        })
-    }
-
-    fn redact(&self, s: &str) -> String {
-        match &self.key {
-            Some(k) => k.redact(s),
-            None => s.to_string(),
-        }
+    pub fn new(http: HttpClient) -> Self {
+        Self { http }
     }
 
     pub async fn call(&self, req: &CallRequest) -> Result<CallResponse, CallError> {
-        let body = WireRequest {
-            model: &req.model,
-            messages: req
-                .messages
-                .iter()
-                .map(|m| WireMessage {
-                    role: match m.role {
-                        Role::System => "system",
-                        Role::User => "user",
-                        Role::Assistant => "assistant",
-                    },
-                    content: &m.content,
-                })
-                .collect(),
-            max_tokens: req.max_tokens,
-            temperature: req.temperature,
-        };
-        let mut rb = self.client.post(&self.url).json(&body);
-        if let Some(k) = &self.key {
-            rb = rb.bearer_auth(k.expose());
+        let body = build_request(req);
+        let mut headers = Vec::new();
+        if let Some(k) = self.http.key() {
+            headers.push(("authorization", format!("Bearer {}", k.expose())));
         }
-        let resp = rb.send().await.map_err(|e| self.transport_error(&e))?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let rate = openai_rate_info(&headers);
-        let bytes = resp.bytes().await.map_err(|e| {
-            let mut ce = self.transport_error(&e);
-            ce.http_status = Some(status);
-            ce
-        })?;
-        if status == 200 {
-            return parse_success(&bytes, rate.clone()).map_err(|mut e| {
-                e.rate = rate;
-                e
-            });
-        }
-        let mut err = classify_error(status, &bytes);
-        err.message = self.redact(&err.message);
-        if err.retryable {
-            err.retry_after = retry_after(&headers, SystemTime::now());
-        }
-        err.rate = rate;
-        Err(err)
+        let raw = self
+            .http
+            .post_json("/v1/chat/completions", &headers, &body)
+            .await?;
+        interpret(&raw, SystemTime::now()).map_err(|mut e| {
+            e.message = self.http.redact(&e.message);
+            e
+        })
     }
+}
 
-    fn transport_error(&self, e: &reqwest::Error) -> CallError {
-        // reqwest errors carry the URL (never the key, which travels in a header);
-        // redact anyway in case a user put it in the base URL.
-        let msg = self.redact(&format!("{}: {e}", self.name));
-        let class = if e.is_timeout() {
-            ErrorClass::Timeout
-        } else if e.is_decode() || e.is_body() {
-            ErrorClass::BadResponse
-        } else {
-            ErrorClass::Connection
-        };
-        CallError::new(class, None, msg)
+/// Turn an HTTP answer into a response or a typed error (pure).
+pub fn interpret(raw: &RawResponse, now: SystemTime) -> Result<CallResponse, CallError> {
+    let rate = openai_rate_info(&raw.headers);
+    if raw.status == 200 {
+        return parse_success(&raw.body, rate.clone()).map_err(|mut e| {
+            e.rate = rate;
+            e
+        });
     }
+    let mut err = classify_error(raw.status, &raw.body);
+    if err.retryable {
+        err.retry_after = retry_after(&raw.headers, now);
+    }
+    err.rate = rate;
+    Err(err)
+}
+
+/// The chat completions request for `req`: system prompt as the first message.
+pub fn build_request(req: &CallRequest) -> serde_json::Value {
+    let messages: Vec<WireMessage<'_>> = req
+        .messages
+        .iter()
+        .map(|m| WireMessage {
+            role: match m.role {
+                Role::System => "system",
+                Role::User => "user",
+                Role::Assistant => "assistant",
+            },
+            content: &m.content,
+        })
+        .collect();
+    serde_json::to_value(WireRequest {
+        model: &req.model,
+        messages,
+        max_tokens: req.max_tokens,
+        temperature: req.temperature,
+    })
+    .unwrap_or_default()
 }
 
 /// Parse a 200 body.
@@ -207,6 +178,11 @@ pub fn parse_success(bytes: &[u8], rate: super::RateInfo) -> Result<CallResponse
         .prompt_tokens_details
         .and_then(|d| d.cached_tokens)
         .unwrap_or(0);
+    let reasoning = wire
+        .usage
+        .completion_tokens_details
+        .and_then(|d| d.reasoning_tokens)
+        .unwrap_or(0);
     Ok(CallResponse {
         text,
         finish_reason: choice.finish_reason,
@@ -214,6 +190,8 @@ pub fn parse_success(bytes: &[u8], rate: super::RateInfo) -> Result<CallResponse
             input_tokens: wire.usage.prompt_tokens,
             output_tokens: wire.usage.completion_tokens,
             cached_input_tokens: cached.min(wire.usage.prompt_tokens),
+            cache_write_input_tokens: 0,
+            reasoning_tokens: reasoning.min(wire.usage.completion_tokens),
         },
         http_status: 200,
         rate,
@@ -233,14 +211,7 @@ pub fn classify_error(status: u16, body: &[u8]) -> CallError {
     let message = parsed
         .as_ref()
         .and_then(|e| e.message.clone())
-        .unwrap_or_else(|| {
-            let s = String::from_utf8_lossy(&body[..body.len().min(200)]).to_string();
-            if s.is_empty() {
-                "no error body".into()
-            } else {
-                s
-            }
-        });
+        .unwrap_or_else(|| body_snippet(body));
     let is_quota = code.as_deref() == Some("insufficient_quota")
         || kind.as_deref() == Some("insufficient_quota");
     let class = match status {
@@ -272,7 +243,9 @@ mod tests {
             Usage {
                 input_tokens: 100,
                 output_tokens: 7,
-                cached_input_tokens: 64
+                cached_input_tokens: 64,
+                cache_write_input_tokens: 0,
+                reasoning_tokens: 0,
             }
         );
     }

@@ -1,0 +1,124 @@
+//! The HTTP plumbing every adapter shares: one reqwest client per provider,
+//! posting JSON, mapping transport failures to [`CallError`]s, and keeping
+//! the API key out of every error text.
+
+use std::time::Duration;
+
+use reqwest::header::HeaderMap;
+use serde::Serialize;
+
+use super::{CallError, ErrorClass, Secret};
+
+/// Install the process-wide TLS crypto provider (ring) once.
+pub fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// A raw HTTP answer, before the adapter interprets it.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpClient {
+    /// Provider name, for messages.
+    pub name: String,
+    client: reqwest::Client,
+    base_url: String,
+    key: Option<Secret>,
+}
+
+impl HttpClient {
+    pub fn new(
+        name: &str,
+        base_url: &str,
+        key: Option<Secret>,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        install_tls_provider();
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(256)
+            .build()?;
+        Ok(Self {
+            name: name.to_string(),
+            client,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            key,
+        })
+    }
+
+    pub fn key(&self) -> Option<&Secret> {
+        self.key.as_ref()
+    }
+
+    /// `base_url` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// Remove the key from `text`.
+    pub fn redact(&self, text: &str) -> String {
+        match &self.key {
+            Some(k) => k.redact(text),
+            None => text.to_string(),
+        }
+    }
+
+    /// POST `body` as JSON to `path` with `headers`; any status is an `Ok`.
+    pub async fn post_json<B: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        headers: &[(&'static str, String)],
+        body: &B,
+    ) -> Result<RawResponse, CallError> {
+        let mut rb = self.client.post(self.url(path)).json(body);
+        for (k, v) in headers {
+            rb = rb.header(*k, v);
+        }
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| self.transport_error(&e, None))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(&e, Some(status)))?;
+        Ok(RawResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    fn transport_error(&self, e: &reqwest::Error, status: Option<u16>) -> CallError {
+        // reqwest errors carry the URL (a key travels in a header, never in the
+        // URL we build); redact anyway in case a user put one in the base URL.
+        let msg = self.redact(&format!("{}: {e}", self.name));
+        let class = if e.is_timeout() {
+            ErrorClass::Timeout
+        } else if e.is_decode() || (e.is_body() && status.is_some()) {
+            ErrorClass::BadResponse
+        } else {
+            ErrorClass::Connection
+        };
+        CallError::new(class, status, msg)
+    }
+}
+
+/// Text of an error body for messages: at most 300 bytes, lossy UTF-8.
+pub fn body_snippet(body: &[u8]) -> String {
+    if body.is_empty() {
+        return "no error body".into();
+    }
+    String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned()
+}

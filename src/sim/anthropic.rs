@@ -1,0 +1,182 @@
+//! The simulator's Anthropic Messages format.
+
+use std::time::{Duration, SystemTime};
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use super::{role_of, ErrKind, RateState, SimRequest, SimUsage, Synthesized};
+use crate::envelope::{Message, Role};
+use crate::providers::headers::fmt_rfc3339;
+
+#[derive(Deserialize)]
+struct MessagesRequest {
+    model: String,
+    max_tokens: u32,
+    #[serde(default)]
+    system: Option<SystemField>,
+    messages: Vec<WireMessage>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SystemField {
+    Text(String),
+    Blocks(Vec<TextBlock>),
+}
+
+#[derive(Deserialize)]
+struct TextBlock {
+    #[serde(default)]
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct WireMessage {
+    role: String,
+    content: Content,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Blocks(Vec<TextBlock>),
+}
+
+fn text_of(c: Content) -> String {
+    match c {
+        Content::Text(t) => t,
+        Content::Blocks(b) => b.into_iter().map(|b| b.text).collect(),
+    }
+}
+
+pub(super) fn parse(body: &[u8]) -> Result<SimRequest, String> {
+    let req: MessagesRequest = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let mut messages = Vec::new();
+    if let Some(system) = req.system {
+        let content = match system {
+            SystemField::Text(t) => t,
+            SystemField::Blocks(b) => b.into_iter().map(|b| b.text).collect(),
+        };
+        messages.push(Message {
+            role: Role::System,
+            content,
+        });
+    }
+    for m in req.messages {
+        if !matches!(m.role.as_str(), "user" | "assistant") {
+            return Err(format!("messages: unexpected role `{}`", m.role));
+        }
+        messages.push(Message {
+            role: role_of(&m.role),
+            content: text_of(m.content),
+        });
+    }
+    Ok(SimRequest {
+        model: req.model,
+        messages,
+        max_tokens: req.max_tokens,
+    })
+}
+
+pub(super) fn success(
+    req: &SimRequest,
+    s: &Synthesized,
+    u: &SimUsage,
+    at_ms: u64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "id": format!("msg_sim{at_ms}"),
+        "type": "message",
+        "role": "assistant",
+        "model": req.model,
+        "content": [{"type": "text", "text": s.text}],
+        "stop_reason": if s.finish_reason == "length" { "max_tokens" } else { "end_turn" },
+        "stop_sequence": null,
+        "usage": {
+            "input_tokens": u.prompt - u.cached - u.cache_write,
+            "cache_creation_input_tokens": u.cache_write,
+            "cache_read_input_tokens": u.cached,
+            "output_tokens": u.visible + u.reasoning,
+        }
+    })
+}
+
+pub(super) fn error(kind: ErrKind, _model: &str) -> Response {
+    let (status, t, message) = match kind {
+        ErrKind::RateLimited { .. } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "Number of requests has exceeded your per-minute rate limit.",
+        ),
+        ErrKind::Quota => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "You have reached your specified API usage spend limit.",
+        ),
+        ErrKind::Overloaded => (
+            StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            "overloaded_error",
+            "Overloaded",
+        ),
+        ErrKind::Server => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            "Internal server error",
+        ),
+        ErrKind::BadRequest => (
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "Invalid request",
+        ),
+        ErrKind::Unauthorized => (
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid x-api-key",
+        ),
+    };
+    let body = serde_json::json!({
+        "type": "error",
+        "error": {"type": t, "message": message},
+        "request_id": "req_sim",
+    });
+    let mut resp = (status, Json(body)).into_response();
+    if let ErrKind::RateLimited { wait } = kind {
+        resp.headers_mut().insert(
+            "retry-after",
+            HeaderValue::from(wait.as_secs_f64().ceil().max(1.0) as u64),
+        );
+    }
+    resp
+}
+
+/// `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`, resets as RFC 3339.
+pub(super) fn rate_headers(h: &mut HeaderMap, rate: &RateState) {
+    let now = SystemTime::now();
+    for (what, b) in [("requests", rate.requests), ("tokens", rate.tokens)] {
+        let Some(b) = b else { continue };
+        // Round the reset up to the next whole second, as the API's timestamps are.
+        let at = now + b.reset + Duration::from_millis(999);
+        for (name, value) in [
+            (
+                format!("anthropic-ratelimit-{what}-limit"),
+                b.limit.to_string(),
+            ),
+            (
+                format!("anthropic-ratelimit-{what}-remaining"),
+                b.remaining.to_string(),
+            ),
+            (format!("anthropic-ratelimit-{what}-reset"), fmt_rfc3339(at)),
+        ] {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(&value),
+            ) {
+                h.insert(n, v);
+            }
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The simulator's Gemini generateContent format.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use super::{role_of, ErrKind, SimRequest, SimUsage, Synthesized};
+use crate::envelope::{Message, Role};
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerateRequest {
+    contents: Vec<Content>,
+    #[serde(default)]
+    system_instruction: Option<Content>,
+    #[serde(default)]
+    generation_config: Option<GenerationConfig>,
+}
+
+#[derive(Deserialize)]
+struct Content {
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    parts: Vec<Part>,
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(default)]
+    text: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerationConfig {
+    #[serde(default)]
+    max_output_tokens: Option<u32>,
+}
+
+fn text(c: Content) -> String {
+    c.parts.into_iter().map(|p| p.text).collect()
+}
+
+pub(super) fn parse(model: &str, body: &[u8]) -> Result<SimRequest, String> {
+    let req: GenerateRequest = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let mut messages = Vec::new();
+    if let Some(s) = req.system_instruction {
+        messages.push(Message {
+            role: Role::System,
+            content: text(s),
+        });
+    }
+    for c in req.contents {
+        let role = role_of(c.role.as_deref().unwrap_or("user"));
+        messages.push(Message {
+            role,
+            content: text(c),
+        });
+    }
+    Ok(SimRequest {
+        model: model.to_string(),
+        messages,
+        max_tokens: req
+            .generation_config
+            .and_then(|g| g.max_output_tokens)
+            .unwrap_or(8192),
+    })
+}
+
+pub(super) fn success(req: &SimRequest, s: &Synthesized, u: &SimUsage) -> serde_json::Value {
+    serde_json::json!({
+        "candidates": [{
+            "content": {"role": "model", "parts": [{"text": s.text}]},
+            "finishReason": if s.finish_reason == "length" { "MAX_TOKENS" } else { "STOP" },
+            "index": 0,
+        }],
+        "usageMetadata": {
+            "promptTokenCount": u.prompt,
+            "cachedContentTokenCount": u.cached,
+            "candidatesTokenCount": u.visible,
+            "thoughtsTokenCount": u.reasoning,
+            "totalTokenCount": u.prompt + u.visible + u.reasoning,
+        },
+        "modelVersion": req.model,
+    })
+}
+
+pub(super) fn error(kind: ErrKind, model: &str) -> Response {
+    let (code, status, message, delay) = match kind {
+        ErrKind::RateLimited { wait } => (
+            429,
+            "RESOURCE_EXHAUSTED",
+            format!(
+                "Quota exceeded for metric: generate_content_requests_per_minute, model: {model}"
+            ),
+            Some(format!("{}s", wait.as_secs_f64())),
+        ),
+        ErrKind::Quota => (
+            429,
+            "RESOURCE_EXHAUSTED",
+            format!("Quota exceeded for metric: generate_content_requests_per_day, model: {model}"),
+            Some("43200s".to_string()),
+        ),
+        ErrKind::Overloaded => (
+            503,
+            "UNAVAILABLE",
+            "The model is overloaded. Please try again later.".into(),
+            None,
+        ),
+        ErrKind::Server => (
+            500,
+            "INTERNAL",
+            "An internal error has occurred.".into(),
+            None,
+        ),
+        ErrKind::BadRequest => (
+            400,
+            "INVALID_ARGUMENT",
+            "Request contains an invalid argument.".into(),
+            None,
+        ),
+        ErrKind::Unauthorized => (403, "PERMISSION_DENIED", "API key not valid.".into(), None),
+    };
+    let mut details = Vec::new();
+    if let Some(d) = delay {
+        details.push(serde_json::json!({
+            "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+            "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_requests"}],
+        }));
+        details.push(serde_json::json!({
+            "@type": "type.googleapis.com/google.rpc.RetryInfo",
+            "retryDelay": d,
+        }));
+    }
+    let body = serde_json::json!({
+        "error": {"code": code, "message": message, "status": status, "details": details}
+    });
+    (
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Json(body),
+    )
+        .into_response()
+}

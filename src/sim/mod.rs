@@ -1,0 +1,775 @@
+//! `switchyard sim`: a stand-in for the LLM providers on loopback. It serves
+//! the providers' real paths on one address:
+//!
+//! - `POST /v1/chat/completions` (OpenAI),
+//! - `POST /v1/messages` (Anthropic),
+//! - `POST /v1beta/models/{model}:generateContent` (Gemini),
+//!
+//! each with its own request, response and error formats and rate-limit
+//! headers. Answers are deterministic text derived from the input, with usage
+//! counted from the text. Clean by default; a [`SimProfile`] adds latency,
+//! 500s, enforced RPM/TPM limits (429 with each provider's headers and error
+//! body), cached/cache-write/reasoning token shares, per format. Tests can
+//! also queue exact failures ([`Forced`]) per format. Every request answered
+//! is kept in a ledger (`GET /ledger`), so tests can compare what the
+//! providers were asked with what Switchyard recorded.
+
+mod anthropic;
+mod gemini;
+mod openai;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::envelope::{Message, Role};
+
+/// The wire format a request arrived in (= which provider is simulated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    Openai,
+    Anthropic,
+    Gemini,
+}
+
+/// Behaviour of the simulated providers. All zero = clean.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimProfile {
+    /// Fixed latency added to every answer, in milliseconds.
+    pub latency_ms: u64,
+    /// Uniform random extra latency in `0..=jitter_ms`.
+    pub jitter_ms: u64,
+    /// Share of requests (0..1) answered with a server error (500).
+    pub error_rate: f64,
+    /// Requests per minute accepted per model (0 = unlimited); the bucket holds one second's worth.
+    pub rpm: u32,
+    /// Tokens per minute accepted per model (0 = unlimited), counting prompt + max_tokens.
+    pub tpm: u32,
+    /// Share (0..1) of prompt tokens reported as cached reads.
+    pub cached_share: f64,
+    /// Share (0..1) of prompt tokens reported as cache writes (Anthropic only).
+    pub cache_write_share: f64,
+    /// Reasoning/thinking tokens added to every answer's output.
+    pub reasoning_tokens: u64,
+    /// Send rate-limit headers (true, like OpenAI and Anthropic) or none (like
+    /// many OpenAI-compatible servers, whose only signal is the 429 itself).
+    pub rate_headers: bool,
+    /// Per-format behaviour (`openai`, `anthropic`, `gemini`): a section
+    /// replaces the top-level behaviour for that format.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub formats: BTreeMap<Format, SimProfile>,
+}
+
+impl Default for SimProfile {
+    fn default() -> Self {
+        Self {
+            latency_ms: 0,
+            jitter_ms: 0,
+            error_rate: 0.0,
+            rpm: 0,
+            tpm: 0,
+            cached_share: 0.0,
+            cache_write_share: 0.0,
+            reasoning_tokens: 0,
+            rate_headers: true,
+            formats: BTreeMap::new(),
+        }
+    }
+}
+
+impl SimProfile {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading sim profile {}", path.display()))?;
+        let p: SimProfile =
+            toml::from_str(&text).with_context(|| format!("sim profile {}", path.display()))?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (key, v) in [
+            ("error_rate", self.error_rate),
+            ("cached_share", self.cached_share),
+            ("cache_write_share", self.cache_write_share),
+        ] {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&v),
+                "sim profile `{key}` must be within 0..=1"
+            );
+        }
+        anyhow::ensure!(
+            self.cached_share + self.cache_write_share <= 1.0,
+            "sim profile: `cached_share` + `cache_write_share` must not exceed 1"
+        );
+        for (f, p) in &self.formats {
+            anyhow::ensure!(
+                p.formats.is_empty(),
+                "sim profile: formats.{f:?} cannot nest formats"
+            );
+            p.validate()?;
+        }
+        Ok(())
+    }
+
+    /// The behaviour for one format.
+    pub fn for_format(&self, f: Format) -> &SimProfile {
+        self.formats.get(&f).unwrap_or(self)
+    }
+
+    /// The demo's default mix: some latency, 3% 500s, RPM limits that cause
+    /// 429s, cached prompts, Anthropic cache writes and Gemini thinking.
+    pub fn demo() -> Self {
+        let base = Self {
+            latency_ms: 20,
+            jitter_ms: 40,
+            error_rate: 0.03,
+            rpm: 3000,
+            cached_share: 0.25,
+            ..Self::default()
+        };
+        let mut formats = BTreeMap::new();
+        formats.insert(
+            Format::Anthropic,
+            Self {
+                cache_write_share: 0.1,
+                ..base.clone()
+            },
+        );
+        formats.insert(
+            Format::Gemini,
+            Self {
+                reasoning_tokens: 16,
+                ..base.clone()
+            },
+        );
+        Self { formats, ..base }
+    }
+}
+
+/// One request the sim answered.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LedgerEntry {
+    pub seq: u64,
+    pub format: Format,
+    pub model: String,
+    pub status: u16,
+    /// All input tokens, including cached reads and cache writes.
+    pub prompt_tokens: u64,
+    /// All output tokens, including reasoning.
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub reasoning_tokens: u64,
+    /// Milliseconds since the sim started, when the request arrived.
+    pub at_ms: u64,
+    /// Whether the request carried credentials (`Authorization`, `x-api-key`, `x-goog-api-key`).
+    pub has_auth: bool,
+    /// For 429s: the advertised wait, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+/// A failure (or oddity) a test can queue for the next request of a format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Forced {
+    /// 429 rate limit with the format's headers and a wait.
+    RateLimited { retry_after_ms: u64 },
+    /// Out of credit / spend limit / daily quota: terminal.
+    Quota,
+    /// Overloaded (Anthropic 529, Gemini 503 UNAVAILABLE, OpenAI 503).
+    Overloaded,
+    /// 500 server error.
+    ServerError,
+    /// 400 invalid request.
+    BadRequest,
+    /// 401 bad credentials.
+    Unauthorized,
+    /// 200 with a body that is JSON but not the format's response.
+    Malformed,
+    /// 200 with a body cut in the middle.
+    Truncated,
+    /// A normal answer after `ms` milliseconds (for timeouts).
+    Slow { ms: u64 },
+    /// A normal answer whose rate-limit headers say the request budget is
+    /// exhausted until `reset_ms` from now.
+    Exhausted { reset_ms: u64 },
+}
+
+/// Deterministic answer for a conversation.
+pub struct Synthesized {
+    pub text: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub finish_reason: &'static str,
+}
+
+const WORDS: [&str; 16] = [
+    "switch", "yard", "route", "model", "token", "answer", "cost", "lane", "queue", "result",
+    "steady", "clear", "quick", "fine", "ready", "done",
+];
+
+fn fnv1a(data: &[u8], mut h: u64) -> u64 {
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// Tokens in a text, as the sim counts them: a quarter of the characters,
+/// rounded up.
+pub fn count_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4)
+}
+
+/// The sim's answer: text derived from a hash of model and input, between 8
+/// and 72 tokens long, cut at `max_tokens`; usage counted from the text.
+pub fn synthesize(model: &str, messages: &[Message], max_tokens: u32) -> Synthesized {
+    let mut h = fnv1a(model.as_bytes(), 0xcbf29ce484222325);
+    let mut prompt_tokens = 3;
+    for m in messages {
+        h = fnv1a(m.content.as_bytes(), h);
+        prompt_tokens += count_tokens(&m.content) + 4;
+    }
+    let want = 8 + (h % 65);
+    let n = want.min(u64::from(max_tokens.max(1)));
+    // Each word is cut to 3 characters plus a separator, so the text is `n`
+    // tokens long by `count_tokens`.
+    let mut text = String::with_capacity(n as usize * 4);
+    let mut x = h;
+    for i in 0..n {
+        x = x.rotate_left(7) ^ i.wrapping_mul(0x9e3779b97f4a7c15);
+        let w = WORDS[(x % WORDS.len() as u64) as usize];
+        text.push_str(&w[..3]);
+        text.push_str(if i + 1 == n { "." } else { " " });
+    }
+    Synthesized {
+        text,
+        prompt_tokens,
+        completion_tokens: n,
+        finish_reason: if n < want { "length" } else { "stop" },
+    }
+}
+
+/// A parsed request, whatever its format.
+pub(crate) struct SimRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    pub max_tokens: u32,
+}
+
+/// Usage of one simulated answer, in the contract's meaning.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SimUsage {
+    /// All input tokens.
+    pub prompt: u64,
+    pub cached: u64,
+    pub cache_write: u64,
+    /// Visible output tokens.
+    pub visible: u64,
+    pub reasoning: u64,
+}
+
+/// The state of one rate-limit budget, for headers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BudgetState {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset: Duration,
+}
+
+/// Rate-limit state to report with an answer.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RateState {
+    pub requests: Option<BudgetState>,
+    pub tokens: Option<BudgetState>,
+}
+
+/// The error kinds every format renders in its own way.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum ErrKind {
+    RateLimited { wait: Duration },
+    Quota,
+    Overloaded,
+    Server,
+    BadRequest,
+    Unauthorized,
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// Take `n` from a bucket of `capacity` refilled at `per_sec`; else the wait.
+    fn take(&mut self, n: f64, capacity: f64, per_sec: f64, now: Instant) -> Result<f64, Duration> {
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * per_sec).min(capacity);
+        self.last = now;
+        if self.tokens >= n {
+            self.tokens -= n;
+            Ok(self.tokens)
+        } else {
+            Err(Duration::from_secs_f64((n - self.tokens) / per_sec))
+        }
+    }
+}
+
+struct SimState {
+    profile: SimProfile,
+    started: Instant,
+    ledger: Mutex<Vec<LedgerEntry>>,
+    buckets: Mutex<HashMap<(Format, String), (Bucket, Bucket)>>,
+    forced: Mutex<HashMap<Format, VecDeque<Forced>>>,
+}
+
+/// A running simulator.
+pub struct SimServer {
+    pub addr: SocketAddr,
+    state: Arc<SimState>,
+    shutdown: CancellationToken,
+}
+
+impl SimServer {
+    /// Bind `listen` (port 0 for an ephemeral port) and serve until stopped.
+    pub async fn start(listen: &str, profile: SimProfile) -> anyhow::Result<Self> {
+        profile.validate()?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding the simulator to {listen}"))?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(SimState {
+            profile,
+            started: Instant::now(),
+            ledger: Mutex::new(Vec::new()),
+            buckets: Mutex::new(HashMap::new()),
+            forced: Mutex::new(HashMap::new()),
+        });
+        let app = Router::new()
+            .route("/v1/chat/completions", post(openai_route))
+            .route("/v1/messages", post(anthropic_route))
+            .route("/v1beta/models/{action}", post(gemini_route))
+            .route("/ledger", get(ledger))
+            .route("/control/force", post(force_route))
+            .route("/health", get(|| async { "ok" }))
+            .with_state(state.clone());
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await;
+        });
+        Ok(Self {
+            addr,
+            state,
+            shutdown,
+        })
+    }
+
+    /// `http://ADDR`, to use as a provider's `base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A copy of the ledger.
+    pub fn ledger(&self) -> Vec<LedgerEntry> {
+        self.state
+            .ledger
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
+    }
+
+    /// Queue `forced` for the next requests of `format`, in order.
+    pub fn force(&self, format: Format, forced: impl IntoIterator<Item = Forced>) {
+        if let Ok(mut q) = self.state.forced.lock() {
+            q.entry(format).or_default().extend(forced);
+        }
+    }
+
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for SimServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+#[derive(Deserialize)]
+struct ForceRequest {
+    format: Format,
+    #[serde(flatten)]
+    forced: Forced,
+    #[serde(default = "one")]
+    count: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+async fn force_route(State(st): State<Arc<SimState>>, Json(req): Json<ForceRequest>) -> StatusCode {
+    if let Ok(mut q) = st.forced.lock() {
+        q.entry(req.format)
+            .or_default()
+            .extend(std::iter::repeat_n(req.forced, req.count));
+    }
+    StatusCode::NO_CONTENT
+}
+
+async fn ledger(State(st): State<Arc<SimState>>) -> Json<Vec<LedgerEntry>> {
+    Json(st.ledger.lock().map(|l| l.clone()).unwrap_or_default())
+}
+
+fn has_auth(headers: &HeaderMap) -> bool {
+    ["authorization", "x-api-key", "x-goog-api-key"]
+        .iter()
+        .any(|h| headers.contains_key(*h))
+}
+
+async fn openai_route(
+    State(st): State<Arc<SimState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    serve(&st, Format::Openai, openai::parse(&body), &headers).await
+}
+
+async fn anthropic_route(
+    State(st): State<Arc<SimState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    serve(&st, Format::Anthropic, anthropic::parse(&body), &headers).await
+}
+
+async fn gemini_route(
+    State(st): State<Arc<SimState>>,
+    UrlPath(action): UrlPath<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let parsed = match action.strip_suffix(":generateContent") {
+        Some(model) if !model.is_empty() => gemini::parse(model, &body),
+        _ => Err(format!("unsupported method `{action}`")),
+    };
+    serve(&st, Format::Gemini, parsed, &headers).await
+}
+
+fn render_error(
+    format: Format,
+    kind: ErrKind,
+    model: &str,
+    rate: &RateState,
+    send_rate: bool,
+) -> Response {
+    let mut resp = match format {
+        Format::Openai => openai::error(kind, model),
+        Format::Anthropic => anthropic::error(kind, model),
+        Format::Gemini => gemini::error(kind, model),
+    };
+    if send_rate {
+        add_rate_headers(format, resp.headers_mut(), rate);
+    }
+    resp
+}
+
+fn add_rate_headers(format: Format, h: &mut HeaderMap, rate: &RateState) {
+    match format {
+        Format::Openai => openai::rate_headers(h, rate),
+        Format::Anthropic => anthropic::rate_headers(h, rate),
+        Format::Gemini => {}
+    }
+}
+
+/// The common path of every format: forced failures, limits, latency, errors,
+/// usage, ledger; the format modules only parse and render.
+async fn serve(
+    st: &SimState,
+    format: Format,
+    parsed: Result<SimRequest, String>,
+    headers: &HeaderMap,
+) -> Response {
+    let arrived = Instant::now();
+    let at_ms = arrived.duration_since(st.started).as_millis() as u64;
+    let auth = has_auth(headers);
+    let p = st.profile.for_format(format);
+    let record = |model: &str, status: u16, usage: SimUsage, retry_after_ms: Option<u64>| {
+        if let Ok(mut l) = st.ledger.lock() {
+            let seq = l.len() as u64 + 1;
+            l.push(LedgerEntry {
+                seq,
+                format,
+                model: model.to_string(),
+                status,
+                prompt_tokens: usage.prompt,
+                completion_tokens: usage.visible + usage.reasoning,
+                cached_tokens: usage.cached,
+                cache_write_tokens: usage.cache_write,
+                reasoning_tokens: usage.reasoning,
+                at_ms,
+                has_auth: auth,
+                retry_after_ms,
+            });
+        }
+    };
+    let req = match parsed {
+        Ok(r) => r,
+        Err(why) => {
+            record("", 400, SimUsage::default(), None);
+            let mut resp = render_error(
+                format,
+                ErrKind::BadRequest,
+                "",
+                &RateState::default(),
+                false,
+            );
+            tracing::debug!(%why, "sim rejected a request");
+            *resp.status_mut() = StatusCode::BAD_REQUEST;
+            return resp;
+        }
+    };
+    let s = synthesize(&req.model, &req.messages, req.max_tokens);
+    let prompt_only = SimUsage {
+        prompt: s.prompt_tokens,
+        ..Default::default()
+    };
+    let forced = st
+        .forced
+        .lock()
+        .ok()
+        .and_then(|mut q| q.get_mut(&format).and_then(|q| q.pop_front()));
+
+    // Enforced limits, per format and model.
+    let mut rate = RateState::default();
+    let mut denied: Option<Duration> = None;
+    if p.rpm > 0 || p.tpm > 0 {
+        let mut buckets = st.buckets.lock().expect("bucket lock");
+        let (rb, tb) = buckets
+            .entry((format, req.model.clone()))
+            .or_insert_with(|| {
+                let full = |per_min: u32| Bucket {
+                    tokens: (f64::from(per_min) / 60.0).max(1.0),
+                    last: arrived,
+                };
+                (full(p.rpm), full(p.tpm))
+            });
+        if p.rpm > 0 {
+            let per_sec = f64::from(p.rpm) / 60.0;
+            let cap = per_sec.max(1.0);
+            let (remaining, reset) = match rb.take(1.0, cap, per_sec, arrived) {
+                Ok(left) => (left, refill_time(cap - left, per_sec)),
+                Err(wait) => {
+                    denied = Some(wait);
+                    (0.0, refill_time(cap, per_sec))
+                }
+            };
+            rate.requests = Some(BudgetState {
+                limit: u64::from(p.rpm),
+                remaining: remaining as u64,
+                reset,
+            });
+        }
+        if p.tpm > 0 && denied.is_none() {
+            let per_sec = f64::from(p.tpm) / 60.0;
+            let need = (s.prompt_tokens + u64::from(req.max_tokens)) as f64;
+            let cap = per_sec.max(need);
+            let (remaining, reset) = match tb.take(need, cap, per_sec, arrived) {
+                Ok(left) => (left, refill_time(cap - left, per_sec)),
+                Err(wait) => {
+                    denied = Some(wait);
+                    (0.0, refill_time(cap, per_sec))
+                }
+            };
+            rate.tokens = Some(BudgetState {
+                limit: u64::from(p.tpm),
+                remaining: remaining as u64,
+                reset,
+            });
+        }
+    }
+    if let Some(Forced::Exhausted { reset_ms }) = &forced {
+        rate.requests = Some(BudgetState {
+            limit: rate.requests.map_or(1000, |b| b.limit),
+            remaining: 0,
+            reset: Duration::from_millis(*reset_ms),
+        });
+    }
+    let send_rate = p.rate_headers;
+    if let Some(wait) = denied {
+        // Whole seconds, rounded up, as the providers send them.
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let wait = Duration::from_secs(secs);
+        record(&req.model, 429, prompt_only, Some(secs * 1000));
+        return render_error(
+            format,
+            ErrKind::RateLimited { wait },
+            &req.model,
+            &rate,
+            send_rate,
+        );
+    }
+
+    let mut delay = p.latency_ms
+        + if p.jitter_ms > 0 {
+            fastrand::u64(0..=p.jitter_ms)
+        } else {
+            0
+        };
+    if let Some(Forced::Slow { ms }) = &forced {
+        delay += ms;
+    }
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let forced_error = match &forced {
+        Some(Forced::RateLimited { retry_after_ms }) => Some(ErrKind::RateLimited {
+            wait: Duration::from_millis(*retry_after_ms),
+        }),
+        Some(Forced::Quota) => Some(ErrKind::Quota),
+        Some(Forced::Overloaded) => Some(ErrKind::Overloaded),
+        Some(Forced::ServerError) => Some(ErrKind::Server),
+        Some(Forced::BadRequest) => Some(ErrKind::BadRequest),
+        Some(Forced::Unauthorized) => Some(ErrKind::Unauthorized),
+        _ => None,
+    };
+    let random_error = p.error_rate > 0.0 && fastrand::f64() < p.error_rate;
+    if let Some(kind) = forced_error.or(random_error.then_some(ErrKind::Server)) {
+        let (status, retry_ms) = match kind {
+            ErrKind::RateLimited { wait } => (429, Some(wait.as_millis() as u64)),
+            ErrKind::Quota => (429, None),
+            ErrKind::Overloaded => (
+                if format == Format::Anthropic {
+                    529
+                } else {
+                    503
+                },
+                None,
+            ),
+            ErrKind::Server => (500, None),
+            ErrKind::BadRequest => (400, None),
+            ErrKind::Unauthorized => (401, None),
+        };
+        record(&req.model, status, prompt_only, retry_ms);
+        if let ErrKind::RateLimited { .. } = kind {
+            if let Some(r) = rate.requests.as_mut() {
+                r.remaining = 0;
+            }
+        }
+        return render_error(format, kind, &req.model, &rate, send_rate);
+    }
+
+    let cached = (s.prompt_tokens as f64 * p.cached_share).floor() as u64;
+    let cache_write = if format == Format::Anthropic {
+        (s.prompt_tokens as f64 * p.cache_write_share).floor() as u64
+    } else {
+        0
+    };
+    let usage = SimUsage {
+        prompt: s.prompt_tokens,
+        cached,
+        cache_write,
+        visible: s.completion_tokens,
+        reasoning: p.reasoning_tokens,
+    };
+    record(&req.model, 200, usage, None);
+    let body = match format {
+        Format::Openai => openai::success(&req, &s, &usage, at_ms),
+        Format::Anthropic => anthropic::success(&req, &s, &usage, at_ms),
+        Format::Gemini => gemini::success(&req, &s, &usage),
+    };
+    let mut resp = match forced {
+        Some(Forced::Malformed) => (
+            StatusCode::OK,
+            Json(serde_json::json!({"unexpected": true})),
+        )
+            .into_response(),
+        Some(Forced::Truncated) => {
+            let text = body.to_string();
+            (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                text[..text.len() / 2].to_string(),
+            )
+                .into_response()
+        }
+        _ => (StatusCode::OK, Json(body)).into_response(),
+    };
+    if send_rate {
+        add_rate_headers(format, resp.headers_mut(), &rate);
+    }
+    resp
+}
+
+/// Time for a bucket to refill `missing` tokens.
+fn refill_time(missing: f64, per_sec: f64) -> Duration {
+    Duration::from_secs_f64((missing / per_sec).max(0.0))
+}
+
+/// Role of an incoming message by its wire name.
+pub(crate) fn role_of(name: &str) -> Role {
+    match name {
+        "system" | "developer" => Role::System,
+        "assistant" | "model" => Role::Assistant,
+        _ => Role::User,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msgs(s: &str) -> Vec<Message> {
+        vec![Message {
+            role: Role::User,
+            content: s.into(),
+        }]
+    }
+
+    #[test]
+    fn synthesis_is_deterministic_and_counted() {
+        let a = synthesize("m", &msgs("hello there"), 500);
+        let b = synthesize("m", &msgs("hello there"), 500);
+        assert_eq!(a.text, b.text);
+        assert_eq!(count_tokens(&a.text), a.completion_tokens);
+        assert_eq!(a.prompt_tokens, 3 + 3 + 4);
+        let c = synthesize("m", &msgs("hello there"), 2);
+        assert_eq!(c.completion_tokens, 2);
+        assert_eq!(c.finish_reason, "length");
+    }
+
+    #[test]
+    fn profile_sections_per_format() {
+        let p: SimProfile = toml::from_str(
+            "latency_ms = 5\n[formats.anthropic]\nerror_rate = 0.5\ncache_write_share = 0.2\n",
+        )
+        .unwrap();
+        p.validate().unwrap();
+        assert_eq!(p.for_format(Format::Openai).latency_ms, 5);
+        assert_eq!(p.for_format(Format::Anthropic).latency_ms, 0);
+        assert_eq!(p.for_format(Format::Anthropic).error_rate, 0.5);
+        assert!(toml::from_str::<SimProfile>("latncy_ms = 5").is_err());
+        SimProfile::demo().validate().unwrap();
+    }
+}

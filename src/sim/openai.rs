@@ -1,0 +1,156 @@
+//! The simulator's OpenAI chat completions format.
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use super::{role_of, BudgetState, ErrKind, RateState, SimRequest, SimUsage, Synthesized};
+use crate::envelope::Message;
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<ChatMessage>,
+    #[serde(default, alias = "max_completion_tokens")]
+    max_tokens: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<String>,
+}
+
+pub(super) fn parse(body: &[u8]) -> Result<SimRequest, String> {
+    let req: ChatRequest = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    Ok(SimRequest {
+        model: req.model,
+        messages: req
+            .messages
+            .into_iter()
+            .map(|m| Message {
+                role: role_of(&m.role),
+                content: m.content.unwrap_or_default(),
+            })
+            .collect(),
+        max_tokens: req.max_tokens.unwrap_or(4096),
+    })
+}
+
+pub(super) fn success(
+    req: &SimRequest,
+    s: &Synthesized,
+    u: &SimUsage,
+    at_ms: u64,
+) -> serde_json::Value {
+    let completion = u.visible + u.reasoning;
+    serde_json::json!({
+        "id": format!("chatcmpl-sim{at_ms}"),
+        "object": "chat.completion",
+        "created": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "model": req.model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": s.text, "refusal": null},
+            "finish_reason": s.finish_reason,
+        }],
+        "usage": {
+            "prompt_tokens": u.prompt,
+            "completion_tokens": completion,
+            "total_tokens": u.prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": u.cached},
+            "completion_tokens_details": {"reasoning_tokens": u.reasoning},
+        }
+    })
+}
+
+pub(super) fn error(kind: ErrKind, model: &str) -> Response {
+    let (status, kind_s, code, message) = match kind {
+        ErrKind::RateLimited { wait } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "requests",
+            Some("rate_limit_exceeded"),
+            format!(
+                "Rate limit reached for {model} in organization org-sim on requests per min (RPM). Please try again in {}ms.",
+                wait.as_millis()
+            ),
+        ),
+        ErrKind::Quota => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            Some("insufficient_quota"),
+            "You exceeded your current quota, please check your plan and billing details.".into(),
+        ),
+        ErrKind::Overloaded => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            None,
+            "The engine is currently overloaded, please try again later.".into(),
+        ),
+        ErrKind::Server => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            None,
+            "The server had an error while processing your request. Sorry about that!".into(),
+        ),
+        ErrKind::BadRequest => (
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            "Invalid request body.".into(),
+        ),
+        ErrKind::Unauthorized => (
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "Incorrect API key provided.".into(),
+        ),
+    };
+    let body = serde_json::json!({
+        "error": {"message": message, "type": kind_s, "param": null, "code": code}
+    });
+    let mut resp = (status, Json(body)).into_response();
+    if let ErrKind::RateLimited { wait } = kind {
+        let h = resp.headers_mut();
+        h.insert(
+            "retry-after",
+            HeaderValue::from(wait.as_secs_f64().ceil() as u64),
+        );
+        h.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
+    }
+    resp
+}
+
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, resets as Go durations.
+pub(super) fn rate_headers(h: &mut HeaderMap, rate: &RateState) {
+    for (what, b) in [("requests", rate.requests), ("tokens", rate.tokens)] {
+        let Some(BudgetState {
+            limit,
+            remaining,
+            reset,
+        }) = b
+        else {
+            continue;
+        };
+        for (name, value) in [
+            (format!("x-ratelimit-limit-{what}"), limit.to_string()),
+            (
+                format!("x-ratelimit-remaining-{what}"),
+                remaining.to_string(),
+            ),
+            (
+                format!("x-ratelimit-reset-{what}"),
+                format!("{}ms", reset.as_millis()),
+            ),
+        ] {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(&value),
+            ) {
+                h.insert(n, v);
+            }
+        }
+    }
+}

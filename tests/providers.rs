@@ -1,0 +1,274 @@
+//! The provider conformance suite: every adapter (OpenAI, Anthropic, Gemini)
+//! against the simulator speaking its format, case by case: success with
+//! exact usage, every error class, retry delays, rate-limit headers,
+//! timeouts, refused connections, and credentials sent only in the
+//! provider's header.
+
+use std::time::Duration;
+
+use switchyard::envelope::{Message, Role};
+use switchyard::providers::anthropic::AnthropicAdapter;
+use switchyard::providers::gemini::GeminiAdapter;
+use switchyard::providers::http::HttpClient;
+use switchyard::providers::openai::OpenAiAdapter;
+use switchyard::providers::{CallError, CallRequest, ErrorClass, Provider, Secret};
+use switchyard::sim::{count_tokens, Forced, Format, SimProfile, SimServer};
+
+const FORMATS: [Format; 3] = [Format::Openai, Format::Anthropic, Format::Gemini];
+const KEY: &str = "sk-conformance-7d1e0b";
+
+fn adapter(format: Format, base_url: &str, timeout: Duration) -> Provider {
+    let http = HttpClient::new(
+        &format!("{format:?}"),
+        base_url,
+        Some(Secret::new(KEY.to_string())),
+        timeout,
+    )
+    .unwrap();
+    match format {
+        Format::Openai => Provider::OpenAi(OpenAiAdapter::new(http)),
+        Format::Anthropic => Provider::Anthropic(AnthropicAdapter::new(http)),
+        Format::Gemini => Provider::Gemini(GeminiAdapter::new(http)),
+    }
+}
+
+fn request() -> CallRequest {
+    CallRequest {
+        model: "model-x".into(),
+        messages: vec![
+            Message {
+                role: Role::System,
+                content: "You answer briefly.".into(),
+            },
+            Message {
+                role: Role::User,
+                content: "What is the capital of France, and why is it famous?".into(),
+            },
+        ],
+        max_tokens: 200,
+        temperature: Some(0.2),
+    }
+}
+
+async fn call_forced(
+    format: Format,
+    forced: Forced,
+) -> (
+    Result<switchyard::providers::CallResponse, CallError>,
+    SimServer,
+) {
+    let sim = SimServer::start("127.0.0.1:0", SimProfile::default())
+        .await
+        .unwrap();
+    sim.force(format, [forced]);
+    let r = adapter(format, &sim.base_url(), Duration::from_secs(5))
+        .call(&request())
+        .await;
+    (r, sim)
+}
+
+#[tokio::test]
+async fn success_reports_text_and_exact_usage_for_every_format() {
+    let sim = SimServer::start(
+        "127.0.0.1:0",
+        SimProfile {
+            cached_share: 0.5,
+            cache_write_share: 0.25,
+            reasoning_tokens: 11,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    for format in FORMATS {
+        let r = adapter(format, &sim.base_url(), Duration::from_secs(5))
+            .call(&request())
+            .await
+            .unwrap_or_else(|e| panic!("{format:?}: {e}"));
+        let led = sim.ledger().pop().unwrap();
+        assert_eq!(led.format, format);
+        assert!(led.has_auth, "{format:?} sent its key");
+        assert!(!r.text.is_empty());
+        assert!(r.finish_reason.is_some());
+        // The system prompt reached the provider in its own place: the sim
+        // counts it in the prompt.
+        let req = request();
+        let expected: u64 = 3 + req
+            .messages
+            .iter()
+            .map(|m| count_tokens(&m.content) + 4)
+            .sum::<u64>();
+        assert_eq!(led.prompt_tokens, expected, "{format:?}");
+        assert_eq!(r.usage.input_tokens, led.prompt_tokens, "{format:?}");
+        assert_eq!(r.usage.output_tokens, led.completion_tokens, "{format:?}");
+        assert_eq!(r.usage.cached_input_tokens, led.cached_tokens, "{format:?}");
+        assert_eq!(
+            r.usage.cache_write_input_tokens, led.cache_write_tokens,
+            "{format:?}"
+        );
+        assert_eq!(led.cached_tokens, expected / 2);
+        assert_eq!(
+            led.cache_write_tokens,
+            if format == Format::Anthropic {
+                expected / 4
+            } else {
+                0
+            }
+        );
+        assert_eq!(led.reasoning_tokens, 11);
+        if format != Format::Anthropic {
+            // Anthropic bills thinking inside output_tokens without a split.
+            assert_eq!(r.usage.reasoning_tokens, 11, "{format:?}");
+        }
+    }
+}
+
+fn assert_class(
+    format: Format,
+    r: &Result<switchyard::providers::CallResponse, CallError>,
+    class: ErrorClass,
+    retryable: bool,
+) -> CallError {
+    let e = r
+        .as_ref()
+        .err()
+        .unwrap_or_else(|| panic!("{format:?}: expected {class:?}, got success"))
+        .clone();
+    assert_eq!(e.class, class, "{format:?}: {e}");
+    assert_eq!(e.retryable, retryable, "{format:?}: {e}");
+    assert!(!e.message.contains(KEY));
+    e
+}
+
+#[tokio::test]
+async fn rate_limits_are_retryable_with_the_advertised_delay() {
+    for format in FORMATS {
+        let (r, _sim) = call_forced(
+            format,
+            Forced::RateLimited {
+                retry_after_ms: 3000,
+            },
+        )
+        .await;
+        let e = assert_class(format, &r, ErrorClass::RateLimited, true);
+        assert_eq!(e.http_status, Some(429));
+        assert_eq!(e.retry_after, Some(Duration::from_secs(3)), "{format:?}");
+    }
+}
+
+#[tokio::test]
+async fn quota_and_spend_limits_are_terminal() {
+    for format in FORMATS {
+        let (r, _sim) = call_forced(format, Forced::Quota).await;
+        let e = assert_class(format, &r, ErrorClass::QuotaExceeded, false);
+        assert_eq!(e.http_status, Some(429), "{format:?}");
+    }
+}
+
+#[tokio::test]
+async fn overload_and_server_errors_are_retryable() {
+    for format in FORMATS {
+        let (r, _sim) = call_forced(format, Forced::Overloaded).await;
+        let e = assert_class(format, &r, ErrorClass::Server, true);
+        let want = if format == Format::Anthropic {
+            529
+        } else {
+            503
+        };
+        assert_eq!(e.http_status, Some(want), "{format:?}");
+        let (r, _sim) = call_forced(format, Forced::ServerError).await;
+        assert_class(format, &r, ErrorClass::Server, true);
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_and_bad_keys_are_terminal() {
+    for format in FORMATS {
+        let (r, _sim) = call_forced(format, Forced::BadRequest).await;
+        assert_class(format, &r, ErrorClass::BadRequest, false);
+        let (r, _sim) = call_forced(format, Forced::Unauthorized).await;
+        assert_class(format, &r, ErrorClass::Auth, false);
+    }
+}
+
+#[tokio::test]
+async fn malformed_and_truncated_answers_are_errors_not_panics() {
+    for format in FORMATS {
+        for forced in [Forced::Malformed, Forced::Truncated] {
+            let (r, _sim) = call_forced(format, forced.clone()).await;
+            let e = assert_class(format, &r, ErrorClass::BadResponse, true);
+            assert_eq!(e.http_status, Some(200), "{format:?} {forced:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn timeouts_and_refused_connections_are_retryable() {
+    for format in FORMATS {
+        let sim = SimServer::start("127.0.0.1:0", SimProfile::default())
+            .await
+            .unwrap();
+        sim.force(format, [Forced::Slow { ms: 1500 }]);
+        let r = adapter(format, &sim.base_url(), Duration::from_millis(300))
+            .call(&request())
+            .await;
+        assert_class(format, &r, ErrorClass::Timeout, true);
+    }
+    // A port nobody listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    for format in FORMATS {
+        let r = adapter(
+            format,
+            &format!("http://127.0.0.1:{port}"),
+            Duration::from_secs(2),
+        )
+        .call(&request())
+        .await;
+        assert_class(format, &r, ErrorClass::Connection, true);
+    }
+}
+
+#[tokio::test]
+async fn exhausted_budgets_in_headers_tell_the_lane_to_wait() {
+    // Gemini sends no rate-limit headers; OpenAI (Go durations) and
+    // Anthropic (RFC 3339 resets, whole seconds) do.
+    for (format, min, max) in [
+        (
+            Format::Openai,
+            Duration::from_millis(2400),
+            Duration::from_millis(2500),
+        ),
+        (
+            Format::Anthropic,
+            Duration::from_millis(1500),
+            Duration::from_millis(3600),
+        ),
+    ] {
+        let (r, _sim) = call_forced(format, Forced::Exhausted { reset_ms: 2500 }).await;
+        let r = r.unwrap();
+        let wait = r
+            .rate
+            .exhausted_for()
+            .unwrap_or_else(|| panic!("{format:?}: {:?}", r.rate));
+        assert!(wait >= min && wait <= max, "{format:?}: {wait:?}");
+    }
+    let sim = SimServer::start(
+        "127.0.0.1:0",
+        SimProfile {
+            rpm: 6000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let r = adapter(Format::Openai, &sim.base_url(), Duration::from_secs(5))
+        .call(&request())
+        .await
+        .unwrap();
+    let b = r.rate.budget("requests").expect("requests budget");
+    assert_eq!(b.remaining, 99);
+    assert_eq!(r.rate.exhausted_for(), None);
+}

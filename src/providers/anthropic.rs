@@ -8,9 +8,9 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use super::headers::{anthropic_rate_info, retry_after};
-use super::http::{body_snippet, HttpClient, RawResponse};
-use super::{CallError, CallRequest, CallResponse, ErrorClass};
+use super::headers::anthropic_rate_info;
+use super::http::{body_snippet, interpret_with, HttpClient, RawResponse};
+use super::{split_system, CallError, CallRequest, CallResponse, ErrorClass};
 use crate::envelope::Role;
 use crate::pricing::Usage;
 
@@ -27,49 +27,35 @@ impl AnthropicAdapter {
     }
 
     pub async fn call(&self, req: &CallRequest) -> Result<CallResponse, CallError> {
-        let body = build_request(req);
-        let mut headers = vec![("anthropic-version", API_VERSION.to_string())];
-        if let Some(k) = self.http.key() {
-            headers.push(("x-api-key", k.expose().to_string()));
-        }
-        let raw = self.http.post_json("/v1/messages", &headers, &body).await?;
-        interpret(&raw, SystemTime::now()).map_err(|mut e| {
-            e.message = self.http.redact(&e.message);
-            e
-        })
+        self.http
+            .exchange(
+                "/v1/messages",
+                |k| ("x-api-key", k.expose().to_string()),
+                vec![("anthropic-version", API_VERSION.to_string())],
+                &build_request(req),
+                interpret,
+            )
+            .await
     }
 }
 
 /// Turn an HTTP answer into a response or a typed error (pure).
 pub fn interpret(raw: &RawResponse, now: SystemTime) -> Result<CallResponse, CallError> {
-    let rate = anthropic_rate_info(&raw.headers, now);
-    if raw.status == 200 {
-        return parse_success(&raw.body, rate.clone()).map_err(|mut e| {
-            e.rate = rate;
-            e
-        });
-    }
-    let mut err = classify_error(raw.status, &raw.body);
-    if err.retryable {
-        err.retry_after = retry_after(&raw.headers, now);
-    }
-    err.rate = rate;
-    Err(err)
+    interpret_with(
+        raw,
+        now,
+        anthropic_rate_info(&raw.headers, now),
+        parse_success,
+        classify_error,
+    )
 }
 
 /// The Messages request: system messages joined into `system`; the rest
 /// alternate user/assistant as given.
 pub fn build_request(req: &CallRequest) -> serde_json::Value {
-    let system: Vec<&str> = req
-        .messages
+    let (system, turns) = split_system(&req.messages);
+    let messages: Vec<serde_json::Value> = turns
         .iter()
-        .filter(|m| m.role == Role::System)
-        .map(|m| m.content.as_str())
-        .collect();
-    let messages: Vec<serde_json::Value> = req
-        .messages
-        .iter()
-        .filter(|m| m.role != Role::System)
         .map(|m| {
             serde_json::json!({
                 "role": if m.role == Role::Assistant { "assistant" } else { "user" },
@@ -82,8 +68,8 @@ pub fn build_request(req: &CallRequest) -> serde_json::Value {
         "max_tokens": req.max_tokens,
         "messages": messages,
     });
-    if !system.is_empty() {
-        body["system"] = system.join("\n\n").into();
+    if let Some(system) = system {
+        body["system"] = system.into();
     }
     if let Some(t) = req.temperature {
         body["temperature"] = serde_json::json!(t);
@@ -118,7 +104,7 @@ struct WireUsage {
 }
 
 /// Parse a 200 body: text blocks joined; usage converted to the contract's meaning.
-pub fn parse_success(bytes: &[u8], rate: super::RateInfo) -> Result<CallResponse, CallError> {
+pub fn parse_success(bytes: &[u8]) -> Result<CallResponse, CallError> {
     let wire: WireResponse = serde_json::from_slice(bytes).map_err(|e| {
         CallError::new(
             ErrorClass::BadResponse,
@@ -146,7 +132,7 @@ pub fn parse_success(bytes: &[u8], rate: super::RateInfo) -> Result<CallResponse
             reasoning_tokens: 0,
         },
         http_status: 200,
-        rate,
+        rate: super::RateInfo::default(),
     })
 }
 
@@ -233,7 +219,7 @@ mod tests {
             "content":[{"type":"text","text":"Hello"},{"type":"text","text":" there"}],
             "stop_reason":"end_turn","stop_sequence":null,
             "usage":{"input_tokens":20,"cache_creation_input_tokens":100,"cache_read_input_tokens":300,"output_tokens":12}}"#;
-        let r = parse_success(body, Default::default()).unwrap();
+        let r = parse_success(body).unwrap();
         assert_eq!(r.text, "Hello there");
         assert_eq!(r.finish_reason.as_deref(), Some("end_turn"));
         assert_eq!(r.usage.input_tokens, 420);
@@ -273,7 +259,7 @@ mod tests {
         assert!(!e(413, "request_too_large", "big").retryable);
         assert!(classify_error(502, b"<html>bad gateway</html>").retryable);
         assert_eq!(
-            parse_success(br#"{"content":[{"type":"text","te"#, Default::default())
+            parse_success(br#"{"content":[{"type":"text","te"#)
                 .unwrap_err()
                 .class,
             ErrorClass::BadResponse

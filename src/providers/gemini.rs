@@ -8,9 +8,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
-use super::headers::{parse_go_duration, retry_after};
-use super::http::{body_snippet, HttpClient, RawResponse};
-use super::{CallError, CallRequest, CallResponse, ErrorClass, RateInfo};
+use super::headers::parse_go_duration;
+use super::http::{body_snippet, interpret_with, HttpClient, RawResponse};
+use super::{split_system, CallError, CallRequest, CallResponse, ErrorClass, RateInfo};
 use crate::envelope::Role;
 use crate::pricing::Usage;
 
@@ -28,44 +28,28 @@ impl GeminiAdapter {
     }
 
     pub async fn call(&self, req: &CallRequest) -> Result<CallResponse, CallError> {
-        let body = build_request(req);
-        let mut headers = Vec::new();
-        if let Some(k) = self.http.key() {
-            headers.push(("x-goog-api-key", k.expose().to_string()));
-        }
-        let path = format!("/v1beta/models/{}:generateContent", req.model);
-        let raw = self.http.post_json(&path, &headers, &body).await?;
-        interpret(&raw, SystemTime::now()).map_err(|mut e| {
-            e.message = self.http.redact(&e.message);
-            e
-        })
+        self.http
+            .exchange(
+                &format!("/v1beta/models/{}:generateContent", req.model),
+                |k| ("x-goog-api-key", k.expose().to_string()),
+                Vec::new(),
+                &build_request(req),
+                interpret,
+            )
+            .await
     }
 }
 
 /// Turn an HTTP answer into a response or a typed error (pure).
 pub fn interpret(raw: &RawResponse, now: SystemTime) -> Result<CallResponse, CallError> {
-    if raw.status == 200 {
-        return parse_success(&raw.body);
-    }
-    let mut err = classify_error(raw.status, &raw.body);
-    if err.retryable && err.retry_after.is_none() {
-        err.retry_after = retry_after(&raw.headers, now);
-    }
-    Err(err)
+    interpret_with(raw, now, RateInfo::default(), parse_success, classify_error)
 }
 
 /// The generateContent request: system messages joined into `systemInstruction`.
 pub fn build_request(req: &CallRequest) -> serde_json::Value {
-    let system: Vec<&str> = req
-        .messages
+    let (system, turns) = split_system(&req.messages);
+    let contents: Vec<serde_json::Value> = turns
         .iter()
-        .filter(|m| m.role == Role::System)
-        .map(|m| m.content.as_str())
-        .collect();
-    let contents: Vec<serde_json::Value> = req
-        .messages
-        .iter()
-        .filter(|m| m.role != Role::System)
         .map(|m| {
             serde_json::json!({
                 "role": if m.role == Role::Assistant { "model" } else { "user" },
@@ -81,8 +65,8 @@ pub fn build_request(req: &CallRequest) -> serde_json::Value {
         "contents": contents,
         "generationConfig": generation,
     });
-    if !system.is_empty() {
-        body["systemInstruction"] = serde_json::json!({"parts": [{"text": system.join("\n\n")}]});
+    if let Some(system) = system {
+        body["systemInstruction"] = serde_json::json!({"parts": [{"text": system}]});
     }
     body
 }

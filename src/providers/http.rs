@@ -7,7 +7,11 @@ use std::time::Duration;
 use reqwest::header::HeaderMap;
 use serde::Serialize;
 
-use super::{CallError, ErrorClass, Secret};
+use super::headers::retry_after;
+use super::{CallError, CallResponse, ErrorClass, RateInfo, Secret};
+
+/// An adapter's pure reading of an HTTP answer.
+pub type Interpret = fn(&RawResponse, std::time::SystemTime) -> Result<CallResponse, CallError>;
 
 /// Install the process-wide TLS crypto provider (ring) once.
 pub fn install_tls_provider() {
@@ -100,6 +104,26 @@ impl HttpClient {
         })
     }
 
+    /// POST `body` to `path`, sending the key (if any) only in the header
+    /// `auth` makes of it, and interpret the answer; errors never carry the key.
+    pub async fn exchange<B: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        auth: fn(&Secret) -> (&'static str, String),
+        mut headers: Vec<(&'static str, String)>,
+        body: &B,
+        interpret: Interpret,
+    ) -> Result<CallResponse, CallError> {
+        if let Some(k) = &self.key {
+            headers.push(auth(k));
+        }
+        let raw = self.post_json(path, &headers, body).await?;
+        interpret(&raw, std::time::SystemTime::now()).map_err(|mut e| {
+            e.message = self.redact(&e.message);
+            e
+        })
+    }
+
     fn transport_error(&self, e: &reqwest::Error, status: Option<u16>) -> CallError {
         // reqwest errors carry the URL (a key travels in a header, never in the
         // URL we build); redact anyway in case a user put one in the base URL.
@@ -121,4 +145,35 @@ pub fn body_snippet(body: &[u8]) -> String {
         return "no error body".into();
     }
     String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned()
+}
+
+/// The interpretation every adapter shares: a 200 is parsed with `parse`;
+/// anything else is classified, gets the header `retry-after` unless the
+/// body already gave a delay, and carries the rate-limit state `rate`.
+pub fn interpret_with(
+    raw: &RawResponse,
+    now: std::time::SystemTime,
+    rate: RateInfo,
+    parse: fn(&[u8]) -> Result<CallResponse, CallError>,
+    classify: fn(u16, &[u8]) -> CallError,
+) -> Result<CallResponse, CallError> {
+    let result = if raw.status == 200 {
+        parse(&raw.body)
+    } else {
+        let mut err = classify(raw.status, &raw.body);
+        if err.retryable && err.retry_after.is_none() {
+            err.retry_after = retry_after(&raw.headers, now);
+        }
+        Err(err)
+    };
+    match result {
+        Ok(mut r) => {
+            r.rate = rate;
+            Ok(r)
+        }
+        Err(mut e) => {
+            e.rate = rate;
+            Err(e)
+        }
+    }
 }

@@ -201,6 +201,21 @@ impl Provider {
     }
 }
 
+/// For providers that take the system prompt apart from the conversation:
+/// the system messages joined (if any) and the other turns in order.
+pub fn split_system(messages: &[Message]) -> (Option<String>, Vec<&Message>) {
+    let system: Vec<&str> = messages
+        .iter()
+        .filter(|m| m.role == crate::envelope::Role::System)
+        .map(|m| m.content.as_str())
+        .collect();
+    let turns = messages
+        .iter()
+        .filter(|m| m.role != crate::envelope::Role::System)
+        .collect();
+    ((!system.is_empty()).then(|| system.join("\n\n")), turns)
+}
+
 /// Rough token estimate for limits: about four characters a token, plus a
 /// per-message overhead, rounded up.
 pub fn estimate_input_tokens(messages: &[Message]) -> u64 {

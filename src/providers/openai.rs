@@ -5,8 +5,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::headers::{openai_rate_info, retry_after};
-use super::http::{body_snippet, HttpClient, RawResponse};
+use super::headers::openai_rate_info;
+use super::http::{body_snippet, interpret_with, HttpClient, RawResponse};
 use super::{CallError, CallRequest, CallResponse, ErrorClass};
 use crate::envelope::Role;
 use crate::pricing::Usage;
@@ -96,37 +96,27 @@ impl OpenAiAdapter {
     }
 
     pub async fn call(&self, req: &CallRequest) -> Result<CallResponse, CallError> {
-        let body = build_request(req);
-        let mut headers = Vec::new();
-        if let Some(k) = self.http.key() {
-            headers.push(("authorization", format!("Bearer {}", k.expose())));
-        }
-        let raw = self
-            .http
-            .post_json("/v1/chat/completions", &headers, &body)
-            .await?;
-        interpret(&raw, SystemTime::now()).map_err(|mut e| {
-            e.message = self.http.redact(&e.message);
-            e
-        })
+        self.http
+            .exchange(
+                "/v1/chat/completions",
+                |k| ("authorization", format!("Bearer {}", k.expose())),
+                Vec::new(),
+                &build_request(req),
+                interpret,
+            )
+            .await
     }
 }
 
 /// Turn an HTTP answer into a response or a typed error (pure).
 pub fn interpret(raw: &RawResponse, now: SystemTime) -> Result<CallResponse, CallError> {
-    let rate = openai_rate_info(&raw.headers);
-    if raw.status == 200 {
-        return parse_success(&raw.body, rate.clone()).map_err(|mut e| {
-            e.rate = rate;
-            e
-        });
-    }
-    let mut err = classify_error(raw.status, &raw.body);
-    if err.retryable {
-        err.retry_after = retry_after(&raw.headers, now);
-    }
-    err.rate = rate;
-    Err(err)
+    interpret_with(
+        raw,
+        now,
+        openai_rate_info(&raw.headers),
+        parse_success,
+        classify_error,
+    )
 }
 
 /// The chat completions request for `req`: system prompt as the first message.
@@ -153,7 +143,7 @@ pub fn build_request(req: &CallRequest) -> serde_json::Value {
 }
 
 /// Parse a 200 body.
-pub fn parse_success(bytes: &[u8], rate: super::RateInfo) -> Result<CallResponse, CallError> {
+pub fn parse_success(bytes: &[u8]) -> Result<CallResponse, CallError> {
     let wire: WireResponse = serde_json::from_slice(bytes).map_err(|e| {
         CallError::new(
             ErrorClass::BadResponse,
@@ -194,7 +184,7 @@ pub fn parse_success(bytes: &[u8], rate: super::RateInfo) -> Result<CallResponse
             reasoning_tokens: reasoning.min(wire.usage.completion_tokens),
         },
         http_status: 200,
-        rate,
+        rate: super::RateInfo::default(),
     })
 }
 
@@ -235,7 +225,7 @@ mod tests {
           "choices":[{"index":0,"message":{"role":"assistant","content":"hi","refusal":null},"finish_reason":"stop"}],
           "usage":{"prompt_tokens":100,"completion_tokens":7,"total_tokens":107,
                    "prompt_tokens_details":{"cached_tokens":64},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
-        let r = parse_success(body, Default::default()).unwrap();
+        let r = parse_success(body).unwrap();
         assert_eq!(r.text, "hi");
         assert_eq!(r.finish_reason.as_deref(), Some("stop"));
         assert_eq!(
@@ -252,11 +242,7 @@ mod tests {
 
     #[test]
     fn truncated_body_is_a_bad_response_not_a_panic() {
-        let e = parse_success(
-            br#"{"choices":[{"message":{"content":"h"#,
-            Default::default(),
-        )
-        .unwrap_err();
+        let e = parse_success(br#"{"choices":[{"message":{"content":"h"#).unwrap_err();
         assert_eq!(e.class, ErrorClass::BadResponse);
     }
 

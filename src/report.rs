@@ -22,7 +22,9 @@ pub struct CostLine {
     pub ok_calls: i64,
     pub input_tokens: i64,
     pub cached_input_tokens: i64,
+    pub cache_write_input_tokens: i64,
     pub output_tokens: i64,
+    pub reasoning_tokens: i64,
     pub cost_usd: Decimal,
 }
 
@@ -56,7 +58,7 @@ fn like_prefix(prefix: &Option<String>) -> String {
     }
 }
 
-type CostTuple = (String, i64, i64, i64, i64, i64, Decimal);
+type CostTuple = (String, i64, i64, i64, i64, i64, i64, i64, Decimal);
 
 fn cost_line(t: CostTuple) -> CostLine {
     CostLine {
@@ -65,14 +67,18 @@ fn cost_line(t: CostTuple) -> CostLine {
         ok_calls: t.2,
         input_tokens: t.3,
         cached_input_tokens: t.4,
-        output_tokens: t.5,
-        cost_usd: t.6,
+        cache_write_input_tokens: t.5,
+        output_tokens: t.6,
+        reasoning_tokens: t.7,
+        cost_usd: t.8,
     }
 }
 
 const COST_COLUMNS: &str = "count(*)::int8, count(*) FILTER (WHERE outcome = 'ok')::int8,
      COALESCE(sum(input_tokens), 0)::int8, COALESCE(sum(cached_input_tokens), 0)::int8,
-     COALESCE(sum(output_tokens), 0)::int8, COALESCE(sum(cost_usd), 0)";
+     COALESCE(sum(cache_write_input_tokens), 0)::int8,
+     COALESCE(sum(output_tokens), 0)::int8, COALESCE(sum(reasoning_tokens), 0)::int8,
+     COALESCE(sum(cost_usd), 0)";
 
 /// Build the report, optionally limited to jobs whose id starts with `job_prefix`.
 pub async fn build(pool: &PgPool, job_prefix: Option<String>) -> Result<Report> {
@@ -163,18 +169,19 @@ impl Report {
             let _ = writeln!(out, "\n{title}");
             let _ = writeln!(
                 out,
-                "  {:<32} {:>7} {:>7} {:>12} {:>10} {:>11} {:>14}",
-                "", "calls", "ok", "input tok", "cached", "output tok", "USD"
+                "  {:<30} {:>6} {:>6} {:>10} {:>9} {:>9} {:>10} {:>12}",
+                "", "calls", "ok", "input tok", "cached", "cache wr", "output tok", "USD"
             );
             for l in lines.iter().chain(std::iter::once(&self.total)) {
                 let _ = writeln!(
                     out,
-                    "  {:<32} {:>7} {:>7} {:>12} {:>10} {:>11} {:>14}",
+                    "  {:<30} {:>6} {:>6} {:>10} {:>9} {:>9} {:>10} {:>12}",
                     l.key,
                     l.calls,
                     l.ok_calls,
                     l.input_tokens,
                     l.cached_input_tokens,
+                    l.cache_write_input_tokens,
                     l.output_tokens,
                     l.cost_usd.round_dp(6).to_string()
                 );
@@ -185,22 +192,24 @@ impl Report {
 
     fn to_csv(&self) -> String {
         let mut out = String::from(
-            "section,key,jobs,calls,ok_calls,input_tokens,cached_input_tokens,output_tokens,cost_usd\n",
+            "section,key,jobs,calls,ok_calls,input_tokens,cached_input_tokens,cache_write_input_tokens,output_tokens,reasoning_tokens,cost_usd\n",
         );
         for s in &self.jobs_by_status {
-            let _ = writeln!(out, "status,{},{},,,,,,", csv_field(&s.status), s.jobs);
+            let _ = writeln!(out, "status,{},{},,,,,,,,", csv_field(&s.status), s.jobs);
         }
         for (section, lines) in [("category", &self.by_category), ("model", &self.by_model)] {
             for l in lines.iter() {
                 let _ = writeln!(
                     out,
-                    "{section},{},,{},{},{},{},{},{}",
+                    "{section},{},,{},{},{},{},{},{},{},{}",
                     csv_field(&l.key),
                     l.calls,
                     l.ok_calls,
                     l.input_tokens,
                     l.cached_input_tokens,
+                    l.cache_write_input_tokens,
                     l.output_tokens,
+                    l.reasoning_tokens,
                     l.cost_usd
                 );
             }
@@ -208,13 +217,15 @@ impl Report {
         let t = &self.total;
         let _ = writeln!(
             out,
-            "total,total,{},{},{},{},{},{},{}",
+            "total,total,{},{},{},{},{},{},{},{},{}",
             self.total_jobs(),
             t.calls,
             t.ok_calls,
             t.input_tokens,
             t.cached_input_tokens,
+            t.cache_write_input_tokens,
             t.output_tokens,
+            t.reasoning_tokens,
             t.cost_usd
         );
         out

@@ -272,3 +272,40 @@ async fn exhausted_budgets_in_headers_tell_the_lane_to_wait() {
     assert_eq!(b.remaining, 99);
     assert_eq!(r.rate.exhausted_for(), None);
 }
+
+#[tokio::test]
+async fn failures_can_be_forced_over_http_and_the_ledger_read_back() {
+    let sim = SimServer::start("127.0.0.1:0", SimProfile::default())
+        .await
+        .unwrap();
+    switchyard::providers::http::install_tls_provider();
+    let http = reqwest::Client::new();
+    let status = http
+        .post(format!("{}/control/force", sim.base_url()))
+        .json(&serde_json::json!({"format": "anthropic", "kind": "overloaded", "count": 2}))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 204);
+    let a = adapter(Format::Anthropic, &sim.base_url(), Duration::from_secs(5));
+    for _ in 0..2 {
+        let r = a.call(&request()).await;
+        assert_class(Format::Anthropic, &r, ErrorClass::Server, true);
+    }
+    assert!(a.call(&request()).await.is_ok(), "only two were forced");
+    let ledger: Vec<serde_json::Value> = http
+        .get(format!("{}/ledger", sim.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let statuses: Vec<u64> = ledger
+        .iter()
+        .map(|e| e["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, vec![529, 529, 200]);
+    assert_eq!(ledger[0]["format"], "anthropic");
+}

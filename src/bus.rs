@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::envelope::Message;
+use crate::route::{Plan, StepRecord};
 
 /// Subject and stream names for one prefix.
 #[derive(Debug, Clone)]
@@ -42,6 +43,9 @@ impl Names {
     pub fn calls_wildcard(&self) -> String {
         format!("{}.calls.>", self.prefix)
     }
+    pub fn review_subject(&self, category: &str) -> String {
+        format!("{}.review.{category}", self.prefix)
+    }
     pub fn done_subject(&self, category: &str) -> String {
         format!("{}.done.{category}", self.prefix)
     }
@@ -65,23 +69,34 @@ pub struct Bus {
     pub names: Names,
 }
 
-/// The internal message a dispatcher sends to a provider lane: everything the
-/// lane needs to make the call and write its rows, so a lane never reads Postgres
-/// on the happy path.
+/// The internal message sent to a provider lane for one step of a job:
+/// everything the lane needs to make the call, write its rows and decide what
+/// follows, so a lane reads Postgres only for consensus votes and redeliveries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallMsg {
     pub job_id: String,
     pub category: String,
     pub provider: String,
     pub model: String,
-    /// Step of the job's route (0 for a single-target route).
-    pub step: u32,
+    /// Step of the job's plan (see `route`); -1 is the classifier.
+    pub step: i32,
+    /// The messages of this call.
     pub messages: Vec<Message>,
     pub max_tokens: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
     /// When the job was published to NATS, in Unix milliseconds.
     pub enqueued_at_ms: i64,
+    /// The job's plan.
+    pub plan: Plan,
+    /// The job's conversation (system prompt and turns), for later steps.
+    pub conv: Vec<Message>,
+    /// Finished steps so far (sequential plans).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<StepRecord>,
+    /// The job's own `max_tokens`, if it set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_max_tokens: Option<u32>,
 }
 
 impl CallMsg {
@@ -89,6 +104,15 @@ impl CallMsg {
     pub fn msg_id(&self) -> String {
         format!("{}#{}", self.job_id, self.step)
     }
+}
+
+/// Event published (core NATS) on `<prefix>.review.<category>` when a job
+/// needs a person.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReviewEvent {
+    pub job_id: String,
+    pub category: String,
+    pub reason: String,
 }
 
 /// Event published (core NATS) on `<prefix>.done.<category>` when a job ends.
@@ -202,6 +226,16 @@ impl Bus {
             let _ = self
                 .client
                 .publish(self.names.done_subject(&ev.category), body.into())
+                .await;
+        }
+    }
+
+    /// Best-effort core-NATS event for the review queue.
+    pub async fn publish_review(&self, ev: &ReviewEvent) {
+        if let Ok(body) = serde_json::to_vec(ev) {
+            let _ = self
+                .client
+                .publish(self.names.review_subject(&ev.category), body.into())
                 .await;
         }
     }

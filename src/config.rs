@@ -57,6 +57,46 @@ pub struct Config {
     pub models: BTreeMap<String, ModelConfig>,
     /// Task categories by name.
     pub categories: BTreeMap<String, CategoryConfig>,
+    /// How jobs published with category `auto` find their category.
+    #[serde(default)]
+    pub classifier: Option<ClassifierConfig>,
+}
+
+/// The category a job published as `auto` is served as.
+pub const AUTO_CATEGORY: &str = "auto";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifierConfig {
+    /// Rules tried in order; the first match decides the category.
+    #[serde(default)]
+    pub rules: Vec<ClassifierRule>,
+    /// A cheap model asked when no rule matches; it must answer
+    /// `{"category": "...", "confidence": 0.0-1.0}`.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Below this confidence the job goes to `default_category`.
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
+    /// The safe category for unmatched or low-confidence jobs.
+    pub default_category: String,
+}
+
+fn default_threshold() -> f64 {
+    0.8
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifierRule {
+    /// The category a match selects.
+    pub category: String,
+    /// Matches when the input contains any of these words (case-insensitive).
+    #[serde(default)]
+    pub keywords: Vec<String>,
+    /// Matches when this regular expression finds a match in the input.
+    #[serde(default)]
+    pub regex: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -257,6 +297,9 @@ impl ModelConfig {
 pub struct CategoryConfig {
     /// How jobs of this category are served.
     pub route: RouteConfig,
+    /// An A/B split: this share of the jobs (chosen by job id) takes another route.
+    #[serde(default)]
+    pub variant: Option<VariantConfig>,
     /// System prompt for every job of this category (a job's own `system` is appended).
     #[serde(default)]
     pub system: Option<String>,
@@ -269,12 +312,88 @@ const fn default_max_tokens() -> u32 {
     512
 }
 
-/// A route: how a category is served. More kinds arrive with the routing issue.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// A route: how a category is served.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RouteConfig {
     /// One target model.
     Single { target: String },
+    /// Targets in order (cheapest first); move on when one fails, would wait
+    /// longer than `max_wait_secs`, or its answer fails `check`; after the
+    /// last, human review.
+    Fallback {
+        targets: Vec<String>,
+        #[serde(default)]
+        max_wait_secs: Option<u64>,
+        #[serde(default)]
+        check: Option<CheckConfig>,
+    },
+    /// Named stages in order, each a call with its own prompt template
+    /// (`{{input}}`, `{{previous}}`, `{{stages.NAME}}`).
+    Pipeline { stages: Vec<StageConfig> },
+    /// The same input to every target in parallel; the answer at least
+    /// `min_agree` of them give (normalised) wins, else the `judge` model
+    /// decides, else human review.
+    Consensus {
+        targets: Vec<String>,
+        #[serde(default)]
+        min_agree: Option<usize>,
+        #[serde(default)]
+        judge: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    pub name: String,
+    pub target: String,
+    /// Prompt template; default `{{previous}}` (the first stage: `{{input}}`).
+    #[serde(default)]
+    pub prompt: Option<String>,
+}
+
+/// A check an answer must pass, else the fallback moves on.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CheckConfig {
+    /// The answer must be JSON valid against this schema (a subset of JSON
+    /// Schema: type, properties, required, enum, items, minimum, maximum,
+    /// minLength, maxLength).
+    JsonSchema { schema: toml::Value },
+    /// The answer must report `"confidence"` (JSON) or `confidence: X` of at least `min`.
+    Confidence { min: f64 },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VariantConfig {
+    /// Name recorded in the decision log and the report (default `b`).
+    #[serde(default = "default_variant_name")]
+    pub name: String,
+    /// Share of jobs, 0-100, that take the variant route.
+    pub percent: u8,
+    pub route: RouteConfig,
+}
+
+fn default_variant_name() -> String {
+    "b".into()
+}
+
+impl RouteConfig {
+    /// Every model the route may call.
+    pub fn models(&self) -> Vec<&str> {
+        match self {
+            RouteConfig::Single { target } => vec![target],
+            RouteConfig::Fallback { targets, .. } => targets.iter().map(String::as_str).collect(),
+            RouteConfig::Pipeline { stages } => stages.iter().map(|s| s.target.as_str()).collect(),
+            RouteConfig::Consensus { targets, judge, .. } => targets
+                .iter()
+                .map(String::as_str)
+                .chain(judge.as_deref())
+                .collect(),
+        }
+    }
 }
 
 fn decimal_from_value<E: serde::de::Error>(v: toml::Value) -> Result<Decimal, E> {
@@ -432,28 +551,154 @@ impl Config {
         }
         for (name, cat) in &self.categories {
             check_token(&format!("categories.{name}"), name)?;
-            let RouteConfig::Single { target } = &cat.route;
-            let Some(model) = self.models.get(target) else {
-                return Err(err(
-                    format!("categories.{name}.route.target"),
-                    format!("unknown model `{target}`"),
-                ));
-            };
+            let mut routes = vec![(format!("categories.{name}.route"), &cat.route)];
+            if let Some(v) = &cat.variant {
+                if v.percent > 100 {
+                    return Err(err(
+                        format!("categories.{name}.variant.percent"),
+                        "must be 0 to 100",
+                    ));
+                }
+                routes.push((format!("categories.{name}.variant.route"), &v.route));
+            }
+            for (key, route) in routes {
+                self.validate_route(&key, route)?;
+            }
             if cat.max_tokens == 0 {
                 return Err(err(
                     format!("categories.{name}.max_tokens"),
                     "must be at least 1",
                 ));
             }
-            let prov = &self.providers[&model.provider];
-            if prov.tpm < cat.max_tokens {
+            for model in cat.route.models() {
+                let prov = &self.providers[&self.models[model].provider];
+                if prov.tpm < cat.max_tokens {
+                    return Err(err(
+                        format!("providers.{}.tpm", self.models[model].provider),
+                        format!(
+                            "{} is below categories.{name}.max_tokens ({}): no call could ever be sent",
+                            prov.tpm, cat.max_tokens
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.categories.contains_key(AUTO_CATEGORY) {
+            return Err(err(
+                format!("categories.{AUTO_CATEGORY}"),
+                "`auto` is reserved for jobs the classifier categorises",
+            ));
+        }
+        if let Some(c) = &self.classifier {
+            if !self.categories.contains_key(&c.default_category) {
                 return Err(err(
-                    format!("providers.{}.tpm", model.provider),
-                    format!(
-                        "{} is below categories.{name}.max_tokens ({}): no call could ever be sent",
-                        prov.tpm, cat.max_tokens
-                    ),
+                    "classifier.default_category",
+                    format!("unknown category `{}`", c.default_category),
                 ));
+            }
+            if !(0.0..=1.0).contains(&c.threshold) {
+                return Err(err("classifier.threshold", "must be within 0..=1"));
+            }
+            if let Some(m) = &c.model {
+                if !self.models.contains_key(m) {
+                    return Err(err("classifier.model", format!("unknown model `{m}`")));
+                }
+            }
+            for (i, r) in c.rules.iter().enumerate() {
+                if !self.categories.contains_key(&r.category) {
+                    return Err(err(
+                        format!("classifier.rules[{i}].category"),
+                        format!("unknown category `{}`", r.category),
+                    ));
+                }
+                if r.keywords.is_empty() && r.regex.is_none() {
+                    return Err(err(
+                        format!("classifier.rules[{i}]"),
+                        "give `keywords` or `regex`",
+                    ));
+                }
+                if let Some(re) = &r.regex {
+                    regex::Regex::new(re)
+                        .map_err(|e| err(format!("classifier.rules[{i}].regex"), e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_route(&self, key: &str, route: &RouteConfig) -> Result<(), ConfigError> {
+        let known = |k: String, m: &str| {
+            if self.models.contains_key(m) {
+                Ok(())
+            } else {
+                Err(err(k, format!("unknown model `{m}`")))
+            }
+        };
+        match route {
+            RouteConfig::Single { target } => known(format!("{key}.target"), target)?,
+            RouteConfig::Fallback { targets, check, .. } => {
+                if targets.is_empty() {
+                    return Err(err(format!("{key}.targets"), "needs at least one model"));
+                }
+                for (i, t) in targets.iter().enumerate() {
+                    known(format!("{key}.targets[{i}]"), t)?;
+                }
+                if let Some(CheckConfig::JsonSchema { schema }) = check {
+                    if !schema.is_table() {
+                        return Err(err(
+                            format!("{key}.check.schema"),
+                            "must be a table (a JSON Schema object)",
+                        ));
+                    }
+                }
+            }
+            RouteConfig::Pipeline { stages } => {
+                if stages.is_empty() {
+                    return Err(err(format!("{key}.stages"), "needs at least one stage"));
+                }
+                let mut seen = std::collections::HashSet::new();
+                for (i, st) in stages.iter().enumerate() {
+                    known(format!("{key}.stages[{i}].target"), &st.target)?;
+                    if !seen.insert(st.name.as_str()) {
+                        return Err(err(
+                            format!("{key}.stages[{i}].name"),
+                            format!("duplicate stage `{}`", st.name),
+                        ));
+                    }
+                    if let Some(p) = &st.prompt {
+                        for r in crate::route::template_refs(p) {
+                            if !seen.contains(r.as_str()) || r == st.name {
+                                return Err(err(
+                                    format!("{key}.stages[{i}].prompt"),
+                                    format!("`{{{{stages.{r}}}}}` names no earlier stage"),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            RouteConfig::Consensus {
+                targets,
+                min_agree,
+                judge,
+            } => {
+                if targets.len() < 2 {
+                    return Err(err(format!("{key}.targets"), "needs at least two models"));
+                }
+                for (i, t) in targets.iter().enumerate() {
+                    known(format!("{key}.targets[{i}]"), t)?;
+                }
+                if let Some(j) = judge {
+                    known(format!("{key}.judge"), j)?;
+                }
+                if let Some(m) = min_agree {
+                    if *m < 1 || *m > targets.len() {
+                        return Err(err(
+                            format!("{key}.min_agree"),
+                            format!("must be 1 to {}", targets.len()),
+                        ));
+                    }
+                }
             }
         }
         Ok(())

@@ -11,9 +11,12 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
 use tracing::{debug, warn, Instrument};
 
-use crate::bus::{published_ms, Bus, CallMsg};
-use crate::config::Config;
+use serde_json::json;
+
+use crate::bus::{published_ms, Bus};
+use crate::config::{Config, AUTO_CATEGORY};
 use crate::envelope::{parse_job, Parsed, ValidJob};
+use crate::flow::{self, JobCtx};
 use crate::route;
 use crate::store::{DeadLetterRow, JobRow, Row, Writer, TERMINAL};
 
@@ -64,7 +67,10 @@ impl Dispatcher {
             &category,
             &format!("{stream}-{seq}"),
             self.cfg.limits.max_payload_bytes,
-            |c| self.cfg.categories.contains_key(c),
+            |c| {
+                self.cfg.categories.contains_key(c)
+                    || (c == AUTO_CATEGORY && self.cfg.classifier.is_some())
+            },
         );
         let span =
             tracing::info_span!("job", job_id = tracing::field::Empty, category = %category, seq);
@@ -99,6 +105,7 @@ impl Dispatcher {
                             route_decision: None,
                             error: Some(reason.to_string()),
                             enqueued_at_ms: published,
+                            variant: None,
                         }));
                     }
                     self.writer.write(rows).await.map(|_| ())
@@ -123,18 +130,76 @@ impl Dispatcher {
     }
 
     async fn accept(&self, job: ValidJob, published: i64) -> Result<()> {
-        let Some(decision) = route::first_call(&self.cfg, &job.category) else {
-            anyhow::bail!("category `{}` has no usable route", job.category);
+        let cfg = &self.cfg;
+        let env = &job.envelope;
+        let raw_conv = env.conversation(None);
+        let max_tokens = env.params.max_tokens;
+        let temperature = env.params.temperature;
+        let start = |category: &str, classifier: Option<serde_json::Value>| {
+            flow::start(
+                cfg,
+                &job.id,
+                category,
+                &raw_conv,
+                max_tokens,
+                temperature,
+                published,
+                classifier,
+            )
+            .ok_or_else(|| anyhow::anyhow!("category `{category}` has no usable route"))
         };
-        let cat = &self.cfg.categories[&job.category];
+        let (ctx, log, variant) = if job.category == AUTO_CATEGORY {
+            let input = route::input_text(&raw_conv);
+            match route::classify_by_rules(cfg, &input) {
+                Some((category, rule)) => start(
+                    &category,
+                    Some(
+                        json!({"category": category, "confidence": 1.0, "by": "rule", "rule": rule}),
+                    ),
+                )?,
+                None => match route::classify_plan(cfg) {
+                    Some(Ok(plan)) => {
+                        let log = json!({
+                            "kind": plan.kind(),
+                            "category": AUTO_CATEGORY,
+                            "plan": plan,
+                            "reason": "no classifier rule matched; asking the classifier model",
+                        });
+                        let ctx = JobCtx {
+                            job_id: job.id.clone(),
+                            category: AUTO_CATEGORY.to_string(),
+                            plan,
+                            conv: raw_conv.clone(),
+                            job_max_tokens: max_tokens,
+                            temperature,
+                            enqueued_at_ms: published,
+                        };
+                        (ctx, log, None)
+                    }
+                    Some(Err(default)) => start(
+                        &default,
+                        Some(
+                            json!({"category": default, "confidence": 0.0, "by": "default",
+                                    "reason": "no rule matched and no classifier model"}),
+                        ),
+                    )?,
+                    None => {
+                        anyhow::bail!("category `auto` needs a [classifier] section in the config")
+                    }
+                },
+            }
+        } else {
+            start(&job.category, None)?
+        };
         let row = JobRow {
             id: job.id.clone(),
-            category: job.category.clone(),
+            category: ctx.category.clone(),
             status: "queued",
-            envelope: serde_json::to_value(&job.envelope).ok(),
-            route_decision: serde_json::to_value(&decision).ok(),
+            envelope: serde_json::to_value(env).ok(),
+            route_decision: Some(log),
             error: None,
             enqueued_at_ms: published,
+            variant,
         };
         let committed = self.writer.write(vec![Row::Job(row)]).await?;
         if let Some(status) = committed.job_status.get(&job.id) {
@@ -143,25 +208,18 @@ impl Dispatcher {
                 return Ok(());
             }
         }
-        let call = CallMsg {
-            job_id: job.id.clone(),
-            category: job.category.clone(),
-            provider: decision.provider.clone(),
-            model: decision.model.clone(),
-            step: 0,
-            messages: job.envelope.conversation(cat.system.as_deref()),
-            max_tokens: job.envelope.params.max_tokens.unwrap_or(cat.max_tokens),
-            temperature: job.envelope.params.temperature,
-            enqueued_at_ms: published,
-        };
-        let body = serde_json::to_vec(&call)?;
-        self.bus
-            .publish_durable(
-                self.bus.names.call_subject(&call.provider),
-                &call.msg_id(),
-                body.into(),
-            )
-            .await?;
+        let first = route::next(&ctx.plan, &ctx.conv, &[]);
+        let fx = flow::effects(cfg, &ctx, &[], first);
+        for call in &fx.calls {
+            let body = serde_json::to_vec(call)?;
+            self.bus
+                .publish_durable(
+                    self.bus.names.call_subject(&call.provider),
+                    &call.msg_id(),
+                    body.into(),
+                )
+                .await?;
+        }
         Ok(())
     }
 }

@@ -13,13 +13,22 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::bus::{now_ms, Bus, CallMsg, DoneEvent};
+use crate::bus::{Bus, CallMsg};
 use crate::config::Config;
+use crate::flow::{self, JobCtx};
 use crate::limit::LaneLimiter;
 use crate::pricing::Usage;
 use crate::providers::{estimate_input_tokens, CallRequest, Provider};
-use crate::route::{self, Action, Outcome};
-use crate::store::{self, CallOutcome, CallRow, DeadLetterRow, ResultRow, Row, StatusRow, Writer};
+use crate::route::{self, Action, Outcome, Plan, StepOutcome, StepRecord};
+use crate::store::{self, CallOutcome, CallRow, DeadLetterRow, Row, StatusRow, StepRow, Writer};
+
+/// What a redelivered or multi-step call finds already done.
+enum Recorded {
+    No,
+    JobFinished,
+    /// This step is recorded; the job's steps so far.
+    Step(Vec<StepRecord>),
+}
 
 pub struct Lane {
     name: String,
@@ -115,7 +124,7 @@ impl Lane {
                     &msg,
                     self.writer.write(vec![row]).await.map(|_| ()),
                     None,
-                    None,
+                    flow::Effects::default(),
                 )
                 .await;
                 return;
@@ -128,18 +137,25 @@ impl Lane {
     }
 
     async fn handle_call(&self, msg: &Message, call: CallMsg, attempt: i32) {
+        let multi_step = !matches!(call.plan, Plan::Single { .. });
         // A redelivery may follow a crash after the commit but before the ack:
-        // then the job is already finished and must not be paid for twice.
-        if attempt > 1 {
-            match store::job_status(&self.pool, &call.job_id).await {
-                Ok(Some(s)) if store::TERMINAL.contains(&s.as_str()) => {
-                    debug!(status = %s, "job already finished; acking redelivery");
+        // then the job is finished, or this step is recorded, and must not be
+        // paid for twice. Multi-step jobs always check, since a follow-up call
+        // may have been published twice.
+        if attempt > 1 || multi_step {
+            match self.recorded(&call).await {
+                Ok(Recorded::JobFinished) => {
                     let _ = msg.ack().await;
                     return;
                 }
-                Ok(_) => {}
+                Ok(Recorded::Step(history)) => {
+                    debug!("step already recorded; resuming from the database");
+                    self.after_step(msg, &call, None, history, None).await;
+                    return;
+                }
+                Ok(Recorded::No) => {}
                 Err(e) => {
-                    warn!(error = %e, "status check failed; will retry");
+                    warn!(error = %format!("{e:#}"), "status check failed; will retry");
                     let _ = msg
                         .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                         .await;
@@ -148,14 +164,15 @@ impl Lane {
             }
         }
         let Some(model) = self.cfg.models.get(&call.model) else {
-            let err = format!("model `{}` is not in the config", call.model);
-            let rows = vec![Row::Status(StatusRow {
-                job_id: call.job_id.clone(),
-                status: "failed",
-                error: Some(err),
-            })];
-            let res = self.writer.write(rows).await.map(|_| ());
-            self.finish(msg, res, None, Some((&call, "failed"))).await;
+            let record = StepRecord {
+                step: call.step,
+                model: call.model.clone(),
+                outcome: StepOutcome::Failed,
+                output: None,
+                reason: Some(format!("model `{}` is not in the config", call.model)),
+            };
+            self.after_step(msg, &call, Some(record), Vec::new(), None)
+                .await;
             return;
         };
         let prices = model.prices();
@@ -166,6 +183,34 @@ impl Lane {
             temperature: call.temperature,
         };
         let estimate = estimate_input_tokens(&req.messages);
+
+        // A fallback step whose lane would make it wait too long moves on.
+        if let Some(max) = call
+            .plan
+            .max_wait()
+            .filter(|_| call.plan.may_skip(call.step))
+        {
+            let wait = self
+                .limiter
+                .expected_wait(estimate, u64::from(req.max_tokens));
+            if wait > max {
+                let record = StepRecord {
+                    step: call.step,
+                    model: call.model.clone(),
+                    outcome: StepOutcome::TooSlow,
+                    output: None,
+                    reason: Some(format!(
+                        "lane `{}` would wait {:.1}s, over max_wait {:.1}s",
+                        self.name,
+                        wait.as_secs_f64(),
+                        max.as_secs_f64()
+                    )),
+                };
+                self.after_step(msg, &call, Some(record), Vec::new(), None)
+                    .await;
+                return;
+            }
+        }
 
         // Wait for the limiter, telling JetStream we are still working, and
         // giving the message back at once if the worker is stopping.
@@ -195,7 +240,7 @@ impl Lane {
             category: call.category.clone(),
             provider: self.name.clone(),
             model: call.model.clone(),
-            step: call.step as i32,
+            step: call.step,
             attempt,
             usage: Usage::default(),
             prices,
@@ -251,55 +296,129 @@ impl Lane {
         };
         drop(admission);
 
-        let action = route::decide(&self.cfg.retry, attempt as u32, &outcome, fastrand::f64());
-        let mut rows = vec![Row::Call(row)];
-        let (ack, done): (Option<Duration>, Option<&str>) = match &action {
+        let record = match route::decide(&self.cfg.retry, attempt as u32, &outcome, fastrand::f64())
+        {
+            Action::Retry { delay } => {
+                let rows = vec![
+                    Row::Call(row),
+                    Row::Status(StatusRow {
+                        job_id: call.job_id.clone(),
+                        status: "running",
+                        ..Default::default()
+                    }),
+                ];
+                let res = self.writer.write(rows).await.map(|_| ());
+                self.finish(msg, res, Some(delay), flow::Effects::default())
+                    .await;
+                return;
+            }
             Action::Complete => {
                 let resp = response.expect("success has a response");
-                rows.push(Row::Result(ResultRow {
-                    job_id: call.job_id.clone(),
-                    category: call.category.clone(),
-                    output: resp.text,
+                StepRecord {
+                    step: call.step,
                     model: call.model.clone(),
-                    finish_reason: resp.finish_reason,
-                    latency_ms: (now_ms() - call.enqueued_at_ms).max(0),
-                }));
-                rows.push(Row::Status(StatusRow {
-                    job_id: call.job_id.clone(),
-                    status: "succeeded",
-                    error: None,
-                }));
-                (None, Some("succeeded"))
+                    outcome: StepOutcome::Ok,
+                    output: Some(resp.text),
+                    reason: resp.finish_reason,
+                }
             }
-            Action::Retry { delay } => {
-                rows.push(Row::Status(StatusRow {
-                    job_id: call.job_id.clone(),
-                    status: "running",
-                    error: None,
-                }));
-                (Some(*delay), None)
-            }
-            Action::Fail { error } => {
-                rows.push(Row::Status(StatusRow {
-                    job_id: call.job_id.clone(),
-                    status: "failed",
-                    error: Some(error.clone()),
-                }));
-                (None, Some("failed"))
-            }
+            Action::Fail { error } => StepRecord {
+                step: call.step,
+                model: call.model.clone(),
+                outcome: StepOutcome::Failed,
+                output: None,
+                reason: Some(error),
+            },
         };
-        let res = self.writer.write(rows).await.map(|_| ());
-        self.finish(msg, res, ack, done.map(|s| (&call, s))).await;
+        self.after_step(msg, &call, Some(record), Vec::new(), Some(row))
+            .await;
     }
 
-    /// After the commit: ack (or nak with `retry_in`), then announce a finished job.
-    /// If the commit failed, nak so the message comes back.
+    /// Whether this call's work is already done.
+    async fn recorded(&self, call: &CallMsg) -> Result<Recorded> {
+        if let Some(s) = store::job_status(&self.pool, &call.job_id).await? {
+            if store::TERMINAL.contains(&s.as_str()) {
+                return Ok(Recorded::JobFinished);
+            }
+        }
+        if matches!(call.plan, Plan::Single { .. }) {
+            // Single jobs record no steps: finished means terminal.
+            return Ok(Recorded::No);
+        }
+        let steps = store::load_steps(&self.pool, &call.job_id).await?;
+        Ok(if steps.iter().any(|r| r.step == call.step) {
+            Recorded::Step(steps)
+        } else {
+            Recorded::No
+        })
+    }
+
+    /// A step ended (`record`, with its cost row `call_row`), or was found
+    /// recorded (`record` None, `history` from the database): commit what it
+    /// means, publish what follows, then ack.
+    async fn after_step(
+        &self,
+        msg: &Message,
+        call: &CallMsg,
+        record: Option<StepRecord>,
+        history: Vec<StepRecord>,
+        call_row: Option<CallRow>,
+    ) {
+        let ctx = JobCtx::of_call(call);
+        let mut rows: Vec<Row> = call_row.map(Row::Call).into_iter().collect();
+        let consensus = matches!(call.plan, Plan::Consensus { .. });
+        let single = matches!(call.plan, Plan::Single { .. });
+        let history = match record {
+            None => history,
+            Some(rec) => {
+                if !single {
+                    rows.push(Row::Step(StepRow {
+                        job_id: call.job_id.clone(),
+                        record: rec.clone(),
+                    }));
+                }
+                if consensus {
+                    // Votes arrive in parallel: commit this one, then read them all.
+                    if let Err(e) = self.writer.write(std::mem::take(&mut rows)).await {
+                        self.finish(msg, Err(e), None, flow::Effects::default())
+                            .await;
+                        return;
+                    }
+                    match store::load_steps(&self.pool, &call.job_id).await {
+                        Ok(h) => h,
+                        Err(e) => {
+                            self.finish(msg, Err(e), None, flow::Effects::default())
+                                .await;
+                            return;
+                        }
+                    }
+                } else {
+                    let mut h = call.history.clone();
+                    h.push(rec);
+                    h
+                }
+            }
+        };
+        let decision = route::next(&call.plan, &call.conv, &history);
+        let mut fx = flow::effects(&self.cfg, &ctx, &history, decision);
+        rows.append(&mut fx.rows);
+        let res = if rows.is_empty() {
+            Ok(())
+        } else {
+            self.writer.write(rows).await.map(|_| ())
+        };
+        self.finish(msg, res, None, fx).await;
+    }
+
+    /// After the commit: publish the follow-up calls, ack (or nak with
+    /// `retry_in`), then announce finished and review jobs. If the commit or a
+    /// publish failed, nak so the message comes back (and resumes).
     async fn finish(
         &self,
         msg: &Message,
         committed: Result<()>,
         retry_in: Option<Duration>,
-        done: Option<(&CallMsg, &str)>,
+        fx: flow::Effects,
     ) {
         if let Err(e) = committed {
             warn!(error = %format!("{e:#}"), "commit failed; message will be redelivered");
@@ -308,6 +427,27 @@ impl Lane {
                 .await;
             return;
         }
+        for c in &fx.calls {
+            let published = match serde_json::to_vec(c) {
+                Ok(body) => {
+                    self.bus
+                        .publish_durable(
+                            self.bus.names.call_subject(&c.provider),
+                            &c.msg_id(),
+                            body.into(),
+                        )
+                        .await
+                }
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = published {
+                warn!(error = %format!("{e:#}"), "publishing the next step failed; will retry");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return;
+            }
+        }
         let acked = match retry_in {
             Some(d) => msg.ack_with(AckKind::Nak(Some(d))).await,
             None => msg.ack().await,
@@ -315,14 +455,11 @@ impl Lane {
         if let Err(e) = acked {
             warn!(error = %e, "ack failed; a redelivery will find the job finished");
         }
-        if let Some((call, status)) = done {
-            self.bus
-                .publish_done(&DoneEvent {
-                    job_id: call.job_id.clone(),
-                    category: call.category.clone(),
-                    status: status.to_string(),
-                })
-                .await;
+        if let Some(ev) = &fx.review {
+            self.bus.publish_review(ev).await;
+        }
+        if let Some(ev) = &fx.done {
+            self.bus.publish_done(ev).await;
         }
     }
 }

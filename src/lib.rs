@@ -20,12 +20,14 @@
 
 pub mod bench;
 pub mod bus;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod dispatcher;
 pub mod enqueue;
 pub mod envelope;
+pub mod flow;
 pub mod lane;
 pub mod limit;
 pub mod pricing;

@@ -54,6 +54,17 @@ impl TokenBucket {
         }
     }
 
+    /// How long until `n` tokens would be available (without taking them).
+    pub fn wait_for(&self, n: u64) -> Duration {
+        let n = (n as f64).min(self.capacity);
+        let have = self.available();
+        if have >= n {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((n - have) / self.per_sec)
+        }
+    }
+
     /// Give back tokens reserved but not used.
     pub fn refund(&self, n: u64) {
         let mut s = self.state.lock().expect("bucket lock");
@@ -119,6 +130,23 @@ impl LaneLimiter {
     pub fn paused_until(&self) -> Option<Instant> {
         let p = *self.paused_until.lock().expect("pause lock");
         p.filter(|t| *t > Instant::now())
+    }
+
+    /// How long a call reserving `input` + `output` tokens would wait now for
+    /// the provider's pause and the token budgets (the request rate is not
+    /// probed: governor cannot look without taking).
+    pub fn expected_wait(&self, input: u64, output: u64) -> Duration {
+        let pause = self.paused_until().map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        let mut w = pause.max(self.tpm.wait_for(input + output));
+        if let Some(b) = &self.input_tpm {
+            w = w.max(b.wait_for(input));
+        }
+        if let Some(b) = &self.output_tpm {
+            w = w.max(b.wait_for(output));
+        }
+        w
     }
 
     /// Wait for a concurrency slot, the pause to end, a request token and
@@ -193,6 +221,18 @@ mod tests {
         let a = l.admit(10, 10).await;
         assert!(start.elapsed() >= Duration::from_secs(3));
         l.settle(&a, 5, 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expected_wait_reports_pause_and_budgets() {
+        let l = LaneLimiter::new(6000, 600, None, None, 4);
+        assert_eq!(l.expected_wait(10, 10), Duration::ZERO);
+        let a = l.admit(500, 100).await; // the bucket is empty now
+        l.settle(&a, 500, 100);
+        let w = l.expected_wait(100, 0);
+        assert!((w.as_secs_f64() - 10.0).abs() < 0.01, "{w:?}");
+        l.pause_for(Duration::from_secs(30));
+        assert!(l.expected_wait(1, 0) >= Duration::from_secs(29));
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,38 +1,674 @@
-//! Routing as a pure state machine: `(route, job state, call outcome) →
-//! action`. No I/O; the dispatcher and the lanes only execute what it
-//! returns. Today's routes have one kind, `single`; fallbacks, pipelines and
-//! consensus extend [`decide`] with more states.
+//! Routing as a pure state machine: `(plan, job history, step outcome) →
+//! decision`. No I/O; the dispatcher and the lanes only execute what it
+//! returns.
+//!
+//! A job's [`Plan`] is resolved from its category's route when it is
+//! dispatched (including the A/B variant and, for `auto` jobs, the
+//! classifier) and travels with every call. Each call is a *step*; retries of
+//! one step are [`decide`]'s business; what follows a finished step is
+//! [`next`]'s, given every finished step so far ([`StepRecord`]).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, RetryConfig, RouteConfig};
+use crate::config::{CheckConfig, Config, RetryConfig, RouteConfig};
+use crate::envelope::{Message, Role};
 
-/// Where a job goes first, and why (stored as `jobs.route_decision`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RouteDecision {
-    pub route: &'static str,
-    pub category: String,
+/// A model and the provider lane that serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
     pub model: String,
     pub provider: String,
-    pub reason: String,
 }
 
-/// Pick the first call of a job from its category's route.
-pub fn first_call(cfg: &Config, category: &str) -> Option<RouteDecision> {
-    let cat = cfg.categories.get(category)?;
-    match &cat.route {
-        RouteConfig::Single { target } => {
-            let model = cfg.models.get(target)?;
-            Some(RouteDecision {
-                route: "single",
-                category: category.to_string(),
-                model: target.clone(),
-                provider: model.provider.clone(),
-                reason: format!("category `{category}` routes to `{target}`"),
-            })
+/// A check a fallback answer must pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Check {
+    JsonSchema { schema: serde_json::Value },
+    Confidence { min: f64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stage {
+    pub name: String,
+    pub target: Target,
+    pub template: String,
+}
+
+/// How one job is served, resolved from config at dispatch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Plan {
+    Single {
+        target: Target,
+    },
+    Fallback {
+        targets: Vec<Target>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_wait_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        check: Option<Check>,
+    },
+    Pipeline {
+        stages: Vec<Stage>,
+    },
+    Consensus {
+        voters: Vec<Target>,
+        min_agree: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        judge: Option<Target>,
+    },
+    /// An `auto` job waiting for the classifier model's answer.
+    Classify {
+        classifier: Target,
+        categories: Vec<String>,
+        threshold: f64,
+        default_category: String,
+    },
+}
+
+impl Plan {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Plan::Single { .. } => "single",
+            Plan::Fallback { .. } => "fallback",
+            Plan::Pipeline { .. } => "pipeline",
+            Plan::Consensus { .. } => "consensus",
+            Plan::Classify { .. } => "classify",
         }
+    }
+
+    /// The longest a fallback step may wait for its lane's limiter.
+    pub fn max_wait(&self) -> Option<Duration> {
+        match self {
+            Plan::Fallback {
+                max_wait_ms: Some(ms),
+                targets,
+                ..
+            } if targets.len() > 1 => Some(Duration::from_millis(*ms)),
+            _ => None,
+        }
+    }
+
+    /// Whether a step may be skipped for a long limiter wait (not the last fallback target).
+    pub fn may_skip(&self, step: i32) -> bool {
+        matches!(self, Plan::Fallback { targets, .. } if (step as usize) + 1 < targets.len())
+    }
+}
+
+/// The step number of the classifier call and of a consensus judge.
+pub const CLASSIFY_STEP: i32 = -1;
+
+/// How a step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepOutcome {
+    /// The provider answered.
+    Ok,
+    /// Failed terminally or ran out of retries.
+    Failed,
+    /// Not called: the lane's limiter would have waited longer than `max_wait`.
+    TooSlow,
+}
+
+/// A finished step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: i32,
+    pub model: String,
+    pub outcome: StepOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A call to make.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepCall {
+    pub step: i32,
+    pub target: Target,
+    pub messages: Vec<Message>,
+}
+
+/// What happens next to a job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Make these calls (several at once for consensus).
+    Calls(Vec<StepCall>),
+    /// The job succeeded with this answer.
+    Complete { output: String, model: String },
+    /// A person must finish the job.
+    Review { reason: String },
+    /// The job failed.
+    Fail { error: String },
+    /// Other steps are still running (consensus voters).
+    Wait,
+    /// The classifier chose a category: serve the job as that category.
+    Reclassify {
+        category: String,
+        confidence: f64,
+        by: &'static str,
+    },
+}
+
+/// The verdict on one finished step, with the reason it did not count.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Accepted,
+    Rejected(String),
+}
+
+/// The text user turns of a conversation: what templates call `{{input}}`.
+pub fn input_text(conv: &[Message]) -> String {
+    conv.iter()
+        .filter(|m| m.role != Role::System)
+        .map(|m| m.content.as_str())
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+fn system_only(conv: &[Message]) -> Vec<Message> {
+    conv.iter()
+        .filter(|m| m.role == Role::System)
+        .cloned()
+        .collect()
+}
+
+fn with_user(conv: &[Message], text: String) -> Vec<Message> {
+    let mut m = system_only(conv);
+    m.push(Message {
+        role: Role::User,
+        content: text,
+    });
+    m
+}
+
+/// Stage names a template refers to with `{{stages.NAME}}`.
+pub fn template_refs(template: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(i) = rest.find("{{stages.") {
+        let after = &rest[i + 9..];
+        match after.find("}}") {
+            Some(j) => {
+                out.push(after[..j].trim().to_string());
+                rest = &after[j + 2..];
+            }
+            None => break,
+        }
+    }
+    out
+}
+
+/// Fill `{{input}}`, `{{previous}}` and `{{stages.NAME}}`.
+pub fn render(
+    template: &str,
+    input: &str,
+    previous: &str,
+    stages: &BTreeMap<&str, &str>,
+) -> String {
+    let mut out = template
+        .replace("{{input}}", input)
+        .replace("{{previous}}", previous);
+    for (name, text) in stages {
+        out = out.replace(&format!("{{{{stages.{name}}}}}"), text);
+    }
+    out
+}
+
+/// Pick a category's plan for a job; the A/B variant is chosen by a stable
+/// hash of the job id. Returns the plan and the variant name, if taken.
+pub fn plan_for(cfg: &Config, category: &str, job_id: &str) -> Option<(Plan, Option<String>)> {
+    let cat = cfg.categories.get(category)?;
+    let (route, variant) = match &cat.variant {
+        Some(v) if bucket(job_id) < u64::from(v.percent) => (&v.route, Some(v.name.clone())),
+        _ => (&cat.route, None),
+    };
+    Some((plan_of(cfg, route)?, variant))
+}
+
+/// 0..100, stable for a job id (FNV-1a).
+pub fn bucket(job_id: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in job_id.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h % 100
+}
+
+fn target(cfg: &Config, model: &str) -> Option<Target> {
+    cfg.models.get(model).map(|m| Target {
+        model: model.to_string(),
+        provider: m.provider.clone(),
+    })
+}
+
+fn plan_of(cfg: &Config, route: &RouteConfig) -> Option<Plan> {
+    Some(match route {
+        RouteConfig::Single { target: t } => Plan::Single {
+            target: target(cfg, t)?,
+        },
+        RouteConfig::Fallback {
+            targets,
+            max_wait_secs,
+            check,
+        } => Plan::Fallback {
+            targets: targets
+                .iter()
+                .map(|t| target(cfg, t))
+                .collect::<Option<_>>()?,
+            max_wait_ms: max_wait_secs.map(|s| s * 1000),
+            check: check.as_ref().map(|c| match c {
+                CheckConfig::JsonSchema { schema } => Check::JsonSchema {
+                    schema: serde_json::to_value(schema).unwrap_or_default(),
+                },
+                CheckConfig::Confidence { min } => Check::Confidence { min: *min },
+            }),
+        },
+        RouteConfig::Pipeline { stages } => Plan::Pipeline {
+            stages: stages
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    Some(Stage {
+                        name: s.name.clone(),
+                        target: target(cfg, &s.target)?,
+                        template: s.prompt.clone().unwrap_or_else(|| {
+                            if i == 0 { "{{input}}" } else { "{{previous}}" }.to_string()
+                        }),
+                    })
+                })
+                .collect::<Option<_>>()?,
+        },
+        RouteConfig::Consensus {
+            targets,
+            min_agree,
+            judge,
+        } => Plan::Consensus {
+            voters: targets
+                .iter()
+                .map(|t| target(cfg, t))
+                .collect::<Option<_>>()?,
+            min_agree: min_agree.unwrap_or(targets.len() / 2 + 1),
+            judge: match judge {
+                Some(j) => Some(target(cfg, j)?),
+                None => None,
+            },
+        },
+    })
+}
+
+/// Rules first: the category of the first rule whose keyword or regex
+/// matches the input, with a description of the rule.
+pub fn classify_by_rules(cfg: &Config, input: &str) -> Option<(String, String)> {
+    let c = cfg.classifier.as_ref()?;
+    let lower = input.to_lowercase();
+    for (i, r) in c.rules.iter().enumerate() {
+        if let Some(k) = r
+            .keywords
+            .iter()
+            .find(|k| lower.contains(&k.to_lowercase()))
+        {
+            return Some((r.category.clone(), format!("rules[{i}] keyword `{k}`")));
+        }
+        if let Some(re) = &r.regex {
+            if regex::Regex::new(re).is_ok_and(|re| re.is_match(input)) {
+                return Some((r.category.clone(), format!("rules[{i}] regex")));
+            }
+        }
+    }
+    None
+}
+
+/// The plan for an `auto` job no rule matched: ask the classifier model, or
+/// (without one) go straight to the default category.
+pub fn classify_plan(cfg: &Config) -> Option<Result<Plan, String>> {
+    let c = cfg.classifier.as_ref()?;
+    Some(match &c.model {
+        Some(m) => target(cfg, m)
+            .map(|classifier| Plan::Classify {
+                classifier,
+                categories: cfg.categories.keys().cloned().collect(),
+                threshold: c.threshold,
+                default_category: c.default_category.clone(),
+            })
+            .ok_or_else(|| c.default_category.clone()),
+        None => Err(c.default_category.clone()),
+    })
+}
+
+/// Read the classifier's `{"category", "confidence"}`; anything else is
+/// low confidence (None).
+pub fn parse_classifier_answer(text: &str, categories: &[String]) -> Option<(String, f64)> {
+    let v = extract_json(text)?;
+    let cat = v.get("category")?.as_str()?.trim().to_string();
+    let conf = v.get("confidence")?.as_f64()?;
+    (categories.contains(&cat) && (0.0..=1.0).contains(&conf)).then_some((cat, conf))
+}
+
+/// The first JSON object in a text (models like to wrap JSON in prose or fences).
+pub fn extract_json(text: &str) -> Option<serde_json::Value> {
+    let t = text.trim();
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(t) {
+        return v.is_object().then_some(v);
+    }
+    let start = t.find('{')?;
+    let end = t.rfind('}')?;
+    (end > start)
+        .then(|| serde_json::from_str::<serde_json::Value>(&t[start..=end]).ok())
+        .flatten()
+        .filter(|v| v.is_object())
+}
+
+/// Normalise an answer for voting: lower case, words only, single spaces.
+pub fn normalise(answer: &str) -> String {
+    answer
+        .to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Does a fallback answer pass the route's check?
+pub fn check_answer(check: &Check, output: &str) -> Verdict {
+    match check {
+        Check::JsonSchema { schema } => {
+            match extract_json(output).or_else(|| serde_json::from_str(output.trim()).ok()) {
+                None => Verdict::Rejected("answer is not JSON".into()),
+                Some(v) => match crate::check::validate(schema, &v) {
+                    Ok(()) => Verdict::Accepted,
+                    Err(e) => Verdict::Rejected(format!("answer fails the schema: {e}")),
+                },
+            }
+        }
+        Check::Confidence { min } => match self_reported_confidence(output) {
+            Some(c) if c >= *min => Verdict::Accepted,
+            Some(c) => Verdict::Rejected(format!("self-reported confidence {c} is below {min}")),
+            None => Verdict::Rejected("answer reports no confidence".into()),
+        },
+    }
+}
+
+/// `"confidence": X` in a JSON answer, or a `confidence: X` line.
+pub fn self_reported_confidence(output: &str) -> Option<f64> {
+    if let Some(c) = extract_json(output).and_then(|v| v.get("confidence").and_then(|c| c.as_f64()))
+    {
+        return Some(c);
+    }
+    output.lines().rev().find_map(|l| {
+        let l = l.trim().to_lowercase();
+        let rest = l
+            .strip_prefix("confidence")?
+            .trim_start_matches([':', '=', ' ']);
+        rest.trim_end_matches('%')
+            .parse::<f64>()
+            .ok()
+            .map(|c| if c > 1.0 { c / 100.0 } else { c })
+    })
+}
+
+/// The verdict on a finished step under a plan.
+pub fn verdict(plan: &Plan, rec: &StepRecord) -> Verdict {
+    match rec.outcome {
+        StepOutcome::Failed => {
+            Verdict::Rejected(rec.reason.clone().unwrap_or_else(|| "call failed".into()))
+        }
+        StepOutcome::TooSlow => Verdict::Rejected(
+            rec.reason
+                .clone()
+                .unwrap_or_else(|| "limiter wait too long".into()),
+        ),
+        StepOutcome::Ok => match (plan, &rec.output) {
+            (Plan::Fallback { check: Some(c), .. }, Some(out)) => check_answer(c, out),
+            _ => Verdict::Accepted,
+        },
+    }
+}
+
+fn judge_prompt(input: &str, answers: &[(usize, &str)]) -> String {
+    let mut p = format!(
+        "Several assistants answered the request below. Decide which answer is correct and best.\n\
+         Reply only with JSON: {{\"answer\": <number of the best answer>, \"confidence\": <0.0-1.0>}}.\n\n\
+         Request:\n{input}\n\nAnswers:\n"
+    );
+    for (n, a) in answers {
+        p.push_str(&format!("{n}. {a}\n"));
+    }
+    p
+}
+
+/// The classifier's prompt.
+pub fn classifier_prompt(categories: &[String], input: &str) -> String {
+    format!(
+        "Classify the request into exactly one of these categories: {}.\n\
+         Reply only with JSON: {{\"category\": \"<one of the categories>\", \"confidence\": <0.0-1.0>}}.\n\n\
+         Request:\n{input}",
+        categories.join(", ")
+    )
+}
+
+/// What follows, given the finished steps (`history`, any order).
+pub fn next(plan: &Plan, conv: &[Message], history: &[StepRecord]) -> Decision {
+    let rec = |step: i32| history.iter().find(|r| r.step == step);
+    match plan {
+        Plan::Single { target } => match rec(0) {
+            None => Decision::Calls(vec![StepCall {
+                step: 0,
+                target: target.clone(),
+                messages: conv.to_vec(),
+            }]),
+            Some(r) if r.outcome == StepOutcome::Ok => Decision::Complete {
+                output: r.output.clone().unwrap_or_default(),
+                model: r.model.clone(),
+            },
+            Some(r) => Decision::Fail {
+                error: r.reason.clone().unwrap_or_else(|| "call failed".into()),
+            },
+        },
+        Plan::Fallback { targets, .. } => {
+            for (i, t) in targets.iter().enumerate() {
+                match rec(i as i32) {
+                    None => {
+                        return Decision::Calls(vec![StepCall {
+                            step: i as i32,
+                            target: t.clone(),
+                            messages: conv.to_vec(),
+                        }])
+                    }
+                    Some(r) => {
+                        if verdict(plan, r) == Verdict::Accepted {
+                            return Decision::Complete {
+                                output: r.output.clone().unwrap_or_default(),
+                                model: r.model.clone(),
+                            };
+                        }
+                    }
+                }
+            }
+            Decision::Review {
+                reason: format!(
+                    "all {} fallback targets failed or were rejected",
+                    targets.len()
+                ),
+            }
+        }
+        Plan::Pipeline { stages } => {
+            let input = input_text(conv);
+            let mut outputs: BTreeMap<&str, &str> = BTreeMap::new();
+            let mut previous = input.clone();
+            for (i, s) in stages.iter().enumerate() {
+                match rec(i as i32) {
+                    Some(r) if r.outcome == StepOutcome::Ok => {
+                        let out = r.output.as_deref().unwrap_or("");
+                        outputs.insert(s.name.as_str(), out);
+                        previous = out.to_string();
+                    }
+                    Some(r) => {
+                        return Decision::Review {
+                            reason: format!(
+                                "stage `{}` failed: {}",
+                                s.name,
+                                r.reason.clone().unwrap_or_default()
+                            ),
+                        }
+                    }
+                    None => {
+                        let prompt = render(&s.template, &input, &previous, &outputs);
+                        return Decision::Calls(vec![StepCall {
+                            step: i as i32,
+                            target: s.target.clone(),
+                            messages: with_user(conv, prompt),
+                        }]);
+                    }
+                }
+            }
+            let last = stages.len() as i32 - 1;
+            let r = rec(last).expect("every stage recorded");
+            Decision::Complete {
+                output: r.output.clone().unwrap_or_default(),
+                model: r.model.clone(),
+            }
+        }
+        Plan::Consensus {
+            voters,
+            min_agree,
+            judge,
+        } => {
+            let n = voters.len() as i32;
+            if history.iter().all(|r| r.step >= n) && !history.iter().any(|r| r.step < n) {
+                return Decision::Calls(
+                    voters
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| StepCall {
+                            step: i as i32,
+                            target: t.clone(),
+                            messages: conv.to_vec(),
+                        })
+                        .collect(),
+                );
+            }
+            if (0..n).any(|i| rec(i).is_none()) {
+                return Decision::Wait;
+            }
+            // Group the answers of voters that answered.
+            let answered: Vec<&StepRecord> = (0..n)
+                .filter_map(rec)
+                .filter(|r| r.outcome == StepOutcome::Ok)
+                .collect();
+            let mut groups: Vec<(String, Vec<&StepRecord>)> = Vec::new();
+            for r in &answered {
+                let key = normalise(r.output.as_deref().unwrap_or(""));
+                match groups.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, g)) => g.push(r),
+                    None => groups.push((key, vec![r])),
+                }
+            }
+            groups.sort_by(|a, b| {
+                b.1.len()
+                    .cmp(&a.1.len())
+                    .then(a.1[0].step.cmp(&b.1[0].step))
+            });
+            if let Some((_, g)) = groups.first() {
+                if g.len() >= *min_agree {
+                    return Decision::Complete {
+                        output: g[0].output.clone().unwrap_or_default(),
+                        model: g[0].model.clone(),
+                    };
+                }
+            }
+            let Some(judge) = judge else {
+                return Decision::Review {
+                    reason: format!(
+                        "no consensus: {} of {} voters answered, largest agreement {} (need {min_agree})",
+                        answered.len(),
+                        n,
+                        groups.first().map_or(0, |g| g.1.len())
+                    ),
+                };
+            };
+            if answered.is_empty() {
+                return Decision::Review {
+                    reason: "no consensus: every voter failed".into(),
+                };
+            }
+            match rec(n) {
+                None => {
+                    let input = input_text(conv);
+                    let list: Vec<(usize, &str)> = answered
+                        .iter()
+                        .enumerate()
+                        .map(|(i, r)| (i + 1, r.output.as_deref().unwrap_or("")))
+                        .collect();
+                    Decision::Calls(vec![StepCall {
+                        step: n,
+                        target: judge.clone(),
+                        messages: with_user(conv, judge_prompt(&input, &list)),
+                    }])
+                }
+                Some(j) => {
+                    let pick = (j.outcome == StepOutcome::Ok)
+                        .then(|| j.output.as_deref().and_then(extract_json))
+                        .flatten()
+                        .and_then(|v| v.get("answer").and_then(|a| a.as_u64()))
+                        .and_then(|k| answered.get((k as usize).checked_sub(1)?));
+                    match pick {
+                        Some(r) => Decision::Complete {
+                            output: r.output.clone().unwrap_or_default(),
+                            model: r.model.clone(),
+                        },
+                        None => Decision::Review {
+                            reason: "no consensus and the judge gave no usable verdict".into(),
+                        },
+                    }
+                }
+            }
+        }
+        Plan::Classify {
+            classifier,
+            categories,
+            threshold,
+            default_category,
+        } => match rec(CLASSIFY_STEP) {
+            None => Decision::Calls(vec![StepCall {
+                step: CLASSIFY_STEP,
+                target: classifier.clone(),
+                messages: vec![Message {
+                    role: Role::User,
+                    content: classifier_prompt(categories, &input_text(conv)),
+                }],
+            }]),
+            Some(r) => {
+                let parsed = (r.outcome == StepOutcome::Ok)
+                    .then(|| parse_classifier_answer(r.output.as_deref().unwrap_or(""), categories))
+                    .flatten();
+                match parsed {
+                    Some((category, confidence)) if confidence >= *threshold => {
+                        Decision::Reclassify {
+                            category,
+                            confidence,
+                            by: "model",
+                        }
+                    }
+                    Some((_, confidence)) => Decision::Reclassify {
+                        category: default_category.clone(),
+                        confidence,
+                        by: "default",
+                    },
+                    None => Decision::Reclassify {
+                        category: default_category.clone(),
+                        confidence: 0.0,
+                        by: "default",
+                    },
+                }
+            }
+        },
     }
 }
 
@@ -49,18 +685,18 @@ pub enum Outcome {
     },
 }
 
-/// What to do next.
+/// What to do after one attempt of a step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Record the result; the job succeeded.
+    /// The step succeeded.
     Complete,
     /// Try the same call again after `delay` (the message is nak'ed with it).
     Retry { delay: Duration },
-    /// The job failed.
+    /// The step failed (terminally, or out of retries).
     Fail { error: String },
 }
 
-/// Decide after attempt number `attempt` (1-based) of a single-target call.
+/// Decide after attempt number `attempt` (1-based) of a step.
 /// `jitter` in `0.0..1.0` spreads backoffs; pass a fixed value in tests.
 pub fn decide(retry: &RetryConfig, attempt: u32, outcome: &Outcome, jitter: f64) -> Action {
     match outcome {
@@ -88,80 +724,4 @@ pub fn backoff(retry: &RetryConfig, attempt: u32, jitter: f64) -> Duration {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn retry() -> RetryConfig {
-        RetryConfig {
-            max_attempts: 3,
-            base_delay_ms: 100,
-            max_delay_ms: 1000,
-        }
-    }
-
-    #[test]
-    fn success_completes_at_any_attempt() {
-        for a in 1..=5 {
-            assert_eq!(
-                decide(&retry(), a, &Outcome::Success, 0.5),
-                Action::Complete
-            );
-        }
-    }
-
-    #[test]
-    fn terminal_fails_at_once() {
-        let o = Outcome::Terminal {
-            error: "quota".into(),
-        };
-        assert_eq!(
-            decide(&retry(), 1, &o, 0.0),
-            Action::Fail {
-                error: "quota".into()
-            }
-        );
-    }
-
-    #[test]
-    fn retryable_honours_retry_after_then_gives_up() {
-        let o = Outcome::Retryable {
-            retry_after: Some(Duration::from_secs(7)),
-            error: "429".into(),
-        };
-        assert_eq!(
-            decide(&retry(), 1, &o, 0.0),
-            Action::Retry {
-                delay: Duration::from_secs(7)
-            }
-        );
-        assert_eq!(
-            decide(&retry(), 2, &o, 0.0),
-            Action::Retry {
-                delay: Duration::from_secs(7)
-            }
-        );
-        assert!(
-            matches!(decide(&retry(), 3, &o, 0.0), Action::Fail { error } if error.contains("3 attempts"))
-        );
-    }
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        let r = retry();
-        assert_eq!(backoff(&r, 1, 1.0), Duration::from_millis(100));
-        assert_eq!(backoff(&r, 2, 1.0), Duration::from_millis(200));
-        assert_eq!(backoff(&r, 3, 1.0), Duration::from_millis(400));
-        assert_eq!(backoff(&r, 9, 1.0), Duration::from_millis(1000));
-        assert_eq!(backoff(&r, 2, 0.0), Duration::from_millis(100));
-        assert_eq!(backoff(&r, 64, 1.0), Duration::from_millis(1000));
-    }
-
-    #[test]
-    fn first_call_follows_the_category() {
-        let cfg = Config::from_toml(include_str!("../config/switchyard.toml")).unwrap();
-        let d = first_call(&cfg, "support").unwrap();
-        assert_eq!(d.model, "claude-sonnet-4-5");
-        assert_eq!(d.provider, "anthropic");
-        assert!(first_call(&cfg, "nope").is_none());
-    }
-}
+mod tests;

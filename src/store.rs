@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::pricing::{Prices, Usage};
+use crate::route::{StepOutcome, StepRecord};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -101,6 +102,8 @@ pub struct JobRow {
     pub route_decision: Option<serde_json::Value>,
     pub error: Option<String>,
     pub enqueued_at_ms: i64,
+    /// The A/B variant the job took.
+    pub variant: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -165,11 +168,31 @@ pub struct ResultRow {
     pub latency_ms: i64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StatusRow {
     pub job_id: String,
     pub status: &'static str,
     pub error: Option<String>,
+    /// Why a person must finish the job (status `needs_review`).
+    pub review_reason: Option<String>,
+    /// The decision log's list of steps tried and why each moved on.
+    pub tried: Option<serde_json::Value>,
+}
+
+/// A finished step of a job.
+#[derive(Debug, Clone)]
+pub struct StepRow {
+    pub job_id: String,
+    pub record: StepRecord,
+}
+
+/// The classifier chose a category: the job now belongs to it.
+#[derive(Debug, Clone)]
+pub struct ReclassRow {
+    pub job_id: String,
+    pub category: String,
+    pub variant: Option<String>,
+    pub route_decision: serde_json::Value,
 }
 
 /// One row to write.
@@ -180,6 +203,8 @@ pub enum Row {
     Call(CallRow),
     Result(ResultRow),
     Status(StatusRow),
+    Step(StepRow),
+    Reclass(ReclassRow),
 }
 
 /// What the writer reports back once a request's rows are committed.
@@ -314,6 +339,7 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<HashMap<String, Stri
     }
     let jobs: Vec<&JobRow> = by_id.into_values().collect();
     let (mut dead, mut calls, mut results, mut statuses) = (vec![], vec![], vec![], vec![]);
+    let (mut steps, mut reclass) = (vec![], vec![]);
     for r in rows {
         match r {
             Row::Job(_) => {}
@@ -321,6 +347,8 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<HashMap<String, Stri
             Row::Call(c) => calls.push(c),
             Row::Result(x) => results.push(x),
             Row::Status(st) => statuses.push(st),
+            Row::Step(st) => steps.push(st),
+            Row::Reclass(rc) => reclass.push(rc),
         }
     }
     let mut status = HashMap::new();
@@ -337,8 +365,14 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<HashMap<String, Stri
     if !dead.is_empty() {
         insert_dead_letters(&mut tx, &dead).await?;
     }
+    if !reclass.is_empty() {
+        update_reclass(&mut tx, &reclass).await?;
+    }
     if !calls.is_empty() {
         insert_calls(&mut tx, &calls).await?;
+    }
+    if !steps.is_empty() {
+        insert_steps(&mut tx, &steps).await?;
     }
     if !results.is_empty() {
         insert_results(&mut tx, &results).await?;
@@ -352,16 +386,18 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<HashMap<String, Stri
 
 async fn insert_jobs(tx: &mut Transaction<'_, Postgres>, jobs: &[&JobRow]) -> Result<()> {
     sqlx::query(
-        "INSERT INTO jobs (id, category, status, envelope, route_decision, error, enqueued_at, finished_at)
+        "INSERT INTO jobs (id, category, status, envelope, route_decision, error, enqueued_at, finished_at, variant)
          SELECT u.id, u.category, u.status, u.envelope, u.route_decision, u.error,
                 to_timestamp(u.enqueued_ms / 1000.0),
-                CASE WHEN u.status IN ('succeeded','failed','needs_review','dead') THEN now() END
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::text[], $7::int8[])
-              AS u(id, category, status, envelope, route_decision, error, enqueued_ms)
+                CASE WHEN u.status IN ('succeeded','failed','needs_review','dead') THEN now() END,
+                u.variant
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::text[], $7::int8[], $8::text[])
+              AS u(id, category, status, envelope, route_decision, error, enqueued_ms, variant)
          ON CONFLICT (id) DO UPDATE
              SET category = EXCLUDED.category, status = EXCLUDED.status,
                  envelope = EXCLUDED.envelope, route_decision = EXCLUDED.route_decision,
-                 error = NULL, enqueued_at = EXCLUDED.enqueued_at, finished_at = NULL
+                 error = NULL, enqueued_at = EXCLUDED.enqueued_at, finished_at = NULL,
+                 variant = EXCLUDED.variant
              -- A job first seen malformed may be published again, fixed, under its id.
              WHERE jobs.status = 'dead' AND EXCLUDED.status <> 'dead'",
     )
@@ -372,6 +408,7 @@ async fn insert_jobs(tx: &mut Transaction<'_, Postgres>, jobs: &[&JobRow]) -> Re
     .bind(jobs.iter().map(|j| j.route_decision.clone()).collect::<Vec<_>>())
     .bind(jobs.iter().map(|j| j.error.clone()).collect::<Vec<_>>())
     .bind(jobs.iter().map(|j| j.enqueued_at_ms).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.variant.clone()).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -482,22 +519,89 @@ async fn update_statuses(tx: &mut Transaction<'_, Postgres>, rows: &[&StatusRow]
     // A terminal status is final: never overwrite one.
     sqlx::query(
         "UPDATE jobs SET status = u.status, error = COALESCE(u.error, jobs.error),
+                review_reason = COALESCE(u.review_reason, jobs.review_reason),
+                route_decision = CASE WHEN u.tried IS NULL THEN jobs.route_decision
+                    ELSE jsonb_set(COALESCE(jobs.route_decision, '{}'::jsonb), '{tried}', u.tried) END,
                 finished_at = CASE WHEN u.status IN ('succeeded','failed','needs_review','dead')
                                    THEN now() ELSE jobs.finished_at END
-         FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(id, status, error)
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
+              AS u(id, status, error, review_reason, tried)
          WHERE jobs.id = u.id
            AND jobs.status NOT IN ('succeeded','failed','needs_review','dead')",
     )
     .bind(rows.iter().map(|r| r.job_id.clone()).collect::<Vec<_>>())
-    .bind(
-        rows.iter()
-            .map(|r| r.status.to_string())
-            .collect::<Vec<_>>(),
-    )
+    .bind(rows.iter().map(|r| r.status.to_string()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.error.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.review_reason.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.tried.clone()).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+async fn insert_steps(tx: &mut Transaction<'_, Postgres>, rows: &[&StepRow]) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO steps (job_id, step, model, outcome, output, reason)
+         SELECT * FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[])
+         ON CONFLICT (job_id, step) DO NOTHING",
+    )
+    .bind(rows.iter().map(|r| r.job_id.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.record.step).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.record.model.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| outcome_str(r.record.outcome).to_string()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.record.output.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.record.reason.clone()).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn update_reclass(tx: &mut Transaction<'_, Postgres>, rows: &[&ReclassRow]) -> Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET category = u.category, variant = u.variant, route_decision = u.route_decision
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[]) AS u(id, category, variant, route_decision)
+         WHERE jobs.id = u.id AND jobs.status NOT IN ('succeeded','failed','needs_review','dead')",
+    )
+    .bind(rows.iter().map(|r| r.job_id.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.category.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.variant.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.route_decision.clone()).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn outcome_str(o: StepOutcome) -> &'static str {
+    match o {
+        StepOutcome::Ok => "ok",
+        StepOutcome::Failed => "failed",
+        StepOutcome::TooSlow => "too_slow",
+    }
+}
+
+/// The finished steps of a job.
+pub async fn load_steps(pool: &PgPool, job_id: &str) -> Result<Vec<StepRecord>> {
+    type StepTuple = (i32, String, String, Option<String>, Option<String>);
+    let rows: Vec<StepTuple> = sqlx::query_as(
+        "SELECT step, model, outcome, output, reason FROM steps WHERE job_id = $1 ORDER BY step",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(step, model, outcome, output, reason)| StepRecord {
+            step,
+            model,
+            outcome: match outcome.as_str() {
+                "ok" => StepOutcome::Ok,
+                "too_slow" => StepOutcome::TooSlow,
+                _ => StepOutcome::Failed,
+            },
+            output,
+            reason,
+        })
+        .collect())
 }
 
 /// Status of a job, if it exists.

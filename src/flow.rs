@@ -1,0 +1,284 @@
+//! Turning a routing [`Decision`] into effects: the rows to commit and, after
+//! the commit, the calls to publish and the events to announce. Shared by
+//! the dispatcher (first steps) and the lanes (what follows a step). No I/O.
+
+use serde_json::json;
+
+use crate::bus::{now_ms, CallMsg, DoneEvent, ReviewEvent};
+use crate::config::Config;
+use crate::envelope::{Message, Role};
+use crate::route::{self, Decision, Plan, StepRecord, Verdict, CLASSIFY_STEP};
+use crate::store::{ReclassRow, ResultRow, Row, StatusRow};
+
+/// Tokens the classifier may answer with.
+pub const CLASSIFIER_MAX_TOKENS: u32 = 64;
+
+/// What a job is, as far as routing is concerned.
+#[derive(Debug, Clone)]
+pub struct JobCtx {
+    pub job_id: String,
+    pub category: String,
+    pub plan: Plan,
+    /// System prompt and turns.
+    pub conv: Vec<Message>,
+    pub job_max_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+    pub enqueued_at_ms: i64,
+}
+
+/// Rows to commit, then messages to publish and events to send.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub rows: Vec<Row>,
+    pub calls: Vec<CallMsg>,
+    pub done: Option<DoneEvent>,
+    pub review: Option<ReviewEvent>,
+}
+
+/// The decision log's `tried` list: every finished step, what it came to,
+/// and why the route moved on from it.
+pub fn tried(plan: &Plan, history: &[StepRecord]) -> serde_json::Value {
+    let mut h: Vec<&StepRecord> = history.iter().collect();
+    h.sort_by_key(|r| r.step);
+    serde_json::Value::Array(
+        h.into_iter()
+            .map(|r| {
+                let (outcome, why) = match (r.outcome, route::verdict(plan, r)) {
+                    (route::StepOutcome::Ok, Verdict::Accepted) => ("ok", None),
+                    (route::StepOutcome::Ok, Verdict::Rejected(why)) => ("rejected", Some(why)),
+                    (route::StepOutcome::Failed, Verdict::Rejected(why)) => ("failed", Some(why)),
+                    (route::StepOutcome::TooSlow, Verdict::Rejected(why)) => {
+                        ("too_slow", Some(why))
+                    }
+                    (_, _) => ("ok", None),
+                };
+                let mut v = json!({"step": r.step, "model": r.model, "outcome": outcome});
+                if let Some(w) = why {
+                    v["reason"] = w.into();
+                }
+                v
+            })
+            .collect(),
+    )
+}
+
+/// Merge a category's system prompt in front of a conversation's.
+pub fn with_category_system(conv: &[Message], system: Option<&str>) -> Vec<Message> {
+    let Some(system) = system else {
+        return conv.to_vec();
+    };
+    let mut out = Vec::with_capacity(conv.len() + 1);
+    match conv.first() {
+        Some(m) if m.role == Role::System => {
+            out.push(Message {
+                role: Role::System,
+                content: format!("{system}\n\n{}", m.content),
+            });
+            out.extend(conv[1..].iter().cloned());
+        }
+        _ => {
+            out.push(Message {
+                role: Role::System,
+                content: system.to_string(),
+            });
+            out.extend(conv.iter().cloned());
+        }
+    }
+    out
+}
+
+/// The effects of `decision` for a job whose finished steps are `history`.
+pub fn effects(cfg: &Config, ctx: &JobCtx, history: &[StepRecord], decision: Decision) -> Effects {
+    let mut fx = Effects::default();
+    match decision {
+        Decision::Wait => {}
+        Decision::Calls(calls) => {
+            let max_tokens = ctx.job_max_tokens.unwrap_or_else(|| {
+                cfg.categories
+                    .get(&ctx.category)
+                    .map_or(512, |c| c.max_tokens)
+            });
+            for c in calls {
+                fx.calls.push(CallMsg {
+                    job_id: ctx.job_id.clone(),
+                    category: ctx.category.clone(),
+                    provider: c.target.provider.clone(),
+                    model: c.target.model.clone(),
+                    step: c.step,
+                    messages: c.messages,
+                    max_tokens: if c.step == CLASSIFY_STEP {
+                        CLASSIFIER_MAX_TOKENS
+                    } else {
+                        max_tokens
+                    },
+                    temperature: ctx.temperature,
+                    enqueued_at_ms: ctx.enqueued_at_ms,
+                    plan: ctx.plan.clone(),
+                    conv: ctx.conv.clone(),
+                    history: if matches!(ctx.plan, Plan::Consensus { .. }) {
+                        Vec::new()
+                    } else {
+                        history.to_vec()
+                    },
+                    job_max_tokens: ctx.job_max_tokens,
+                });
+            }
+        }
+        Decision::Complete { output, model } => {
+            fx.rows.push(Row::Result(ResultRow {
+                job_id: ctx.job_id.clone(),
+                category: ctx.category.clone(),
+                output,
+                model,
+                finish_reason: None,
+                latency_ms: (now_ms() - ctx.enqueued_at_ms).max(0),
+            }));
+            fx.rows.push(Row::Status(StatusRow {
+                job_id: ctx.job_id.clone(),
+                status: "succeeded",
+                tried: Some(tried(&ctx.plan, history)),
+                ..Default::default()
+            }));
+            fx.done = Some(done(ctx, "succeeded"));
+        }
+        Decision::Fail { error } => {
+            fx.rows.push(Row::Status(StatusRow {
+                job_id: ctx.job_id.clone(),
+                status: "failed",
+                error: Some(error),
+                tried: Some(tried(&ctx.plan, history)),
+                ..Default::default()
+            }));
+            fx.done = Some(done(ctx, "failed"));
+        }
+        Decision::Review { reason } => {
+            fx.rows.push(Row::Status(StatusRow {
+                job_id: ctx.job_id.clone(),
+                status: "needs_review",
+                review_reason: Some(reason.clone()),
+                tried: Some(tried(&ctx.plan, history)),
+                ..Default::default()
+            }));
+            fx.review = Some(ReviewEvent {
+                job_id: ctx.job_id.clone(),
+                category: ctx.category.clone(),
+                reason,
+            });
+            fx.done = Some(done(ctx, "needs_review"));
+        }
+        Decision::Reclassify {
+            category,
+            confidence,
+            by,
+        } => {
+            let classifier = json!({"category": category, "confidence": confidence, "by": by,
+                                    "model": history.iter().find(|r| r.step == CLASSIFY_STEP).map(|r| r.model.clone())});
+            match start(
+                cfg,
+                &ctx.job_id,
+                &category,
+                &ctx.conv,
+                ctx.job_max_tokens,
+                ctx.temperature,
+                ctx.enqueued_at_ms,
+                Some(classifier),
+            ) {
+                Some((new_ctx, decision_log, variant)) => {
+                    fx.rows.push(Row::Reclass(ReclassRow {
+                        job_id: ctx.job_id.clone(),
+                        category: category.clone(),
+                        variant,
+                        route_decision: decision_log,
+                    }));
+                    let first = route::next(&new_ctx.plan, &new_ctx.conv, &[]);
+                    let more = effects(cfg, &new_ctx, &[], first);
+                    fx.rows.extend(more.rows);
+                    fx.calls.extend(more.calls);
+                    fx.done = more.done;
+                    fx.review = more.review;
+                }
+                None => {
+                    fx.rows.push(Row::Status(StatusRow {
+                        job_id: ctx.job_id.clone(),
+                        status: "failed",
+                        error: Some(format!(
+                            "classified as `{category}`, which has no usable route"
+                        )),
+                        ..Default::default()
+                    }));
+                    fx.done = Some(done(ctx, "failed"));
+                }
+            }
+        }
+    }
+    fx
+}
+
+fn done(ctx: &JobCtx, status: &str) -> DoneEvent {
+    DoneEvent {
+        job_id: ctx.job_id.clone(),
+        category: ctx.category.clone(),
+        status: status.to_string(),
+    }
+}
+
+/// Resolve a job's plan for `category` (with its A/B variant) and the
+/// decision log to store. `raw_conv` is the job's conversation without the
+/// category's system prompt.
+#[allow(clippy::too_many_arguments)]
+pub fn start(
+    cfg: &Config,
+    job_id: &str,
+    category: &str,
+    raw_conv: &[Message],
+    job_max_tokens: Option<u32>,
+    temperature: Option<f64>,
+    enqueued_at_ms: i64,
+    classifier: Option<serde_json::Value>,
+) -> Option<(JobCtx, serde_json::Value, Option<String>)> {
+    let cat = cfg.categories.get(category)?;
+    let (plan, variant) = route::plan_for(cfg, category, job_id)?;
+    let mut log = json!({
+        "kind": plan.kind(),
+        "category": category,
+        "plan": plan,
+        "reason": match &variant {
+            Some(v) => format!("category `{category}` routes by its `{}` route; A/B variant `{v}` chosen by job id", plan.kind()),
+            None => format!("category `{category}` routes by its `{}` route", plan.kind()),
+        },
+    });
+    if let Some(v) = &variant {
+        log["variant"] = v.clone().into();
+    }
+    if let Some(c) = classifier {
+        log["classifier"] = c;
+    }
+    Some((
+        JobCtx {
+            job_id: job_id.to_string(),
+            category: category.to_string(),
+            plan,
+            conv: with_category_system(raw_conv, cat.system.as_deref()),
+            job_max_tokens,
+            temperature,
+            enqueued_at_ms,
+        },
+        log,
+        variant,
+    ))
+}
+
+impl JobCtx {
+    /// The routing context a call message carries.
+    pub fn of_call(c: &CallMsg) -> Self {
+        Self {
+            job_id: c.job_id.clone(),
+            category: c.category.clone(),
+            plan: c.plan.clone(),
+            conv: c.conv.clone(),
+            job_max_tokens: c.job_max_tokens,
+            temperature: c.temperature,
+            enqueued_at_ms: c.enqueued_at_ms,
+        }
+    }
+}

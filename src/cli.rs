@@ -14,7 +14,7 @@ use crate::config::{Config, DEFAULT_DATABASE_URL, DEFAULT_NATS_URL};
 use crate::report::Format;
 use crate::sim::{SimProfile, SimServer};
 use crate::worker::WorkerOptions;
-use crate::{bench, demo, enqueue, report, store, worker};
+use crate::{bench, demo, enqueue, report, review, store, worker};
 
 /// Switchyard: a durable, multi-model LLM job system. Jobs arrive on NATS
 /// JetStream subjects by task category, rate-limited provider lanes serve
@@ -106,6 +106,11 @@ pub enum Command {
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
+    /// Work the human-review queue: jobs a route could not finish.
+    Review {
+        #[command(subcommand)]
+        action: ReviewAction,
+    },
     /// Measure end-to-end throughput against the raw JetStream ceiling.
     Bench {
         /// Number of jobs per run.
@@ -114,6 +119,42 @@ pub enum Command {
         /// End with one JSON object of the figures on the last line.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReviewAction {
+    /// Jobs waiting for review, oldest first.
+    List {
+        /// Only this category.
+        #[arg(long)]
+        category: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One job: its input, every step tried and why the route gave up.
+    Show {
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Finish a job: with the answer (`--output`) or by rejecting it (`--reject`).
+    Resolve {
+        id: String,
+        /// The answer; the job succeeds with it (model `human`).
+        #[arg(long, conflicts_with = "reject", required_unless_present = "reject")]
+        output: Option<String>,
+        /// Fail the job instead.
+        #[arg(long)]
+        reject: bool,
+        /// Why it was rejected.
+        #[arg(long, requires = "reject", default_value = "rejected by reviewer")]
+        reason: String,
+        /// Who resolved it (recorded in the decision log).
+        #[arg(long, env = "USER", default_value = "reviewer")]
+        by: String,
     },
 }
 
@@ -276,6 +317,69 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             .await
             .context("demo failed")?;
             Ok(if demo::print(&outcome, jobs) { 0 } else { 1 })
+        }
+        Command::Review { action } => {
+            let cfg = load()?;
+            let pool = store::connect_and_migrate(&g.database_url, 4).await?;
+            match action {
+                ReviewAction::List { category, json } => {
+                    let items = review::list(&pool, category.as_deref()).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&items)?);
+                    } else {
+                        println!("{:<28} {:<12} {:>9}  reason", "job", "category", "waiting");
+                        for i in &items {
+                            println!(
+                                "{:<28} {:<12} {:>8}s  {}",
+                                i.job_id,
+                                i.category,
+                                i.waiting_secs,
+                                i.reason.as_deref().unwrap_or("")
+                            );
+                        }
+                        eprintln!("{} job(s) waiting for review", items.len());
+                    }
+                    Ok(0)
+                }
+                ReviewAction::Show { id, json } => {
+                    let d = review::show(&pool, &id).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&d)?);
+                    } else {
+                        print!("{}", d.render());
+                    }
+                    Ok(0)
+                }
+                ReviewAction::Resolve {
+                    id,
+                    output,
+                    reject,
+                    reason,
+                    by,
+                } => {
+                    let how = match (output, reject) {
+                        (Some(text), false) => review::Resolution::Output(text),
+                        _ => review::Resolution::Reject(reason),
+                    };
+                    let status = match &how {
+                        review::Resolution::Output(_) => "succeeded",
+                        review::Resolution::Reject(_) => "failed",
+                    };
+                    let category = review::resolve(&pool, &id, how, &by).await?;
+                    // The done event is best effort: the database already holds the outcome.
+                    if let Ok(bus) = Bus::connect(&g.nats_url, &cfg.nats.prefix).await {
+                        bus.publish_done(&crate::bus::DoneEvent {
+                            job_id: id.clone(),
+                            category,
+                            status: status.into(),
+                        })
+                        .await;
+                        let _ = bus.client.flush().await;
+                    }
+                    println!("job {id} {status}");
+                    Ok(0)
+                }
+            }
         }
         Command::Bench { jobs, json } => {
             anyhow::ensure!(jobs > 0, "--jobs must be at least 1");

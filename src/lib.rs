@@ -33,6 +33,7 @@ pub mod limit;
 pub mod pricing;
 pub mod providers;
 pub mod report;
+pub mod review;
 pub mod route;
 pub mod sim;
 pub mod store;

@@ -68,6 +68,16 @@ pub struct SimProfile {
     /// Send rate-limit headers (true, like OpenAI and Anthropic) or none (like
     /// many OpenAI-compatible servers, whose only signal is the 429 itself).
     pub rate_headers: bool,
+    /// Share (0..1) of inputs every model answers identically (so consensus
+    /// voters agree); the rest get model-specific answers.
+    pub agreement: f64,
+    /// Per model: share (0..1) of its requests answered with a terminal 400.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub model_errors: BTreeMap<String, f64>,
+    /// Fixed answers: the first entry whose `model` (if given) and `contains`
+    /// (if given, searched in every message) match supplies the text.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<ScriptedAnswer>,
     /// Per-format behaviour (`openai`, `anthropic`, `gemini`): a section
     /// replaces the top-level behaviour for that format.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -86,9 +96,23 @@ impl Default for SimProfile {
             cache_write_share: 0.0,
             reasoning_tokens: 0,
             rate_headers: true,
+            agreement: 0.0,
+            model_errors: BTreeMap::new(),
+            answers: Vec::new(),
             formats: BTreeMap::new(),
         }
     }
+}
+
+/// A fixed answer of the simulator.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptedAnswer {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub contains: Option<String>,
+    pub text: String,
 }
 
 impl SimProfile {
@@ -106,7 +130,11 @@ impl SimProfile {
             ("error_rate", self.error_rate),
             ("cached_share", self.cached_share),
             ("cache_write_share", self.cache_write_share),
-        ] {
+            ("agreement", self.agreement),
+        ]
+        .into_iter()
+        .chain(self.model_errors.values().map(|v| ("model_errors", *v)))
+        {
             anyhow::ensure!(
                 (0.0..=1.0).contains(&v),
                 "sim profile `{key}` must be within 0..=1"
@@ -265,6 +293,69 @@ pub fn synthesize(model: &str, messages: &[Message], max_tokens: u32) -> Synthes
         completion_tokens: n,
         finish_reason: if n < want { "length" } else { "stop" },
     }
+}
+
+/// The simulator's answer under a profile: a scripted answer if one
+/// matches; JSON when the request is Switchyard's classifier or judge prompt;
+/// otherwise [`synthesize`], model-independent for the `agreement` share of inputs.
+pub fn answer(p: &SimProfile, model: &str, messages: &[Message], max_tokens: u32) -> Synthesized {
+    let prompt_tokens = 3 + messages
+        .iter()
+        .map(|m| count_tokens(&m.content) + 4)
+        .sum::<u64>();
+    let fixed = |text: String| {
+        let n = count_tokens(&text);
+        Synthesized {
+            text,
+            prompt_tokens,
+            completion_tokens: n,
+            finish_reason: "stop",
+        }
+    };
+    if let Some(a) = p.answers.iter().find(|a| {
+        a.model.as_deref().is_none_or(|m| m == model)
+            && a.contains
+                .as_deref()
+                .is_none_or(|c| messages.iter().any(|m| m.content.contains(c)))
+    }) {
+        return fixed(a.text.clone());
+    }
+    let last = messages.last().map_or("", |m| m.content.as_str());
+    let h = fnv1a(last.as_bytes(), fnv1a(model.as_bytes(), 0xcbf29ce484222325));
+    if let Some(rest) =
+        last.strip_prefix("Classify the request into exactly one of these categories: ")
+    {
+        let list = rest.split(".\n").next().unwrap_or("");
+        let cats: Vec<&str> = list.split(", ").filter(|c| !c.is_empty()).collect();
+        if !cats.is_empty() {
+            let cat = cats[(h % cats.len() as u64) as usize];
+            let conf = 0.5 + ((h >> 16) % 50) as f64 / 100.0;
+            return fixed(format!(
+                r#"{{"category": "{cat}", "confidence": {conf:.2}}}"#
+            ));
+        }
+    }
+    if last.contains("Reply only with JSON: {\"answer\"") {
+        let n = last
+            .split("\nAnswers:\n")
+            .nth(1)
+            .map_or(1, |a| {
+                a.lines()
+                    .filter(|l| {
+                        l.split_once(". ")
+                            .is_some_and(|(k, _)| k.parse::<u32>().is_ok())
+                    })
+                    .count()
+            })
+            .max(1);
+        return fixed(format!(
+            r#"{{"answer": {}, "confidence": 0.9}}"#,
+            1 + h % n as u64
+        ));
+    }
+    let agree = p.agreement > 0.0
+        && (fnv1a(last.as_bytes(), 0x84222325cbf29ce4) % 1000) as f64 / 1000.0 < p.agreement;
+    synthesize(if agree { "" } else { model }, messages, max_tokens)
 }
 
 /// A parsed request, whatever its format.
@@ -550,7 +641,7 @@ async fn serve(
             return resp;
         }
     };
-    let s = synthesize(&req.model, &req.messages, req.max_tokens);
+    let s = answer(p, &req.model, &req.messages, req.max_tokens);
     let prompt_only = SimUsage {
         prompt: s.prompt_tokens,
         ..Default::default()
@@ -655,7 +746,16 @@ async fn serve(
         _ => None,
     };
     let random_error = p.error_rate > 0.0 && fastrand::f64() < p.error_rate;
-    if let Some(kind) = forced_error.or(random_error.then_some(ErrKind::Server)) {
+    let model_error = p
+        .model_errors
+        .get(&req.model)
+        .is_some_and(|share| fastrand::f64() < *share);
+    let random = if model_error {
+        Some(ErrKind::BadRequest)
+    } else {
+        random_error.then_some(ErrKind::Server)
+    };
+    if let Some(kind) = forced_error.or(random) {
         let (status, retry_ms) = match kind {
             ErrKind::RateLimited { wait } => (429, Some(wait.as_millis() as u64)),
             ErrKind::Quota => (429, None),
@@ -757,6 +857,50 @@ mod tests {
         let c = synthesize("m", &msgs("hello there"), 2);
         assert_eq!(c.completion_tokens, 2);
         assert_eq!(c.finish_reason, "length");
+    }
+
+    #[test]
+    fn answers_json_to_classifier_and_judge_prompts() {
+        let p = SimProfile::default();
+        let user = |t: String| {
+            vec![Message {
+                role: Role::User,
+                content: t,
+            }]
+        };
+        let cats = vec!["lookup".to_string(), "sales".to_string()];
+        let a = answer(
+            &p,
+            "m",
+            &user(crate::route::classifier_prompt(&cats, "price?")),
+            64,
+        );
+        let (cat, conf) = crate::route::parse_classifier_answer(&a.text, &cats).unwrap();
+        assert!(cats.contains(&cat) && (0.5..1.0).contains(&conf));
+        assert_eq!(a.completion_tokens, count_tokens(&a.text));
+        let judge = "Reply only with JSON: {\"answer\": <n>}\n\nAnswers:\n1. a\n2. b\n";
+        let v = crate::route::extract_json(&answer(&p, "m", &user(judge.into()), 64).text).unwrap();
+        assert!((1..=2).contains(&v["answer"].as_u64().unwrap()));
+        let agree = SimProfile {
+            agreement: 1.0,
+            ..Default::default()
+        };
+        let q = user("same question".into());
+        assert_eq!(
+            answer(&agree, "x", &q, 100).text,
+            answer(&agree, "y", &q, 100).text
+        );
+        assert_ne!(answer(&p, "x", &q, 100).text, answer(&p, "y", &q, 100).text);
+        let scripted = SimProfile {
+            answers: vec![ScriptedAnswer {
+                model: Some("x".into()),
+                contains: Some("same".into()),
+                text: "{}".into(),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(answer(&scripted, "x", &q, 100).text, "{}");
+        assert_ne!(answer(&scripted, "y", &q, 100).text, "{}");
     }
 
     #[test]

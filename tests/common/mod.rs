@@ -74,6 +74,21 @@ impl TestEnv {
         Config::from_toml_with_env(SHIPPED_CONFIG, &env).expect("test config")
     }
 
+    /// `text` (a whole config) with this test's prefix and every provider on
+    /// this test's simulator.
+    pub fn config_from(&self, text: &str) -> Config {
+        let mut env: Vec<(String, String)> =
+            vec![("SWITCHYARD_NATS__PREFIX".to_string(), self.name.clone())];
+        let cfg = Config::from_toml(text).expect("test config");
+        for p in cfg.providers.keys() {
+            env.push((
+                format!("SWITCHYARD_PROVIDERS__{}__BASE_URL", p.to_uppercase()),
+                self.sim.base_url(),
+            ));
+        }
+        Config::from_toml_with_env(text, &env).expect("test config")
+    }
+
     pub fn config(&self) -> Config {
         self.config_with(&[])
     }

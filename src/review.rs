@@ -78,12 +78,7 @@ pub async fn show(pool: &PgPool, job_id: &str) -> Result<ReviewDetail> {
     let Some((category, status, reason, envelope, route_decision)) = job else {
         bail!("no job with id `{job_id}`");
     };
-    let steps: Vec<(i32, String, String, Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT step, model, outcome, output, reason FROM steps WHERE job_id = $1 ORDER BY step",
-    )
-    .bind(job_id)
-    .fetch_all(pool)
-    .await?;
+    let steps = crate::store::load_steps(pool, job_id).await?;
     let (calls, cost_usd): (i64, Decimal) = sqlx::query_as(
         "SELECT count(*)::int8, COALESCE(sum(cost_usd), 0) FROM calls WHERE job_id = $1",
     )
@@ -99,12 +94,15 @@ pub async fn show(pool: &PgPool, job_id: &str) -> Result<ReviewDetail> {
         route_decision,
         steps: steps
             .into_iter()
-            .map(|(step, model, outcome, output, reason)| StepView {
-                step,
-                model,
-                outcome,
-                output,
-                reason,
+            .map(|r| StepView {
+                step: r.step,
+                model: r.model,
+                outcome: serde_json::to_value(r.outcome)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                output: r.output,
+                reason: r.reason,
             })
             .collect(),
         calls,

@@ -28,6 +28,37 @@ pub struct CostLine {
     pub cost_usd: Decimal,
 }
 
+/// How one category (and A/B variant) was served.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RouteLine {
+    pub category: String,
+    /// The A/B variant, or `-` for the category's main route.
+    pub variant: String,
+    /// Route kind (`single`, `fallback`, `pipeline`, `consensus`).
+    pub kind: String,
+    pub jobs: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    /// Jobs that went to human review (waiting or already resolved by a person).
+    pub reviewed: i64,
+    /// Fallback jobs that needed more than their first target.
+    pub fell_back: i64,
+    /// USD of all calls, per job.
+    pub cost_per_job: Decimal,
+    /// Mean enqueue-to-result latency of succeeded jobs.
+    pub avg_latency_ms: Option<f64>,
+}
+
+/// Which model produced the results of a category.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ServedBy {
+    pub category: String,
+    pub model: String,
+    pub jobs: i64,
+    /// Share of the category's results, 0-1.
+    pub share: f64,
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Report {
     /// The job-id prefix the report is limited to, if any.
@@ -37,6 +68,8 @@ pub struct Report {
     pub by_model: Vec<CostLine>,
     pub total: CostLine,
     pub dead_letters: i64,
+    pub routes: Vec<RouteLine>,
+    pub served_by: Vec<ServedBy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -121,7 +154,71 @@ pub async fn build(pool: &PgPool, job_prefix: Option<String>) -> Result<Report> 
                 .await?
         }
     };
+    type RouteTuple = (
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        Decimal,
+        Option<f64>,
+    );
+    let routes: Vec<RouteTuple> = sqlx::query_as(
+        "SELECT j.category, COALESCE(j.variant, '-'), COALESCE(j.route_decision->>'kind', 'single'),
+                count(*)::int8,
+                count(*) FILTER (WHERE j.status = 'succeeded')::int8,
+                count(*) FILTER (WHERE j.status IN ('failed', 'dead'))::int8,
+                count(*) FILTER (WHERE j.status = 'needs_review' OR j.route_decision ? 'review')::int8,
+                count(*) FILTER (WHERE j.route_decision->>'kind' = 'fallback'
+                                   AND EXISTS (SELECT 1 FROM steps s WHERE s.job_id = j.id AND s.step > 0))::int8,
+                COALESCE(round(sum(COALESCE(c.cost, 0)) / count(*), 8), 0),
+                avg(r.latency_ms)::float8
+         FROM jobs j
+         LEFT JOIN results r ON r.job_id = j.id
+         LEFT JOIN LATERAL (SELECT sum(cost_usd) AS cost FROM calls WHERE calls.job_id = j.id) c ON true
+         WHERE j.id LIKE $1 AND j.status <> 'dead'
+         GROUP BY 1, 2, 3 ORDER BY 1, 2",
+    )
+    .bind(&like)
+    .fetch_all(pool)
+    .await?;
+    let served: Vec<(String, String, i64, f64)> = sqlx::query_as(
+        "SELECT j.category, r.model, count(*)::int8,
+                (count(*)::float8 / sum(count(*)) OVER (PARTITION BY j.category))::float8
+         FROM results r JOIN jobs j ON j.id = r.job_id
+         WHERE j.id LIKE $1 GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2",
+    )
+    .bind(&like)
+    .fetch_all(pool)
+    .await?;
     Ok(Report {
+        routes: routes
+            .into_iter()
+            .map(|t| RouteLine {
+                category: t.0,
+                variant: t.1,
+                kind: t.2,
+                jobs: t.3,
+                succeeded: t.4,
+                failed: t.5,
+                reviewed: t.6,
+                fell_back: t.7,
+                cost_per_job: t.8,
+                avg_latency_ms: t.9,
+            })
+            .collect(),
+        served_by: served
+            .into_iter()
+            .map(|(category, model, jobs, share)| ServedBy {
+                category,
+                model,
+                jobs,
+                share,
+            })
+            .collect(),
         job_prefix,
         jobs_by_status: jobs_by_status
             .into_iter()
@@ -162,6 +259,7 @@ impl Report {
         }
         let _ = writeln!(out, "  {:<14} {:>8}", "total", self.total_jobs());
         let _ = writeln!(out, "  {:<14} {:>8}", "dead letters", self.dead_letters);
+        self.routes_table(&mut out);
         for (title, lines) in [
             ("Cost by category", &self.by_category),
             ("Cost by model", &self.by_model),
@@ -188,6 +286,59 @@ impl Report {
             }
         }
         out
+    }
+
+    fn routes_table(&self, out: &mut String) {
+        if self.routes.is_empty() {
+            return;
+        }
+        let pct = |n: i64, of: i64| {
+            if of == 0 {
+                0.0
+            } else {
+                100.0 * n as f64 / of as f64
+            }
+        };
+        let _ = writeln!(out, "\nRoutes by category (A/B variants side by side)");
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<10} {:<10} {:>6} {:>8} {:>9} {:>8} {:>12} {:>11}",
+            "category",
+            "variant",
+            "kind",
+            "jobs",
+            "ok %",
+            "fallbk %",
+            "review %",
+            "USD/job",
+            "latency ms"
+        );
+        for r in &self.routes {
+            let _ = writeln!(
+                out,
+                "  {:<12} {:<10} {:<10} {:>6} {:>8.1} {:>9.1} {:>8.1} {:>12} {:>11}",
+                r.category,
+                r.variant,
+                r.kind,
+                r.jobs,
+                pct(r.succeeded, r.jobs),
+                pct(r.fell_back, r.jobs),
+                pct(r.reviewed, r.jobs),
+                r.cost_per_job.round_dp(6).to_string(),
+                r.avg_latency_ms.map_or("-".into(), |l| format!("{l:.0}"))
+            );
+        }
+        let _ = writeln!(out, "\nModels serving each category (share of results)");
+        for s in &self.served_by {
+            let _ = writeln!(
+                out,
+                "  {:<12} {:<30} {:>6} {:>6.1}%",
+                s.category,
+                s.model,
+                s.jobs,
+                100.0 * s.share
+            );
+        }
     }
 
     fn to_csv(&self) -> String {

@@ -310,3 +310,97 @@ async fn api_keys_never_reach_logs_or_the_database() {
     }
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_killed_mid_run_resumes_at_the_first_unfinished_stage() {
+    // Stage `refine` runs on the OpenAI lane, which answers slowly: the kill
+    // lands after `draft` is recorded and while `refine` is in flight.
+    let mut profile = SimProfile::default();
+    profile.formats.insert(
+        switchyard::sim::Format::Openai,
+        SimProfile {
+            latency_ms: 1500,
+            ..Default::default()
+        },
+    );
+    let env = TestEnv::new(profile).await;
+    let dir = std::env::temp_dir().join(format!("sy-pipe-{}", env.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_path = dir.join("switchyard.toml");
+    let text = format!(
+        "{}\n[categories.pipe]\nroute = {{ kind = \"pipeline\", stages = [\n  \
+         {{ name = \"draft\", target = \"gemini-2.5-flash-lite\" }},\n  \
+         {{ name = \"refine\", target = \"gpt-4.1\" }},\n  \
+         {{ name = \"final\", target = \"claude-haiku-4-5\", prompt = \"{{{{stages.draft}}}} / {{{{previous}}}}\" }} ] }}\n",
+        common::SHIPPED_CONFIG
+    );
+    std::fs::write(&cfg_path, text).unwrap();
+    let mut vars = env.child_env();
+    vars.retain(|(k, _)| k != "SWITCHYARD_CONFIG");
+    vars.push((
+        "SWITCHYARD_CONFIG".into(),
+        cfg_path.to_str().unwrap().into(),
+    ));
+    vars.push(("SWITCHYARD_NATS__ACK_WAIT_SECS".into(), "3".into()));
+    let cfg = switchyard::config::Config::load(Some(&cfg_path)).unwrap();
+    env.bus.ensure_streams(&cfg).await.unwrap();
+
+    let worker = spawn_worker(&vars);
+    let js: Vec<switchyard::enqueue::Outgoing> = (0..3)
+        .map(|i| {
+            let e = switchyard::envelope::JobEnvelope::prompt(
+                format!("pipe-{i}"),
+                "pipe",
+                format!("Write about topic {i}"),
+            );
+            switchyard::enqueue::Outgoing::from_envelope(&e).unwrap()
+        })
+        .collect();
+    let ids: Vec<String> = js.iter().map(|j| j.id.clone()).collect();
+    publish_jobs(&env.bus, &js, None).await.unwrap();
+    let pool = env.pool.clone();
+    wait_until(Duration::from_secs(30), "every draft recorded", || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM steps WHERE step = 0")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                == 3
+        }
+    })
+    .await;
+    drop(worker); // SIGKILL while `refine` is in flight
+    assert_eq!(
+        env.count("SELECT count(*) FROM steps WHERE step = 1").await,
+        0,
+        "killed mid-pipeline"
+    );
+
+    let _worker = spawn_worker(&vars);
+    assert!(
+        wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(env.count("SELECT count(*) FROM results").await, 3);
+    assert_eq!(
+        env.count("SELECT count(*) FROM steps WHERE outcome = 'ok'")
+            .await,
+        9
+    );
+    // The recorded stage was neither re-run nor re-paid.
+    assert_eq!(
+        env.count("SELECT count(*) FROM calls WHERE step = 0").await,
+        3
+    );
+    let drafts = env
+        .sim
+        .ledger()
+        .iter()
+        .filter(|e| e.model == "gemini-2.5-flash-lite")
+        .count();
+    assert_eq!(drafts, 3, "the provider was asked for each draft once");
+    let _ = std::fs::remove_dir_all(&dir);
+    env.cleanup().await;
+}

@@ -115,7 +115,7 @@ impl Default for NatsConfig {
         Self {
             prefix: "switchyard".into(),
             ack_wait_secs: 120,
-            duplicate_window_secs: 120,
+            duplicate_window_secs: 300,
         }
     }
 }
@@ -827,10 +827,10 @@ mod tests {
 
     #[test]
     fn bad_reference_is_named() {
-        let text = SHIPPED.replace("target = \"gpt-4.1\"", "target = \"gpt-9\"");
+        let text = SHIPPED.replace("judge = \"gpt-4.1\"", "judge = \"gpt-9\"");
         let e = Config::from_toml(&text).unwrap_err().0;
         assert!(
-            e.contains("categories.sales.route.target") && e.contains("gpt-9"),
+            e.contains("categories.lookup.route.judge") && e.contains("gpt-9"),
             "{e}"
         );
     }

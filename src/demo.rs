@@ -9,7 +9,7 @@ use anyhow::Result;
 use sqlx::PgPool;
 
 use crate::bus::Bus;
-use crate::config::{Config, ProviderKind};
+use crate::config::{Config, ProviderKind, AUTO_CATEGORY};
 use crate::enqueue::{progress_bar, publish_jobs, wait_finished, Outgoing};
 use crate::envelope::JobEnvelope;
 use crate::report::{self, Format, Report};
@@ -44,11 +44,45 @@ const PROMPTS: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// Sample jobs, spread round-robin over the config's categories.
+/// Prompts for jobs published to `auto` that no classifier rule matches.
+const UNMATCHED: &[&str] = &[
+    "Could you help me with request {n}?",
+    "I have a question about account {n}.",
+    "Please get back to me about ticket {n}.",
+];
+
+/// Sample jobs, spread round-robin over the config's categories; with a
+/// classifier configured, every seventh job is published as `auto` instead.
 pub fn sample_jobs(cfg: &Config, run_id: &str, n: usize) -> Result<Vec<Outgoing>> {
     let cats: Vec<&String> = cfg.categories.keys().collect();
+    let auto = cfg.classifier.is_some();
     (0..n)
         .map(|i| {
+            if auto && i % 7 == 6 {
+                let t = if i % 2 == 0 {
+                    UNMATCHED[(i / 7) % UNMATCHED.len()].to_string()
+                } else {
+                    let cat = cats[(i / 7) % cats.len()];
+                    PROMPTS
+                        .iter()
+                        .find(|(c, _)| c == cat)
+                        .map_or("Please answer request {n}.", |(_, t)| t[(i / 7) % t.len()])
+                        .to_string()
+                };
+                let mut env = JobEnvelope::prompt(
+                    format!("{run_id}-{i:06}"),
+                    AUTO_CATEGORY,
+                    t.replace("{n}", &i.to_string()),
+                );
+                env.category = None;
+                env.metadata.insert("run".into(), run_id.to_string());
+                let payload = serde_json::to_vec(&env)?;
+                return Ok(Outgoing {
+                    category: AUTO_CATEGORY.into(),
+                    id: format!("{run_id}-{i:06}"),
+                    payload,
+                });
+            }
             let cat = cats[i % cats.len()];
             let templates = PROMPTS
                 .iter()

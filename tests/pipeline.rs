@@ -417,7 +417,7 @@ async fn lanes_obey_rate_limit_headers_instead_of_collecting_429s() {
         .iter()
         .filter(|e| matches!(e.format, Format::Openai | Format::Anthropic))
         .collect();
-    assert_eq!(with_headers.len(), 10, "{with_headers:?}");
+    assert!(with_headers.len() >= 15, "{with_headers:?}");
     assert!(
         with_headers.iter().all(|e| e.status == 200),
         "{with_headers:?}"

@@ -160,16 +160,21 @@ impl SimProfile {
     }
 
     /// The demo's default mix: some latency, 3% 500s, RPM limits that cause
-    /// 429s, cached prompts, Anthropic cache writes and Gemini thinking.
+    /// 429s, cached prompts, Anthropic cache writes, Gemini thinking; the
+    /// cheap Claude model refuses 10% of requests (so support falls back),
+    /// and 70% of lookups get the same answer from every model (so
+    /// consensus agrees; the rest go to the judge).
     pub fn demo() -> Self {
-        let base = Self {
+        let mut base = Self {
             latency_ms: 20,
             jitter_ms: 40,
             error_rate: 0.03,
             rpm: 3000,
             cached_share: 0.25,
+            agreement: 0.7,
             ..Self::default()
         };
+        base.model_errors.insert("claude-haiku-4-5".into(), 0.1);
         let mut formats = BTreeMap::new();
         formats.insert(
             Format::Anthropic,

@@ -13,7 +13,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::bus::Bus;
-use crate::config::{Config, ProviderKind};
+use crate::config::{Config, ProviderKind, RouteConfig};
 use crate::demo::{on_simulator, sample_jobs};
 use crate::enqueue::{publish_jobs, Outgoing};
 use crate::sim::{SimProfile, SimServer};
@@ -48,9 +48,22 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// Serve every category by a single call to its route's first model, with no
+/// A/B split and no classifier, so a job is one publish, one call and one
+/// result, comparable with the JetStream ceiling.
+fn single_routes(cfg: &mut Config) {
+    for cat in cfg.categories.values_mut() {
+        let first = cat.route.models()[0].to_string();
+        cat.route = RouteConfig::Single { target: first };
+        cat.variant = None;
+    }
+    cfg.classifier = None;
+}
+
 /// Remove the limits that would make the bench measure the lane's rate
 /// limiter instead of the system.
 fn unthrottled(cfg: &mut Config) {
+    single_routes(cfg);
     for p in cfg.providers.values_mut() {
         p.rpm = 100_000_000;
         p.tpm = u32::MAX;

@@ -541,7 +541,7 @@ pub fn next(plan: &Plan, conv: &[Message], history: &[StepRecord]) -> Decision {
             judge,
         } => {
             let n = voters.len() as i32;
-            if history.iter().all(|r| r.step >= n) && !history.iter().any(|r| r.step < n) {
+            if (0..n).all(|i| rec(i).is_none()) {
                 return Decision::Calls(
                     voters
                         .iter()

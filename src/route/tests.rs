@@ -355,6 +355,13 @@ fn consensus_asks_every_voter_at_once_and_waits_for_all() {
         vec![(0, "x".into()), (1, "y".into()), (2, "z".into())]
     );
     assert_eq!(next(&p, &c, &[ok(0, "x", "Paris")]), Decision::Wait);
+    // A classifier step before the plan does not count as a vote.
+    let classified = [ok(
+        CLASSIFY_STEP,
+        "cls",
+        r#"{"category":"lookup","confidence":0.9}"#,
+    )];
+    assert_eq!(calls(&next(&p, &c, &classified)).len(), 3);
 }
 
 #[test]

@@ -150,6 +150,24 @@ impl TestEnv {
     }
 }
 
+/// Overrides that serve each shipped category by one model (no fallback,
+/// pipeline, consensus or A/B split), for tests about one call per job.
+pub const SINGLE_ROUTES: [(&str, &str); 4] = [
+    (
+        "SWITCHYARD_CATEGORIES__SUPPORT__ROUTE",
+        r#"{ kind = "single", target = "claude-sonnet-4-5" }"#,
+    ),
+    ("SWITCHYARD_CATEGORIES__SUPPORT__VARIANT__PERCENT", "0"),
+    (
+        "SWITCHYARD_CATEGORIES__SALES__ROUTE",
+        r#"{ kind = "single", target = "gpt-4.1" }"#,
+    ),
+    (
+        "SWITCHYARD_CATEGORIES__LOOKUP__ROUTE",
+        r#"{ kind = "single", target = "gemini-2.5-flash-lite" }"#,
+    ),
+];
+
 /// `n` prompt jobs spread over support, sales and lookup, ids `<tag>-<i>`.
 pub fn jobs(tag: &str, n: usize) -> Vec<Outgoing> {
     let cats = ["support", "sales", "lookup"];

@@ -90,9 +90,12 @@ pub fn with_category_system(conv: &[Message], system: Option<&str>) -> Vec<Messa
 /// The effects of `decision` for a job whose finished steps are `history`.
 pub fn effects(cfg: &Config, ctx: &JobCtx, history: &[StepRecord], decision: Decision) -> Effects {
     let mut fx = Effects::default();
+    // A single-call job's log needs no `tried` list: its plan names the one target.
+    let log = |plan: &Plan| (!matches!(plan, Plan::Single { .. })).then(|| tried(plan, history));
     match decision {
         Decision::Wait => {}
         Decision::Calls(calls) => {
+            let single = matches!(ctx.plan, Plan::Single { .. });
             let max_tokens = ctx.job_max_tokens.unwrap_or_else(|| {
                 cfg.categories
                     .get(&ctx.category)
@@ -114,7 +117,8 @@ pub fn effects(cfg: &Config, ctx: &JobCtx, history: &[StepRecord], decision: Dec
                     temperature: ctx.temperature,
                     enqueued_at_ms: ctx.enqueued_at_ms,
                     plan: ctx.plan.clone(),
-                    conv: ctx.conv.clone(),
+                    // A single call needs no conversation for later steps.
+                    conv: if single { Vec::new() } else { ctx.conv.clone() },
                     history: if matches!(ctx.plan, Plan::Consensus { .. }) {
                         Vec::new()
                     } else {
@@ -136,7 +140,7 @@ pub fn effects(cfg: &Config, ctx: &JobCtx, history: &[StepRecord], decision: Dec
             fx.rows.push(Row::Status(StatusRow {
                 job_id: ctx.job_id.clone(),
                 status: "succeeded",
-                tried: Some(tried(&ctx.plan, history)),
+                tried: log(&ctx.plan),
                 ..Default::default()
             }));
             fx.done = Some(done(ctx, "succeeded"));
@@ -146,7 +150,7 @@ pub fn effects(cfg: &Config, ctx: &JobCtx, history: &[StepRecord], decision: Dec
                 job_id: ctx.job_id.clone(),
                 status: "failed",
                 error: Some(error),
-                tried: Some(tried(&ctx.plan, history)),
+                tried: log(&ctx.plan),
                 ..Default::default()
             }));
             fx.done = Some(done(ctx, "failed"));
@@ -156,7 +160,7 @@ pub fn effects(cfg: &Config, ctx: &JobCtx, history: &[StepRecord], decision: Dec
                 job_id: ctx.job_id.clone(),
                 status: "needs_review",
                 review_reason: Some(reason.clone()),
-                tried: Some(tried(&ctx.plan, history)),
+                tried: log(&ctx.plan),
                 ..Default::default()
             }));
             fx.review = Some(ReviewEvent {

@@ -27,6 +27,7 @@ pub mod demo;
 pub mod dispatcher;
 pub mod enqueue;
 pub mod envelope;
+pub mod fleet;
 pub mod flow;
 pub mod lane;
 pub mod limit;

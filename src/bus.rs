@@ -244,6 +244,11 @@ impl Bus {
     pub async fn delete_streams(&self) {
         let _ = self.js.delete_stream(self.names.jobs_stream()).await;
         let _ = self.js.delete_stream(self.names.calls_stream()).await;
+        let kv = format!(
+            "KV_{}_LIMITS",
+            self.names.prefix.to_ascii_uppercase().replace('-', "_")
+        );
+        let _ = self.js.delete_stream(kv).await;
     }
 }
 

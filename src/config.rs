@@ -245,6 +245,10 @@ pub struct ProviderConfig {
     /// Request timeout in seconds.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
+    /// Hold `rpm` and `tpm` across every worker process (NATS KV buckets)
+    /// instead of per process.
+    #[serde(default)]
+    pub fleet: bool,
 }
 
 const fn default_max_concurrency() -> usize {

@@ -49,19 +49,27 @@ impl Lane {
         writer: Writer,
         pool: PgPool,
         token: CancellationToken,
+        fleet_store: Option<async_nats::jetstream::kv::Store>,
     ) -> Result<Self> {
         let pc = cfg
             .providers
             .get(name)
             .ok_or_else(|| anyhow::anyhow!("no provider `{name}` in config"))?;
         let provider = Provider::from_config(name, pc)?;
-        let limiter = LaneLimiter::new(
+        let mut limiter = LaneLimiter::new(
             pc.rpm,
             pc.tpm,
             pc.input_tpm,
             pc.output_tpm,
             pc.max_concurrency,
         );
+        if pc.fleet {
+            let store = fleet_store.ok_or_else(|| {
+                anyhow::anyhow!("providers.{name}.fleet needs the limits KV bucket")
+            })?;
+            limiter =
+                limiter.with_fleet(crate::limit::FleetLimits::new(store, name, pc.rpm, pc.tpm));
+        }
         Ok(Self {
             name: name.to_string(),
             cfg,
@@ -185,31 +193,29 @@ impl Lane {
         let estimate = estimate_input_tokens(&req.messages);
 
         // A fallback step whose lane would make it wait too long moves on.
-        if let Some(max) = call
+        let max_wait = call
             .plan
             .max_wait()
-            .filter(|_| call.plan.may_skip(call.step))
+            .filter(|_| call.plan.may_skip(call.step));
+        if let Err(wait) = self
+            .limiter
+            .claim(estimate, u64::from(req.max_tokens), max_wait)
         {
-            let wait = self
-                .limiter
-                .expected_wait(estimate, u64::from(req.max_tokens));
-            if wait > max {
-                let record = StepRecord {
-                    step: call.step,
-                    model: call.model.clone(),
-                    outcome: StepOutcome::TooSlow,
-                    output: None,
-                    reason: Some(format!(
-                        "lane `{}` would wait {:.1}s, over max_wait {:.1}s",
-                        self.name,
-                        wait.as_secs_f64(),
-                        max.as_secs_f64()
-                    )),
-                };
-                self.after_step(msg, &call, Some(record), Vec::new(), None)
-                    .await;
-                return;
-            }
+            let record = StepRecord {
+                step: call.step,
+                model: call.model.clone(),
+                outcome: StepOutcome::TooSlow,
+                output: None,
+                reason: Some(format!(
+                    "lane `{}` would wait {:.1}s, over max_wait {:.1}s",
+                    self.name,
+                    wait.as_secs_f64(),
+                    max_wait.unwrap_or_default().as_secs_f64()
+                )),
+            };
+            self.after_step(msg, &call, Some(record), Vec::new(), None)
+                .await;
+            return;
         }
 
         // Wait for the limiter, telling JetStream we are still working, and

@@ -55,8 +55,9 @@ impl TokenBucket {
     }
 
     /// How long until `n` tokens would be available (without taking them).
+    /// `n` may exceed the capacity (tokens queued ahead count too).
     pub fn wait_for(&self, n: u64) -> Duration {
-        let n = (n as f64).min(self.capacity);
+        let n = n as f64;
         let have = self.available();
         if have >= n {
             Duration::ZERO
@@ -78,6 +79,48 @@ impl TokenBucket {
 }
 
 /// All limits of one lane.
+/// The lane's share of fleet-wide budgets (KV buckets every process shares).
+pub struct FleetLimits {
+    pub rpm: crate::fleet::FleetBucket,
+    pub tpm: crate::fleet::FleetBucket,
+}
+
+impl FleetLimits {
+    /// Buckets for `provider` holding half a second's worth of requests (so
+    /// a provider that allows a second's worth absorbs the jitter between our
+    /// grant and its arrival) and ten seconds' worth of tokens, refilled at
+    /// the per-minute limits.
+    pub fn new(
+        store: async_nats::jetstream::kv::Store,
+        provider: &str,
+        rpm: u32,
+        tpm: u32,
+    ) -> Self {
+        use crate::fleet::{FleetBucket, Shape};
+        let shape = |limit: u32, secs: f64| Shape {
+            capacity: (f64::from(limit) / 60.0 * secs).max(1.0),
+            per_ms: f64::from(limit.max(1)) / 60_000.0,
+        };
+        Self {
+            rpm: FleetBucket::new(store.clone(), &format!("{provider}.rpm"), shape(rpm, 0.5)),
+            tpm: FleetBucket::new(store, &format!("{provider}.tpm"), shape(tpm, 10.0)),
+        }
+    }
+}
+
+/// Take from a fleet bucket, waiting (fail closed) while the KV is unreachable.
+async fn take_fleet(b: &crate::fleet::FleetBucket, n: f64) {
+    loop {
+        match b.take(n).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "fleet limiter unreachable; not sending until it is back");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
 pub struct LaneLimiter {
     rpm: DefaultDirectRateLimiter,
     tpm: TokenBucket,
@@ -85,6 +128,10 @@ pub struct LaneLimiter {
     output_tpm: Option<TokenBucket>,
     concurrency: Arc<Semaphore>,
     paused_until: Mutex<Option<Instant>>,
+    fleet: Option<FleetLimits>,
+    /// Tokens claimed by calls that have not taken them from `tpm` yet, so
+    /// the wait a new call would face counts the calls queued before it.
+    pending: Mutex<u64>,
 }
 
 /// Held while a call is in flight: the concurrency slot and the token reservation.
@@ -114,7 +161,15 @@ impl LaneLimiter {
             output_tpm: output_tpm.map(TokenBucket::per_minute),
             concurrency: Arc::new(Semaphore::new(max_concurrency.max(1))),
             paused_until: Mutex::new(None),
+            fleet: None,
+            pending: Mutex::new(0),
         }
+    }
+
+    /// Also hold the fleet-wide budgets.
+    pub fn with_fleet(mut self, fleet: FleetLimits) -> Self {
+        self.fleet = Some(fleet);
+        self
     }
 
     /// Stop sending until `now + d` (a provider said its budget is exhausted).
@@ -133,13 +188,19 @@ impl LaneLimiter {
     }
 
     /// How long a call reserving `input` + `output` tokens would wait now for
-    /// the provider's pause and the token budgets (the request rate is not
-    /// probed: governor cannot look without taking).
+    /// the provider's pause and the token budgets, behind the calls already
+    /// claimed (the request rate is not probed: governor cannot look without
+    /// taking).
     pub fn expected_wait(&self, input: u64, output: u64) -> Duration {
+        let pending = *self.pending.lock().expect("pending lock");
+        self.wait_behind(pending, input, output)
+    }
+
+    fn wait_behind(&self, pending: u64, input: u64, output: u64) -> Duration {
         let pause = self.paused_until().map_or(Duration::ZERO, |t| {
             t.saturating_duration_since(Instant::now())
         });
-        let mut w = pause.max(self.tpm.wait_for(input + output));
+        let mut w = pause.max(self.tpm.wait_for(pending + input + output));
         if let Some(b) = &self.input_tpm {
             w = w.max(b.wait_for(input));
         }
@@ -147,6 +208,22 @@ impl LaneLimiter {
             w = w.max(b.wait_for(output));
         }
         w
+    }
+
+    /// Claim a place in the queue for a call, unless it would wait longer
+    /// than `max` (then the wait). Check and claim are one step, so calls
+    /// arriving together cannot all see an empty queue. Every claim must be
+    /// followed by [`admit`](Self::admit), which releases it.
+    pub fn claim(&self, input: u64, output: u64, max: Option<Duration>) -> Result<(), Duration> {
+        let mut pending = self.pending.lock().expect("pending lock");
+        if let Some(max) = max {
+            let w = self.wait_behind(*pending, input, output);
+            if w > max {
+                return Err(w);
+            }
+        }
+        *pending += input + output;
+        Ok(())
     }
 
     /// Wait for a concurrency slot, the pause to end, a request token and
@@ -163,11 +240,19 @@ impl LaneLimiter {
         }
         self.rpm.until_ready().await;
         self.tpm.take(input + output).await;
+        {
+            let mut pending = self.pending.lock().expect("pending lock");
+            *pending = pending.saturating_sub(input + output);
+        }
         if let Some(b) = &self.input_tpm {
             b.take(input).await;
         }
         if let Some(b) = &self.output_tpm {
             b.take(output).await;
+        }
+        if let Some(f) = &self.fleet {
+            take_fleet(&f.rpm, 1.0).await;
+            take_fleet(&f.tpm, (input + output) as f64).await;
         }
         // A pause may have started while we waited for tokens.
         while let Some(t) = self.paused_until() {
@@ -233,6 +318,24 @@ mod tests {
         assert!((w.as_secs_f64() - 10.0).abs() < 0.01, "{w:?}");
         l.pause_for(Duration::from_secs(30));
         assert!(l.expected_wait(1, 0) >= Duration::from_secs(29));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn claims_count_the_calls_queued_before() {
+        // 600 tokens a minute; each call needs 200: three fit now, the
+        // fourth would wait 20 s behind the three claimed before it.
+        let l = LaneLimiter::new(6000, 600, None, None, 8);
+        let max = Some(Duration::from_secs(5));
+        for _ in 0..3 {
+            l.claim(100, 100, max).unwrap();
+        }
+        let w = l.claim(100, 100, max).unwrap_err();
+        assert!((w.as_secs_f64() - 20.0).abs() < 0.1, "{w:?}");
+        for _ in 0..3 {
+            let a = l.admit(100, 100).await;
+            l.settle(&a, 100, 100);
+        }
+        assert!(l.claim(100, 100, max).is_err(), "the bucket is empty now");
     }
 
     #[tokio::test(start_paused = true)]

@@ -116,6 +116,13 @@ pub async fn start(
         }
     };
 
+    // Fleet-wide limits live in one KV bucket per prefix.
+    let fleet_store = if lane_names.iter().any(|n| cfg.providers[n].fleet) {
+        Some(crate::fleet::open_store(&bus.js, &bus.names.prefix).await?)
+    } else {
+        None
+    };
+
     if opts.dispatcher {
         let d = Dispatcher::new(cfg.clone(), bus.clone(), writer.clone());
         let consumer = d.consumer().await?;
@@ -141,6 +148,7 @@ pub async fn start(
                 writer.clone(),
                 pool.clone(),
                 token.clone(),
+                fleet_store.clone(),
             )
             .with_context(|| format!("building lane `{name}`"))?,
         );

@@ -50,3 +50,80 @@ async fn concurrent_clients_never_overdraw_a_shared_bucket() {
     let bucket_name = format!("KV_{}_LIMITS", prefix.to_ascii_uppercase());
     let _ = contexts[0].delete_stream(bucket_name).await;
 }
+
+/// Three workers (each with its own NATS connection, as separate processes
+/// would have) against a provider that allows 2 requests a second per model
+/// and sends no rate-limit headers.
+async fn run_three_workers(fleet: bool) -> (usize, usize) {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use switchyard::bus::Bus;
+    use switchyard::sim::SimProfile;
+    use switchyard::worker::{self, WorkerOptions};
+
+    let env = common::TestEnv::new(SimProfile {
+        rpm: 120,
+        rate_headers: false,
+        ..Default::default()
+    })
+    .await;
+    let fleet_flag = if fleet { "true" } else { "false" };
+    let mut overrides: Vec<(&str, &str)> = common::SINGLE_ROUTES.to_vec();
+    for p in ["OPENAI", "ANTHROPIC", "GEMINI"] {
+        overrides.push((
+            Box::leak(format!("SWITCHYARD_PROVIDERS__{p}__RPM").into_boxed_str()),
+            "120",
+        ));
+        overrides.push((
+            Box::leak(format!("SWITCHYARD_PROVIDERS__{p}__FLEET").into_boxed_str()),
+            fleet_flag,
+        ));
+        overrides.push((
+            Box::leak(format!("SWITCHYARD_PROVIDERS__{p}__MAX_CONCURRENCY").into_boxed_str()),
+            "4",
+        ));
+    }
+    overrides.push(("SWITCHYARD_RETRY__MAX_ATTEMPTS", "20"));
+    let cfg = Arc::new(env.config_with(&overrides));
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let bus = Bus::connect(&common::nats_url(), &env.name).await.unwrap();
+        workers.push(
+            worker::start(cfg.clone(), env.pool.clone(), bus, WorkerOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let js = common::jobs("fleet", 18);
+    let ids: Vec<String> = js.iter().map(|j| j.id.clone()).collect();
+    switchyard::enqueue::publish_jobs(&env.bus, &js, None)
+        .await
+        .unwrap();
+    assert!(
+        switchyard::enqueue::wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    let succeeded = env
+        .count("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+        .await as usize;
+    let limited = env.sim.ledger().iter().filter(|e| e.status == 429).count();
+    for w in workers {
+        w.shutdown().await;
+    }
+    env.cleanup().await;
+    (succeeded, limited)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_limits_hold_across_workers_where_per_process_limits_do_not() {
+    // Per process, each of the three workers thinks it may send 120 a minute:
+    // together they overrun the provider.
+    let (ok, limited) = run_three_workers(false).await;
+    assert_eq!(ok, 18);
+    assert!(limited > 0, "per-process limits collected no 429s");
+    // Fleet-wide, the three share one budget: no 429 at all.
+    let (ok, limited) = run_three_workers(true).await;
+    assert_eq!(ok, 18);
+    assert_eq!(limited, 0, "fleet-wide limits still collected 429s");
+}

@@ -119,6 +119,33 @@ pub enum Command {
         /// End with one JSON object of the figures on the last line.
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        mode: Option<BenchMode>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchMode {
+    /// Worker processes sharing one rate-limited provider: 429s and utilization.
+    Limits {
+        /// Worker processes.
+        #[arg(long, default_value_t = 3)]
+        processes: usize,
+        /// Seconds to measure.
+        #[arg(long, default_value_t = 60)]
+        duration_secs: u64,
+        /// Requests per minute the simulator enforces (and the config declares).
+        #[arg(long, default_value_t = 600)]
+        rpm: u32,
+        /// Tokens per minute the simulator enforces (and the config declares).
+        #[arg(long, default_value_t = 100_000)]
+        tpm: u32,
+        /// Use per-process limits instead of the fleet-wide ones.
+        #[arg(long)]
+        per_process: bool,
+        /// End with one JSON object of the figures on the last line.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -381,7 +408,45 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Bench { jobs, json } => {
+        Command::Bench {
+            mode:
+                Some(BenchMode::Limits {
+                    processes,
+                    duration_secs,
+                    rpm,
+                    tpm,
+                    per_process,
+                    json,
+                }),
+            ..
+        } => {
+            anyhow::ensure!(processes > 0, "--processes must be at least 1");
+            let cfg = load()?;
+            let pool = store::connect_and_migrate(&g.database_url, 4).await?;
+            let figures = crate::bench_limits::run(
+                cfg,
+                &g.config,
+                pool,
+                &g.database_url,
+                &g.nats_url,
+                processes,
+                Duration::from_secs(duration_secs),
+                rpm,
+                tpm,
+                !per_process,
+            )
+            .await?;
+            println!("{}", figures.summary());
+            if json {
+                println!("{}", serde_json::to_string(&figures)?);
+            }
+            Ok(0)
+        }
+        Command::Bench {
+            jobs,
+            json,
+            mode: None,
+        } => {
             anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
             let cfg = load()?;
             let pool =

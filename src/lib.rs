@@ -19,6 +19,7 @@
 //! - [`sim`]: the provider simulator; [`enqueue`], [`report`], [`demo`], [`bench`], [`cli`]: commands.
 
 pub mod bench;
+pub mod bench_limits;
 pub mod bus;
 pub mod check;
 pub mod cli;

@@ -86,10 +86,10 @@ pub struct FleetLimits {
 }
 
 impl FleetLimits {
-    /// Buckets for `provider` holding half a second's worth of requests (so
-    /// a provider that allows a second's worth absorbs the jitter between our
-    /// grant and its arrival) and ten seconds' worth of tokens, refilled at
-    /// the per-minute limits.
+    /// Buckets for `provider` holding half a second's worth of requests and
+    /// of tokens (so a provider that allows a second's worth absorbs the
+    /// jitter between our grant and its arrival), refilled at the per-minute
+    /// limits. Steady-state throughput is the full limit; only bursts are cut.
     pub fn new(
         store: async_nats::jetstream::kv::Store,
         provider: &str,
@@ -103,7 +103,7 @@ impl FleetLimits {
         };
         Self {
             rpm: FleetBucket::new(store.clone(), &format!("{provider}.rpm"), shape(rpm, 0.5)),
-            tpm: FleetBucket::new(store, &format!("{provider}.tpm"), shape(tpm, 10.0)),
+            tpm: FleetBucket::new(store, &format!("{provider}.tpm"), shape(tpm, 0.5)),
         }
     }
 }

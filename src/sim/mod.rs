@@ -205,6 +205,9 @@ pub struct LedgerEntry {
     pub prompt_tokens: u64,
     /// All output tokens, including reasoning.
     pub completion_tokens: u64,
+    /// The request's `max_tokens` (TPM limits count prompt + max_tokens).
+    #[serde(default)]
+    pub max_tokens: u64,
     pub cached_tokens: u64,
     pub cache_write_tokens: u64,
     pub reasoning_tokens: u64,
@@ -610,6 +613,7 @@ async fn serve(
     let arrived = Instant::now();
     let at_ms = arrived.duration_since(st.started).as_millis() as u64;
     let auth = has_auth(headers);
+    let max_tokens_of_request = parsed.as_ref().map_or(0, |r| u64::from(r.max_tokens));
     let p = st.profile.for_format(format);
     let record = |model: &str, status: u16, usage: SimUsage, retry_after_ms: Option<u64>| {
         if let Ok(mut l) = st.ledger.lock() {
@@ -621,6 +625,7 @@ async fn serve(
                 status,
                 prompt_tokens: usage.prompt,
                 completion_tokens: usage.visible + usage.reasoning,
+                max_tokens: max_tokens_of_request,
                 cached_tokens: usage.cached,
                 cache_write_tokens: usage.cache_write,
                 reasoning_tokens: usage.reasoning,

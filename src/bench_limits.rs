@@ -1,0 +1,234 @@
+//! `switchyard bench limits`: several worker processes share one provider
+//! whose simulator enforces RPM/TPM limits; reports the 429s they collected
+//! and how much of the binding limit they achieved.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::demo::sample_jobs;
+use crate::enqueue::publish_jobs;
+use crate::sim::{SimProfile, SimServer};
+
+/// The one model every category is routed to for the measurement.
+const MODEL: &str = "gpt-4o-mini";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LimitFigures {
+    pub processes: usize,
+    pub duration_s: f64,
+    pub fleet: bool,
+    pub limit_rpm: u32,
+    pub limit_tpm: u32,
+    pub requests_ok: usize,
+    pub rate_limited_429: usize,
+    pub achieved_rpm: f64,
+    /// Tokens per minute as the limit counts them (prompt + max_tokens).
+    pub achieved_tpm: f64,
+    /// Achieved share of the binding limit, 0 to 1.
+    pub utilization: f64,
+    /// Enqueue to first call, of the first and the last job that got a call.
+    pub first_job_wait_s: Option<f64>,
+    pub last_job_wait_s: Option<f64>,
+}
+
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    cfg: Config,
+    config_path: &Path,
+    pool: PgPool,
+    database_url: &str,
+    nats_url: &str,
+    processes: usize,
+    duration: Duration,
+    rpm: u32,
+    tpm: u32,
+    fleet: bool,
+) -> Result<LimitFigures> {
+    let Some(model) = cfg.models.get(MODEL) else {
+        anyhow::bail!("bench limits needs model `{MODEL}` in the config");
+    };
+    let provider = model.provider.clone();
+    let tag = &crate::enqueue::new_job_id()[..8];
+    let prefix = format!("{}-limits-{tag}", cfg.nats.prefix);
+    let sim = SimServer::start(
+        "127.0.0.1:0",
+        SimProfile {
+            rpm,
+            tpm,
+            latency_ms: 20,
+            jitter_ms: 20,
+            ..SimProfile::default()
+        },
+    )
+    .await?;
+
+    // Every worker: this prefix, the simulator, one model for every category.
+    let mut env: Vec<(String, String)> = vec![
+        ("DATABASE_URL".into(), database_url.into()),
+        ("NATS_URL".into(), nats_url.into()),
+        ("SWITCHYARD_NATS__PREFIX".into(), prefix.clone()),
+        ("RUST_LOG".into(), "warn".into()),
+    ];
+    for p in cfg.providers.keys() {
+        let up = p.to_uppercase();
+        env.push((
+            format!("SWITCHYARD_PROVIDERS__{up}__BASE_URL"),
+            sim.base_url(),
+        ));
+        env.push((
+            format!("SWITCHYARD_PROVIDERS__{up}__API_KEY_ENV"),
+            "SWITCHYARD_BENCH_NO_KEY".into(),
+        ));
+    }
+    let up = provider.to_uppercase();
+    env.push((format!("SWITCHYARD_PROVIDERS__{up}__RPM"), rpm.to_string()));
+    env.push((format!("SWITCHYARD_PROVIDERS__{up}__TPM"), tpm.to_string()));
+    env.push((
+        format!("SWITCHYARD_PROVIDERS__{up}__FLEET"),
+        fleet.to_string(),
+    ));
+    for (c, cat) in &cfg.categories {
+        let uc = c.to_uppercase();
+        env.push((
+            format!("SWITCHYARD_CATEGORIES__{uc}__ROUTE"),
+            format!(r#"{{ kind = "single", target = "{MODEL}" }}"#),
+        ));
+        if cat.variant.is_some() {
+            env.push((
+                format!("SWITCHYARD_CATEGORIES__{uc}__VARIANT__PERCENT"),
+                "0".into(),
+            ));
+        }
+    }
+
+    let bus = Bus::connect(nats_url, &prefix).await?;
+    let mut run_cfg = cfg.clone();
+    run_cfg.nats.prefix = prefix.clone();
+    run_cfg.classifier = None; // no `auto` jobs
+    bus.ensure_streams(&run_cfg).await?;
+
+    let exe = std::env::current_exe().context("locating the switchyard binary")?;
+    let mut children = Children(Vec::new());
+    for _ in 0..processes {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--config").arg(config_path).arg("worker");
+        cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd.stdout(Stdio::null());
+        children
+            .0
+            .push(cmd.spawn().context("starting a worker process")?);
+    }
+
+    // Enough work to keep the limit busy for the whole run.
+    let n = ((f64::from(rpm) * duration.as_secs_f64() / 60.0) * 1.5).ceil() as usize + 50;
+    let run_id = format!("limits-{tag}");
+    let jobs = sample_jobs(&run_cfg, &run_id, n)?;
+    eprintln!(
+        "bench limits: {processes} worker processes, {} fleet limits, sim enforcing {rpm} RPM / {tpm} TPM on {MODEL}, {n} jobs, {:.0}s",
+        if fleet { "with" } else { "without" },
+        duration.as_secs_f64()
+    );
+    let started = Instant::now();
+    publish_jobs(&bus, &jobs, None).await?;
+    let skip = Duration::from_secs(2); // let the workers start
+    tokio::time::sleep(skip).await;
+    for c in &mut children.0 {
+        if let Some(status) = c.try_wait()? {
+            anyhow::bail!("a worker process exited at start ({status}); see its log above");
+        }
+    }
+    tokio::time::sleep(duration).await;
+    let elapsed = started.elapsed();
+    drop(children);
+
+    // Only the measurement window counts, after the start-up seconds.
+    let ledger = sim.ledger();
+    let from_ms = skip.as_millis() as u64;
+    let window: Vec<_> = ledger.iter().filter(|e| e.at_ms >= from_ms).collect();
+    let ok: Vec<_> = window.iter().filter(|e| e.status == 200).collect();
+    let limited = ledger.iter().filter(|e| e.status == 429).count();
+    let minutes = (elapsed - skip).as_secs_f64() / 60.0;
+    let achieved_rpm = ok.len() as f64 / minutes;
+    // Tokens as the limit counts them: prompt + max_tokens of each request.
+    let tokens: u64 = ok.iter().map(|e| e.prompt_tokens + e.max_tokens).sum();
+    let achieved_tpm = tokens as f64 / minutes;
+    let utilization = (achieved_rpm / f64::from(rpm)).max(achieved_tpm / f64::from(tpm.max(1)));
+
+    let like = format!("{run_id}%");
+    let waits: (Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT min(w), max(w) FROM (
+             SELECT EXTRACT(EPOCH FROM min(c.created_at) - j.enqueued_at)::float8 AS w
+             FROM jobs j JOIN calls c ON c.job_id = j.id WHERE j.id LIKE $1 GROUP BY j.id, j.enqueued_at) t",
+    )
+    .bind(&like)
+    .fetch_one(&pool)
+    .await?;
+    for sql in [
+        "DELETE FROM results WHERE job_id LIKE $1",
+        "DELETE FROM calls WHERE job_id LIKE $1",
+        "DELETE FROM steps WHERE job_id LIKE $1",
+        "DELETE FROM jobs WHERE id LIKE $1",
+    ] {
+        sqlx::query(sql).bind(&like).execute(&pool).await?;
+    }
+    bus.delete_streams().await;
+    sim.stop();
+    Ok(LimitFigures {
+        processes,
+        duration_s: (elapsed - skip).as_secs_f64(),
+        fleet,
+        limit_rpm: rpm,
+        limit_tpm: tpm,
+        requests_ok: ok.len(),
+        rate_limited_429: limited,
+        achieved_rpm,
+        achieved_tpm,
+        utilization: utilization.min(1.0),
+        first_job_wait_s: waits.0,
+        last_job_wait_s: waits.1,
+    })
+}
+
+impl LimitFigures {
+    pub fn summary(&self) -> String {
+        format!(
+            "processes                 {}\n\
+             fleet-wide limits         {}\n\
+             limit                     {} RPM, {} TPM\n\
+             429s received             {}\n\
+             achieved                  {:.0} RPM, {:.0} TPM\n\
+             utilization               {:.1}% of the binding limit\n\
+             first / last job waited   {} / {}",
+            self.processes,
+            self.fleet,
+            self.limit_rpm,
+            self.limit_tpm,
+            self.rate_limited_429,
+            self.achieved_rpm,
+            self.achieved_tpm,
+            100.0 * self.utilization,
+            self.first_job_wait_s
+                .map_or("-".into(), |w| format!("{w:.1}s")),
+            self.last_job_wait_s
+                .map_or("-".into(), |w| format!("{w:.1}s")),
+        )
+    }
+}

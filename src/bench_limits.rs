@@ -26,6 +26,9 @@ pub struct LimitFigures {
     pub fleet: bool,
     pub limit_rpm: u32,
     pub limit_tpm: u32,
+    /// What the simulated provider really enforces.
+    pub provider_rpm: u32,
+    pub provider_tpm: u32,
     pub requests_ok: usize,
     pub rate_limited_429: usize,
     pub achieved_rpm: f64,
@@ -61,7 +64,9 @@ pub async fn run(
     rpm: u32,
     tpm: u32,
     fleet: bool,
+    sim_limits: (u32, u32),
 ) -> Result<LimitFigures> {
+    let (sim_rpm, sim_tpm) = sim_limits;
     let Some(model) = cfg.models.get(MODEL) else {
         anyhow::bail!("bench limits needs model `{MODEL}` in the config");
     };
@@ -71,8 +76,8 @@ pub async fn run(
     let sim = SimServer::start(
         "127.0.0.1:0",
         SimProfile {
-            rpm,
-            tpm,
+            rpm: sim_rpm,
+            tpm: sim_tpm,
             latency_ms: 20,
             jitter_ms: 20,
             ..SimProfile::default()
@@ -170,7 +175,9 @@ pub async fn run(
     // Tokens as the limit counts them: prompt + max_tokens of each request.
     let tokens: u64 = ok.iter().map(|e| e.prompt_tokens + e.max_tokens).sum();
     let achieved_tpm = tokens as f64 / minutes;
-    let utilization = (achieved_rpm / f64::from(rpm)).max(achieved_tpm / f64::from(tpm.max(1)));
+    // The binding limit is whichever is lower: what we configured or what the provider enforces.
+    let utilization = (achieved_rpm / f64::from(rpm.min(sim_rpm).max(1)))
+        .max(achieved_tpm / f64::from(tpm.min(sim_tpm).max(1)));
 
     let like = format!("{run_id}%");
     let waits: (Option<f64>, Option<f64>) = sqlx::query_as(
@@ -197,6 +204,8 @@ pub async fn run(
         fleet,
         limit_rpm: rpm,
         limit_tpm: tpm,
+        provider_rpm: sim_rpm,
+        provider_tpm: sim_tpm,
         requests_ok: ok.len(),
         rate_limited_429: limited,
         achieved_rpm,
@@ -212,7 +221,8 @@ impl LimitFigures {
         format!(
             "processes                 {}\n\
              fleet-wide limits         {}\n\
-             limit                     {} RPM, {} TPM\n\
+             configured limit          {} RPM, {} TPM\n\
+             provider enforces         {} RPM, {} TPM\n\
              429s received             {}\n\
              achieved                  {:.0} RPM, {:.0} TPM\n\
              utilization               {:.1}% of the binding limit\n\
@@ -221,6 +231,8 @@ impl LimitFigures {
             self.fleet,
             self.limit_rpm,
             self.limit_tpm,
+            self.provider_rpm,
+            self.provider_tpm,
             self.rate_limited_429,
             self.achieved_rpm,
             self.achieved_tpm,

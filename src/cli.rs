@@ -143,6 +143,12 @@ pub enum BenchMode {
         /// Use per-process limits instead of the fleet-wide ones.
         #[arg(long)]
         per_process: bool,
+        /// Requests per minute the provider really enforces (default: --rpm).
+        #[arg(long)]
+        provider_rpm: Option<u32>,
+        /// Tokens per minute the provider really enforces (default: --tpm).
+        #[arg(long)]
+        provider_tpm: Option<u32>,
         /// End with one JSON object of the figures on the last line.
         #[arg(long)]
         json: bool,
@@ -416,6 +422,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     rpm,
                     tpm,
                     per_process,
+                    provider_rpm,
+                    provider_tpm,
                     json,
                 }),
             ..
@@ -434,6 +442,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 rpm,
                 tpm,
                 !per_process,
+                (provider_rpm.unwrap_or(rpm), provider_tpm.unwrap_or(tpm)),
             )
             .await?;
             println!("{}", figures.summary());

@@ -223,3 +223,56 @@ mod tests {
         assert!(BucketState::full(shape, 0).take(shape, 1e9, 0).is_ok());
     }
 }
+
+/// A provider-imposed pause shared by every process: when one lane learns
+/// (from a 429 or an exhausted budget) that the provider wants no requests
+/// until T, every lane of that provider waits until T.
+#[derive(Clone)]
+pub struct FleetPause {
+    store: kv::Store,
+    key: String,
+}
+
+impl FleetPause {
+    pub fn new(store: kv::Store, key: &str) -> Self {
+        Self {
+            store,
+            key: key.to_string(),
+        }
+    }
+
+    /// Unix milliseconds until which the provider is paused (0: not paused).
+    pub async fn until_ms(&self) -> Result<i64> {
+        let entry = self
+            .store
+            .entry(&self.key)
+            .await
+            .with_context(|| format!("reading pause {}", self.key))?;
+        Ok(entry
+            .and_then(|e| std::str::from_utf8(&e.value).ok()?.parse::<i64>().ok())
+            .unwrap_or(0))
+    }
+
+    /// Pause every process until `until_ms` (never shortens a pause).
+    pub async fn extend(&self, until_ms: i64) -> Result<()> {
+        for _ in 0..10 {
+            let entry = self.store.entry(&self.key).await?;
+            let current = entry
+                .as_ref()
+                .and_then(|e| std::str::from_utf8(&e.value).ok()?.parse::<i64>().ok())
+                .unwrap_or(0);
+            if current >= until_ms {
+                return Ok(());
+            }
+            let body: bytes::Bytes = until_ms.to_string().into_bytes().into();
+            let ok = match entry {
+                Some(e) => self.store.update(&self.key, body, e.revision).await.is_ok(),
+                None => self.store.create(&self.key, body).await.is_ok(),
+            };
+            if ok {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("pause {} kept changing under us", self.key)
+    }
+}

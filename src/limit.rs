@@ -83,6 +83,7 @@ impl TokenBucket {
 pub struct FleetLimits {
     pub rpm: crate::fleet::FleetBucket,
     pub tpm: crate::fleet::FleetBucket,
+    pub pause: crate::fleet::FleetPause,
 }
 
 impl FleetLimits {
@@ -102,6 +103,7 @@ impl FleetLimits {
             per_ms: f64::from(limit.max(1)) / 60_000.0,
         };
         Self {
+            pause: crate::fleet::FleetPause::new(store.clone(), &format!("{provider}.pause")),
             rpm: FleetBucket::new(store.clone(), &format!("{provider}.rpm"), shape(rpm, 0.5)),
             tpm: FleetBucket::new(store, &format!("{provider}.tpm"), shape(tpm, 0.5)),
         }
@@ -175,9 +177,20 @@ impl LaneLimiter {
     /// Stop sending until `now + d` (a provider said its budget is exhausted).
     pub fn pause_for(&self, d: Duration) {
         let until = Instant::now() + d;
-        let mut p = self.paused_until.lock().expect("pause lock");
-        if p.is_none_or(|cur| cur < until) {
-            *p = Some(until);
+        {
+            let mut p = self.paused_until.lock().expect("pause lock");
+            if p.is_none_or(|cur| cur < until) {
+                *p = Some(until);
+            }
+        }
+        if let Some(f) = &self.fleet {
+            let pause = f.pause.clone();
+            let until_ms = crate::bus::now_ms() + d.as_millis() as i64;
+            tokio::spawn(async move {
+                if let Err(e) = pause.extend(until_ms).await {
+                    tracing::warn!(error = %format!("{e:#}"), "could not share a provider pause with the fleet");
+                }
+            });
         }
     }
 
@@ -251,6 +264,20 @@ impl LaneLimiter {
             b.take(output).await;
         }
         if let Some(f) = &self.fleet {
+            // A pause another process learned of holds here too.
+            loop {
+                match f.pause.until_ms().await {
+                    Ok(until) if until > crate::bus::now_ms() => {
+                        let ms = (until - crate::bus::now_ms()).max(1) as u64;
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "fleet limiter unreachable; not sending until it is back");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
             take_fleet(&f.rpm, 1.0).await;
             take_fleet(&f.tpm, (input + output) as f64).await;
         }

@@ -127,3 +127,38 @@ async fn fleet_limits_hold_across_workers_where_per_process_limits_do_not() {
     assert_eq!(ok, 18);
     assert_eq!(limited, 0, "fleet-wide limits still collected 429s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_learned_by_one_process_holds_for_all() {
+    use switchyard::fleet::FleetPause;
+    let prefix = format!("sy_p_{}", &switchyard::enqueue::new_job_id()[..10]);
+    let mut pauses = Vec::new();
+    let mut contexts = Vec::new();
+    for _ in 0..2 {
+        let client = async_nats::connect(common::nats_url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        pauses.push(FleetPause::new(
+            open_store(&js, &prefix).await.unwrap(),
+            "openai.pause",
+        ));
+        contexts.push(js);
+    }
+    assert_eq!(pauses[1].until_ms().await.unwrap(), 0);
+    pauses[0].extend(5_000).await.unwrap();
+    assert_eq!(
+        pauses[1].until_ms().await.unwrap(),
+        5_000,
+        "the other process sees it"
+    );
+    pauses[1].extend(3_000).await.unwrap();
+    assert_eq!(
+        pauses[0].until_ms().await.unwrap(),
+        5_000,
+        "a pause is never shortened"
+    );
+    pauses[1].extend(9_000).await.unwrap();
+    assert_eq!(pauses[0].until_ms().await.unwrap(), 9_000);
+    let _ = contexts[0]
+        .delete_stream(format!("KV_{}_LIMITS", prefix.to_ascii_uppercase()))
+        .await;
+}

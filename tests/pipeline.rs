@@ -19,9 +19,41 @@ fn one_call_at_a_time<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str
         ("SWITCHYARD_PROVIDERS__OPENAI__MAX_CONCURRENCY", "1"),
         ("SWITCHYARD_PROVIDERS__ANTHROPIC__MAX_CONCURRENCY", "1"),
         ("SWITCHYARD_PROVIDERS__GEMINI__MAX_CONCURRENCY", "1"),
+        // One slot per lane: a request that hangs must not hold it for a minute.
+        ("SWITCHYARD_PROVIDERS__OPENAI__TIMEOUT_SECS", "5"),
+        ("SWITCHYARD_PROVIDERS__ANTHROPIC__TIMEOUT_SECS", "5"),
+        ("SWITCHYARD_PROVIDERS__GEMINI__TIMEOUT_SECS", "5"),
     ]);
     v.extend_from_slice(extra);
     v
+}
+
+/// Wait for the jobs; on timeout, fail with what the database and the
+/// simulator saw (statuses, attempts, ledger), to diagnose a stall.
+async fn finish_or_explain(env: &TestEnv, js: &[switchyard::enqueue::Outgoing]) {
+    if wait_finished(&env.pool, &ids(js), Duration::from_secs(120), None)
+        .await
+        .unwrap()
+    {
+        return;
+    }
+    let statuses: Vec<(String, String)> = sqlx::query_as("SELECT id, status FROM jobs ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    let calls: Vec<(String, i32, String, Option<i32>)> = sqlx::query_as(
+        "SELECT job_id, attempt, outcome, http_status FROM calls ORDER BY created_at",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let ledger: Vec<(u64, String, u16)> = env
+        .sim
+        .ledger()
+        .iter()
+        .map(|e| (e.at_ms, e.model.clone(), e.status))
+        .collect();
+    panic!("jobs did not finish in 120 s\njobs {statuses:?}\ncalls {calls:?}\nledger {ledger:?}");
 }
 
 fn ids(jobs: &[switchyard::enqueue::Outgoing]) -> Vec<String> {
@@ -345,11 +377,7 @@ async fn rate_limited_calls_wait_the_advertised_delay_and_complete() {
     let worker = env.start_worker(cfg).await;
     let js = jobs("rl", 12);
     publish_jobs(&env.bus, &js, None).await.unwrap();
-    assert!(
-        wait_finished(&env.pool, &ids(&js), Duration::from_secs(90), None)
-            .await
-            .unwrap()
-    );
+    finish_or_explain(&env, &js).await;
     assert_eq!(
         env.count("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
             .await,
@@ -401,11 +429,7 @@ async fn lanes_obey_rate_limit_headers_instead_of_collecting_429s() {
     let worker = env.start_worker(cfg).await;
     let js = jobs("hdr", 15);
     publish_jobs(&env.bus, &js, None).await.unwrap();
-    assert!(
-        wait_finished(&env.pool, &ids(&js), Duration::from_secs(90), None)
-            .await
-            .unwrap()
-    );
+    finish_or_explain(&env, &js).await;
     assert_eq!(
         env.count("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
             .await,

@@ -176,8 +176,11 @@ pub async fn start(
 }
 
 /// Pull messages and run `handler` on each in a tracked task, with at most
-/// `max_in_flight` at once. Each fetch asks for no more than the free slots,
-/// so nothing sits pulled-but-unprocessed when a stop comes.
+/// `max_in_flight` at once. One continuous pull stream per consumer (with
+/// heartbeats) keeps at most a batch of `max_in_flight` messages buffered;
+/// a message is taken from it only when a slot is free. (Short fetches with
+/// an expiry were tried first: a message the server delivered just as a
+/// fetch expired could be dropped unread, stalling it until `ack_wait`.)
 async fn consume<F, Fut>(
     name: String,
     consumer: PullConsumer,
@@ -190,44 +193,46 @@ async fn consume<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(max_in_flight));
-    while !token.is_cancelled() {
-        // Wait for at least one free slot.
-        let first = tokio::select! {
-            _ = token.cancelled() => break,
-            p = slots.clone().acquire_owned() => p.expect("never closed"),
-        };
-        let free = slots.available_permits() + 1;
-        drop(first);
-        let batch = consumer
-            .fetch()
-            .max_messages(free)
-            .expires(Duration::from_secs(1))
+    'outer: while !token.is_cancelled() {
+        let stream = consumer
+            .stream()
+            .max_messages_per_batch(max_in_flight.max(1))
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
             .messages()
             .await;
-        let mut batch = match batch {
-            Ok(b) => b,
+        let mut messages = match stream {
+            Ok(m) => m,
             Err(e) => {
-                warn!(consumer = %name, error = %e, "fetch failed; retrying");
+                warn!(consumer = %name, error = %e, "pull failed; retrying");
                 tokio::select! {
                     _ = token.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                 }
             }
         };
-        while let Some(next) = batch.next().await {
+        loop {
+            let permit = tokio::select! {
+                _ = token.cancelled() => break 'outer,
+                p = slots.clone().acquire_owned() => p.expect("never closed"),
+            };
+            let next = tokio::select! {
+                _ = token.cancelled() => break 'outer,
+                n = messages.next() => n,
+            };
             match next {
-                Ok(msg) => {
-                    let permit = slots.clone().acquire_owned().await.expect("never closed");
+                Some(Ok(msg)) => {
                     let fut = handler(msg);
                     tracker.spawn(async move {
                         fut.await;
                         drop(permit);
                     });
                 }
-                Err(e) => {
-                    warn!(consumer = %name, error = %e, "fetch interrupted");
-                    break;
+                Some(Err(e)) => {
+                    warn!(consumer = %name, error = %e, "pull interrupted; pulling again");
+                    continue 'outer;
                 }
+                None => continue 'outer,
             }
         }
     }

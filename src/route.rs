@@ -317,12 +317,25 @@ pub fn classify_by_rules(cfg: &Config, input: &str) -> Option<(String, String)> 
             return Some((r.category.clone(), format!("rules[{i}] keyword `{k}`")));
         }
         if let Some(re) = &r.regex {
-            if regex::Regex::new(re).is_ok_and(|re| re.is_match(input)) {
+            if cached_regex(re).is_some_and(|re| re.is_match(input)) {
                 return Some((r.category.clone(), format!("rules[{i}] regex")));
             }
         }
     }
     None
+}
+
+/// A rule's regex, compiled once per process (config validation already
+/// rejected invalid ones), not once per job.
+fn cached_regex(pattern: &str) -> Option<regex::Regex> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<String, Option<regex::Regex>>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Default::default).lock().ok()?;
+    cache
+        .entry(pattern.to_string())
+        .or_insert_with(|| regex::Regex::new(pattern).ok())
+        .clone()
 }
 
 /// The plan for an `auto` job no rule matched: ask the classifier model, or

@@ -19,6 +19,25 @@ use crate::sim::{SimProfile, SimServer};
 /// The one model every category is routed to for the measurement.
 const MODEL: &str = "gpt-4o-mini";
 
+/// What `switchyard bench limits` runs.
+#[derive(Debug, Clone)]
+pub struct LimitOptions {
+    pub processes: usize,
+    pub duration: Duration,
+    /// The limits the config declares.
+    pub rpm: u32,
+    pub tpm: u32,
+    /// Fleet-wide limits (else per process).
+    pub fleet: bool,
+    /// What the simulated provider really enforces.
+    pub provider_rpm: u32,
+    pub provider_tpm: u32,
+    /// The provider sends no rate-limit headers (only its 429s tell).
+    pub no_headers: bool,
+    /// Kill one worker process with SIGKILL halfway through.
+    pub kill_one: bool,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LimitFigures {
     pub processes: usize,
@@ -39,6 +58,14 @@ pub struct LimitFigures {
     /// Enqueue to first call, of the first and the last job that got a call.
     pub first_job_wait_s: Option<f64>,
     pub last_job_wait_s: Option<f64>,
+    /// 429s in the second half of the run (after convergence).
+    pub rate_limited_429_second_half: usize,
+    /// Worker processes killed (`--kill-one`).
+    pub kills: usize,
+    /// From the kill plus the lease expiry to the end: achieved share of
+    /// the binding limit by the survivors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utilization_after_kill: Option<f64>,
 }
 
 struct Children(Vec<Child>);
@@ -52,21 +79,23 @@ impl Drop for Children {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 pub async fn run(
     cfg: Config,
     config_path: &Path,
     pool: PgPool,
     database_url: &str,
     nats_url: &str,
-    processes: usize,
-    duration: Duration,
-    rpm: u32,
-    tpm: u32,
-    fleet: bool,
-    sim_limits: (u32, u32),
+    opts: &LimitOptions,
 ) -> Result<LimitFigures> {
-    let (sim_rpm, sim_tpm) = sim_limits;
+    let LimitOptions {
+        processes,
+        duration,
+        rpm,
+        tpm,
+        fleet,
+        ..
+    } = *opts;
+    let (sim_rpm, sim_tpm) = (opts.provider_rpm, opts.provider_tpm);
     let Some(model) = cfg.models.get(MODEL) else {
         anyhow::bail!("bench limits needs model `{MODEL}` in the config");
     };
@@ -80,6 +109,7 @@ pub async fn run(
             tpm: sim_tpm,
             latency_ms: 20,
             jitter_ms: 20,
+            rate_headers: !opts.no_headers,
             ..SimProfile::default()
         },
     )
@@ -160,8 +190,23 @@ pub async fn run(
             anyhow::bail!("a worker process exited at start ({status}); see its log above");
         }
     }
-    tokio::time::sleep(duration).await;
+    let mut kills = 0;
+    let mut killed_at_ms = None;
+    if opts.kill_one {
+        tokio::time::sleep(duration / 2).await;
+        if let Some(c) = children.0.first_mut() {
+            c.kill().context("killing a worker")?;
+            let _ = c.wait();
+            kills += 1;
+            killed_at_ms = Some(sim.now_ms());
+            eprintln!("bench limits: killed one worker process (SIGKILL)");
+        }
+        tokio::time::sleep(duration - duration / 2).await;
+    } else {
+        tokio::time::sleep(duration).await;
+    }
     let elapsed = started.elapsed();
+    let end_ms = sim.now_ms();
     drop(children);
 
     // Only the measurement window counts, after the start-up seconds.
@@ -176,8 +221,33 @@ pub async fn run(
     let tokens: u64 = ok.iter().map(|e| e.prompt_tokens + e.max_tokens).sum();
     let achieved_tpm = tokens as f64 / minutes;
     // The binding limit is whichever is lower: what we configured or what the provider enforces.
+    let share = |from_ms: u64, to_ms: u64| {
+        let ok: Vec<_> = ledger
+            .iter()
+            .filter(|e| e.status == 200 && e.at_ms >= from_ms && e.at_ms < to_ms)
+            .collect();
+        let minutes = (to_ms.saturating_sub(from_ms)) as f64 / 60_000.0;
+        let rpm_now = ok.len() as f64 / minutes;
+        let tpm_now = ok
+            .iter()
+            .map(|e| e.prompt_tokens + e.max_tokens)
+            .sum::<u64>() as f64
+            / minutes;
+        (rpm_now / f64::from(rpm.min(sim_rpm).max(1)))
+            .max(tpm_now / f64::from(tpm.min(sim_tpm).max(1)))
+            .min(1.0)
+    };
     let utilization = (achieved_rpm / f64::from(rpm.min(sim_rpm).max(1)))
         .max(achieved_tpm / f64::from(tpm.min(sim_tpm).max(1)));
+    let half_ms = from_ms + (end_ms - from_ms) / 2;
+    let second_half_429 = ledger
+        .iter()
+        .filter(|e| e.status == 429 && e.at_ms >= half_ms)
+        .count();
+    let utilization_after_kill = killed_at_ms
+        .map(|k| k + crate::fleet::LEASE_MS as u64)
+        .filter(|from| *from + 5_000 < end_ms)
+        .map(|from| share(from, end_ms));
 
     let like = format!("{run_id}%");
     let waits: (Option<f64>, Option<f64>) = sqlx::query_as(
@@ -213,6 +283,9 @@ pub async fn run(
         utilization: utilization.min(1.0),
         first_job_wait_s: waits.0,
         last_job_wait_s: waits.1,
+        rate_limited_429_second_half: second_half_429,
+        kills,
+        utilization_after_kill,
     })
 }
 
@@ -226,7 +299,9 @@ impl LimitFigures {
              429s received             {}\n\
              achieved                  {:.0} RPM, {:.0} TPM\n\
              utilization               {:.1}% of the binding limit\n\
-             first / last job waited   {} / {}",
+             429s in the second half   {}\n\
+             first / last job waited   {} / {}\n\
+             processes killed          {}{}",
             self.processes,
             self.fleet,
             self.limit_rpm,
@@ -237,10 +312,17 @@ impl LimitFigures {
             self.achieved_rpm,
             self.achieved_tpm,
             100.0 * self.utilization,
+            self.rate_limited_429_second_half,
             self.first_job_wait_s
                 .map_or("-".into(), |w| format!("{w:.1}s")),
             self.last_job_wait_s
                 .map_or("-".into(), |w| format!("{w:.1}s")),
+            self.kills,
+            self.utilization_after_kill
+                .map_or(String::new(), |u| format!(
+                    "\nutilization after the kill {:.1}% (from the lease expiry on)",
+                    100.0 * u
+                )),
         )
     }
 }

@@ -149,6 +149,12 @@ pub enum BenchMode {
         /// Tokens per minute the provider really enforces (default: --tpm).
         #[arg(long)]
         provider_tpm: Option<u32>,
+        /// The provider sends no rate-limit headers: only its 429s tell.
+        #[arg(long)]
+        no_headers: bool,
+        /// Kill one worker process (SIGKILL) halfway through.
+        #[arg(long)]
+        kill_one: bool,
         /// End with one JSON object of the figures on the last line.
         #[arg(long)]
         json: bool,
@@ -424,6 +430,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     per_process,
                     provider_rpm,
                     provider_tpm,
+                    no_headers,
+                    kill_one,
                     json,
                 }),
             ..
@@ -437,12 +445,17 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 pool,
                 &g.database_url,
                 &g.nats_url,
-                processes,
-                Duration::from_secs(duration_secs),
-                rpm,
-                tpm,
-                !per_process,
-                (provider_rpm.unwrap_or(rpm), provider_tpm.unwrap_or(tpm)),
+                &crate::bench_limits::LimitOptions {
+                    processes,
+                    duration: Duration::from_secs(duration_secs),
+                    rpm,
+                    tpm,
+                    fleet: !per_process,
+                    provider_rpm: provider_rpm.unwrap_or(rpm),
+                    provider_tpm: provider_tpm.unwrap_or(tpm),
+                    no_headers,
+                    kill_one,
+                },
             )
             .await?;
             println!("{}", figures.summary());

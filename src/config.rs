@@ -264,6 +264,71 @@ impl ProviderConfig {
     }
 }
 
+impl Config {
+    /// The limits of provider `name` and of its models that have their own:
+    /// what its lanes hold in common (fleet-wide concurrency only when fleet).
+    pub fn scope_limits(&self, name: &str) -> crate::fleet::ScopeLimits {
+        use crate::fleet::{Limits, INPUT_TOKENS, OUTPUT_TOKENS, REQUESTS, TOKENS};
+        let p = &self.providers[name];
+        let budgets = |rpm: u32, tpm: u32, input: Option<u32>, output: Option<u32>| {
+            let mut m = std::collections::BTreeMap::new();
+            m.insert(REQUESTS, rpm);
+            m.insert(TOKENS, tpm);
+            if let Some(v) = input {
+                m.insert(INPUT_TOKENS, v);
+            }
+            if let Some(v) = output {
+                m.insert(OUTPUT_TOKENS, v);
+            }
+            m
+        };
+        let configured = budgets(p.rpm, p.tpm, p.input_tpm, p.output_tpm);
+        // Fleet-wide, the shared state holds the provider's limits; per
+        // process, the lane's own buckets do, and the shared state (in
+        // memory) holds only model limits and what the provider teaches.
+        let provider = Limits {
+            per_min: if p.fleet {
+                configured.clone()
+            } else {
+                Default::default()
+            },
+            ceiling: configured.clone(),
+            concurrency: p.fleet.then_some(p.max_concurrency as u32),
+        };
+        let models = self
+            .models
+            .iter()
+            .filter(|(_, m)| m.provider == name)
+            .filter(|(_, m)| {
+                m.rpm.is_some()
+                    || m.tpm.is_some()
+                    || m.input_tpm.is_some()
+                    || m.output_tpm.is_some()
+            })
+            .map(|(id, m)| {
+                let mut per_min = std::collections::BTreeMap::new();
+                for (b, v) in [
+                    (REQUESTS, m.rpm),
+                    (TOKENS, m.tpm),
+                    (INPUT_TOKENS, m.input_tpm),
+                    (OUTPUT_TOKENS, m.output_tpm),
+                ] {
+                    if let Some(v) = v {
+                        per_min.insert(b, v);
+                    }
+                }
+                let lim = Limits {
+                    per_min,
+                    ceiling: configured.clone(),
+                    concurrency: None,
+                };
+                (id.clone(), lim)
+            })
+            .collect();
+        crate::fleet::ScopeLimits::new(provider, models, configured)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -281,6 +346,19 @@ pub struct ModelConfig {
     /// USD per 1M input tokens written to a cache (defaults to the input price).
     #[serde(default, deserialize_with = "de_opt_decimal")]
     pub cache_write_input_per_mtok: Option<Decimal>,
+    /// This model's own requests per minute, where the provider limits per
+    /// model (held with the provider's, fleet-wide when the provider is).
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    /// This model's own tokens per minute.
+    #[serde(default)]
+    pub tpm: Option<u32>,
+    /// This model's own input tokens per minute.
+    #[serde(default)]
+    pub input_tpm: Option<u32>,
+    /// This model's own output tokens per minute.
+    #[serde(default)]
+    pub output_tpm: Option<u32>,
 }
 
 impl ModelConfig {
@@ -543,6 +621,16 @@ impl Config {
             }
         }
         for (name, model) in &self.models {
+            for (key, v) in [
+                ("rpm", model.rpm),
+                ("tpm", model.tpm),
+                ("input_tpm", model.input_tpm),
+                ("output_tpm", model.output_tpm),
+            ] {
+                if v == Some(0) {
+                    return Err(err(format!("models.{name}.{key}"), "must be at least 1"));
+                }
+            }
             if !self.providers.contains_key(&model.provider) {
                 return Err(err(
                     format!("models.{name}.provider"),

@@ -1,16 +1,24 @@
-//! Fleet-wide token buckets in NATS KV (work in progress for the fleet-limits
-//! issue; not yet wired into the lanes).
+//! Limits shared by every worker process of a provider: request and token
+//! buckets, in-flight leases, the provider's pause and limits learned from
+//! the provider, kept in one document per provider.
 //!
-//! One KV key per budget (e.g. `openai.rpm`) holds a token bucket's state.
-//! A process takes tokens with compare-and-set on the key's revision, so any
-//! number of processes share one budget exactly; a conflict just retries
-//! with the fresh state. Refunds add tokens back the same way. The bucket
-//! arithmetic is pure ([`BucketState::take`]) and tested with explicit times.
+//! With `fleet = true` the document lives in a NATS KV key
+//! (`<provider>` in the bucket `<PREFIX>_LIMITS`) and a process changes it
+//! only by compare-and-set on the key's revision: read, compute the next
+//! state with the pure functions below, write if nobody wrote in between,
+//! else retry with the fresh state. One key per provider means one read and
+//! one write to admit a call (every budget and the concurrency slot, all or
+//! nothing) and one of each to settle it. With `fleet = false` the same
+//! document lives in this process's memory.
 //!
-//! NATS 2.9: async-nats 0.51's `create_key_value` fails against 2.9, so the
-//! KV's backing stream is created by hand (see DESIGN.md) and then opened
-//! with `get_key_value`.
+//! All arithmetic is on explicit Unix-millisecond times and is tested
+//! without a clock. NATS 2.9: async-nats 0.51's `create_key_value` fails
+//! against 2.9, so the KV's backing stream is created by hand (see
+//! DESIGN.md) and then opened with `get_key_value`.
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -18,8 +26,35 @@ use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
 
 use crate::bus::now_ms;
+use crate::providers::RateInfo;
 
-/// A token bucket's shared state.
+/// Budget names, as the providers' headers name them.
+pub const REQUESTS: &str = "requests";
+pub const TOKENS: &str = "tokens";
+pub const INPUT_TOKENS: &str = "input_tokens";
+pub const OUTPUT_TOKENS: &str = "output_tokens";
+
+/// A bucket holds this many seconds of its limit: a provider that allows a
+/// second's worth absorbs the jitter between our grant and its arrival.
+/// Steady-state throughput is the full limit; only bursts are cut.
+pub const BURST_SECS: f64 = 0.5;
+/// A process's in-flight lease lasts this long unless renewed; a process
+/// that dies gives its slots back when its lease runs out.
+pub const LEASE_MS: i64 = 15_000;
+/// Renew leases this often.
+pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// A 429 the provider sent without telling its limit cuts our rate to
+/// this share of what it was...
+pub const BACKOFF: f64 = 0.5;
+/// ...at most once per this many milliseconds (one burst of 429s is one signal)...
+pub const DAMP_MS: i64 = 1_000;
+/// ...and the rate grows back by this share of the cut rate per minute
+/// without a 429, up to the configured limit.
+pub const RECOVER_PER_MIN: f64 = 0.1;
+/// How often a lane waiting for an in-flight slot looks again.
+const SLOT_POLL: Duration = Duration::from_millis(20);
+
+/// A token bucket's state.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct BucketState {
     /// Tokens available at `at_ms`.
@@ -28,7 +63,7 @@ pub struct BucketState {
     pub at_ms: i64,
 }
 
-/// A bucket's shape: `capacity` tokens, refilled at `capacity` per `period`.
+/// A bucket's shape: `capacity` tokens, refilled at `per_ms` per millisecond.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Shape {
     pub capacity: f64,
@@ -36,11 +71,21 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// A bucket holding the full minute's worth of `limit`.
     pub fn per_minute(limit: u32) -> Self {
         let capacity = f64::from(limit.max(1));
         Self {
             capacity,
             per_ms: capacity / 60_000.0,
+        }
+    }
+
+    /// A bucket refilled at `per_min` holding [`BURST_SECS`] of it (at least one).
+    pub fn burst(per_min: f64) -> Self {
+        let per_min = per_min.max(1.0);
+        Self {
+            capacity: (per_min / 60.0 * BURST_SECS).max(1.0),
+            per_ms: per_min / 60_000.0,
         }
     }
 }
@@ -63,18 +108,19 @@ impl BucketState {
         }
     }
 
-    /// Take `n` tokens at `now_ms` (requests above the capacity are clamped
-    /// to it), or say how long until they are there.
+    /// Take `n` tokens at `now_ms`, or say how long until they are there. A
+    /// request larger than the capacity runs once the bucket is full and
+    /// leaves it in debt, so the rate still counts every token.
     pub fn take(self, shape: Shape, n: f64, now_ms: i64) -> Result<Self, Duration> {
-        let n = n.min(shape.capacity);
+        let need_now = n.min(shape.capacity);
         let s = self.refilled(shape, now_ms);
-        if s.tokens >= n {
+        if s.tokens >= need_now {
             Ok(Self {
                 tokens: s.tokens - n,
                 ..s
             })
         } else {
-            let ms = ((n - s.tokens) / shape.per_ms).ceil().max(1.0);
+            let ms = ((need_now - s.tokens) / shape.per_ms).ceil().max(1.0);
             Err(Duration::from_millis(ms as u64))
         }
     }
@@ -86,6 +132,439 @@ impl BucketState {
             tokens: (s.tokens + n).min(shape.capacity),
             ..s
         }
+    }
+}
+
+/// The configured limits of one scope (a provider, or one of its models).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    /// Per-minute limits held here, by budget name ([`REQUESTS`], [`TOKENS`], ...).
+    pub per_min: BTreeMap<&'static str, u32>,
+    /// Upper bounds for limits learned from the provider where `per_min`
+    /// has none (a learned limit is held here even if none is configured).
+    pub ceiling: BTreeMap<&'static str, u32>,
+    /// Most calls in flight at once across the fleet.
+    pub concurrency: Option<u32>,
+}
+
+impl Limits {
+    /// The configured limit (or ceiling) of `budget`.
+    pub fn of(&self, budget: &str) -> Option<u32> {
+        self.per_min
+            .get(budget)
+            .or_else(|| self.ceiling.get(budget))
+            .copied()
+    }
+}
+
+/// What one call needs: one request, its estimated input and reserved output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Need {
+    pub input: u64,
+    pub output: u64,
+}
+
+impl Need {
+    /// What a call takes from `budget`.
+    fn of(self, budget: &str) -> f64 {
+        match budget {
+            REQUESTS => 1.0,
+            _ => self.tokens_of(budget),
+        }
+    }
+
+    /// Tokens of `budget` only (a request, once sent, is never given back).
+    fn tokens_of(self, budget: &str) -> f64 {
+        match budget {
+            REQUESTS => 0.0,
+            INPUT_TOKENS => self.input as f64,
+            OUTPUT_TOKENS => self.output as f64,
+            _ => (self.input + self.output) as f64,
+        }
+    }
+}
+
+/// A limit learned from the provider, lower than the configured one.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Learned {
+    pub per_min: f64,
+    pub at_ms: i64,
+    /// From the provider's limit header (exact, kept) or from 429s (a guess
+    /// that grows back).
+    pub from_header: bool,
+}
+
+impl Learned {
+    /// The rate this learned limit allows at `now_ms`, at most `ceiling`.
+    pub fn rate(&self, ceiling: f64, now_ms: i64) -> f64 {
+        if self.from_header {
+            return self.per_min.min(ceiling);
+        }
+        let minutes = (now_ms - self.at_ms).max(0) as f64 / 60_000.0;
+        (self.per_min * (1.0 + RECOVER_PER_MIN * minutes)).min(ceiling)
+    }
+}
+
+/// One process's calls in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    pub n: u32,
+    pub expires_ms: i64,
+}
+
+/// The shared state of one scope.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Scope {
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub buckets: BTreeMap<String, BucketState>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub learned: BTreeMap<String, Learned>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub leases: BTreeMap<String, Lease>,
+    pub paused_until_ms: i64,
+}
+
+fn ms(d: i64) -> Duration {
+    Duration::from_millis(d.max(1) as u64)
+}
+
+impl Scope {
+    /// The budgets held in this scope: the configured ones and the learned
+    /// ones, with their configured limit (or ceiling).
+    fn held(&self, lim: &Limits) -> Vec<(String, u32)> {
+        let mut v: Vec<(String, u32)> = lim
+            .per_min
+            .iter()
+            .map(|(b, c)| (b.to_string(), *c))
+            .collect();
+        for b in self.learned.keys() {
+            if !lim.per_min.contains_key(b.as_str()) {
+                if let Some(c) = lim.of(b) {
+                    v.push((b.clone(), c));
+                }
+            }
+        }
+        v
+    }
+
+    /// The rate of `budget` now: the configured limit, or lower if learned.
+    pub fn rate(&self, budget: &str, configured: u32, now_ms: i64) -> f64 {
+        let c = f64::from(configured.max(1));
+        self.learned.get(budget).map_or(c, |l| l.rate(c, now_ms))
+    }
+
+    /// Calls in flight under live leases.
+    pub fn in_flight(&self, now_ms: i64) -> u32 {
+        self.leases
+            .values()
+            .filter(|l| l.expires_ms > now_ms)
+            .map(|l| l.n)
+            .sum()
+    }
+
+    /// Take what `need` needs from every budget, and an in-flight slot for
+    /// `holder`, all or nothing; else how long to wait.
+    pub fn admit(
+        &mut self,
+        lim: &Limits,
+        need: Need,
+        holder: &str,
+        now_ms: i64,
+    ) -> Result<(), Duration> {
+        if self.paused_until_ms > now_ms {
+            return Err(ms(self.paused_until_ms - now_ms));
+        }
+        self.leases.retain(|_, l| l.n > 0 && l.expires_ms > now_ms);
+        self.learned.retain(|b, l| {
+            lim.of(b)
+                .is_some_and(|c| l.rate(f64::from(c), now_ms) < f64::from(c))
+        });
+        let held = self.held(lim);
+        self.buckets.retain(|b, _| held.iter().any(|(h, _)| h == b));
+        if let Some(max) = lim.concurrency {
+            if self.in_flight(now_ms) >= max {
+                let soonest = self
+                    .leases
+                    .values()
+                    .map(|l| l.expires_ms)
+                    .min()
+                    .unwrap_or(now_ms);
+                return Err(ms(soonest - now_ms).min(SLOT_POLL));
+            }
+        }
+        let mut next = Vec::new();
+        let mut wait = Duration::ZERO;
+        for (budget, configured) in held {
+            let shape = Shape::burst(self.rate(&budget, configured, now_ms));
+            let state = self
+                .buckets
+                .get(&budget)
+                .copied()
+                .unwrap_or_else(|| BucketState::full(shape, now_ms));
+            match state.take(shape, need.of(&budget), now_ms) {
+                Ok(s) => next.push((budget, s)),
+                Err(w) => wait = wait.max(w),
+            }
+        }
+        if !wait.is_zero() {
+            return Err(wait);
+        }
+        for (budget, s) in next {
+            self.buckets.insert(budget, s);
+        }
+        if lim.concurrency.is_some() {
+            let l = self.leases.entry(holder.to_string()).or_insert(Lease {
+                n: 0,
+                expires_ms: 0,
+            });
+            l.n += 1;
+            l.expires_ms = now_ms + LEASE_MS;
+        }
+        Ok(())
+    }
+
+    /// Return what a call admitted for `holder` did not use, and its slot.
+    pub fn settle(&mut self, lim: &Limits, unused: Need, holder: &str, now_ms: i64) {
+        for (budget, configured) in self.held(lim) {
+            let shape = Shape::burst(self.rate(&budget, configured, now_ms));
+            if let Some(s) = self.buckets.get_mut(&budget) {
+                *s = s.refund(shape, unused.tokens_of(&budget), now_ms);
+            }
+        }
+        if lim.concurrency.is_some() {
+            if let Some(l) = self.leases.get_mut(holder) {
+                l.n = l.n.saturating_sub(1);
+                l.expires_ms = now_ms + LEASE_MS;
+                if l.n == 0 {
+                    self.leases.remove(holder);
+                }
+            }
+        }
+    }
+
+    /// `holder` still has `n` calls in flight: keep its lease alive.
+    pub fn renew(&mut self, holder: &str, n: u32, now_ms: i64) {
+        if n == 0 {
+            self.leases.remove(holder);
+        } else {
+            self.leases.insert(
+                holder.to_string(),
+                Lease {
+                    n,
+                    expires_ms: now_ms + LEASE_MS,
+                },
+            );
+        }
+    }
+
+    /// Send nothing until `until_ms` (never shortens a pause). Whether it changed.
+    pub fn pause_until(&mut self, until_ms: i64) -> bool {
+        let changed = until_ms > self.paused_until_ms;
+        self.paused_until_ms = self.paused_until_ms.max(until_ms);
+        changed
+    }
+
+    /// The provider says its limit for `budget` is `limit`: below the
+    /// configured one, that is the rate from now on. Whether it changed.
+    pub fn learn_limit(&mut self, budget: &str, limit: u64, configured: u32, now_ms: i64) -> bool {
+        let limit = limit as f64;
+        if limit >= f64::from(configured) {
+            return self.learned.remove(budget).is_some();
+        }
+        match self.learned.get(budget) {
+            Some(l) if l.from_header && l.per_min == limit => false,
+            _ => {
+                self.learned.insert(
+                    budget.to_string(),
+                    Learned {
+                        per_min: limit,
+                        at_ms: now_ms,
+                        from_header: true,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// A 429 came that no known limit explains: cut every budget whose rate
+    /// is not known from the provider's headers. Whether it changed.
+    pub fn back_off(&mut self, lim: &Limits, now_ms: i64) -> bool {
+        let mut changed = false;
+        let all = lim.per_min.iter().chain(lim.ceiling.iter());
+        for (&budget, &configured) in all {
+            match self.learned.get(budget) {
+                Some(l) if l.from_header => continue,
+                Some(l) if now_ms - l.at_ms < DAMP_MS => continue,
+                _ => {}
+            }
+            let cut = self.rate(budget, configured, now_ms) * BACKOFF;
+            self.learned.insert(
+                budget.to_string(),
+                Learned {
+                    per_min: cut.max(1.0),
+                    at_ms: now_ms,
+                    from_header: false,
+                },
+            );
+            changed = true;
+        }
+        changed
+    }
+}
+
+/// The shared state of one provider: its own scope and its models'.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Doc {
+    pub provider: Scope,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, Scope>,
+}
+
+impl Doc {
+    /// Admit a call to `model` in both scopes, all or nothing.
+    pub fn admit(
+        &mut self,
+        lims: &ScopeLimits,
+        model: &str,
+        need: Need,
+        holder: &str,
+        now_ms: i64,
+    ) -> Result<(), Duration> {
+        let mut next = self.clone();
+        let a = next.provider.admit(&lims.provider, need, holder, now_ms);
+        let b = next.models.entry(model.to_string()).or_default().admit(
+            lims.model(model),
+            need,
+            holder,
+            now_ms,
+        );
+        match (a, b) {
+            (Ok(()), Ok(())) => {
+                *self = next;
+                Ok(())
+            }
+            (Err(w), Ok(())) | (Ok(()), Err(w)) => Err(w),
+            (Err(a), Err(b)) => Err(a.max(b)),
+        }
+    }
+
+    pub fn settle(
+        &mut self,
+        lims: &ScopeLimits,
+        model: &str,
+        unused: Need,
+        holder: &str,
+        now_ms: i64,
+    ) {
+        self.provider.settle(&lims.provider, unused, holder, now_ms);
+        if let Some(s) = self.models.get_mut(model) {
+            s.settle(lims.model(model), unused, holder, now_ms);
+        }
+    }
+
+    /// Apply what a response from `model` said. Returns what changed, for the log.
+    pub fn observe(
+        &mut self,
+        lims: &ScopeLimits,
+        model: &str,
+        seen: &Seen,
+        now_ms: i64,
+    ) -> Vec<String> {
+        let mut changes = Vec::new();
+        if let Some(d) = seen.pause {
+            if self.provider.pause_until(now_ms + d.as_millis() as i64) {
+                changes.push(format!(
+                    "provider asked for a pause of {:.1}s",
+                    d.as_secs_f64()
+                ));
+            }
+        }
+        let lim = lims.model(model);
+        let scope = self.models.entry(model.to_string()).or_default();
+        let mut explained = false;
+        for (budget, limit) in &seen.limits {
+            if let Some(configured) = lim.of(budget) {
+                explained = true;
+                if scope.learn_limit(budget, *limit, configured, now_ms) {
+                    changes.push(format!(
+                        "provider enforces {limit} {budget}/min on {model}, configured {configured}"
+                    ));
+                }
+            }
+        }
+        if seen.rate_limited && !explained && scope.back_off(lim, now_ms) {
+            changes.push(format!(
+                "429 on {model} without limits; backing off to {:.0}%",
+                BACKOFF * 100.0
+            ));
+        }
+        changes
+    }
+}
+
+/// What a response said about the provider's limits.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Seen {
+    /// Budget name → the limit per minute the provider stated.
+    pub limits: Vec<(String, u64)>,
+    pub rate_limited: bool,
+    /// The provider asked for no requests for this long.
+    pub pause: Option<Duration>,
+}
+
+impl Seen {
+    pub fn from_rate(rate: &RateInfo, rate_limited: bool, pause: Option<Duration>) -> Self {
+        Self {
+            limits: rate
+                .budgets
+                .iter()
+                .filter_map(|b| Some((b.name.to_string(), b.limit?)))
+                .collect(),
+            rate_limited,
+            pause,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.limits.is_empty() && !self.rate_limited && self.pause.is_none()
+    }
+}
+
+/// The configured limits of a provider and of its models.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScopeLimits {
+    pub provider: Limits,
+    /// Per model with limits of its own.
+    pub models: HashMap<String, Limits>,
+    /// Any other model: no limits of its own; what it learns is capped by
+    /// the provider's configured limits.
+    pub default_model: Limits,
+}
+
+impl ScopeLimits {
+    /// `ceiling`: the provider's configured per-minute limits (the upper
+    /// bound of what a model can learn).
+    pub fn new(
+        provider: Limits,
+        models: HashMap<String, Limits>,
+        ceiling: BTreeMap<&'static str, u32>,
+    ) -> Self {
+        let default_model = Limits {
+            ceiling,
+            ..Limits::default()
+        };
+        Self {
+            provider,
+            models,
+            default_model,
+        }
+    }
+
+    pub fn model(&self, model: &str) -> &Limits {
+        self.models.get(model).unwrap_or(&self.default_model)
     }
 }
 
@@ -111,90 +590,278 @@ pub async fn open_store(js: &jetstream::Context, prefix: &str) -> Result<kv::Sto
         .map_err(|e| anyhow::anyhow!("opening KV bucket {bucket}: {e}"))
 }
 
-/// One budget shared by every process through a KV key.
-#[derive(Clone)]
-pub struct FleetBucket {
-    store: kv::Store,
-    key: String,
-    shape: Shape,
+enum Backend {
+    Kv { store: Box<kv::Store>, key: String },
+    Local(Mutex<Doc>),
 }
 
-impl FleetBucket {
-    pub fn new(store: kv::Store, key: &str, shape: Shape) -> Self {
-        Self {
-            store,
-            key: key.to_string(),
-            shape,
+struct Inner {
+    provider: String,
+    /// The local backend runs on tokio's clock (tests can drive it); KV
+    /// state is shared between machines, so it runs on the wall clock.
+    clock: (i64, tokio::time::Instant),
+    backend: Backend,
+    lims: ScopeLimits,
+    holder: String,
+    in_flight: AtomicU32,
+    /// Limits already applied, so an unchanged header costs no write.
+    applied: Mutex<HashMap<(String, String), u64>>,
+}
+
+/// A provider's shared limiter: in KV for the fleet, or in memory.
+#[derive(Clone)]
+pub struct SharedLimiter(Arc<Inner>);
+
+impl SharedLimiter {
+    /// Limits held in this process only.
+    pub fn local(provider: &str, lims: ScopeLimits) -> Self {
+        Self::build(provider, Backend::Local(Mutex::new(Doc::default())), lims)
+    }
+
+    /// Limits held across every process sharing `store`; renews this
+    /// process's leases in the background while it has calls in flight.
+    pub fn fleet(provider: &str, store: kv::Store, lims: ScopeLimits) -> Self {
+        let key = provider.to_string();
+        let me = Self::build(
+            provider,
+            Backend::Kv {
+                store: Box::new(store),
+                key,
+            },
+            lims,
+        );
+        let weak = Arc::downgrade(&me.0);
+        tokio::spawn(renew_leases(weak));
+        me
+    }
+
+    fn build(provider: &str, backend: Backend, lims: ScopeLimits) -> Self {
+        Self(Arc::new(Inner {
+            provider: provider.to_string(),
+            clock: (now_ms(), tokio::time::Instant::now()),
+            backend,
+            lims,
+            holder: format!("{}-{}", std::process::id(), crate::enqueue::new_job_id()),
+            in_flight: AtomicU32::new(0),
+            applied: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn is_fleet(&self) -> bool {
+        matches!(self.0.backend, Backend::Kv { .. })
+    }
+
+    fn now(&self) -> i64 {
+        match self.0.backend {
+            Backend::Kv { .. } => now_ms(),
+            Backend::Local(_) => {
+                let (base, at) = self.0.clock;
+                base + at.elapsed().as_millis() as i64
+            }
         }
     }
 
-    /// One compare-and-set attempt of `f` on the current state. `Ok(None)`:
-    /// another process won the race; try again.
+    /// One read-modify-write of the document: `f` changes it and says what
+    /// to return, or `Err` to write nothing. `Ok(None)`: another process
+    /// wrote first; try again.
     async fn cas<T>(
         &self,
-        f: impl Fn(BucketState, i64) -> Result<(BucketState, T), Duration>,
+        f: impl FnOnce(&mut Doc, i64) -> Result<T, Duration>,
     ) -> Result<Option<Result<T, Duration>>> {
-        let now = now_ms();
-        let entry = self
-            .store
-            .entry(&self.key)
-            .await
-            .with_context(|| format!("reading limit {}", self.key))?;
-        let (state, revision) = match &entry {
-            Some(e) if !e.value.is_empty() => (
-                serde_json::from_slice::<BucketState>(&e.value)
-                    .unwrap_or_else(|_| BucketState::full(self.shape, now)),
-                Some(e.revision),
-            ),
-            Some(e) => (BucketState::full(self.shape, now), Some(e.revision)),
-            None => (BucketState::full(self.shape, now), None),
-        };
-        let (next, out) = match f(state, now) {
-            Ok(v) => v,
-            Err(wait) => return Ok(Some(Err(wait))),
-        };
-        let body: bytes::Bytes = serde_json::to_vec(&next)?.into();
-        let written = match revision {
-            Some(r) => self.store.update(&self.key, body, r).await.is_ok(),
-            None => self.store.create(&self.key, body).await.is_ok(),
-        };
-        Ok(written.then_some(Ok(out)))
+        let now = self.now();
+        match &self.0.backend {
+            Backend::Local(doc) => {
+                let mut d = doc.lock().expect("limits lock");
+                Ok(Some(f(&mut d, now)))
+            }
+            Backend::Kv { store, key } => {
+                let entry = store
+                    .entry(key)
+                    .await
+                    .with_context(|| format!("reading the limits of {key}"))?;
+                let mut doc = entry
+                    .as_ref()
+                    .filter(|e| !e.value.is_empty())
+                    .and_then(|e| serde_json::from_slice::<Doc>(&e.value).ok())
+                    .unwrap_or_default();
+                let out = match f(&mut doc, now) {
+                    Ok(v) => v,
+                    Err(w) => return Ok(Some(Err(w))),
+                };
+                let body: bytes::Bytes = serde_json::to_vec(&doc)?.into();
+                let written = match entry {
+                    Some(e) => store.update(key, body, e.revision).await.is_ok(),
+                    None => store.create(key, body).await.is_ok(),
+                };
+                Ok(written.then_some(Ok(out)))
+            }
+        }
     }
 
-    /// Take `n` tokens now, or learn how long to wait.
-    pub async fn try_take(&self, n: f64) -> Result<Result<(), Duration>> {
+    /// Apply `f` until it sticks (conflicts retry at once).
+    async fn change<T>(
+        &self,
+        f: impl Fn(&mut Doc, i64) -> Result<T, Duration>,
+    ) -> Result<Result<T, Duration>> {
         loop {
-            let shape = self.shape;
-            if let Some(r) = self
-                .cas(|s, now| s.take(shape, n, now).map(|s| (s, ())))
-                .await?
-            {
+            if let Some(r) = self.cas(&f).await? {
                 return Ok(r);
             }
         }
     }
 
-    /// Wait until `n` tokens are taken.
-    pub async fn take(&self, n: f64) -> Result<()> {
+    /// Try once to admit a call to `model`: `Ok(Err(wait))` if it must wait.
+    pub async fn try_admit(&self, model: &str, need: Need) -> Result<Result<(), Duration>> {
+        let lims = &self.0.lims;
+        let holder = &self.0.holder;
+        // Counted before the attempt, so a renewal never sees fewer calls
+        // in flight here than the shared lease holds.
+        self.0.in_flight.fetch_add(1, Ordering::SeqCst);
+        let r = self
+            .change(|d, now| d.admit(lims, model, need, holder, now))
+            .await;
+        if !matches!(r, Ok(Ok(()))) {
+            self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+        r
+    }
+
+    /// Wait until a call to `model` is admitted. Fails closed: while the
+    /// state cannot be reached it waits, and says so.
+    pub async fn admit(&self, model: &str, need: Need) {
+        let mut warned = false;
         loop {
-            match self.try_take(n).await? {
-                Ok(()) => return Ok(()),
-                Err(wait) => tokio::time::sleep(wait.min(Duration::from_secs(5))).await,
+            match self.try_admit(model, need).await {
+                Ok(Ok(())) => return,
+                Ok(Err(wait)) => tokio::time::sleep(wait.min(Duration::from_secs(1))).await,
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(provider = %self.0.provider, error = %format!("{e:#}"),
+                            "shared limiter unreachable; not sending until it is back");
+                        warned = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
             }
         }
     }
 
-    /// Give back `n` unused tokens.
-    pub async fn refund(&self, n: f64) -> Result<()> {
-        let shape = self.shape;
-        loop {
-            if self
-                .cas(|s, now| Ok((s.refund(shape, n, now), ())))
-                .await?
-                .is_some()
-            {
-                return Ok(());
+    /// Give back what an admitted call did not use, and its slot.
+    pub async fn settle(&self, model: &str, unused: Need) {
+        let lims = &self.0.lims;
+        let holder = &self.0.holder;
+        // Lowered after the shared lease, so a renewal never undercounts.
+        struct Release<'a>(&'a AtomicU32);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
             }
+        }
+        let _release = Release(&self.0.in_flight);
+        for _ in 0..5 {
+            match self
+                .change(|d, now| {
+                    d.settle(lims, model, unused, holder, now);
+                    Ok(())
+                })
+                .await
+            {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(provider = %self.0.provider, error = %format!("{e:#}"),
+                        "could not return unused budget; the lease will expire");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// Learn from a response: the provider's stated limits, a 429, a pause.
+    /// Writes only when something changes.
+    pub async fn observe(&self, model: &str, seen: Seen) {
+        if seen.is_empty() {
+            return;
+        }
+        if !seen.rate_limited && seen.pause.is_none() {
+            let applied = self.0.applied.lock().expect("applied lock");
+            if seen
+                .limits
+                .iter()
+                .all(|(b, l)| applied.get(&(model.to_string(), b.clone())) == Some(l))
+            {
+                return;
+            }
+        }
+        let lims = &self.0.lims;
+        match self
+            .change(|d, now| {
+                let changes = d.observe(lims, model, &seen, now);
+                if changes.is_empty() {
+                    Err(Duration::ZERO) // nothing to write
+                } else {
+                    Ok(changes)
+                }
+            })
+            .await
+        {
+            Ok(Ok(changes)) => {
+                for c in changes {
+                    tracing::warn!(provider = %self.0.provider, "{c}");
+                }
+            }
+            Ok(Err(_)) => {}
+            Err(e) => tracing::warn!(provider = %self.0.provider, error = %format!("{e:#}"),
+                "could not share what the provider said about its limits"),
+        }
+        let mut applied = self.0.applied.lock().expect("applied lock");
+        for (b, l) in &seen.limits {
+            applied.insert((model.to_string(), b.clone()), *l);
+        }
+    }
+
+    /// The shared state now (for tests and diagnostics).
+    pub async fn snapshot(&self) -> Result<Doc> {
+        match &self.0.backend {
+            Backend::Local(doc) => Ok(doc.lock().expect("limits lock").clone()),
+            Backend::Kv { store, key } => Ok(store
+                .entry(key)
+                .await
+                .with_context(|| format!("reading the limits of {key}"))?
+                .and_then(|e| serde_json::from_slice::<Doc>(&e.value).ok())
+                .unwrap_or_default()),
+        }
+    }
+
+    /// Keep this process's in-flight lease alive, or drop it when this
+    /// process has nothing in flight.
+    pub async fn renew(&self) -> Result<()> {
+        if self.0.lims.provider.concurrency.is_none() {
+            return Ok(());
+        }
+        let holder = &self.0.holder;
+        let in_flight = &self.0.in_flight;
+        self.change(|d, now| {
+            let Some(lease) = d.provider.leases.get(holder).copied() else {
+                return Err(Duration::ZERO);
+            };
+            // The local count is read last and never lags the shared one
+            // (it is raised before an admission is tried).
+            let n = in_flight.load(Ordering::SeqCst);
+            d.provider.renew(holder, lease.n.min(n), now);
+            Ok(())
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
+async fn renew_leases(weak: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(RENEW_EVERY).await;
+        let Some(inner) = weak.upgrade() else { return };
+        let me = SharedLimiter(inner);
+        if let Err(e) = me.renew().await {
+            tracing::warn!(provider = %me.0.provider, error = %format!("{e:#}"), "could not renew the in-flight lease");
         }
     }
 }
@@ -202,6 +869,22 @@ impl FleetBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lims(rpm: u32, tpm: u32, concurrency: Option<u32>) -> Limits {
+        let mut per_min = BTreeMap::new();
+        per_min.insert(REQUESTS, rpm);
+        per_min.insert(TOKENS, tpm);
+        Limits {
+            per_min,
+            concurrency,
+            ..Limits::default()
+        }
+    }
+
+    const NEED: Need = Need {
+        input: 60,
+        output: 40,
+    };
 
     #[test]
     fn bucket_arithmetic_with_explicit_time() {
@@ -219,60 +902,150 @@ mod tests {
         // Refunds never exceed the capacity; time does not run backwards.
         let r = s2.refund(shape, 10_000.0, 400);
         assert_eq!((r.tokens, r.at_ms), (600.0, 500));
-        // A request larger than the capacity is clamped, so it can run.
-        assert!(BucketState::full(shape, 0).take(shape, 1e9, 0).is_ok());
-    }
-}
-
-/// A provider-imposed pause shared by every process: when one lane learns
-/// (from a 429 or an exhausted budget) that the provider wants no requests
-/// until T, every lane of that provider waits until T.
-#[derive(Clone)]
-pub struct FleetPause {
-    store: kv::Store,
-    key: String,
-}
-
-impl FleetPause {
-    pub fn new(store: kv::Store, key: &str) -> Self {
-        Self {
-            store,
-            key: key.to_string(),
-        }
+        // A request larger than the capacity runs on a full bucket and
+        // leaves it in debt: the next one waits for the whole of it.
+        let burst = Shape::burst(6_000.0); // 100 a second, holds 50
+        let debt = BucketState::full(burst, 0).take(burst, 150.0, 0).unwrap();
+        assert_eq!(debt.tokens, -100.0);
+        assert_eq!(
+            debt.take(burst, 1.0, 0).unwrap_err(),
+            Duration::from_millis(1010)
+        );
     }
 
-    /// Unix milliseconds until which the provider is paused (0: not paused).
-    pub async fn until_ms(&self) -> Result<i64> {
-        let entry = self
-            .store
-            .entry(&self.key)
-            .await
-            .with_context(|| format!("reading pause {}", self.key))?;
-        Ok(entry
-            .and_then(|e| std::str::from_utf8(&e.value).ok()?.parse::<i64>().ok())
-            .unwrap_or(0))
+    #[test]
+    fn admission_takes_every_budget_or_none() {
+        // 600 RPM (holds 5) and 6,000 TPM (holds 50 tokens).
+        let l = lims(600, 6_000, None);
+        let mut s = Scope::default();
+        // 100 tokens > 50: runs on the full bucket, leaving a debt of 50.
+        s.admit(&l, NEED, "a", 0).unwrap();
+        let tokens_before = s.buckets[TOKENS];
+        let requests_before = s.buckets[REQUESTS];
+        // The token budget is short: nothing is taken, not even a request.
+        let wait = s.admit(&l, NEED, "a", 0).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(1000)); // 100 tokens at 100/s
+        assert_eq!(s.buckets[TOKENS], tokens_before);
+        assert_eq!(s.buckets[REQUESTS], requests_before);
+        // Unused reservation comes back: 60 of 100 unused.
+        s.settle(
+            &l,
+            Need {
+                input: 0,
+                output: 60,
+            },
+            "a",
+            0,
+        );
+        assert_eq!(s.buckets[TOKENS].tokens, 10.0);
+        assert_eq!(
+            s.buckets[REQUESTS], requests_before,
+            "a request is never refunded"
+        );
+        assert!(s
+            .admit(
+                &l,
+                Need {
+                    input: 10,
+                    output: 0
+                },
+                "a",
+                0
+            )
+            .is_ok());
     }
 
-    /// Pause every process until `until_ms` (never shortens a pause).
-    pub async fn extend(&self, until_ms: i64) -> Result<()> {
-        for _ in 0..10 {
-            let entry = self.store.entry(&self.key).await?;
-            let current = entry
-                .as_ref()
-                .and_then(|e| std::str::from_utf8(&e.value).ok()?.parse::<i64>().ok())
-                .unwrap_or(0);
-            if current >= until_ms {
-                return Ok(());
-            }
-            let body: bytes::Bytes = until_ms.to_string().into_bytes().into();
-            let ok = match entry {
-                Some(e) => self.store.update(&self.key, body, e.revision).await.is_ok(),
-                None => self.store.create(&self.key, body).await.is_ok(),
-            };
-            if ok {
-                return Ok(());
-            }
-        }
-        anyhow::bail!("pause {} kept changing under us", self.key)
+    #[test]
+    fn leases_cap_in_flight_and_expire_with_their_process() {
+        let l = lims(60_000, 60_000_000, Some(2));
+        let mut s = Scope::default();
+        s.admit(&l, NEED, "dead", 0).unwrap();
+        s.admit(&l, NEED, "alive", 0).unwrap();
+        assert_eq!(s.in_flight(0), 2);
+        let wait = s.admit(&l, NEED, "alive", 10).unwrap_err();
+        assert!(wait <= SLOT_POLL);
+        // The live process renews; the dead one cannot.
+        s.renew("alive", 1, 10_000);
+        assert!(s.admit(&l, NEED, "alive", LEASE_MS - 1).is_err());
+        s.admit(&l, NEED, "alive", LEASE_MS).unwrap();
+        assert_eq!(s.leases.len(), 1, "the dead process's lease is gone");
+        assert_eq!(s.in_flight(LEASE_MS), 2);
+        // Settling gives a slot back; the last one removes the lease.
+        s.settle(&l, Need::default(), "alive", LEASE_MS + 1);
+        s.settle(&l, Need::default(), "alive", LEASE_MS + 2);
+        assert!(s.leases.is_empty());
+    }
+
+    #[test]
+    fn a_pause_is_never_shortened_and_holds_admissions() {
+        let l = lims(600, 60_000, None);
+        let mut s = Scope::default();
+        assert!(s.pause_until(5_000));
+        assert!(!s.pause_until(3_000));
+        assert_eq!(
+            s.admit(&l, NEED, "a", 1_000).unwrap_err(),
+            Duration::from_millis(4_000)
+        );
+        assert!(s.admit(&l, NEED, "a", 5_000).is_ok());
+    }
+
+    #[test]
+    fn stated_limits_bind_until_they_change_and_429s_back_off_then_recover() {
+        let l = lims(600, 60_000, None);
+        let mut s = Scope::default();
+        assert!(s.learn_limit(REQUESTS, 120, 600, 0));
+        assert!(!s.learn_limit(REQUESTS, 120, 600, 1), "unchanged: no write");
+        assert_eq!(s.rate(REQUESTS, 600, 1_000_000), 120.0);
+        // A limit at or above the configured one is not learned.
+        assert!(!s.learn_limit(TOKENS, 90_000, 60_000, 0));
+        assert!(s.learn_limit(REQUESTS, 600, 600, 2), "back to configured");
+        assert!(s.learned.is_empty());
+
+        // A 429 with no stated limit: cut, once per burst...
+        assert!(s.back_off(&l, 10_000));
+        assert_eq!(s.rate(REQUESTS, 600, 10_000), 600.0 * BACKOFF);
+        assert!(!s.back_off(&l, 10_000 + DAMP_MS - 1));
+        assert!(s.back_off(&l, 10_000 + DAMP_MS));
+        // The first cut had grown back for DAMP_MS before the second.
+        let grown = 1.0 + RECOVER_PER_MIN * DAMP_MS as f64 / 60_000.0;
+        let cut = 600.0 * BACKOFF * grown * BACKOFF;
+        assert!((s.rate(REQUESTS, 600, 10_000 + DAMP_MS) - cut).abs() < 1e-9);
+        // ...then growing back by a share of the cut rate a minute, to the configured limit.
+        let later = 10_000 + DAMP_MS + 60_000;
+        assert!((s.rate(REQUESTS, 600, later) - cut * (1.0 + RECOVER_PER_MIN)).abs() < 1e-9);
+        assert_eq!(s.rate(REQUESTS, 600, later + 3_600_000), 600.0);
+        // Recovered limits are dropped at the next admission.
+        s.admit(&l, NEED, "a", later + 3_600_000).unwrap();
+        assert!(s.learned.is_empty());
+        // A stated limit is not overridden by 429s.
+        s.learn_limit(REQUESTS, 300, 600, 0);
+        assert!(s.back_off(&l, 0), "tokens still back off");
+        assert_eq!(s.rate(REQUESTS, 600, 0), 300.0);
+    }
+
+    #[test]
+    fn a_document_admits_in_the_provider_and_the_model_scope() {
+        let mut models = HashMap::new();
+        models.insert("small".to_string(), lims(60, 60_000, None));
+        let provider = lims(6_000, 600_000, Some(10));
+        let sl = ScopeLimits::new(provider.clone(), models, provider.per_min);
+        let mut d = Doc::default();
+        // The model's own 60 RPM holds 1 request; the provider's holds 50.
+        d.admit(&sl, "small", NEED, "p", 0).unwrap();
+        assert!(d.admit(&sl, "small", NEED, "p", 0).is_err());
+        assert_eq!(d.provider.in_flight(0), 1, "a refused call takes no slot");
+        d.admit(&sl, "large", NEED, "p", 0).unwrap();
+        // A stated limit is learned for the model it came from only.
+        let seen = Seen {
+            limits: vec![(REQUESTS.into(), 120)],
+            ..Default::default()
+        };
+        let changes = d.observe(&sl, "large", &seen, 0);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(d.models["large"].rate(REQUESTS, 6_000, 0), 120.0);
+        assert!(d.provider.learned.is_empty());
+        // The document survives a round trip through KV's bytes.
+        let back: Doc = serde_json::from_slice(&serde_json::to_vec(&d).unwrap()).unwrap();
+        assert_eq!(back, d);
     }
 }

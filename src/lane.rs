@@ -15,10 +15,11 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use crate::bus::{Bus, CallMsg};
 use crate::config::Config;
+use crate::fleet::SharedLimiter;
 use crate::flow::{self, JobCtx};
 use crate::limit::LaneLimiter;
 use crate::pricing::Usage;
-use crate::providers::{estimate_input_tokens, CallRequest, Provider};
+use crate::providers::{estimate_input_tokens, CallRequest, ErrorClass, Provider};
 use crate::route::{self, Action, Outcome, Plan, StepOutcome, StepRecord};
 use crate::store::{self, CallOutcome, CallRow, DeadLetterRow, Row, StatusRow, StepRow, Writer};
 
@@ -56,20 +57,23 @@ impl Lane {
             .get(name)
             .ok_or_else(|| anyhow::anyhow!("no provider `{name}` in config"))?;
         let provider = Provider::from_config(name, pc)?;
-        let mut limiter = LaneLimiter::new(
+        let lims = cfg.scope_limits(name);
+        let shared = if pc.fleet {
+            let store = fleet_store.ok_or_else(|| {
+                anyhow::anyhow!("providers.{name}.fleet needs the limits KV bucket")
+            })?;
+            SharedLimiter::fleet(name, store, lims)
+        } else {
+            SharedLimiter::local(name, lims)
+        };
+        let limiter = LaneLimiter::new(
             pc.rpm,
             pc.tpm,
             pc.input_tpm,
             pc.output_tpm,
             pc.max_concurrency,
+            shared,
         );
-        if pc.fleet {
-            let store = fleet_store.ok_or_else(|| {
-                anyhow::anyhow!("providers.{name}.fleet needs the limits KV bucket")
-            })?;
-            limiter =
-                limiter.with_fleet(crate::limit::FleetLimits::new(store, name, pc.rpm, pc.tpm));
-        }
         Ok(Self {
             name: name.to_string(),
             cfg,
@@ -86,6 +90,11 @@ impl Lane {
     /// their commit.
     pub fn max_in_flight(&self) -> usize {
         self.cfg.providers[&self.name].max_concurrency * 2 + 16
+    }
+
+    /// Wait until the lane has budget for another message (backpressure).
+    pub async fn ready(&self) {
+        self.limiter.ready().await;
     }
 
     /// JetStream delivers a call at most this often: the retry budget plus
@@ -221,7 +230,9 @@ impl Lane {
         // Wait for the limiter, telling JetStream we are still working, and
         // giving the message back at once if the worker is stopping.
         let admission = {
-            let admit = self.limiter.admit(estimate, u64::from(req.max_tokens));
+            let admit = self
+                .limiter
+                .admit(&call.model, estimate, u64::from(req.max_tokens));
             tokio::pin!(admit);
             let mut tick = tokio::time::interval(self.cfg.ack_wait() / 3);
             tick.tick().await;
@@ -257,24 +268,24 @@ impl Lane {
         };
         let (outcome, response) = match result {
             Ok(resp) => {
-                self.limiter.settle(
-                    &admission,
-                    resp.usage.input_tokens,
-                    resp.usage.output_tokens,
-                );
-                if let Some(d) = resp.rate.exhausted_for() {
-                    self.limiter.pause_for(d);
-                }
+                self.limiter
+                    .settle(admission, resp.usage.input_tokens, resp.usage.output_tokens)
+                    .await;
+                self.limiter
+                    .observe(&call.model, &resp.rate, false, resp.rate.exhausted_for())
+                    .await;
                 row.usage = resp.usage;
                 row.http_status = Some(i32::from(resp.http_status));
                 (Outcome::Success, Some(resp))
             }
             Err(e) => {
                 // A failed call used no tokens we know of.
-                self.limiter.settle(&admission, 0, 0);
-                if let Some(d) = e.retry_after.or_else(|| e.rate.exhausted_for()) {
-                    self.limiter.pause_for(d);
-                }
+                self.limiter.settle(admission, 0, 0).await;
+                let limited = e.class == ErrorClass::RateLimited;
+                let pause = e.retry_after.or_else(|| e.rate.exhausted_for());
+                self.limiter
+                    .observe(&call.model, &e.rate, limited, pause)
+                    .await;
                 row.http_status = e.http_status.map(i32::from);
                 row.outcome = if e.retryable {
                     CallOutcome::RetryableError
@@ -300,7 +311,6 @@ impl Lane {
                 (outcome, None)
             }
         };
-        drop(admission);
 
         let record = match route::decide(&self.cfg.retry, attempt as u32, &outcome, fastrand::f64())
         {

@@ -5,11 +5,14 @@
 //! Uses tokio's clock so tests can drive time.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::fleet::{Limits, Need, ScopeLimits, SharedLimiter};
 use tokio::time::Instant;
 
 /// A token bucket that allows refunds. `capacity` tokens, refilled
@@ -78,51 +81,6 @@ impl TokenBucket {
     }
 }
 
-/// All limits of one lane.
-/// The lane's share of fleet-wide budgets (KV buckets every process shares).
-pub struct FleetLimits {
-    pub rpm: crate::fleet::FleetBucket,
-    pub tpm: crate::fleet::FleetBucket,
-    pub pause: crate::fleet::FleetPause,
-}
-
-impl FleetLimits {
-    /// Buckets for `provider` holding half a second's worth of requests and
-    /// of tokens (so a provider that allows a second's worth absorbs the
-    /// jitter between our grant and its arrival), refilled at the per-minute
-    /// limits. Steady-state throughput is the full limit; only bursts are cut.
-    pub fn new(
-        store: async_nats::jetstream::kv::Store,
-        provider: &str,
-        rpm: u32,
-        tpm: u32,
-    ) -> Self {
-        use crate::fleet::{FleetBucket, Shape};
-        let shape = |limit: u32, secs: f64| Shape {
-            capacity: (f64::from(limit) / 60.0 * secs).max(1.0),
-            per_ms: f64::from(limit.max(1)) / 60_000.0,
-        };
-        Self {
-            pause: crate::fleet::FleetPause::new(store.clone(), &format!("{provider}.pause")),
-            rpm: FleetBucket::new(store.clone(), &format!("{provider}.rpm"), shape(rpm, 0.5)),
-            tpm: FleetBucket::new(store, &format!("{provider}.tpm"), shape(tpm, 0.5)),
-        }
-    }
-}
-
-/// Take from a fleet bucket, waiting (fail closed) while the KV is unreachable.
-async fn take_fleet(b: &crate::fleet::FleetBucket, n: f64) {
-    loop {
-        match b.take(n).await {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "fleet limiter unreachable; not sending until it is back");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
-}
-
 pub struct LaneLimiter {
     rpm: DefaultDirectRateLimiter,
     tpm: TokenBucket,
@@ -130,15 +88,24 @@ pub struct LaneLimiter {
     output_tpm: Option<TokenBucket>,
     concurrency: Arc<Semaphore>,
     paused_until: Mutex<Option<Instant>>,
-    fleet: Option<FleetLimits>,
+    /// Budgets shared with every process (fleet) or held in memory, per
+    /// provider and per model, with what the provider taught us.
+    shared: SharedLimiter,
     /// Tokens claimed by calls that have not taken them from `tpm` yet, so
     /// the wait a new call would face counts the calls queued before it.
     pending: Mutex<u64>,
+    /// Calls claimed and not yet admitted, and how many may wait before the
+    /// lane stops taking messages.
+    waiting: AtomicUsize,
+    queue_cap: usize,
+    freed: Notify,
 }
 
-/// Held while a call is in flight: the concurrency slot and the token reservation.
+/// Held while a call is in flight: the concurrency slot and the token
+/// reservation. Give it back with [`LaneLimiter::settle`].
 pub struct Admission {
     _permit: OwnedSemaphorePermit,
+    model: String,
     /// Input tokens reserved (the estimate).
     pub reserved_input: u64,
     /// Output tokens reserved (`max_tokens`).
@@ -152,6 +119,7 @@ impl LaneLimiter {
         input_tpm: Option<u32>,
         output_tpm: Option<u32>,
         max_concurrency: usize,
+        shared: SharedLimiter,
     ) -> Self {
         let rpm = NonZeroU32::new(rpm.max(1)).expect("non-zero");
         // Allow a burst of a tenth of a minute's requests, at least one.
@@ -163,35 +131,84 @@ impl LaneLimiter {
             output_tpm: output_tpm.map(TokenBucket::per_minute),
             concurrency: Arc::new(Semaphore::new(max_concurrency.max(1))),
             paused_until: Mutex::new(None),
-            fleet: None,
+            shared,
             pending: Mutex::new(0),
+            waiting: AtomicUsize::new(0),
+            // About a second of requests may wait here; more stay in NATS.
+            queue_cap: (rpm.get() as usize / 60).clamp(2, 4096),
+            freed: Notify::new(),
         }
     }
 
-    /// Also hold the fleet-wide budgets.
-    pub fn with_fleet(mut self, fleet: FleetLimits) -> Self {
-        self.fleet = Some(fleet);
-        self
+    /// A limiter with only this process's limits (tests, single workers).
+    pub fn local(rpm: u32, tpm: u32, max_concurrency: usize) -> Self {
+        let mut ceiling = std::collections::BTreeMap::new();
+        ceiling.insert(crate::fleet::REQUESTS, rpm);
+        ceiling.insert(crate::fleet::TOKENS, tpm);
+        let lims = ScopeLimits::new(Limits::default(), Default::default(), ceiling);
+        Self::new(
+            rpm,
+            tpm,
+            None,
+            None,
+            max_concurrency,
+            SharedLimiter::local("local", lims),
+        )
     }
 
-    /// Stop sending until `now + d` (a provider said its budget is exhausted).
+    pub fn shared(&self) -> &SharedLimiter {
+        &self.shared
+    }
+
+    /// Stop sending until `now + d` in this process (a provider said its
+    /// budget is exhausted); [`observe`](Self::observe) also shares it.
     pub fn pause_for(&self, d: Duration) {
         let until = Instant::now() + d;
-        {
-            let mut p = self.paused_until.lock().expect("pause lock");
-            if p.is_none_or(|cur| cur < until) {
-                *p = Some(until);
+        let mut p = self.paused_until.lock().expect("pause lock");
+        if p.is_none_or(|cur| cur < until) {
+            *p = Some(until);
+        }
+    }
+
+    /// Learn from a response of `model`: a pause the provider asked for, the
+    /// limits it states, a 429 (which tightens the rate when no stated
+    /// limit explains it). Shared with the fleet when the lane is.
+    pub async fn observe(
+        &self,
+        model: &str,
+        rate: &crate::providers::RateInfo,
+        rate_limited: bool,
+        pause: Option<Duration>,
+    ) {
+        if let Some(d) = pause {
+            self.pause_for(d);
+        }
+        let seen = crate::fleet::Seen::from_rate(rate, rate_limited, pause);
+        self.shared.observe(model, seen).await;
+    }
+
+    /// Wait until the lane can use another message: not paused, and fewer
+    /// than about a second's worth of calls waiting for admission. Until
+    /// then the lane takes nothing from NATS (backpressure, not naks).
+    pub async fn ready(&self) {
+        loop {
+            if let Some(t) = self.paused_until() {
+                tokio::time::sleep_until(t).await;
+                continue;
             }
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.waiting.load(Ordering::SeqCst) < self.queue_cap {
+                return;
+            }
+            freed.await;
         }
-        if let Some(f) = &self.fleet {
-            let pause = f.pause.clone();
-            let until_ms = crate::bus::now_ms() + d.as_millis() as i64;
-            tokio::spawn(async move {
-                if let Err(e) = pause.extend(until_ms).await {
-                    tracing::warn!(error = %format!("{e:#}"), "could not share a provider pause with the fleet");
-                }
-            });
-        }
+    }
+
+    /// Calls claimed and not yet admitted.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
     }
 
     /// When the current pause ends, if any.
@@ -236,12 +253,15 @@ impl LaneLimiter {
             }
         }
         *pending += input + output;
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Wait for a concurrency slot, the pause to end, a request token and
-    /// the tokens (`input` estimated + `output` reserved), in that order.
-    pub async fn admit(&self, input: u64, output: u64) -> Admission {
+    /// Wait for a concurrency slot, the pause to end, a request token, the
+    /// tokens (`input` estimated + `output` reserved), then the shared
+    /// budgets of the provider and of `model`, in that order. Follows a
+    /// [`claim`](Self::claim).
+    pub async fn admit(&self, model: &str, input: u64, output: u64) -> Admission {
         let permit = self
             .concurrency
             .clone()
@@ -263,47 +283,42 @@ impl LaneLimiter {
         if let Some(b) = &self.output_tpm {
             b.take(output).await;
         }
-        if let Some(f) = &self.fleet {
-            // A pause another process learned of holds here too.
-            loop {
-                match f.pause.until_ms().await {
-                    Ok(until) if until > crate::bus::now_ms() => {
-                        let ms = (until - crate::bus::now_ms()).max(1) as u64;
-                        tokio::time::sleep(Duration::from_millis(ms)).await;
-                    }
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "fleet limiter unreachable; not sending until it is back");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-            take_fleet(&f.rpm, 1.0).await;
-            take_fleet(&f.tpm, (input + output) as f64).await;
-        }
+        self.shared.admit(model, Need { input, output }).await;
         // A pause may have started while we waited for tokens.
         while let Some(t) = self.paused_until() {
             tokio::time::sleep_until(t).await;
         }
+        let _ = self
+            .waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1));
+        self.freed.notify_waiters();
         Admission {
             _permit: permit,
+            model: model.to_string(),
             reserved_input: input,
             reserved_output: output,
         }
     }
 
     /// Settle a reservation against the tokens the call really used
-    /// (refunds only: an underestimate is not charged after the fact).
-    pub fn settle(&self, admission: &Admission, used_input: u64, used_output: u64) {
-        let reserved = admission.reserved_input + admission.reserved_output;
-        self.tpm
-            .refund(reserved.saturating_sub(used_input + used_output));
+    /// (refunds only: an underestimate is not charged after the fact), and
+    /// give back its slot.
+    pub async fn settle(&self, admission: Admission, used_input: u64, used_output: u64) {
+        let unused = Need {
+            input: admission.reserved_input.saturating_sub(used_input),
+            output: admission.reserved_output.saturating_sub(used_output),
+        };
+        self.tpm.refund(
+            (admission.reserved_input + admission.reserved_output)
+                .saturating_sub(used_input + used_output),
+        );
         if let Some(b) = &self.input_tpm {
-            b.refund(admission.reserved_input.saturating_sub(used_input));
+            b.refund(unused.input);
         }
         if let Some(b) = &self.output_tpm {
-            b.refund(admission.reserved_output.saturating_sub(used_output));
+            b.refund(unused.output);
         }
+        self.shared.settle(&admission.model, unused).await;
     }
 }
 
@@ -327,20 +342,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pause_holds_admission() {
-        let l = LaneLimiter::new(6000, 1_000_000, None, None, 4);
+        let l = LaneLimiter::local(6000, 1_000_000, 4);
         l.pause_for(Duration::from_secs(3));
         let start = Instant::now();
-        let a = l.admit(10, 10).await;
+        let a = l.admit("m", 10, 10).await;
         assert!(start.elapsed() >= Duration::from_secs(3));
-        l.settle(&a, 5, 5);
+        l.settle(a, 5, 5).await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn expected_wait_reports_pause_and_budgets() {
-        let l = LaneLimiter::new(6000, 600, None, None, 4);
+        let l = LaneLimiter::local(6000, 600, 4);
         assert_eq!(l.expected_wait(10, 10), Duration::ZERO);
-        let a = l.admit(500, 100).await; // the bucket is empty now
-        l.settle(&a, 500, 100);
+        let a = l.admit("m", 500, 100).await; // the bucket is empty now
+        l.settle(a, 500, 100).await;
         let w = l.expected_wait(100, 0);
         assert!((w.as_secs_f64() - 10.0).abs() < 0.01, "{w:?}");
         l.pause_for(Duration::from_secs(30));
@@ -351,7 +366,7 @@ mod tests {
     async fn claims_count_the_calls_queued_before() {
         // 600 tokens a minute; each call needs 200: three fit now, the
         // fourth would wait 20 s behind the three claimed before it.
-        let l = LaneLimiter::new(6000, 600, None, None, 8);
+        let l = LaneLimiter::local(6000, 600, 8);
         let max = Some(Duration::from_secs(5));
         for _ in 0..3 {
             l.claim(100, 100, max).unwrap();
@@ -359,19 +374,19 @@ mod tests {
         let w = l.claim(100, 100, max).unwrap_err();
         assert!((w.as_secs_f64() - 20.0).abs() < 0.1, "{w:?}");
         for _ in 0..3 {
-            let a = l.admit(100, 100).await;
-            l.settle(&a, 100, 100);
+            let a = l.admit("m", 100, 100).await;
+            l.settle(a, 100, 100).await;
         }
         assert!(l.claim(100, 100, max).is_err(), "the bucket is empty now");
     }
 
     #[tokio::test(start_paused = true)]
     async fn concurrency_is_capped() {
-        let l = Arc::new(LaneLimiter::new(60_000, 10_000_000, None, None, 2));
-        let a = l.admit(1, 0).await;
-        let _b = l.admit(1, 0).await;
+        let l = Arc::new(LaneLimiter::local(60_000, 10_000_000, 2));
+        let a = l.admit("m", 1, 0).await;
+        let _b = l.admit("m", 1, 0).await;
         let l2 = l.clone();
-        let third = tokio::spawn(async move { l2.admit(1, 0).await.reserved_input });
+        let third = tokio::spawn(async move { l2.admit("m", 1, 0).await.reserved_input });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!third.is_finished());
         drop(a);
@@ -381,19 +396,26 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn output_budget_is_separate_and_refunded() {
         // 600 output tokens a minute; each call reserves 300 and uses 50.
-        let l = LaneLimiter::new(60_000, 10_000_000, None, Some(600), 8);
+        let l = LaneLimiter::new(
+            60_000,
+            10_000_000,
+            None,
+            Some(600),
+            8,
+            SharedLimiter::local("t", ScopeLimits::default()),
+        );
         let start = Instant::now();
         for _ in 0..4 {
-            let a = l.admit(10, 300).await;
-            l.settle(&a, 10, 50);
+            let a = l.admit("m", 10, 300).await;
+            l.settle(a, 10, 50).await;
         }
         // Refunds left room: 4 × 50 used of 600, no waiting.
         assert!(start.elapsed() < Duration::from_millis(10));
-        let _a = l.admit(10, 300).await;
-        let _b = l.admit(10, 300).await;
+        let _a = l.admit("m", 10, 300).await;
+        let _b = l.admit("m", 10, 300).await;
         // Now the output bucket is short: the next reservation waits.
         let waited = Instant::now();
-        let _c = l.admit(10, 300).await;
+        let _c = l.admit("m", 10, 300).await;
         assert!(
             waited.elapsed() >= Duration::from_secs(10),
             "{:?}",

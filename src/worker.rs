@@ -133,6 +133,7 @@ pub async fn start(
             in_flight,
             token.clone(),
             tracker.clone(),
+            || async {},
             move |m| {
                 let d = d.clone();
                 async move { d.handle(m).await }
@@ -154,12 +155,17 @@ pub async fn start(
         );
         let consumer = lane.consumer().await?;
         let in_flight = lane.max_in_flight();
+        let gate = lane.clone();
         tracker.spawn(consume(
             format!("lane-{name}"),
             consumer,
             in_flight,
             token.clone(),
             tracker.clone(),
+            move || {
+                let lane = gate.clone();
+                async move { lane.ready().await }
+            },
             move |m| {
                 let lane = lane.clone();
                 async move { lane.handle(m).await }
@@ -176,19 +182,23 @@ pub async fn start(
 }
 
 /// Pull messages and run `handler` on each in a tracked task, with at most
-/// `max_in_flight` at once. One continuous pull stream per consumer (with
+/// `max_in_flight` at once, and only when `ready` says there is room (a
+/// lane without budget takes nothing: its messages stay in NATS). One continuous pull stream per consumer (with
 /// heartbeats) keeps at most a batch of `max_in_flight` messages buffered;
 /// a message is taken from it only when a slot is free. (Short fetches with
 /// an expiry were tried first: a message the server delivered just as a
 /// fetch expired could be dropped unread, stalling it until `ack_wait`.)
-async fn consume<F, Fut>(
+async fn consume<R, RFut, F, Fut>(
     name: String,
     consumer: PullConsumer,
     max_in_flight: usize,
     token: CancellationToken,
     tracker: TaskTracker,
+    ready: R,
     handler: F,
 ) where
+    R: Fn() -> RFut,
+    RFut: Future<Output = ()>,
     F: Fn(Message) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -216,6 +226,10 @@ async fn consume<F, Fut>(
                 _ = token.cancelled() => break 'outer,
                 p = slots.clone().acquire_owned() => p.expect("never closed"),
             };
+            tokio::select! {
+                _ = token.cancelled() => break 'outer,
+                _ = ready() => {}
+            }
             let next = tokio::select! {
                 _ = token.cancelled() => break 'outer,
                 n = messages.next() => n,

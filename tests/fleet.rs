@@ -1,31 +1,75 @@
-//! Fleet-wide buckets against the real NATS: several independent
-//! connections (as several worker processes would have) share one budget
-//! through KV compare-and-set, and never take more than it holds.
+//! Fleet-wide limits against the real NATS: several independent connections
+//! (as several worker processes would have) share one provider's budgets,
+//! in-flight slots, pauses and learned limits through KV compare-and-set;
+//! worker processes share a provider's limit with zero 429s, converge to a
+//! lower limit the provider enforces, and take over a killed process's share.
 
 mod common;
 
-use switchyard::fleet::{open_store, FleetBucket, Shape};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_clients_never_overdraw_a_shared_bucket() {
-    let prefix = format!("sy_f_{}", &switchyard::enqueue::new_job_id()[..10]);
-    // A bucket of 100 that (for the length of the test) does not refill.
-    let shape = Shape {
-        capacity: 100.0,
-        per_ms: 1e-9,
-    };
-    let mut tasks = Vec::new();
-    let mut contexts = Vec::new();
-    for _ in 0..3 {
+use common::{spawn_worker, wait_until, TestEnv};
+use switchyard::bus::Bus;
+use switchyard::fleet::{
+    open_store, Doc, Limits, Need, ScopeLimits, Seen, SharedLimiter, LEASE_MS, REQUESTS, TOKENS,
+};
+use switchyard::sim::SimProfile;
+use switchyard::worker::{self, WorkerOptions};
+
+/// `n` limiters of provider `openai` in KV under `prefix`, each on its own
+/// NATS connection.
+async fn limiters(prefix: &str, n: usize, lims: &ScopeLimits) -> Vec<SharedLimiter> {
+    let mut out = Vec::new();
+    for _ in 0..n {
         let client = async_nats::connect(common::nats_url()).await.unwrap();
         let js = async_nats::jetstream::new(client);
-        let store = open_store(&js, &prefix).await.unwrap();
-        contexts.push(js);
-        let bucket = FleetBucket::new(store, "openai.rpm", shape);
+        let store = open_store(&js, prefix).await.unwrap();
+        out.push(SharedLimiter::fleet("openai", store, lims.clone()));
+    }
+    out
+}
+
+async fn drop_kv(prefix: &str) {
+    let client = async_nats::connect(common::nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let _ = js
+        .delete_stream(format!("KV_{}_LIMITS", prefix.to_ascii_uppercase()))
+        .await;
+}
+
+fn unique(tag: &str) -> String {
+    format!("sy_{tag}_{}", &switchyard::enqueue::new_job_id()[..10])
+}
+
+fn limits(rpm: u32, tpm: u32, concurrency: Option<u32>) -> ScopeLimits {
+    let mut per_min = BTreeMap::new();
+    per_min.insert(REQUESTS, rpm);
+    per_min.insert(TOKENS, tpm);
+    ScopeLimits::new(
+        Limits {
+            per_min: per_min.clone(),
+            concurrency,
+            ..Limits::default()
+        },
+        Default::default(),
+        per_min,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_processes_never_overdraw_shared_slots() {
+    let prefix = unique("f");
+    // 100 in-flight slots and budgets that do not bind.
+    let lims = limits(10_000_000, 1_000_000_000, Some(100));
+    let ls = limiters(&prefix, 3, &lims).await;
+    let mut tasks = Vec::new();
+    for l in ls.clone() {
         tasks.push(tokio::spawn(async move {
             let mut granted = 0;
             for _ in 0..60 {
-                if bucket.try_take(1.0).await.unwrap().is_ok() {
+                if l.try_admit("m", Need::default()).await.unwrap().is_ok() {
                     granted += 1;
                 }
             }
@@ -36,55 +80,152 @@ async fn concurrent_clients_never_overdraw_a_shared_bucket() {
     for t in tasks {
         total += t.await.unwrap();
     }
-    assert_eq!(total, 100, "3 clients x 60 attempts on a bucket of 100");
-
-    // A refund makes exactly that much available again.
-    let store = open_store(&contexts[0], &prefix).await.unwrap();
-    let bucket = FleetBucket::new(store, "openai.rpm", shape);
-    assert!(bucket.try_take(1.0).await.unwrap().is_err());
-    bucket.refund(2.0).await.unwrap();
-    assert!(bucket.try_take(1.0).await.unwrap().is_ok());
-    assert!(bucket.try_take(1.0).await.unwrap().is_ok());
-    assert!(bucket.try_take(1.0).await.unwrap().is_err());
-
-    let bucket_name = format!("KV_{}_LIMITS", prefix.to_ascii_uppercase());
-    let _ = contexts[0].delete_stream(bucket_name).await;
+    assert_eq!(total, 100, "3 clients x 60 attempts on 100 slots");
+    assert!(ls[1]
+        .try_admit("m", Need::default())
+        .await
+        .unwrap()
+        .is_err());
+    // Two calls end: exactly two slots come back, to any process.
+    ls[0].settle("m", Need::default()).await;
+    ls[0].settle("m", Need::default()).await;
+    assert!(ls[2].try_admit("m", Need::default()).await.unwrap().is_ok());
+    assert!(ls[1].try_admit("m", Need::default()).await.unwrap().is_ok());
+    assert!(ls[1]
+        .try_admit("m", Need::default())
+        .await
+        .unwrap()
+        .is_err());
+    drop_kv(&prefix).await;
 }
 
-/// Three workers (each with its own NATS connection, as separate processes
-/// would have) against a provider that allows 2 requests a second per model
-/// and sends no rate-limit headers.
-async fn run_three_workers(fleet: bool) -> (usize, usize) {
-    use std::sync::Arc;
-    use std::time::Duration;
-    use switchyard::bus::Bus;
-    use switchyard::sim::SimProfile;
-    use switchyard::worker::{self, WorkerOptions};
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_process_learns_holds_for_all() {
+    // A pause the provider asked one process for holds the other.
+    let prefix = unique("p");
+    let ls = limiters(&prefix, 2, &limits(600, 1_000_000, None)).await;
+    ls[0]
+        .observe(
+            "gpt-4o",
+            Seen {
+                pause: Some(Duration::from_secs(5)),
+                ..Default::default()
+            },
+        )
+        .await;
+    let wait = ls[1]
+        .try_admit("gpt-4o", Need::default())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        wait > Duration::from_secs(4) && wait <= Duration::from_secs(5),
+        "{wait:?}"
+    );
+    drop_kv(&prefix).await;
 
-    let env = common::TestEnv::new(SimProfile {
-        rpm: 120,
-        rate_headers: false,
-        ..Default::default()
-    })
-    .await;
-    let fleet_flag = if fleet { "true" } else { "false" };
-    let mut overrides: Vec<(&str, &str)> = common::SINGLE_ROUTES.to_vec();
-    for p in ["OPENAI", "ANTHROPIC", "GEMINI"] {
-        overrides.push((
-            Box::leak(format!("SWITCHYARD_PROVIDERS__{p}__RPM").into_boxed_str()),
-            "120",
-        ));
-        overrides.push((
-            Box::leak(format!("SWITCHYARD_PROVIDERS__{p}__FLEET").into_boxed_str()),
-            fleet_flag,
-        ));
-        overrides.push((
-            Box::leak(format!("SWITCHYARD_PROVIDERS__{p}__MAX_CONCURRENCY").into_boxed_str()),
-            "4",
+    // A limit the provider states below the configured one binds everyone.
+    let prefix = unique("l");
+    let ls = limiters(&prefix, 2, &limits(600, 1_000_000, None)).await;
+    ls[0]
+        .observe(
+            "gpt-4o",
+            Seen {
+                limits: vec![("requests".into(), 60)],
+                ..Default::default()
+            },
+        )
+        .await;
+    let doc = ls[1].snapshot().await.unwrap();
+    let learned = doc.models["gpt-4o"].learned["requests"];
+    assert_eq!((learned.per_min, learned.from_header), (60.0, true));
+    // 60 a minute: one now, the next a second later (not 10 a second).
+    assert!(ls[1]
+        .try_admit("gpt-4o", Need::default())
+        .await
+        .unwrap()
+        .is_ok());
+    let wait = ls[0]
+        .try_admit("gpt-4o", Need::default())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(wait > Duration::from_millis(800), "{wait:?}");
+    // Another model of the provider keeps the configured rate: the
+    // provider's 600 a minute hold 5 at once, one of which gpt-4o took.
+    for _ in 0..4 {
+        assert!(ls[0]
+            .try_admit("gpt-4.1", Need::default())
+            .await
+            .unwrap()
+            .is_ok());
+    }
+    assert!(ls[0]
+        .try_admit("gpt-4.1", Need::default())
+        .await
+        .unwrap()
+        .is_err());
+    drop_kv(&prefix).await;
+
+    // A 429 that no stated limit explains cuts the rate once per burst.
+    let prefix = unique("b");
+    let ls = limiters(&prefix, 2, &limits(600, 1_000_000, None)).await;
+    for l in &ls {
+        l.observe(
+            "m",
+            Seen {
+                rate_limited: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    let doc = ls[0].snapshot().await.unwrap();
+    let learned = doc.models["m"].learned["requests"];
+    assert_eq!(
+        (learned.per_min, learned.from_header),
+        (600.0 * switchyard::fleet::BACKOFF, false)
+    );
+    drop_kv(&prefix).await;
+}
+
+/// Config overrides: every category to `gpt-4o-mini` on `openai`, with
+/// these limits, fleet-wide.
+fn one_model(rpm: &str, concurrency: &str) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = Vec::new();
+    for c in ["SUPPORT", "SALES", "LOOKUP"] {
+        v.push((
+            format!("SWITCHYARD_CATEGORIES__{c}__ROUTE"),
+            r#"{ kind = "single", target = "gpt-4o-mini" }"#.into(),
         ));
     }
-    overrides.push(("SWITCHYARD_RETRY__MAX_ATTEMPTS", "20"));
-    let cfg = Arc::new(env.config_with(&overrides));
+    v.push((
+        "SWITCHYARD_CATEGORIES__SUPPORT__VARIANT__PERCENT".into(),
+        "0".into(),
+    ));
+    for (k, val) in [
+        ("RPM", rpm),
+        ("FLEET", "true"),
+        ("MAX_CONCURRENCY", concurrency),
+    ] {
+        v.push((format!("SWITCHYARD_PROVIDERS__OPENAI__{k}"), val.into()));
+    }
+    v.push(("SWITCHYARD_RETRY__MAX_ATTEMPTS".into(), "20".into()));
+    v
+}
+
+/// Three workers, each with its own NATS connection, run `n` jobs; returns
+/// the simulator's ledger.
+async fn three_workers(
+    env: &TestEnv,
+    overrides: &[(String, String)],
+    n: usize,
+) -> Vec<switchyard::sim::LedgerEntry> {
+    let pairs: Vec<(&str, &str)> = overrides
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let cfg = Arc::new(env.config_with(&pairs));
     let mut workers = Vec::new();
     for _ in 0..3 {
         let bus = Bus::connect(&common::nats_url(), &env.name).await.unwrap();
@@ -94,71 +235,187 @@ async fn run_three_workers(fleet: bool) -> (usize, usize) {
                 .unwrap(),
         );
     }
-    let js = common::jobs("fleet", 18);
+    let js = common::jobs("fleet", n);
     let ids: Vec<String> = js.iter().map(|j| j.id.clone()).collect();
     switchyard::enqueue::publish_jobs(&env.bus, &js, None)
         .await
         .unwrap();
+    let done = switchyard::enqueue::wait_finished(&env.pool, &ids, Duration::from_secs(90), None)
+        .await
+        .unwrap();
+    for w in workers {
+        w.shutdown().await;
+    }
     assert!(
-        switchyard::enqueue::wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
-            .await
-            .unwrap()
+        done,
+        "jobs did not finish; ledger: {:?}",
+        env.sim.ledger().len()
     );
     let succeeded = env
         .count("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
         .await as usize;
-    let limited = env.sim.ledger().iter().filter(|e| e.status == 429).count();
-    for w in workers {
-        w.shutdown().await;
-    }
-    env.cleanup().await;
-    (succeeded, limited)
+    assert_eq!(succeeded, n);
+    env.sim.ledger()
+}
+
+fn count_429(ledger: &[switchyard::sim::LedgerEntry]) -> usize {
+    ledger.iter().filter(|e| e.status == 429).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_limits_hold_across_workers_where_per_process_limits_do_not() {
+    // The provider allows 2 requests a second per model and sends no headers.
+    let profile = SimProfile {
+        rpm: 120,
+        rate_headers: false,
+        ..Default::default()
+    };
     // Per process, each of the three workers thinks it may send 120 a minute:
     // together they overrun the provider.
-    let (ok, limited) = run_three_workers(false).await;
-    assert_eq!(ok, 18);
-    assert!(limited > 0, "per-process limits collected no 429s");
+    let env = TestEnv::new(profile.clone()).await;
+    let mut per_process = one_model("120", "4");
+    per_process.retain(|(k, _)| !k.ends_with("__FLEET"));
+    let ledger = three_workers(&env, &per_process, 18).await;
+    assert!(
+        count_429(&ledger) > 0,
+        "per-process limits collected no 429s"
+    );
+    env.cleanup().await;
     // Fleet-wide, the three share one budget: no 429 at all.
-    let (ok, limited) = run_three_workers(true).await;
-    assert_eq!(ok, 18);
-    assert_eq!(limited, 0, "fleet-wide limits still collected 429s");
+    let env = TestEnv::new(profile).await;
+    let ledger = three_workers(&env, &one_model("120", "4"), 18).await;
+    let times: Vec<(u64, u16)> = ledger.iter().map(|e| (e.at_ms, e.status)).collect();
+    assert_eq!(
+        count_429(&ledger),
+        0,
+        "fleet-wide limits still collected 429s: {times:?}"
+    );
+    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pause_learned_by_one_process_holds_for_all() {
-    use switchyard::fleet::FleetPause;
-    let prefix = format!("sy_p_{}", &switchyard::enqueue::new_job_id()[..10]);
-    let mut pauses = Vec::new();
-    let mut contexts = Vec::new();
-    for _ in 0..2 {
-        let client = async_nats::connect(common::nats_url()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
-        pauses.push(FleetPause::new(
-            open_store(&js, &prefix).await.unwrap(),
-            "openai.pause",
-        ));
-        contexts.push(js);
-    }
-    assert_eq!(pauses[1].until_ms().await.unwrap(), 0);
-    pauses[0].extend(5_000).await.unwrap();
-    assert_eq!(
-        pauses[1].until_ms().await.unwrap(),
-        5_000,
-        "the other process sees it"
+async fn lanes_converge_to_a_lower_limit_the_provider_enforces() {
+    // Configured for 3000 a minute; the provider allows 300 (5 a second).
+    // With its headers, the first answers state the real limit.
+    let env = TestEnv::new(SimProfile {
+        rpm: 300,
+        ..Default::default()
+    })
+    .await;
+    let ledger = three_workers(&env, &one_model("3000", "4"), 60).await;
+    let with_headers = count_429(&ledger);
+    env.cleanup().await;
+    // Without headers, only the 429s tell: the rate backs off.
+    let env = TestEnv::new(SimProfile {
+        rpm: 300,
+        rate_headers: false,
+        ..Default::default()
+    })
+    .await;
+    let ledger = three_workers(&env, &one_model("3000", "4"), 60).await;
+    let without_headers = count_429(&ledger);
+    env.cleanup().await;
+    eprintln!("429s converging to 300 RPM from 3000: {with_headers} with headers, {without_headers} without");
+    assert!(with_headers <= 4, "{with_headers} 429s with headers");
+    assert!(
+        without_headers <= 15,
+        "{without_headers} 429s without headers"
     );
-    pauses[1].extend(3_000).await.unwrap();
-    assert_eq!(
-        pauses[0].until_ms().await.unwrap(),
-        5_000,
-        "a pause is never shortened"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_process_gives_its_share_back_when_its_lease_expires() {
+    // Three worker processes share 3 in-flight slots to a slow provider
+    // that also enforces 600 RPM; one is killed with SIGKILL mid-run.
+    let env = TestEnv::new(SimProfile {
+        latency_ms: 600,
+        rpm: 600,
+        ..Default::default()
+    })
+    .await;
+    let mut child_env = env.child_env();
+    child_env.extend(one_model("600", "3"));
+    child_env.push(("SWITCHYARD_NATS__ACK_WAIT_SECS".into(), "20".into()));
+    env.bus.ensure_streams(&env.config()).await.unwrap();
+    let mut workers: Vec<_> = (0..3).map(|_| spawn_worker(&child_env)).collect();
+    let n = 150;
+    let js = common::jobs("kill", n);
+    let ids: Vec<String> = js.iter().map(|j| j.id.clone()).collect();
+    switchyard::enqueue::publish_jobs(&env.bus, &js, None)
+        .await
+        .unwrap();
+    // Kill a worker while it holds in-flight slots in the shared state.
+    let client = async_nats::connect(common::nats_url()).await.unwrap();
+    let store = open_store(&async_nats::jetstream::new(client), &env.name)
+        .await
+        .unwrap();
+    let victim = format!("{}-", workers[0].0.id());
+    let dead_slots = || async {
+        let doc: Doc = match store.entry("openai").await.unwrap() {
+            Some(e) => serde_json::from_slice(&e.value).unwrap(),
+            None => Doc::default(),
+        };
+        doc.provider
+            .leases
+            .iter()
+            .filter(|(h, _)| h.starts_with(&victim))
+            .map(|(_, l)| l.n)
+            .sum::<u32>()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the victim holds a slot",
+        || async { env.sim.ledger().len() >= 10 && dead_slots().await > 0 },
+    )
+    .await;
+    workers[0].0.kill().unwrap();
+    let killed_at = env.sim.now_ms();
+    let _ = workers[0].0.wait();
+    let held = dead_slots().await;
+    // Its slots stay taken (fail closed) until its lease expires.
+    wait_until(
+        Duration::from_millis(LEASE_MS as u64 + 5_000),
+        "the dead process's lease expires",
+        || async { dead_slots().await == 0 },
+    )
+    .await;
+    let freed_at = env.sim.now_ms();
+    let done = switchyard::enqueue::wait_finished(&env.pool, &ids, Duration::from_secs(120), None)
+        .await
+        .unwrap();
+    let ledger = env.sim.ledger();
+    drop(workers);
+    assert!(done, "jobs did not finish after a worker was killed");
+    assert_eq!(count_429(&ledger), 0, "429s with a process killed");
+    let peak = |from: u64, to: u64| {
+        ledger
+            .iter()
+            .filter(|e| e.at_ms >= from && e.at_ms < to)
+            .map(|e| e.in_flight)
+            .max()
+            .unwrap_or(0)
+    };
+    let overall = peak(0, u64::MAX);
+    // (We notice the expiry a poll later than the survivors do.)
+    let during = peak(killed_at + 1_000, freed_at - 1_000);
+    let after = peak(freed_at + 1_000, u64::MAX);
+    eprintln!(
+        "killed holding {held} slot(s); lease gone {:.1}s after the kill; in flight: peak {overall}, \
+         while the lease lived {during}, after it expired {after}",
+        (freed_at - killed_at) as f64 / 1000.0
     );
-    pauses[1].extend(9_000).await.unwrap();
-    assert_eq!(pauses[0].until_ms().await.unwrap(), 9_000);
-    let _ = contexts[0]
-        .delete_stream(format!("KV_{}_LIMITS", prefix.to_ascii_uppercase()))
-        .await;
+    assert!(overall <= 3, "{overall} requests in flight, limit 3");
+    assert!(held > 0);
+    assert!(
+        during <= 3 - u64::from(held),
+        "the dead process's slots were reused before its lease expired"
+    );
+    assert!(
+        freed_at - killed_at <= LEASE_MS as u64 + 1_000,
+        "the lease outlived its expiry"
+    );
+    assert_eq!(after, 3, "survivors did not take the share over");
+    let results = env.count("SELECT count(*) FROM results").await as usize;
+    assert_eq!(results, n, "one result per job");
+    env.cleanup().await;
 }

@@ -8,41 +8,9 @@ use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{jobs, wait_until, TestEnv};
+use common::{jobs, spawn_worker, switchyard, wait_until, TestEnv, Worker};
 use switchyard::enqueue::{publish_jobs, wait_finished};
 use switchyard::sim::SimProfile;
-
-fn switchyard(env: &[(String, String)]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    if std::env::var_os("TEST_LOG").is_none() {
-        cmd.env("RUST_LOG", "warn");
-    }
-    cmd
-}
-
-/// A child worker process, killed if the test ends early.
-struct Worker(Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_worker(env: &[(String, String)]) -> Worker {
-    Worker(
-        switchyard(env)
-            .arg("worker")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn worker"),
-    )
-}
 
 /// Wait for a child to exit, with a deadline.
 async fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {

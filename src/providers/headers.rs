@@ -85,12 +85,13 @@ pub fn openai_rate_info(h: &HeaderMap) -> RateInfo {
     for what in ["requests", "tokens"] {
         // Some gateways send limit 0 / -1 with no meaning; a remaining count
         // is only trusted when a positive limit accompanies it.
-        if num(&format!("x-ratelimit-limit-{what}")).is_none_or(|l| l == 0) {
+        let Some(limit) = num(&format!("x-ratelimit-limit-{what}")).filter(|l| *l > 0) else {
             continue;
-        }
+        };
         if let Some(remaining) = num(&format!("x-ratelimit-remaining-{what}")) {
             info.budgets.push(Budget {
                 name: what_name(what),
+                limit: Some(limit),
                 remaining,
                 reset: header(h, &format!("x-ratelimit-reset-{what}")).and_then(parse_go_duration),
             });
@@ -105,9 +106,10 @@ pub fn anthropic_rate_info(h: &HeaderMap, now: SystemTime) -> RateInfo {
     let num = |name: &str| header(h, name).and_then(|v| v.parse::<u64>().ok());
     let mut info = RateInfo::default();
     for what in ["requests", "tokens", "input-tokens", "output-tokens"] {
-        if num(&format!("anthropic-ratelimit-{what}-limit")).is_none_or(|l| l == 0) {
+        let Some(limit) = num(&format!("anthropic-ratelimit-{what}-limit")).filter(|l| *l > 0)
+        else {
             continue;
-        }
+        };
         if let Some(remaining) = num(&format!("anthropic-ratelimit-{what}-remaining")) {
             let reset = header(h, &format!("anthropic-ratelimit-{what}-reset"))
                 .and_then(parse_rfc3339)
@@ -115,6 +117,7 @@ pub fn anthropic_rate_info(h: &HeaderMap, now: SystemTime) -> RateInfo {
                 .filter(|d| *d <= MAX_HEADER_WAIT);
             info.budgets.push(Budget {
                 name: what_name(what),
+                limit: Some(limit),
                 remaining,
                 reset,
             });

@@ -31,6 +31,8 @@ pub struct CallRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Budget {
     pub name: &'static str,
+    /// The limit per minute the provider states, if it does.
+    pub limit: Option<u64>,
     pub remaining: u64,
     pub reset: Option<Duration>,
 }

@@ -218,6 +218,9 @@ pub struct LedgerEntry {
     /// For 429s: the advertised wait, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+    /// Requests being served when this one arrived, this one included.
+    #[serde(default)]
+    pub in_flight: u64,
 }
 
 /// A failure (or oddity) a test can queue for the next request of a format.
@@ -437,6 +440,16 @@ struct SimState {
     ledger: Mutex<Vec<LedgerEntry>>,
     buckets: Mutex<HashMap<(Format, String), (Bucket, Bucket)>>,
     forced: Mutex<HashMap<Format, VecDeque<Forced>>>,
+    in_flight: std::sync::atomic::AtomicU64,
+}
+
+/// Counts a request as in flight while it lives.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// A running simulator.
@@ -460,6 +473,7 @@ impl SimServer {
             ledger: Mutex::new(Vec::new()),
             buckets: Mutex::new(HashMap::new()),
             forced: Mutex::new(HashMap::new()),
+            in_flight: Default::default(),
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(openai_route))
@@ -486,6 +500,11 @@ impl SimServer {
     /// `http://ADDR`, to use as a provider's `base_url`.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Milliseconds since the simulator started (the ledger's clock).
+    pub fn now_ms(&self) -> u64 {
+        self.state.started.elapsed().as_millis() as u64
     }
 
     /// A copy of the ledger.
@@ -612,6 +631,11 @@ async fn serve(
 ) -> Response {
     let arrived = Instant::now();
     let at_ms = arrived.duration_since(st.started).as_millis() as u64;
+    let in_flight = st
+        .in_flight
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        + 1;
+    let _counted = InFlight(&st.in_flight);
     let auth = has_auth(headers);
     let max_tokens_of_request = parsed.as_ref().map_or(0, |r| u64::from(r.max_tokens));
     let p = st.profile.for_format(format);
@@ -632,6 +656,7 @@ async fn serve(
                 at_ms,
                 has_auth: auth,
                 retry_after_ms,
+                in_flight,
             });
         }
     };

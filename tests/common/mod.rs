@@ -201,3 +201,36 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The `switchyard` binary with `env`, quiet unless TEST_LOG is set.
+pub fn switchyard(env: &[(String, String)]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if std::env::var_os("TEST_LOG").is_none() {
+        cmd.env("RUST_LOG", "warn");
+    }
+    cmd
+}
+
+/// A child worker process, killed if the test ends early.
+pub struct Worker(pub std::process::Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn_worker(env: &[(String, String)]) -> Worker {
+    Worker(
+        switchyard(env)
+            .arg("worker")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn worker"),
+    )
+}

@@ -177,8 +177,9 @@ pub async fn run(
     let run_id = format!("limits-{tag}");
     let jobs = sample_jobs(&run_cfg, &run_id, n)?;
     eprintln!(
-        "bench limits: {processes} worker processes, {} fleet limits, sim enforcing {rpm} RPM / {tpm} TPM on {MODEL}, {n} jobs, {:.0}s",
+        "bench limits: {processes} worker processes, {} fleet limits, configured {rpm} RPM / {tpm} TPM, sim enforcing {sim_rpm} RPM / {sim_tpm} TPM on {MODEL}{}, {n} jobs, {:.0}s",
         if fleet { "with" } else { "without" },
+        if opts.no_headers { " without rate-limit headers" } else { "" },
         duration.as_secs_f64()
     );
     let started = Instant::now();

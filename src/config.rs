@@ -245,10 +245,15 @@ pub struct ProviderConfig {
     /// Request timeout in seconds.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
-    /// Hold `rpm` and `tpm` across every worker process (NATS KV buckets)
-    /// instead of per process.
+    /// Hold `rpm`, `tpm` and `max_concurrency` across every worker process
+    /// (NATS KV) instead of per process. Default: true, except `inproc`.
     #[serde(default)]
-    pub fleet: bool,
+    pub fleet: Option<bool>,
+    /// Whether the provider counts a request's `max_tokens` toward its
+    /// token limits when it arrives (OpenAI, and the simulator) rather than
+    /// the output really produced (Anthropic). Default: by `kind`.
+    #[serde(default)]
+    pub tpm_counts_max_tokens: Option<bool>,
 }
 
 const fn default_max_concurrency() -> usize {
@@ -261,6 +266,17 @@ const fn default_timeout_secs() -> u64 {
 impl ProviderConfig {
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout_secs)
+    }
+
+    /// See `fleet`: true unless the provider is in-process.
+    pub fn is_fleet(&self) -> bool {
+        self.fleet.unwrap_or(self.kind != ProviderKind::Inproc)
+    }
+
+    /// See `tpm_counts_max_tokens`: true unless the provider is Anthropic.
+    pub fn counts_max_tokens(&self) -> bool {
+        self.tpm_counts_max_tokens
+            .unwrap_or(self.kind != ProviderKind::Anthropic)
     }
 }
 
@@ -287,13 +303,13 @@ impl Config {
         // process, the lane's own buckets do, and the shared state (in
         // memory) holds only model limits and what the provider teaches.
         let provider = Limits {
-            per_min: if p.fleet {
+            per_min: if p.is_fleet() {
                 configured.clone()
             } else {
                 Default::default()
             },
             ceiling: configured.clone(),
-            concurrency: p.fleet.then_some(p.max_concurrency as u32),
+            concurrency: p.is_fleet().then_some(p.max_concurrency as u32),
         };
         let models = self
             .models

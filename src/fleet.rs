@@ -19,7 +19,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+
 use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 
 use anyhow::{Context, Result};
 use async_nats::jetstream::{self, kv, stream};
@@ -44,13 +46,15 @@ pub const LEASE_MS: i64 = 15_000;
 /// Renew leases this often.
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// A 429 the provider sent without telling its limit cuts our rate to
-/// this share of what it was...
+/// this share of the rate that drew it...
 pub const BACKOFF: f64 = 0.5;
 /// ...at most once per this many milliseconds (one burst of 429s is one signal)...
 pub const DAMP_MS: i64 = 1_000;
-/// ...and the rate grows back by this share of the cut rate per minute
-/// without a 429, up to the configured limit.
-pub const RECOVER_PER_MIN: f64 = 0.1;
+/// ...then climbs back, evenly over this many milliseconds, to 95% of the
+/// rate that drew the 429...
+pub const REGAIN_MS: i64 = 60_000;
+/// ...and beyond it probes upward by this share a minute, to the configured limit.
+pub const PROBE_PER_MIN: f64 = 0.05;
 /// How often a lane waiting for an in-flight slot looks again.
 const SLOT_POLL: Duration = Duration::from_millis(20);
 
@@ -169,11 +173,22 @@ impl Need {
     fn of(self, budget: &str) -> f64 {
         match budget {
             REQUESTS => 1.0,
-            _ => self.tokens_of(budget),
+            INPUT_TOKENS => self.input as f64,
+            OUTPUT_TOKENS => self.output as f64,
+            _ => (self.input + self.output) as f64,
         }
     }
+}
 
-    /// Tokens of `budget` only (a request, once sent, is never given back).
+/// What the provider counted compared with a call's reservation: tokens to
+/// give back (positive) or to charge on top (negative).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Correction {
+    pub input: i64,
+    pub output: i64,
+}
+
+impl Correction {
     fn tokens_of(self, budget: &str) -> f64 {
         match budget {
             REQUESTS => 0.0,
@@ -192,6 +207,9 @@ pub struct Learned {
     /// From the provider's limit header (exact, kept) or from 429s (a guess
     /// that grows back).
     pub from_header: bool,
+    /// From 429s: the rate that drew the last one.
+    #[serde(default)]
+    pub bad: f64,
 }
 
 impl Learned {
@@ -200,8 +218,15 @@ impl Learned {
         if self.from_header {
             return self.per_min.min(ceiling);
         }
-        let minutes = (now_ms - self.at_ms).max(0) as f64 / 60_000.0;
-        (self.per_min * (1.0 + RECOVER_PER_MIN * minutes)).min(ceiling)
+        let t = (now_ms - self.at_ms).max(0) as f64;
+        let regain = REGAIN_MS as f64;
+        let target = (0.95 * self.bad).max(self.per_min);
+        let r = if t < regain {
+            self.per_min + (target - self.per_min) * t / regain
+        } else {
+            target * (1.0 + PROBE_PER_MIN * (t - regain) / 60_000.0)
+        };
+        r.min(ceiling)
     }
 }
 
@@ -278,7 +303,7 @@ impl Scope {
         self.leases.retain(|_, l| l.n > 0 && l.expires_ms > now_ms);
         self.learned.retain(|b, l| {
             lim.of(b)
-                .is_some_and(|c| l.rate(f64::from(c), now_ms) < f64::from(c))
+                .is_some_and(|c| l.from_header || l.rate(f64::from(c), now_ms) < f64::from(c))
         });
         let held = self.held(lim);
         self.buckets.retain(|b, _| held.iter().any(|(h, _)| h == b));
@@ -324,12 +349,54 @@ impl Scope {
         Ok(())
     }
 
-    /// Return what a call admitted for `holder` did not use, and its slot.
-    pub fn settle(&mut self, lim: &Limits, unused: Need, holder: &str, now_ms: i64) {
+    /// How long until a call needing `this` could be taken behind `queued`
+    /// calls needing `ahead` in all, at `now_ms`: the pause and every held
+    /// budget (not the in-flight slots). Like [`admit`](Self::admit), a call
+    /// larger than a bucket runs once the bucket is full.
+    pub fn wait_for(
+        &self,
+        lim: &Limits,
+        queued: usize,
+        ahead: Need,
+        this: Need,
+        now_ms: i64,
+    ) -> Duration {
+        let mut w = if self.paused_until_ms > now_ms {
+            ms(self.paused_until_ms - now_ms)
+        } else {
+            Duration::ZERO
+        };
+        for (budget, configured) in self.held(lim) {
+            let shape = Shape::burst(self.rate(&budget, configured, now_ms));
+            let have = self
+                .buckets
+                .get(&budget)
+                .copied()
+                .unwrap_or_else(|| BucketState::full(shape, now_ms))
+                .refilled(shape, now_ms)
+                .tokens;
+            let before = if budget == REQUESTS {
+                queued as f64
+            } else {
+                ahead.of(&budget)
+            };
+            let amount = before + this.of(&budget).min(shape.capacity);
+            if amount > have {
+                w = w.max(Duration::from_secs_f64(
+                    (amount - have) / shape.per_ms / 1000.0,
+                ));
+            }
+        }
+        w
+    }
+
+    /// Correct a call's reservation by what the provider counted (a
+    /// request, once sent, is never given back), and free its slot.
+    pub fn settle(&mut self, lim: &Limits, back: Correction, holder: &str, now_ms: i64) {
         for (budget, configured) in self.held(lim) {
             let shape = Shape::burst(self.rate(&budget, configured, now_ms));
             if let Some(s) = self.buckets.get_mut(&budget) {
-                *s = s.refund(shape, unused.tokens_of(&budget), now_ms);
+                *s = s.refund(shape, back.tokens_of(&budget), now_ms);
             }
         }
         if lim.concurrency.is_some() {
@@ -365,13 +432,12 @@ impl Scope {
         changed
     }
 
-    /// The provider says its limit for `budget` is `limit`: below the
-    /// configured one, that is the rate from now on. Whether it changed.
+    /// The provider says its limit for `budget` is `limit` (per minute):
+    /// the rate from now on is that, at most the configured one, and the
+    /// scope holds the budget so the provider's remaining count can tighten
+    /// it. Whether it changed.
     pub fn learn_limit(&mut self, budget: &str, limit: u64, configured: u32, now_ms: i64) -> bool {
-        let limit = limit as f64;
-        if limit >= f64::from(configured) {
-            return self.learned.remove(budget).is_some();
-        }
+        let limit = (limit as f64).min(f64::from(configured));
         match self.learned.get(budget) {
             Some(l) if l.from_header && l.per_min == limit => false,
             _ => {
@@ -381,10 +447,38 @@ impl Scope {
                         per_min: limit,
                         at_ms: now_ms,
                         from_header: true,
+                        bad: 0.0,
                     },
                 );
                 true
             }
+        }
+    }
+
+    /// The provider says `remaining` of `budget` are left: if our bucket
+    /// holds more, it holds that many now (someone else, or an estimate
+    /// below its count, used the difference). Whether it changed.
+    pub fn sync_remaining(
+        &mut self,
+        budget: &str,
+        remaining: u64,
+        configured: u32,
+        now_ms: i64,
+    ) -> bool {
+        let shape = Shape::burst(self.rate(budget, configured, now_ms));
+        let Some(b) = self.buckets.get_mut(budget) else {
+            return false;
+        };
+        let now = b.refilled(shape, now_ms);
+        let remaining = remaining as f64;
+        if now.tokens > remaining {
+            *b = BucketState {
+                tokens: remaining,
+                at_ms: now.at_ms,
+            };
+            true
+        } else {
+            false
         }
     }
 
@@ -399,13 +493,14 @@ impl Scope {
                 Some(l) if now_ms - l.at_ms < DAMP_MS => continue,
                 _ => {}
             }
-            let cut = self.rate(budget, configured, now_ms) * BACKOFF;
+            let bad = self.rate(budget, configured, now_ms);
             self.learned.insert(
                 budget.to_string(),
                 Learned {
-                    per_min: cut.max(1.0),
+                    per_min: (bad * BACKOFF).max(1.0),
                     at_ms: now_ms,
                     from_header: false,
+                    bad,
                 },
             );
             changed = true;
@@ -455,28 +550,51 @@ impl Doc {
         &mut self,
         lims: &ScopeLimits,
         model: &str,
-        unused: Need,
+        back: Correction,
         holder: &str,
         now_ms: i64,
     ) {
-        self.provider.settle(&lims.provider, unused, holder, now_ms);
+        self.provider.settle(&lims.provider, back, holder, now_ms);
         if let Some(s) = self.models.get_mut(model) {
-            s.settle(lims.model(model), unused, holder, now_ms);
+            s.settle(lims.model(model), back, holder, now_ms);
         }
     }
 
-    /// Apply what a response from `model` said. Returns what changed, for the log.
+    /// How long a call to `model` needing `this` would wait behind
+    /// `queued` calls needing `ahead`, in both scopes.
+    pub fn wait_for(
+        &self,
+        lims: &ScopeLimits,
+        model: &str,
+        queued: usize,
+        ahead: Need,
+        this: Need,
+        now_ms: i64,
+    ) -> Duration {
+        let p = self
+            .provider
+            .wait_for(&lims.provider, queued, ahead, this, now_ms);
+        let m = self.models.get(model).map_or(Duration::ZERO, |s| {
+            s.wait_for(lims.model(model), queued, ahead, this, now_ms)
+        });
+        p.max(m)
+    }
+
+    /// Apply what a response from `model` said. Returns whether the
+    /// document changed, and what to log.
     pub fn observe(
         &mut self,
         lims: &ScopeLimits,
         model: &str,
         seen: &Seen,
         now_ms: i64,
-    ) -> Vec<String> {
-        let mut changes = Vec::new();
+    ) -> (bool, Vec<String>) {
+        let mut changed = false;
+        let mut logs = Vec::new();
         if let Some(d) = seen.pause {
             if self.provider.pause_until(now_ms + d.as_millis() as i64) {
-                changes.push(format!(
+                changed = true;
+                logs.push(format!(
                     "provider asked for a pause of {:.1}s",
                     d.as_secs_f64()
                 ));
@@ -489,19 +607,28 @@ impl Doc {
             if let Some(configured) = lim.of(budget) {
                 explained = true;
                 if scope.learn_limit(budget, *limit, configured, now_ms) {
-                    changes.push(format!(
-                        "provider enforces {limit} {budget}/min on {model}, configured {configured}"
-                    ));
+                    changed = true;
+                    if *limit < u64::from(configured) {
+                        logs.push(format!(
+                            "provider enforces {limit} {budget}/min on {model}, configured {configured}"
+                        ));
+                    }
                 }
             }
         }
+        for (budget, remaining) in &seen.remaining {
+            if let Some(configured) = lim.of(budget) {
+                changed |= scope.sync_remaining(budget, *remaining, configured, now_ms);
+            }
+        }
         if seen.rate_limited && !explained && scope.back_off(lim, now_ms) {
-            changes.push(format!(
-                "429 on {model} without limits; backing off to {:.0}%",
+            changed = true;
+            logs.push(format!(
+                "429 on {model} without limits; rate cut to {:.0}%",
                 BACKOFF * 100.0
             ));
         }
-        changes
+        (changed, logs)
     }
 }
 
@@ -510,6 +637,8 @@ impl Doc {
 pub struct Seen {
     /// Budget name → the limit per minute the provider stated.
     pub limits: Vec<(String, u64)>,
+    /// Budget name → what the provider says is left.
+    pub remaining: Vec<(String, u64)>,
     pub rate_limited: bool,
     /// The provider asked for no requests for this long.
     pub pause: Option<Duration>,
@@ -523,13 +652,21 @@ impl Seen {
                 .iter()
                 .filter_map(|b| Some((b.name.to_string(), b.limit?)))
                 .collect(),
+            remaining: rate
+                .budgets
+                .iter()
+                .map(|b| (b.name.to_string(), b.remaining))
+                .collect(),
             rate_limited,
             pause,
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.limits.is_empty() && !self.rate_limited && self.pause.is_none()
+        self.limits.is_empty()
+            && self.remaining.is_empty()
+            && !self.rate_limited
+            && self.pause.is_none()
     }
 }
 
@@ -591,8 +728,29 @@ pub async fn open_store(js: &jetstream::Context, prefix: &str) -> Result<kv::Sto
 }
 
 enum Backend {
-    Kv { store: Box<kv::Store>, key: String },
+    /// Calls go through the batching task behind `ops`; `store` serves
+    /// reads and lease renewals.
+    Kv {
+        store: Box<kv::Store>,
+        key: String,
+        ops: mpsc::UnboundedSender<Op>,
+    },
     Local(Mutex<Doc>),
+}
+
+/// A change a lane asks of the KV document.
+enum Op {
+    Admit {
+        model: String,
+        need: Need,
+        reply: oneshot::Sender<Result<Result<(), Duration>, String>>,
+    },
+    Finish {
+        model: String,
+        back: Option<Correction>,
+        seen: Seen,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 struct Inner {
@@ -604,8 +762,6 @@ struct Inner {
     lims: ScopeLimits,
     holder: String,
     in_flight: AtomicU32,
-    /// Limits already applied, so an unchanged header costs no write.
-    applied: Mutex<HashMap<(String, String), u64>>,
 }
 
 /// A provider's shared limiter: in KV for the fleet, or in memory.
@@ -618,20 +774,35 @@ impl SharedLimiter {
         Self::build(provider, Backend::Local(Mutex::new(Doc::default())), lims)
     }
 
-    /// Limits held across every process sharing `store`; renews this
-    /// process's leases in the background while it has calls in flight.
+    /// Limits held across every process sharing `store`. A task applies
+    /// this process's admissions and settlements in batches, one
+    /// compare-and-set per batch; another renews this process's in-flight
+    /// lease while it has calls in flight.
     pub fn fleet(provider: &str, store: kv::Store, lims: ScopeLimits) -> Self {
         let key = provider.to_string();
-        let me = Self::build(
-            provider,
-            Backend::Kv {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let holder = new_holder();
+        tokio::spawn(apply_batches(Batcher {
+            provider: provider.to_string(),
+            store: store.clone(),
+            key: key.clone(),
+            lims: lims.clone(),
+            holder: holder.clone(),
+            ops: rx,
+        }));
+        let me = Self(Arc::new(Inner {
+            provider: provider.to_string(),
+            clock: (now_ms(), tokio::time::Instant::now()),
+            backend: Backend::Kv {
                 store: Box::new(store),
                 key,
+                ops: tx,
             },
             lims,
-        );
-        let weak = Arc::downgrade(&me.0);
-        tokio::spawn(renew_leases(weak));
+            holder,
+            in_flight: AtomicU32::new(0),
+        }));
+        tokio::spawn(renew_leases(Arc::downgrade(&me.0)));
         me
     }
 
@@ -641,9 +812,8 @@ impl SharedLimiter {
             clock: (now_ms(), tokio::time::Instant::now()),
             backend,
             lims,
-            holder: format!("{}-{}", std::process::id(), crate::enqueue::new_job_id()),
+            holder: new_holder(),
             in_flight: AtomicU32::new(0),
-            applied: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -661,65 +831,34 @@ impl SharedLimiter {
         }
     }
 
-    /// One read-modify-write of the document: `f` changes it and says what
-    /// to return, or `Err` to write nothing. `Ok(None)`: another process
-    /// wrote first; try again.
-    async fn cas<T>(
-        &self,
-        f: impl FnOnce(&mut Doc, i64) -> Result<T, Duration>,
-    ) -> Result<Option<Result<T, Duration>>> {
-        let now = self.now();
-        match &self.0.backend {
-            Backend::Local(doc) => {
-                let mut d = doc.lock().expect("limits lock");
-                Ok(Some(f(&mut d, now)))
-            }
-            Backend::Kv { store, key } => {
-                let entry = store
-                    .entry(key)
-                    .await
-                    .with_context(|| format!("reading the limits of {key}"))?;
-                let mut doc = entry
-                    .as_ref()
-                    .filter(|e| !e.value.is_empty())
-                    .and_then(|e| serde_json::from_slice::<Doc>(&e.value).ok())
-                    .unwrap_or_default();
-                let out = match f(&mut doc, now) {
-                    Ok(v) => v,
-                    Err(w) => return Ok(Some(Err(w))),
-                };
-                let body: bytes::Bytes = serde_json::to_vec(&doc)?.into();
-                let written = match entry {
-                    Some(e) => store.update(key, body, e.revision).await.is_ok(),
-                    None => store.create(key, body).await.is_ok(),
-                };
-                Ok(written.then_some(Ok(out)))
-            }
-        }
-    }
-
-    /// Apply `f` until it sticks (conflicts retry at once).
-    async fn change<T>(
-        &self,
-        f: impl Fn(&mut Doc, i64) -> Result<T, Duration>,
-    ) -> Result<Result<T, Duration>> {
-        loop {
-            if let Some(r) = self.cas(&f).await? {
-                return Ok(r);
-            }
-        }
-    }
-
     /// Try once to admit a call to `model`: `Ok(Err(wait))` if it must wait.
     pub async fn try_admit(&self, model: &str, need: Need) -> Result<Result<(), Duration>> {
-        let lims = &self.0.lims;
-        let holder = &self.0.holder;
         // Counted before the attempt, so a renewal never sees fewer calls
         // in flight here than the shared lease holds.
         self.0.in_flight.fetch_add(1, Ordering::SeqCst);
-        let r = self
-            .change(|d, now| d.admit(lims, model, need, holder, now))
-            .await;
+        let r = match &self.0.backend {
+            Backend::Local(doc) => {
+                let now = self.now();
+                let mut d = doc.lock().expect("limits lock");
+                Ok(d.admit(&self.0.lims, model, need, &self.0.holder, now))
+            }
+            Backend::Kv { ops, .. } => {
+                let (reply, rx) = oneshot::channel();
+                let op = Op::Admit {
+                    model: model.to_string(),
+                    need,
+                    reply,
+                };
+                match ops.send(op) {
+                    Err(_) => Err(anyhow::anyhow!("the limits task has stopped")),
+                    Ok(()) => match rx.await {
+                        Ok(Ok(r)) => Ok(r),
+                        Ok(Err(e)) => Err(anyhow::anyhow!(e)),
+                        Err(_) => Err(anyhow::anyhow!("the limits task has stopped")),
+                    },
+                }
+            }
+        };
         if !matches!(r, Ok(Ok(()))) {
             self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
         }
@@ -746,89 +885,81 @@ impl SharedLimiter {
         }
     }
 
-    /// Give back what an admitted call did not use, and its slot.
-    pub async fn settle(&self, model: &str, unused: Need) {
-        let lims = &self.0.lims;
-        let holder = &self.0.holder;
-        // Lowered after the shared lease, so a renewal never undercounts.
-        struct Release<'a>(&'a AtomicU32);
+    /// Correct an admitted call's reservation by what the provider
+    /// counted, and give back its slot.
+    pub async fn settle(&self, model: &str, back: Correction) {
+        self.finish(model, Some(back), Seen::default()).await;
+    }
+
+    /// Learn from what a response said, without settling a call.
+    pub async fn observe(&self, model: &str, seen: Seen) {
+        self.finish(model, None, seen).await;
+    }
+
+    /// One change for the end of a call: settle its reservation (`back`)
+    /// and slot, and learn from the response (`seen`): the provider's stated
+    /// limits and remaining counts, a 429, a pause.
+    pub async fn finish(&self, model: &str, back: Option<Correction>, seen: Seen) {
+        // The local in-flight count is lowered after the shared lease, so a
+        // renewal never undercounts.
+        struct Release<'a>(Option<&'a AtomicU32>);
         impl Drop for Release<'_> {
             fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
+                if let Some(n) = self.0 {
+                    n.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         }
-        let _release = Release(&self.0.in_flight);
-        for _ in 0..5 {
-            match self
-                .change(|d, now| {
-                    d.settle(lims, model, unused, holder, now);
-                    Ok(())
-                })
-                .await
-            {
-                Ok(_) => return,
-                Err(e) => {
-                    tracing::warn!(provider = %self.0.provider, error = %format!("{e:#}"),
-                        "could not return unused budget; the lease will expire");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+        let _release = Release(back.map(|_| &self.0.in_flight));
+        if back.is_none() && seen.is_empty() {
+            return;
+        }
+        match &self.0.backend {
+            Backend::Local(doc) => {
+                let now = self.now();
+                let mut d = doc.lock().expect("limits lock");
+                if let Some(back) = back {
+                    d.settle(&self.0.lims, model, back, &self.0.holder, now);
+                }
+                let (_, logs) = d.observe(&self.0.lims, model, &seen, now);
+                for l in logs {
+                    tracing::warn!(provider = %self.0.provider, "{l}");
+                }
+            }
+            Backend::Kv { ops, .. } => {
+                let (reply, rx) = oneshot::channel();
+                let op = Op::Finish {
+                    model: model.to_string(),
+                    back,
+                    seen,
+                    reply,
+                };
+                if ops.send(op).is_ok() {
+                    let _ = rx.await;
                 }
             }
         }
     }
 
-    /// Learn from a response: the provider's stated limits, a 429, a pause.
-    /// Writes only when something changes.
-    pub async fn observe(&self, model: &str, seen: Seen) {
-        if seen.is_empty() {
-            return;
-        }
-        if !seen.rate_limited && seen.pause.is_none() {
-            let applied = self.0.applied.lock().expect("applied lock");
-            if seen
-                .limits
-                .iter()
-                .all(|(b, l)| applied.get(&(model.to_string(), b.clone())) == Some(l))
-            {
-                return;
-            }
-        }
-        let lims = &self.0.lims;
-        match self
-            .change(|d, now| {
-                let changes = d.observe(lims, model, &seen, now);
-                if changes.is_empty() {
-                    Err(Duration::ZERO) // nothing to write
-                } else {
-                    Ok(changes)
-                }
-            })
-            .await
-        {
-            Ok(Ok(changes)) => {
-                for c in changes {
-                    tracing::warn!(provider = %self.0.provider, "{c}");
-                }
-            }
-            Ok(Err(_)) => {}
-            Err(e) => tracing::warn!(provider = %self.0.provider, error = %format!("{e:#}"),
-                "could not share what the provider said about its limits"),
-        }
-        let mut applied = self.0.applied.lock().expect("applied lock");
-        for (b, l) in &seen.limits {
-            applied.insert((model.to_string(), b.clone()), *l);
-        }
+    /// How long a call to `model` needing `this` would wait for the shared
+    /// budgets behind `queued` calls of this process needing `ahead` (one
+    /// read; other processes' queues are not seen).
+    pub async fn expected_wait(
+        &self,
+        model: &str,
+        queued: usize,
+        ahead: Need,
+        this: Need,
+    ) -> Result<Duration> {
+        let doc = self.snapshot().await?;
+        Ok(doc.wait_for(&self.0.lims, model, queued, ahead, this, self.now()))
     }
 
     /// The shared state now (for tests and diagnostics).
     pub async fn snapshot(&self) -> Result<Doc> {
         match &self.0.backend {
             Backend::Local(doc) => Ok(doc.lock().expect("limits lock").clone()),
-            Backend::Kv { store, key } => Ok(store
-                .entry(key)
-                .await
-                .with_context(|| format!("reading the limits of {key}"))?
-                .and_then(|e| serde_json::from_slice::<Doc>(&e.value).ok())
-                .unwrap_or_default()),
+            Backend::Kv { store, key, .. } => Ok(read_doc(store, key).await?.0),
         }
     }
 
@@ -838,21 +969,182 @@ impl SharedLimiter {
         if self.0.lims.provider.concurrency.is_none() {
             return Ok(());
         }
+        let Backend::Kv { store, key, .. } = &self.0.backend else {
+            return Ok(());
+        };
         let holder = &self.0.holder;
-        let in_flight = &self.0.in_flight;
-        self.change(|d, now| {
-            let Some(lease) = d.provider.leases.get(holder).copied() else {
-                return Err(Duration::ZERO);
+        loop {
+            let (mut doc, revision) = read_doc(store, key).await?;
+            let Some(lease) = doc.provider.leases.get(holder).copied() else {
+                return Ok(());
             };
             // The local count is read last and never lags the shared one
             // (it is raised before an admission is tried).
-            let n = in_flight.load(Ordering::SeqCst);
-            d.provider.renew(holder, lease.n.min(n), now);
-            Ok(())
-        })
-        .await
-        .map(|_| ())
+            let n = self.0.in_flight.load(Ordering::SeqCst);
+            doc.provider.renew(holder, lease.n.min(n), now_ms());
+            if write_doc(store, key, &doc, revision).await? {
+                return Ok(());
+            }
+        }
     }
+}
+
+fn new_holder() -> String {
+    format!("{}-{}", std::process::id(), crate::enqueue::new_job_id())
+}
+
+/// The document and its revision (`None`: no document yet).
+async fn read_doc(store: &kv::Store, key: &str) -> Result<(Doc, Option<u64>)> {
+    let entry = store
+        .entry(key)
+        .await
+        .with_context(|| format!("reading the limits of {key}"))?;
+    let doc = match entry.as_ref().filter(|e| !e.value.is_empty()) {
+        None => Doc::default(),
+        Some(e) => serde_json::from_slice::<Doc>(&e.value).unwrap_or_else(|err| {
+            tracing::warn!(key = %key, error = %err, "unreadable limits state; starting it afresh");
+            Doc::default()
+        }),
+    };
+    Ok((doc, entry.map(|e| e.revision)))
+}
+
+/// Write `doc` if the key is still at `revision`: `Ok(false)` if another
+/// process wrote first; an error if the write itself failed.
+async fn write_doc(store: &kv::Store, key: &str, doc: &Doc, revision: Option<u64>) -> Result<bool> {
+    let body: bytes::Bytes = serde_json::to_vec(doc)?.into();
+    let written = match revision {
+        Some(r) => store
+            .update(key, body, r)
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from),
+        None => store
+            .create(key, body)
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from),
+    };
+    match written {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            // Another process wrote first (the revision moved), or the
+            // write itself failed.
+            let now_rev = store
+                .entry(key)
+                .await
+                .with_context(|| format!("reading the limits of {key}"))?
+                .map(|e| e.revision);
+            if now_rev == revision {
+                Err(e.context(format!("writing the limits of {key}")))
+            } else {
+                Ok(false)
+            }
+        }
+    }
+}
+
+struct Batcher {
+    provider: String,
+    store: kv::Store,
+    key: String,
+    lims: ScopeLimits,
+    holder: String,
+    ops: mpsc::UnboundedReceiver<Op>,
+}
+
+/// Most changes applied in one compare-and-set.
+const BATCH: usize = 256;
+
+/// Apply queued changes in batches: read the document, apply every change
+/// in order, write once; on a conflict, again from a fresh read. Admissions
+/// are answered with the outcome; when the state cannot be read or written
+/// they get the error (their lane waits), settlements are retried.
+async fn apply_batches(mut b: Batcher) {
+    let mut batch: Vec<Op> = Vec::new();
+    loop {
+        if batch.is_empty() {
+            match b.ops.recv().await {
+                Some(op) => batch.push(op),
+                None => return,
+            }
+        }
+        while batch.len() < BATCH {
+            match b.ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        match apply_once(&b, &batch).await {
+            Ok(Some(outcomes)) => {
+                for (op, outcome) in batch.drain(..).zip(outcomes) {
+                    match op {
+                        Op::Admit { reply, .. } => {
+                            let _ = reply.send(Ok(outcome));
+                        }
+                        Op::Finish { reply, .. } => {
+                            let _ = reply.send(());
+                        }
+                    }
+                }
+            }
+            Ok(None) => {} // another process wrote first: again
+            Err(e) => {
+                let why = format!("{e:#}");
+                tracing::warn!(provider = %b.provider, error = %why, "shared limits unreachable");
+                // Admissions fail now; settlements wait for the next try.
+                let mut keep = Vec::new();
+                for op in batch.drain(..) {
+                    match op {
+                        Op::Admit { reply, .. } => {
+                            let _ = reply.send(Err(why.clone()));
+                        }
+                        finish => keep.push(finish),
+                    }
+                }
+                batch = keep;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// One read-apply-write of `batch`: the admissions' outcomes (settlements
+/// get `Ok`), or `None` if another process wrote first.
+async fn apply_once(b: &Batcher, batch: &[Op]) -> Result<Option<Vec<Result<(), Duration>>>> {
+    let (mut doc, revision) = read_doc(&b.store, &b.key).await?;
+    let now = now_ms();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut changed = false;
+    let mut logs = Vec::new();
+    for op in batch {
+        match op {
+            Op::Admit { model, need, .. } => {
+                let r = doc.admit(&b.lims, model, *need, &b.holder, now);
+                changed |= r.is_ok();
+                outcomes.push(r);
+            }
+            Op::Finish {
+                model, back, seen, ..
+            } => {
+                if let Some(back) = back {
+                    doc.settle(&b.lims, model, *back, &b.holder, now);
+                    changed = true;
+                }
+                let (c, mut l) = doc.observe(&b.lims, model, seen, now);
+                changed |= c;
+                logs.append(&mut l);
+                outcomes.push(Ok(()));
+            }
+        }
+    }
+    if changed && !write_doc(&b.store, &b.key, &doc, revision).await? {
+        return Ok(None);
+    }
+    for l in logs {
+        tracing::warn!(provider = %b.provider, "{l}");
+    }
+    Ok(Some(outcomes))
 }
 
 async fn renew_leases(weak: Weak<Inner>) {
@@ -930,7 +1222,7 @@ mod tests {
         // Unused reservation comes back: 60 of 100 unused.
         s.settle(
             &l,
-            Need {
+            Correction {
                 input: 0,
                 output: 60,
             },
@@ -971,8 +1263,8 @@ mod tests {
         assert_eq!(s.leases.len(), 1, "the dead process's lease is gone");
         assert_eq!(s.in_flight(LEASE_MS), 2);
         // Settling gives a slot back; the last one removes the lease.
-        s.settle(&l, Need::default(), "alive", LEASE_MS + 1);
-        s.settle(&l, Need::default(), "alive", LEASE_MS + 2);
+        s.settle(&l, Correction::default(), "alive", LEASE_MS + 1);
+        s.settle(&l, Correction::default(), "alive", LEASE_MS + 2);
         assert!(s.leases.is_empty());
     }
 
@@ -996,23 +1288,31 @@ mod tests {
         assert!(s.learn_limit(REQUESTS, 120, 600, 0));
         assert!(!s.learn_limit(REQUESTS, 120, 600, 1), "unchanged: no write");
         assert_eq!(s.rate(REQUESTS, 600, 1_000_000), 120.0);
-        // A limit at or above the configured one is not learned.
-        assert!(!s.learn_limit(TOKENS, 90_000, 60_000, 0));
+        // A limit above the configured one is held at the configured one.
+        assert!(s.learn_limit(TOKENS, 90_000, 60_000, 0));
+        assert_eq!(s.rate(TOKENS, 60_000, 0), 60_000.0);
         assert!(s.learn_limit(REQUESTS, 600, 600, 2), "back to configured");
-        assert!(s.learned.is_empty());
+        assert_eq!(s.rate(REQUESTS, 600, 2), 600.0);
+        s.learned.clear();
 
         // A 429 with no stated limit: cut, once per burst...
         assert!(s.back_off(&l, 10_000));
         assert_eq!(s.rate(REQUESTS, 600, 10_000), 600.0 * BACKOFF);
         assert!(!s.back_off(&l, 10_000 + DAMP_MS - 1));
-        assert!(s.back_off(&l, 10_000 + DAMP_MS));
-        // The first cut had grown back for DAMP_MS before the second.
-        let grown = 1.0 + RECOVER_PER_MIN * DAMP_MS as f64 / 60_000.0;
-        let cut = 600.0 * BACKOFF * grown * BACKOFF;
-        assert!((s.rate(REQUESTS, 600, 10_000 + DAMP_MS) - cut).abs() < 1e-9);
-        // ...then growing back by a share of the cut rate a minute, to the configured limit.
-        let later = 10_000 + DAMP_MS + 60_000;
-        assert!((s.rate(REQUESTS, 600, later) - cut * (1.0 + RECOVER_PER_MIN)).abs() < 1e-9);
+        // ...climbing back evenly toward 95% of the rate that drew it:
+        let half = 10_000 + REGAIN_MS / 2;
+        let expect = 300.0 + (570.0 - 300.0) / 2.0;
+        assert!((s.rate(REQUESTS, 600, half) - expect).abs() < 1e-9);
+        // A second 429 at that rate cuts from there and aims below it.
+        let t2 = half;
+        assert!(s.back_off(&l, t2));
+        assert!((s.rate(REQUESTS, 600, t2) - expect * BACKOFF).abs() < 1e-9);
+        let regained = t2 + REGAIN_MS;
+        assert!((s.rate(REQUESTS, 600, regained) - 0.95 * expect).abs() < 1e-9);
+        // ...then probing upward by PROBE_PER_MIN a minute, to the configured limit.
+        let later = regained + 60_000;
+        let probed = 0.95 * expect * (1.0 + PROBE_PER_MIN);
+        assert!((s.rate(REQUESTS, 600, later) - probed).abs() < 1e-9);
         assert_eq!(s.rate(REQUESTS, 600, later + 3_600_000), 600.0);
         // Recovered limits are dropped at the next admission.
         s.admit(&l, NEED, "a", later + 3_600_000).unwrap();
@@ -1021,6 +1321,59 @@ mod tests {
         s.learn_limit(REQUESTS, 300, 600, 0);
         assert!(s.back_off(&l, 0), "tokens still back off");
         assert_eq!(s.rate(REQUESTS, 600, 0), 300.0);
+    }
+
+    #[test]
+    fn the_expected_wait_counts_the_queue_and_the_pause() {
+        // 6,000 TPM: 100 a second, the bucket holds 50.
+        let l = lims(600_000, 6_000, None);
+        let mut s = Scope::default();
+        let one = Need {
+            input: 20,
+            output: 20,
+        };
+        let none = Need::default();
+        assert_eq!(s.wait_for(&l, 0, none, one, 0), Duration::ZERO);
+        s.admit(&l, one, "a", 0).unwrap(); // 10 left
+                                           // This call (40) behind two queued calls (80): 110 short of 10.
+        let ahead = Need {
+            input: 60,
+            output: 20,
+        };
+        assert_eq!(
+            s.wait_for(&l, 2, ahead, one, 0),
+            Duration::from_millis(1100)
+        );
+        // A call larger than the bucket needs a full bucket, not all of it.
+        let big = Need {
+            input: 500,
+            output: 0,
+        };
+        assert_eq!(s.wait_for(&l, 0, none, big, 0), Duration::from_millis(400));
+        s.pause_until(5_000);
+        assert_eq!(
+            s.wait_for(&l, 0, none, one, 0),
+            Duration::from_millis(5_000)
+        );
+    }
+
+    #[test]
+    fn the_providers_remaining_count_tightens_the_bucket() {
+        // 6,000 RPM: our bucket holds 50 requests.
+        let l = lims(6_000, 6_000_000, None);
+        let mut s = Scope::default();
+        s.admit(&l, NEED, "a", 0).unwrap();
+        assert_eq!(s.buckets[REQUESTS].tokens, 49.0);
+        // The provider says only 3 are left (someone else uses the account).
+        assert!(s.sync_remaining(REQUESTS, 3, 6_000, 0));
+        assert!(!s.sync_remaining(REQUESTS, 10, 6_000, 0), "never loosens");
+        for _ in 0..3 {
+            s.admit(&l, NEED, "a", 0).unwrap();
+        }
+        assert_eq!(
+            s.admit(&l, NEED, "a", 0).unwrap_err(),
+            Duration::from_millis(10)
+        );
     }
 
     #[test]
@@ -1040,8 +1393,9 @@ mod tests {
             limits: vec![(REQUESTS.into(), 120)],
             ..Default::default()
         };
-        let changes = d.observe(&sl, "large", &seen, 0);
-        assert_eq!(changes.len(), 1, "{changes:?}");
+        let (changed, logs) = d.observe(&sl, "large", &seen, 0);
+        assert!(changed);
+        assert_eq!(logs.len(), 1, "{logs:?}");
         assert_eq!(d.models["large"].rate(REQUESTS, 6_000, 0), 120.0);
         assert!(d.provider.learned.is_empty());
         // The document survives a round trip through KV's bytes.

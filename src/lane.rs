@@ -58,7 +58,7 @@ impl Lane {
             .ok_or_else(|| anyhow::anyhow!("no provider `{name}` in config"))?;
         let provider = Provider::from_config(name, pc)?;
         let lims = cfg.scope_limits(name);
-        let shared = if pc.fleet {
+        let shared = if pc.is_fleet() {
             let store = fleet_store.ok_or_else(|| {
                 anyhow::anyhow!("providers.{name}.fleet needs the limits KV bucket")
             })?;
@@ -73,7 +73,8 @@ impl Lane {
             pc.output_tpm,
             pc.max_concurrency,
             shared,
-        );
+        )
+        .counting_max_tokens(pc.counts_max_tokens());
         Ok(Self {
             name: name.to_string(),
             cfg,
@@ -90,6 +91,12 @@ impl Lane {
     /// their commit.
     pub fn max_in_flight(&self) -> usize {
         self.cfg.providers[&self.name].max_concurrency * 2 + 16
+    }
+
+    /// Messages to request from NATS at once: no more than may wait here
+    /// (messages buffered unread get no progress acks).
+    pub fn pull_batch(&self) -> usize {
+        self.max_in_flight().min(self.limiter.queue_cap()).max(1)
     }
 
     /// Wait until the lane has budget for another message (backpressure).
@@ -208,7 +215,8 @@ impl Lane {
             .filter(|_| call.plan.may_skip(call.step));
         if let Err(wait) = self
             .limiter
-            .claim(estimate, u64::from(req.max_tokens), max_wait)
+            .claim(&call.model, estimate, u64::from(req.max_tokens), max_wait)
+            .await
         {
             let record = StepRecord {
                 step: call.step,
@@ -268,24 +276,19 @@ impl Lane {
         };
         let (outcome, response) = match result {
             Ok(resp) => {
-                self.limiter
-                    .settle(admission, resp.usage.input_tokens, resp.usage.output_tokens)
-                    .await;
-                self.limiter
-                    .observe(&call.model, &resp.rate, false, resp.rate.exhausted_for())
-                    .await;
+                let seen = LaneLimiter::seen(&resp.rate, false, resp.rate.exhausted_for());
+                let used = (resp.usage.input_tokens, resp.usage.output_tokens);
+                self.limiter.finish(admission, Some(used), seen).await;
                 row.usage = resp.usage;
                 row.http_status = Some(i32::from(resp.http_status));
                 (Outcome::Success, Some(resp))
             }
             Err(e) => {
-                // A failed call used no tokens we know of.
-                self.limiter.settle(admission, 0, 0).await;
+                // A failed call: no usage we know of.
                 let limited = e.class == ErrorClass::RateLimited;
                 let pause = e.retry_after.or_else(|| e.rate.exhausted_for());
-                self.limiter
-                    .observe(&call.model, &e.rate, limited, pause)
-                    .await;
+                let seen = LaneLimiter::seen(&e.rate, limited, pause);
+                self.limiter.finish(admission, None, seen).await;
                 row.http_status = e.http_status.map(i32::from);
                 row.outcome = if e.retryable {
                     CallOutcome::RetryableError

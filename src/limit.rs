@@ -12,7 +12,7 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::fleet::{Limits, Need, ScopeLimits, SharedLimiter};
+use crate::fleet::{Correction, Limits, Need, ScopeLimits, SharedLimiter};
 use tokio::time::Instant;
 
 /// A token bucket that allows refunds. `capacity` tokens, refilled
@@ -99,6 +99,8 @@ pub struct LaneLimiter {
     waiting: AtomicUsize,
     queue_cap: usize,
     freed: Notify,
+    claim_turn: tokio::sync::Mutex<()>,
+    counts_max_tokens: bool,
 }
 
 /// Held while a call is in flight: the concurrency slot and the token
@@ -137,6 +139,8 @@ impl LaneLimiter {
             // About a second of requests may wait here; more stay in NATS.
             queue_cap: (rpm.get() as usize / 60).clamp(2, 4096),
             freed: Notify::new(),
+            claim_turn: tokio::sync::Mutex::new(()),
+            counts_max_tokens: false,
         }
     }
 
@@ -170,21 +174,14 @@ impl LaneLimiter {
         }
     }
 
-    /// Learn from a response of `model`: a pause the provider asked for, the
-    /// limits it states, a 429 (which tightens the rate when no stated
-    /// limit explains it). Shared with the fleet when the lane is.
-    pub async fn observe(
-        &self,
-        model: &str,
+    /// What a response said about the provider's limits: its rate-limit
+    /// headers, whether it was a 429, and a pause it asked for.
+    pub fn seen(
         rate: &crate::providers::RateInfo,
         rate_limited: bool,
         pause: Option<Duration>,
-    ) {
-        if let Some(d) = pause {
-            self.pause_for(d);
-        }
-        let seen = crate::fleet::Seen::from_rate(rate, rate_limited, pause);
-        self.shared.observe(model, seen).await;
+    ) -> crate::fleet::Seen {
+        crate::fleet::Seen::from_rate(rate, rate_limited, pause)
     }
 
     /// Wait until the lane can use another message: not paused, and fewer
@@ -204,6 +201,12 @@ impl LaneLimiter {
             }
             freed.await;
         }
+    }
+
+    /// How many calls may wait for admission before the lane stops taking
+    /// messages (about a second's worth of requests).
+    pub fn queue_cap(&self) -> usize {
+        self.queue_cap
     }
 
     /// Calls claimed and not yet admitted.
@@ -240,19 +243,43 @@ impl LaneLimiter {
         w
     }
 
-    /// Claim a place in the queue for a call, unless it would wait longer
-    /// than `max` (then the wait). Check and claim are one step, so calls
-    /// arriving together cannot all see an empty queue. Every claim must be
-    /// followed by [`admit`](Self::admit), which releases it.
-    pub fn claim(&self, input: u64, output: u64, max: Option<Duration>) -> Result<(), Duration> {
-        let mut pending = self.pending.lock().expect("pending lock");
+    /// Claim a place in the queue for a call to `model`, unless it would
+    /// wait longer than `max` (then the wait) for this lane's budgets or the
+    /// shared ones, behind the calls claimed before it. Check and claim are
+    /// one step (claims take turns), so calls arriving together cannot all
+    /// see an empty queue. If the shared budgets cannot be read, the wait is
+    /// unknown and counts as too long. Every claim must be followed by
+    /// [`admit`](Self::admit), which releases it.
+    pub async fn claim(
+        &self,
+        model: &str,
+        input: u64,
+        output: u64,
+        max: Option<Duration>,
+    ) -> Result<(), Duration> {
+        let _turn = self.claim_turn.lock().await;
         if let Some(max) = max {
-            let w = self.wait_behind(*pending, input, output);
+            let pending = *self.pending.lock().expect("pending lock");
+            let w = self.wait_behind(pending, input, output);
             if w > max {
                 return Err(w);
             }
+            let queued = self.waiting.load(Ordering::SeqCst);
+            let ahead = Need {
+                input: pending,
+                output: 0,
+            };
+            let this = Need { input, output };
+            let shared = self
+                .shared
+                .expected_wait(model, queued, ahead, this)
+                .await
+                .unwrap_or(Duration::MAX);
+            if shared > max {
+                return Err(shared);
+            }
         }
-        *pending += input + output;
+        *self.pending.lock().expect("pending lock") += input + output;
         self.waiting.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -300,25 +327,63 @@ impl LaneLimiter {
         }
     }
 
-    /// Settle a reservation against the tokens the call really used
-    /// (refunds only: an underestimate is not charged after the fact), and
-    /// give back its slot.
-    pub async fn settle(&self, admission: Admission, used_input: u64, used_output: u64) {
+    /// Settle a reservation: `used` is the (input, output) usage the
+    /// provider reported, `None` if the call failed. Locally, what was not
+    /// used comes back. In the shared budgets, the reservation is corrected
+    /// to what the provider counts: the real input (more or less than
+    /// estimated); the real output, or `max_tokens` where the provider
+    /// counts that ([`counts_max_tokens`](Self::counts_max_tokens)); and for
+    /// a failed call, all of it (it may have been counted).
+    pub async fn settle(&self, admission: Admission, used: Option<(u64, u64)>) {
+        self.finish(admission, used, crate::fleet::Seen::default())
+            .await;
+    }
+
+    /// [`settle`](Self::settle) and learn from the response in one step:
+    /// `seen` is what the provider said about its limits (see
+    /// [`seen`](Self::seen)). A pause it asked for holds here at once.
+    pub async fn finish(
+        &self,
+        admission: Admission,
+        used: Option<(u64, u64)>,
+        seen: crate::fleet::Seen,
+    ) {
+        if let Some(d) = seen.pause {
+            self.pause_for(d);
+        }
+        let (used_input, used_output) = used.unwrap_or((0, 0));
         let unused = Need {
             input: admission.reserved_input.saturating_sub(used_input),
             output: admission.reserved_output.saturating_sub(used_output),
         };
-        self.tpm.refund(
-            (admission.reserved_input + admission.reserved_output)
-                .saturating_sub(used_input + used_output),
-        );
+        self.tpm.refund(unused.input + unused.output);
         if let Some(b) = &self.input_tpm {
             b.refund(unused.input);
         }
         if let Some(b) = &self.output_tpm {
             b.refund(unused.output);
         }
-        self.shared.settle(&admission.model, unused).await;
+        let signed = |reserved: u64, used: u64| reserved as i64 - used as i64;
+        let back = match used {
+            None => Correction::default(),
+            Some((i, o)) => Correction {
+                input: signed(admission.reserved_input, i),
+                output: if self.counts_max_tokens {
+                    0
+                } else {
+                    signed(admission.reserved_output, o)
+                },
+            },
+        };
+        self.shared.finish(&admission.model, Some(back), seen).await;
+    }
+
+    /// Set whether the provider counts a request's `max_tokens` toward its
+    /// token limits when the request arrives (OpenAI) rather than the output
+    /// really produced (Anthropic).
+    pub fn counting_max_tokens(mut self, yes: bool) -> Self {
+        self.counts_max_tokens = yes;
+        self
     }
 }
 
@@ -347,7 +412,7 @@ mod tests {
         let start = Instant::now();
         let a = l.admit("m", 10, 10).await;
         assert!(start.elapsed() >= Duration::from_secs(3));
-        l.settle(a, 5, 5).await;
+        l.settle(a, Some((5, 5))).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -355,7 +420,7 @@ mod tests {
         let l = LaneLimiter::local(6000, 600, 4);
         assert_eq!(l.expected_wait(10, 10), Duration::ZERO);
         let a = l.admit("m", 500, 100).await; // the bucket is empty now
-        l.settle(a, 500, 100).await;
+        l.settle(a, Some((500, 100))).await;
         let w = l.expected_wait(100, 0);
         assert!((w.as_secs_f64() - 10.0).abs() < 0.01, "{w:?}");
         l.pause_for(Duration::from_secs(30));
@@ -369,15 +434,18 @@ mod tests {
         let l = LaneLimiter::local(6000, 600, 8);
         let max = Some(Duration::from_secs(5));
         for _ in 0..3 {
-            l.claim(100, 100, max).unwrap();
+            l.claim("m", 100, 100, max).await.unwrap();
         }
-        let w = l.claim(100, 100, max).unwrap_err();
+        let w = l.claim("m", 100, 100, max).await.unwrap_err();
         assert!((w.as_secs_f64() - 20.0).abs() < 0.1, "{w:?}");
         for _ in 0..3 {
             let a = l.admit("m", 100, 100).await;
-            l.settle(a, 100, 100).await;
+            l.settle(a, Some((100, 100))).await;
         }
-        assert!(l.claim(100, 100, max).is_err(), "the bucket is empty now");
+        assert!(
+            l.claim("m", 100, 100, max).await.is_err(),
+            "the bucket is empty now"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -407,7 +475,7 @@ mod tests {
         let start = Instant::now();
         for _ in 0..4 {
             let a = l.admit("m", 10, 300).await;
-            l.settle(a, 10, 50).await;
+            l.settle(a, Some((10, 50))).await;
         }
         // Refunds left room: 4 × 50 used of 600, no waiting.
         assert!(start.elapsed() < Duration::from_millis(10));

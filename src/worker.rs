@@ -117,7 +117,7 @@ pub async fn start(
     };
 
     // Fleet-wide limits live in one KV bucket per prefix.
-    let fleet_store = if lane_names.iter().any(|n| cfg.providers[n].fleet) {
+    let fleet_store = if lane_names.iter().any(|n| cfg.providers[n].is_fleet()) {
         Some(crate::fleet::open_store(&bus.js, &bus.names.prefix).await?)
     } else {
         None
@@ -130,7 +130,10 @@ pub async fn start(
         tracker.spawn(consume(
             "dispatcher".into(),
             consumer,
-            in_flight,
+            Pull {
+                max_in_flight: in_flight,
+                batch: in_flight,
+            },
             token.clone(),
             tracker.clone(),
             || async {},
@@ -155,11 +158,15 @@ pub async fn start(
         );
         let consumer = lane.consumer().await?;
         let in_flight = lane.max_in_flight();
+        let batch = lane.pull_batch();
         let gate = lane.clone();
         tracker.spawn(consume(
             format!("lane-{name}"),
             consumer,
-            in_flight,
+            Pull {
+                max_in_flight: in_flight,
+                batch,
+            },
             token.clone(),
             tracker.clone(),
             move || {
@@ -181,9 +188,16 @@ pub async fn start(
     })
 }
 
+/// How many messages a consumer handles at once and requests at a time.
+struct Pull {
+    max_in_flight: usize,
+    batch: usize,
+}
+
 /// Pull messages and run `handler` on each in a tracked task, with at most
 /// `max_in_flight` at once, and only when `ready` says there is room (a
-/// lane without budget takes nothing: its messages stay in NATS). One continuous pull stream per consumer (with
+/// lane without budget takes nothing: its messages stay in NATS), pulling
+/// `batch` messages at a time. One continuous pull stream per consumer (with
 /// heartbeats) keeps at most a batch of `max_in_flight` messages buffered;
 /// a message is taken from it only when a slot is free. (Short fetches with
 /// an expiry were tried first: a message the server delivered just as a
@@ -191,7 +205,10 @@ pub async fn start(
 async fn consume<R, RFut, F, Fut>(
     name: String,
     consumer: PullConsumer,
-    max_in_flight: usize,
+    Pull {
+        max_in_flight,
+        batch,
+    }: Pull,
     token: CancellationToken,
     tracker: TaskTracker,
     ready: R,
@@ -206,7 +223,7 @@ async fn consume<R, RFut, F, Fut>(
     'outer: while !token.is_cancelled() {
         let stream = consumer
             .stream()
-            .max_messages_per_batch(max_in_flight.max(1))
+            .max_messages_per_batch(batch.clamp(1, max_in_flight.max(1)))
             .heartbeat(Duration::from_secs(5))
             .expires(Duration::from_secs(30))
             .messages()

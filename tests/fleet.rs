@@ -13,7 +13,8 @@ use std::time::Duration;
 use common::{spawn_worker, wait_until, TestEnv};
 use switchyard::bus::Bus;
 use switchyard::fleet::{
-    open_store, Doc, Limits, Need, ScopeLimits, Seen, SharedLimiter, LEASE_MS, REQUESTS, TOKENS,
+    open_store, Correction, Doc, Limits, Need, ScopeLimits, Seen, SharedLimiter, LEASE_MS,
+    REQUESTS, TOKENS,
 };
 use switchyard::sim::SimProfile;
 use switchyard::worker::{self, WorkerOptions};
@@ -87,8 +88,8 @@ async fn concurrent_processes_never_overdraw_shared_slots() {
         .unwrap()
         .is_err());
     // Two calls end: exactly two slots come back, to any process.
-    ls[0].settle("m", Need::default()).await;
-    ls[0].settle("m", Need::default()).await;
+    ls[0].settle("m", Correction::default()).await;
+    ls[0].settle("m", Correction::default()).await;
     assert!(ls[2].try_admit("m", Need::default()).await.unwrap().is_ok());
     assert!(ls[1].try_admit("m", Need::default()).await.unwrap().is_ok());
     assert!(ls[1]
@@ -274,11 +275,16 @@ async fn fleet_limits_hold_across_workers_where_per_process_limits_do_not() {
     // together they overrun the provider.
     let env = TestEnv::new(profile.clone()).await;
     let mut per_process = one_model("120", "4");
-    per_process.retain(|(k, _)| !k.ends_with("__FLEET"));
+    for (k, v) in per_process.iter_mut() {
+        if k.ends_with("__FLEET") {
+            *v = "false".into();
+        }
+    }
     let ledger = three_workers(&env, &per_process, 18).await;
+    let times: Vec<(u64, u16)> = ledger.iter().map(|e| (e.at_ms, e.status)).collect();
     assert!(
         count_429(&ledger) > 0,
-        "per-process limits collected no 429s"
+        "per-process limits collected no 429s: {times:?}"
     );
     env.cleanup().await;
     // Fleet-wide, the three share one budget: no 429 at all.
@@ -418,4 +424,30 @@ async fn a_killed_process_gives_its_share_back_when_its_lease_expires() {
     let results = env.count("SELECT count(*) FROM results").await as usize;
     assert_eq!(results, n, "one result per job");
     env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_limiter_holds_calls_back_until_it_returns() {
+    let prefix = unique("u");
+    let ls = limiters(&prefix, 1, &limits(600, 1_000_000, None)).await;
+    // The limits bucket disappears (as when its stream is lost).
+    drop_kv(&prefix).await;
+    assert!(
+        ls[0].try_admit("m", Need::default()).await.is_err(),
+        "an unreachable limiter is an error, never an admission"
+    );
+    let l = ls[0].clone();
+    let admit = tokio::spawn(async move { l.admit("m", Need::default()).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!admit.is_finished(), "admitted without its limiter");
+    // It comes back: the waiting call goes on.
+    let client = async_nats::connect(common::nats_url()).await.unwrap();
+    open_store(&async_nats::jetstream::new(client), &prefix)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), admit)
+        .await
+        .expect("admitted once the limiter is back")
+        .unwrap();
+    drop_kv(&prefix).await;
 }

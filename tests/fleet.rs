@@ -226,7 +226,15 @@ async fn three_workers(
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let cfg = Arc::new(env.config_with(&pairs));
+    three_workers_with(env, env.config_with(&pairs), n).await
+}
+
+async fn three_workers_with(
+    env: &TestEnv,
+    cfg: switchyard::config::Config,
+    n: usize,
+) -> Vec<switchyard::sim::LedgerEntry> {
+    let cfg = Arc::new(cfg);
     let mut workers = Vec::new();
     for _ in 0..3 {
         let bus = Bus::connect(&common::nats_url(), &env.name).await.unwrap();
@@ -450,4 +458,44 @@ async fn an_unreachable_limiter_holds_calls_back_until_it_returns() {
         .expect("admitted once the limiter is back")
         .unwrap();
     drop_kv(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_models_own_limit_holds_across_workers() {
+    // The provider allows 120 requests a minute per model and says nothing
+    // else; the account's provider-wide limit (5000) would let bursts through.
+    let env = TestEnv::new(SimProfile {
+        rpm: 120,
+        rate_headers: false,
+        ..Default::default()
+    })
+    .await;
+    let text = common::SHIPPED_CONFIG
+        .replace(
+            "[models.\"gpt-4o-mini\"]\n",
+            "[models.\"gpt-4o-mini\"]\nrpm = 120\n",
+        )
+        .replace(
+            "[models.\"gpt-4.1\"]\n",
+            "[models.\"gpt-4.1\"]\nrpm = 120\n",
+        );
+    let mut cfg = env.config_from(&text);
+    for (cat, model) in [
+        ("support", "gpt-4o-mini"),
+        ("sales", "gpt-4.1"),
+        ("lookup", "gpt-4o-mini"),
+    ] {
+        let c = cfg.categories.get_mut(cat).unwrap();
+        c.route = switchyard::config::RouteConfig::Single {
+            target: model.into(),
+        };
+        c.variant = None;
+    }
+    cfg.retry.max_attempts = 20;
+    let ledger = three_workers_with(&env, cfg, 24).await;
+    let models: std::collections::BTreeSet<&str> =
+        ledger.iter().map(|e| e.model.as_str()).collect();
+    assert_eq!(models.len(), 2, "{models:?}");
+    assert_eq!(count_429(&ledger), 0, "the models' own limits did not hold");
+    env.cleanup().await;
 }

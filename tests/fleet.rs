@@ -499,3 +499,57 @@ async fn a_models_own_limit_holds_across_workers() {
     assert_eq!(count_429(&ledger), 0, "the models' own limits did not hold");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_without_budget_leaves_its_messages_in_nats() {
+    // One request a minute: the first call goes, the rest must wait.
+    let env = TestEnv::new(SimProfile::default()).await;
+    let worker = env
+        .start_worker(env.config_with(&[
+            (
+                "SWITCHYARD_CATEGORIES__SUPPORT__ROUTE",
+                r#"{ kind = "single", target = "gpt-4o-mini" }"#,
+            ),
+            ("SWITCHYARD_CATEGORIES__SUPPORT__VARIANT__PERCENT", "0"),
+            ("SWITCHYARD_PROVIDERS__OPENAI__RPM", "1"),
+        ]))
+        .await;
+    let js: Vec<_> = common::jobs("bp", 90)
+        .into_iter()
+        .step_by(3) // the support jobs
+        .collect();
+    switchyard::enqueue::publish_jobs(&env.bus, &js, None)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the first call", || async {
+        env.sim.ledger().len() == 1
+    })
+    .await;
+    // All 30 calls are published (one answered and acked, 29 in the stream).
+    let calls_stream = env.bus.names.calls_stream();
+    wait_until(Duration::from_secs(30), "every call published", || async {
+        let mut st = env.bus.js.get_stream(&calls_stream).await.unwrap();
+        st.info().await.unwrap().state.messages >= 29
+    })
+    .await;
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = env
+        .bus
+        .js
+        .get_stream(&calls_stream)
+        .await
+        .unwrap()
+        .get_consumer(&env.bus.names.lane_consumer("openai"))
+        .await
+        .unwrap();
+    let i = consumer.info().await.unwrap();
+    assert!(
+        i.num_ack_pending <= 6,
+        "the lane holds {} messages it has no budget for",
+        i.num_ack_pending
+    );
+    assert!(i.num_pending >= 24, "{} left in NATS", i.num_pending);
+    assert_eq!(env.sim.ledger().len(), 1, "nothing sent over the limit");
+    worker.token().cancel();
+    worker.shutdown().await;
+    env.cleanup().await;
+}

@@ -1,0 +1,106 @@
+//! Least privilege: the read-only analyst role, and migrations of several
+//! databases at once (roles are cluster-wide).
+
+mod common;
+
+use common::TestEnv;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::ConnectOptions;
+use switchyard::sim::SimProfile;
+
+async fn admin() -> sqlx::PgPool {
+    sqlx::PgPool::connect(&common::database_url_for("postgres"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_databases_migrate_at_once_and_share_the_analyst_role() {
+    let names: Vec<String> = (0..4)
+        .map(|i| format!("sy_t_mig{i}_{}", &switchyard::enqueue::new_job_id()[..8]))
+        .collect();
+    let runs = names.iter().map(|n| {
+        let url = common::database_url_for(n);
+        async move { switchyard::store::connect_and_migrate(&url, 2).await }
+    });
+    let pools = futures::future::join_all(runs).await;
+    let admin = admin().await;
+    for (pool, name) in pools.into_iter().zip(&names) {
+        let pool = pool.unwrap_or_else(|e| panic!("migrating {name}: {e:#}"));
+        let can: bool = sqlx::query_scalar(
+            "SELECT has_table_privilege('switchyard_analyst', 'calls', 'SELECT')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert!(can, "{name}: the analyst cannot read calls");
+        pool.close().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_analyst_role_reads_results_and_costs_and_cannot_write() {
+    let env = TestEnv::new(SimProfile::default()).await;
+    let worker = env.start_worker(env.config()).await;
+    let js = common::jobs("priv", 6);
+    let ids: Vec<String> = js.iter().map(|j| j.id.clone()).collect();
+    switchyard::enqueue::publish_jobs(&env.bus, &js, None)
+        .await
+        .unwrap();
+    assert!(switchyard::enqueue::wait_finished(
+        &env.pool,
+        &ids,
+        std::time::Duration::from_secs(60),
+        None
+    )
+    .await
+    .unwrap());
+    worker.shutdown().await;
+
+    // A person's login role, member of switchyard_analyst.
+    let login = format!("sy_analyst_{}", &switchyard::enqueue::new_job_id()[..8]);
+    let admin = admin().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE \"{login}\" LOGIN IN ROLE switchyard_analyst"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let url: PgConnectOptions = common::database_url_for(&env.name).parse().unwrap();
+    let mut conn = url.username(&login).connect().await.unwrap();
+
+    let results: i64 = sqlx::query_scalar("SELECT count(*) FROM results")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(results, 6);
+    let cost: rust_decimal::Decimal = sqlx::query_scalar("SELECT sum(cost_usd) FROM calls")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(cost > rust_decimal::Decimal::ZERO);
+    for sql in [
+        "DELETE FROM results",
+        "UPDATE calls SET cost_usd = 0",
+        "INSERT INTO jobs (id, category) VALUES ('x', 'y')",
+        "SELECT count(*) FROM dead_letters",
+        "SELECT count(*) FROM _sqlx_migrations",
+    ] {
+        let err = sqlx::query(sql).execute(&mut conn).await.unwrap_err();
+        assert!(
+            err.to_string().contains("permission denied"),
+            "{sql}: {err}"
+        );
+    }
+    drop(conn);
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE \"{login}\"")))
+        .execute(&admin)
+        .await;
+    env.cleanup().await;
+}

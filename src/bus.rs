@@ -221,6 +221,18 @@ impl Bus {
     }
 
     /// Best-effort core-NATS event; losing one never loses a job.
+    /// Max-deliveries advisories of every stream, shared by this prefix's
+    /// workers (a queue group: each advisory reaches one of them).
+    pub async fn max_delivery_advisories(&self) -> Result<async_nats::Subscriber> {
+        self.client
+            .queue_subscribe(
+                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.*.*",
+                format!("{}-advisories", self.names.prefix),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("subscribing to max-deliveries advisories: {e}"))
+    }
+
     pub async fn publish_done(&self, ev: &DoneEvent) {
         if let Ok(body) = serde_json::to_vec(ev) {
             let _ = self

@@ -32,6 +32,7 @@ pub mod fleet;
 pub mod flow;
 pub mod lane;
 pub mod limit;
+pub mod poison;
 pub mod pricing;
 pub mod providers;
 pub mod report;

@@ -123,6 +123,14 @@ pub async fn start(
         None
     };
 
+    // Messages JetStream gave up on become dead letters.
+    tracker.spawn(crate::poison::run(
+        bus.clone(),
+        pool.clone(),
+        writer.clone(),
+        token.clone(),
+    ));
+
     if opts.dispatcher {
         let d = Dispatcher::new(cfg.clone(), bus.clone(), writer.clone());
         let consumer = d.consumer().await?;

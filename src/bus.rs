@@ -97,12 +97,24 @@ pub struct CallMsg {
     /// The job's own `max_tokens`, if it set one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_max_tokens: Option<u32>,
+    /// Attempts of this step recorded before (a replayed dead letter): the
+    /// attempt number is this plus the delivery count.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempt_base: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl CallMsg {
-    /// `Nats-Msg-Id` of a call: unique per job and step.
+    /// `Nats-Msg-Id` of a call: unique per job and step (and replay).
     pub fn msg_id(&self) -> String {
-        format!("{}#{}", self.job_id, self.step)
+        if self.attempt_base > 0 {
+            format!("{}#{}#r{}", self.job_id, self.step, self.attempt_base)
+        } else {
+            format!("{}#{}", self.job_id, self.step)
+        }
     }
 }
 

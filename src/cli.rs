@@ -111,6 +111,11 @@ pub enum Command {
         #[command(subcommand)]
         action: ReviewAction,
     },
+    /// Dead letters: list, show, and replay them under their original job ids.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Measure end-to-end throughput against the raw JetStream ceiling.
     Bench {
         /// Number of jobs per run.
@@ -158,6 +163,43 @@ pub enum BenchMode {
         /// End with one JSON object of the figures on the last line.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// Dead letters not yet replayed, newest first.
+    List {
+        /// Only those whose reason contains this (case-insensitive).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Include dead letters already replayed.
+        #[arg(long)]
+        all: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter: where it came from, why, and its message.
+    Show {
+        id: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run dead letters again under their original job ids, each at most once.
+    Replay {
+        /// Dead letter ids (from `dlq list`).
+        ids: Vec<i64>,
+        /// Every dead letter not yet replayed (with --reason: those matching).
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// With --all: only those whose reason contains this.
+        #[arg(long, requires = "all")]
+        reason: Option<String>,
     },
 }
 
@@ -356,6 +398,89 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             .await
             .context("demo failed")?;
             Ok(if demo::print(&outcome, jobs) { 0 } else { 1 })
+        }
+        Command::Dlq { action } => {
+            let pool = store::connect_and_migrate(&g.database_url, 4).await?;
+            match action {
+                DlqAction::List {
+                    reason,
+                    all,
+                    limit,
+                    json,
+                } => {
+                    let items = crate::dlq::list(&pool, reason.as_deref(), all, limit).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&items)?);
+                    } else {
+                        println!("{:>6}  {:<20}  {:<28}  reason", "id", "created", "job");
+                        for d in &items {
+                            let reason: String = d.reason.chars().take(100).collect();
+                            println!(
+                                "{:>6}  {:<20}  {:<28}  {}{}",
+                                d.id,
+                                d.created_at,
+                                d.job_id.as_deref().unwrap_or("-"),
+                                reason,
+                                if d.replayed_at.is_some() {
+                                    "  (replayed)"
+                                } else {
+                                    ""
+                                }
+                            );
+                        }
+                        eprintln!("{} dead letter(s)", items.len());
+                    }
+                    Ok(0)
+                }
+                DlqAction::Show { id, json } => {
+                    let d = crate::dlq::show(&pool, id).await?;
+                    let body = String::from_utf8_lossy(&d.payload).into_owned();
+                    if json {
+                        let mut v = serde_json::to_value(&d)?;
+                        v["payload"] = serde_json::Value::String(body);
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        println!("dead letter {}", d.id);
+                        println!("created    {}", d.created_at);
+                        println!("subject    {}", d.subject);
+                        println!("source     {}", d.source.as_deref().unwrap_or("-"));
+                        println!("job        {}", d.job_id.as_deref().unwrap_or("-"));
+                        println!("replayed   {}", d.replayed_at.as_deref().unwrap_or("no"));
+                        println!("reason     {}", d.reason);
+                        println!("message ({} bytes)\n{}", d.payload.len(), body);
+                    }
+                    Ok(0)
+                }
+                DlqAction::Replay { ids, all, reason } => {
+                    anyhow::ensure!(all || !ids.is_empty(), "name dead letter ids, or --all");
+                    let cfg = load()?;
+                    let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
+                    bus.ensure_streams(&cfg).await?;
+                    let select = if all {
+                        crate::dlq::Select::All { reason }
+                    } else {
+                        crate::dlq::Select::Ids(ids)
+                    };
+                    let outcomes = crate::dlq::replay(&pool, &bus, select).await?;
+                    let mut missing = 0;
+                    for o in &outcomes {
+                        match o {
+                            crate::dlq::Replay::Replayed { id, job_id } => println!(
+                                "{id}: replayed (job {})",
+                                job_id.as_deref().unwrap_or("-")
+                            ),
+                            crate::dlq::Replay::AlreadyReplayed { id } => {
+                                println!("{id}: already replayed; not again")
+                            }
+                            crate::dlq::Replay::NotFound { id } => {
+                                missing += 1;
+                                println!("{id}: no such dead letter")
+                            }
+                        }
+                    }
+                    Ok(if missing > 0 { 1 } else { 0 })
+                }
+            }
         }
         Command::Review { action } => {
             let cfg = load()?;

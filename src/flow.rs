@@ -125,6 +125,7 @@ pub fn effects(cfg: &Config, ctx: &JobCtx, history: &[StepRecord], decision: Dec
                         history.to_vec()
                     },
                     job_max_tokens: ctx.job_max_tokens,
+                    attempt_base: 0,
                 });
             }
         }

@@ -154,7 +154,8 @@ impl Lane {
                 return;
             }
         };
-        let attempt = delivered.clamp(1, i64::from(i32::MAX)) as i32;
+        let attempt =
+            (delivered + i64::from(call.attempt_base)).clamp(1, i64::from(i32::MAX)) as i32;
         let span = info_span!("call", job_id = %call.job_id, category = %call.category,
                               provider = %self.name, model = %call.model, attempt);
         self.handle_call(&msg, call, attempt).instrument(span).await;

@@ -26,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod dispatcher;
+pub mod dlq;
 pub mod enqueue;
 pub mod envelope;
 pub mod fleet;

@@ -106,5 +106,70 @@ async fn a_message_that_keeps_failing_is_dead_lettered_and_leaves_the_stream() {
     )
     .await;
     w.shutdown().await;
+
+    // `switchyard dlq`: listed, replayed once under the same job id, done.
+    let w = env
+        .start_worker(env.config_with(&common::SINGLE_ROUTES))
+        .await;
+    let dl_id: i64 = sqlx::query_scalar("SELECT id FROM dead_letters WHERE job_id = $1")
+        .bind(&id)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let run = |args: Vec<String>| {
+        let vars = env.child_env();
+        tokio::task::spawn_blocking(move || common::switchyard(&vars).args(args).output().unwrap())
+    };
+    let out = run(vec!["dlq".into(), "list".into()]).await.unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && listed.contains(&id), "{listed}");
+    let out = run(vec!["dlq".into(), "replay".into(), dl_id.to_string()])
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && said.contains("replayed"), "{said}");
+    wait_until(
+        Duration::from_secs(30),
+        "the replayed job succeeds",
+        || async {
+            env.count(&format!(
+                "SELECT count(*) FROM jobs WHERE id = '{id}' AND status = 'succeeded'"
+            ))
+            .await
+                == 1
+        },
+    )
+    .await;
+    let out = run(vec!["dlq".into(), "replay".into(), dl_id.to_string()])
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("already replayed"), "{said}");
+    let out = run(vec!["dlq".into(), "list".into()]).await.unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&id));
+    let out = run(vec!["dlq".into(), "show".into(), dl_id.to_string()])
+        .await
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        shown.contains("2 deliveries") && shown.contains("replayed   20"),
+        "{shown}"
+    );
+    w.shutdown().await;
+    assert_eq!(
+        env.count(&format!(
+            "SELECT count(*) FROM results WHERE job_id = '{id}'"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        env.count(&format!(
+            "SELECT count(*) FROM calls WHERE job_id = '{id}' AND outcome = 'ok'"
+        ))
+        .await,
+        1,
+        "exactly one answered call"
+    );
     env.cleanup().await;
 }

@@ -19,6 +19,7 @@ use crate::envelope::{parse_job, Parsed, ValidJob};
 use crate::flow::{self, JobCtx};
 use crate::route;
 use crate::store::{DeadLetterRow, JobRow, Row, Writer, TERMINAL};
+use tokio_util::sync::CancellationToken;
 
 /// Redeliveries of one job message before JetStream gives up on it (each
 /// one only happens when Postgres or NATS failed while handling it).
@@ -29,11 +30,31 @@ pub struct Dispatcher {
     cfg: Arc<Config>,
     bus: Bus,
     writer: Writer,
+    token: CancellationToken,
 }
 
 impl Dispatcher {
-    pub fn new(cfg: Arc<Config>, bus: Bus, writer: Writer) -> Self {
-        Self { cfg, bus, writer }
+    pub fn new(cfg: Arc<Config>, bus: Bus, writer: Writer, token: CancellationToken) -> Self {
+        Self {
+            cfg,
+            bus,
+            writer,
+            token,
+        }
+    }
+
+    /// Commit `rows`, holding `msg` (progress acks) while the database is
+    /// unreachable, instead of burning its deliveries.
+    async fn commit(&self, msg: &Message, rows: Vec<Row>) -> Result<crate::store::Committed> {
+        self.writer
+            .write_holding(
+                rows,
+                || async {
+                    let _ = msg.ack_with(AckKind::Progress).await;
+                },
+                &self.token,
+            )
+            .await
     }
 
     pub async fn consumer(&self) -> Result<PullConsumer> {
@@ -78,7 +99,7 @@ impl Dispatcher {
             match parsed {
                 Parsed::Valid(job) => {
                     tracing::Span::current().record("job_id", job.id.as_str());
-                    self.accept(job, published).await
+                    self.accept(&msg, job, published).await
                 }
                 Parsed::Rejected {
                     id,
@@ -108,7 +129,7 @@ impl Dispatcher {
                             variant: None,
                         }));
                     }
-                    self.writer.write(rows).await.map(|_| ())
+                    self.commit(&msg, rows).await.map(|_| ())
                 }
             }
         }
@@ -129,7 +150,7 @@ impl Dispatcher {
         }
     }
 
-    async fn accept(&self, job: ValidJob, published: i64) -> Result<()> {
+    async fn accept(&self, msg: &Message, job: ValidJob, published: i64) -> Result<()> {
         let cfg = &self.cfg;
         let env = &job.envelope;
         let raw_conv = env.conversation(None);
@@ -201,7 +222,7 @@ impl Dispatcher {
             enqueued_at_ms: published,
             variant,
         };
-        let committed = self.writer.write(vec![Row::Job(row)]).await?;
+        let committed = self.commit(msg, vec![Row::Job(row)]).await?;
         if let Some(status) = committed.job_status.get(&job.id) {
             if TERMINAL.contains(&status.as_str()) {
                 debug!(%status, "job already finished; duplicate ignored");

@@ -99,6 +99,21 @@ impl Lane {
         self.max_in_flight().min(self.limiter.queue_cap()).max(1)
     }
 
+    /// Commit `rows`, holding `msg` (progress acks) while the database is
+    /// unreachable, instead of burning its deliveries.
+    async fn commit(&self, msg: &Message, rows: Vec<Row>) -> Result<()> {
+        self.writer
+            .write_holding(
+                rows,
+                || async {
+                    let _ = msg.ack_with(AckKind::Progress).await;
+                },
+                &self.token,
+            )
+            .await
+            .map(|_| ())
+    }
+
     /// Wait until the lane has budget for another message (backpressure).
     pub async fn ready(&self) {
         self.limiter.ready().await;
@@ -146,7 +161,7 @@ impl Lane {
                 });
                 self.finish(
                     &msg,
-                    self.writer.write(vec![row]).await.map(|_| ()),
+                    self.commit(&msg, vec![row]).await,
                     None,
                     flow::Effects::default(),
                 )
@@ -181,6 +196,7 @@ impl Lane {
                 Ok(Recorded::No) => {}
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), "status check failed; will retry");
+                    self.writer.report_failure(&e);
                     let _ = msg
                         .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                         .await;
@@ -327,7 +343,7 @@ impl Lane {
                         ..Default::default()
                     }),
                 ];
-                let res = self.writer.write(rows).await.map(|_| ());
+                let res = self.commit(msg, rows).await;
                 self.finish(msg, res, Some(delay), flow::Effects::default())
                     .await;
                 return;
@@ -399,7 +415,7 @@ impl Lane {
                 }
                 if consensus {
                     // Votes arrive in parallel: commit this one, then read them all.
-                    if let Err(e) = self.writer.write(std::mem::take(&mut rows)).await {
+                    if let Err(e) = self.commit(msg, std::mem::take(&mut rows)).await {
                         self.finish(msg, Err(e), None, flow::Effects::default())
                             .await;
                         return;
@@ -407,6 +423,7 @@ impl Lane {
                     match store::load_steps(&self.pool, &call.job_id).await {
                         Ok(h) => h,
                         Err(e) => {
+                            self.writer.report_failure(&e);
                             self.finish(msg, Err(e), None, flow::Effects::default())
                                 .await;
                             return;
@@ -425,7 +442,7 @@ impl Lane {
         let res = if rows.is_empty() {
             Ok(())
         } else {
-            self.writer.write(rows).await.map(|_| ())
+            self.commit(msg, rows).await
         };
         self.finish(msg, res, None, fx).await;
     }

@@ -5,13 +5,15 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, PgPool, Postgres, Transaction};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, warn};
 
 use crate::pricing::{Prices, Usage};
@@ -223,6 +225,47 @@ struct WriteReq {
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<WriteReq>,
+    health: Arc<Health>,
+}
+
+/// Whether Postgres answers. A failed write or read marks it down and
+/// starts one probe that retries with backoff until it answers again.
+struct Health {
+    pool: PgPool,
+    up: AtomicBool,
+    probing: AtomicBool,
+    back: Notify,
+}
+
+impl Health {
+    fn failed(self: &Arc<Self>, error: &str) {
+        self.up.store(false, Ordering::SeqCst);
+        if self.probing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        warn!(%error, "database unreachable; taking no new work until it answers");
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(250);
+            loop {
+                tokio::time::sleep(delay).await;
+                let ok = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&me.pool),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
+                if ok {
+                    me.up.store(true, Ordering::SeqCst);
+                    me.probing.store(false, Ordering::SeqCst);
+                    me.back.notify_waiters();
+                    tracing::info!("database answers again; resuming");
+                    return;
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
 }
 
 impl Writer {
@@ -235,8 +278,78 @@ impl Writer {
         tracker: &tokio_util::task::TaskTracker,
     ) -> Self {
         let (tx, rx) = mpsc::channel(batch_size * 4);
+        let health = Arc::new(Health {
+            pool: pool.clone(),
+            up: AtomicBool::new(true),
+            probing: AtomicBool::new(false),
+            back: Notify::new(),
+        });
         tracker.spawn(writer_loop(pool, rx, batch_size, flush_interval));
-        Self { tx }
+        Self { tx, health }
+    }
+
+    /// Whether the database answered the last write or probe.
+    pub fn is_up(&self) -> bool {
+        self.health.up.load(Ordering::SeqCst)
+    }
+
+    /// Wait until the database answers (at once if it does).
+    pub async fn wait_up(&self) {
+        loop {
+            let back = self.health.back.notified();
+            tokio::pin!(back);
+            back.as_mut().enable();
+            if self.is_up() {
+                return;
+            }
+            back.await;
+        }
+    }
+
+    /// A read failed: the database may be down.
+    pub fn report_failure(&self, error: &anyhow::Error) {
+        self.health.failed(&format!("{error:#}"));
+    }
+
+    /// [`write`](Self::write), retried while the database is unreachable:
+    /// `keepalive` runs between tries (tell NATS the message is still being
+    /// worked on) until the rows commit or `stop` is cancelled.
+    pub async fn write_holding<K, KF>(
+        &self,
+        rows: Vec<Row>,
+        mut keepalive: K,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<Committed>
+    where
+        K: FnMut() -> KF,
+        KF: std::future::Future<Output = ()>,
+    {
+        // Failures while the database answered are about the rows, not the
+        // database: give up after a few.
+        let mut failed_while_up = 0;
+        loop {
+            let was_up = self.is_up();
+            match self.write(rows.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(e) if stop.is_cancelled() => return Err(e),
+                Err(e)
+                    if was_up && {
+                        failed_while_up += 1;
+                        failed_while_up >= 3
+                    } =>
+                {
+                    return Err(e)
+                }
+                Err(_) => {
+                    keepalive().await;
+                    tokio::select! {
+                        _ = self.wait_up() => {}
+                        _ = stop.cancelled() => {}
+                    }
+                    keepalive().await;
+                }
+            }
+        }
     }
 
     /// Queue rows and wait until they are committed.
@@ -248,7 +361,10 @@ impl Writer {
             .map_err(|_| anyhow::anyhow!("writer has stopped"))?;
         rx.await
             .map_err(|_| anyhow::anyhow!("writer dropped the request"))?
-            .map_err(|e| anyhow::anyhow!("database write failed: {e}"))
+            .map_err(|e| {
+                self.health.failed(&e);
+                anyhow::anyhow!("database write failed: {e}")
+            })
     }
 }
 

@@ -132,7 +132,7 @@ pub async fn start(
     ));
 
     if opts.dispatcher {
-        let d = Dispatcher::new(cfg.clone(), bus.clone(), writer.clone());
+        let d = Dispatcher::new(cfg.clone(), bus.clone(), writer.clone(), token.clone());
         let consumer = d.consumer().await?;
         let in_flight = cfg.dispatcher.concurrency;
         tracker.spawn(consume(
@@ -144,7 +144,13 @@ pub async fn start(
             },
             token.clone(),
             tracker.clone(),
-            || async {},
+            {
+                let w = writer.clone();
+                move || {
+                    let w = w.clone();
+                    async move { w.wait_up().await }
+                }
+            },
             move |m| {
                 let d = d.clone();
                 async move { d.handle(m).await }
@@ -168,6 +174,7 @@ pub async fn start(
         let in_flight = lane.max_in_flight();
         let batch = lane.pull_batch();
         let gate = lane.clone();
+        let db = writer.clone();
         tracker.spawn(consume(
             format!("lane-{name}"),
             consumer,
@@ -179,7 +186,13 @@ pub async fn start(
             tracker.clone(),
             move || {
                 let lane = gate.clone();
-                async move { lane.ready().await }
+                let db = db.clone();
+                // No new work while the database is unreachable or the lane
+                // has no budget: the messages stay in NATS.
+                async move {
+                    db.wait_up().await;
+                    lane.ready().await
+                }
             },
             move |m| {
                 let lane = lane.clone();

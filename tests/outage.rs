@@ -1,0 +1,244 @@
+//! Outages of the real services: Postgres stops mid-run and comes back; the
+//! worker takes no new work meanwhile, holds what it has, and resumes by
+//! itself. Nothing is lost and nothing is doubled: every answer the provider
+//! gave has exactly one `calls` row and every job one result.
+//!
+//! The test runs its own PostgreSQL instance (initdb as the `postgres` user,
+//! a free port) so it can stop and start it freely.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{wait_until, TestEnv};
+use switchyard::sim::SimProfile;
+use switchyard::worker::{self, WorkerOptions};
+
+/// A private PostgreSQL cluster, stopped and removed on drop.
+struct PrivatePg {
+    dir: PathBuf,
+    port: u16,
+    bin: PathBuf,
+}
+
+fn pg_bin() -> Option<PathBuf> {
+    let root = std::fs::read_dir("/usr/lib/postgresql").ok()?;
+    let mut versions: Vec<PathBuf> = root.filter_map(|e| Some(e.ok()?.path())).collect();
+    versions.sort();
+    versions.pop().map(|v| v.join("bin"))
+}
+
+fn as_postgres(bin: &Path, tool: &str) -> Command {
+    let exe = bin.join(tool);
+    // initdb refuses to run as root.
+    if unsafe_is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(exe);
+        c
+    } else {
+        Command::new(exe)
+    }
+}
+
+fn unsafe_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl PrivatePg {
+    fn start() -> Self {
+        let bin = pg_bin().expect("PostgreSQL server binaries in /usr/lib/postgresql");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("sy_pg_{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if unsafe_is_root() {
+            assert!(Command::new("chown")
+                .args(["postgres:postgres", dir.to_str().unwrap()])
+                .status()
+                .unwrap()
+                .success());
+        }
+        let out = as_postgres(&bin, "initdb")
+            .args([
+                "-D",
+                dir.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pg = Self { dir, port, bin };
+        pg.ctl_start();
+        pg
+    }
+
+    fn ctl_start(&self) {
+        let opts = format!(
+            "-p {} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port
+        );
+        let log = self.dir.join("log");
+        let out = as_postgres(&self.bin, "pg_ctl")
+            .args([
+                "-D",
+                self.dir.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-w",
+                "start",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn ctl_stop(&self) {
+        let out = as_postgres(&self.bin, "pg_ctl")
+            .args([
+                "-D",
+                self.dir.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bin, "pg_ctl")
+            .args(["-D", self.dir.to_str().unwrap(), "-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outage_mid_run_loses_and_doubles_nothing() {
+    let pg = tokio::task::spawn_blocking(PrivatePg::start).await.unwrap();
+    let env = TestEnv::new(SimProfile {
+        latency_ms: 30,
+        ..Default::default()
+    })
+    .await;
+    let pool = switchyard::store::connect_and_migrate(&pg.url("switchyard"), 8)
+        .await
+        .unwrap();
+    let cfg = Arc::new(env.config_with(&common::SINGLE_ROUTES));
+    let w = worker::start(cfg, pool.clone(), env.bus.clone(), WorkerOptions::default())
+        .await
+        .unwrap();
+    let n = 300;
+    let js = common::jobs("pgdown", n);
+    let ids: Vec<String> = js.iter().map(|j| j.id.clone()).collect();
+    switchyard::enqueue::publish_jobs(&env.bus, &js, None)
+        .await
+        .unwrap();
+    let p = pool.clone();
+    wait_until(Duration::from_secs(60), "the first results", || {
+        let p = p.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM results")
+                .fetch_one(&p)
+                .await
+                .unwrap_or(0)
+                >= 40
+        }
+    })
+    .await;
+    // Postgres goes away for 12 s: longer than a message's deliveries would
+    // last if each failed commit gave it back (max_deliver 9, 1 s apart).
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.ctl_stop();
+        pg
+    })
+    .await
+    .unwrap();
+    let stopped_at = env.sim.now_ms();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    // Calls already under way finish; then no new work is taken.
+    let late = env
+        .sim
+        .ledger()
+        .iter()
+        .filter(|e| e.at_ms >= stopped_at + 2_000)
+        .count();
+    assert_eq!(late, 0, "new calls started 2-12 s into the outage");
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.ctl_start();
+        pg
+    })
+    .await
+    .unwrap();
+    assert!(
+        switchyard::enqueue::wait_finished(&pool, &ids, Duration::from_secs(120), None)
+            .await
+            .unwrap(),
+        "every job finished after Postgres came back"
+    );
+    assert!(w.shutdown().await, "the worker drained");
+    let count = |sql: &'static str| {
+        let p = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&p)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(count("SELECT count(*) FROM results").await, n as i64);
+    assert_eq!(
+        count("SELECT count(*) FROM jobs WHERE status = 'succeeded'").await,
+        n as i64
+    );
+    // Every answer the provider gave is one `ok` row, no more, no less.
+    let answered = env.sim.ledger().iter().filter(|e| e.status == 200).count() as i64;
+    assert_eq!(
+        count("SELECT count(*) FROM calls WHERE outcome = 'ok'").await,
+        answered
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM (SELECT 1 FROM calls WHERE outcome = 'ok' GROUP BY job_id, step HAVING count(*) > 1) d").await,
+        0
+    );
+    pool.close().await;
+    drop(pg);
+    env.cleanup().await;
+}

@@ -140,12 +140,15 @@ impl Default for DatabaseConfig {
 pub struct LimitsConfig {
     /// Largest job payload accepted, in bytes.
     pub max_payload_bytes: usize,
+    /// Most `messages` one job may carry.
+    pub max_messages: usize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_payload_bytes: 256 * 1024,
+            max_messages: 256,
         }
     }
 }
@@ -595,6 +598,9 @@ impl Config {
         }
         if self.limits.max_payload_bytes == 0 {
             return Err(err("limits.max_payload_bytes", "must be at least 1"));
+        }
+        if self.limits.max_messages == 0 {
+            return Err(err("limits.max_messages", "must be at least 1"));
         }
         if self.providers.is_empty() {
             return Err(err("providers", "at least one provider is required"));

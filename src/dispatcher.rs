@@ -87,7 +87,7 @@ impl Dispatcher {
             &msg.payload,
             &category,
             &format!("{stream}-{seq}"),
-            self.cfg.limits.max_payload_bytes,
+            &self.cfg.limits,
             |c| {
                 self.cfg.categories.contains_key(c)
                     || (c == AUTO_CATEGORY && self.cfg.classifier.is_some())

@@ -91,6 +91,8 @@ pub enum Rejection {
     CategoryMismatch { body: String, subject: String },
     #[error("invalid params: {0}")]
     BadParams(String),
+    #[error("{count} messages exceed the limit of {limit} per job")]
+    TooManyMessages { count: usize, limit: usize },
 }
 
 /// A validated job, ready to route.
@@ -123,9 +125,10 @@ pub fn parse_job(
     payload: &[u8],
     subject_category: &str,
     fallback_id: &str,
-    max_payload_bytes: usize,
+    limits: &crate::config::LimitsConfig,
     known_category: impl Fn(&str) -> bool,
 ) -> Parsed {
+    let max_payload_bytes = limits.max_payload_bytes;
     if payload.len() > max_payload_bytes {
         return Parsed::Rejected {
             id: None,
@@ -190,6 +193,14 @@ pub fn parse_job(
         }
         (None, None) => return reject(Rejection::EmptyInput),
         _ => {}
+    }
+    if let Some(m) = &env.messages {
+        if m.len() > limits.max_messages {
+            return reject(Rejection::TooManyMessages {
+                count: m.len(),
+                limit: limits.max_messages,
+            });
+        }
     }
     if env.params.max_tokens == Some(0) {
         return reject(Rejection::BadParams("max_tokens must be at least 1".into()));
@@ -277,7 +288,11 @@ mod tests {
     use super::*;
 
     fn parse(payload: &str, subject_cat: &str) -> Parsed {
-        parse_job(payload.as_bytes(), subject_cat, "JOBS-7", 1024, |c| {
+        let limits = crate::config::LimitsConfig {
+            max_payload_bytes: 1024,
+            max_messages: 4,
+        };
+        parse_job(payload.as_bytes(), subject_cat, "JOBS-7", &limits, |c| {
             matches!(c, "support" | "sales")
         })
     }
@@ -287,6 +302,17 @@ mod tests {
             Parsed::Rejected { reason, .. } => reason,
             Parsed::Valid(v) => panic!("expected rejection, got {v:?}"),
         }
+    }
+
+    #[test]
+    fn too_many_messages_are_rejected_with_the_count_and_the_limit() {
+        let m = r#"{"role":"user","content":"hi"}"#;
+        let four = format!(r#"{{"id":"m4","messages":[{m},{m},{m},{m}]}}"#);
+        assert!(matches!(parse(&four, "support"), Parsed::Valid(_)));
+        let five = format!(r#"{{"id":"m5","messages":[{m},{m},{m},{m},{m}]}}"#);
+        let r = reason(parse(&five, "support"));
+        assert_eq!(r, Rejection::TooManyMessages { count: 5, limit: 4 });
+        assert_eq!(r.to_string(), "5 messages exceed the limit of 4 per job");
     }
 
     #[test]

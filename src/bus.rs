@@ -228,7 +228,13 @@ impl Bus {
             .await
             .with_context(|| format!("publishing to {subject}"))?
             .await
-            .with_context(|| format!("awaiting JetStream ack for {subject}"))?;
+            .with_context(|| {
+                format!(
+                    "no acknowledgement from JetStream for message {msg_id} on {subject}: it may or \
+                     may not be stored; publishing it again with the same id is safe (duplicates \
+                     are dropped)"
+                )
+            })?;
         Ok(!ack.duplicate)
     }
 

@@ -40,6 +40,21 @@ pub struct Lane {
     provider: Provider,
     limiter: LaneLimiter,
     token: CancellationToken,
+    /// Steps (`job#step`) this process is working on: a redelivery of one
+    /// (its ack wait ran out while NATS was unreachable) waits for the first
+    /// instead of calling the provider a second time.
+    in_hand: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Removes a step from [`Lane::in_hand`] when its handling ends.
+struct InHand<'a>(&'a Lane, String);
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.in_hand.lock() {
+            s.remove(&self.1);
+        }
+    }
 }
 
 impl Lane {
@@ -84,6 +99,7 @@ impl Lane {
             provider,
             limiter,
             token,
+            in_hand: Default::default(),
         })
     }
 
@@ -177,12 +193,32 @@ impl Lane {
     }
 
     async fn handle_call(&self, msg: &Message, call: CallMsg, attempt: i32) {
-        let multi_step = !matches!(call.plan, Plan::Single { .. });
+        let key = call.msg_id();
+        // Hold a second delivery of a step in hand here until the first is
+        // done (telling JetStream we are on it), then check what it did.
+        loop {
+            let fresh = self
+                .in_hand
+                .lock()
+                .map(|mut s| s.insert(key.clone()))
+                .unwrap_or(true);
+            if fresh {
+                break;
+            }
+            debug!("this step is already being handled here; the redelivery waits for it");
+            let _ = msg.ack_with(AckKind::Progress).await;
+            tokio::select! {
+                _ = self.token.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+        let _in_hand = InHand(self, key);
         // A redelivery may follow a crash after the commit but before the ack:
         // then the job is finished, or this step is recorded, and must not be
-        // paid for twice. Multi-step jobs always check, since a follow-up call
-        // may have been published twice.
-        if attempt > 1 || multi_step {
+        // paid for twice. Every call checks, even a first delivery: a NATS
+        // server that crashed can forget acks and deliver an answered call
+        // again as new, and a follow-up call may have been published twice.
+        {
             match self.recorded(&call).await {
                 Ok(Recorded::JobFinished) => {
                     let _ = msg.ack().await;

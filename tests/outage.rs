@@ -3,8 +3,9 @@
 //! itself. Nothing is lost and nothing is doubled: every answer the provider
 //! gave has exactly one `calls` row and every job one result.
 //!
-//! The test runs its own PostgreSQL instance (initdb as the `postgres` user,
-//! a free port) so it can stop and start it freely.
+//! The tests run their own PostgreSQL instance (initdb as the `postgres`
+//! user) and their own NATS server, on free ports, so they can stop and
+//! start them freely.
 
 mod common;
 
@@ -240,5 +241,172 @@ async fn a_postgres_outage_mid_run_loses_and_doubles_nothing() {
     );
     pool.close().await;
     drop(pg);
+    env.cleanup().await;
+}
+
+/// A private NATS server with JetStream; killed on drop.
+struct PrivateNats {
+    dir: PathBuf,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateNats {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("sy_nats_{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut me = Self {
+            dir,
+            port,
+            child: None,
+        };
+        me.run();
+        me
+    }
+
+    fn run(&mut self) {
+        let child = Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .or_else(|_| {
+                Command::new("/usr/sbin/nats-server")
+                    .args([
+                        "-a",
+                        "127.0.0.1",
+                        "-p",
+                        &self.port.to_string(),
+                        "-js",
+                        "-sd",
+                    ])
+                    .arg(&self.dir)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+            })
+            .expect("nats-server");
+        self.child = Some(child);
+        // Wait until it accepts connections.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no goodbye to the clients.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_mid_run_loses_and_doubles_nothing() {
+    let mut nats = PrivateNats::start();
+    let env = TestEnv::new(SimProfile {
+        latency_ms: 30,
+        ..Default::default()
+    })
+    .await;
+    let bus = switchyard::bus::Bus::connect(&nats.url(), &env.name)
+        .await
+        .unwrap();
+    // A short ack wait, so messages whose acks were lost come back soon.
+    let mut overrides = common::SINGLE_ROUTES.to_vec();
+    overrides.push(("SWITCHYARD_NATS__ACK_WAIT_SECS", "5"));
+    let cfg = Arc::new(env.config_with(&overrides));
+    bus.ensure_streams(&cfg).await.unwrap();
+    let w = worker::start(cfg, env.pool.clone(), bus.clone(), WorkerOptions::default())
+        .await
+        .unwrap();
+    let n = 300;
+    let js = common::jobs("natsdown", n);
+    let ids: Vec<String> = js.iter().map(|j| j.id.clone()).collect();
+    switchyard::enqueue::publish_jobs(&bus, &js, None)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(60), "the first results", || async {
+        env.count("SELECT count(*) FROM results").await >= 40
+    })
+    .await;
+    // NATS dies (SIGKILL) and comes back 3 s later with its store.
+    nats.kill();
+    // A producer gets a clear error instead of losing the job.
+    let late = common::jobs("natsdown-late", 1);
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        switchyard::enqueue::publish_jobs(&bus, &late, None),
+    )
+    .await
+    .expect("publishing gives up in time")
+    .expect_err("publishing with NATS down must fail");
+    assert!(format!("{err:#}").contains("same id is safe"), "{err:#}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let nats = tokio::task::spawn_blocking(move || {
+        nats.run();
+        nats
+    })
+    .await
+    .unwrap();
+    // The producer does what the error says: publishes the job again.
+    switchyard::enqueue::publish_jobs(&bus, &late, None)
+        .await
+        .unwrap();
+    let mut all = ids.clone();
+    all.push(late[0].id.clone());
+    assert!(
+        switchyard::enqueue::wait_finished(&env.pool, &all, Duration::from_secs(120), None)
+            .await
+            .unwrap(),
+        "every job finished after NATS came back"
+    );
+    assert!(w.shutdown().await, "the worker drained");
+    assert_eq!(
+        env.count("SELECT count(*) FROM results").await,
+        n as i64 + 1
+    );
+    let answered = env.sim.ledger().iter().filter(|e| e.status == 200).count() as i64;
+    assert_eq!(
+        env.count("SELECT count(*) FROM calls WHERE outcome = 'ok'")
+            .await,
+        answered,
+        "every answer recorded once"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM (SELECT 1 FROM calls WHERE outcome = 'ok' GROUP BY job_id, step HAVING count(*) > 1) d").await,
+        0
+    );
+    drop(nats);
     env.cleanup().await;
 }

@@ -67,7 +67,12 @@ fn unthrottled(cfg: &mut Config) {
     for p in cfg.providers.values_mut() {
         p.rpm = 100_000_000;
         p.tpm = u32::MAX;
+        p.input_tpm = None;
+        p.output_tpm = None;
         p.max_concurrency = p.max_concurrency.max(128);
+    }
+    for m in cfg.models.values_mut() {
+        (m.rpm, m.tpm, m.input_tpm, m.output_tpm) = (None, None, None, None);
     }
 }
 

@@ -915,17 +915,7 @@ impl SharedLimiter {
             return;
         }
         match &self.0.backend {
-            Backend::Local(doc) => {
-                let now = self.now();
-                let mut d = doc.lock().expect("limits lock");
-                if let Some(back) = back {
-                    d.settle(&self.0.lims, model, back, &self.0.holder, now);
-                }
-                let (_, logs) = d.observe(&self.0.lims, model, &seen, now);
-                for l in logs {
-                    tracing::warn!(provider = %self.0.provider, "{l}");
-                }
-            }
+            Backend::Local(doc) => self.finish_local(doc, model, back, &seen),
             Backend::Kv { ops, .. } => {
                 let (reply, rx) = oneshot::channel();
                 let op = Op::Finish {
@@ -938,6 +928,54 @@ impl SharedLimiter {
                     let _ = rx.await;
                 }
             }
+        }
+    }
+
+    fn finish_local(&self, doc: &Mutex<Doc>, model: &str, back: Option<Correction>, seen: &Seen) {
+        let now = self.now();
+        let mut d = doc.lock().expect("limits lock");
+        if let Some(back) = back {
+            d.settle(&self.0.lims, model, back, &self.0.holder, now);
+        }
+        let (_, logs) = d.observe(&self.0.lims, model, seen, now);
+        for l in logs {
+            tracing::warn!(provider = %self.0.provider, "{l}");
+        }
+    }
+
+    /// [`finish`](Self::finish) without waiting for the shared write: the
+    /// change is queued (in order, behind this process's earlier ones) and
+    /// the call's slot is released locally once it is applied.
+    pub fn finish_detached(&self, model: &str, back: Option<Correction>, seen: Seen) {
+        let ops = match &self.0.backend {
+            Backend::Local(doc) => {
+                self.finish_local(doc, model, back, &seen);
+                if back.is_some() {
+                    self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+                }
+                return;
+            }
+            Backend::Kv { ops, .. } => ops,
+        };
+        if back.is_none() && seen.is_empty() {
+            return;
+        }
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Finish {
+            model: model.to_string(),
+            back,
+            seen,
+            reply,
+        };
+        let sent = ops.send(op).is_ok();
+        if back.is_some() {
+            let me = self.clone();
+            tokio::spawn(async move {
+                if sent {
+                    let _ = rx.await;
+                }
+                me.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+            });
         }
     }
 

@@ -38,7 +38,7 @@ pub struct Lane {
     writer: Writer,
     pool: PgPool,
     provider: Provider,
-    limiter: LaneLimiter,
+    limiter: Arc<LaneLimiter>,
     token: CancellationToken,
     /// Steps (`job#step`) this process is working on: a redelivery of one
     /// (its ack wait ran out while NATS was unreachable) waits for the first
@@ -97,7 +97,7 @@ impl Lane {
             writer,
             pool,
             provider,
-            limiter,
+            limiter: Arc::new(limiter),
             token,
             in_hand: Default::default(),
         })
@@ -130,9 +130,10 @@ impl Lane {
             .map(|_| ())
     }
 
-    /// Wait until the lane has budget for another message (backpressure).
-    pub async fn ready(&self) {
-        self.limiter.ready().await;
+    /// Wait until the lane has budget for another message (backpressure);
+    /// the ticket counts the message as waiting until it is admitted.
+    pub async fn ready(&self) -> crate::limit::Ticket {
+        self.limiter.ready().await
     }
 
     /// JetStream delivers a call at most this often: the retry budget plus
@@ -156,7 +157,7 @@ impl Lane {
     }
 
     /// Handle one call message. Never panics on its content.
-    pub async fn handle(&self, msg: Message) {
+    pub async fn handle(&self, msg: Message, ticket: crate::limit::Ticket) {
         let (stream, seq, delivered) = match msg.info() {
             Ok(i) => (i.stream.to_string(), i.stream_sequence, i.delivered),
             Err(e) => {
@@ -189,10 +190,18 @@ impl Lane {
             (delivered + i64::from(call.attempt_base)).clamp(1, i64::from(i32::MAX)) as i32;
         let span = info_span!("call", job_id = %call.job_id, category = %call.category,
                               provider = %self.name, model = %call.model, attempt);
-        self.handle_call(&msg, call, attempt).instrument(span).await;
+        self.handle_call(&msg, call, attempt, ticket)
+            .instrument(span)
+            .await;
     }
 
-    async fn handle_call(&self, msg: &Message, call: CallMsg, attempt: i32) {
+    async fn handle_call(
+        &self,
+        msg: &Message,
+        call: CallMsg,
+        attempt: i32,
+        ticket: crate::limit::Ticket,
+    ) {
         let key = call.msg_id();
         // Hold a second delivery of a step in hand here until the first is
         // done (telling JetStream we are on it), then check what it did.
@@ -308,6 +317,7 @@ impl Lane {
                 }
             }
         };
+        drop(ticket); // admitted: no longer waiting
 
         let started = Instant::now();
         let result = self.provider.call(&req).await;

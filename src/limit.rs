@@ -103,6 +103,27 @@ pub struct LaneLimiter {
     counts_max_tokens: bool,
 }
 
+/// A message taken by a lane and not yet admitted (see [`LaneLimiter::ready`]).
+pub struct Ticket(Option<Arc<LaneLimiter>>);
+
+impl Ticket {
+    /// A ticket that counts nothing (tests, callers without a gate).
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(l) = self.0.take() {
+            let _ = l
+                .waiting
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1));
+            l.freed.notify_waiters();
+        }
+    }
+}
+
 /// Held while a call is in flight: the concurrency slot and the token
 /// reservation. Give it back with [`LaneLimiter::settle`].
 pub struct Admission {
@@ -185,9 +206,11 @@ impl LaneLimiter {
     }
 
     /// Wait until the lane can use another message: not paused, and fewer
-    /// than about a second's worth of calls waiting for admission. Until
-    /// then the lane takes nothing from NATS (backpressure, not naks).
-    pub async fn ready(&self) {
+    /// than about a second's worth of calls taken and not yet admitted.
+    /// Until then the lane takes nothing from NATS (backpressure, not naks).
+    /// The ticket counts the message as waiting until it is dropped (at
+    /// admission, or when its handling ends otherwise).
+    pub async fn ready(self: &Arc<Self>) -> Ticket {
         loop {
             if let Some(t) = self.paused_until() {
                 tokio::time::sleep_until(t).await;
@@ -196,8 +219,17 @@ impl LaneLimiter {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if self.waiting.load(Ordering::SeqCst) < self.queue_cap {
-                return;
+            let w = self.waiting.load(Ordering::SeqCst);
+            if w < self.queue_cap
+                && self
+                    .waiting
+                    .compare_exchange(w, w + 1, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                return Ticket(Some(self.clone()));
+            }
+            if w < self.queue_cap {
+                continue; // raced another taker
             }
             freed.await;
         }
@@ -209,7 +241,7 @@ impl LaneLimiter {
         self.queue_cap
     }
 
-    /// Calls claimed and not yet admitted.
+    /// Messages taken and not yet admitted.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
     }
@@ -264,7 +296,8 @@ impl LaneLimiter {
             if w > max {
                 return Err(w);
             }
-            let queued = self.waiting.load(Ordering::SeqCst);
+            // Taken and not yet admitted, this call included.
+            let queued = self.waiting.load(Ordering::SeqCst).saturating_sub(1);
             let ahead = Need {
                 input: pending,
                 output: 0,
@@ -280,7 +313,6 @@ impl LaneLimiter {
             }
         }
         *self.pending.lock().expect("pending lock") += input + output;
-        self.waiting.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -315,10 +347,6 @@ impl LaneLimiter {
         while let Some(t) = self.paused_until() {
             tokio::time::sleep_until(t).await;
         }
-        let _ = self
-            .waiting
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1));
-        self.freed.notify_waiters();
         Admission {
             _permit: permit,
             model: model.to_string(),

@@ -151,7 +151,7 @@ pub async fn start(
                     async move { w.wait_up().await }
                 }
             },
-            move |m| {
+            move |m, ()| {
                 let d = d.clone();
                 async move { d.handle(m).await }
             },
@@ -194,9 +194,9 @@ pub async fn start(
                     lane.ready().await
                 }
             },
-            move |m| {
+            move |m, ticket| {
                 let lane = lane.clone();
-                async move { lane.handle(m).await }
+                async move { lane.handle(m, ticket).await }
             },
         ));
     }
@@ -223,7 +223,7 @@ struct Pull {
 /// a message is taken from it only when a slot is free. (Short fetches with
 /// an expiry were tried first: a message the server delivered just as a
 /// fetch expired could be dropped unread, stalling it until `ack_wait`.)
-async fn consume<R, RFut, F, Fut>(
+async fn consume<R, RFut, T, F, Fut>(
     name: String,
     consumer: PullConsumer,
     Pull {
@@ -236,8 +236,8 @@ async fn consume<R, RFut, F, Fut>(
     handler: F,
 ) where
     R: Fn() -> RFut,
-    RFut: Future<Output = ()>,
-    F: Fn(Message) -> Fut,
+    RFut: Future<Output = T>,
+    F: Fn(Message, T) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(max_in_flight));
@@ -264,17 +264,17 @@ async fn consume<R, RFut, F, Fut>(
                 _ = token.cancelled() => break 'outer,
                 p = slots.clone().acquire_owned() => p.expect("never closed"),
             };
-            tokio::select! {
+            let ticket = tokio::select! {
                 _ = token.cancelled() => break 'outer,
-                _ = ready() => {}
-            }
+                t = ready() => t,
+            };
             let next = tokio::select! {
                 _ = token.cancelled() => break 'outer,
                 n = messages.next() => n,
             };
             match next {
                 Some(Ok(msg)) => {
-                    let fut = handler(msg);
+                    let fut = handler(msg, ticket);
                     tracker.spawn(async move {
                         fut.await;
                         drop(permit);

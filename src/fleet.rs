@@ -761,7 +761,7 @@ struct Inner {
     backend: Backend,
     lims: ScopeLimits,
     holder: String,
-    in_flight: AtomicU32,
+    in_flight: Arc<AtomicU32>,
 }
 
 /// A provider's shared limiter: in KV for the fleet, or in memory.
@@ -782,8 +782,10 @@ impl SharedLimiter {
         let key = provider.to_string();
         let (tx, rx) = mpsc::unbounded_channel();
         let holder = new_holder();
+        let in_flight = Arc::new(AtomicU32::new(0));
         tokio::spawn(apply_batches(Batcher {
             provider: provider.to_string(),
+            in_flight: in_flight.clone(),
             store: store.clone(),
             key: key.clone(),
             lims: lims.clone(),
@@ -800,7 +802,7 @@ impl SharedLimiter {
             },
             lims,
             holder,
-            in_flight: AtomicU32::new(0),
+            in_flight,
         }));
         tokio::spawn(renew_leases(Arc::downgrade(&me.0)));
         me
@@ -813,7 +815,7 @@ impl SharedLimiter {
             backend,
             lims,
             holder: new_holder(),
-            in_flight: AtomicU32::new(0),
+            in_flight: Arc::new(AtomicU32::new(0)),
         }))
     }
 
@@ -900,22 +902,37 @@ impl SharedLimiter {
     /// and slot, and learn from the response (`seen`): the provider's stated
     /// limits and remaining counts, a 429, a pause.
     pub async fn finish(&self, model: &str, back: Option<Correction>, seen: Seen) {
-        // The local in-flight count is lowered after the shared lease, so a
-        // renewal never undercounts.
-        struct Release<'a>(Option<&'a AtomicU32>);
-        impl Drop for Release<'_> {
-            fn drop(&mut self) {
-                if let Some(n) = self.0 {
-                    n.fetch_sub(1, Ordering::SeqCst);
-                }
+        if let Some(applied) = self.start_finish(model, back, seen) {
+            let _ = applied.await;
+        }
+    }
+
+    /// [`finish`](Self::finish) without waiting for the shared write: the
+    /// change is queued in order, behind this process's earlier ones.
+    pub fn finish_detached(&self, model: &str, back: Option<Correction>, seen: Seen) {
+        let _ = self.start_finish(model, back, seen);
+    }
+
+    /// Apply (local) or queue (KV) the end of a call; the local in-flight
+    /// count drops once the shared lease has, so a renewal never undercounts.
+    fn start_finish(
+        &self,
+        model: &str,
+        back: Option<Correction>,
+        seen: Seen,
+    ) -> Option<oneshot::Receiver<()>> {
+        let release = || {
+            if back.is_some() {
+                self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
             }
-        }
-        let _release = Release(back.map(|_| &self.0.in_flight));
-        if back.is_none() && seen.is_empty() {
-            return;
-        }
+        };
         match &self.0.backend {
-            Backend::Local(doc) => self.finish_local(doc, model, back, &seen),
+            Backend::Local(doc) => {
+                self.finish_local(doc, model, back, &seen);
+                release();
+                None
+            }
+            Backend::Kv { .. } if back.is_none() && seen.is_empty() => None,
             Backend::Kv { ops, .. } => {
                 let (reply, rx) = oneshot::channel();
                 let op = Op::Finish {
@@ -924,9 +941,11 @@ impl SharedLimiter {
                     seen,
                     reply,
                 };
-                if ops.send(op).is_ok() {
-                    let _ = rx.await;
+                if ops.send(op).is_err() {
+                    release();
+                    return None;
                 }
+                Some(rx)
             }
         }
     }
@@ -940,42 +959,6 @@ impl SharedLimiter {
         let (_, logs) = d.observe(&self.0.lims, model, seen, now);
         for l in logs {
             tracing::warn!(provider = %self.0.provider, "{l}");
-        }
-    }
-
-    /// [`finish`](Self::finish) without waiting for the shared write: the
-    /// change is queued (in order, behind this process's earlier ones) and
-    /// the call's slot is released locally once it is applied.
-    pub fn finish_detached(&self, model: &str, back: Option<Correction>, seen: Seen) {
-        let ops = match &self.0.backend {
-            Backend::Local(doc) => {
-                self.finish_local(doc, model, back, &seen);
-                if back.is_some() {
-                    self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-                }
-                return;
-            }
-            Backend::Kv { ops, .. } => ops,
-        };
-        if back.is_none() && seen.is_empty() {
-            return;
-        }
-        let (reply, rx) = oneshot::channel();
-        let op = Op::Finish {
-            model: model.to_string(),
-            back,
-            seen,
-            reply,
-        };
-        let sent = ops.send(op).is_ok();
-        if back.is_some() {
-            let me = self.clone();
-            tokio::spawn(async move {
-                if sent {
-                    let _ = rx.await;
-                }
-                me.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-            });
         }
     }
 
@@ -1084,6 +1067,8 @@ async fn write_doc(store: &kv::Store, key: &str, doc: &Doc, revision: Option<u64
 
 struct Batcher {
     provider: String,
+    /// This process's calls in flight, lowered as their settlements apply.
+    in_flight: Arc<AtomicU32>,
     store: kv::Store,
     key: String,
     lims: ScopeLimits,
@@ -1120,7 +1105,10 @@ async fn apply_batches(mut b: Batcher) {
                         Op::Admit { reply, .. } => {
                             let _ = reply.send(Ok(outcome));
                         }
-                        Op::Finish { reply, .. } => {
+                        Op::Finish { reply, back, .. } => {
+                            if back.is_some() {
+                                b.in_flight.fetch_sub(1, Ordering::SeqCst);
+                            }
                             let _ = reply.send(());
                         }
                     }

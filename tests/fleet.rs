@@ -424,9 +424,11 @@ async fn a_killed_process_gives_its_share_back_when_its_lease_expires() {
         during <= 3 - u64::from(held),
         "the dead process's slots were reused before its lease expired"
     );
+    // (Seen through polling KV on a loaded machine: allow a few seconds.)
     assert!(
-        freed_at - killed_at <= LEASE_MS as u64 + 1_000,
-        "the lease outlived its expiry"
+        freed_at - killed_at <= LEASE_MS as u64 + 4_000,
+        "the lease outlived its expiry: gone {} ms after the kill",
+        freed_at - killed_at
     );
     assert_eq!(after, 3, "survivors did not take the share over");
     let results = env.count("SELECT count(*) FROM results").await as usize;

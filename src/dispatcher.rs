@@ -43,18 +43,8 @@ impl Dispatcher {
         }
     }
 
-    /// Commit `rows`, holding `msg` (progress acks) while the database is
-    /// unreachable, instead of burning its deliveries.
     async fn commit(&self, msg: &Message, rows: Vec<Row>) -> Result<crate::store::Committed> {
-        self.writer
-            .write_holding(
-                rows,
-                || async {
-                    let _ = msg.ack_with(AckKind::Progress).await;
-                },
-                &self.token,
-            )
-            .await
+        crate::worker::commit_holding(&self.writer, msg, rows, &self.token).await
     }
 
     pub async fn consumer(&self) -> Result<PullConsumer> {

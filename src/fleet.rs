@@ -819,10 +819,6 @@ impl SharedLimiter {
         }))
     }
 
-    pub fn is_fleet(&self) -> bool {
-        matches!(self.0.backend, Backend::Kv { .. })
-    }
-
     fn now(&self) -> i64 {
         match self.0.backend {
             Backend::Kv { .. } => now_ms(),

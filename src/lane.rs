@@ -15,7 +15,7 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use crate::bus::{Bus, CallMsg};
 use crate::config::Config;
-use crate::fleet::SharedLimiter;
+use crate::fleet::{Seen, SharedLimiter};
 use crate::flow::{self, JobCtx};
 use crate::limit::LaneLimiter;
 use crate::pricing::Usage;
@@ -115,17 +115,8 @@ impl Lane {
         self.max_in_flight().min(self.limiter.queue_cap()).max(1)
     }
 
-    /// Commit `rows`, holding `msg` (progress acks) while the database is
-    /// unreachable, instead of burning its deliveries.
     async fn commit(&self, msg: &Message, rows: Vec<Row>) -> Result<()> {
-        self.writer
-            .write_holding(
-                rows,
-                || async {
-                    let _ = msg.ack_with(AckKind::Progress).await;
-                },
-                &self.token,
-            )
+        crate::worker::commit_holding(&self.writer, msg, rows, &self.token)
             .await
             .map(|_| ())
     }
@@ -339,7 +330,7 @@ impl Lane {
         };
         let (outcome, response) = match result {
             Ok(resp) => {
-                let seen = LaneLimiter::seen(&resp.rate, false, resp.rate.exhausted_for());
+                let seen = Seen::from_rate(&resp.rate, false, resp.rate.exhausted_for());
                 let used = (resp.usage.input_tokens, resp.usage.output_tokens);
                 self.limiter.finish(admission, Some(used), seen).await;
                 row.usage = resp.usage;
@@ -350,7 +341,7 @@ impl Lane {
                 // A failed call: no usage we know of.
                 let limited = e.class == ErrorClass::RateLimited;
                 let pause = e.retry_after.or_else(|| e.rate.exhausted_for());
-                let seen = LaneLimiter::seen(&e.rate, limited, pause);
+                let seen = Seen::from_rate(&e.rate, limited, pause);
                 self.limiter.finish(admission, None, seen).await;
                 row.http_status = e.http_status.map(i32::from);
                 row.outcome = if e.retryable {

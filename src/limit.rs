@@ -106,13 +106,6 @@ pub struct LaneLimiter {
 /// A message taken by a lane and not yet admitted (see [`LaneLimiter::ready`]).
 pub struct Ticket(Option<Arc<LaneLimiter>>);
 
-impl Ticket {
-    /// A ticket that counts nothing (tests, callers without a gate).
-    pub fn none() -> Self {
-        Self(None)
-    }
-}
-
 impl Drop for Ticket {
     fn drop(&mut self) {
         if let Some(l) = self.0.take() {
@@ -181,28 +174,14 @@ impl LaneLimiter {
         )
     }
 
-    pub fn shared(&self) -> &SharedLimiter {
-        &self.shared
-    }
-
     /// Stop sending until `now + d` in this process (a provider said its
-    /// budget is exhausted); [`observe`](Self::observe) also shares it.
+    /// budget is exhausted); [`finish`](Self::finish) also shares it.
     pub fn pause_for(&self, d: Duration) {
         let until = Instant::now() + d;
         let mut p = self.paused_until.lock().expect("pause lock");
         if p.is_none_or(|cur| cur < until) {
             *p = Some(until);
         }
-    }
-
-    /// What a response said about the provider's limits: its rate-limit
-    /// headers, whether it was a 429, and a pause it asked for.
-    pub fn seen(
-        rate: &crate::providers::RateInfo,
-        rate_limited: bool,
-        pause: Option<Duration>,
-    ) -> crate::fleet::Seen {
-        crate::fleet::Seen::from_rate(rate, rate_limited, pause)
     }
 
     /// Wait until the lane can use another message: not paused, and fewer
@@ -241,11 +220,6 @@ impl LaneLimiter {
         self.queue_cap
     }
 
-    /// Messages taken and not yet admitted.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
-    }
-
     /// When the current pause ends, if any.
     pub fn paused_until(&self) -> Option<Instant> {
         let p = *self.paused_until.lock().expect("pause lock");
@@ -278,7 +252,7 @@ impl LaneLimiter {
     /// Claim a place in the queue for a call to `model`, unless it would
     /// wait longer than `max` (then the wait) for this lane's budgets or the
     /// shared ones, behind the calls claimed before it. Check and claim are
-    /// one step (claims take turns), so calls arriving together cannot all
+    /// one step (claims with a `max` take turns), so calls arriving together cannot all
     /// see an empty queue. If the shared budgets cannot be read, the wait is
     /// unknown and counts as too long. Every claim must be followed by
     /// [`admit`](Self::admit), which releases it.
@@ -289,7 +263,11 @@ impl LaneLimiter {
         output: u64,
         max: Option<Duration>,
     ) -> Result<(), Duration> {
-        let _turn = self.claim_turn.lock().await;
+        // Only calls that may skip take turns; the others just join the queue.
+        let _turn = match max {
+            Some(_) => Some(self.claim_turn.lock().await),
+            None => None,
+        };
         if let Some(max) = max {
             let pending = *self.pending.lock().expect("pending lock");
             let w = self.wait_behind(pending, input, output);
@@ -369,7 +347,8 @@ impl LaneLimiter {
 
     /// [`settle`](Self::settle) and learn from the response in one step:
     /// `seen` is what the provider said about its limits (see
-    /// [`seen`](Self::seen)). A pause it asked for holds here at once.
+    /// [`Seen::from_rate`](crate::fleet::Seen::from_rate)). A pause it asked
+    /// for holds here at once.
     pub async fn finish(
         &self,
         admission: Admission,

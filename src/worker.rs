@@ -209,6 +209,26 @@ pub async fn start(
     })
 }
 
+/// Commit `rows` for `msg`, holding the message (progress acks) while the
+/// database is unreachable instead of burning its deliveries; gives up only
+/// when `stop` is cancelled or the rows themselves fail.
+pub(crate) async fn commit_holding(
+    writer: &Writer,
+    msg: &Message,
+    rows: Vec<crate::store::Row>,
+    stop: &CancellationToken,
+) -> Result<crate::store::Committed> {
+    writer
+        .write_holding(
+            rows,
+            || async {
+                let _ = msg.ack_with(async_nats::jetstream::AckKind::Progress).await;
+            },
+            stop,
+        )
+        .await
+}
+
 /// How many messages a consumer handles at once and requests at a time.
 struct Pull {
     max_in_flight: usize,

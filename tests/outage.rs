@@ -270,7 +270,17 @@ impl PrivateNats {
     }
 
     fn run(&mut self) {
-        let child = Command::new("nats-server")
+        // On PATH, else where Debian's package puts it.
+        let exe = if Command::new("nats-server")
+            .arg("--version")
+            .output()
+            .is_ok()
+        {
+            "nats-server"
+        } else {
+            "/usr/sbin/nats-server"
+        };
+        let child = Command::new(exe)
             .args([
                 "-a",
                 "127.0.0.1",
@@ -283,21 +293,6 @@ impl PrivateNats {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .or_else(|_| {
-                Command::new("/usr/sbin/nats-server")
-                    .args([
-                        "-a",
-                        "127.0.0.1",
-                        "-p",
-                        &self.port.to_string(),
-                        "-js",
-                        "-sd",
-                    ])
-                    .arg(&self.dir)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-            })
             .expect("nats-server");
         self.child = Some(child);
         // Wait until it accepts connections.

@@ -116,23 +116,8 @@ pub async fn run(
     .await?;
 
     // Every worker: this prefix, the simulator, one model for every category.
-    let mut env: Vec<(String, String)> = vec![
-        ("DATABASE_URL".into(), database_url.into()),
-        ("NATS_URL".into(), nats_url.into()),
-        ("SWITCHYARD_NATS__PREFIX".into(), prefix.clone()),
-        ("RUST_LOG".into(), "warn".into()),
-    ];
-    for p in cfg.providers.keys() {
-        let up = p.to_uppercase();
-        env.push((
-            format!("SWITCHYARD_PROVIDERS__{up}__BASE_URL"),
-            sim.base_url(),
-        ));
-        env.push((
-            format!("SWITCHYARD_PROVIDERS__{up}__API_KEY_ENV"),
-            "SWITCHYARD_BENCH_NO_KEY".into(),
-        ));
-    }
+    let mut env =
+        crate::chaos::sim_worker_env(&cfg, database_url, nats_url, &prefix, &sim.base_url());
     let up = provider.to_uppercase();
     env.push((format!("SWITCHYARD_PROVIDERS__{up}__RPM"), rpm.to_string()));
     env.push((format!("SWITCHYARD_PROVIDERS__{up}__TPM"), tpm.to_string()));

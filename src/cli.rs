@@ -164,6 +164,43 @@ pub enum BenchMode {
         #[arg(long)]
         json: bool,
     },
+    /// Jobs through worker processes while workers are killed (SIGKILL) and
+    /// restarted, nats-server is killed and PostgreSQL stopped once each;
+    /// then checks that nothing was lost or doubled and every answered
+    /// request is in `calls`. Runs its own PostgreSQL and nats-server
+    /// (needs their binaries); exits 1 if a target is missed.
+    Chaos {
+        /// Jobs to publish.
+        #[arg(long, default_value_t = 50_000)]
+        jobs: usize,
+        /// Worker processes.
+        #[arg(long, default_value_t = 3)]
+        processes: usize,
+        /// Jobs published per second (default: all at once).
+        #[arg(long)]
+        publish_rate: Option<f64>,
+        /// Shortest pause between two kills, in seconds.
+        #[arg(long, default_value_t = 2.0)]
+        kill_min_secs: f64,
+        /// Longest pause between two kills, in seconds.
+        #[arg(long, default_value_t = 5.0)]
+        kill_max_secs: f64,
+        /// Seconds nats-server stays dead (0: no NATS restart).
+        #[arg(long, default_value_t = 3.0)]
+        nats_down_secs: f64,
+        /// Seconds PostgreSQL stays stopped (0: no Postgres restart).
+        #[arg(long, default_value_t = 5.0)]
+        pg_down_secs: f64,
+        /// The workers' ack wait: how soon a killed worker's messages come back.
+        #[arg(long, default_value_t = 10)]
+        ack_wait_secs: u64,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 1800)]
+        timeout_secs: u64,
+        /// End with one JSON object of the figures on the last line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -588,6 +625,63 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string(&figures)?);
             }
             Ok(0)
+        }
+        Command::Bench {
+            mode:
+                Some(BenchMode::Chaos {
+                    jobs,
+                    processes,
+                    publish_rate,
+                    kill_min_secs,
+                    kill_max_secs,
+                    nats_down_secs,
+                    pg_down_secs,
+                    ack_wait_secs,
+                    timeout_secs,
+                    json,
+                }),
+            ..
+        } => {
+            anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
+            let secs = |name: &str, v: f64| {
+                anyhow::ensure!(v.is_finite() && v >= 0.0, "--{name} must be 0 or more");
+                Ok(Duration::from_secs_f64(v))
+            };
+            let kill_every = (
+                secs("kill-min-secs", kill_min_secs)?,
+                secs("kill-max-secs", kill_max_secs)?,
+            );
+            anyhow::ensure!(
+                kill_every.0 <= kill_every.1 && !kill_every.1.is_zero(),
+                "--kill-min-secs must not exceed --kill-max-secs, and --kill-max-secs must be above 0"
+            );
+            if let Some(r) = publish_rate {
+                anyhow::ensure!(r.is_finite() && r > 0.0, "--publish-rate must be above 0");
+            }
+            anyhow::ensure!(ack_wait_secs > 0, "--ack-wait-secs must be at least 1");
+            let cfg = load()?;
+            let figures = crate::chaos::run(
+                cfg,
+                &g.config,
+                &crate::chaos::ChaosOptions {
+                    jobs,
+                    processes,
+                    publish_rate,
+                    kill_every,
+                    nats_down: secs("nats-down-secs", nats_down_secs)?,
+                    pg_down: secs("pg-down-secs", pg_down_secs)?,
+                    ack_wait_secs,
+                    timeout: Duration::from_secs(timeout_secs),
+                    worker_exe: std::env::current_exe()
+                        .context("locating the switchyard binary")?,
+                },
+            )
+            .await?;
+            println!("{}", figures.summary());
+            if json {
+                println!("{}", serde_json::to_string(&figures)?);
+            }
+            Ok(if figures.passed() { 0 } else { 1 })
         }
         Command::Bench {
             jobs,

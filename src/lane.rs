@@ -23,6 +23,10 @@ use crate::providers::{estimate_input_tokens, CallRequest, ErrorClass, Provider}
 use crate::route::{self, Action, Outcome, Plan, StepOutcome, StepRecord};
 use crate::store::{self, CallOutcome, CallRow, DeadLetterRow, Row, StatusRow, StepRow, Writer};
 
+/// An `unknown` call row younger than the provider's timeout plus this is
+/// taken for a call under way in another worker.
+const BUSY_MARGIN: Duration = Duration::from_secs(10);
+
 /// What a redelivered or multi-step call finds already done.
 enum Recorded {
     No,
@@ -39,6 +43,8 @@ pub struct Lane {
     pool: PgPool,
     provider: Provider,
     limiter: Arc<LaneLimiter>,
+    /// How long a provider call may take (after that it is given up).
+    provider_timeout: Duration,
     token: CancellationToken,
     /// Steps (`job#step`) this process is working on: a redelivery of one
     /// (its ack wait ran out while NATS was unreachable) waits for the first
@@ -90,6 +96,7 @@ impl Lane {
             shared,
         )
         .counting_max_tokens(pc.counts_max_tokens());
+        let provider_timeout = pc.timeout();
         Ok(Self {
             name: name.to_string(),
             cfg,
@@ -98,6 +105,7 @@ impl Lane {
             pool,
             provider,
             limiter: Arc::new(limiter),
+            provider_timeout,
             token,
             in_hand: Default::default(),
         })
@@ -115,10 +123,8 @@ impl Lane {
         self.max_in_flight().min(self.limiter.queue_cap()).max(1)
     }
 
-    async fn commit(&self, msg: &Message, rows: Vec<Row>) -> Result<()> {
-        crate::worker::commit_holding(&self.writer, msg, rows, &self.token)
-            .await
-            .map(|_| ())
+    async fn commit(&self, msg: &Message, rows: Vec<Row>) -> Result<store::Committed> {
+        crate::worker::commit_holding(&self.writer, msg, rows, &self.token).await
     }
 
     /// Wait until the lane has budget for another message (backpressure);
@@ -179,8 +185,10 @@ impl Lane {
         };
         let attempt =
             (delivered + i64::from(call.attempt_base)).clamp(1, i64::from(i32::MAX)) as i32;
+        // The attempt number is settled when the call's intent is recorded.
         let span = info_span!("call", job_id = %call.job_id, category = %call.category,
-                              provider = %self.name, model = %call.model, attempt);
+                              provider = %self.name, model = %call.model, delivery = attempt,
+                              attempt = tracing::field::Empty);
         self.handle_call(&msg, call, attempt, ticket)
             .instrument(span)
             .await;
@@ -213,32 +221,8 @@ impl Lane {
             }
         }
         let _in_hand = InHand(self, key);
-        // A redelivery may follow a crash after the commit but before the ack:
-        // then the job is finished, or this step is recorded, and must not be
-        // paid for twice. Every call checks, even a first delivery: a NATS
-        // server that crashed can forget acks and deliver an answered call
-        // again as new, and a follow-up call may have been published twice.
-        {
-            match self.recorded(&call).await {
-                Ok(Recorded::JobFinished) => {
-                    let _ = msg.ack().await;
-                    return;
-                }
-                Ok(Recorded::Step(history)) => {
-                    debug!("step already recorded; resuming from the database");
-                    self.after_step(msg, &call, None, history, None).await;
-                    return;
-                }
-                Ok(Recorded::No) => {}
-                Err(e) => {
-                    warn!(error = %format!("{e:#}"), "status check failed; will retry");
-                    self.writer.report_failure(&e);
-                    let _ = msg
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
-                    return;
-                }
-            }
+        if self.done_already(msg, &call).await {
+            return;
         }
         let Some(model) = self.cfg.models.get(&call.model) else {
             let record = StepRecord {
@@ -253,68 +237,17 @@ impl Lane {
             return;
         };
         let prices = model.prices();
-        let req = CallRequest {
+        let mut req = CallRequest {
             model: call.model.clone(),
             messages: call.messages.clone(),
             max_tokens: call.max_tokens,
             temperature: call.temperature,
+            tag: None,
         };
         let estimate = estimate_input_tokens(&req.messages);
 
-        // A fallback step whose lane would make it wait too long moves on.
-        let max_wait = call
-            .plan
-            .max_wait()
-            .filter(|_| call.plan.may_skip(call.step));
-        if let Err(wait) = self
-            .limiter
-            .claim(&call.model, estimate, u64::from(req.max_tokens), max_wait)
-            .await
-        {
-            let record = StepRecord {
-                step: call.step,
-                model: call.model.clone(),
-                outcome: StepOutcome::TooSlow,
-                output: None,
-                reason: Some(format!(
-                    "lane `{}` would wait {:.1}s, over max_wait {:.1}s",
-                    self.name,
-                    wait.as_secs_f64(),
-                    max_wait.unwrap_or_default().as_secs_f64()
-                )),
-            };
-            self.after_step(msg, &call, Some(record), Vec::new(), None)
-                .await;
-            return;
-        }
-
-        // Wait for the limiter, telling JetStream we are still working, and
-        // giving the message back at once if the worker is stopping.
-        let admission = {
-            let admit = self
-                .limiter
-                .admit(&call.model, estimate, u64::from(req.max_tokens));
-            tokio::pin!(admit);
-            let mut tick = tokio::time::interval(self.cfg.ack_wait() / 3);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    a = &mut admit => break a,
-                    _ = self.token.cancelled() => {
-                        let _ = msg.ack_with(AckKind::Nak(None)).await;
-                        return;
-                    }
-                    _ = tick.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
-                }
-            }
-        };
-        drop(ticket); // admitted: no longer waiting
-
-        let started = Instant::now();
-        let result = self.provider.call(&req).await;
-        let latency_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
-
-        let mut row = CallRow {
+        // The call's cost record, filled in as it goes.
+        let row = CallRow {
             job_id: call.job_id.clone(),
             category: call.category.clone(),
             provider: self.name.clone(),
@@ -323,11 +256,117 @@ impl Lane {
             attempt,
             usage: Usage::default(),
             prices,
-            latency_ms,
+            latency_ms: 0,
             http_status: None,
             outcome: CallOutcome::Ok,
             error: None,
         };
+        let mut ticket = Some(ticket);
+        let (admission, attempt) = loop {
+            // A fallback step whose lane would make it wait too long moves on.
+            let max_wait = call
+                .plan
+                .max_wait()
+                .filter(|_| call.plan.may_skip(call.step));
+            if let Err(wait) = self
+                .limiter
+                .claim(&call.model, estimate, u64::from(req.max_tokens), max_wait)
+                .await
+            {
+                let record = StepRecord {
+                    step: call.step,
+                    model: call.model.clone(),
+                    outcome: StepOutcome::TooSlow,
+                    output: None,
+                    reason: Some(format!(
+                        "lane `{}` would wait {:.1}s, over max_wait {:.1}s",
+                        self.name,
+                        wait.as_secs_f64(),
+                        max_wait.unwrap_or_default().as_secs_f64()
+                    )),
+                };
+                self.after_step(msg, &call, Some(record), Vec::new(), None)
+                    .await;
+                return;
+            }
+
+            // Wait for the limiter, telling JetStream we are still working, and
+            // giving the message back at once if the worker is stopping.
+            let admission = {
+                let admit = self
+                    .limiter
+                    .admit(&call.model, estimate, u64::from(req.max_tokens));
+                tokio::pin!(admit);
+                let mut tick = tokio::time::interval(self.cfg.ack_wait() / 3);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        a = &mut admit => break a,
+                        _ = self.token.cancelled() => {
+                            let _ = msg.ack_with(AckKind::Nak(None)).await;
+                            return;
+                        }
+                        _ = tick.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
+                    }
+                }
+            };
+            drop(ticket.take()); // admitted: no longer waiting
+
+            // Record the intent first: if this process dies while the provider
+            // answers, the call is still in `calls` (outcome `unknown`, at the
+            // reserved cost).
+            let intent = Row::Intent {
+                row: CallRow {
+                    attempt,
+                    usage: Usage {
+                        input_tokens: estimate,
+                        output_tokens: u64::from(req.max_tokens),
+                        ..Usage::default()
+                    },
+                    outcome: CallOutcome::Unknown,
+                    ..row.clone()
+                },
+                busy_for: self.provider_timeout + BUSY_MARGIN,
+            };
+            match self.commit(msg, vec![intent]).await {
+                Ok(c) => {
+                    if let Some(a) = c.attempts.get(&(call.job_id.clone(), call.step)) {
+                        break (admission, *a);
+                    }
+                }
+                Err(e) => {
+                    self.limiter.settle(admission, Some((0, 0))).await;
+                    self.finish(msg, Err(e), None, flow::Effects::default())
+                        .await;
+                    return;
+                }
+            }
+            // The step is answered, or another worker is calling it right
+            // now (this message's ack wait ran out while it waited here, and
+            // JetStream delivered it again): hold it until that call is
+            // recorded (or its intent is too old to be alive), then look
+            // again.
+            debug!("step answered or being called elsewhere; holding the message");
+            self.limiter.settle(admission, Some((0, 0))).await;
+            let _ = msg.ack_with(AckKind::Progress).await;
+            tokio::select! {
+                _ = self.token.cancelled() => {
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    return;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            if self.done_already(msg, &call).await {
+                return;
+            }
+        };
+        tracing::Span::current().record("attempt", attempt);
+        let mut row = CallRow { attempt, ..row };
+        req.tag = Some(crate::providers::call_tag(&call.job_id, call.step, attempt));
+
+        let started = Instant::now();
+        let result = self.provider.call(&req).await;
+        row.latency_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
         let (outcome, response) = match result {
             Ok(resp) => {
                 let seen = Seen::from_rate(&resp.rate, false, resp.rate.exhausted_for());
@@ -407,6 +446,36 @@ impl Lane {
             .await;
     }
 
+    /// Whether this call's work is done already, and if so, handle the
+    /// message (ack it, or resume the job from what is recorded). A
+    /// redelivery may follow a crash after the commit but before the ack:
+    /// then the job is finished, or this step is recorded, and must not be
+    /// paid for twice. Every call checks, even a first delivery: a NATS
+    /// server that crashed can forget acks and deliver an answered call
+    /// again as new, and a follow-up call may have been published twice.
+    async fn done_already(&self, msg: &Message, call: &CallMsg) -> bool {
+        match self.recorded(call).await {
+            Ok(Recorded::JobFinished) => {
+                let _ = msg.ack().await;
+                true
+            }
+            Ok(Recorded::Step(history)) => {
+                debug!("step already recorded; resuming from the database");
+                self.after_step(msg, call, None, history, None).await;
+                true
+            }
+            Ok(Recorded::No) => false,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "status check failed; will retry");
+                self.writer.report_failure(&e);
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                true
+            }
+        }
+    }
+
     /// Whether this call's work is already done.
     async fn recorded(&self, call: &CallMsg) -> Result<Recorded> {
         if let Some(s) = store::job_status(&self.pool, &call.job_id).await? {
@@ -477,7 +546,7 @@ impl Lane {
         let mut fx = flow::effects(&self.cfg, &ctx, &history, decision);
         rows.append(&mut fx.rows);
         let res = if rows.is_empty() {
-            Ok(())
+            Ok(store::Committed::default())
         } else {
             self.commit(msg, rows).await
         };
@@ -490,7 +559,7 @@ impl Lane {
     async fn finish(
         &self,
         msg: &Message,
-        committed: Result<()>,
+        committed: Result<store::Committed>,
         retry_in: Option<Duration>,
         fx: flow::Effects,
     ) {

@@ -21,6 +21,7 @@
 pub mod bench;
 pub mod bench_limits;
 pub mod bus;
+pub mod chaos;
 pub mod check;
 pub mod cli;
 pub mod config;
@@ -39,6 +40,7 @@ pub mod providers;
 pub mod report;
 pub mod review;
 pub mod route;
+pub mod servers;
 pub mod sim;
 pub mod store;
 pub mod worker;

@@ -99,7 +99,8 @@ impl Plan {
     }
 }
 
-/// The step number of the classifier call and of a consensus judge.
+/// The step number of the classifier call (route steps count from 0; a
+/// consensus judge is the step after the last voter).
 pub const CLASSIFY_STEP: i32 = -1;
 
 /// How a step ended.

@@ -19,6 +19,10 @@ use tracing::{debug, warn};
 use crate::pricing::{Prices, Usage};
 use crate::route::{StepOutcome, StepRecord};
 
+/// How often a message held for an unreachable database is reported as in
+/// progress to NATS (well within the shortest sensible ack wait).
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Connect to `url`, creating the database when it is missing, and apply the
@@ -202,7 +206,28 @@ pub struct ReclassRow {
 pub enum Row {
     Job(JobRow),
     DeadLetter(DeadLetterRow),
+    /// The final cost record of a provider call; replaces its intent.
     Call(CallRow),
+    /// Written before a provider call: outcome `unknown` with the reserved
+    /// (estimated) usage and cost, so a call whose worker dies before it can
+    /// record the answer is still accounted for. The attempt number is the
+    /// row's or, if that is taken (a NATS server that lost acks delivers a
+    /// message as new), one past the step's highest;
+    /// [`Committed::attempts`] says which. The final [`Row::Call`] of the
+    /// same attempt replaces it.
+    ///
+    /// Writing it is the check-and-claim before every provider call: no
+    /// intent is written if the step is answered (an `ok` row, a step row,
+    /// or the job is finished), or if another attempt of it is `unknown`
+    /// and younger than `busy_for` (the provider's timeout and a margin):
+    /// another worker is calling it right now (a message whose ack wait
+    /// ran out while it waited is delivered to a second worker while the
+    /// first still works on it, and a NATS server restarted after a crash
+    /// forgets acks). The step is then missing from [`Committed::attempts`].
+    Intent {
+        row: CallRow,
+        busy_for: Duration,
+    },
     Result(ResultRow),
     Status(StatusRow),
     Step(StepRow),
@@ -214,6 +239,17 @@ pub enum Row {
 pub struct Committed {
     /// Status of each job a `Row::Job` named, after the commit.
     pub job_status: HashMap<String, String>,
+    /// For each `Row::Intent` that was written: (job id, step) -> the
+    /// attempt number it holds. Missing: the step is answered, or another
+    /// worker is calling it.
+    pub attempts: HashMap<(String, i32), i32>,
+}
+
+/// What one transaction wrote that its requesters need to know.
+#[derive(Default)]
+struct Written {
+    status: HashMap<String, String>,
+    attempts: HashMap<(String, i32), i32>,
 }
 
 struct WriteReq {
@@ -341,10 +377,15 @@ impl Writer {
                     return Err(e)
                 }
                 Err(_) => {
+                    // Keep telling NATS the message is being worked on while
+                    // the database is away.
                     keepalive().await;
-                    tokio::select! {
-                        _ = self.wait_up() => {}
-                        _ = stop.cancelled() => {}
+                    loop {
+                        tokio::select! {
+                            _ = self.wait_up() => break,
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(KEEPALIVE_EVERY) => keepalive().await,
+                        }
                     }
                     keepalive().await;
                 }
@@ -403,10 +444,10 @@ async fn commit_batch(pool: &PgPool, batch: Vec<WriteReq>) {
     for attempt in 1..=3u32 {
         let rows: Vec<&Row> = batch.iter().flat_map(|r| r.rows.iter()).collect();
         match write_rows(pool, &rows).await {
-            Ok(status) => {
+            Ok(written) => {
                 debug!(requests = n, rows = rows.len(), "batch committed");
                 for req in batch {
-                    let _ = req.reply.send(Ok(committed_for(&req.rows, &status)));
+                    let _ = req.reply.send(Ok(committed_for(&req.rows, &written)));
                 }
                 return;
             }
@@ -421,26 +462,35 @@ async fn commit_batch(pool: &PgPool, batch: Vec<WriteReq>) {
         let rows: Vec<&Row> = req.rows.iter().collect();
         let res = write_rows(pool, &rows)
             .await
-            .map(|status| committed_for(&req.rows, &status))
+            .map(|written| committed_for(&req.rows, &written))
             .map_err(|e| format!("{e:#}"));
         let _ = req.reply.send(res);
     }
 }
 
-fn committed_for(rows: &[Row], status: &HashMap<String, String>) -> Committed {
+fn committed_for(rows: &[Row], written: &Written) -> Committed {
     let mut c = Committed::default();
     for r in rows {
-        if let Row::Job(j) = r {
-            if let Some(s) = status.get(&j.id) {
-                c.job_status.insert(j.id.clone(), s.clone());
+        match r {
+            Row::Job(j) => {
+                if let Some(s) = written.status.get(&j.id) {
+                    c.job_status.insert(j.id.clone(), s.clone());
+                }
             }
+            Row::Intent { row: i, .. } => {
+                let key = (i.job_id.clone(), i.step);
+                if let Some(a) = written.attempts.get(&key) {
+                    c.attempts.insert(key, *a);
+                }
+            }
+            _ => {}
         }
     }
     c
 }
 
 /// Write all rows in one transaction, in dependency order.
-async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<HashMap<String, String>> {
+async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
     let mut tx = pool.begin().await?;
     // One row per job id (a batch can hold the same job twice); a valid job
     // wins over a dead-lettered copy.
@@ -454,20 +504,27 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<HashMap<String, Stri
         }
     }
     let jobs: Vec<&JobRow> = by_id.into_values().collect();
-    let (mut dead, mut calls, mut results, mut statuses) = (vec![], vec![], vec![], vec![]);
-    let (mut steps, mut reclass) = (vec![], vec![]);
+    let (mut dead, mut results, mut statuses) = (vec![], vec![], vec![]);
+    let (mut steps, mut reclass, mut intents) = (vec![], vec![], vec![]);
+    // One final row per attempt: an upsert may not touch a row twice.
+    let mut calls_by_key: HashMap<(&str, i32, i32), &CallRow> = HashMap::new();
     for r in rows {
         match r {
             Row::Job(_) => {}
             Row::DeadLetter(d) => dead.push(d),
-            Row::Call(c) => calls.push(c),
+            Row::Call(c) => {
+                calls_by_key.insert((c.job_id.as_str(), c.step, c.attempt), c);
+            }
+            Row::Intent { row, busy_for } => intents.push((row, busy_for)),
             Row::Result(x) => results.push(x),
             Row::Status(st) => statuses.push(st),
             Row::Step(st) => steps.push(st),
             Row::Reclass(rc) => reclass.push(rc),
         }
     }
+    let calls: Vec<&CallRow> = calls_by_key.into_values().collect();
     let mut status = HashMap::new();
+    let mut attempts = HashMap::new();
     if !jobs.is_empty() {
         insert_jobs(&mut tx, &jobs).await?;
         let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
@@ -484,6 +541,9 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<HashMap<String, Stri
     if !reclass.is_empty() {
         update_reclass(&mut tx, &reclass).await?;
     }
+    if !intents.is_empty() {
+        attempts = insert_intents(&mut tx, &intents).await?;
+    }
     if !calls.is_empty() {
         insert_calls(&mut tx, &calls).await?;
     }
@@ -497,7 +557,7 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<HashMap<String, Stri
         update_statuses(&mut tx, &statuses).await?;
     }
     tx.commit().await?;
-    Ok(status)
+    Ok(Written { status, attempts })
 }
 
 async fn insert_jobs(tx: &mut Transaction<'_, Postgres>, jobs: &[&JobRow]) -> Result<()> {
@@ -549,48 +609,172 @@ async fn insert_dead_letters(
     Ok(())
 }
 
+/// The columns of `calls` a cost record fills, in [`bind_calls`]' order.
+const CALL_COLUMNS: &str = "job_id, category, provider, model, step, attempt,
+    input_tokens, output_tokens, cached_input_tokens,
+    price_input_per_mtok, price_output_per_mtok, price_cached_input_per_mtok,
+    cost_usd, latency_ms, http_status, outcome, error,
+    cache_write_input_tokens, reasoning_tokens, price_cache_write_per_mtok";
+
+/// `UNNEST` of [`bind_calls`]' parameters as `u(<CALL_COLUMNS>)`, plus
+/// `extra` (more arrays and their names, after the 20 of a call).
+fn call_unnest(extra: (&str, &str)) -> String {
+    format!(
+        "UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::int4[],
+                 $7::int8[], $8::int8[], $9::int8[],
+                 $10::numeric[], $11::numeric[], $12::numeric[],
+                 $13::numeric[], $14::int4[], $15::int4[], $16::text[], $17::text[],
+                 $18::int8[], $19::int8[], $20::numeric[]{})
+    AS u(job_id, category, provider, model, step, attempt,
+         input_tokens, output_tokens, cached_input_tokens,
+         price_input_per_mtok, price_output_per_mtok, price_cached_input_per_mtok,
+         cost_usd, latency_ms, http_status, outcome, error,
+         cache_write_input_tokens, reasoning_tokens, price_cache_write_per_mtok{})",
+        extra.0, extra.1
+    )
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+
+fn bind_calls<'q>(q: PgQuery<'q>, calls: &[&CallRow]) -> PgQuery<'q> {
+    q.bind(calls.iter().map(|c| c.job_id.clone()).collect::<Vec<_>>())
+        .bind(calls.iter().map(|c| c.category.clone()).collect::<Vec<_>>())
+        .bind(calls.iter().map(|c| c.provider.clone()).collect::<Vec<_>>())
+        .bind(calls.iter().map(|c| c.model.clone()).collect::<Vec<_>>())
+        .bind(calls.iter().map(|c| c.step).collect::<Vec<_>>())
+        .bind(calls.iter().map(|c| c.attempt).collect::<Vec<_>>())
+        .bind(
+            calls
+                .iter()
+                .map(|c| c.usage.input_tokens as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            calls
+                .iter()
+                .map(|c| c.usage.output_tokens as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            calls
+                .iter()
+                .map(|c| c.usage.cached_input_tokens as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            calls
+                .iter()
+                .map(|c| c.prices.input_per_mtok)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            calls
+                .iter()
+                .map(|c| c.prices.output_per_mtok)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            calls
+                .iter()
+                .map(|c| c.prices.cached_input_per_mtok)
+                .collect::<Vec<_>>(),
+        )
+        .bind(calls.iter().map(|c| c.cost()).collect::<Vec<_>>())
+        .bind(calls.iter().map(|c| c.latency_ms).collect::<Vec<_>>())
+        .bind(calls.iter().map(|c| c.http_status).collect::<Vec<_>>())
+        .bind(
+            calls
+                .iter()
+                .map(|c| c.outcome.as_str().to_string())
+                .collect::<Vec<_>>(),
+        )
+        .bind(calls.iter().map(|c| c.error.clone()).collect::<Vec<_>>())
+        .bind(
+            calls
+                .iter()
+                .map(|c| c.usage.cache_write_input_tokens as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            calls
+                .iter()
+                .map(|c| c.usage.reasoning_tokens as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            calls
+                .iter()
+                .map(|c| c.prices.cache_write_per_mtok)
+                .collect::<Vec<_>>(),
+        )
+}
+
+/// Final cost records. Each replaces its attempt's intent (`unknown`) row;
+/// a final row already there stays (a redelivered commit changes nothing).
 async fn insert_calls(tx: &mut Transaction<'_, Postgres>, calls: &[&CallRow]) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO calls (job_id, category, provider, model, step, attempt,
-                            input_tokens, output_tokens, cached_input_tokens,
-                            price_input_per_mtok, price_output_per_mtok, price_cached_input_per_mtok,
-                            cost_usd, latency_ms, http_status, outcome, error,
-                            cache_write_input_tokens, reasoning_tokens, price_cache_write_per_mtok)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::int4[],
-                              $7::int8[], $8::int8[], $9::int8[],
-                              $10::numeric[], $11::numeric[], $12::numeric[],
-                              $13::numeric[], $14::int4[], $15::int4[], $16::text[], $17::text[],
-                              $18::int8[], $19::int8[], $20::numeric[])
-         ON CONFLICT (job_id, step, attempt) DO NOTHING",
-    )
-    .bind(calls.iter().map(|c| c.job_id.clone()).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.category.clone()).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.provider.clone()).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.model.clone()).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.step).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.attempt).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.usage.input_tokens as i64).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.usage.output_tokens as i64).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.usage.cached_input_tokens as i64).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.prices.input_per_mtok).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.prices.output_per_mtok).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.prices.cached_input_per_mtok).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.cost()).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.latency_ms).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.http_status).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.outcome.as_str().to_string()).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.error.clone()).collect::<Vec<_>>())
-    .bind(
-        calls
-            .iter()
-            .map(|c| c.usage.cache_write_input_tokens as i64)
-            .collect::<Vec<_>>(),
-    )
-    .bind(calls.iter().map(|c| c.usage.reasoning_tokens as i64).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.prices.cache_write_per_mtok).collect::<Vec<_>>())
-    .execute(&mut **tx)
-    .await?;
+    let sql = format!(
+        "INSERT INTO calls ({CALL_COLUMNS}) SELECT * FROM {}
+         ON CONFLICT (job_id, step, attempt) DO UPDATE SET
+             category = EXCLUDED.category, provider = EXCLUDED.provider, model = EXCLUDED.model,
+             input_tokens = EXCLUDED.input_tokens, output_tokens = EXCLUDED.output_tokens,
+             cached_input_tokens = EXCLUDED.cached_input_tokens,
+             price_input_per_mtok = EXCLUDED.price_input_per_mtok,
+             price_output_per_mtok = EXCLUDED.price_output_per_mtok,
+             price_cached_input_per_mtok = EXCLUDED.price_cached_input_per_mtok,
+             cost_usd = EXCLUDED.cost_usd, latency_ms = EXCLUDED.latency_ms,
+             http_status = EXCLUDED.http_status, outcome = EXCLUDED.outcome,
+             error = EXCLUDED.error,
+             cache_write_input_tokens = EXCLUDED.cache_write_input_tokens,
+             reasoning_tokens = EXCLUDED.reasoning_tokens,
+             price_cache_write_per_mtok = EXCLUDED.price_cache_write_per_mtok
+         WHERE calls.outcome = 'unknown'",
+        call_unnest(("", ""))
+    );
+    // Constant SQL: the format! only joins the constants above.
+    bind_calls(sqlx::query(sqlx::AssertSqlSafe(sql)), calls)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
+}
+
+/// Intent rows; returns the attempt each one holds (see [`Row::Intent`]).
+async fn insert_intents(
+    tx: &mut Transaction<'_, Postgres>,
+    intents: &[(&CallRow, &Duration)],
+) -> Result<HashMap<(String, i32), i32>> {
+    let sql = format!(
+        "INSERT INTO calls ({CALL_COLUMNS})
+         SELECT u.job_id, u.category, u.provider, u.model, u.step,
+                GREATEST(u.attempt, COALESCE((SELECT max(c.attempt) FROM calls c
+                                              WHERE c.job_id = u.job_id AND c.step = u.step), 0) + 1),
+                u.input_tokens, u.output_tokens, u.cached_input_tokens,
+                u.price_input_per_mtok, u.price_output_per_mtok, u.price_cached_input_per_mtok,
+                u.cost_usd, u.latency_ms, u.http_status, u.outcome, u.error,
+                u.cache_write_input_tokens, u.reasoning_tokens, u.price_cache_write_per_mtok
+         FROM {}
+         WHERE NOT EXISTS (SELECT 1 FROM calls c
+                           WHERE c.job_id = u.job_id AND c.step = u.step
+                             AND (c.outcome = 'ok'
+                                  OR (c.outcome = 'unknown'
+                                      AND c.created_at > now() - make_interval(secs => u.busy_secs))))
+           AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.job_id = u.job_id AND s.step = u.step)
+           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = u.job_id
+                           AND j.status IN ('succeeded', 'failed', 'needs_review', 'dead'))
+         ON CONFLICT (job_id, step, attempt) DO NOTHING
+         RETURNING job_id, step, attempt",
+        call_unnest((", $21::float8[]", ", busy_secs"))
+    );
+    let rows: Vec<&CallRow> = intents.iter().map(|(r, _)| *r).collect();
+    let busy: Vec<f64> = intents.iter().map(|(_, d)| d.as_secs_f64()).collect();
+    let rows: Vec<(String, i32, i32)> = bind_calls(sqlx::query(sqlx::AssertSqlSafe(sql)), &rows)
+        .bind(busy)
+        .try_map(|r: sqlx::postgres::PgRow| {
+            use sqlx::Row as _;
+            Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))
+        })
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows.into_iter().map(|(j, s, a)| ((j, s), a)).collect())
 }
 
 async fn insert_results(tx: &mut Transaction<'_, Postgres>, results: &[&ResultRow]) -> Result<()> {

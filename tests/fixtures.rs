@@ -36,6 +36,7 @@ fn call_request(v: &Value) -> CallRequest {
         model: v["model"].as_str().unwrap().into(),
         max_tokens: v["max_tokens"].as_u64().unwrap() as u32,
         temperature: v["temperature"].as_f64(),
+        tag: None,
         messages: v["messages"]
             .as_array()
             .unwrap()

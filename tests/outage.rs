@@ -9,149 +9,19 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{wait_until, TestEnv};
+use common::{have, wait_until, TestEnv};
+use switchyard::servers::{nats_server_bin, pg_bin, PrivateNats, PrivatePg};
 use switchyard::sim::SimProfile;
 use switchyard::worker::{self, WorkerOptions};
 
-/// A private PostgreSQL cluster, stopped and removed on drop.
-struct PrivatePg {
-    dir: PathBuf,
-    port: u16,
-    bin: PathBuf,
-}
-
-fn pg_bin() -> Option<PathBuf> {
-    let root = std::fs::read_dir("/usr/lib/postgresql").ok()?;
-    let mut versions: Vec<PathBuf> = root.filter_map(|e| Some(e.ok()?.path())).collect();
-    versions.sort();
-    versions
-        .pop()
-        .map(|v| v.join("bin"))
-        .filter(|b| b.join("initdb").exists())
-}
-
-fn as_postgres(bin: &Path, tool: &str) -> Command {
-    let exe = bin.join(tool);
-    // initdb refuses to run as root.
-    if unsafe_is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(exe);
-        c
-    } else {
-        Command::new(exe)
-    }
-}
-
-fn unsafe_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-impl PrivatePg {
-    fn start() -> Self {
-        let bin = pg_bin().expect("PostgreSQL server binaries in /usr/lib/postgresql");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("sy_pg_{port}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        if unsafe_is_root() {
-            assert!(Command::new("chown")
-                .args(["postgres:postgres", dir.to_str().unwrap()])
-                .status()
-                .unwrap()
-                .success());
-        }
-        let out = as_postgres(&bin, "initdb")
-            .args([
-                "-D",
-                dir.to_str().unwrap(),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "--no-sync",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let pg = Self { dir, port, bin };
-        pg.ctl_start();
-        pg
-    }
-
-    fn ctl_start(&self) {
-        let opts = format!(
-            "-p {} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off",
-            self.port
-        );
-        let log = self.dir.join("log");
-        let out = as_postgres(&self.bin, "pg_ctl")
-            .args([
-                "-D",
-                self.dir.to_str().unwrap(),
-                "-l",
-                log.to_str().unwrap(),
-                "-o",
-                &opts,
-                "-w",
-                "start",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn ctl_stop(&self) {
-        let out = as_postgres(&self.bin, "pg_ctl")
-            .args([
-                "-D",
-                self.dir.to_str().unwrap(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg_ctl stop: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
-    }
-}
-
-impl Drop for PrivatePg {
-    fn drop(&mut self) {
-        let _ = as_postgres(&self.bin, "pg_ctl")
-            .args(["-D", self.dir.to_str().unwrap(), "-m", "immediate", "stop"])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+async fn private_pg() -> PrivatePg {
+    tokio::task::spawn_blocking(PrivatePg::start)
+        .await
+        .unwrap()
+        .expect("a private PostgreSQL")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,7 +29,7 @@ async fn a_postgres_outage_mid_run_loses_and_doubles_nothing() {
     if !have("the PostgreSQL server (initdb, pg_ctl)", pg_bin().is_some()) {
         return;
     }
-    let pg = tokio::task::spawn_blocking(PrivatePg::start).await.unwrap();
+    let pg = private_pg().await;
     let env = TestEnv::new(SimProfile {
         latency_ms: 30,
         ..Default::default()
@@ -193,7 +63,7 @@ async fn a_postgres_outage_mid_run_loses_and_doubles_nothing() {
     // Postgres goes away for 12 s: longer than a message's deliveries would
     // last if each failed commit gave it back (max_deliver 9, 1 s apart).
     let pg = tokio::task::spawn_blocking(move || {
-        pg.ctl_stop();
+        pg.ctl_stop().unwrap();
         pg
     })
     .await
@@ -209,7 +79,7 @@ async fn a_postgres_outage_mid_run_loses_and_doubles_nothing() {
         .count();
     assert_eq!(late, 0, "new calls started 2-12 s into the outage");
     let pg = tokio::task::spawn_blocking(move || {
-        pg.ctl_start();
+        pg.ctl_start().unwrap();
         pg
     })
     .await
@@ -250,105 +120,12 @@ async fn a_postgres_outage_mid_run_loses_and_doubles_nothing() {
     env.cleanup().await;
 }
 
-/// The nats-server binary: on PATH, else where Debian's package puts it.
-fn nats_server() -> Option<&'static str> {
-    ["nats-server", "/usr/sbin/nats-server"]
-        .into_iter()
-        .find(|exe| Command::new(exe).arg("--version").output().is_ok())
-}
-
-/// These tests need the servers' binaries, not only running services (a
-/// machine whose services run in Docker may lack them). Without them the
-/// test says so and passes, except under CI, where it fails.
-fn have(what: &str, found: bool) -> bool {
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{what} is not installed; CI needs it for the outage tests"
-        );
-        eprintln!("SKIPPED: {what} is not installed (install it to run this outage test)");
-    }
-    found
-}
-
-/// A private NATS server with JetStream; killed on drop.
-struct PrivateNats {
-    dir: PathBuf,
-    port: u16,
-    child: Option<std::process::Child>,
-}
-
-impl PrivateNats {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("sy_nats_{port}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut me = Self {
-            dir,
-            port,
-            child: None,
-        };
-        me.run();
-        me
-    }
-
-    fn run(&mut self) {
-        let child = Command::new(nats_server().expect("nats-server"))
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&self.dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nats-server");
-        self.child = Some(child);
-        // Wait until it accepts connections.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "nats-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGKILL: no goodbye to the clients.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for PrivateNats {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_restart_mid_run_loses_and_doubles_nothing() {
-    if !have("nats-server", nats_server().is_some()) {
+    if !have("nats-server", nats_server_bin().is_some()) {
         return;
     }
-    let mut nats = PrivateNats::start();
+    let mut nats = PrivateNats::start().unwrap();
     let env = TestEnv::new(SimProfile {
         latency_ms: 30,
         ..Default::default()
@@ -389,7 +166,7 @@ async fn a_nats_restart_mid_run_loses_and_doubles_nothing() {
     assert!(format!("{err:#}").contains("same id is safe"), "{err:#}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let nats = tokio::task::spawn_blocking(move || {
-        nats.run();
+        nats.run().unwrap();
         nats
     })
     .await
@@ -423,5 +200,134 @@ async fn a_nats_restart_mid_run_loses_and_doubles_nothing() {
         0
     );
     drop(nats);
+    env.cleanup().await;
+}
+
+/// A worker killed after the provider answered but before it could record
+/// the answer (Postgres was down, so the commit waited): the call is still
+/// in `calls`, as `unknown` at the reserved cost, and the job runs again
+/// under a new attempt number; every request the simulator answered has
+/// its row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_answered_but_never_recorded_is_an_unknown_row_at_the_reserved_cost() {
+    if !have("the PostgreSQL server (initdb, pg_ctl)", pg_bin().is_some()) {
+        return;
+    }
+    let pg = private_pg().await;
+    let env = TestEnv::new(SimProfile {
+        latency_ms: 1500,
+        ..Default::default()
+    })
+    .await;
+    let db_url = pg.url("switchyard");
+    let pool = switchyard::store::connect_and_migrate(&db_url, 4)
+        .await
+        .unwrap();
+    let mut child_env: Vec<(String, String)> = env
+        .child_env()
+        .into_iter()
+        .filter(|(k, _)| k != "DATABASE_URL")
+        .collect();
+    child_env.push(("DATABASE_URL".into(), db_url.clone()));
+    child_env.push(("SWITCHYARD_NATS__ACK_WAIT_SECS".into(), "3".into()));
+    // A killed worker's call counts as under way for the provider's
+    // timeout plus 10 s: keep that short here.
+    for p in ["OPENAI", "ANTHROPIC", "GEMINI"] {
+        child_env.push((
+            format!("SWITCHYARD_PROVIDERS__{p}__TIMEOUT_SECS"),
+            "4".into(),
+        ));
+    }
+    for (k, v) in common::SINGLE_ROUTES {
+        child_env.push((k.into(), v.into()));
+    }
+    let cfg = env.config_with(&common::SINGLE_ROUTES);
+    env.bus.ensure_streams(&cfg).await.unwrap();
+    let worker = common::spawn_worker(&child_env);
+    let n = 6;
+    let js = common::jobs("unrecorded", n);
+    let ids: Vec<String> = js.iter().map(|j| j.id.clone()).collect();
+    switchyard::enqueue::publish_jobs(&env.bus, &js, None)
+        .await
+        .unwrap();
+    let count = |sql: &'static str| {
+        let p = pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&p).await }
+    };
+    // Every call has its intent recorded and is at the provider.
+    wait_until(Duration::from_secs(30), "six calls under way", || async {
+        count("SELECT count(*) FROM calls WHERE outcome = 'unknown'")
+            .await
+            .unwrap_or(0)
+            == n as i64
+    })
+    .await;
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.ctl_stop().unwrap();
+        pg
+    })
+    .await
+    .unwrap();
+    // The provider answers; the worker cannot record the answers.
+    wait_until(Duration::from_secs(30), "the six answers", || async {
+        env.sim.ledger().iter().filter(|e| e.status == 200).count() == n
+    })
+    .await;
+    drop(worker); // SIGKILL while it waits for the database
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.ctl_start().unwrap();
+        pg
+    })
+    .await
+    .unwrap();
+    let worker = common::spawn_worker(&child_env);
+    assert!(
+        switchyard::enqueue::wait_finished(&pool, &ids, Duration::from_secs(120), None)
+            .await
+            .unwrap(),
+        "every job finished after the restart"
+    );
+    drop(worker);
+
+    let rows: Vec<(String, i32, i32, String)> =
+        sqlx::query_as("SELECT job_id, step, attempt, outcome FROM calls")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let rec = switchyard::chaos::reconcile(&env.sim.ledger(), &rows);
+    assert_eq!(rec.untagged, 0, "every request carries its tag");
+    assert_eq!(rec.unrecorded, 0, "every answered request has its row");
+    assert_eq!(rec.phantom, 0);
+    assert_eq!(rec.duplicate_answers, 0);
+    // The six lost answers: attempt 1, unknown, at the reserved cost
+    // (estimated input + max_tokens at the model's prices), which is more
+    // than an answer of the same job really cost.
+    let lost: Vec<(String, i32, i64, i64, rust_decimal::Decimal)> = sqlx::query_as(
+        "SELECT job_id, attempt, input_tokens, output_tokens, cost_usd FROM calls
+         WHERE outcome = 'unknown' ORDER BY job_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(lost.len(), n, "{lost:?}");
+    for (job, attempt, input, output, cost) in &lost {
+        assert_eq!(*attempt, 1, "{job}");
+        assert!(*input > 0 && *output > 0, "{job}: reserved tokens recorded");
+        let (ok_attempt, ok_cost): (i32, rust_decimal::Decimal) = sqlx::query_as(
+            "SELECT attempt, cost_usd FROM calls WHERE job_id = $1 AND outcome = 'ok'",
+        )
+        .bind(job)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(ok_attempt, 2, "{job}: the rerun is a new attempt");
+        assert!(*cost > ok_cost, "{job}: reserved {cost} > real {ok_cost}");
+    }
+    assert_eq!(
+        count("SELECT count(*) FROM results").await.unwrap(),
+        n as i64
+    );
+    pool.close().await;
+    drop(pg);
     env.cleanup().await;
 }

@@ -72,8 +72,16 @@ async fn worker_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
             "8".into(),
         ));
     }
-    // Short ack wait so the killed worker's unacked messages come back quickly.
+    // Short ack wait so the killed worker's unacked messages come back
+    // quickly, and a short provider timeout: the killed worker's calls count
+    // as under way (no second call) for that plus 10 s.
     child_env.push(("SWITCHYARD_NATS__ACK_WAIT_SECS".into(), "3".into()));
+    for p in ["OPENAI", "ANTHROPIC", "GEMINI"] {
+        child_env.push((
+            format!("SWITCHYARD_PROVIDERS__{p}__TIMEOUT_SECS"),
+            "3".into(),
+        ));
+    }
     env.bus.ensure_streams(&env.config()).await.unwrap();
     let worker = spawn_worker(&child_env);
 
@@ -310,6 +318,14 @@ async fn pipeline_killed_mid_run_resumes_at_the_first_unfinished_stage() {
         cfg_path.to_str().unwrap().into(),
     ));
     vars.push(("SWITCHYARD_NATS__ACK_WAIT_SECS".into(), "3".into()));
+    // The killed worker's `refine` calls count as under way for the
+    // provider's timeout plus 10 s (no second call meanwhile): keep it short.
+    for p in ["OPENAI", "ANTHROPIC", "GEMINI"] {
+        vars.push((
+            format!("SWITCHYARD_PROVIDERS__{p}__TIMEOUT_SECS"),
+            "5".into(),
+        ));
+    }
     let cfg = switchyard::config::Config::load(Some(&cfg_path)).unwrap();
     env.bus.ensure_streams(&cfg).await.unwrap();
 

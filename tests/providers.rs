@@ -47,6 +47,7 @@ fn request() -> CallRequest {
         ],
         max_tokens: 200,
         temperature: Some(0.2),
+        tag: Some("job-1#0#1".into()),
     }
 }
 
@@ -88,6 +89,17 @@ async fn success_reports_text_and_exact_usage_for_every_format() {
         let led = sim.ledger().pop().unwrap();
         assert_eq!(led.format, format);
         assert!(led.has_auth, "{format:?} sent its key");
+        // The attempt's tag travels with the request, so the provider's
+        // ledger can be matched to the `calls` row.
+        assert_eq!(
+            led.call,
+            Some(switchyard::sim::CallTag {
+                job_id: "job-1".into(),
+                step: 0,
+                attempt: 1
+            }),
+            "{format:?}"
+        );
         assert!(!r.text.is_empty());
         assert!(r.finish_reason.is_some());
         // The system prompt reached the provider in its own place: the sim

@@ -33,6 +33,7 @@ impl AnthropicAdapter {
                 |k| ("x-api-key", k.expose().to_string()),
                 vec![("anthropic-version", API_VERSION.to_string())],
                 &build_request(req),
+                req.tag.as_deref(),
                 interpret,
             )
             .await
@@ -205,6 +206,7 @@ mod tests {
             ],
             max_tokens: 100,
             temperature: Some(0.5),
+            tag: None,
         };
         let b = build_request(&req);
         assert_eq!(b["system"], "be kind");

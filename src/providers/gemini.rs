@@ -34,6 +34,7 @@ impl GeminiAdapter {
                 |k| ("x-goog-api-key", k.expose().to_string()),
                 Vec::new(),
                 &build_request(req),
+                req.tag.as_deref(),
                 interpret,
             )
             .await
@@ -251,6 +252,7 @@ mod tests {
             ],
             max_tokens: 64,
             temperature: None,
+            tag: None,
         };
         let b = build_request(&req);
         assert_eq!(b["systemInstruction"]["parts"][0]["text"], "be brief");

@@ -112,10 +112,14 @@ impl HttpClient {
         auth: fn(&Secret) -> (&'static str, String),
         mut headers: Vec<(&'static str, String)>,
         body: &B,
+        tag: Option<&str>,
         interpret: Interpret,
     ) -> Result<CallResponse, CallError> {
         if let Some(k) = &self.key {
             headers.push(auth(k));
+        }
+        if let Some(t) = tag {
+            headers.push((super::CALL_TAG_HEADER, t.to_string()));
         }
         let raw = self.post_json(path, &headers, body).await?;
         interpret(&raw, std::time::SystemTime::now()).map_err(|mut e| {

@@ -102,6 +102,7 @@ impl OpenAiAdapter {
                 |k| ("authorization", format!("Bearer {}", k.expose())),
                 Vec::new(),
                 &build_request(req),
+                req.tag.as_deref(),
                 interpret,
             )
             .await

@@ -221,6 +221,18 @@ pub struct LedgerEntry {
     /// Requests being served when this one arrived, this one included.
     #[serde(default)]
     pub in_flight: u64,
+    /// The request's `x-switchyard-call` header, decoded: the job, step and
+    /// attempt it was for (see [`crate::providers::call_tag`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<CallTag>,
+}
+
+/// Which attempt of which job's step a request was.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct CallTag {
+    pub job_id: String,
+    pub step: i32,
+    pub attempt: i32,
 }
 
 /// A failure (or oddity) a test can queue for the next request of a format.
@@ -637,6 +649,15 @@ async fn serve(
         + 1;
     let _counted = InFlight(&st.in_flight);
     let auth = has_auth(headers);
+    let call = headers
+        .get(crate::providers::CALL_TAG_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::providers::parse_call_tag)
+        .map(|(job_id, step, attempt)| CallTag {
+            job_id,
+            step,
+            attempt,
+        });
     let max_tokens_of_request = parsed.as_ref().map_or(0, |r| u64::from(r.max_tokens));
     let p = st.profile.for_format(format);
     let record = |model: &str, status: u16, usage: SimUsage, retry_after_ms: Option<u64>| {
@@ -657,6 +678,7 @@ async fn serve(
                 has_auth: auth,
                 retry_after_ms,
                 in_flight,
+                call: call.clone(),
             });
         }
     };

@@ -234,3 +234,18 @@ pub fn spawn_worker(env: &[(String, String)]) -> Worker {
             .expect("spawn worker"),
     )
 }
+
+/// Tests that run their own PostgreSQL or nats-server need the servers'
+/// binaries, not only running services (a machine whose services run in
+/// Docker may lack them). Without them the test says so and passes, except
+/// under CI, where it fails.
+pub fn have(what: &str, found: bool) -> bool {
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{what} is not installed; CI needs it for this test"
+        );
+        eprintln!("SKIPPED: {what} is not installed (install it to run this test)");
+    }
+    found
+}

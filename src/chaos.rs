@@ -1,0 +1,652 @@
+//! `switchyard bench chaos`: jobs through several worker processes while a
+//! random worker is killed with SIGKILL every few seconds (and restarted),
+//! nats-server is killed and restarted once and PostgreSQL is stopped the
+//! hard way and restarted once. It runs its own PostgreSQL and nats-server
+//! (see [`crate::servers`]) so it can do that freely, and the simulator
+//! in-process, so its ledger of answered requests outlives every worker.
+//!
+//! Afterwards it checks, in SQL and against the ledger (every request is
+//! tagged with its job, step and attempt), that every job ended exactly once
+//! and every answered request has its `calls` row.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::demo::sample_jobs;
+use crate::enqueue::{publish_jobs, Outgoing};
+use crate::servers::{PrivateNats, PrivatePg};
+use crate::sim::{LedgerEntry, SimProfile, SimServer};
+
+/// What `switchyard bench chaos` runs.
+#[derive(Debug, Clone)]
+pub struct ChaosOptions {
+    pub jobs: usize,
+    pub processes: usize,
+    /// Jobs published per second (None: all at once).
+    pub publish_rate: Option<f64>,
+    /// A random worker is killed after a random pause in this range.
+    pub kill_every: (Duration, Duration),
+    /// How long nats-server stays dead (0: no NATS restart).
+    pub nats_down: Duration,
+    /// How long PostgreSQL stays stopped (0: no Postgres restart).
+    pub pg_down: Duration,
+    /// The workers' `nats.ack_wait_secs`: how soon a killed worker's
+    /// messages are delivered again.
+    pub ack_wait_secs: u64,
+    /// Give up waiting for the jobs after this long.
+    pub timeout: Duration,
+    /// The `switchyard` binary the workers run.
+    pub worker_exe: PathBuf,
+}
+
+/// What the run found. The targets: `lost`, `duplicated_results`,
+/// `unrecorded_calls` and `phantom_calls` 0, `terminal` = `published`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChaosFigures {
+    pub published: usize,
+    pub terminal: usize,
+    /// Published but not terminal when the run ended.
+    pub lost: usize,
+    /// Jobs that ended more than once (two results, or a result and a dead
+    /// letter, ...).
+    pub duplicated_results: usize,
+    /// Requests the simulator answered with no `calls` row for their
+    /// attempt (untagged requests count here too).
+    pub unrecorded_calls: usize,
+    /// `ok` rows for an attempt the simulator never answered with a 200.
+    pub phantom_calls: usize,
+    /// Terminal jobs that ended in no recorded way (succeeded without a
+    /// result, dead without a dead letter).
+    pub inconsistent: usize,
+    /// Worker processes killed with SIGKILL (and restarted).
+    pub kills: usize,
+    /// Worker processes that exited by themselves (say, started while a
+    /// server was down) and were restarted.
+    pub exits: usize,
+    pub nats_restarts: usize,
+    pub pg_restarts: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub needs_review: usize,
+    pub dead: usize,
+    /// Requests the simulator answered (any status).
+    pub answered: usize,
+    pub calls_rows: usize,
+    /// Attempts whose worker died before recording the answer: outcome
+    /// `unknown`, at the reserved cost.
+    pub unknown_calls: usize,
+    pub unknown_cost_usd: Decimal,
+    pub total_cost_usd: Decimal,
+    /// Steps answered `ok` more than once (paid twice; the job still ended once).
+    pub duplicate_answers: usize,
+    pub elapsed_s: f64,
+    pub jobs_per_sec: f64,
+}
+
+/// The ledger against the `calls` rows `(job, step, attempt, outcome)`.
+#[derive(Debug, Default, PartialEq)]
+pub struct Reconciled {
+    pub answered: usize,
+    pub untagged: usize,
+    pub unrecorded: usize,
+    pub phantom: usize,
+    pub duplicate_answers: usize,
+}
+
+/// Compare what the simulator answered with what `calls` holds (pure).
+pub fn reconcile(ledger: &[LedgerEntry], rows: &[(String, i32, i32, String)]) -> Reconciled {
+    let recorded: HashSet<(&str, i32, i32)> = rows
+        .iter()
+        .map(|(j, s, a, _)| (j.as_str(), *s, *a))
+        .collect();
+    let mut r = Reconciled {
+        answered: ledger.len(),
+        ..Default::default()
+    };
+    let mut seen: HashSet<(&str, i32, i32)> = HashSet::new();
+    let mut answered_ok: HashSet<(&str, i32, i32)> = HashSet::new();
+    for e in ledger {
+        let Some(t) = &e.call else {
+            r.untagged += 1;
+            continue;
+        };
+        let key = (t.job_id.as_str(), t.step, t.attempt);
+        // One row accounts for one request: a second request with the same
+        // tag is unrecorded.
+        if !seen.insert(key) || !recorded.contains(&key) {
+            r.unrecorded += 1;
+        }
+        if e.status == 200 {
+            answered_ok.insert(key);
+        }
+    }
+    r.unrecorded += r.untagged;
+    let mut ok_per_step: HashMap<(&str, i32), usize> = HashMap::new();
+    for (j, s, a, outcome) in rows {
+        if outcome == "ok" {
+            if !answered_ok.contains(&(j.as_str(), *s, *a)) {
+                r.phantom += 1;
+            }
+            *ok_per_step.entry((j.as_str(), *s)).or_default() += 1;
+        }
+    }
+    r.duplicate_answers = ok_per_step.values().filter(|n| **n > 1).count();
+    r
+}
+
+/// The environment that points a worker process at these servers, this
+/// prefix and the simulator, with no API keys.
+pub fn sim_worker_env(
+    cfg: &Config,
+    database_url: &str,
+    nats_url: &str,
+    prefix: &str,
+    sim_url: &str,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        ("DATABASE_URL".into(), database_url.into()),
+        ("NATS_URL".into(), nats_url.into()),
+        ("SWITCHYARD_NATS__PREFIX".into(), prefix.into()),
+        ("RUST_LOG".into(), "warn".into()),
+    ];
+    for p in cfg.providers.keys() {
+        let up = p.to_uppercase();
+        env.push((
+            format!("SWITCHYARD_PROVIDERS__{up}__BASE_URL"),
+            sim_url.into(),
+        ));
+        env.push((
+            format!("SWITCHYARD_PROVIDERS__{up}__API_KEY_ENV"),
+            "SWITCHYARD_BENCH_NO_KEY".into(),
+        ));
+    }
+    env
+}
+
+/// Worker processes; killed on drop.
+struct Fleet {
+    exe: PathBuf,
+    config: PathBuf,
+    env: Vec<(String, String)>,
+    logs: PathBuf,
+    children: Vec<Child>,
+}
+
+impl Fleet {
+    fn spawn(&self, i: usize) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.logs.join(format!("worker-{i}.log")))
+            .context("opening a worker log")?;
+        Command::new(&self.exe)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("worker")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting a worker process")
+    }
+
+    /// SIGKILL worker `i` and start it again.
+    fn kill_and_restart(&mut self, i: usize) -> Result<()> {
+        let _ = self.children[i].kill();
+        let _ = self.children[i].wait();
+        self.children[i] = self.spawn(i)?;
+        Ok(())
+    }
+
+    /// Restart workers that exited by themselves; returns how many.
+    fn revive(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for i in 0..self.children.len() {
+            if self.children[i].try_wait()?.is_some() {
+                self.children[i] = self.spawn(i)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// SIGTERM every worker and wait for them to drain (SIGKILL after `grace`).
+    fn stop(&mut self, grace: Duration) {
+        for c in &self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + grace;
+        for c in &mut self.children {
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Publish `jobs` at `rate` per second (all at once if None), retrying a
+/// chunk whose publication failed (NATS down): the same ids are dropped as
+/// duplicates, so a retry never doubles a job.
+async fn publish_paced(bus: Bus, jobs: Vec<Outgoing>, rate: Option<f64>, done: Arc<AtomicUsize>) {
+    let chunk = match rate {
+        Some(r) => ((r / 10.0).ceil() as usize).max(1),
+        None => 1000,
+    };
+    let started = Instant::now();
+    for (i, part) in jobs.chunks(chunk).enumerate() {
+        if let Some(r) = rate {
+            let due = started + Duration::from_secs_f64((i * chunk) as f64 / r);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        loop {
+            match publish_jobs(&bus, part, None).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "publishing failed; publishing the same ids again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        done.fetch_add(part.len(), Ordering::SeqCst);
+    }
+}
+
+async fn count_terminal(pool: &PgPool) -> Option<usize> {
+    sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM jobs WHERE status IN ('succeeded','failed','needs_review','dead')",
+    )
+    .fetch_one(pool)
+    .await
+    .ok()
+    .map(|n| n as usize)
+}
+
+pub async fn run(cfg: Config, config_path: &Path, opts: &ChaosOptions) -> Result<ChaosFigures> {
+    anyhow::ensure!(opts.processes > 0, "--processes must be at least 1");
+    let pg = tokio::task::spawn_blocking(PrivatePg::start)
+        .await?
+        .context("starting a private PostgreSQL for the chaos run")?;
+    let mut nats = tokio::task::spawn_blocking(PrivateNats::start)
+        .await?
+        .context("starting a private nats-server for the chaos run")?;
+    let database_url = pg.url("switchyard");
+    let pool = crate::store::connect_and_migrate(&database_url, 4).await?;
+
+    // The demo's error mix (500s, a model that refuses 10%, cached prompts)
+    // and a per-model limit that draws some 429s.
+    let mut profile = SimProfile::demo();
+    profile.rpm = 20_000;
+    for f in profile.formats.values_mut() {
+        f.rpm = 20_000;
+    }
+    let sim = SimServer::start("127.0.0.1:0", profile).await?;
+    let prefix = "chaos";
+    let mut env = sim_worker_env(&cfg, &database_url, &nats.url(), prefix, &sim.base_url());
+    if let Ok(level) = std::env::var("CHAOS_WORKER_LOG") {
+        env.push(("RUST_LOG".into(), level));
+    }
+    env.push((
+        "SWITCHYARD_NATS__ACK_WAIT_SECS".into(),
+        opts.ack_wait_secs.to_string(),
+    ));
+    // The configured limits would make this a rate-limit test: lift them.
+    // A short provider timeout: a killed worker's call counts as under way
+    // (and holds its step) for that long plus a margin.
+    for p in cfg.providers.keys() {
+        let up = p.to_uppercase();
+        for (k, v) in [
+            ("TIMEOUT_SECS", "10"),
+            ("RPM", "1000000"),
+            ("TPM", "1000000000"),
+            ("INPUT_TPM", "1000000000"),
+            ("OUTPUT_TPM", "1000000000"),
+        ] {
+            env.push((format!("SWITCHYARD_PROVIDERS__{up}__{k}"), v.into()));
+        }
+    }
+
+    let bus = Bus::connect(&nats.url(), prefix).await?;
+    let mut run_cfg = cfg.clone();
+    run_cfg.nats.prefix = prefix.into();
+    bus.ensure_streams(&run_cfg).await?;
+
+    let logs = std::env::temp_dir().join(format!(
+        "switchyard-chaos-{}",
+        &crate::enqueue::new_job_id()[..8]
+    ));
+    std::fs::create_dir_all(&logs)?;
+    let mut fleet = Fleet {
+        exe: opts.worker_exe.clone(),
+        config: config_path.to_path_buf(),
+        env,
+        logs: logs.clone(),
+        children: Vec::new(),
+    };
+    for i in 0..opts.processes {
+        let c = fleet.spawn(i)?;
+        fleet.children.push(c);
+    }
+
+    let jobs = sample_jobs(&run_cfg, "chaos", opts.jobs)?;
+    let published = jobs.len();
+    eprintln!(
+        "bench chaos: {published} jobs, {} worker processes, a SIGKILL every {:.0}-{:.0}s, \
+         NATS down {:.0}s at 30%, Postgres down {:.0}s at 60%; worker logs in {}",
+        opts.processes,
+        opts.kill_every.0.as_secs_f64(),
+        opts.kill_every.1.as_secs_f64(),
+        opts.nats_down.as_secs_f64(),
+        opts.pg_down.as_secs_f64(),
+        logs.display()
+    );
+    let started = Instant::now();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let publisher = tokio::spawn(publish_paced(
+        bus.clone(),
+        jobs,
+        opts.publish_rate,
+        sent.clone(),
+    ));
+
+    let mut figures = ChaosFigures {
+        published,
+        ..Default::default()
+    };
+    let pause = |(lo, hi): (Duration, Duration)| {
+        lo + Duration::from_secs_f64(fastrand::f64() * hi.saturating_sub(lo).as_secs_f64())
+    };
+    let mut next_kill = Instant::now() + pause(opts.kill_every);
+    let mut nats_due = !opts.nats_down.is_zero();
+    let mut pg_due = !opts.pg_down.is_zero();
+    let deadline = Instant::now() + opts.timeout;
+    let mut last_report = Instant::now();
+    let mut terminal = 0;
+    while Instant::now() < deadline {
+        if let Some(t) = count_terminal(&pool).await {
+            terminal = t;
+        }
+        if terminal >= published && sent.load(Ordering::SeqCst) >= published {
+            break;
+        }
+        figures.exits += fleet.revive()?;
+        if Instant::now() >= next_kill {
+            let i = fastrand::usize(..fleet.children.len());
+            fleet.kill_and_restart(i)?;
+            figures.kills += 1;
+            next_kill = Instant::now() + pause(opts.kill_every);
+        }
+        if nats_due && terminal * 10 >= published * 3 {
+            nats_due = false;
+            eprintln!("bench chaos: killing nats-server ({terminal} jobs terminal)");
+            nats.kill();
+            tokio::time::sleep(opts.nats_down).await;
+            nats = tokio::task::spawn_blocking(move || nats.run().map(|_| nats))
+                .await?
+                .context("restarting nats-server")?;
+            figures.nats_restarts += 1;
+            eprintln!("bench chaos: nats-server is back");
+        }
+        if pg_due && terminal * 10 >= published * 6 {
+            pg_due = false;
+            eprintln!("bench chaos: stopping PostgreSQL ({terminal} jobs terminal)");
+            let pg_ref = &pg;
+            tokio::task::block_in_place(|| pg_ref.ctl_stop()).context("stopping PostgreSQL")?;
+            tokio::time::sleep(opts.pg_down).await;
+            tokio::task::block_in_place(|| pg_ref.ctl_start()).context("restarting PostgreSQL")?;
+            figures.pg_restarts += 1;
+            eprintln!("bench chaos: PostgreSQL is back");
+        }
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            last_report = Instant::now();
+            eprintln!(
+                "bench chaos: {terminal}/{published} terminal, {} kills, {:.0}s",
+                figures.kills,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let elapsed = started.elapsed();
+    publisher.abort();
+    // Let the workers drain: in-flight calls finish and are recorded.
+    tokio::task::block_in_place(|| fleet.stop(Duration::from_secs(30)));
+
+    // Reconcile.
+    let status: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
+            .fetch_all(&pool)
+            .await?;
+    for (s, n) in status {
+        let n = n as usize;
+        match s.as_str() {
+            "succeeded" => figures.succeeded = n,
+            "failed" => figures.failed = n,
+            "needs_review" => figures.needs_review = n,
+            "dead" => figures.dead = n,
+            _ => {}
+        }
+    }
+    figures.terminal = figures.succeeded + figures.failed + figures.needs_review + figures.dead;
+    figures.lost = published.saturating_sub(figures.terminal);
+    // A job ends once: a result (succeeded), a dead letter (dead), or its
+    // status with the reason (failed, needs_review).
+    let (twice, never): (i64, i64) = sqlx::query_as(
+        "WITH ends AS (
+             SELECT j.id, j.status,
+                    (SELECT count(*) FROM results r WHERE r.job_id = j.id)
+                  + (SELECT count(*) FROM dead_letters d WHERE d.job_id = j.id AND d.replayed_at IS NULL)
+                  + CASE WHEN j.status IN ('failed', 'needs_review') THEN 1 ELSE 0 END AS n
+             FROM jobs j WHERE j.status IN ('succeeded','failed','needs_review','dead'))
+         SELECT count(*) FILTER (WHERE n > 1), count(*) FILTER (WHERE n = 0) FROM ends",
+    )
+    .fetch_one(&pool)
+    .await?;
+    figures.duplicated_results = twice as usize;
+    figures.inconsistent = never as usize;
+    let rows: Vec<(String, i32, i32, String)> =
+        sqlx::query_as("SELECT job_id, step, attempt, outcome FROM calls")
+            .fetch_all(&pool)
+            .await?;
+    let (unknown, unknown_cost, total_cost): (i64, Option<Decimal>, Option<Decimal>) =
+        sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE outcome = 'unknown'),
+                    sum(cost_usd) FILTER (WHERE outcome = 'unknown'), sum(cost_usd) FROM calls",
+        )
+        .fetch_one(&pool)
+        .await?;
+    let ledger = sim.ledger();
+    let rec = reconcile(&ledger, &rows);
+    figures.answered = rec.answered;
+    figures.unrecorded_calls = rec.unrecorded;
+    figures.phantom_calls = rec.phantom;
+    figures.duplicate_answers = rec.duplicate_answers;
+    figures.calls_rows = rows.len();
+    figures.unknown_calls = unknown as usize;
+    figures.unknown_cost_usd = unknown_cost.unwrap_or_default();
+    figures.total_cost_usd = total_cost.unwrap_or_default();
+    if rec.duplicate_answers > 0 {
+        // Show how the twice-answered steps came about.
+        let twice: Vec<(String, i32, i32, String, String, i32)> = sqlx::query_as(
+            "SELECT c.job_id, c.step, c.attempt, c.provider,
+                    to_char(c.created_at, 'HH24:MI:SS.MS'), c.latency_ms
+             FROM calls c JOIN (SELECT job_id, step FROM calls WHERE outcome = 'ok'
+                                GROUP BY job_id, step HAVING count(*) > 1 LIMIT 5) d
+               ON d.job_id = c.job_id AND d.step = c.step
+             ORDER BY c.job_id, c.step, c.attempt",
+        )
+        .fetch_all(&pool)
+        .await?;
+        for (job, step, attempt, provider, at, latency) in twice {
+            eprintln!(
+                "bench chaos: answered twice: {job} step {step} attempt {attempt} on {provider} at {at} ({latency} ms)"
+            );
+        }
+    }
+    figures.elapsed_s = elapsed.as_secs_f64();
+    figures.jobs_per_sec = figures.terminal as f64 / elapsed.as_secs_f64().max(1e-9);
+
+    pool.close().await;
+    sim.stop();
+    drop(fleet);
+    drop(nats);
+    drop(pg);
+    if figures.passed() && std::env::var_os("CHAOS_WORKER_LOG").is_none() {
+        let _ = std::fs::remove_dir_all(&logs);
+    }
+    Ok(figures)
+}
+
+impl ChaosFigures {
+    /// Whether the run met every target.
+    pub fn passed(&self) -> bool {
+        self.lost == 0
+            && self.terminal == self.published
+            && self.duplicated_results == 0
+            && self.unrecorded_calls == 0
+            && self.phantom_calls == 0
+            && self.inconsistent == 0
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "jobs published            {}\n\
+             jobs terminal             {} ({:.2}%): {} succeeded, {} failed, {} needs review, {} dead\n\
+             lost                      {}\n\
+             duplicated results        {}\n\
+             ended in no recorded way  {}\n\
+             requests answered (sim)   {}\n\
+             calls rows                {} ({} unknown, ${} reserved)\n\
+             unrecorded calls          {}\n\
+             phantom calls             {}\n\
+             steps answered twice      {}\n\
+             kills (SIGKILL)           {} (+{} restarts after an exit)\n\
+             NATS / Postgres restarts  {} / {}\n\
+             total cost                ${}\n\
+             elapsed                   {:.1}s ({:.0} jobs/s)\n\
+             verdict                   {}",
+            self.published,
+            self.terminal,
+            100.0 * self.terminal as f64 / self.published.max(1) as f64,
+            self.succeeded,
+            self.failed,
+            self.needs_review,
+            self.dead,
+            self.lost,
+            self.duplicated_results,
+            self.inconsistent,
+            self.answered,
+            self.calls_rows,
+            self.unknown_calls,
+            self.unknown_cost_usd.round_dp(6),
+            self.unrecorded_calls,
+            self.phantom_calls,
+            self.duplicate_answers,
+            self.kills,
+            self.exits,
+            self.nats_restarts,
+            self.pg_restarts,
+            self.total_cost_usd.round_dp(6),
+            self.elapsed_s,
+            self.jobs_per_sec,
+            if self.passed() {
+                "PASS: nothing lost, nothing doubled, every answer recorded"
+            } else {
+                "FAIL"
+            }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{CallTag, Format};
+
+    fn entry(tag: Option<(&str, i32, i32)>, status: u16) -> LedgerEntry {
+        LedgerEntry {
+            seq: 0,
+            format: Format::Openai,
+            model: "m".into(),
+            status,
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            max_tokens: 1,
+            cached_tokens: 0,
+            cache_write_tokens: 0,
+            reasoning_tokens: 0,
+            at_ms: 0,
+            has_auth: false,
+            retry_after_ms: None,
+            in_flight: 1,
+            call: tag.map(|(j, s, a)| CallTag {
+                job_id: j.into(),
+                step: s,
+                attempt: a,
+            }),
+        }
+    }
+
+    fn row(j: &str, s: i32, a: i32, o: &str) -> (String, i32, i32, String) {
+        (j.into(), s, a, o.into())
+    }
+
+    #[test]
+    fn reconcile_finds_unrecorded_phantom_and_twice_answered_calls() {
+        let ledger = vec![
+            entry(Some(("a", 0, 1)), 500),
+            entry(Some(("a", 0, 2)), 200),
+            entry(Some(("b", 0, 1)), 200), // worker died: recorded as unknown
+            entry(Some(("c", 0, 1)), 200), // no row at all
+            entry(Some(("d", 0, 1)), 200),
+            entry(Some(("d", 0, 1)), 200), // the same attempt twice
+            entry(Some(("e", 1, 1)), 200),
+            entry(Some(("e", 1, 2)), 200),
+            entry(None, 200),
+        ];
+        let rows = vec![
+            row("a", 0, 1, "retryable_error"),
+            row("a", 0, 2, "ok"),
+            row("b", 0, 1, "unknown"),
+            row("d", 0, 1, "ok"),
+            row("e", 1, 1, "ok"),
+            row("e", 1, 2, "ok"),
+            row("f", 0, 1, "ok"),      // never answered
+            row("a", 0, 3, "unknown"), // intent, the call never left
+        ];
+        let r = reconcile(&ledger, &rows);
+        assert_eq!(
+            r,
+            Reconciled {
+                answered: 9,
+                untagged: 1,
+                unrecorded: 3, // c, d's second request, the untagged one
+                phantom: 1,
+                duplicate_answers: 1,
+            }
+        );
+    }
+}

@@ -525,6 +525,12 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
     let calls: Vec<&CallRow> = calls_by_key.into_values().collect();
     let mut status = HashMap::new();
     let mut attempts = HashMap::new();
+    if !intents.is_empty() {
+        // First, before any row lock: intents of the same step from two
+        // processes take turns, so the second sees the first (which may
+        // have another attempt number) and is refused.
+        lock_steps(&mut tx, &intents).await?;
+    }
     if !jobs.is_empty() {
         insert_jobs(&mut tx, &jobs).await?;
         let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
@@ -734,6 +740,29 @@ async fn insert_calls(tx: &mut Transaction<'_, Postgres>, calls: &[&CallRow]) ->
     bind_calls(sqlx::query(sqlx::AssertSqlSafe(sql)), calls)
         .execute(&mut **tx)
         .await?;
+    Ok(())
+}
+
+/// Transaction-scoped advisory locks on the intents' steps, in a fixed
+/// order (no deadlock between two batches).
+async fn lock_steps(
+    tx: &mut Transaction<'_, Postgres>,
+    intents: &[(&CallRow, &Duration)],
+) -> Result<()> {
+    sqlx::query(
+        "SELECT count(pg_advisory_xact_lock(k, s))
+         FROM (SELECT DISTINCT hashtext(j) AS k, s
+               FROM UNNEST($1::text[], $2::int4[]) AS t(j, s) ORDER BY 1, 2) o",
+    )
+    .bind(
+        intents
+            .iter()
+            .map(|(c, _)| c.job_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(intents.iter().map(|(c, _)| c.step).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

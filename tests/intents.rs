@@ -1,0 +1,95 @@
+//! The intent row is the check-and-claim before every provider call: two
+//! workers that take the same step at the same moment (with different
+//! attempt numbers: one a redelivery, one a first delivery from a NATS
+//! server that forgot the ack) never both get to call the provider.
+
+mod common;
+
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use switchyard::pricing::{Prices, Usage};
+use switchyard::store::{CallOutcome, CallRow, Row, Writer};
+use tokio_util::task::TaskTracker;
+
+fn intent(job: &str, attempt: i32) -> Row {
+    Row::Intent {
+        row: CallRow {
+            job_id: job.into(),
+            category: "support".into(),
+            provider: "openai".into(),
+            model: "gpt-4o-mini".into(),
+            step: 0,
+            attempt,
+            usage: Usage {
+                input_tokens: 100,
+                output_tokens: 50,
+                ..Usage::default()
+            },
+            prices: Prices {
+                input_per_mtok: Decimal::new(15, 2),
+                output_per_mtok: Decimal::new(60, 2),
+                cached_input_per_mtok: Decimal::ZERO,
+                cache_write_per_mtok: Decimal::ZERO,
+            },
+            latency_ms: 0,
+            http_status: None,
+            outcome: CallOutcome::Unknown,
+            error: None,
+        },
+        busy_for: Duration::from_secs(60),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_claiming_one_step_at_once_get_one_claim() {
+    let env = common::TestEnv::new(Default::default()).await;
+    let tracker = TaskTracker::new();
+    // Two processes: two pools, two writers.
+    let other = switchyard::store::connect_and_migrate(&env.db_url, 4)
+        .await
+        .unwrap();
+    let a = Writer::spawn(env.pool.clone(), 64, Duration::from_millis(1), &tracker);
+    let b = Writer::spawn(other.clone(), 64, Duration::from_millis(1), &tracker);
+    let rounds = 200;
+    let mut both = 0;
+    for i in 0..rounds {
+        let job = format!("race-{i}");
+        let (ra, rb) = tokio::join!(
+            a.write(vec![intent(&job, 1)]),
+            b.write(vec![intent(&job, 2)])
+        );
+        let got = |c: switchyard::store::Committed| c.attempts.contains_key(&(job.clone(), 0));
+        let (ga, gb) = (got(ra.unwrap()), got(rb.unwrap()));
+        assert!(ga || gb, "{job}: one of them claims the step");
+        if ga && gb {
+            both += 1;
+        }
+    }
+    assert_eq!(both, 0, "steps claimed twice in {rounds} rounds");
+    assert_eq!(
+        env.count("SELECT count(*) FROM calls").await,
+        rounds,
+        "one intent row per step"
+    );
+    // A later attempt (the claim is older than its busy window: the worker
+    // died) gets the next number after the highest.
+    sqlx::query("UPDATE calls SET created_at = now() - interval '2 minutes'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let c = a.write(vec![intent("race-0", 1)]).await.unwrap();
+    let first: i64 = env
+        .count("SELECT max(attempt)::int8 FROM calls WHERE job_id = 'race-0'")
+        .await;
+    assert_eq!(
+        c.attempts.get(&("race-0".to_string(), 0)),
+        Some(&(first as i32))
+    );
+    assert!(first >= 2, "attempt numbers are not reused");
+    drop((a, b));
+    tracker.close();
+    tracker.wait().await;
+    other.close().await;
+    env.cleanup().await;
+}

@@ -93,6 +93,19 @@ pub enum Command {
         /// Only jobs whose id starts with this prefix.
         #[arg(long)]
         job_prefix: Option<String>,
+        /// From this time on: a date or time (2026-11-01, 2026-11-01T08:00:00Z)
+        /// or a duration back from now (90m, 24h, 7d, 2w).
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this time (same forms as --since).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this category.
+        #[arg(long)]
+        category: Option<String>,
+        /// Measure savings against this model instead of `report.baseline_model`.
+        #[arg(long)]
+        baseline: Option<String>,
     },
     /// Run the whole system on the simulator with sample jobs and print the cost report.
     Demo {
@@ -105,6 +118,17 @@ pub enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
+    },
+    /// Rate a job's result (1-5), so satisfaction per model and route can be compared.
+    Feedback {
+        /// The job whose result is rated.
+        job_id: String,
+        /// 1 (bad) to 5 (excellent).
+        #[arg(long)]
+        score: u8,
+        /// What the rater noticed.
+        #[arg(long)]
+        comment: Option<String>,
     },
     /// Work the human-review queue: jobs a route could not finish.
     Review {
@@ -399,12 +423,26 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if errors.is_empty() { 0 } else { 1 })
         }
-        Command::Report { format, job_prefix } => {
+        Command::Report {
+            format,
+            job_prefix,
+            since,
+            until,
+            category,
+            baseline,
+        } => {
             let cfg = load()?;
+            let baseline = cfg.baseline(baseline.as_deref())?;
             let pool =
                 store::connect_and_migrate(&g.database_url, cfg.database.max_connections.min(4))
                     .await?;
-            let r = report::build(&pool, job_prefix).await?;
+            let filter = report::Filter {
+                job_prefix,
+                since,
+                until,
+                category,
+            };
+            let r = report::build(&pool, &filter, baseline).await?;
             print!("{}", r.render(format));
             if format == Format::Json {
                 println!();
@@ -518,6 +556,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(if missing > 0 { 1 } else { 0 })
                 }
             }
+        }
+        Command::Feedback {
+            job_id,
+            score,
+            comment,
+        } => {
+            let pool = store::connect_and_migrate(&g.database_url, 2).await?;
+            let id = crate::feedback::record(&pool, &job_id, score, comment.as_deref()).await?;
+            println!("feedback {id} recorded: job {job_id} scored {score}");
+            Ok(0)
         }
         Command::Review { action } => {
             let cfg = load()?;

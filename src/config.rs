@@ -60,6 +60,19 @@ pub struct Config {
     /// How jobs published with category `auto` find their category.
     #[serde(default)]
     pub classifier: Option<ClassifierConfig>,
+    /// `switchyard report` settings.
+    #[serde(default)]
+    pub report: ReportConfig,
+}
+
+/// `switchyard report` settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    /// The single model savings are measured against: what the answered
+    /// calls would have cost on it (a model of `models`).
+    #[serde(default)]
+    pub baseline_model: Option<String>,
 }
 
 /// The category a job published as `auto` is served as.
@@ -703,6 +716,14 @@ impl Config {
                 "`auto` is reserved for jobs the classifier categorises",
             ));
         }
+        if let Some(b) = &self.report.baseline_model {
+            if !self.models.contains_key(b) {
+                return Err(err(
+                    "report.baseline_model",
+                    format!("`{b}` is not one of `models`"),
+                ));
+            }
+        }
         if let Some(c) = &self.classifier {
             if !self.categories.contains_key(&c.default_category) {
                 return Err(err(
@@ -816,6 +837,20 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The savings baseline: `report.baseline_model` (or `over`) with its prices.
+    pub fn baseline<'a>(
+        &'a self,
+        over: Option<&'a str>,
+    ) -> Result<Option<(&'a str, crate::pricing::Prices)>, ConfigError> {
+        match over.or(self.report.baseline_model.as_deref()) {
+            None => Ok(None),
+            Some(m) => match self.models.get(m) {
+                Some(mc) => Ok(Some((m, mc.prices()))),
+                None => Err(err("--baseline", format!("`{m}` is not one of `models`"))),
+            },
+        }
     }
 
     pub fn ack_wait(&self) -> Duration {

@@ -152,7 +152,11 @@ pub async fn run(
     let elapsed = started.elapsed();
     handle.shutdown().await;
     sim.stop();
-    let report = report::build(&pool, Some(run_id)).await?;
+    let filter = report::Filter {
+        job_prefix: Some(run_id),
+        ..Default::default()
+    };
+    let report = report::build(&pool, &filter, cfg.baseline(None)?).await?;
     Ok(DemoOutcome {
         report,
         elapsed,

@@ -30,6 +30,7 @@ pub mod dispatcher;
 pub mod dlq;
 pub mod enqueue;
 pub mod envelope;
+pub mod feedback;
 pub mod fleet;
 pub mod flow;
 pub mod lane;

@@ -1,5 +1,7 @@
 //! `switchyard report`: jobs by status; calls, tokens and USD by category and
-//! by model, read from Postgres and printed as a table, JSON or CSV.
+//! by model; savings against a single baseline model; read from Postgres
+//! (optionally for a time window, a category or a job-id prefix) and
+//! printed as a table, JSON or CSV.
 
 use std::fmt::Write as _;
 
@@ -7,6 +9,8 @@ use anyhow::Result;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::PgPool;
+
+use crate::pricing::Prices;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StatusCount {
@@ -59,10 +63,105 @@ pub struct ServedBy {
     pub share: f64,
 }
 
+/// What the same answered calls would have cost on the baseline model, per
+/// category (or in total).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SavingsLine {
+    pub category: String,
+    /// Jobs with calls in the report.
+    pub jobs: i64,
+    /// Every call's cost: answered, failed, retried, `unknown`.
+    pub actual_cost_usd: Decimal,
+    /// The answered calls' recorded tokens at the baseline model's prices.
+    pub baseline_cost_usd: Decimal,
+    /// Baseline minus actual (negative: the routes cost more).
+    pub savings_usd: Decimal,
+}
+
+/// Which rows a report covers. Times are RFC 3339 / ISO dates
+/// (`2026-11-01`, `2026-11-01T08:00:00Z`) or durations back from now
+/// (`90m`, `24h`, `7d`, `2w`); jobs count by their creation, calls by theirs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Filter {
+    pub job_prefix: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub category: Option<String>,
+}
+
+/// A time bound as SQL parameters: an absolute time, or an interval back from now.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Bound {
+    at: Option<String>,
+    ago: Option<String>,
+}
+
+fn bound(flag: &str, v: &Option<String>) -> Result<Bound> {
+    let Some(v) = v.as_deref().map(str::trim) else {
+        return Ok(Bound::default());
+    };
+    let re = regex::Regex::new(r"^(\d{1,6})\s*(m|h|d|w)$").expect("valid regex");
+    if let Some(c) = re.captures(v) {
+        let unit = match &c[2] {
+            "m" => "minutes",
+            "h" => "hours",
+            "d" => "days",
+            _ => "weeks",
+        };
+        return Ok(Bound {
+            at: None,
+            ago: Some(format!("{} {unit}", &c[1])),
+        });
+    }
+    if v.is_empty() || !v.starts_with(|c: char| c.is_ascii_digit()) {
+        anyhow::bail!(
+            "{flag} `{v}`: expected a date or time (2026-11-01, 2026-11-01T08:00:00Z) or a duration back from now (90m, 24h, 7d, 2w)"
+        );
+    }
+    Ok(Bound {
+        at: Some(v.to_string()),
+        ago: None,
+    })
+}
+
+/// The SQL parameters of a [`Filter`]: `$1` id pattern, `$2`/`$3` since,
+/// `$4`/`$5` until, `$6` category.
+struct Params {
+    like: String,
+    since: Bound,
+    until: Bound,
+    category: Option<String>,
+}
+
+/// The condition on a table's id, time and category columns, in `$1`-`$6`.
+fn cond(id: &str, time: &str, category: &str) -> String {
+    format!(
+        "{id} LIKE $1 AND ($2::text IS NULL OR {time} >= $2::timestamptz)
+         AND ($3::text IS NULL OR {time} >= now() - $3::interval)
+         AND ($4::text IS NULL OR {time} < $4::timestamptz)
+         AND ($5::text IS NULL OR {time} < now() - $5::interval)
+         AND ($6::text IS NULL OR {category} = $6)"
+    )
+}
+
+macro_rules! bind_filter {
+    ($q:expr, $p:expr) => {
+        $q.bind(&$p.like)
+            .bind(&$p.since.at)
+            .bind(&$p.since.ago)
+            .bind(&$p.until.at)
+            .bind(&$p.until.ago)
+            .bind(&$p.category)
+    };
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Report {
     /// The job-id prefix the report is limited to, if any.
     pub job_prefix: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub category: Option<String>,
     pub jobs_by_status: Vec<StatusCount>,
     pub by_category: Vec<CostLine>,
     pub by_model: Vec<CostLine>,
@@ -70,6 +169,14 @@ pub struct Report {
     pub dead_letters: i64,
     pub routes: Vec<RouteLine>,
     pub served_by: Vec<ServedBy>,
+    /// The model savings are measured against (`report.baseline_model`).
+    pub baseline_model: Option<String>,
+    pub baseline_cost_usd: Option<Decimal>,
+    pub actual_cost_usd: Option<Decimal>,
+    pub savings_usd: Option<Decimal>,
+    /// Jobs with calls, each counted once.
+    pub savings_jobs: Option<i64>,
+    pub savings_by_category: Vec<SavingsLine>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -113,47 +220,80 @@ const COST_COLUMNS: &str = "count(*)::int8, count(*) FILTER (WHERE outcome = 'ok
      COALESCE(sum(output_tokens), 0)::int8, COALESCE(sum(reasoning_tokens), 0)::int8,
      COALESCE(sum(cost_usd), 0)";
 
-/// Build the report, optionally limited to jobs whose id starts with `job_prefix`.
-pub async fn build(pool: &PgPool, job_prefix: Option<String>) -> Result<Report> {
-    let like = like_prefix(&job_prefix);
-    let jobs_by_status: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT status, count(*)::int8 FROM jobs WHERE id LIKE $1 GROUP BY status ORDER BY status",
+/// Build the report for the rows `filter` selects; with `baseline` (a
+/// model's name and prices), the savings against it.
+pub async fn build(
+    pool: &PgPool,
+    filter: &Filter,
+    baseline: Option<(&str, Prices)>,
+) -> Result<Report> {
+    let p = Params {
+        like: like_prefix(&filter.job_prefix),
+        since: bound("--since", &filter.since)?,
+        until: bound("--until", &filter.until)?,
+        category: filter.category.clone(),
+    };
+    for (flag, b) in [("--since", &p.since), ("--until", &p.until)] {
+        if let Some(at) = &b.at {
+            sqlx::query("SELECT $1::timestamptz")
+                .bind(at)
+                .execute(pool)
+                .await
+                .map_err(|e| anyhow::anyhow!("{flag} `{at}` is not a date or time: {e}"))?;
+        }
+    }
+    let on_jobs = cond("id", "created_at", "category");
+    let on_calls = cond("job_id", "created_at", "category");
+    let jobs_by_status: Vec<(String, i64)> = bind_filter!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT status, count(*)::int8 FROM jobs WHERE {on_jobs} GROUP BY status ORDER BY status"
+        ))),
+        p
     )
-    .bind(&like)
     .fetch_all(pool)
     .await?;
-    let by_category: Vec<CostTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT category, {COST_COLUMNS} FROM calls WHERE job_id LIKE $1 GROUP BY category ORDER BY category"
-    )))
-    .bind(&like)
+    let by_category: Vec<CostTuple> = bind_filter!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT category, {COST_COLUMNS} FROM calls WHERE {on_calls}
+             GROUP BY category ORDER BY category"
+        ))),
+        p
+    )
     .fetch_all(pool)
     .await?;
-    let by_model: Vec<CostTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT provider || '/' || model, {COST_COLUMNS} FROM calls WHERE job_id LIKE $1
-         GROUP BY provider, model ORDER BY provider, model"
-    )))
-    .bind(&like)
+    let by_model: Vec<CostTuple> = bind_filter!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT provider || '/' || model, {COST_COLUMNS} FROM calls WHERE {on_calls}
+             GROUP BY provider, model ORDER BY provider, model"
+        ))),
+        p
+    )
     .fetch_all(pool)
     .await?;
-    let total: CostTuple = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT 'total', {COST_COLUMNS} FROM calls WHERE job_id LIKE $1"
-    )))
-    .bind(&like)
+    let total: CostTuple = bind_filter!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT 'total', {COST_COLUMNS} FROM calls WHERE {on_calls}"
+        ))),
+        p
+    )
     .fetch_one(pool)
     .await?;
-    let dead_letters: i64 = match &job_prefix {
-        Some(_) => {
-            sqlx::query_scalar("SELECT count(*)::int8 FROM dead_letters WHERE job_id LIKE $1")
-                .bind(&like)
-                .fetch_one(pool)
-                .await?
-        }
-        None => {
-            sqlx::query_scalar("SELECT count(*)::int8 FROM dead_letters")
-                .fetch_one(pool)
-                .await?
-        }
-    };
+    // Dead letters whose job could not be read count only in an unfiltered report.
+    let unfiltered = *filter == Filter::default();
+    let on_dead = cond(
+        "COALESCE(job_id, '')",
+        "created_at",
+        "(SELECT j.category FROM jobs j WHERE j.id = dead_letters.job_id)",
+    );
+    let dead_letters: i64 = bind_filter!(
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*)::int8 FROM dead_letters WHERE ($7 OR job_id IS NOT NULL) AND {on_dead}"
+        ))),
+        p
+    )
+    .bind(unfiltered)
+    .fetch_one(pool)
+    .await?;
     type RouteTuple = (
         String,
         String,
@@ -166,7 +306,7 @@ pub async fn build(pool: &PgPool, job_prefix: Option<String>) -> Result<Report> 
         Decimal,
         Option<f64>,
     );
-    let routes: Vec<RouteTuple> = sqlx::query_as(
+    let routes_sql = format!(
         "SELECT j.category, COALESCE(j.variant, '-'), COALESCE(j.route_decision->>'kind', 'single'),
                 count(*)::int8,
                 count(*) FILTER (WHERE j.status = 'succeeded')::int8,
@@ -179,21 +319,77 @@ pub async fn build(pool: &PgPool, job_prefix: Option<String>) -> Result<Report> 
          FROM jobs j
          LEFT JOIN results r ON r.job_id = j.id
          LEFT JOIN LATERAL (SELECT sum(cost_usd) AS cost FROM calls WHERE calls.job_id = j.id) c ON true
-         WHERE j.id LIKE $1 AND j.status <> 'dead'
+         WHERE {} AND j.status <> 'dead'
          GROUP BY 1, 2, 3 ORDER BY 1, 2",
+        cond("j.id", "j.created_at", "j.category")
+    );
+    let routes: Vec<RouteTuple> = bind_filter!(sqlx::query_as(sqlx::AssertSqlSafe(routes_sql)), p)
+        .fetch_all(pool)
+        .await?;
+    let served: Vec<(String, String, i64, f64)> = bind_filter!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT j.category, r.model, count(*)::int8,
+                    (count(*)::float8 / sum(count(*)) OVER (PARTITION BY j.category))::float8
+             FROM results r JOIN jobs j ON j.id = r.job_id
+             WHERE {} GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2",
+            cond("j.id", "r.created_at", "j.category")
+        ))),
+        p
     )
-    .bind(&like)
     .fetch_all(pool)
     .await?;
-    let served: Vec<(String, String, i64, f64)> = sqlx::query_as(
-        "SELECT j.category, r.model, count(*)::int8,
-                (count(*)::float8 / sum(count(*)) OVER (PARTITION BY j.category))::float8
-         FROM results r JOIN jobs j ON j.id = r.job_id
-         WHERE j.id LIKE $1 GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2",
-    )
-    .bind(&like)
-    .fetch_all(pool)
-    .await?;
+    let mut savings_by_category = Vec::new();
+    let mut savings_total = None;
+    if let Some((_, b)) = &baseline {
+        // Every answered call's recorded tokens at the baseline's prices
+        // (the formula of `Prices::cost`), against every call's real cost.
+        let rows: Vec<(String, i64, Decimal, Decimal)> = bind_filter!(
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT category, count(DISTINCT job_id)::int8, COALESCE(sum(cost_usd), 0),
+                        COALESCE(sum(CASE WHEN outcome = 'ok' THEN
+                            ((input_tokens - cached_input_tokens - cache_write_input_tokens) * $7
+                             + cached_input_tokens * $8 + cache_write_input_tokens * $9
+                             + output_tokens * $10) / 1000000 ELSE 0 END), 0)
+                 FROM calls WHERE {on_calls} GROUP BY category ORDER BY category"
+            ))),
+            p
+        )
+        .bind(b.input_per_mtok)
+        .bind(b.cached_input_per_mtok)
+        .bind(b.cache_write_per_mtok)
+        .bind(b.output_per_mtok)
+        .fetch_all(pool)
+        .await?;
+        let line = |category: String, jobs: i64, actual: Decimal, base: Decimal| SavingsLine {
+            category,
+            jobs,
+            actual_cost_usd: actual,
+            baseline_cost_usd: base,
+            savings_usd: base - actual,
+        };
+        let (mut actual, mut base) = (Decimal::ZERO, Decimal::ZERO);
+        for (c, j, a, bl) in rows {
+            let (a, bl) = (a.normalize(), bl.normalize());
+            actual += a;
+            base += bl;
+            savings_by_category.push(line(c, j, a, bl));
+        }
+        // A classified job has calls in `auto` and in its category: count it once.
+        let jobs: i64 = bind_filter!(
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT count(DISTINCT job_id)::int8 FROM calls WHERE {on_calls}"
+            ))),
+            p
+        )
+        .fetch_one(pool)
+        .await?;
+        savings_total = Some(line(
+            "total".into(),
+            jobs,
+            actual.normalize(),
+            base.normalize(),
+        ));
+    }
     Ok(Report {
         routes: routes
             .into_iter()
@@ -219,7 +415,16 @@ pub async fn build(pool: &PgPool, job_prefix: Option<String>) -> Result<Report> 
                 share,
             })
             .collect(),
-        job_prefix,
+        job_prefix: filter.job_prefix.clone(),
+        since: filter.since.clone(),
+        until: filter.until.clone(),
+        category: filter.category.clone(),
+        baseline_model: baseline.map(|(m, _)| m.to_string()),
+        baseline_cost_usd: savings_total.as_ref().map(|t| t.baseline_cost_usd),
+        actual_cost_usd: savings_total.as_ref().map(|t| t.actual_cost_usd),
+        savings_usd: savings_total.as_ref().map(|t| t.savings_usd),
+        savings_jobs: savings_total.as_ref().map(|t| t.jobs),
+        savings_by_category,
         jobs_by_status: jobs_by_status
             .into_iter()
             .map(|(status, jobs)| StatusCount { status, jobs })
@@ -260,6 +465,7 @@ impl Report {
         let _ = writeln!(out, "  {:<14} {:>8}", "total", self.total_jobs());
         let _ = writeln!(out, "  {:<14} {:>8}", "dead letters", self.dead_letters);
         self.routes_table(&mut out);
+        self.savings_table(&mut out);
         for (title, lines) in [
             ("Cost by category", &self.by_category),
             ("Cost by model", &self.by_model),
@@ -286,6 +492,52 @@ impl Report {
             }
         }
         out
+    }
+
+    fn savings_table(&self, out: &mut String) {
+        let Some(model) = &self.baseline_model else {
+            return;
+        };
+        let _ = writeln!(
+            out,
+            "\nSavings against {model} alone (its prices on every answered call's tokens)"
+        );
+        let _ = writeln!(
+            out,
+            "  {:<14} {:>7} {:>12} {:>12} {:>12} {:>8}",
+            "category", "jobs", "actual USD", "baseline USD", "saved USD", "saved %"
+        );
+        let total = SavingsLine {
+            category: "total".into(),
+            jobs: self.savings_jobs.unwrap_or_default(),
+            actual_cost_usd: self.actual_cost_usd.unwrap_or_default(),
+            baseline_cost_usd: self.baseline_cost_usd.unwrap_or_default(),
+            savings_usd: self.savings_usd.unwrap_or_default(),
+        };
+        for l in self
+            .savings_by_category
+            .iter()
+            .chain(std::iter::once(&total))
+        {
+            let pct = if l.baseline_cost_usd.is_zero() {
+                "-".to_string()
+            } else {
+                format!(
+                    "{:.1}",
+                    (l.savings_usd / l.baseline_cost_usd * Decimal::ONE_HUNDRED).round_dp(1)
+                )
+            };
+            let _ = writeln!(
+                out,
+                "  {:<14} {:>7} {:>12} {:>12} {:>12} {:>8}",
+                l.category,
+                l.jobs,
+                l.actual_cost_usd.round_dp(6).to_string(),
+                l.baseline_cost_usd.round_dp(6).to_string(),
+                l.savings_usd.round_dp(6).to_string(),
+                pct
+            );
+        }
     }
 
     fn routes_table(&self, out: &mut String) {
@@ -343,16 +595,27 @@ impl Report {
 
     fn to_csv(&self) -> String {
         let mut out = String::from(
-            "section,key,jobs,calls,ok_calls,input_tokens,cached_input_tokens,cache_write_input_tokens,output_tokens,reasoning_tokens,cost_usd\n",
+            "section,key,jobs,calls,ok_calls,input_tokens,cached_input_tokens,cache_write_input_tokens,output_tokens,reasoning_tokens,cost_usd,baseline_cost_usd,savings_usd\n",
         );
         for s in &self.jobs_by_status {
-            let _ = writeln!(out, "status,{},{},,,,,,,,", csv_field(&s.status), s.jobs);
+            let _ = writeln!(out, "status,{},{},,,,,,,,,,", csv_field(&s.status), s.jobs);
+        }
+        for l in &self.savings_by_category {
+            let _ = writeln!(
+                out,
+                "savings,{},{},,,,,,,,{},{},{}",
+                csv_field(&l.category),
+                l.jobs,
+                l.actual_cost_usd,
+                l.baseline_cost_usd,
+                l.savings_usd
+            );
         }
         for (section, lines) in [("category", &self.by_category), ("model", &self.by_model)] {
             for l in lines.iter() {
                 let _ = writeln!(
                     out,
-                    "{section},{},,{},{},{},{},{},{},{},{}",
+                    "{section},{},,{},{},{},{},{},{},{},{},,",
                     csv_field(&l.key),
                     l.calls,
                     l.ok_calls,
@@ -368,7 +631,7 @@ impl Report {
         let t = &self.total;
         let _ = writeln!(
             out,
-            "total,total,{},{},{},{},{},{},{},{},{}",
+            "total,total,{},{},{},{},{},{},{},{},{},{},{}",
             self.total_jobs(),
             t.calls,
             t.ok_calls,
@@ -377,7 +640,10 @@ impl Report {
             t.cache_write_input_tokens,
             t.output_tokens,
             t.reasoning_tokens,
-            t.cost_usd
+            t.cost_usd,
+            self.baseline_cost_usd
+                .map_or(String::new(), |d| d.to_string()),
+            self.savings_usd.map_or(String::new(), |d| d.to_string())
         );
         out
     }

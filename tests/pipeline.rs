@@ -165,7 +165,9 @@ async fn thousand_jobs_end_to_end_with_exact_costs() {
     );
 
     // The report's totals match SQL sums.
-    let r = report::build(&env.pool, None).await.unwrap();
+    let r = report::build(&env.pool, &Default::default(), None)
+        .await
+        .unwrap();
     assert_eq!(r.jobs_with_status("succeeded"), 1000);
     let total: Decimal = sqlx::query_scalar("SELECT sum(cost_usd) FROM calls")
         .fetch_one(&env.pool)

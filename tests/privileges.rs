@@ -85,7 +85,30 @@ async fn the_analyst_role_reads_results_and_costs_and_cannot_write() {
         .await
         .unwrap();
     assert!(cost > rust_decimal::Decimal::ZERO);
+    // Every analysts' view, and the ratings.
+    for view in [
+        "cost_daily",
+        "model_usage",
+        "category_rates",
+        "latency_by_model",
+        "latency_by_category",
+        "cost_per_job",
+        "satisfaction_by_model",
+        "satisfaction_by_route",
+        "feedback",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {view} LIMIT 1")))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("the analyst cannot read {view}: {e}"));
+    }
+    let per_day: i64 = sqlx::query_scalar("SELECT sum(calls)::int8 FROM cost_daily")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(per_day >= 6);
     for sql in [
+        "INSERT INTO feedback (job_id, score) VALUES ('priv-00000', 5)",
         "DELETE FROM results",
         "UPDATE calls SET cost_usd = 0",
         "INSERT INTO jobs (id, category) VALUES ('x', 'y')",

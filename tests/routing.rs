@@ -661,7 +661,9 @@ async fn ab_split_is_deterministic_per_job_and_recorded() {
     }
     assert!((8..=32).contains(&variants), "{variants} of 40");
     // The report puts the variants side by side.
-    let r = switchyard::report::build(&env.pool, None).await.unwrap();
+    let r = switchyard::report::build(&env.pool, &Default::default(), None)
+        .await
+        .unwrap();
     let lines: Vec<(&str, i64)> = r
         .routes
         .iter()

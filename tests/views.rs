@@ -1,0 +1,447 @@
+//! The analysts' views (migration 0006) on known rows, and `switchyard
+//! feedback` storing ratings against results.
+
+mod common;
+
+use common::TestEnv;
+use rust_decimal::Decimal;
+use std::str::FromStr;
+
+fn d(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+/// Two support jobs (one fell back from Haiku to Sonnet after a retry),
+/// three sales jobs (ok, waiting for review with an `unknown` call, failed),
+/// on two days; four ratings.
+const FIXTURE: &str = r#"
+INSERT INTO jobs (id, category, status, route_decision) VALUES
+  ('j1', 'support', 'succeeded', '{"kind": "fallback"}'),
+  ('j2', 'support', 'succeeded', '{"kind": "fallback"}'),
+  ('j3', 'sales', 'succeeded', '{"kind": "single"}'),
+  ('j4', 'sales', 'needs_review', '{"kind": "single", "review": "low confidence"}'),
+  ('j5', 'sales', 'failed', '{"kind": "single"}');
+INSERT INTO steps (job_id, step, model, outcome) VALUES
+  ('j1', 0, 'claude-haiku-4-5', 'failed'), ('j1', 1, 'claude-sonnet-4-5', 'ok'),
+  ('j2', 0, 'claude-haiku-4-5', 'ok');
+INSERT INTO calls (job_id, category, provider, model, step, attempt, input_tokens, output_tokens,
+                   cached_input_tokens, price_input_per_mtok, price_output_per_mtok,
+                   price_cached_input_per_mtok, cost_usd, latency_ms, outcome, created_at) VALUES
+  ('j1', 'support', 'anthropic', 'claude-haiku-4-5', 0, 1, 100, 0, 0, 1, 5, 0.1, 0.001, 100, 'terminal_error', '2026-11-01 10:00Z'),
+  ('j1', 'support', 'anthropic', 'claude-sonnet-4-5', 1, 1, 100, 0, 0, 3, 15, 0.3, 0, 200, 'retryable_error', '2026-11-01 10:00Z'),
+  ('j1', 'support', 'anthropic', 'claude-sonnet-4-5', 1, 2, 1000, 400, 0, 3, 15, 0.3, 0.010, 300, 'ok', '2026-11-01 23:59Z'),
+  ('j2', 'support', 'anthropic', 'claude-haiku-4-5', 0, 1, 1000, 200, 0, 1, 5, 0.1, 0.002, 150, 'ok', '2026-11-01 00:00Z'),
+  ('j3', 'sales', 'openai', 'gpt-4o-mini', 0, 1, 1000, 500, 0, 0.15, 0.6, 0.075, 0.0005, 50, 'ok', '2026-11-02 12:00Z'),
+  ('j4', 'sales', 'openai', 'gpt-4o-mini', 0, 1, 1000, 1000, 0, 0.15, 0.6, 0.075, 0.0007, 0, 'unknown', '2026-11-02 12:00Z'),
+  ('j5', 'sales', 'openai', 'gpt-4o-mini', 0, 1, 0, 0, 0, 0.15, 0.6, 0.075, 0, 20, 'terminal_error', '2026-11-02 12:00Z');
+INSERT INTO results (job_id, category, output, model, cost_usd, input_tokens, output_tokens, latency_ms) VALUES
+  ('j1', 'support', 'a', 'claude-sonnet-4-5', 0.011, 1200, 400, 1000),
+  ('j2', 'support', 'b', 'claude-haiku-4-5', 0.002, 1000, 200, 500),
+  ('j3', 'sales', 'c', 'gpt-4o-mini', 0.0005, 1000, 500, 200);
+"#;
+
+async fn fixture() -> TestEnv {
+    let env = TestEnv::new(Default::default()).await;
+    sqlx::raw_sql(FIXTURE).execute(&env.pool).await.unwrap();
+    for (job, score) in [("j1", 5), ("j1", 3), ("j2", 2), ("j3", 4)] {
+        switchyard::feedback::record(&env.pool, job, score, Some("looked at it"))
+            .await
+            .unwrap();
+    }
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cost_usage_rates_and_cost_per_job() {
+    let env = fixture().await;
+    let p = &env.pool;
+
+    type Daily = (String, String, String, i64, i64, i64, i64, Decimal, Decimal);
+    let daily: Vec<Daily> = sqlx::query_as(
+        "SELECT day::text, category, model, calls, ok_calls, error_calls, unknown_calls,
+                input_tokens, cost_usd FROM cost_daily ORDER BY day, category, model",
+    )
+    .fetch_all(p)
+    .await
+    .unwrap();
+    let row = |day: &str, cat: &str, model: &str, n: [i64; 4], input: i64, usd: &str| -> Daily {
+        (
+            day.into(),
+            cat.into(),
+            model.into(),
+            n[0],
+            n[1],
+            n[2],
+            n[3],
+            Decimal::from(input),
+            d(usd),
+        )
+    };
+    assert_eq!(
+        daily,
+        vec![
+            row(
+                "2026-11-01",
+                "support",
+                "claude-haiku-4-5",
+                [2, 1, 1, 0],
+                1100,
+                "0.003"
+            ),
+            row(
+                "2026-11-01",
+                "support",
+                "claude-sonnet-4-5",
+                [2, 1, 1, 0],
+                1100,
+                "0.010"
+            ),
+            row(
+                "2026-11-02",
+                "sales",
+                "gpt-4o-mini",
+                [3, 1, 1, 1],
+                2000,
+                "0.0012"
+            ),
+        ]
+    );
+
+    let usage: Vec<(String, String, i64, Decimal)> = sqlx::query_as(
+        "SELECT category, model, results, share FROM model_usage ORDER BY category, model",
+    )
+    .fetch_all(p)
+    .await
+    .unwrap();
+    assert_eq!(
+        usage,
+        vec![
+            ("sales".into(), "gpt-4o-mini".into(), 1, d("1.0000")),
+            ("support".into(), "claude-haiku-4-5".into(), 1, d("0.5000")),
+            ("support".into(), "claude-sonnet-4-5".into(), 1, d("0.5000")),
+        ]
+    );
+
+    type Rates = (
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        Decimal,
+        Decimal,
+        Decimal,
+        Decimal,
+    );
+    let rates: Vec<Rates> = sqlx::query_as(
+        "SELECT category, jobs, succeeded, failed, needs_review, calls,
+                fallback_rate, retry_rate, error_rate, review_rate
+         FROM category_rates ORDER BY category",
+    )
+    .fetch_all(p)
+    .await
+    .unwrap();
+    assert_eq!(
+        rates,
+        vec![
+            (
+                "sales".into(),
+                3,
+                1,
+                1,
+                1,
+                3,
+                d("0"),
+                d("0"),
+                d("0.6667"),
+                d("0.3333")
+            ),
+            (
+                "support".into(),
+                2,
+                2,
+                0,
+                0,
+                4,
+                d("0.5"),
+                d("0.25"),
+                d("0.5"),
+                d("0")
+            ),
+        ]
+    );
+
+    let per_job: Vec<(String, i64, Decimal, Decimal)> = sqlx::query_as(
+        "SELECT category, jobs, cost_usd, cost_per_job_usd FROM cost_per_job ORDER BY category",
+    )
+    .fetch_all(p)
+    .await
+    .unwrap();
+    assert_eq!(
+        per_job,
+        vec![
+            ("sales".into(), 3, d("0.0012"), d("0.0004")),
+            ("support".into(), 2, d("0.013"), d("0.0065")),
+        ]
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_percentiles_and_satisfaction() {
+    let env = fixture().await;
+    let p = &env.pool;
+    let by_model: Vec<(String, i64, f64, f64, f64)> = sqlx::query_as(
+        "SELECT model, calls, p50_ms, p95_ms, p99_ms FROM latency_by_model ORDER BY model",
+    )
+    .fetch_all(p)
+    .await
+    .unwrap();
+    assert_eq!(
+        by_model,
+        vec![
+            ("claude-haiku-4-5".into(), 1, 150.0, 150.0, 150.0),
+            ("claude-sonnet-4-5".into(), 1, 300.0, 300.0, 300.0),
+            ("gpt-4o-mini".into(), 1, 50.0, 50.0, 50.0),
+        ]
+    );
+    type Lat = (String, f64, f64, i64, f64, f64);
+    let by_cat: Vec<Lat> = sqlx::query_as(
+        "SELECT category, call_p50_ms, call_p95_ms, results, e2e_p50_ms, e2e_p99_ms
+         FROM latency_by_category ORDER BY category",
+    )
+    .fetch_all(p)
+    .await
+    .unwrap();
+    // Support's answered calls took 150 and 300 ms (interpolated
+    // percentiles); its results 500 and 1000 ms end to end.
+    assert_eq!(
+        by_cat,
+        vec![
+            ("sales".into(), 50.0, 50.0, 1, 200.0, 200.0),
+            ("support".into(), 225.0, 292.5, 2, 750.0, 995.0),
+        ]
+    );
+
+    let sat: Vec<(String, i64, Decimal, i64, i64)> = sqlx::query_as(
+        "SELECT model, ratings, avg_score, good, bad FROM satisfaction_by_model ORDER BY model",
+    )
+    .fetch_all(p)
+    .await
+    .unwrap();
+    assert_eq!(
+        sat,
+        vec![
+            ("claude-haiku-4-5".into(), 1, d("2.000"), 0, 1),
+            ("claude-sonnet-4-5".into(), 2, d("4.000"), 1, 0),
+            ("gpt-4o-mini".into(), 1, d("4.000"), 1, 0),
+        ]
+    );
+    let routes: Vec<(String, String, String, i64, Decimal)> = sqlx::query_as(
+        "SELECT category, variant, route, ratings, avg_score FROM satisfaction_by_route ORDER BY 1",
+    )
+    .fetch_all(p)
+    .await
+    .unwrap();
+    assert_eq!(
+        routes,
+        vec![
+            ("sales".into(), "-".into(), "single".into(), 1, d("4.000")),
+            (
+                "support".into(),
+                "-".into(),
+                "fallback".into(),
+                3,
+                d("3.333")
+            ),
+        ]
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_command_rates_results_and_refuses_what_it_cannot_rate() {
+    let env = fixture().await;
+    let vars = env.child_env();
+    let run = |args: &[&str]| {
+        let out = common::switchyard(&vars).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, stdout, _) = run(&["feedback", "j3", "--score", "1", "--comment", "wrong tone"]);
+    assert!(ok, "{stdout}");
+    assert!(stdout.contains("job j3 scored 1"), "{stdout}");
+    let (ok, _, err) = run(&["feedback", "j3", "--score", "6"]);
+    assert!(!ok && err.contains("--score must be 1 to 5"), "{err}");
+    let (ok, _, err) = run(&["feedback", "j5", "--score", "3"]);
+    assert!(
+        !ok && err.contains("no result to rate (status failed)"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["feedback", "nope", "--score", "3"]);
+    assert!(!ok && err.contains("no job `nope`"), "{err}");
+    let stored: Vec<(i16, Option<String>)> =
+        sqlx::query_as("SELECT score, comment FROM feedback WHERE job_id = 'j3' ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        vec![
+            (4, Some("looked at it".into())),
+            (1, Some("wrong tone".into()))
+        ]
+    );
+    let avg: Decimal = sqlx::query_scalar(
+        "SELECT avg_score FROM satisfaction_by_model WHERE model = 'gpt-4o-mini'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(avg, d("2.500"));
+    env.cleanup().await;
+}
+
+/// The demo's savings figure is what a hand computation over its `calls`
+/// rows gives: every answered call's tokens at the baseline's prices,
+/// against every call's recorded cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_savings_match_a_hand_computation() {
+    use switchyard::pricing::Usage;
+    let env = TestEnv::new(Default::default()).await;
+    let cfg = env.config();
+    let (base_model, base) = cfg.baseline(None).unwrap().expect("shipped baseline");
+    let base_model = base_model.to_string();
+    let outcome = switchyard::demo::run(
+        cfg.clone(),
+        env.pool.clone(),
+        env.bus.clone(),
+        90,
+        switchyard::sim::SimProfile::demo(),
+        std::time::Duration::from_secs(120),
+    )
+    .await
+    .unwrap();
+    assert!(outcome.finished, "the demo finished");
+    let r = &outcome.report;
+    assert_eq!(r.baseline_model.as_deref(), Some(base_model.as_str()));
+
+    type CallRow = (String, String, i64, i64, i64, i64, Decimal);
+    let rows: Vec<CallRow> = sqlx::query_as(
+        "SELECT category, outcome, input_tokens, cached_input_tokens, cache_write_input_tokens,
+                output_tokens, cost_usd FROM calls",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let mut actual = Decimal::ZERO;
+    let mut baseline = Decimal::ZERO;
+    let mut per_category: std::collections::BTreeMap<String, (Decimal, Decimal)> =
+        Default::default();
+    for (category, outcome, input, cached, cache_write, output, cost) in rows {
+        let b = if outcome == "ok" {
+            base.cost(&Usage {
+                input_tokens: input as u64,
+                cached_input_tokens: cached as u64,
+                cache_write_input_tokens: cache_write as u64,
+                output_tokens: output as u64,
+                ..Usage::default()
+            })
+        } else {
+            Decimal::ZERO
+        };
+        actual += cost;
+        baseline += b;
+        let e = per_category.entry(category).or_default();
+        e.0 += cost;
+        e.1 += b;
+    }
+    assert!(baseline > Decimal::ZERO && actual > Decimal::ZERO);
+    assert_eq!(r.actual_cost_usd, Some(actual));
+    assert_eq!(r.baseline_cost_usd, Some(baseline));
+    assert_eq!(r.savings_usd, Some(baseline - actual));
+    assert_eq!(r.actual_cost_usd, Some(r.total.cost_usd));
+    let lines: std::collections::BTreeMap<String, (Decimal, Decimal)> = r
+        .savings_by_category
+        .iter()
+        .map(|l| {
+            assert_eq!(l.savings_usd, l.baseline_cost_usd - l.actual_cost_usd);
+            (l.category.clone(), (l.actual_cost_usd, l.baseline_cost_usd))
+        })
+        .collect();
+    assert_eq!(lines, per_category);
+    // The routes spend less than the baseline model would have.
+    assert!(baseline > actual, "baseline {baseline} vs actual {actual}");
+
+    // The same figures through the command, in JSON.
+    let out = common::switchyard(&env.child_env())
+        .args(["report", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let field = |k: &str| d(v[k].as_str().unwrap_or_else(|| panic!("{k} in {v}")));
+    assert_eq!(field("baseline_cost_usd"), baseline);
+    assert_eq!(field("actual_cost_usd"), actual);
+    assert_eq!(field("savings_usd"), baseline - actual);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_windows_and_categories() {
+    let env = fixture().await;
+    let vars = env.child_env();
+    let report = |args: &[&str]| -> Result<serde_json::Value, String> {
+        let out = common::switchyard(&vars)
+            .args(["report", "--format", "json"])
+            .args(args)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(serde_json::from_slice(&out.stdout).unwrap())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    };
+    let total = |v: &serde_json::Value| {
+        (
+            v["total"]["calls"].as_i64().unwrap(),
+            d(v["total"]["cost_usd"].as_str().unwrap()),
+        )
+    };
+    let all = report(&[]).unwrap();
+    assert_eq!(total(&all), (7, d("0.0142")));
+    let sales = report(&["--since", "2026-11-02", "--category", "sales"]).unwrap();
+    assert_eq!(total(&sales), (3, d("0.0012")));
+    assert_eq!(sales["savings_by_category"].as_array().unwrap().len(), 1);
+    let day1 = report(&["--until", "2026-11-02T00:00:00Z"]).unwrap();
+    assert_eq!(total(&day1), (4, d("0.013")));
+    // The fixture's calls are weeks old; its jobs were created just now.
+    let recent = report(&["--since", "7d"]).unwrap();
+    assert_eq!(total(&recent), (0, d("0")));
+    let jobs: i64 = recent["jobs_by_status"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["jobs"].as_i64().unwrap())
+        .sum();
+    assert_eq!(jobs, 5);
+    let err = report(&["--since", "yesterday"]).unwrap_err();
+    assert!(err.contains("--since `yesterday`"), "{err}");
+    let err = report(&["--until", "2026-13-45"]).unwrap_err();
+    assert!(
+        err.contains("--until `2026-13-45` is not a date or time"),
+        "{err}"
+    );
+    let err = report(&["--baseline", "gpt-9"]).unwrap_err();
+    assert!(err.contains("`gpt-9` is not one of `models`"), "{err}");
+    env.cleanup().await;
+}

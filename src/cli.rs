@@ -106,6 +106,9 @@ pub enum Command {
         /// Measure savings against this model instead of `report.baseline_model`.
         #[arg(long)]
         baseline: Option<String>,
+        /// Also write the report as a self-contained HTML page with inline SVG charts.
+        #[arg(long)]
+        html: Option<PathBuf>,
     },
     /// Run the whole system on the simulator with sample jobs and print the cost report.
     Demo {
@@ -430,6 +433,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             until,
             category,
             baseline,
+            html,
         } => {
             let cfg = load()?;
             let baseline = cfg.baseline(baseline.as_deref())?;
@@ -443,6 +447,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 category,
             };
             let r = report::build(&pool, &filter, baseline).await?;
+            if let Some(path) = &html {
+                std::fs::write(path, crate::report_html::render(&r))
+                    .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
             print!("{}", r.render(format));
             if format == Format::Json {
                 println!();

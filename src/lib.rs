@@ -39,6 +39,7 @@ pub mod poison;
 pub mod pricing;
 pub mod providers;
 pub mod report;
+pub mod report_html;
 pub mod review;
 pub mod route;
 pub mod servers;

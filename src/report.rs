@@ -63,6 +63,24 @@ pub struct ServedBy {
     pub share: f64,
 }
 
+/// What one model cost on one UTC day.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DailySpend {
+    pub day: String,
+    pub model: String,
+    pub cost_usd: Decimal,
+}
+
+/// Provider latency percentiles of one model's answered calls.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LatencyLine {
+    pub model: String,
+    pub calls: i64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+}
+
 /// What the same answered calls would have cost on the baseline model, per
 /// category (or in total).
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -169,6 +187,10 @@ pub struct Report {
     pub dead_letters: i64,
     pub routes: Vec<RouteLine>,
     pub served_by: Vec<ServedBy>,
+    /// USD per UTC day and model (for the HTML report's chart).
+    pub daily_spend: Vec<DailySpend>,
+    /// Provider latency of answered calls per model.
+    pub latency_by_model: Vec<LatencyLine>,
     /// The model savings are measured against (`report.baseline_model`).
     pub baseline_model: Option<String>,
     pub baseline_cost_usd: Option<Decimal>,
@@ -338,6 +360,27 @@ pub async fn build(
     )
     .fetch_all(pool)
     .await?;
+    let daily: Vec<(String, String, Decimal)> = bind_filter!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT ((created_at AT TIME ZONE 'UTC')::date)::text, model, sum(cost_usd)
+             FROM calls WHERE {on_calls} GROUP BY 1, 2 ORDER BY 1, 2"
+        ))),
+        p
+    )
+    .fetch_all(pool)
+    .await?;
+    let latency: Vec<(String, i64, f64, f64, f64)> = bind_filter!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT model, count(*)::int8,
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms),
+                    percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms),
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms)
+             FROM calls WHERE outcome = 'ok' AND {on_calls} GROUP BY model ORDER BY model"
+        ))),
+        p
+    )
+    .fetch_all(pool)
+    .await?;
     let mut savings_by_category = Vec::new();
     let mut savings_total = None;
     if let Some((_, b)) = &baseline {
@@ -425,6 +468,24 @@ pub async fn build(
         savings_usd: savings_total.as_ref().map(|t| t.savings_usd),
         savings_jobs: savings_total.as_ref().map(|t| t.jobs),
         savings_by_category,
+        daily_spend: daily
+            .into_iter()
+            .map(|(day, model, cost_usd)| DailySpend {
+                day,
+                model,
+                cost_usd: cost_usd.normalize(),
+            })
+            .collect(),
+        latency_by_model: latency
+            .into_iter()
+            .map(|(model, calls, p50_ms, p95_ms, p99_ms)| LatencyLine {
+                model,
+                calls,
+                p50_ms,
+                p95_ms,
+                p99_ms,
+            })
+            .collect(),
         jobs_by_status: jobs_by_status
             .into_iter()
             .map(|(status, jobs)| StatusCount { status, jobs })

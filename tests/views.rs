@@ -445,3 +445,46 @@ async fn report_windows_and_categories() {
     assert!(err.contains("`gpt-9` is not one of `models`"), "{err}");
     env.cleanup().await;
 }
+
+/// `report --html`: one self-contained page (no script, no external
+/// resource) whose inline SVG charts carry the fixture's figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_html_report_is_self_contained_with_its_charts() {
+    let env = fixture().await;
+    let path = std::env::temp_dir().join(format!("{}.html", env.name));
+    let out = common::switchyard(&env.child_env())
+        .args(["report", "--html"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let html = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(html.starts_with("<!doctype html>"));
+    for banned in [
+        "<script", "src=", "href=", "http:", "https:", "@import", "url(",
+    ] {
+        assert!(!html.contains(banned), "the page must not contain {banned}");
+    }
+    assert_eq!(html.matches("<svg").count(), 3, "three charts");
+    // Spend per day and model: one bar per (day, model) with spend, each
+    // titled with its figure.
+    for t in [
+        "<title>2026-11-01 claude-haiku-4-5: $0.003</title>",
+        "<title>2026-11-01 claude-sonnet-4-5: $0.01</title>",
+        "<title>2026-11-02 gpt-4o-mini: $0.0012</title>",
+    ] {
+        assert!(html.contains(t), "missing {t}");
+    }
+    // Usage shares and latency percentiles.
+    assert!(html.contains("<title>support claude-haiku-4-5: 1 results (50.0%)</title>"));
+    assert!(html.contains("<title>claude-sonnet-4-5 p95: 300 ms</title>"));
+    // Savings against the baseline, and the total spent.
+    assert!(html.contains("Savings against gpt-4o alone"));
+    assert!(html.contains("<b>$0.0142</b>"), "total spend shown");
+    env.cleanup().await;
+}

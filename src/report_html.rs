@@ -53,14 +53,35 @@ fn nice_max(v: f64) -> f64 {
     10.0 * mag
 }
 
-fn legend(out: &mut String, names: &[String], x: f64, y: f64) {
+/// One colour per model, the same in every chart.
+fn colour_of(r: &Report, model: &str) -> &'static str {
+    let mut all: Vec<&str> = r
+        .daily_spend
+        .iter()
+        .map(|d| d.model.as_str())
+        .chain(r.served_by.iter().map(|s| s.model.as_str()))
+        .chain(r.latency_by_model.iter().map(|l| l.model.as_str()))
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    let i = all.iter().position(|m| *m == model).unwrap_or(0);
+    COLOURS[i % COLOURS.len()]
+}
+
+fn legend(
+    out: &mut String,
+    names: &[String],
+    colour: impl Fn(usize, &str) -> &'static str,
+    x: f64,
+    y: f64,
+) {
     for (i, n) in names.iter().enumerate() {
         let yy = y + 18.0 * i as f64;
         let _ = write!(
             out,
             r#"<rect x="{x}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{}" class="l">{}</text>"#,
             yy,
-            COLOURS[i % COLOURS.len()],
+            colour(i, n),
             x + 18.0,
             yy + 10.5,
             esc(n)
@@ -95,7 +116,7 @@ fn spend_chart(r: &Report) -> String {
         .fold(0.0, f64::max);
     let top_usd = nice_max(max);
     let slot = plot_w / days.len() as f64;
-    let bar = (slot * 0.7).max(1.0);
+    let bar = (slot * 0.7).clamp(1.0, 48.0);
     let mut o = format!(
         r#"<svg class="chart" role="img" aria-label="Spend by model per day" viewBox="0 0 {w} {h}" width="{w}" height="{h}">"#
     );
@@ -114,7 +135,7 @@ fn spend_chart(r: &Report) -> String {
     for (i, (day, by_model)) in days.iter().enumerate() {
         let x = left + slot * i as f64 + (slot - bar) / 2.0;
         let mut y = top + plot_h;
-        for (mi, m) in models.iter().enumerate() {
+        for m in &models {
             let Some(v) = by_model.get(m.as_str()) else {
                 continue;
             };
@@ -123,7 +144,7 @@ fn spend_chart(r: &Report) -> String {
             let _ = write!(
                 o,
                 r#"<rect class="bar" x="{x:.1}" y="{y:.1}" width="{bar:.1}" height="{bh:.1}" fill="{}"><title>{} {}: {}</title></rect>"#,
-                COLOURS[mi % COLOURS.len()],
+                colour_of(r, m),
                 esc(day),
                 esc(m),
                 usd(*v)
@@ -139,7 +160,13 @@ fn spend_chart(r: &Report) -> String {
             );
         }
     }
-    legend(&mut o, &models, left + plot_w + 20.0, top);
+    legend(
+        &mut o,
+        &models,
+        |_, m| colour_of(r, m),
+        left + plot_w + 20.0,
+        top,
+    );
     o.push_str("</svg>");
     o
 }
@@ -178,11 +205,10 @@ fn usage_chart(r: &Report) -> String {
         let mut x = left;
         for (model, share, jobs) in parts {
             let bw = plot_w * share;
-            let mi = models.iter().position(|m| m == model).unwrap_or(0);
             let _ = write!(
                 o,
                 r#"<rect class="bar" x="{x:.1}" y="{y}" width="{bw:.1}" height="20" fill="{}"><title>{} {}: {} results ({:.1}%)</title></rect>"#,
-                COLOURS[mi % COLOURS.len()],
+                colour_of(r, model),
                 esc(cat),
                 esc(model),
                 jobs,
@@ -191,7 +217,13 @@ fn usage_chart(r: &Report) -> String {
             x += bw;
         }
     }
-    legend(&mut o, &models, left + plot_w + 20.0, 10.0);
+    legend(
+        &mut o,
+        &models,
+        |_, m| colour_of(r, m),
+        left + plot_w + 20.0,
+        10.0,
+    );
     o.push_str("</svg>");
     o
 }
@@ -255,6 +287,7 @@ fn latency_chart(r: &Report) -> String {
     legend(
         &mut o,
         &["p50".into(), "p95".into(), "p99".into()],
+        |i, _| COLOURS[i],
         left + plot_w + 20.0,
         top,
     );
@@ -353,6 +386,13 @@ td:first-child,th:first-child{text-align:left}.a,.l{font-size:11px;fill:#444}.l{
                         usd(l.savings_usd),
                     ]
                 })
+                .chain(std::iter::once(vec![
+                    "total".into(),
+                    r.savings_jobs.unwrap_or_default().to_string(),
+                    usd(r.actual_cost_usd.unwrap_or_default()),
+                    usd(r.baseline_cost_usd.unwrap_or_default()),
+                    usd(r.savings_usd.unwrap_or_default()),
+                ]))
                 .collect(),
         );
     }

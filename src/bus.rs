@@ -270,6 +270,52 @@ impl Bus {
         }
     }
 
+    /// Messages waiting or in flight: jobs per category (messages still in
+    /// the jobs stream, by subject) and calls per provider lane (the lane
+    /// consumer's pending plus unacknowledged messages).
+    pub async fn queue_depths(&self, providers: &[String]) -> Result<QueueDepths> {
+        let mut d = QueueDepths::default();
+        // One STREAM.INFO request with a subjects filter (the client's
+        // paging iterator waits for pages a small stream never sends).
+        #[derive(Deserialize)]
+        struct State {
+            #[serde(default)]
+            subjects: Option<std::collections::HashMap<String, u64>>,
+        }
+        #[derive(Deserialize)]
+        struct Info {
+            state: State,
+        }
+        let info: jetstream::response::Response<Info> = self
+            .js
+            .request(
+                format!("STREAM.INFO.{}", self.names.jobs_stream()),
+                &serde_json::json!({ "subjects_filter": self.names.jobs_wildcard() }),
+            )
+            .await
+            .context("reading the jobs stream's subjects")?;
+        match info {
+            jetstream::response::Response::Ok(i) => {
+                for (subject, n) in i.state.subjects.unwrap_or_default() {
+                    d.jobs
+                        .insert(self.names.category_of(&subject).to_string(), n);
+                }
+            }
+            jetstream::response::Response::Err { error } => {
+                anyhow::bail!("reading the jobs stream's subjects: {error}")
+            }
+        }
+        let calls = self.js.get_stream(self.names.calls_stream()).await?;
+        for p in providers {
+            let n = match calls.consumer_info(self.names.lane_consumer(p)).await {
+                Ok(i) => i.num_pending + i.num_ack_pending as u64,
+                Err(_) => 0, // no worker has run this lane yet
+            };
+            d.lanes.insert(p.clone(), n);
+        }
+        Ok(d)
+    }
+
     /// Delete both streams of this prefix (tests and bench clean-up).
     pub async fn delete_streams(&self) {
         let _ = self.js.delete_stream(self.names.jobs_stream()).await;
@@ -280,6 +326,13 @@ impl Bus {
         );
         let _ = self.js.delete_stream(kv).await;
     }
+}
+
+/// See [`Bus::queue_depths`].
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct QueueDepths {
+    pub jobs: std::collections::BTreeMap<String, u64>,
+    pub lanes: std::collections::BTreeMap<String, u64>,
 }
 
 /// Unix milliseconds of a JetStream message's publish time.

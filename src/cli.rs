@@ -59,6 +59,10 @@ pub enum Command {
         /// Seconds to wait for in-flight calls when stopping.
         #[arg(long, default_value_t = 30)]
         drain_secs: u64,
+        /// Serve /metrics (Prometheus) and the live dashboard (/) here, e.g.
+        /// 127.0.0.1:9187 (default: `metrics.listen`; none: off).
+        #[arg(long)]
+        metrics_listen: Option<String>,
     },
     /// Serve the provider simulator (OpenAI chat completions) until stopped.
     Sim {
@@ -346,6 +350,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             no_dispatcher,
             lanes,
             drain_secs,
+            metrics_listen,
         } => {
             let cfg = Arc::new(load()?);
             let pool =
@@ -360,6 +365,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     dispatcher: !no_dispatcher,
                     lanes,
                     drain_timeout: Duration::from_secs(drain_secs),
+                    metrics_listen,
                 },
             )
             .await?;

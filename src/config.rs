@@ -63,6 +63,18 @@ pub struct Config {
     /// `switchyard report` settings.
     #[serde(default)]
     pub report: ReportConfig,
+    /// The worker's metrics and dashboard endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The worker's HTTP endpoint: `/metrics`, `/` (dashboard), `/api/stats`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address to listen on, e.g. `0.0.0.0:9187` (none: no endpoint).
+    #[serde(default)]
+    pub listen: Option<String>,
 }
 
 /// `switchyard report` settings.

@@ -119,7 +119,15 @@ impl Dispatcher {
                             variant: None,
                         }));
                     }
-                    self.commit(&msg, rows).await.map(|_| ())
+                    let res = self.commit(&msg, rows).await.map(|_| ());
+                    if res.is_ok() {
+                        crate::metrics::global().inc(
+                            "switchyard_jobs_finished_total",
+                            &[("category", category.as_str()), ("status", "dead")],
+                            1.0,
+                        );
+                    }
+                    res
                 }
             }
         }
@@ -219,6 +227,11 @@ impl Dispatcher {
                 return Ok(());
             }
         }
+        crate::metrics::global().inc(
+            "switchyard_jobs_received_total",
+            &[("category", ctx.category.as_str())],
+            1.0,
+        );
         let first = route::next(&ctx.plan, &ctx.conv, &[]);
         let fx = flow::effects(cfg, &ctx, &[], first);
         for call in &fx.calls {

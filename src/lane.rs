@@ -262,6 +262,7 @@ impl Lane {
             error: None,
         };
         let mut ticket = Some(ticket);
+        let waiting_since = Instant::now();
         let (admission, attempt) = loop {
             // A fallback step whose lane would make it wait too long moves on.
             let max_wait = call
@@ -360,6 +361,12 @@ impl Lane {
                 return;
             }
         };
+        let m = crate::metrics::global();
+        m.observe(
+            "switchyard_limiter_wait_seconds",
+            &[("provider", self.name.as_str())],
+            waiting_since.elapsed().as_secs_f64(),
+        );
         tracing::Span::current().record("attempt", attempt);
         let mut row = CallRow { attempt, ..row };
         req.tag = Some(crate::providers::call_tag(&call.job_id, call.step, attempt));
@@ -408,6 +415,7 @@ impl Lane {
             }
         };
 
+        self.count_call(&row, row.http_status == Some(429));
         let record = match route::decide(&self.cfg.retry, attempt as u32, &outcome, fastrand::f64())
         {
             Action::Retry { delay } => {
@@ -444,6 +452,49 @@ impl Lane {
         };
         self.after_step(msg, &call, Some(record), Vec::new(), Some(row))
             .await;
+    }
+
+    /// This call in the process's metrics.
+    fn count_call(&self, row: &CallRow, rate_limited: bool) {
+        use rust_decimal::prelude::ToPrimitive;
+        let m = crate::metrics::global();
+        let (p, model) = (self.name.as_str(), row.model.as_str());
+        m.inc(
+            "switchyard_calls_total",
+            &[
+                ("provider", p),
+                ("model", model),
+                ("outcome", row.outcome.as_str()),
+            ],
+            1.0,
+        );
+        if rate_limited {
+            m.inc(
+                "switchyard_rate_limited_total",
+                &[("provider", p), ("model", model)],
+                1.0,
+            );
+        }
+        for (direction, n) in [
+            ("input", row.usage.input_tokens),
+            ("output", row.usage.output_tokens),
+        ] {
+            m.inc(
+                "switchyard_tokens_total",
+                &[("provider", p), ("model", model), ("direction", direction)],
+                n as f64,
+            );
+        }
+        m.inc(
+            "switchyard_cost_usd_total",
+            &[("provider", p), ("model", model)],
+            row.cost().to_f64().unwrap_or(0.0),
+        );
+        m.observe(
+            "switchyard_call_latency_seconds",
+            &[("provider", p), ("model", model)],
+            f64::from(row.latency_ms) / 1000.0,
+        );
     }
 
     /// Whether this call's work is done already, and if so, handle the
@@ -602,6 +653,14 @@ impl Lane {
             self.bus.publish_review(ev).await;
         }
         if let Some(ev) = &fx.done {
+            crate::metrics::global().inc(
+                "switchyard_jobs_finished_total",
+                &[
+                    ("category", ev.category.as_str()),
+                    ("status", ev.status.as_str()),
+                ],
+                1.0,
+            );
             self.bus.publish_done(ev).await;
         }
     }

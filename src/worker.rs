@@ -30,6 +30,8 @@ pub struct WorkerOptions {
     pub lanes: Option<Vec<String>>,
     /// How long a stop waits for in-flight work before giving up.
     pub drain_timeout: Duration,
+    /// Serve `/metrics` and the dashboard here (overrides `metrics.listen`).
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for WorkerOptions {
@@ -38,6 +40,7 @@ impl Default for WorkerOptions {
             dispatcher: true,
             lanes: None,
             drain_timeout: Duration::from_secs(30),
+            metrics_listen: None,
         }
     }
 }
@@ -199,6 +202,32 @@ pub async fn start(
                 async move { lane.handle(m, ticket).await }
             },
         ));
+    }
+    if let Some(listen) = opts.metrics_listen.as_ref().or(cfg.metrics.listen.as_ref()) {
+        crate::dashboard::serve(
+            listen,
+            pool.clone(),
+            bus.clone(),
+            cfg.providers.keys().cloned().collect(),
+            cfg.categories
+                .keys()
+                .cloned()
+                .chain(std::iter::once(crate::config::AUTO_CATEGORY.to_string()))
+                .collect(),
+            token.clone(),
+        )
+        .await?;
+        let (w, stop) = (writer.clone(), token.clone());
+        tokio::spawn(async move {
+            loop {
+                let up = if w.is_up() { 1.0 } else { 0.0 };
+                crate::metrics::global().set("switchyard_database_up", &[], up);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
     }
     info!(prefix = %bus.names.prefix, "worker started");
     Ok(WorkerHandle {

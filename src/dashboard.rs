@@ -1,0 +1,280 @@
+//! The worker's HTTP endpoint (`metrics.listen`, `--metrics-listen`):
+//! `/metrics` (this process's Prometheus metrics), `/` (a live dashboard
+//! page that refreshes itself) and `/api/stats` (the dashboard's figures:
+//! fleet-wide, from Postgres and NATS).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::bus::{Bus, QueueDepths};
+use crate::metrics;
+
+struct Ctx {
+    pool: PgPool,
+    bus: Bus,
+    providers: Vec<String>,
+    categories: Vec<String>,
+    depths: tokio::sync::RwLock<QueueDepths>,
+}
+
+/// What `/api/stats` returns.
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    /// Jobs that ended in the last minute, and per minute over the last 10.
+    pub finished_last_minute: i64,
+    pub finished_per_minute: Vec<i64>,
+    /// Today's (UTC) jobs by status.
+    pub jobs_today: Vec<(String, i64)>,
+    pub queue: QueueDepths,
+    /// Today's (UTC) calls and USD by model.
+    pub spend_today: Vec<ModelSpend>,
+    /// The last hour's calls and error rate by model.
+    pub errors_last_hour: Vec<ModelErrors>,
+    pub cost_today_usd: Decimal,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelSpend {
+    pub model: String,
+    pub calls: i64,
+    pub cost_usd: Decimal,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelErrors {
+    pub model: String,
+    pub calls: i64,
+    pub errors: i64,
+    pub error_rate: f64,
+}
+
+/// Serve until `token` is cancelled; refreshes the queue-depth gauges every
+/// two seconds.
+pub async fn serve(
+    listen: &str,
+    pool: PgPool,
+    bus: Bus,
+    providers: Vec<String>,
+    categories: Vec<String>,
+    token: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("metrics.listen: cannot listen on {listen}"))?;
+    info!(listen = %listener.local_addr()?, "metrics and dashboard on http://{}/", listener.local_addr()?);
+    let ctx = Arc::new(Ctx {
+        pool,
+        bus,
+        providers,
+        categories,
+        depths: Default::default(),
+    });
+    let poll = ctx.clone();
+    let stop = token.clone();
+    tokio::spawn(async move {
+        let mut logged = false;
+        loop {
+            match poll.bus.queue_depths(&poll.providers).await {
+                Ok(mut d) => {
+                    // Every category has a depth, 0 when nothing waits.
+                    for c in &poll.categories {
+                        d.jobs.entry(c.clone()).or_insert(0);
+                    }
+                    let m = metrics::global();
+                    for (c, n) in &d.jobs {
+                        m.set(
+                            "switchyard_queue_depth",
+                            &[("queue", "jobs"), ("category", c)],
+                            *n as f64,
+                        );
+                    }
+                    for (p, n) in &d.lanes {
+                        m.set(
+                            "switchyard_queue_depth",
+                            &[("queue", "lane"), ("provider", p)],
+                            *n as f64,
+                        );
+                    }
+                    *poll.depths.write().await = d;
+                    logged = false;
+                }
+                Err(e) if !logged => {
+                    warn!(error = %format!("{e:#}"), "cannot read queue depths");
+                    logged = true;
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    });
+    let app = Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(prometheus))
+        .route("/api/stats", get(stats))
+        .with_state(ctx);
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await;
+    }))
+}
+
+async fn prometheus() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics::global().render(),
+    )
+        .into_response()
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn stats(State(ctx): State<Arc<Ctx>>) -> Response {
+    match read_stats(&ctx).await {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("stats unavailable: {e:#}"),
+        )
+            .into_response(),
+    }
+}
+
+async fn read_stats(ctx: &Ctx) -> Result<Stats> {
+    let p = &ctx.pool;
+    let per_minute: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT (EXTRACT(EPOCH FROM now() - finished_at) / 60)::int4 AS ago, count(*)::int8
+         FROM jobs WHERE finished_at > now() - interval '10 minutes' GROUP BY 1",
+    )
+    .fetch_all(p)
+    .await?;
+    let mut finished_per_minute = vec![0i64; 10];
+    for (ago, n) in per_minute {
+        if let Some(slot) = usize::try_from(9 - ago.clamp(0, 9))
+            .ok()
+            .and_then(|i| finished_per_minute.get_mut(i))
+        {
+            *slot += n;
+        }
+    }
+    let finished_last_minute: i64 = sqlx::query_scalar(
+        "SELECT count(*)::int8 FROM jobs WHERE finished_at > now() - interval '1 minute'",
+    )
+    .fetch_one(p)
+    .await?;
+    let today = "(now() AT TIME ZONE 'UTC')::date";
+    let jobs_today: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT status, count(*)::int8 FROM jobs
+         WHERE (created_at AT TIME ZONE 'UTC')::date = {today} GROUP BY 1 ORDER BY 1"
+    )))
+    .fetch_all(p)
+    .await?;
+    let spend: Vec<(String, i64, Decimal)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT model, count(*)::int8, sum(cost_usd) FROM calls
+         WHERE (created_at AT TIME ZONE 'UTC')::date = {today} GROUP BY 1 ORDER BY 3 DESC"
+    )))
+    .fetch_all(p)
+    .await?;
+    let errors: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT model, count(*)::int8, count(*) FILTER (WHERE outcome IN ('retryable_error', 'terminal_error'))::int8
+         FROM calls WHERE created_at > now() - interval '1 hour' GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(p)
+    .await?;
+    let cost_today_usd = spend.iter().map(|s| s.2).sum::<Decimal>().normalize();
+    Ok(Stats {
+        finished_last_minute,
+        finished_per_minute,
+        jobs_today,
+        queue: ctx.depths.read().await.clone(),
+        spend_today: spend
+            .into_iter()
+            .map(|(model, calls, cost_usd)| ModelSpend {
+                model,
+                calls,
+                cost_usd: cost_usd.normalize(),
+            })
+            .collect(),
+        errors_last_hour: errors
+            .into_iter()
+            .map(|(model, calls, errors)| ModelErrors {
+                model,
+                calls,
+                errors,
+                error_rate: if calls == 0 {
+                    0.0
+                } else {
+                    errors as f64 / calls as f64
+                },
+            })
+            .collect(),
+        cost_today_usd,
+    })
+}
+
+/// The dashboard: static HTML whose script polls `/api/stats` every two
+/// seconds (same origin, no external resource).
+const PAGE: &str = r#"<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>Switchyard</title><style>
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}
+h1{font-size:22px;margin:0 0 12px}h2{font-size:16px;margin:22px 0 6px}
+.kpis{display:flex;gap:28px;flex-wrap:wrap}.kpi b{display:block;font-size:26px}
+table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #e4e4e4;text-align:right}
+td:first-child,th:first-child{text-align:left}.bar{background:#4269d0;height:10px;display:inline-block}
+#spark{display:flex;align-items:flex-end;gap:3px;height:60px}#spark div{background:#3ca951;width:18px}
+#status{color:#888}</style></head><body>
+<h1>Switchyard</h1><div id="status">loading…</div>
+<div class="kpis">
+<div class="kpi">jobs finished, last minute<b id="finished-last-minute">–</b></div>
+<div class="kpi">jobs today<b id="jobs-today">–</b></div>
+<div class="kpi">waiting in queues<b id="queued">–</b></div>
+<div class="kpi">spent today<b id="cost-today">–</b></div>
+</div>
+<h2>Jobs finished per minute (last 10)</h2><div id="spark"></div>
+<h2>Queue depths</h2><table id="queues"></table>
+<h2>Spend by model today (UTC)</h2><table id="spend"></table>
+<h2>Errors by model, last hour</h2><table id="errors"></table>
+<script>
+function cell(t){const td=document.createElement('td');td.textContent=t;return td}
+function fill(id,head,rows){const t=document.getElementById(id);t.replaceChildren();
+ const h=document.createElement('tr');head.forEach(x=>{const th=document.createElement('th');th.textContent=x;h.appendChild(th)});t.appendChild(h);
+ rows.forEach(r=>{const tr=document.createElement('tr');r.forEach(c=>tr.appendChild(c instanceof Node?c:cell(c)));t.appendChild(tr)})}
+function bar(frac){const s=document.createElement('span');s.className='bar';s.style.width=Math.round(160*Math.min(1,frac))+'px';const td=document.createElement('td');td.appendChild(s);return td}
+async function tick(){
+ try{const r=await fetch('/api/stats');if(!r.ok)throw new Error(await r.text());const s=await r.json();
+  document.getElementById('finished-last-minute').textContent=s.finished_last_minute;
+  document.getElementById('jobs-today').textContent=s.jobs_today.reduce((a,x)=>a+x[1],0);
+  const q=Object.values(s.queue.jobs).reduce((a,b)=>a+b,0)+Object.values(s.queue.lanes).reduce((a,b)=>a+b,0);
+  document.getElementById('queued').textContent=q;
+  document.getElementById('cost-today').textContent='$'+s.cost_today_usd;
+  const max=Math.max(1,...s.finished_per_minute);const sp=document.getElementById('spark');sp.replaceChildren();
+  s.finished_per_minute.forEach(n=>{const d=document.createElement('div');d.style.height=Math.max(2,Math.round(60*n/max))+'px';d.title=n+' jobs';sp.appendChild(d)});
+  fill('queues',['queue','messages'],Object.entries(s.queue.jobs).map(([k,v])=>['jobs: '+k,v]).concat(Object.entries(s.queue.lanes).map(([k,v])=>['lane: '+k,v])));
+  const top=Math.max(1e-12,...s.spend_today.map(m=>Number(m.cost_usd)));
+  fill('spend',['model','calls','USD',''],s.spend_today.map(m=>[m.model,m.calls,'$'+m.cost_usd,bar(Number(m.cost_usd)/top)]));
+  fill('errors',['model','calls','errors','error rate'],s.errors_last_hour.map(m=>[m.model,m.calls,m.errors,(100*m.error_rate).toFixed(1)+'%']));
+  document.getElementById('status').textContent='updated '+new Date().toLocaleTimeString();
+ }catch(e){document.getElementById('status').textContent='cannot load figures: '+e.message}
+}
+tick();setInterval(tick,2000);
+</script></body></html>"#;

@@ -432,6 +432,33 @@ pub struct CategoryConfig {
     /// `max_tokens` when the job sets none.
     #[serde(default = "default_max_tokens")]
     pub max_tokens: u32,
+    /// Spending caps: what happens to new jobs once the category's calls
+    /// cost this much today or this month (UTC).
+    #[serde(default)]
+    pub budget: Option<BudgetConfig>,
+}
+
+/// A category's spending caps (USD, as decimal strings or numbers).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    #[serde(default)]
+    pub daily_usd: Option<Decimal>,
+    #[serde(default)]
+    pub monthly_usd: Option<Decimal>,
+    /// `downgrade` (serve new jobs with `downgrade_to`) or `pause` (park
+    /// them until the next period).
+    pub on_exceed: BudgetAction,
+    /// The cheaper model that serves the category while a cap is reached.
+    #[serde(default)]
+    pub downgrade_to: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetAction {
+    Downgrade,
+    Pause,
 }
 
 const fn default_max_tokens() -> u32 {
@@ -727,6 +754,39 @@ impl Config {
                 format!("categories.{AUTO_CATEGORY}"),
                 "`auto` is reserved for jobs the classifier categorises",
             ));
+        }
+        for (name, cat) in &self.categories {
+            let Some(b) = &cat.budget else { continue };
+            let key = format!("categories.{name}.budget");
+            if b.daily_usd.is_none() && b.monthly_usd.is_none() {
+                return Err(err(&key, "set daily_usd, monthly_usd or both"));
+            }
+            for (k, v) in [("daily_usd", b.daily_usd), ("monthly_usd", b.monthly_usd)] {
+                if v.is_some_and(|v| v <= Decimal::ZERO) {
+                    return Err(err(format!("{key}.{k}"), "must be above 0"));
+                }
+            }
+            match (b.on_exceed, &b.downgrade_to) {
+                (BudgetAction::Downgrade, None) => {
+                    return Err(err(
+                        format!("{key}.downgrade_to"),
+                        "required with on_exceed = \"downgrade\"",
+                    ))
+                }
+                (BudgetAction::Downgrade, Some(m)) if !self.models.contains_key(m) => {
+                    return Err(err(
+                        format!("{key}.downgrade_to"),
+                        format!("unknown model `{m}`"),
+                    ))
+                }
+                (BudgetAction::Pause, Some(_)) => {
+                    return Err(err(
+                        format!("{key}.downgrade_to"),
+                        "only with on_exceed = \"downgrade\"",
+                    ))
+                }
+                _ => {}
+            }
         }
         if let Some(b) = &self.report.baseline_model {
             if !self.models.contains_key(b) {

@@ -14,7 +14,7 @@ use tracing::{debug, warn, Instrument};
 use serde_json::json;
 
 use crate::bus::{published_ms, Bus};
-use crate::config::{Config, AUTO_CATEGORY};
+use crate::config::{BudgetAction, Config, AUTO_CATEGORY};
 use crate::envelope::{parse_job, Parsed, ValidJob};
 use crate::flow::{self, JobCtx};
 use crate::route;
@@ -31,14 +31,22 @@ pub struct Dispatcher {
     bus: Bus,
     writer: Writer,
     token: CancellationToken,
+    budget: Arc<crate::budget::Book>,
 }
 
 impl Dispatcher {
-    pub fn new(cfg: Arc<Config>, bus: Bus, writer: Writer, token: CancellationToken) -> Self {
+    pub fn new(
+        cfg: Arc<Config>,
+        bus: Bus,
+        writer: Writer,
+        token: CancellationToken,
+        budget: Arc<crate::budget::Book>,
+    ) -> Self {
         Self {
             cfg,
             bus,
             writer,
+            budget,
             token,
         }
     }
@@ -210,6 +218,66 @@ impl Dispatcher {
         } else {
             start(&job.category, None)?
         };
+        let (mut ctx, mut log) = (ctx, log);
+        // The category's budget: downgrade to a cheaper model, or park.
+        let mut rows = Vec::new();
+        if let Some(b) = cfg
+            .categories
+            .get(&ctx.category)
+            .and_then(|c| c.budget.as_ref())
+        {
+            let exceeded = self.budget.exceeded(cfg, &ctx.category).await?;
+            let state = match (&exceeded, b.on_exceed) {
+                (None, _) => 0.0,
+                (Some(_), BudgetAction::Downgrade) => 1.0,
+                (Some(_), BudgetAction::Pause) => 2.0,
+            };
+            crate::metrics::global().set(
+                "switchyard_budget_state",
+                &[("category", ctx.category.as_str())],
+                state,
+            );
+            match (exceeded, b.on_exceed) {
+                (None, BudgetAction::Pause) => rows.push(Row::Park {
+                    job_id: job.id.clone(),
+                    parked: false,
+                }),
+                (None, BudgetAction::Downgrade) => {}
+                (Some(x), BudgetAction::Downgrade) => {
+                    let model = b.downgrade_to.clone().unwrap_or_default();
+                    if let Some(plan) = route::single_plan(cfg, &model) {
+                        debug!(model, period = x.period, "budget reached; downgraded");
+                        log["budget"] = json!({"action": "downgrade", "period": x.period,
+                            "cap_usd": x.cap_usd, "spent_usd": x.spent_usd,
+                            "route": log.get("kind").cloned(), "model": model});
+                        log["kind"] = json!("single");
+                        log["model"] = json!(model);
+                        ctx.plan = plan;
+                    }
+                }
+                (Some(x), BudgetAction::Pause) => {
+                    debug!(period = x.period, "budget reached; job parked");
+                    log["budget"] = json!({"action": "pause", "period": x.period,
+                        "cap_usd": x.cap_usd, "spent_usd": x.spent_usd});
+                    let row = JobRow {
+                        id: job.id.clone(),
+                        category: ctx.category.clone(),
+                        status: "queued",
+                        envelope: serde_json::to_value(env).ok(),
+                        route_decision: Some(log),
+                        error: None,
+                        enqueued_at_ms: published,
+                        variant,
+                    };
+                    let park = Row::Park {
+                        job_id: job.id.clone(),
+                        parked: true,
+                    };
+                    self.commit(msg, vec![Row::Job(row), park]).await?;
+                    return Ok(());
+                }
+            }
+        }
         let row = JobRow {
             id: job.id.clone(),
             category: ctx.category.clone(),
@@ -220,7 +288,8 @@ impl Dispatcher {
             enqueued_at_ms: published,
             variant,
         };
-        let committed = self.commit(msg, vec![Row::Job(row)]).await?;
+        rows.insert(0, Row::Job(row));
+        let committed = self.commit(msg, rows).await?;
         if let Some(status) = committed.job_status.get(&job.id) {
             if TERMINAL.contains(&status.as_str()) {
                 debug!(%status, "job already finished; duplicate ignored");

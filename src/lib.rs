@@ -20,6 +20,7 @@
 
 pub mod bench;
 pub mod bench_limits;
+pub mod budget;
 pub mod bus;
 pub mod chaos;
 pub mod check;

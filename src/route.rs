@@ -242,6 +242,11 @@ pub fn bucket(job_id: &str) -> u64 {
     h % 100
 }
 
+/// A plan of one call to `model` (a budget's downgrade).
+pub fn single_plan(cfg: &Config, model: &str) -> Option<Plan> {
+    target(cfg, model).map(|target| Plan::Single { target })
+}
+
 fn target(cfg: &Config, model: &str) -> Option<Target> {
     cfg.models.get(model).map(|m| Target {
         model: model.to_string(),

@@ -228,6 +228,12 @@ pub enum Row {
         row: CallRow,
         busy_for: Duration,
     },
+    /// Park a queued job (its category's budget is paused) or clear its
+    /// parking (it runs now).
+    Park {
+        job_id: String,
+        parked: bool,
+    },
     Result(ResultRow),
     Status(StatusRow),
     Step(StepRow),
@@ -506,6 +512,7 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
     let jobs: Vec<&JobRow> = by_id.into_values().collect();
     let (mut dead, mut results, mut statuses) = (vec![], vec![], vec![]);
     let (mut steps, mut reclass, mut intents) = (vec![], vec![], vec![]);
+    let mut parks: Vec<(String, bool)> = vec![];
     // One final row per attempt: an upsert may not touch a row twice.
     let mut calls_by_key: HashMap<(&str, i32, i32), &CallRow> = HashMap::new();
     for r in rows {
@@ -516,6 +523,7 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
                 calls_by_key.insert((c.job_id.as_str(), c.step, c.attempt), c);
             }
             Row::Intent { row, busy_for } => intents.push((row, busy_for)),
+            Row::Park { job_id, parked } => parks.push((job_id.clone(), *parked)),
             Row::Result(x) => results.push(x),
             Row::Status(st) => statuses.push(st),
             Row::Step(st) => steps.push(st),
@@ -543,6 +551,17 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
     }
     if !dead.is_empty() {
         insert_dead_letters(&mut tx, &dead).await?;
+    }
+    if !parks.is_empty() {
+        sqlx::query(
+            "UPDATE jobs SET parked_at = CASE WHEN u.parked THEN COALESCE(jobs.parked_at, now()) END
+             FROM UNNEST($1::text[], $2::bool[]) AS u(id, parked)
+             WHERE jobs.id = u.id AND jobs.status = 'queued'",
+        )
+        .bind(parks.iter().map(|(j, _)| j.clone()).collect::<Vec<_>>())
+        .bind(parks.iter().map(|(_, p)| *p).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
     }
     if !reclass.is_empty() {
         update_reclass(&mut tx, &reclass).await?;
@@ -909,6 +928,31 @@ fn outcome_str(o: StepOutcome) -> &'static str {
 }
 
 /// The finished steps of a job.
+/// Take up to `limit` jobs of `category` parked longer than `idle` ago to
+/// publish again: marks them (`parked_at` = now, so another worker does not
+/// take them too) and returns their ids and envelopes. A job taken but not
+/// republished (the process died) is taken again after `idle`.
+pub async fn take_parked(
+    pool: &PgPool,
+    category: &str,
+    idle: Duration,
+    limit: i64,
+) -> Result<Vec<(String, Option<serde_json::Value>)>> {
+    Ok(sqlx::query_as(
+        "UPDATE jobs SET parked_at = now()
+         WHERE id IN (SELECT id FROM jobs
+                      WHERE category = $1 AND status = 'queued' AND parked_at IS NOT NULL
+                        AND parked_at < now() - make_interval(secs => $2)
+                      ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+         RETURNING id, envelope",
+    )
+    .bind(category)
+    .bind(idle.as_secs_f64())
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
 pub async fn load_steps(pool: &PgPool, job_id: &str) -> Result<Vec<StepRecord>> {
     type StepTuple = (i32, String, String, Option<String>, Option<String>);
     let rows: Vec<StepTuple> = sqlx::query_as(

@@ -135,7 +135,28 @@ pub async fn start(
     ));
 
     if opts.dispatcher {
-        let d = Dispatcher::new(cfg.clone(), bus.clone(), writer.clone(), token.clone());
+        let book = Arc::new(crate::budget::Book::new(&cfg, pool.clone()));
+        let d = Dispatcher::new(
+            cfg.clone(),
+            bus.clone(),
+            writer.clone(),
+            token.clone(),
+            book.clone(),
+        );
+        // Parked jobs of paused categories go out again when their budget allows.
+        if cfg.categories.values().any(|c| {
+            c.budget
+                .as_ref()
+                .is_some_and(|b| b.on_exceed == crate::config::BudgetAction::Pause)
+        }) {
+            tracker.spawn(resume_parked(
+                cfg.clone(),
+                pool.clone(),
+                bus.clone(),
+                book,
+                token.clone(),
+            ));
+        }
         let consumer = d.consumer().await?;
         let in_flight = cfg.dispatcher.concurrency;
         tracker.spawn(consume(
@@ -236,6 +257,70 @@ pub async fn start(
         writer_tracker,
         drain_timeout: opts.drain_timeout,
     })
+}
+
+/// How long a parked job taken for republishing stays taken.
+const RESUME_IDLE: Duration = Duration::from_secs(10);
+
+/// Every few seconds, for each paused category within its budget again (a
+/// new day or month, or a higher cap), publish its parked jobs again under a
+/// fresh message id; the dispatcher runs them (or parks them again).
+async fn resume_parked(
+    cfg: Arc<Config>,
+    pool: PgPool,
+    bus: Bus,
+    book: Arc<crate::budget::Book>,
+    token: CancellationToken,
+) {
+    let paused: Vec<String> = cfg
+        .categories
+        .iter()
+        .filter(|(_, c)| {
+            c.budget
+                .as_ref()
+                .is_some_and(|b| b.on_exceed == crate::config::BudgetAction::Pause)
+        })
+        .map(|(n, _)| n.clone())
+        .collect();
+    loop {
+        for cat in &paused {
+            match book.exceeded(&cfg, cat).await {
+                Ok(None) => {}
+                Ok(Some(_)) => continue,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "budget check failed");
+                    continue;
+                }
+            }
+            let jobs = match crate::store::take_parked(&pool, cat, RESUME_IDLE, 500).await {
+                Ok(j) => j,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "reading parked jobs failed");
+                    continue;
+                }
+            };
+            if !jobs.is_empty() {
+                info!(category = %cat, jobs = jobs.len(), "budget allows again; resuming parked jobs");
+            }
+            for (id, envelope) in jobs {
+                let Some(body) = envelope.and_then(|e| serde_json::to_vec(&e).ok()) else {
+                    continue;
+                };
+                let msg_id = format!("resume-{id}-{}", crate::bus::now_ms());
+                if let Err(e) = bus
+                    .publish_durable(bus.names.job_subject(cat), &msg_id, body.into())
+                    .await
+                {
+                    // Still parked: taken again after RESUME_IDLE.
+                    warn!(job_id = %id, error = %format!("{e:#}"), "republishing a parked job failed");
+                }
+            }
+        }
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
 }
 
 /// Commit `rows` for `msg`, holding the message (progress acks) while the

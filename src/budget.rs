@@ -1,0 +1,151 @@
+//! Category budgets: daily and monthly USD caps (`categories.<c>.budget`).
+//! The spend is what `calls` holds for the category since the start of the
+//! UTC day or month, so it survives restarts and is the same for every
+//! worker process; each process reads it at most every [`REFRESH`]. When a
+//! cap is reached, new jobs of the category are served by a cheaper model
+//! (`downgrade`) or parked in Postgres until the next period (`pause`).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::config::{BudgetConfig, Config};
+
+/// How stale a process's view of the spend may be (a cap can be overshot by
+/// the calls started within this time).
+pub const REFRESH: Duration = Duration::from_secs(2);
+
+/// A cap that is reached.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Exceeded {
+    /// `daily` or `monthly`.
+    pub period: &'static str,
+    pub cap_usd: Decimal,
+    pub spent_usd: Decimal,
+}
+
+/// Which cap, if any, the spend of this day and month reaches (pure). A new
+/// UTC day or month starts from zero: the spend passed in is the period's.
+pub fn check(
+    b: &BudgetConfig,
+    spent_today: Decimal,
+    spent_this_month: Decimal,
+) -> Option<Exceeded> {
+    if let Some(cap) = b.monthly_usd.filter(|c| spent_this_month >= *c) {
+        return Some(Exceeded {
+            period: "monthly",
+            cap_usd: cap,
+            spent_usd: spent_this_month,
+        });
+    }
+    b.daily_usd
+        .filter(|c| spent_today >= *c)
+        .map(|cap| Exceeded {
+            period: "daily",
+            cap_usd: cap,
+            spent_usd: spent_today,
+        })
+}
+
+/// Spend per category: (today, this month), and when it was read.
+type Snapshot = (Instant, HashMap<String, (Decimal, Decimal)>);
+
+/// This process's view of the budgeted categories' spend.
+pub struct Book {
+    pool: PgPool,
+    categories: Vec<String>,
+    cache: tokio::sync::Mutex<Option<Snapshot>>,
+}
+
+impl Book {
+    pub fn new(cfg: &Config, pool: PgPool) -> Self {
+        Self {
+            pool,
+            categories: cfg
+                .categories
+                .iter()
+                .filter(|(_, c)| c.budget.is_some())
+                .map(|(n, _)| n.clone())
+                .collect(),
+            cache: Default::default(),
+        }
+    }
+
+    /// The category's (today, this month) spend, at most [`REFRESH`] old.
+    pub async fn spent(&self, category: &str) -> Result<(Decimal, Decimal)> {
+        let mut cache = self.cache.lock().await;
+        let fresh = cache.as_ref().is_some_and(|(at, _)| at.elapsed() < REFRESH);
+        if !fresh {
+            let rows: Vec<(String, Decimal, Decimal)> = sqlx::query_as(
+                "SELECT category,
+                        COALESCE(sum(cost_usd) FILTER (
+                            WHERE created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'), 0),
+                        COALESCE(sum(cost_usd), 0)
+                 FROM calls
+                 WHERE category = ANY($1)
+                   AND created_at >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                 GROUP BY category",
+            )
+            .bind(&self.categories)
+            .fetch_all(&self.pool)
+            .await?;
+            *cache = Some((
+                Instant::now(),
+                rows.into_iter().map(|(c, d, m)| (c, (d, m))).collect(),
+            ));
+        }
+        Ok(cache
+            .as_ref()
+            .and_then(|(_, m)| m.get(category).copied())
+            .unwrap_or_default())
+    }
+
+    /// Whether `category`'s budget (if it has one) is reached.
+    pub async fn exceeded(&self, cfg: &Config, category: &str) -> Result<Option<Exceeded>> {
+        let Some(b) = cfg.categories.get(category).and_then(|c| c.budget.as_ref()) else {
+            return Ok(None);
+        };
+        let (day, month) = self.spent(category).await?;
+        Ok(check(b, day, month))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BudgetAction;
+
+    fn d(s: &str) -> Decimal {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn caps_are_reached_at_their_amount_and_reset_with_the_period() {
+        let b = BudgetConfig {
+            daily_usd: Some(d("5")),
+            monthly_usd: Some(d("100")),
+            on_exceed: BudgetAction::Pause,
+            downgrade_to: None,
+        };
+        assert_eq!(check(&b, d("4.99"), d("50")), None);
+        assert_eq!(check(&b, d("5"), d("50")).unwrap().period, "daily");
+        // A new day: today's spend starts again from zero.
+        assert_eq!(check(&b, d("0"), d("55")), None);
+        let m = check(&b, d("1"), d("100.5")).unwrap();
+        assert_eq!(
+            (m.period, m.cap_usd, m.spent_usd),
+            ("monthly", d("100"), d("100.5"))
+        );
+        // A new month: both start from zero.
+        assert_eq!(check(&b, d("0"), d("0")), None);
+        let only_daily = BudgetConfig {
+            monthly_usd: None,
+            ..b
+        };
+        assert_eq!(check(&only_daily, d("1"), d("1000")), None);
+    }
+}

@@ -59,6 +59,8 @@ pub struct Book {
     pool: PgPool,
     categories: Vec<String>,
     cache: tokio::sync::Mutex<Option<Snapshot>>,
+    /// The last state logged per category (`None`: within budget).
+    logged: std::sync::Mutex<HashMap<String, Option<&'static str>>>,
 }
 
 impl Book {
@@ -72,6 +74,7 @@ impl Book {
                 .map(|(n, _)| n.clone())
                 .collect(),
             cache: Default::default(),
+            logged: Default::default(),
         }
     }
 
@@ -110,7 +113,29 @@ impl Book {
             return Ok(None);
         };
         let (day, month) = self.spent(category).await?;
-        Ok(check(b, day, month))
+        let x = check(b, day, month);
+        // Log when the state changes (as this process sees it).
+        let now = x.as_ref().map(|x| x.period);
+        if let Ok(mut logged) = self.logged.lock() {
+            let before = logged.insert(category.to_string(), now).flatten();
+            if before != now {
+                match &x {
+                    Some(x) => tracing::warn!(
+                        category,
+                        period = x.period,
+                        cap_usd = %x.cap_usd,
+                        spent_usd = %x.spent_usd,
+                        action = ?b.on_exceed,
+                        "budget reached"
+                    ),
+                    None if before.is_some() => {
+                        tracing::info!(category, "budget allows again")
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok(x)
     }
 }
 

@@ -126,6 +126,19 @@ pub enum Command {
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
+    /// Retention: delete jobs that ended more than N days ago with their calls,
+    /// steps, results and feedback, and dead letters older than N days.
+    Prune {
+        /// Keep the last this many days.
+        #[arg(long)]
+        older_than_days: u32,
+        /// Only count what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// Jobs deleted per transaction.
+        #[arg(long, default_value_t = 5000)]
+        batch: i64,
+    },
     /// Rate a job's result (1-5), so satisfaction per model and route can be compared.
     Feedback {
         /// The job whose result is rated.
@@ -571,6 +584,27 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(if missing > 0 { 1 } else { 0 })
                 }
             }
+        }
+        Command::Prune {
+            older_than_days,
+            dry_run,
+            batch,
+        } => {
+            anyhow::ensure!(older_than_days > 0, "--older-than-days must be at least 1");
+            anyhow::ensure!(batch > 0, "--batch must be at least 1");
+            let pool = store::connect_and_migrate(&g.database_url, 2).await?;
+            let p = crate::prune::run(&pool, older_than_days, dry_run, batch).await?;
+            println!(
+                "{} {} jobs, {} calls, {} steps, {} results, {} ratings, {} dead letters (ended more than {older_than_days} days ago)",
+                if dry_run { "would delete" } else { "deleted" },
+                p.jobs,
+                p.calls,
+                p.steps,
+                p.results,
+                p.feedback,
+                p.dead_letters
+            );
+            Ok(0)
         }
         Command::Feedback {
             job_id,

@@ -41,6 +41,7 @@ pub mod metrics;
 pub mod poison;
 pub mod pricing;
 pub mod providers;
+pub mod prune;
 pub mod report;
 pub mod report_html;
 pub mod review;

@@ -488,3 +488,55 @@ async fn the_html_report_is_self_contained_with_its_charts() {
     assert!(html.contains("<b>$0.0142</b>"), "total spend shown");
     env.cleanup().await;
 }
+
+/// Retention: `switchyard prune` deletes what ended before the cutoff with
+/// everything recorded about it, and keeps the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_deletes_old_finished_jobs_with_their_rows() {
+    let env = fixture().await;
+    sqlx::raw_sql(
+        "UPDATE jobs SET finished_at = now() - interval '40 days' WHERE id IN ('j1', 'j3', 'j4');
+         UPDATE jobs SET finished_at = now() - interval '2 days' WHERE id IN ('j2', 'j5');
+         INSERT INTO jobs (id, category, status, created_at) VALUES ('old-running', 'sales', 'running', now() - interval '90 days');
+         INSERT INTO dead_letters (source, subject, payload, reason, created_at) VALUES
+           ('s:1', 'x.jobs.sales', 'x', 'bad', now() - interval '40 days'),
+           ('s:2', 'x.jobs.sales', 'y', 'bad', now());",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let run = |dry: bool| {
+        let mut c = common::switchyard(&env.child_env());
+        c.args(["prune", "--older-than-days", "30", "--batch", "2"]);
+        if dry {
+            c.arg("--dry-run");
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let expected = "3 jobs, 5 calls, 2 steps, 2 results, 3 ratings, 1 dead letters";
+    let dry = run(true);
+    assert!(dry.contains(&format!("would delete {expected}")), "{dry}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs").await,
+        6,
+        "a dry run deletes nothing"
+    );
+    let done = run(false);
+    assert!(done.contains(&format!("deleted {expected}")), "{done}");
+    let left: Vec<String> = sqlx::query_scalar("SELECT id FROM jobs ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, ["j2", "j5", "old-running"]);
+    assert_eq!(env.count("SELECT count(*) FROM calls").await, 2);
+    assert_eq!(env.count("SELECT count(*) FROM results").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM feedback").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 1);
+    env.cleanup().await;
+}

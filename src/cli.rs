@@ -64,6 +64,13 @@ pub enum Command {
         #[arg(long)]
         metrics_listen: Option<String>,
     },
+    /// Serve only the dashboard (/), /api/stats and /metrics, without
+    /// taking work (the worker serves them too with --metrics-listen).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9187")]
+        listen: String,
+    },
     /// Serve the provider simulator (OpenAI chat completions) until stopped.
     Sim {
         /// Address to listen on.
@@ -385,6 +392,24 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             cancel_on_signal(handle.token());
             let drained = handle.run_until_stopped().await;
             Ok(if drained { 0 } else { 1 })
+        }
+        Command::Serve { listen } => {
+            let cfg = load()?;
+            let pool = store::connect_and_migrate(&g.database_url, 4).await?;
+            let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
+            let token = CancellationToken::new();
+            let server = crate::dashboard::serve(
+                &listen,
+                pool,
+                bus,
+                cfg.providers.keys().cloned().collect(),
+                cfg.subject_categories(),
+                token.clone(),
+            )
+            .await?;
+            cancel_on_signal(token);
+            let _ = server.await;
+            Ok(0)
         }
         Command::Sim {
             listen,

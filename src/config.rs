@@ -911,6 +911,15 @@ impl Config {
         Ok(())
     }
 
+    /// Every category a job may be published to: the configured ones and `auto`.
+    pub fn subject_categories(&self) -> Vec<String> {
+        self.categories
+            .keys()
+            .cloned()
+            .chain(std::iter::once(AUTO_CATEGORY.to_string()))
+            .collect()
+    }
+
     /// The savings baseline: `report.baseline_model` (or `over`) with its prices.
     pub fn baseline<'a>(
         &'a self,

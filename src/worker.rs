@@ -230,11 +230,7 @@ pub async fn start(
             pool.clone(),
             bus.clone(),
             cfg.providers.keys().cloned().collect(),
-            cfg.categories
-                .keys()
-                .cloned()
-                .chain(std::iter::once(crate::config::AUTO_CATEGORY.to_string()))
-                .collect(),
+            cfg.subject_categories(),
             token.clone(),
         )
         .await?;

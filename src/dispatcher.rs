@@ -259,22 +259,10 @@ impl Dispatcher {
                     debug!(period = x.period, "budget reached; job parked");
                     log["budget"] = json!({"action": "pause", "period": x.period,
                         "cap_usd": x.cap_usd, "spent_usd": x.spent_usd});
-                    let row = JobRow {
-                        id: job.id.clone(),
-                        category: ctx.category.clone(),
-                        status: "queued",
-                        envelope: serde_json::to_value(env).ok(),
-                        route_decision: Some(log),
-                        error: None,
-                        enqueued_at_ms: published,
-                        variant,
-                    };
-                    let park = Row::Park {
+                    rows.push(Row::Park {
                         job_id: job.id.clone(),
                         parked: true,
-                    };
-                    self.commit(msg, vec![Row::Job(row), park]).await?;
-                    return Ok(());
+                    });
                 }
             }
         }
@@ -288,8 +276,14 @@ impl Dispatcher {
             enqueued_at_ms: published,
             variant,
         };
+        let parked = rows
+            .iter()
+            .any(|r| matches!(r, Row::Park { parked: true, .. }));
         rows.insert(0, Row::Job(row));
         let committed = self.commit(msg, rows).await?;
+        if parked {
+            return Ok(()); // stored and acked; published again when the budget allows
+        }
         if let Some(status) = committed.job_status.get(&job.id) {
             if TERMINAL.contains(&status.as_str()) {
                 debug!(%status, "job already finished; duplicate ignored");

@@ -48,6 +48,15 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+async fn vacuum(pool: &PgPool) {
+    if let Err(e) = sqlx::query("VACUUM ANALYZE jobs, calls, results, steps")
+        .execute(pool)
+        .await
+    {
+        tracing::warn!(error = %e, "VACUUM before the bench failed; figures may suffer from dead rows");
+    }
+}
+
 /// Serve every category by a single call to its route's first model, with no
 /// A/B split and no classifier, so a job is one publish, one call and one
 /// result, comparable with the JetStream ceiling.
@@ -203,6 +212,10 @@ async fn jetstream_ceiling(
 pub async fn run(cfg: Config, pool: PgPool, nats_url: &str, n: usize) -> Result<BenchFigures> {
     let tag = &crate::enqueue::new_job_id()[..8];
     let base = format!("{}-bench-{tag}", cfg.nats.prefix);
+    // Start from clean tables: where autovacuum is off (as on the
+    // development machines), the dead rows earlier runs left behind would
+    // slow every index lookup and make runs incomparable.
+    vacuum(&pool).await;
 
     // 1. In-process provider.
     let mut c1 = cfg.clone();
@@ -226,6 +239,7 @@ pub async fn run(cfg: Config, pool: PgPool, nats_url: &str, n: usize) -> Result<
     let run2 = format!("bench-{tag}-h");
     let jobs2 = sample_jobs(&c2, &run2, n)?;
     eprintln!("bench: {n} jobs through the HTTP simulator…");
+    vacuum(&pool).await;
     let http_secs = run_pipeline(c2, &pool, nats_url, &jobs2, &run2).await?;
     sim.stop();
 

@@ -13,7 +13,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::config::{BudgetConfig, Config};
+use crate::config::{BudgetAction, BudgetConfig, Config};
 
 /// How stale a process's view of the spend may be (a cap can be overshot by
 /// the calls started within this time).
@@ -49,6 +49,59 @@ pub fn check(
             cap_usd: cap,
             spent_usd: spent_today,
         })
+}
+
+/// What a category's budget does to a job now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Within budget (a paused category: clear a job's parking).
+    Within { pausable: bool },
+    /// Serve the job with this model alone.
+    Downgrade { model: String, exceeded: Exceeded },
+    /// Park the job until the budget allows.
+    Pause { exceeded: Exceeded },
+}
+
+impl Verdict {
+    /// For `switchyard_budget_state`: 0 within, 1 downgraded, 2 paused.
+    pub fn state(&self) -> f64 {
+        match self {
+            Verdict::Within { .. } => 0.0,
+            Verdict::Downgrade { .. } => 1.0,
+            Verdict::Pause { .. } => 2.0,
+        }
+    }
+
+    /// Apply to a job about to start with `plan` and decision log `log`
+    /// (pure): a downgrade replaces the plan and records why; a pause records
+    /// why. Returns whether the job is to be parked.
+    pub fn apply(
+        &self,
+        cfg: &Config,
+        plan: &mut crate::route::Plan,
+        log: &mut serde_json::Value,
+    ) -> bool {
+        use serde_json::json;
+        match self {
+            Verdict::Within { .. } => false,
+            Verdict::Downgrade { model, exceeded: x } => {
+                if let Some(p) = crate::route::single_plan(cfg, model) {
+                    log["budget"] = json!({"action": "downgrade", "period": x.period,
+                        "cap_usd": x.cap_usd, "spent_usd": x.spent_usd,
+                        "route": log.get("kind").cloned(), "model": model});
+                    log["kind"] = json!("single");
+                    log["model"] = json!(model);
+                    *plan = p;
+                }
+                false
+            }
+            Verdict::Pause { exceeded: x } => {
+                log["budget"] = json!({"action": "pause", "period": x.period,
+                    "cap_usd": x.cap_usd, "spent_usd": x.spent_usd});
+                true
+            }
+        }
+    }
 }
 
 /// Spend per category: (today, this month), and when it was read.
@@ -107,6 +160,29 @@ impl Book {
             .unwrap_or_default())
     }
 
+    /// What `category`'s budget (None: it has none) does to a job now.
+    pub async fn verdict(&self, cfg: &Config, category: &str) -> Result<Option<Verdict>> {
+        let Some(b) = cfg.categories.get(category).and_then(|c| c.budget.as_ref()) else {
+            return Ok(None);
+        };
+        let v = match (self.exceeded(cfg, category).await?, b.on_exceed) {
+            (None, a) => Verdict::Within {
+                pausable: a == BudgetAction::Pause,
+            },
+            (Some(exceeded), BudgetAction::Downgrade) => Verdict::Downgrade {
+                model: b.downgrade_to.clone().unwrap_or_default(),
+                exceeded,
+            },
+            (Some(exceeded), BudgetAction::Pause) => Verdict::Pause { exceeded },
+        };
+        crate::metrics::global().set(
+            "switchyard_budget_state",
+            &[("category", category)],
+            v.state(),
+        );
+        Ok(Some(v))
+    }
+
     /// Whether `category`'s budget (if it has one) is reached.
     pub async fn exceeded(&self, cfg: &Config, category: &str) -> Result<Option<Exceeded>> {
         let Some(b) = cfg.categories.get(category).and_then(|c| c.budget.as_ref()) else {
@@ -142,7 +218,6 @@ impl Book {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BudgetAction;
 
     fn d(s: &str) -> Decimal {
         s.parse().unwrap()

@@ -13,8 +13,9 @@ use tracing::{debug, warn, Instrument};
 
 use serde_json::json;
 
+use crate::budget::Verdict;
 use crate::bus::{published_ms, Bus};
-use crate::config::{BudgetAction, Config, AUTO_CATEGORY};
+use crate::config::{Config, AUTO_CATEGORY};
 use crate::envelope::{parse_job, Parsed, ValidJob};
 use crate::flow::{self, JobCtx};
 use crate::route;
@@ -221,49 +222,14 @@ impl Dispatcher {
         let (mut ctx, mut log) = (ctx, log);
         // The category's budget: downgrade to a cheaper model, or park.
         let mut rows = Vec::new();
-        if let Some(b) = cfg
-            .categories
-            .get(&ctx.category)
-            .and_then(|c| c.budget.as_ref())
-        {
-            let exceeded = self.budget.exceeded(cfg, &ctx.category).await?;
-            let state = match (&exceeded, b.on_exceed) {
-                (None, _) => 0.0,
-                (Some(_), BudgetAction::Downgrade) => 1.0,
-                (Some(_), BudgetAction::Pause) => 2.0,
-            };
-            crate::metrics::global().set(
-                "switchyard_budget_state",
-                &[("category", ctx.category.as_str())],
-                state,
-            );
-            match (exceeded, b.on_exceed) {
-                (None, BudgetAction::Pause) => rows.push(Row::Park {
+        if let Some(v) = self.budget.verdict(cfg, &ctx.category).await? {
+            let park = v.apply(cfg, &mut ctx.plan, &mut log);
+            if park || matches!(v, Verdict::Within { pausable: true }) {
+                // Parked now, or (a resumed job) no longer.
+                rows.push(Row::Park {
                     job_id: job.id.clone(),
-                    parked: false,
-                }),
-                (None, BudgetAction::Downgrade) => {}
-                (Some(x), BudgetAction::Downgrade) => {
-                    let model = b.downgrade_to.clone().unwrap_or_default();
-                    if let Some(plan) = route::single_plan(cfg, &model) {
-                        debug!(model, period = x.period, "budget reached; downgraded");
-                        log["budget"] = json!({"action": "downgrade", "period": x.period,
-                            "cap_usd": x.cap_usd, "spent_usd": x.spent_usd,
-                            "route": log.get("kind").cloned(), "model": model});
-                        log["kind"] = json!("single");
-                        log["model"] = json!(model);
-                        ctx.plan = plan;
-                    }
-                }
-                (Some(x), BudgetAction::Pause) => {
-                    debug!(period = x.period, "budget reached; job parked");
-                    log["budget"] = json!({"action": "pause", "period": x.period,
-                        "cap_usd": x.cap_usd, "spent_usd": x.spent_usd});
-                    rows.push(Row::Park {
-                        job_id: job.id.clone(),
-                        parked: true,
-                    });
-                }
+                    parked: park,
+                });
             }
         }
         let row = JobRow {

@@ -89,6 +89,18 @@ pub fn with_category_system(conv: &[Message], system: Option<&str>) -> Vec<Messa
 
 /// The effects of `decision` for a job whose finished steps are `history`.
 pub fn effects(cfg: &Config, ctx: &JobCtx, history: &[StepRecord], decision: Decision) -> Effects {
+    effects_budgeted(cfg, ctx, history, decision, None)
+}
+
+/// [`effects`], where a job the classifier moves to a category meets that
+/// category's budget `verdict` (downgraded, or parked instead of started).
+pub fn effects_budgeted(
+    cfg: &Config,
+    ctx: &JobCtx,
+    history: &[StepRecord],
+    decision: Decision,
+    verdict: Option<&crate::budget::Verdict>,
+) -> Effects {
     let mut fx = Effects::default();
     // A single-call job's log needs no `tried` list: its plan names the one target.
     let log = |plan: &Plan| (!matches!(plan, Plan::Single { .. })).then(|| tried(plan, history));
@@ -188,13 +200,28 @@ pub fn effects(cfg: &Config, ctx: &JobCtx, history: &[StepRecord], decision: Dec
                 ctx.enqueued_at_ms,
                 Some(classifier),
             ) {
-                Some((new_ctx, decision_log, variant)) => {
+                Some((mut new_ctx, mut decision_log, variant)) => {
+                    let park =
+                        verdict.is_some_and(|v| v.apply(cfg, &mut new_ctx.plan, &mut decision_log));
                     fx.rows.push(Row::Reclass(ReclassRow {
                         job_id: ctx.job_id.clone(),
                         category: category.clone(),
                         variant,
                         route_decision: decision_log,
                     }));
+                    if park {
+                        // Waits, as its category, until the budget allows.
+                        fx.rows.push(Row::Status(StatusRow {
+                            job_id: ctx.job_id.clone(),
+                            status: "queued",
+                            ..Default::default()
+                        }));
+                        fx.rows.push(Row::Park {
+                            job_id: ctx.job_id.clone(),
+                            parked: true,
+                        });
+                        return fx;
+                    }
                     let first = route::next(&new_ctx.plan, &new_ctx.conv, &[]);
                     let more = effects(cfg, &new_ctx, &[], first);
                     fx.rows.extend(more.rows);

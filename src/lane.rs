@@ -43,6 +43,8 @@ pub struct Lane {
     pool: PgPool,
     provider: Provider,
     limiter: Arc<LaneLimiter>,
+    /// Category budgets, for jobs the classifier moves to a category.
+    budget: Arc<crate::budget::Book>,
     /// How long a provider call may take (after that it is given up).
     provider_timeout: Duration,
     token: CancellationToken,
@@ -50,6 +52,13 @@ pub struct Lane {
     /// (its ack wait ran out while NATS was unreachable) waits for the first
     /// instead of calling the provider a second time.
     in_hand: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// What every lane of a process shares: the fleet-limits KV bucket (if any
+/// lane's limits are fleet-wide) and the view of the category budgets.
+pub struct LaneShared {
+    pub fleet_store: Option<async_nats::jetstream::kv::Store>,
+    pub budget: Arc<crate::budget::Book>,
 }
 
 /// Removes a step from [`Lane::in_hand`] when its handling ends.
@@ -71,8 +80,9 @@ impl Lane {
         writer: Writer,
         pool: PgPool,
         token: CancellationToken,
-        fleet_store: Option<async_nats::jetstream::kv::Store>,
+        shared: &LaneShared,
     ) -> Result<Self> {
+        let (fleet_store, budget) = (shared.fleet_store.clone(), shared.budget.clone());
         let pc = cfg
             .providers
             .get(name)
@@ -105,6 +115,7 @@ impl Lane {
             pool,
             provider,
             limiter: Arc::new(limiter),
+            budget,
             provider_timeout,
             token,
             in_hand: Default::default(),
@@ -594,7 +605,22 @@ impl Lane {
             }
         };
         let decision = route::next(&call.plan, &call.conv, &history);
-        let mut fx = flow::effects(&self.cfg, &ctx, &history, decision);
+        // A job the classifier moves to a category meets that category's budget.
+        let verdict = match &decision {
+            route::Decision::Reclassify { category, .. } => {
+                match self.budget.verdict(&self.cfg, category).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.writer.report_failure(&e);
+                        self.finish(msg, Err(e), None, flow::Effects::default())
+                            .await;
+                        return;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let mut fx = flow::effects_budgeted(&self.cfg, &ctx, &history, decision, verdict.as_ref());
         rows.append(&mut fx.rows);
         let res = if rows.is_empty() {
             Ok(store::Committed::default())

@@ -552,17 +552,6 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
     if !dead.is_empty() {
         insert_dead_letters(&mut tx, &dead).await?;
     }
-    if !parks.is_empty() {
-        sqlx::query(
-            "UPDATE jobs SET parked_at = CASE WHEN u.parked THEN COALESCE(jobs.parked_at, now()) END
-             FROM UNNEST($1::text[], $2::bool[]) AS u(id, parked)
-             WHERE jobs.id = u.id AND jobs.status = 'queued'",
-        )
-        .bind(parks.iter().map(|(j, _)| j.clone()).collect::<Vec<_>>())
-        .bind(parks.iter().map(|(_, p)| *p).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-    }
     if !reclass.is_empty() {
         update_reclass(&mut tx, &reclass).await?;
     }
@@ -580,6 +569,18 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
     }
     if !statuses.is_empty() {
         update_statuses(&mut tx, &statuses).await?;
+    }
+    // After the statuses: a job parked as it is reclassified is `queued` again.
+    if !parks.is_empty() {
+        sqlx::query(
+            "UPDATE jobs SET parked_at = CASE WHEN u.parked THEN COALESCE(jobs.parked_at, now()) END
+             FROM UNNEST($1::text[], $2::bool[]) AS u(id, parked)
+             WHERE jobs.id = u.id AND jobs.status = 'queued'",
+        )
+        .bind(parks.iter().map(|(j, _)| j.clone()).collect::<Vec<_>>())
+        .bind(parks.iter().map(|(_, p)| *p).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(Written { status, attempts })

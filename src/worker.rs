@@ -126,6 +126,9 @@ pub async fn start(
         None
     };
 
+    // One view of the budgets' spend for the dispatcher and the lanes.
+    let book = Arc::new(crate::budget::Book::new(&cfg, pool.clone()));
+
     // Messages JetStream gave up on become dead letters.
     tracker.spawn(crate::poison::run(
         bus.clone(),
@@ -135,7 +138,6 @@ pub async fn start(
     ));
 
     if opts.dispatcher {
-        let book = Arc::new(crate::budget::Book::new(&cfg, pool.clone()));
         let d = Dispatcher::new(
             cfg.clone(),
             bus.clone(),
@@ -153,7 +155,7 @@ pub async fn start(
                 cfg.clone(),
                 pool.clone(),
                 bus.clone(),
-                book,
+                book.clone(),
                 token.clone(),
             ));
         }
@@ -181,6 +183,10 @@ pub async fn start(
             },
         ));
     }
+    let shared = crate::lane::LaneShared {
+        fleet_store: fleet_store.clone(),
+        budget: book.clone(),
+    };
     for name in lane_names {
         let lane = Arc::new(
             Lane::new(
@@ -190,7 +196,7 @@ pub async fn start(
                 writer.clone(),
                 pool.clone(),
                 token.clone(),
-                fleet_store.clone(),
+                &shared,
             )
             .with_context(|| format!("building lane `{name}`"))?,
         );

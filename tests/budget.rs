@@ -157,3 +157,115 @@ async fn a_reached_budget_downgrades_or_parks_across_two_processes() {
     assert_eq!(still_parked, 0);
     env.cleanup().await;
 }
+
+/// Jobs published to `auto` that the classifier *model* moves to a category
+/// meet that category's budget too: downgraded, or parked after the
+/// classifier call (as the category, until the budget allows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_the_classifier_moves_meet_their_categorys_budget() {
+    use switchyard::sim::{ScriptedAnswer, SimProfile};
+    let answer = |marker: &str, category: &str| ScriptedAnswer {
+        model: Some("gemini-2.5-flash-lite".into()),
+        contains: Some(format!("{marker} ")),
+        text: format!(r#"{{"category": "{category}", "confidence": 0.95}}"#),
+    };
+    let env = TestEnv::new(SimProfile {
+        answers: vec![answer("SALESJOB", "sales"), answer("SUPPORTJOB", "support")],
+        ..Default::default()
+    })
+    .await;
+    // Both categories spent more than their caps today.
+    sqlx::raw_sql(
+        "INSERT INTO calls (job_id, category, provider, model, step, attempt, price_input_per_mtok,
+                            price_output_per_mtok, price_cached_input_per_mtok, cost_usd, latency_ms, outcome)
+         VALUES ('earlier-1', 'sales', 'openai', 'gpt-4.1', 0, 1, 2, 8, 0.5, 1.0, 100, 'ok'),
+                ('earlier-2', 'support', 'anthropic', 'claude-sonnet-4-5', 0, 1, 3, 15, 0.3, 1.0, 100, 'ok')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let overrides: Vec<(String, String)> = vars(&env, CAP)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("SWITCHYARD_CATEGORIES"))
+        .collect();
+    let refs: Vec<(&str, &str)> = overrides
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let worker = env.start_worker(env.config_with(&refs)).await;
+    let auto = |marker: &str, i: usize| {
+        let mut e = switchyard::envelope::JobEnvelope::prompt(
+            format!("{}-{i}", marker.to_lowercase()),
+            "auto",
+            format!("{marker} {i}: could you help me with this"),
+        );
+        e.category = None;
+        switchyard::enqueue::Outgoing {
+            category: "auto".into(),
+            id: e.id.clone().unwrap_or_default(),
+            payload: serde_json::to_vec(&e).unwrap(),
+        }
+    };
+    let js: Vec<_> = (0..3)
+        .flat_map(|i| [auto("SALESJOB", i), auto("SUPPORTJOB", i)])
+        .collect();
+    publish_jobs(&env.bus, &js, None).await.unwrap();
+    let support: Vec<String> = (0..3).map(|i| format!("supportjob-{i}")).collect();
+    let sales: Vec<String> = (0..3).map(|i| format!("salesjob-{i}")).collect();
+    assert!(
+        wait_finished(&env.pool, &support, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the classified sales jobs parked",
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM jobs WHERE id = ANY($1) AND category = 'sales'
+               AND status = 'queued' AND parked_at IS NOT NULL",
+            )
+            .bind(&sales)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+            n == 3
+        },
+    )
+    .await;
+    for id in &support {
+        let (model, action, by): (String, Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT r.model, j.route_decision->'budget'->>'action', j.route_decision->'classifier'->>'by'
+             FROM results r JOIN jobs j ON j.id = r.job_id WHERE r.job_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            (model.as_str(), action.as_deref(), by.as_deref()),
+            ("gemini-2.5-flash-lite", Some("downgrade"), Some("model")),
+            "{id}"
+        );
+    }
+    for id in &sales {
+        // Only the classifier was asked.
+        let calls: Vec<(i32, String)> =
+            sqlx::query_as("SELECT step, category FROM calls WHERE job_id = $1")
+                .bind(id)
+                .fetch_all(&env.pool)
+                .await
+                .unwrap();
+        assert_eq!(calls, vec![(-1, "auto".to_string())], "{id}");
+        let action: Option<String> = sqlx::query_scalar(
+            "SELECT route_decision->'budget'->>'action' FROM jobs WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        assert_eq!(action.as_deref(), Some("pause"), "{id}");
+    }
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

@@ -146,6 +146,7 @@ impl Registry {
     }
 
     /// A counter's or gauge's current value (0 if never set).
+    #[cfg(test)]
     pub fn value(&self, name: &'static str, l: &[(&'static str, &str)]) -> f64 {
         self.inner
             .lock()

@@ -89,6 +89,28 @@ fn legend(
     }
 }
 
+/// Five horizontal grid lines with their values, 0 to `max`, for the plot
+/// area (left, top, width, height).
+fn grid(
+    o: &mut String,
+    (left, top, w, h): (f64, f64, f64, f64),
+    max: f64,
+    label: impl Fn(f64) -> String,
+) {
+    for i in 0..=4 {
+        let v = max * f64::from(i) / 4.0;
+        let y = top + h - h * f64::from(i) / 4.0;
+        let _ = write!(
+            o,
+            r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" class="a" text-anchor="end">{}</text>"##,
+            left + w,
+            left - 6.0,
+            y + 4.0,
+            esc(&label(v))
+        );
+    }
+}
+
 /// Stacked bars: USD per day, one colour per model.
 fn spend_chart(r: &Report) -> String {
     let mut days: BTreeMap<&str, BTreeMap<&str, Decimal>> = BTreeMap::new();
@@ -120,17 +142,9 @@ fn spend_chart(r: &Report) -> String {
     let mut o = format!(
         r#"<svg class="chart" role="img" aria-label="Spend by model per day" viewBox="0 0 {w} {h}" width="{w}" height="{h}">"#
     );
-    for i in 0..=4 {
-        let v = top_usd * f64::from(i) / 4.0;
-        let y = top + plot_h - plot_h * f64::from(i) / 4.0;
-        let _ = write!(
-            o,
-            r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" class="a" text-anchor="end">${v:.4}</text>"##,
-            left + plot_w,
-            left - 6.0,
-            y + 4.0
-        );
-    }
+    grid(&mut o, (left, top, plot_w, plot_h), top_usd, |v| {
+        format!("${v:.4}")
+    });
     let label_every = (days.len() / 8).max(1);
     for (i, (day, by_model)) in days.iter().enumerate() {
         let x = left + slot * i as f64 + (slot - bar) / 2.0;
@@ -247,17 +261,9 @@ fn latency_chart(r: &Report) -> String {
     let mut o = format!(
         r#"<svg class="chart" role="img" aria-label="Latency percentiles per model" viewBox="0 0 {w} {h}" width="{w}" height="{h}">"#
     );
-    for i in 0..=4 {
-        let v = top_ms * f64::from(i) / 4.0;
-        let y = top + plot_h - plot_h * f64::from(i) / 4.0;
-        let _ = write!(
-            o,
-            r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" class="a" text-anchor="end">{v:.0} ms</text>"##,
-            left + plot_w,
-            left - 6.0,
-            y + 4.0
-        );
-    }
+    grid(&mut o, (left, top, plot_w, plot_h), top_ms, |v| {
+        format!("{v:.0} ms")
+    });
     for (i, l) in r.latency_by_model.iter().enumerate() {
         let x0 = left + slot * i as f64 + slot * 0.1;
         for (k, (name, v)) in [("p50", l.p50_ms), ("p95", l.p95_ms), ("p99", l.p99_ms)]

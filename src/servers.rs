@@ -6,7 +6,7 @@
 //! `initdb` refuses to run as root, so as root the PostgreSQL tools run as
 //! the `postgres` user (`runuser -u postgres --`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -173,10 +173,6 @@ impl PrivatePg {
         Ok(())
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// The URL of database `db` on this server.
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
@@ -248,10 +244,6 @@ impl PrivateNats {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    pub fn store_dir(&self) -> &Path {
-        &self.dir
     }
 }
 

@@ -146,19 +146,13 @@ pub async fn start(
             book.clone(),
         );
         // Parked jobs of paused categories go out again when their budget allows.
-        if cfg.categories.values().any(|c| {
-            c.budget
-                .as_ref()
-                .is_some_and(|b| b.on_exceed == crate::config::BudgetAction::Pause)
-        }) {
-            tracker.spawn(resume_parked(
-                cfg.clone(),
-                pool.clone(),
-                bus.clone(),
-                book.clone(),
-                token.clone(),
-            ));
-        }
+        tracker.spawn(resume_parked(
+            cfg.clone(),
+            pool.clone(),
+            bus.clone(),
+            book.clone(),
+            token.clone(),
+        ));
         let consumer = d.consumer().await?;
         let in_flight = cfg.dispatcher.concurrency;
         tracker.spawn(consume(
@@ -284,6 +278,9 @@ async fn resume_parked(
         })
         .map(|(n, _)| n.clone())
         .collect();
+    if paused.is_empty() {
+        return;
+    }
     loop {
         for cat in &paused {
             match book.exceeded(&cfg, cat).await {

@@ -108,6 +108,24 @@ fn is_zero(n: &u32) -> bool {
 }
 
 impl CallMsg {
+    /// Why this message cannot be worked on, if it cannot. A call message
+    /// comes from outside the process (anyone may publish on the calls
+    /// subject), so the lane checks it before spending money on it.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.job_id.is_empty() {
+            return Err("a call message with an empty job id".into());
+        }
+        self.plan.validate()?;
+        if !self.plan.has_step(self.step) {
+            return Err(format!(
+                "step {} is not a step of its {} plan",
+                self.step,
+                self.plan.kind()
+            ));
+        }
+        Ok(())
+    }
+
     /// `Nats-Msg-Id` of a call: unique per job and step (and replay).
     pub fn msg_id(&self) -> String {
         if self.attempt_base > 0 {
@@ -338,11 +356,4 @@ pub struct QueueDepths {
 /// Unix milliseconds of a JetStream message's publish time.
 pub fn published_ms(info: &jetstream::message::Info<'_>) -> i64 {
     (info.published.unix_timestamp_nanos() / 1_000_000) as i64
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

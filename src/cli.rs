@@ -11,10 +11,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
 use crate::config::{Config, DEFAULT_DATABASE_URL, DEFAULT_NATS_URL};
-use crate::report::Format;
+use crate::ops::report::Format;
+use crate::ops::{demo, report, review};
+use crate::pipeline::worker;
+use crate::pipeline::worker::WorkerOptions;
 use crate::sim::{SimProfile, SimServer};
-use crate::worker::WorkerOptions;
-use crate::{bench, demo, enqueue, report, review, store, worker};
+use crate::{enqueue, store};
 
 /// Switchyard: a durable, multi-model LLM job system. Jobs arrive on NATS
 /// JetStream subjects by task category, rate-limited provider lanes serve
@@ -31,8 +33,10 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct Global {
     /// Config file (TOML). `SWITCHYARD_*` variables override its keys.
-    #[arg(long, global = true, env = "SWITCHYARD_CONFIG", default_value = crate::config::DEFAULT_CONFIG_PATH)]
-    pub config: PathBuf,
+    /// Default: `config/switchyard.toml`, or the shipped config built into
+    /// the binary when that file is absent.
+    #[arg(long, global = true, env = "SWITCHYARD_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Postgres URL; the database is created when missing.
     #[arg(long, global = true, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
@@ -167,91 +171,6 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
-    /// Measure end-to-end throughput against the raw JetStream ceiling.
-    Bench {
-        /// Number of jobs per run.
-        #[arg(long, default_value_t = 20_000)]
-        jobs: usize,
-        /// End with one JSON object of the figures on the last line.
-        #[arg(long)]
-        json: bool,
-        #[command(subcommand)]
-        mode: Option<BenchMode>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BenchMode {
-    /// Worker processes sharing one rate-limited provider: 429s and utilization.
-    Limits {
-        /// Worker processes.
-        #[arg(long, default_value_t = 3)]
-        processes: usize,
-        /// Seconds to measure.
-        #[arg(long, default_value_t = 60)]
-        duration_secs: u64,
-        /// Requests per minute the simulator enforces (and the config declares).
-        #[arg(long, default_value_t = 600)]
-        rpm: u32,
-        /// Tokens per minute the simulator enforces (and the config declares).
-        #[arg(long, default_value_t = 100_000)]
-        tpm: u32,
-        /// Use per-process limits instead of the fleet-wide ones.
-        #[arg(long)]
-        per_process: bool,
-        /// Requests per minute the provider really enforces (default: --rpm).
-        #[arg(long)]
-        provider_rpm: Option<u32>,
-        /// Tokens per minute the provider really enforces (default: --tpm).
-        #[arg(long)]
-        provider_tpm: Option<u32>,
-        /// The provider sends no rate-limit headers: only its 429s tell.
-        #[arg(long)]
-        no_headers: bool,
-        /// Kill one worker process (SIGKILL) halfway through.
-        #[arg(long)]
-        kill_one: bool,
-        /// End with one JSON object of the figures on the last line.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Jobs through worker processes while workers are killed (SIGKILL) and
-    /// restarted, nats-server is killed and PostgreSQL stopped once each;
-    /// then checks that nothing was lost or doubled and every answered
-    /// request is in `calls`. Runs its own PostgreSQL and nats-server
-    /// (needs their binaries); exits 1 if a target is missed.
-    Chaos {
-        /// Jobs to publish.
-        #[arg(long, default_value_t = 50_000)]
-        jobs: usize,
-        /// Worker processes.
-        #[arg(long, default_value_t = 3)]
-        processes: usize,
-        /// Jobs published per second (default: all at once).
-        #[arg(long)]
-        publish_rate: Option<f64>,
-        /// Shortest pause between two kills, in seconds.
-        #[arg(long, default_value_t = 2.0)]
-        kill_min_secs: f64,
-        /// Longest pause between two kills, in seconds.
-        #[arg(long, default_value_t = 5.0)]
-        kill_max_secs: f64,
-        /// Seconds nats-server stays dead (0: no NATS restart).
-        #[arg(long, default_value_t = 3.0)]
-        nats_down_secs: f64,
-        /// Seconds PostgreSQL stays stopped (0: no Postgres restart).
-        #[arg(long, default_value_t = 5.0)]
-        pg_down_secs: f64,
-        /// The workers' ack wait: how soon a killed worker's messages come back.
-        #[arg(long, default_value_t = 10)]
-        ack_wait_secs: u64,
-        /// Give up after this many seconds.
-        #[arg(long, default_value_t = 1800)]
-        timeout_secs: u64,
-        /// End with one JSON object of the figures on the last line.
-        #[arg(long)]
-        json: bool,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -328,6 +247,8 @@ pub enum ReviewAction {
 }
 
 /// Cancel `token` on SIGINT or SIGTERM.
+// The listener lives as long as the process: the one task not tracked.
+#[allow(clippy::disallowed_methods)]
 pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
         #[cfg(unix)]
@@ -358,7 +279,7 @@ pub type ExitCode = u8;
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let g = &cli.global;
-    let load = || Config::load(Some(&g.config));
+    let load = || Config::load(g.config.as_deref());
     match cli.command {
         Command::Migrate => {
             let cfg = load()?;
@@ -397,18 +318,19 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = load()?;
             let pool = store::connect_and_migrate(&g.database_url, 4).await?;
             let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
-            let token = CancellationToken::new();
-            let server = crate::dashboard::serve(
+            let tasks = crate::tasks::Tasks::new();
+            crate::ops::dashboard::serve(
                 &listen,
                 pool,
                 bus,
                 cfg.providers.keys().cloned().collect(),
                 cfg.subject_categories(),
-                token.clone(),
+                &tasks,
             )
             .await?;
-            cancel_on_signal(token);
-            let _ = server.await;
+            cancel_on_signal(tasks.token().clone());
+            tasks.token().cancelled().await;
+            tasks.stop(Duration::from_secs(10)).await;
             Ok(0)
         }
         Command::Sim {
@@ -492,7 +414,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             };
             let r = report::build(&pool, &filter, baseline).await?;
             if let Some(path) = &html {
-                std::fs::write(path, crate::report_html::render(&r))
+                std::fs::write(path, crate::ops::report_html::render(&r))
                     .with_context(|| format!("writing {}", path.display()))?;
                 eprintln!("wrote {}", path.display());
             }
@@ -512,13 +434,17 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 Some(p) => SimProfile::load(&p)?,
                 None => SimProfile::demo(),
             };
-            let pool =
-                store::connect_and_migrate(&g.database_url, cfg.database.max_connections).await?;
-            let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
+            // A database of its own unless DATABASE_URL names one.
+            let db_url = if g.database_url == DEFAULT_DATABASE_URL {
+                store::with_database(&g.database_url, demo::DEMO_DATABASE)?
+            } else {
+                g.database_url.clone()
+            };
+            let pool = store::connect_and_migrate(&db_url, cfg.database.max_connections).await?;
             let outcome = demo::run(
                 cfg,
                 pool,
-                bus,
+                &g.nats_url,
                 jobs,
                 profile,
                 Duration::from_secs(timeout_secs),
@@ -536,7 +462,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     limit,
                     json,
                 } => {
-                    let items = crate::dlq::list(&pool, reason.as_deref(), all, limit).await?;
+                    let items = crate::ops::dlq::list(&pool, reason.as_deref(), all, limit).await?;
                     if json {
                         println!("{}", serde_json::to_string_pretty(&items)?);
                     } else {
@@ -561,7 +487,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(0)
                 }
                 DlqAction::Show { id, json } => {
-                    let d = crate::dlq::show(&pool, id).await?;
+                    let d = crate::ops::dlq::show(&pool, id).await?;
                     let body = String::from_utf8_lossy(&d.payload).into_owned();
                     if json {
                         let mut v = serde_json::to_value(&d)?;
@@ -585,22 +511,22 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
                     bus.ensure_streams(&cfg).await?;
                     let select = if all {
-                        crate::dlq::Select::All { reason }
+                        crate::ops::dlq::Select::All { reason }
                     } else {
-                        crate::dlq::Select::Ids(ids)
+                        crate::ops::dlq::Select::Ids(ids)
                     };
-                    let outcomes = crate::dlq::replay(&pool, &bus, select).await?;
+                    let outcomes = crate::ops::dlq::replay(&pool, &bus, select).await?;
                     let mut missing = 0;
                     for o in &outcomes {
                         match o {
-                            crate::dlq::Replay::Replayed { id, job_id } => println!(
+                            crate::ops::dlq::Replay::Replayed { id, job_id } => println!(
                                 "{id}: replayed (job {})",
                                 job_id.as_deref().unwrap_or("-")
                             ),
-                            crate::dlq::Replay::AlreadyReplayed { id } => {
+                            crate::ops::dlq::Replay::AlreadyReplayed { id } => {
                                 println!("{id}: already replayed; not again")
                             }
-                            crate::dlq::Replay::NotFound { id } => {
+                            crate::ops::dlq::Replay::NotFound { id } => {
                                 missing += 1;
                                 println!("{id}: no such dead letter")
                             }
@@ -618,7 +544,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             anyhow::ensure!(older_than_days > 0, "--older-than-days must be at least 1");
             anyhow::ensure!(batch > 0, "--batch must be at least 1");
             let pool = store::connect_and_migrate(&g.database_url, 2).await?;
-            let p = crate::prune::run(&pool, older_than_days, dry_run, batch).await?;
+            let p = crate::ops::prune::run(&pool, older_than_days, dry_run, batch).await?;
             println!(
                 "{} {} jobs, {} calls, {} steps, {} results, {} ratings, {} dead letters (ended more than {older_than_days} days ago)",
                 if dry_run { "would delete" } else { "deleted" },
@@ -637,7 +563,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             comment,
         } => {
             let pool = store::connect_and_migrate(&g.database_url, 2).await?;
-            let id = crate::feedback::record(&pool, &job_id, score, comment.as_deref()).await?;
+            let id =
+                crate::ops::feedback::record(&pool, &job_id, score, comment.as_deref()).await?;
             println!("feedback {id} recorded: job {job_id} scored {score}");
             Ok(0)
         }
@@ -703,123 +630,6 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(0)
                 }
             }
-        }
-        Command::Bench {
-            mode:
-                Some(BenchMode::Limits {
-                    processes,
-                    duration_secs,
-                    rpm,
-                    tpm,
-                    per_process,
-                    provider_rpm,
-                    provider_tpm,
-                    no_headers,
-                    kill_one,
-                    json,
-                }),
-            ..
-        } => {
-            anyhow::ensure!(processes > 0, "--processes must be at least 1");
-            let cfg = load()?;
-            let pool = store::connect_and_migrate(&g.database_url, 4).await?;
-            let figures = crate::bench_limits::run(
-                cfg,
-                &g.config,
-                pool,
-                &g.database_url,
-                &g.nats_url,
-                &crate::bench_limits::LimitOptions {
-                    processes,
-                    duration: Duration::from_secs(duration_secs),
-                    rpm,
-                    tpm,
-                    fleet: !per_process,
-                    provider_rpm: provider_rpm.unwrap_or(rpm),
-                    provider_tpm: provider_tpm.unwrap_or(tpm),
-                    no_headers,
-                    kill_one,
-                },
-            )
-            .await?;
-            println!("{}", figures.summary());
-            if json {
-                println!("{}", serde_json::to_string(&figures)?);
-            }
-            Ok(0)
-        }
-        Command::Bench {
-            mode:
-                Some(BenchMode::Chaos {
-                    jobs,
-                    processes,
-                    publish_rate,
-                    kill_min_secs,
-                    kill_max_secs,
-                    nats_down_secs,
-                    pg_down_secs,
-                    ack_wait_secs,
-                    timeout_secs,
-                    json,
-                }),
-            ..
-        } => {
-            anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
-            let secs = |name: &str, v: f64| {
-                anyhow::ensure!(v.is_finite() && v >= 0.0, "--{name} must be 0 or more");
-                Ok(Duration::from_secs_f64(v))
-            };
-            let kill_every = (
-                secs("kill-min-secs", kill_min_secs)?,
-                secs("kill-max-secs", kill_max_secs)?,
-            );
-            anyhow::ensure!(
-                kill_every.0 <= kill_every.1 && !kill_every.1.is_zero(),
-                "--kill-min-secs must not exceed --kill-max-secs, and --kill-max-secs must be above 0"
-            );
-            if let Some(r) = publish_rate {
-                anyhow::ensure!(r.is_finite() && r > 0.0, "--publish-rate must be above 0");
-            }
-            anyhow::ensure!(ack_wait_secs > 0, "--ack-wait-secs must be at least 1");
-            let cfg = load()?;
-            let figures = crate::chaos::run(
-                cfg,
-                &g.config,
-                &crate::chaos::ChaosOptions {
-                    jobs,
-                    processes,
-                    publish_rate,
-                    kill_every,
-                    nats_down: secs("nats-down-secs", nats_down_secs)?,
-                    pg_down: secs("pg-down-secs", pg_down_secs)?,
-                    ack_wait_secs,
-                    timeout: Duration::from_secs(timeout_secs),
-                    worker_exe: std::env::current_exe()
-                        .context("locating the switchyard binary")?,
-                },
-            )
-            .await?;
-            println!("{}", figures.summary());
-            if json {
-                println!("{}", serde_json::to_string(&figures)?);
-            }
-            Ok(if figures.passed() { 0 } else { 1 })
-        }
-        Command::Bench {
-            jobs,
-            json,
-            mode: None,
-        } => {
-            anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
-            let cfg = load()?;
-            let pool =
-                store::connect_and_migrate(&g.database_url, cfg.database.max_connections).await?;
-            let figures = bench::run(cfg, pool, &g.nats_url, jobs).await?;
-            println!("{}", figures.summary());
-            if json {
-                println!("{}", serde_json::to_string(&figures)?);
-            }
-            Ok(0)
         }
     }
 }

@@ -13,6 +13,10 @@ use serde::{Deserialize, Deserializer};
 
 /// Default location of the config file, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/switchyard.toml";
+
+/// `config/switchyard.toml` as shipped, built into the binary: used when no
+/// config path is given and there is no file at [`DEFAULT_CONFIG_PATH`].
+pub const SHIPPED_CONFIG: &str = include_str!("../config/switchyard.toml");
 /// Default database URL (the interface contract).
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/switchyard";
 /// Default NATS URL (the interface contract).
@@ -72,7 +76,9 @@ pub struct Config {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Address to listen on, e.g. `0.0.0.0:9187` (none: no endpoint).
+    /// Address to listen on, e.g. `127.0.0.1:9187` (none: no endpoint). The
+    /// endpoint is unauthenticated and serves spend figures: keep it on
+    /// loopback (or behind an authenticating proxy).
     #[serde(default)]
     pub listen: Option<String>,
 }
@@ -282,6 +288,15 @@ pub struct ProviderConfig {
     /// the output really produced (Anthropic). Default: by `kind`.
     #[serde(default)]
     pub tpm_counts_max_tokens: Option<bool>,
+    /// Largest response body read from the provider, in bytes; a longer one
+    /// is a terminal `bad_response` error (a misbehaving OpenAI-compatible
+    /// server cannot make a worker buffer without bound). Default 8 MiB.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+}
+
+const fn default_max_response_bytes() -> usize {
+    8 << 20
 }
 
 const fn default_max_concurrency() -> usize {
@@ -305,71 +320,6 @@ impl ProviderConfig {
     pub fn counts_max_tokens(&self) -> bool {
         self.tpm_counts_max_tokens
             .unwrap_or(self.kind != ProviderKind::Anthropic)
-    }
-}
-
-impl Config {
-    /// The limits of provider `name` and of its models that have their own:
-    /// what its lanes hold in common (fleet-wide concurrency only when fleet).
-    pub fn scope_limits(&self, name: &str) -> crate::fleet::ScopeLimits {
-        use crate::fleet::{Limits, INPUT_TOKENS, OUTPUT_TOKENS, REQUESTS, TOKENS};
-        let p = &self.providers[name];
-        let budgets = |rpm: u32, tpm: u32, input: Option<u32>, output: Option<u32>| {
-            let mut m = std::collections::BTreeMap::new();
-            m.insert(REQUESTS, rpm);
-            m.insert(TOKENS, tpm);
-            if let Some(v) = input {
-                m.insert(INPUT_TOKENS, v);
-            }
-            if let Some(v) = output {
-                m.insert(OUTPUT_TOKENS, v);
-            }
-            m
-        };
-        let configured = budgets(p.rpm, p.tpm, p.input_tpm, p.output_tpm);
-        // Fleet-wide, the shared state holds the provider's limits; per
-        // process, the lane's own buckets do, and the shared state (in
-        // memory) holds only model limits and what the provider teaches.
-        let provider = Limits {
-            per_min: if p.is_fleet() {
-                configured.clone()
-            } else {
-                Default::default()
-            },
-            ceiling: configured.clone(),
-            concurrency: p.is_fleet().then_some(p.max_concurrency as u32),
-        };
-        let models = self
-            .models
-            .iter()
-            .filter(|(_, m)| m.provider == name)
-            .filter(|(_, m)| {
-                m.rpm.is_some()
-                    || m.tpm.is_some()
-                    || m.input_tpm.is_some()
-                    || m.output_tpm.is_some()
-            })
-            .map(|(id, m)| {
-                let mut per_min = std::collections::BTreeMap::new();
-                for (b, v) in [
-                    (REQUESTS, m.rpm),
-                    (TOKENS, m.tpm),
-                    (INPUT_TOKENS, m.input_tpm),
-                    (OUTPUT_TOKENS, m.output_tpm),
-                ] {
-                    if let Some(v) = v {
-                        per_min.insert(b, v);
-                    }
-                }
-                let lim = Limits {
-                    per_min,
-                    ceiling: configured.clone(),
-                    concurrency: None,
-                };
-                (id.clone(), lim)
-            })
-            .collect();
-        crate::fleet::ScopeLimits::new(provider, models, configured)
     }
 }
 
@@ -584,15 +534,24 @@ impl Config {
     /// Load `path` (or `$SWITCHYARD_CONFIG`, or the default path) and apply the
     /// process environment's overrides.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let path = match path {
-            Some(p) => p.to_path_buf(),
-            None => std::env::var_os("SWITCHYARD_CONFIG")
-                .map(Into::into)
-                .unwrap_or_else(|| DEFAULT_CONFIG_PATH.into()),
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let explicit = path
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("SWITCHYARD_CONFIG").map(Into::into));
+        let path = match explicit {
+            Some(p) => p,
+            None if !Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                // Run from anywhere: no config here means the shipped one.
+                tracing::info!(
+                    "no {DEFAULT_CONFIG_PATH} in this directory; using the shipped config built into the binary"
+                );
+                return Self::from_toml_with_env(SHIPPED_CONFIG, &env)
+                    .map_err(|e| ConfigError(format!("the shipped config: {}", e.0)));
+            }
+            None => DEFAULT_CONFIG_PATH.into(),
         };
         let text = std::fs::read_to_string(&path)
             .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-        let env: Vec<(String, String)> = std::env::vars().collect();
         Self::from_toml_with_env(&text, &env)
             .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
     }
@@ -873,7 +832,7 @@ impl Config {
                         ));
                     }
                     if let Some(p) = &st.prompt {
-                        for r in crate::route::template_refs(p) {
+                        for r in crate::template::stage_refs(p) {
                             if !seen.contains(r.as_str()) || r == st.name {
                                 return Err(err(
                                     format!("{key}.stages[{i}].prompt"),

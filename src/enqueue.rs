@@ -34,11 +34,6 @@ impl Outgoing {
     }
 }
 
-/// A random job id: 20 hex characters.
-pub fn new_job_id() -> String {
-    format!("{:016x}{:04x}", fastrand::u64(..), fastrand::u16(..))
-}
-
 pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
@@ -116,7 +111,7 @@ pub fn read_jsonl(path: &Path, category: Option<&str>) -> Result<(Vec<Outgoing>,
                 continue;
             }
             None => {
-                let id = new_job_id();
+                let id = crate::ids::new_job_id();
                 obj.insert("id".into(), id.clone().into());
                 id
             }

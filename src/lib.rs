@@ -18,38 +18,24 @@
 //! - [`providers`]: one adapter per wire format behind a closed enum.
 //! - [`sim`]: the provider simulator; [`enqueue`], [`report`], [`demo`], [`bench`], [`cli`]: commands.
 
-pub mod bench;
-pub mod bench_limits;
-pub mod budget;
 pub mod bus;
-pub mod chaos;
-pub mod check;
 pub mod cli;
+pub mod clock;
 pub mod config;
-pub mod dashboard;
-pub mod demo;
-pub mod dispatcher;
-pub mod dlq;
 pub mod enqueue;
 pub mod envelope;
-pub mod feedback;
-pub mod fleet;
-pub mod flow;
-pub mod lane;
-pub mod limit;
+pub mod ids;
+pub mod limits;
 pub mod metrics;
-pub mod poison;
+pub mod ops;
+pub mod pipeline;
 pub mod pricing;
 pub mod providers;
-pub mod prune;
-pub mod report;
-pub mod report_html;
-pub mod review;
 pub mod route;
-pub mod servers;
 pub mod sim;
 pub mod store;
-pub mod worker;
+pub mod tasks;
+pub mod template;
 
 /// Install a stderr logger honouring `RUST_LOG` (default `info`, quieter for dependencies).
 pub fn init_logging() {

@@ -1,6 +1,6 @@
 //! Prometheus metrics of this process: counters, gauges and histograms kept
 //! in one registry and rendered in the text exposition format on the
-//! worker's `/metrics` (see [`crate::dashboard`]). Recording is a short
+//! worker's `/metrics` (see [`crate::ops::dashboard`]). Recording is a short
 //! mutex-guarded map update; nothing here does I/O.
 
 use std::collections::BTreeMap;
@@ -58,6 +58,11 @@ const METRICS: &[(&str, &str, &str)] = &[
         "switchyard_database_up",
         "gauge",
         "1 while Postgres answers this process, else 0.",
+    ),
+    (
+        "switchyard_limits_unavailable",
+        "gauge",
+        "1 while a fleet provider's shared limits document cannot be read or written (its calls wait), by provider.",
     ),
 ];
 

@@ -64,7 +64,7 @@ async fn a_reached_budget_downgrades_or_parks_across_two_processes() {
         );
     }
     // Each process sees the spend within budget::REFRESH.
-    tokio::time::sleep(switchyard::budget::REFRESH + Duration::from_millis(500)).await;
+    tokio::time::sleep(switchyard::limits::budget::REFRESH + Duration::from_millis(500)).await;
 
     // Phase 2: over budget.
     let p2 = jobs("p2", 18);

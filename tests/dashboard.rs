@@ -43,7 +43,7 @@ fn headless(exe: &str, profile: &std::path::Path) -> Command {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_the_dashboard_show_real_figures() {
     let env = TestEnv::new(Default::default()).await;
-    let port = switchyard::servers::free_port().unwrap();
+    let port = switchyard_servers::free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
     let mut vars = env.child_env();
     for (k, v) in common::SINGLE_ROUTES {

@@ -3,6 +3,8 @@
 //! in-flight slots, pauses and learned limits through KV compare-and-set;
 //! worker processes share a provider's limit with zero 429s, converge to a
 //! lower limit the provider enforces, and take over a killed process's share.
+// Tests spawn helper tasks freely; the rule is for runtime code.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 
@@ -12,12 +14,12 @@ use std::time::Duration;
 
 use common::{spawn_worker, wait_until, TestEnv};
 use switchyard::bus::Bus;
-use switchyard::fleet::{
+use switchyard::limits::fleet::{
     open_store, Correction, Doc, Limits, Need, ScopeLimits, Seen, SharedLimiter, LEASE_MS,
     REQUESTS, TOKENS,
 };
+use switchyard::pipeline::worker::{self, WorkerOptions};
 use switchyard::sim::SimProfile;
-use switchyard::worker::{self, WorkerOptions};
 
 /// `n` limiters of provider `openai` in KV under `prefix`, each on its own
 /// NATS connection.
@@ -27,7 +29,12 @@ async fn limiters(prefix: &str, n: usize, lims: &ScopeLimits) -> Vec<SharedLimit
         let client = async_nats::connect(common::nats_url()).await.unwrap();
         let js = async_nats::jetstream::new(client);
         let store = open_store(&js, prefix).await.unwrap();
-        out.push(SharedLimiter::fleet("openai", store, lims.clone()));
+        out.push(SharedLimiter::fleet(
+            "openai",
+            store,
+            lims.clone(),
+            &switchyard::tasks::Tasks::new(),
+        ));
     }
     out
 }
@@ -41,7 +48,7 @@ async fn drop_kv(prefix: &str) {
 }
 
 fn unique(tag: &str) -> String {
-    format!("sy_{tag}_{}", &switchyard::enqueue::new_job_id()[..10])
+    format!("sy_{tag}_{}", &switchyard::ids::new_job_id()[..10])
 }
 
 fn limits(rpm: u32, tpm: u32, concurrency: Option<u32>) -> ScopeLimits {
@@ -185,7 +192,7 @@ async fn what_one_process_learns_holds_for_all() {
     let learned = doc.models["m"].learned["requests"];
     assert_eq!(
         (learned.per_min, learned.from_header),
-        (600.0 * switchyard::fleet::BACKOFF, false)
+        (600.0 * switchyard::limits::fleet::BACKOFF, false)
     );
     drop_kv(&prefix).await;
 }
@@ -554,4 +561,38 @@ async fn a_lane_without_budget_leaves_its_messages_in_nats() {
     worker.token().cancel();
     worker.shutdown().await;
     env.cleanup().await;
+}
+
+/// An unreadable limits document, or one in a newer format than this
+/// worker knows, holds calls back: it is never replaced by a fresh one
+/// (full buckets, no leases, no pause). Once it is readable, calls go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_or_newer_limits_document_fails_closed() {
+    let prefix = unique("c");
+    let ls = limiters(&prefix, 1, &limits(600, 1_000_000, None)).await;
+    let client = async_nats::connect(common::nats_url()).await.unwrap();
+    let store = open_store(&async_nats::jetstream::new(client), &prefix)
+        .await
+        .unwrap();
+    let newer = format!(
+        r#"{{"format":{},"provider":{{}}}}"#,
+        switchyard::limits::fleet::DOC_FORMAT + 1
+    );
+    for stored in [b"{not json".to_vec(), newer.into_bytes()] {
+        store.put("openai", stored.clone().into()).await.unwrap();
+        assert!(
+            ls[0].try_admit("m", Need::default()).await.is_err(),
+            "admitted against a document it cannot read: {}",
+            String::from_utf8_lossy(&stored)
+        );
+        let now = store.get("openai").await.unwrap().unwrap();
+        assert_eq!(now.to_vec(), stored, "the document was overwritten");
+    }
+    // Repaired (here: removed), the limiter admits again and writes its format.
+    store.purge("openai").await.unwrap();
+    assert!(ls[0].try_admit("m", Need::default()).await.unwrap().is_ok());
+    let doc = store.get("openai").await.unwrap().unwrap();
+    let doc: Doc = serde_json::from_slice(&doc).unwrap();
+    assert_eq!(doc.format, switchyard::limits::fleet::DOC_FORMAT);
+    drop_kv(&prefix).await;
 }

@@ -178,3 +178,104 @@ async fn hostile_messages_are_dead_lettered_and_good_jobs_still_complete() {
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }
+
+/// A call message whose plan cannot be run (here a pipeline with no
+/// stages, published straight to a lane's subject) is dead-lettered with
+/// the reason before any provider call; the lane keeps serving good jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_message_with_a_malformed_plan_is_dead_lettered_before_any_provider_call() {
+    use switchyard::bus::CallMsg;
+    use switchyard::envelope::{Message, Role};
+    use switchyard::route::{Plan, Target};
+
+    let env = TestEnv::new(SimProfile::default()).await;
+    let cfg = env.config_with(&common::SINGLE_ROUTES);
+    let (model, provider) = cfg
+        .models
+        .iter()
+        .find(|(_, m)| cfg.providers.contains_key(&m.provider))
+        .map(|(id, m)| (id.clone(), m.provider.clone()))
+        .unwrap();
+    let worker = env.start_worker(cfg).await;
+    let messages = vec![Message {
+        role: Role::User,
+        content: "hello".into(),
+    }];
+    let bad = [
+        (
+            "no-stages",
+            Plan::Pipeline { stages: vec![] },
+            0,
+            "no stages",
+        ),
+        (
+            "step-out-of-plan",
+            Plan::Single {
+                target: Target {
+                    model: model.clone(),
+                    provider: provider.clone(),
+                },
+            },
+            7,
+            "not a step",
+        ),
+    ];
+    for (id, plan, step, _) in &bad {
+        let call = CallMsg {
+            job_id: id.to_string(),
+            category: "support".into(),
+            provider: provider.clone(),
+            model: model.clone(),
+            step: *step,
+            messages: messages.clone(),
+            max_tokens: 64,
+            temperature: None,
+            enqueued_at_ms: 0,
+            plan: plan.clone(),
+            conv: messages.clone(),
+            history: vec![],
+            job_max_tokens: None,
+            attempt_base: 0,
+        };
+        env.bus
+            .publish_durable(
+                env.bus.names.call_subject(&provider),
+                &call.msg_id(),
+                serde_json::to_vec(&call).unwrap().into(),
+            )
+            .await
+            .unwrap();
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "both call messages dead-lettered",
+        || async { env.count("SELECT count(*) FROM dead_letters").await == bad.len() as i64 },
+    )
+    .await;
+    for (id, _, _, why) in &bad {
+        let reason: String =
+            sqlx::query_scalar("SELECT reason FROM dead_letters WHERE job_id = $1")
+                .bind(id)
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        assert!(reason.contains(why), "{id}: {reason}");
+    }
+    assert!(
+        env.sim.ledger().is_empty(),
+        "no provider call was made for a malformed call message"
+    );
+    // The lane still serves good jobs.
+    let good = common::jobs("after-bad-plan", 3);
+    let ids: Vec<String> = good.iter().map(|j| j.id.clone()).collect();
+    switchyard::enqueue::publish_jobs(&env.bus, &good, None)
+        .await
+        .unwrap();
+    assert!(
+        switchyard::enqueue::wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

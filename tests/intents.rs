@@ -10,7 +10,6 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 use switchyard::pricing::{Prices, Usage};
 use switchyard::store::{CallOutcome, CallRow, Row, Writer};
-use tokio_util::task::TaskTracker;
 
 fn intent(job: &str, attempt: i32) -> Row {
     Row::Intent {
@@ -44,13 +43,13 @@ fn intent(job: &str, attempt: i32) -> Row {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_claiming_one_step_at_once_get_one_claim() {
     let env = common::TestEnv::new(Default::default()).await;
-    let tracker = TaskTracker::new();
+    let tasks = switchyard::tasks::Tasks::new();
     // Two processes: two pools, two writers.
     let other = switchyard::store::connect_and_migrate(&env.db_url, 4)
         .await
         .unwrap();
-    let a = Writer::spawn(env.pool.clone(), 64, Duration::from_millis(1), &tracker);
-    let b = Writer::spawn(other.clone(), 64, Duration::from_millis(1), &tracker);
+    let a = Writer::spawn(env.pool.clone(), 64, Duration::from_millis(1), &tasks);
+    let b = Writer::spawn(other.clone(), 64, Duration::from_millis(1), &tasks);
     let rounds = 200;
     let mut both = 0;
     for i in 0..rounds {
@@ -88,8 +87,10 @@ async fn two_workers_claiming_one_step_at_once_get_one_claim() {
     );
     assert!(first >= 2, "attempt numbers are not reused");
     drop((a, b));
-    tracker.close();
-    tracker.wait().await;
+    assert!(
+        tasks.stop(Duration::from_secs(10)).await,
+        "the writers stopped"
+    );
     other.close().await;
     env.cleanup().await;
 }

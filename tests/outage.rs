@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{have, wait_until, TestEnv};
-use switchyard::servers::{nats_server_bin, pg_bin, PrivateNats, PrivatePg};
+use switchyard::pipeline::worker::{self, WorkerOptions};
 use switchyard::sim::SimProfile;
-use switchyard::worker::{self, WorkerOptions};
+use switchyard_servers::{nats_server_bin, pg_bin, PrivateNats, PrivatePg};
 
 async fn private_pg() -> PrivatePg {
     tokio::task::spawn_blocking(PrivatePg::start)
@@ -294,7 +294,7 @@ async fn a_call_answered_but_never_recorded_is_an_unknown_row_at_the_reserved_co
             .fetch_all(&pool)
             .await
             .unwrap();
-    let rec = switchyard::chaos::reconcile(&env.sim.ledger(), &rows);
+    let rec = switchyard::sim::reconcile(&env.sim.ledger(), &rows);
     assert_eq!(rec.untagged, 0, "every request carries its tag");
     assert_eq!(rec.unrecorded, 0, "every answered request has its row");
     assert_eq!(rec.phantom, 0);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{jobs, wait_until, TestEnv};
 use rust_decimal::Decimal;
 use switchyard::enqueue::{publish_jobs, wait_finished};
-use switchyard::report;
+use switchyard::ops::report;
 use switchyard::sim::{Format, SimProfile};
 
 /// Overrides that make every lane send one request at a time, plus `extra`.

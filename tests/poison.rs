@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{wait_until, TestEnv};
+use switchyard::pipeline::worker::{self, WorkerOptions};
 use switchyard::sim::SimProfile;
-use switchyard::worker::{self, WorkerOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_keeps_failing_is_dead_lettered_and_leaves_the_stream() {

@@ -17,7 +17,7 @@ async fn admin() -> sqlx::PgPool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_databases_migrate_at_once_and_share_the_analyst_role() {
     let names: Vec<String> = (0..4)
-        .map(|i| format!("sy_t_mig{i}_{}", &switchyard::enqueue::new_job_id()[..8]))
+        .map(|i| format!("sy_t_mig{i}_{}", &switchyard::ids::new_job_id()[..8]))
         .collect();
     let runs = names.iter().map(|n| {
         let url = common::database_url_for(n);
@@ -64,7 +64,7 @@ async fn the_analyst_role_reads_results_and_costs_and_cannot_write() {
     worker.shutdown().await;
 
     // A person's login role, member of switchyard_analyst.
-    let login = format!("sy_analyst_{}", &switchyard::enqueue::new_job_id()[..8]);
+    let login = format!("sy_analyst_{}", &switchyard::ids::new_job_id()[..8]);
     let admin = admin().await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "CREATE ROLE \"{login}\" LOGIN IN ROLE switchyard_analyst"

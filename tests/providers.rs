@@ -321,3 +321,64 @@ async fn failures_can_be_forced_over_http_and_the_ledger_read_back() {
     assert_eq!(statuses, vec![529, 529, 200]);
     assert_eq!(ledger[0]["format"], "anthropic");
 }
+
+/// A server on loopback that answers every request with a 200 whose body
+/// is `len` bytes, with or without a `content-length`.
+async fn endless_server(len: usize, with_length: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tasks = switchyard::tasks::Tasks::new();
+    let inner = tasks.clone();
+    tasks.spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            inner.spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = sock.read(&mut buf).await;
+                let head = if with_length {
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n")
+                } else {
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
+                        .to_string()
+                };
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b' '; 16 * 1024];
+                let mut sent = 0;
+                while sent < len {
+                    let n = chunk.len().min(len - sent);
+                    if sock.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    sent += n;
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn an_oversized_answer_is_a_terminal_error_not_unbounded_memory() {
+    for with_length in [true, false] {
+        let base = endless_server(4 << 20, with_length).await;
+        for format in FORMATS {
+            let http = HttpClient::new("big", &base, None, Duration::from_secs(10))
+                .unwrap()
+                .with_body_limit(64 * 1024);
+            let p = match format {
+                Format::Openai => Provider::OpenAi(OpenAiAdapter::new(http)),
+                Format::Anthropic => Provider::Anthropic(AnthropicAdapter::new(http)),
+                Format::Gemini => Provider::Gemini(GeminiAdapter::new(http)),
+            };
+            let r = p.call(&request()).await;
+            let e = assert_class(format, &r, ErrorClass::BadResponse, false);
+            assert!(
+                e.message.contains("max_response_bytes"),
+                "{format:?}: the error names the setting: {}",
+                e.message
+            );
+        }
+    }
+}

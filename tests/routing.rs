@@ -343,11 +343,11 @@ async fn exhausted_fallback_goes_to_review_and_a_person_finishes_it() {
         .unwrap()
         .contains("all 3 fallback targets"));
 
-    let items = switchyard::review::list(&env.pool, Some("fb"))
+    let items = switchyard::ops::review::list(&env.pool, Some("fb"))
         .await
         .unwrap();
     assert_eq!(items.len(), 2);
-    let detail = switchyard::review::show(&env.pool, &js[0].id)
+    let detail = switchyard::ops::review::show(&env.pool, &js[0].id)
         .await
         .unwrap();
     assert_eq!(detail.steps.len(), 3);
@@ -417,7 +417,7 @@ async fn exhausted_fallback_goes_to_review_and_a_person_finishes_it() {
             .await,
         1
     );
-    assert!(switchyard::review::list(&env.pool, None)
+    assert!(switchyard::ops::review::list(&env.pool, None)
         .await
         .unwrap()
         .is_empty());
@@ -661,7 +661,7 @@ async fn ab_split_is_deterministic_per_job_and_recorded() {
     }
     assert!((8..=32).contains(&variants), "{variants} of 40");
     // The report puts the variants side by side.
-    let r = switchyard::report::build(&env.pool, &Default::default(), None)
+    let r = switchyard::ops::report::build(&env.pool, &Default::default(), None)
         .await
         .unwrap();
     let lines: Vec<(&str, i64)> = r

@@ -44,7 +44,7 @@ async fn fixture() -> TestEnv {
     let env = TestEnv::new(Default::default()).await;
     sqlx::raw_sql(FIXTURE).execute(&env.pool).await.unwrap();
     for (job, score) in [("j1", 5), ("j1", 3), ("j2", 2), ("j3", 4)] {
-        switchyard::feedback::record(&env.pool, job, score, Some("looked at it"))
+        switchyard::ops::feedback::record(&env.pool, job, score, Some("looked at it"))
             .await
             .unwrap();
     }
@@ -316,10 +316,10 @@ async fn the_demo_savings_match_a_hand_computation() {
     let cfg = env.config();
     let (base_model, base) = cfg.baseline(None).unwrap().expect("shipped baseline");
     let base_model = base_model.to_string();
-    let outcome = switchyard::demo::run(
+    let outcome = switchyard::ops::demo::run(
         cfg.clone(),
         env.pool.clone(),
-        env.bus.clone(),
+        &common::nats_url(),
         90,
         switchyard::sim::SimProfile::demo(),
         std::time::Duration::from_secs(120),
@@ -538,5 +538,47 @@ async fn prune_deletes_old_finished_jobs_with_their_rows() {
     assert_eq!(env.count("SELECT count(*) FROM results").await, 1);
     assert_eq!(env.count("SELECT count(*) FROM feedback").await, 1);
     assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 1);
+    env.cleanup().await;
+}
+
+/// `switchyard demo` with the default settings, where a real job waits on
+/// the same (default) prefix: the demo's worker must not take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_never_takes_jobs_it_did_not_publish() {
+    let env = TestEnv::new(Default::default()).await;
+    let cfg = env.config();
+    env.bus.ensure_streams(&cfg).await.unwrap();
+    let waiting = common::jobs("real-work", 3);
+    switchyard::enqueue::publish_jobs(&env.bus, &waiting, None)
+        .await
+        .unwrap();
+    let outcome = switchyard::ops::demo::run(
+        cfg,
+        env.pool.clone(),
+        &common::nats_url(),
+        30,
+        switchyard::sim::SimProfile::default(),
+        std::time::Duration::from_secs(120),
+    )
+    .await
+    .unwrap();
+    assert!(outcome.finished, "the demo finished its own jobs");
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE id LIKE 'real-work-%'")
+            .await,
+        0,
+        "the demo's worker took a job it did not publish"
+    );
+    let mut st = env
+        .bus
+        .js
+        .get_stream(env.bus.names.jobs_stream())
+        .await
+        .unwrap();
+    assert_eq!(
+        st.info().await.unwrap().state.messages,
+        3,
+        "the jobs still wait"
+    );
     env.cleanup().await;
 }

@@ -36,7 +36,12 @@ pub struct HttpClient {
     client: reqwest::Client,
     base_url: String,
     key: Option<Secret>,
+    /// Largest response body read; see `providers.<name>.max_response_bytes`.
+    body_limit: usize,
 }
+
+/// The default of `providers.<name>.max_response_bytes`.
+pub const DEFAULT_BODY_LIMIT: usize = 8 << 20;
 
 impl HttpClient {
     pub fn new(
@@ -56,7 +61,15 @@ impl HttpClient {
             client,
             base_url: base_url.trim_end_matches('/').to_string(),
             key,
+            body_limit: DEFAULT_BODY_LIMIT,
         })
+    }
+
+    /// Read at most `bytes` of a response body (a longer one is a terminal
+    /// `BadResponse` error).
+    pub fn with_body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes.max(1);
+        self
     }
 
     pub fn key(&self) -> Option<&Secret> {
@@ -93,14 +106,43 @@ impl HttpClient {
             .map_err(|e| self.transport_error(&e, None))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let body = resp
-            .bytes()
+        // Terminal: the same request would get the same answer again.
+        let too_long = || {
+            let mut e = CallError::new(
+                ErrorClass::BadResponse,
+                Some(status),
+                format!(
+                    "{}: response body exceeds {} bytes (providers.{}.max_response_bytes)",
+                    self.name, self.body_limit, self.name
+                ),
+            );
+            e.retryable = false;
+            e
+        };
+        if resp
+            .content_length()
+            .is_some_and(|n| n > self.body_limit as u64)
+        {
+            return Err(too_long());
+        }
+        // Read chunk by chunk so a body without a (truthful) length cannot
+        // grow past the limit either.
+        let mut resp = resp;
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| self.transport_error(&e, Some(status)))?;
+            .map_err(|e| self.transport_error(&e, Some(status)))?
+        {
+            if body.len() + chunk.len() > self.body_limit {
+                return Err(too_long());
+            }
+            body.extend_from_slice(&chunk);
+        }
         Ok(RawResponse {
             status,
             headers,
-            body,
+            body: body.freeze(),
         })
     }
 
@@ -119,7 +161,7 @@ impl HttpClient {
             headers.push(auth(k));
         }
         if let Some(t) = tag {
-            headers.push((super::CALL_TAG_HEADER, t.to_string()));
+            headers.push((crate::ids::CALL_TAG_HEADER, t.to_string()));
         }
         let raw = self.post_json(path, &headers, body).await?;
         interpret(&raw, std::time::SystemTime::now()).map_err(|mut e| {

@@ -30,46 +30,6 @@ pub struct CallRequest {
     pub tag: Option<String>,
 }
 
-/// The header that carries [`CallRequest::tag`].
-pub const CALL_TAG_HEADER: &str = "x-switchyard-call";
-
-/// The tag of one attempt of a job's step, as sent in [`CALL_TAG_HEADER`]:
-/// `job#step#attempt`, with bytes a header cannot carry (and `%`)
-/// percent-encoded (job ids may hold any printable Unicode).
-pub fn call_tag(job_id: &str, step: i32, attempt: i32) -> String {
-    let mut t = String::with_capacity(job_id.len() + 8);
-    for b in job_id.bytes() {
-        if (0x21..0x7f).contains(&b) && b != b'%' {
-            t.push(b as char);
-        } else {
-            t.push_str(&format!("%{b:02X}"));
-        }
-    }
-    format!("{t}#{step}#{attempt}")
-}
-
-/// The inverse of [`call_tag`]'s encoding: `job#step#attempt` as sent,
-/// with the job id decoded. `None` if it is not a tag.
-pub fn parse_call_tag(tag: &str) -> Option<(String, i32, i32)> {
-    let mut parts = tag.rsplitn(3, '#');
-    let attempt = parts.next()?.parse().ok()?;
-    let step = parts.next()?.parse().ok()?;
-    let enc = parts.next()?.as_bytes();
-    let mut out = Vec::with_capacity(enc.len());
-    let mut i = 0;
-    while i < enc.len() {
-        if enc[i] == b'%' {
-            let hex = std::str::from_utf8(enc.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(enc[i]);
-            i += 1;
-        }
-    }
-    Some((String::from_utf8(out).ok()?, step, attempt))
-}
-
 /// One rate-limit budget a provider reported (requests, tokens, input
 /// tokens, output tokens): what is left and when it is replenished.
 #[derive(Debug, Clone, PartialEq)]
@@ -224,7 +184,10 @@ impl Provider {
             .and_then(|var| std::env::var(var).ok())
             .filter(|k| !k.is_empty())
             .map(Secret::new);
-        let http = || http::HttpClient::new(name, &cfg.base_url, key.clone(), cfg.timeout());
+        let http = || {
+            http::HttpClient::new(name, &cfg.base_url, key.clone(), cfg.timeout())
+                .map(|c| c.with_body_limit(cfg.max_response_bytes))
+        };
         Ok(match cfg.kind {
             ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
                 Provider::OpenAi(openai::OpenAiAdapter::new(http()?))
@@ -270,20 +233,4 @@ pub fn estimate_input_tokens(messages: &[Message]) -> u64 {
         .map(|m| (m.content.chars().count() as u64).div_ceil(4) + 4)
         .sum::<u64>()
         + 3
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn call_tags_survive_any_job_id() {
-        for id in ["job-1", "a#b#c", "100%", "naïve Ünïcödé ✓", "sp ace\"q"] {
-            let t = call_tag(id, 3, 12);
-            assert!(t.bytes().all(|b| (0x21..0x7f).contains(&b)), "{t}");
-            assert_eq!(parse_call_tag(&t), Some((id.to_string(), 3, 12)));
-        }
-        assert_eq!(parse_call_tag("nope"), None);
-        assert_eq!(parse_call_tag("x#1#y"), None);
-    }
 }

@@ -327,15 +327,6 @@ fn pipeline_stage_failure_goes_to_review() {
     assert!(matches!(d, Decision::Review { reason } if reason.contains("refine")));
 }
 
-#[test]
-fn templates_list_their_stage_references() {
-    assert_eq!(
-        template_refs("{{stages.a}} and {{stages. b }} {{input}}"),
-        vec!["a", "b"]
-    );
-    assert!(template_refs("{{stages.open").is_empty());
-}
-
 // ---- consensus ----
 
 fn consensus(judge: bool) -> Plan {

@@ -8,8 +8,8 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::{role_of, ErrKind, RateState, SimRequest, SimUsage, Synthesized};
+use crate::clock::fmt_rfc3339;
 use crate::envelope::{Message, Role};
-use crate::providers::headers::fmt_rfc3339;
 
 #[derive(Deserialize)]
 struct MessagesRequest {

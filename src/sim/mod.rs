@@ -18,6 +18,9 @@ mod anthropic;
 mod gemini;
 mod openai;
 
+mod reconcile;
+pub use reconcile::{reconcile, Reconciled};
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -32,7 +35,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::envelope::{Message, Role};
 
@@ -222,7 +224,7 @@ pub struct LedgerEntry {
     #[serde(default)]
     pub in_flight: u64,
     /// The request's `x-switchyard-call` header, decoded: the job, step and
-    /// attempt it was for (see [`crate::providers::call_tag`]).
+    /// attempt it was for (see [`crate::ids::call_tag`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call: Option<CallTag>,
 }
@@ -468,7 +470,8 @@ impl Drop for InFlight<'_> {
 pub struct SimServer {
     pub addr: SocketAddr,
     state: Arc<SimState>,
-    shutdown: CancellationToken,
+    /// The server's task; `stop` (or drop) cancels its token.
+    tasks: crate::tasks::Tasks,
 }
 
 impl SimServer {
@@ -495,18 +498,14 @@ impl SimServer {
             .route("/control/force", post(force_route))
             .route("/health", get(|| async { "ok" }))
             .with_state(state.clone());
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        tokio::spawn(async move {
+        let tasks = crate::tasks::Tasks::new();
+        let token = tasks.token().clone();
+        tasks.spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { token.cancelled().await })
                 .await;
         });
-        Ok(Self {
-            addr,
-            state,
-            shutdown,
-        })
+        Ok(Self { addr, state, tasks })
     }
 
     /// `http://ADDR`, to use as a provider's `base_url`.
@@ -536,13 +535,13 @@ impl SimServer {
     }
 
     pub fn stop(&self) {
-        self.shutdown.cancel();
+        self.tasks.token().cancel();
     }
 }
 
 impl Drop for SimServer {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.tasks.token().cancel();
     }
 }
 
@@ -650,9 +649,9 @@ async fn serve(
     let _counted = InFlight(&st.in_flight);
     let auth = has_auth(headers);
     let call = headers
-        .get(crate::providers::CALL_TAG_HEADER)
+        .get(crate::ids::CALL_TAG_HEADER)
         .and_then(|v| v.to_str().ok())
-        .and_then(crate::providers::parse_call_tag)
+        .and_then(crate::ids::parse_call_tag)
         .map(|(job_id, step, attempt)| CallTag {
             job_id,
             step,

@@ -13,8 +13,8 @@ use switchyard::bus::Bus;
 use switchyard::config::Config;
 use switchyard::enqueue::Outgoing;
 use switchyard::envelope::JobEnvelope;
+use switchyard::pipeline::worker::{self, WorkerHandle, WorkerOptions};
 use switchyard::sim::{SimProfile, SimServer};
-use switchyard::worker::{self, WorkerHandle, WorkerOptions};
 
 pub const SHIPPED_CONFIG: &str = include_str!("../../config/switchyard.toml");
 
@@ -43,7 +43,7 @@ impl TestEnv {
         if std::env::var_os("TEST_LOG").is_some() {
             switchyard::init_logging();
         }
-        let name = format!("sy_t_{}", &switchyard::enqueue::new_job_id()[..12]);
+        let name = format!("sy_t_{}", &switchyard::ids::new_job_id()[..12]);
         let db_url = database_url_for(&name);
         let pool = switchyard::store::connect_and_migrate(&db_url, 8)
             .await
@@ -235,17 +235,5 @@ pub fn spawn_worker(env: &[(String, String)]) -> Worker {
     )
 }
 
-/// Tests that run their own PostgreSQL or nats-server need the servers'
-/// binaries, not only running services (a machine whose services run in
-/// Docker may lack them). Without them the test says so and passes, except
-/// under CI, where it fails.
-pub fn have(what: &str, found: bool) -> bool {
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{what} is not installed; CI needs it for this test"
-        );
-        eprintln!("SKIPPED: {what} is not installed (install it to run this test)");
-    }
-    found
-}
+#[allow(unused_imports)]
+pub use switchyard_servers::have;

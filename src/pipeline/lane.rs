@@ -15,9 +15,9 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use crate::bus::{Bus, CallMsg};
 use crate::config::Config;
-use crate::fleet::{Seen, SharedLimiter};
-use crate::flow::{self, JobCtx};
-use crate::limit::LaneLimiter;
+use crate::limits::fleet::{Seen, SharedLimiter};
+use crate::limits::lane::LaneLimiter;
+use crate::pipeline::flow::{self, JobCtx};
 use crate::pricing::Usage;
 use crate::providers::{estimate_input_tokens, CallRequest, ErrorClass, Provider};
 use crate::route::{self, Action, Outcome, Plan, StepOutcome, StepRecord};
@@ -44,7 +44,7 @@ pub struct Lane {
     provider: Provider,
     limiter: Arc<LaneLimiter>,
     /// Category budgets, for jobs the classifier moves to a category.
-    budget: Arc<crate::budget::Book>,
+    budget: Arc<crate::limits::budget::Book>,
     /// How long a provider call may take (after that it is given up).
     provider_timeout: Duration,
     token: CancellationToken,
@@ -58,7 +58,9 @@ pub struct Lane {
 /// lane's limits are fleet-wide) and the view of the category budgets.
 pub struct LaneShared {
     pub fleet_store: Option<async_nats::jetstream::kv::Store>,
-    pub budget: Arc<crate::budget::Book>,
+    pub budget: Arc<crate::limits::budget::Book>,
+    /// Where the fleet limiters' loops run (they outlive the lanes' drain).
+    pub services: crate::tasks::Tasks,
 }
 
 /// Removes a step from [`Lane::in_hand`] when its handling ends.
@@ -88,12 +90,12 @@ impl Lane {
             .get(name)
             .ok_or_else(|| anyhow::anyhow!("no provider `{name}` in config"))?;
         let provider = Provider::from_config(name, pc)?;
-        let lims = cfg.scope_limits(name);
+        let lims = crate::limits::fleet::scope_limits(&cfg, name);
         let shared = if pc.is_fleet() {
             let store = fleet_store.ok_or_else(|| {
                 anyhow::anyhow!("providers.{name}.fleet needs the limits KV bucket")
             })?;
-            SharedLimiter::fleet(name, store, lims)
+            SharedLimiter::fleet(name, store, lims, &shared.services)
         } else {
             SharedLimiter::local(name, lims)
         };
@@ -135,12 +137,12 @@ impl Lane {
     }
 
     async fn commit(&self, msg: &Message, rows: Vec<Row>) -> Result<store::Committed> {
-        crate::worker::commit_holding(&self.writer, msg, rows, &self.token).await
+        crate::pipeline::worker::commit_holding(&self.writer, msg, rows, &self.token).await
     }
 
     /// Wait until the lane has budget for another message (backpressure);
     /// the ticket counts the message as waiting until it is admitted.
-    pub async fn ready(&self) -> crate::limit::Ticket {
+    pub async fn ready(&self) -> crate::limits::lane::Ticket {
         self.limiter.ready().await
     }
 
@@ -165,7 +167,7 @@ impl Lane {
     }
 
     /// Handle one call message. Never panics on its content.
-    pub async fn handle(&self, msg: Message, ticket: crate::limit::Ticket) {
+    pub async fn handle(&self, msg: Message, ticket: crate::limits::lane::Ticket) {
         let (stream, seq, delivered) = match msg.info() {
             Ok(i) => (i.stream.to_string(), i.stream_sequence, i.delivered),
             Err(e) => {
@@ -174,19 +176,37 @@ impl Lane {
                 return;
             }
         };
-        let call: CallMsg = match serde_json::from_slice(&msg.payload) {
+        // A message that parses but cannot be worked on (a malformed plan,
+        // a step its plan lacks) ends its job as `dead`, with the reason.
+        let parsed = match serde_json::from_slice::<CallMsg>(&msg.payload) {
+            Ok(c) => match c.validate() {
+                Ok(()) => Ok(c),
+                Err(why) => Err((Some(c.job_id), format!("not a valid call message: {why}"))),
+            },
+            Err(e) => Err((None, format!("not a valid call message: {e}"))),
+        };
+        let call: CallMsg = match parsed {
             Ok(c) => c,
-            Err(e) => {
-                let row = Row::DeadLetter(DeadLetterRow {
+            Err((job_id, reason)) => {
+                warn!(lane = %self.name, %reason, "dead-lettering a call message");
+                let mut rows = vec![Row::DeadLetter(DeadLetterRow {
                     source: format!("{stream}:{seq}"),
                     subject: msg.subject.to_string(),
-                    job_id: None,
+                    job_id: job_id.clone(),
                     payload: msg.payload.to_vec(),
-                    reason: format!("not a valid call message: {e}"),
-                });
+                    reason: reason.clone(),
+                })];
+                if let Some(job_id) = job_id {
+                    rows.push(Row::Status(StatusRow {
+                        job_id,
+                        status: "dead",
+                        error: Some(reason),
+                        ..Default::default()
+                    }));
+                }
                 self.finish(
                     &msg,
-                    self.commit(&msg, vec![row]).await,
+                    self.commit(&msg, rows).await,
                     None,
                     flow::Effects::default(),
                 )
@@ -210,7 +230,7 @@ impl Lane {
         msg: &Message,
         call: CallMsg,
         attempt: i32,
-        ticket: crate::limit::Ticket,
+        ticket: crate::limits::lane::Ticket,
     ) {
         let key = call.msg_id();
         // Hold a second delivery of a step in hand here until the first is
@@ -380,7 +400,7 @@ impl Lane {
         );
         tracing::Span::current().record("attempt", attempt);
         let mut row = CallRow { attempt, ..row };
-        req.tag = Some(crate::providers::call_tag(&call.job_id, call.step, attempt));
+        req.tag = Some(crate::ids::call_tag(&call.job_id, call.step, attempt));
 
         let started = Instant::now();
         let result = self.provider.call(&req).await;

@@ -4,7 +4,8 @@
 
 use serde_json::json;
 
-use crate::bus::{now_ms, CallMsg, DoneEvent, ReviewEvent};
+use crate::bus::{CallMsg, DoneEvent, ReviewEvent};
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::envelope::{Message, Role};
 use crate::route::{self, Decision, Plan, StepRecord, Verdict, CLASSIFY_STEP};
@@ -99,7 +100,7 @@ pub fn effects_budgeted(
     ctx: &JobCtx,
     history: &[StepRecord],
     decision: Decision,
-    verdict: Option<&crate::budget::Verdict>,
+    verdict: Option<&crate::limits::budget::Verdict>,
 ) -> Effects {
     let mut fx = Effects::default();
     // A single-call job's log needs no `tried` list: its plan names the one target.

@@ -1,7 +1,8 @@
 //! Private PostgreSQL and NATS servers on free loopback ports, for the chaos
 //! bench and the outage tests: they can be stopped, killed and restarted
-//! without touching the machine's own services. Each lives in a temporary
-//! directory that is removed when it is dropped.
+//! without touching the machine's own services. Each lives in a fresh
+//! temporary directory (created with a random name and mode 0700, never a
+//! fixed path another user could prepare) that is removed when it is dropped.
 //!
 //! `initdb` refuses to run as root, so as root the PostgreSQL tools run as
 //! the `postgres` user (`runuser -u postgres --`).
@@ -74,6 +75,7 @@ pub fn nats_server_bin() -> Option<&'static str> {
 /// A private PostgreSQL cluster (trust auth, user `postgres`, fsync off),
 /// stopped and removed on drop.
 pub struct PrivatePg {
+    _tmp: tempfile::TempDir,
     dir: PathBuf,
     port: u16,
     bin: PathBuf,
@@ -87,9 +89,11 @@ impl PrivatePg {
              (Debian: apt install postgresql)",
         )?;
         let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("switchyard_pg_{port}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix("switchyard_pg_")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let dir = tmp.path().to_path_buf();
         if is_root() {
             let ok = Command::new("chown")
                 .args(["postgres:postgres"])
@@ -101,7 +105,12 @@ impl PrivatePg {
                 bail!("could not hand {} to the postgres user", dir.display());
             }
         }
-        let pg = Self { dir, port, bin };
+        let pg = Self {
+            _tmp: tmp,
+            dir,
+            port,
+            bin,
+        };
         let out = pg
             .tool("initdb")
             .arg("-D")
@@ -132,9 +141,11 @@ impl PrivatePg {
 
     /// Start the server (again) and wait until it accepts connections.
     pub fn ctl_start(&self) -> Result<()> {
+        // The socket lives in the cluster's own directory, not in /tmp.
         let opts = format!(
-            "-p {} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
-            self.port
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            self.port,
+            self.dir.display()
         );
         let out = self
             .tool("pg_ctl")
@@ -187,12 +198,12 @@ impl Drop for PrivatePg {
             .arg(&self.dir)
             .args(["-m", "immediate", "stop"])
             .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// A private nats-server with JetStream and its own store; killed on drop.
 pub struct PrivateNats {
+    _tmp: tempfile::TempDir,
     dir: PathBuf,
     port: u16,
     child: Option<Child>,
@@ -201,10 +212,13 @@ pub struct PrivateNats {
 impl PrivateNats {
     pub fn start() -> Result<Self> {
         let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("switchyard_nats_{port}"));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::Builder::new()
+            .prefix("switchyard_nats_")
+            .tempdir()
+            .context("creating a temporary directory")?;
         let mut me = Self {
-            dir,
+            dir: tmp.path().join("store"),
+            _tmp: tmp,
             port,
             child: None,
         };
@@ -250,6 +264,20 @@ impl PrivateNats {
 impl Drop for PrivateNats {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Tests that run their own PostgreSQL or nats-server need the servers'
+/// binaries, not only running services (a machine whose services run in
+/// Docker may lack them). Without them the test says so and passes, except
+/// under CI, where it fails.
+pub fn have(what: &str, found: bool) -> bool {
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{what} is not installed; CI needs it for this test"
+        );
+        eprintln!("SKIPPED: {what} is not installed (install it to run this test)");
+    }
+    found
 }

@@ -27,6 +27,13 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Connect to `url`, creating the database when it is missing, and apply the
 /// migrations (idempotent; an advisory lock makes concurrent starts safe).
+/// `url` naming database `db` instead (same server, user and options).
+pub fn with_database(url: &str, db: &str) -> Result<String> {
+    let mut u = url::Url::parse(url).context("invalid DATABASE_URL")?;
+    u.set_path(&format!("/{db}"));
+    Ok(u.into())
+}
+
 pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPool> {
     let opts = PgConnectOptions::from_str(url)
         .with_context(|| "invalid DATABASE_URL".to_string())?
@@ -277,6 +284,8 @@ struct Health {
     up: AtomicBool,
     probing: AtomicBool,
     back: Notify,
+    /// Where the probe runs; it ends on this token.
+    tasks: crate::tasks::Tasks,
 }
 
 impl Health {
@@ -287,10 +296,16 @@ impl Health {
         }
         warn!(%error, "database unreachable; taking no new work until it answers");
         let me = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut delay = Duration::from_millis(250);
             loop {
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = me.tasks.token().cancelled() => {
+                        me.probing.store(false, Ordering::SeqCst);
+                        return;
+                    }
+                    _ = tokio::time::sleep(delay) => {}
+                }
                 let ok = tokio::time::timeout(
                     Duration::from_secs(5),
                     sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&me.pool),
@@ -317,7 +332,7 @@ impl Writer {
         pool: PgPool,
         batch_size: usize,
         flush_interval: Duration,
-        tracker: &tokio_util::task::TaskTracker,
+        tasks: &crate::tasks::Tasks,
     ) -> Self {
         let (tx, rx) = mpsc::channel(batch_size * 4);
         let health = Arc::new(Health {
@@ -325,8 +340,9 @@ impl Writer {
             up: AtomicBool::new(true),
             probing: AtomicBool::new(false),
             back: Notify::new(),
+            tasks: tasks.clone(),
         });
-        tracker.spawn(writer_loop(pool, rx, batch_size, flush_interval));
+        tasks.spawn(writer_loop(pool, rx, batch_size, flush_interval));
         Self { tx, health }
     }
 

@@ -12,12 +12,12 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::bus::Bus;
-use crate::config::{Config, ProviderKind, RouteConfig};
-use crate::demo::{on_simulator, sample_jobs};
-use crate::enqueue::{publish_jobs, Outgoing};
-use crate::sim::{SimProfile, SimServer};
-use crate::worker::{self, WorkerOptions};
+use switchyard::bus::Bus;
+use switchyard::config::{Config, ProviderKind, RouteConfig};
+use switchyard::enqueue::{publish_jobs, Outgoing};
+use switchyard::ops::demo::{on_simulator, sample_jobs};
+use switchyard::pipeline::worker::{self, WorkerOptions};
+use switchyard::sim::{SimProfile, SimServer};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchFigures {
@@ -165,7 +165,7 @@ async fn jetstream_ceiling(
     let publisher = {
         let js = js.clone();
         let subject = subject.clone();
-        tokio::spawn(async move {
+        switchyard::tasks::Tasks::new().spawn(async move {
             let mut pending = FuturesUnordered::new();
             for i in 0..n {
                 if pending.len() >= 512 {
@@ -210,7 +210,7 @@ async fn jetstream_ceiling(
 }
 
 pub async fn run(cfg: Config, pool: PgPool, nats_url: &str, n: usize) -> Result<BenchFigures> {
-    let tag = &crate::enqueue::new_job_id()[..8];
+    let tag = &switchyard::ids::new_job_id()[..8];
     let base = format!("{}-bench-{tag}", cfg.nats.prefix);
     // Start from clean tables: where autovacuum is off (as on the
     // development machines), the dead rows earlier runs left behind would

@@ -2,14 +2,13 @@
 //! random worker is killed with SIGKILL every few seconds (and restarted),
 //! nats-server is killed and restarted once and PostgreSQL is stopped the
 //! hard way and restarted once. It runs its own PostgreSQL and nats-server
-//! (see [`crate::servers`]) so it can do that freely, and the simulator
+//! (see [`switchyard_servers`]) so it can do that freely, and the simulator
 //! in-process, so its ledger of answered requests outlives every worker.
 //!
 //! Afterwards it checks, in SQL and against the ledger (every request is
 //! tagged with its job, step and attempt), that every job ended exactly once
 //! and every answered request has its `calls` row.
 
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,12 +20,12 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::bus::Bus;
-use crate::config::Config;
-use crate::demo::sample_jobs;
-use crate::enqueue::{publish_jobs, Outgoing};
-use crate::servers::{PrivateNats, PrivatePg};
-use crate::sim::{LedgerEntry, SimProfile, SimServer};
+use switchyard::bus::Bus;
+use switchyard::config::Config;
+use switchyard::enqueue::{publish_jobs, Outgoing};
+use switchyard::ops::demo::sample_jobs;
+use switchyard::sim::{reconcile, SimProfile, SimServer};
+use switchyard_servers::{PrivateNats, PrivatePg};
 
 /// What `switchyard bench chaos` runs.
 #[derive(Debug, Clone)]
@@ -94,57 +93,6 @@ pub struct ChaosFigures {
     pub jobs_per_sec: f64,
 }
 
-/// The ledger against the `calls` rows `(job, step, attempt, outcome)`.
-#[derive(Debug, Default, PartialEq)]
-pub struct Reconciled {
-    pub answered: usize,
-    pub untagged: usize,
-    pub unrecorded: usize,
-    pub phantom: usize,
-    pub duplicate_answers: usize,
-}
-
-/// Compare what the simulator answered with what `calls` holds (pure).
-pub fn reconcile(ledger: &[LedgerEntry], rows: &[(String, i32, i32, String)]) -> Reconciled {
-    let recorded: HashSet<(&str, i32, i32)> = rows
-        .iter()
-        .map(|(j, s, a, _)| (j.as_str(), *s, *a))
-        .collect();
-    let mut r = Reconciled {
-        answered: ledger.len(),
-        ..Default::default()
-    };
-    let mut seen: HashSet<(&str, i32, i32)> = HashSet::new();
-    let mut answered_ok: HashSet<(&str, i32, i32)> = HashSet::new();
-    for e in ledger {
-        let Some(t) = &e.call else {
-            r.untagged += 1;
-            continue;
-        };
-        let key = (t.job_id.as_str(), t.step, t.attempt);
-        // One row accounts for one request: a second request with the same
-        // tag is unrecorded.
-        if !seen.insert(key) || !recorded.contains(&key) {
-            r.unrecorded += 1;
-        }
-        if e.status == 200 {
-            answered_ok.insert(key);
-        }
-    }
-    r.unrecorded += r.untagged;
-    let mut ok_per_step: HashMap<(&str, i32), usize> = HashMap::new();
-    for (j, s, a, outcome) in rows {
-        if outcome == "ok" {
-            if !answered_ok.contains(&(j.as_str(), *s, *a)) {
-                r.phantom += 1;
-            }
-            *ok_per_step.entry((j.as_str(), *s)).or_default() += 1;
-        }
-    }
-    r.duplicate_answers = ok_per_step.values().filter(|n| **n > 1).count();
-    r
-}
-
 /// The environment that points a worker process at these servers, this
 /// prefix and the simulator, with no API keys.
 pub fn sim_worker_env(
@@ -177,7 +125,9 @@ pub fn sim_worker_env(
 /// Worker processes; killed on drop.
 struct Fleet {
     exe: PathBuf,
-    config: PathBuf,
+    /// The config file given to the bench, if any (else the workers use the
+    /// default or the shipped one, like the bench did).
+    config: Option<PathBuf>,
     env: Vec<(String, String)>,
     logs: PathBuf,
     children: Vec<Child>,
@@ -190,10 +140,11 @@ impl Fleet {
             .append(true)
             .open(self.logs.join(format!("worker-{i}.log")))
             .context("opening a worker log")?;
-        Command::new(&self.exe)
-            .arg("--config")
-            .arg(&self.config)
-            .arg("worker")
+        let mut cmd = Command::new(&self.exe);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.arg("worker")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
@@ -285,7 +236,11 @@ async fn count_terminal(pool: &PgPool) -> Option<usize> {
     .map(|n| n as usize)
 }
 
-pub async fn run(cfg: Config, config_path: &Path, opts: &ChaosOptions) -> Result<ChaosFigures> {
+pub async fn run(
+    cfg: Config,
+    config_path: Option<&Path>,
+    opts: &ChaosOptions,
+) -> Result<ChaosFigures> {
     anyhow::ensure!(opts.processes > 0, "--processes must be at least 1");
     let pg = tokio::task::spawn_blocking(PrivatePg::start)
         .await?
@@ -294,7 +249,7 @@ pub async fn run(cfg: Config, config_path: &Path, opts: &ChaosOptions) -> Result
         .await?
         .context("starting a private nats-server for the chaos run")?;
     let database_url = pg.url("switchyard");
-    let pool = crate::store::connect_and_migrate(&database_url, 4).await?;
+    let pool = switchyard::store::connect_and_migrate(&database_url, 4).await?;
 
     // The demo's error mix (500s, a model that refuses 10%, cached prompts)
     // and a per-model limit that draws some 429s.
@@ -336,12 +291,12 @@ pub async fn run(cfg: Config, config_path: &Path, opts: &ChaosOptions) -> Result
 
     let logs = std::env::temp_dir().join(format!(
         "switchyard-chaos-{}",
-        &crate::enqueue::new_job_id()[..8]
+        &switchyard::ids::new_job_id()[..8]
     ));
     std::fs::create_dir_all(&logs)?;
     let mut fleet = Fleet {
         exe: opts.worker_exe.clone(),
-        config: config_path.to_path_buf(),
+        config: config_path.map(Path::to_path_buf),
         env,
         logs: logs.clone(),
         children: Vec::new(),
@@ -365,7 +320,8 @@ pub async fn run(cfg: Config, config_path: &Path, opts: &ChaosOptions) -> Result
     );
     let started = Instant::now();
     let sent = Arc::new(AtomicUsize::new(0));
-    let publisher = tokio::spawn(publish_paced(
+    let tasks = switchyard::tasks::Tasks::new();
+    let publisher = tasks.spawn(publish_paced(
         bus.clone(),
         jobs,
         opts.publish_rate,
@@ -578,75 +534,5 @@ impl ChaosFigures {
                 "FAIL"
             }
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sim::{CallTag, Format};
-
-    fn entry(tag: Option<(&str, i32, i32)>, status: u16) -> LedgerEntry {
-        LedgerEntry {
-            seq: 0,
-            format: Format::Openai,
-            model: "m".into(),
-            status,
-            prompt_tokens: 1,
-            completion_tokens: 1,
-            max_tokens: 1,
-            cached_tokens: 0,
-            cache_write_tokens: 0,
-            reasoning_tokens: 0,
-            at_ms: 0,
-            has_auth: false,
-            retry_after_ms: None,
-            in_flight: 1,
-            call: tag.map(|(j, s, a)| CallTag {
-                job_id: j.into(),
-                step: s,
-                attempt: a,
-            }),
-        }
-    }
-
-    fn row(j: &str, s: i32, a: i32, o: &str) -> (String, i32, i32, String) {
-        (j.into(), s, a, o.into())
-    }
-
-    #[test]
-    fn reconcile_finds_unrecorded_phantom_and_twice_answered_calls() {
-        let ledger = vec![
-            entry(Some(("a", 0, 1)), 500),
-            entry(Some(("a", 0, 2)), 200),
-            entry(Some(("b", 0, 1)), 200), // worker died: recorded as unknown
-            entry(Some(("c", 0, 1)), 200), // no row at all
-            entry(Some(("d", 0, 1)), 200),
-            entry(Some(("d", 0, 1)), 200), // the same attempt twice
-            entry(Some(("e", 1, 1)), 200),
-            entry(Some(("e", 1, 2)), 200),
-            entry(None, 200),
-        ];
-        let rows = vec![
-            row("a", 0, 1, "retryable_error"),
-            row("a", 0, 2, "ok"),
-            row("b", 0, 1, "unknown"),
-            row("d", 0, 1, "ok"),
-            row("e", 1, 1, "ok"),
-            row("e", 1, 2, "ok"),
-            row("f", 0, 1, "ok"),      // never answered
-            row("a", 0, 3, "unknown"), // intent, the call never left
-        ];
-        let r = reconcile(&ledger, &rows);
-        assert_eq!(
-            r,
-            Reconciled {
-                answered: 9,
-                untagged: 1,
-                unrecorded: 3, // c, d's second request, the untagged one
-                phantom: 1,
-                duplicate_answers: 1,
-            }
-        );
     }
 }

@@ -8,6 +8,8 @@
 //! one step are [`decide`]'s business; what follows a finished step is
 //! [`next`]'s, given every finished step so far ([`StepRecord`]).
 
+pub mod check;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -90,6 +92,50 @@ impl Plan {
                 ..
             } if targets.len() > 1 => Some(Duration::from_millis(*ms)),
             _ => None,
+        }
+    }
+
+    /// Why this plan cannot be run, if it cannot: a plan read from a message
+    /// (not built from the config) may be anything.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Plan::Single { .. } => Ok(()),
+            Plan::Fallback { targets, .. } if targets.is_empty() => {
+                Err("a fallback plan with no targets".into())
+            }
+            Plan::Pipeline { stages } if stages.is_empty() => {
+                Err("a pipeline plan with no stages".into())
+            }
+            Plan::Consensus { voters, .. } if voters.is_empty() => {
+                Err("a consensus plan with no voters".into())
+            }
+            Plan::Consensus {
+                voters, min_agree, ..
+            } if *min_agree == 0 || *min_agree > voters.len() => Err(format!(
+                "a consensus plan needing {min_agree} of {} voters to agree",
+                voters.len()
+            )),
+            Plan::Classify { categories, .. } if categories.is_empty() => {
+                Err("a classify plan with no categories".into())
+            }
+            Plan::Classify { threshold, .. } if !(0.0..=1.0).contains(threshold) => {
+                Err(format!("a classify plan with threshold {threshold}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `step` is a step of this plan.
+    pub fn has_step(&self, step: i32) -> bool {
+        let below = |n: usize| usize::try_from(step).is_ok_and(|s| s < n);
+        match self {
+            Plan::Single { .. } => step == 0,
+            Plan::Fallback { targets, .. } => below(targets.len()),
+            Plan::Pipeline { stages } => below(stages.len()),
+            Plan::Consensus { voters, judge, .. } => {
+                below(voters.len() + usize::from(judge.is_some()))
+            }
+            Plan::Classify { .. } => step == CLASSIFY_STEP,
         }
     }
 
@@ -186,39 +232,6 @@ fn with_user(conv: &[Message], text: String) -> Vec<Message> {
         content: text,
     });
     m
-}
-
-/// Stage names a template refers to with `{{stages.NAME}}`.
-pub fn template_refs(template: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = template;
-    while let Some(i) = rest.find("{{stages.") {
-        let after = &rest[i + 9..];
-        match after.find("}}") {
-            Some(j) => {
-                out.push(after[..j].trim().to_string());
-                rest = &after[j + 2..];
-            }
-            None => break,
-        }
-    }
-    out
-}
-
-/// Fill `{{input}}`, `{{previous}}` and `{{stages.NAME}}`.
-pub fn render(
-    template: &str,
-    input: &str,
-    previous: &str,
-    stages: &BTreeMap<&str, &str>,
-) -> String {
-    let mut out = template
-        .replace("{{input}}", input)
-        .replace("{{previous}}", previous);
-    for (name, text) in stages {
-        out = out.replace(&format!("{{{{stages.{name}}}}}"), text);
-    }
-    out
 }
 
 /// Pick a category's plan for a job; the A/B variant is chosen by a stable
@@ -400,7 +413,7 @@ pub fn check_answer(check: &Check, output: &str) -> Verdict {
         Check::JsonSchema { schema } => {
             match extract_json(output).or_else(|| serde_json::from_str(output.trim()).ok()) {
                 None => Verdict::Rejected("answer is not JSON".into()),
-                Some(v) => match crate::check::validate(schema, &v) {
+                Some(v) => match crate::route::check::validate(schema, &v) {
                     Ok(()) => Verdict::Accepted,
                     Err(e) => Verdict::Rejected(format!("answer fails the schema: {e}")),
                 },
@@ -538,7 +551,8 @@ pub fn next(plan: &Plan, conv: &[Message], history: &[StepRecord]) -> Decision {
                         }
                     }
                     None => {
-                        let prompt = render(&s.template, &input, &previous, &outputs);
+                        let prompt =
+                            crate::template::render(&s.template, &input, &previous, &outputs);
                         return Decision::Calls(vec![StepCall {
                             step: i as i32,
                             target: s.target.clone(),
@@ -547,11 +561,15 @@ pub fn next(plan: &Plan, conv: &[Message], history: &[StepRecord]) -> Decision {
                     }
                 }
             }
-            let last = stages.len() as i32 - 1;
-            let r = rec(last).expect("every stage recorded");
-            Decision::Complete {
-                output: r.output.clone().unwrap_or_default(),
-                model: r.model.clone(),
+            // Every stage answered: the last one's answer is the result.
+            match stages.len().checked_sub(1).and_then(|l| rec(l as i32)) {
+                Some(r) => Decision::Complete {
+                    output: r.output.clone().unwrap_or_default(),
+                    model: r.model.clone(),
+                },
+                None => Decision::Fail {
+                    error: "a pipeline plan with no stages".into(),
+                },
             }
         }
         Plan::Consensus {

@@ -27,8 +27,10 @@ use anyhow::{Context, Result};
 use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
 
-use crate::bus::now_ms;
+use crate::clock::now_ms;
+use crate::config::Config;
 use crate::providers::RateInfo;
+use crate::tasks::Tasks;
 
 /// Budget names, as the providers' headers name them.
 pub const REQUESTS: &str = "requests";
@@ -509,10 +511,22 @@ impl Scope {
     }
 }
 
+/// The format of [`Doc`] this build reads and writes.
+pub const DOC_FORMAT: u32 = 1;
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
 /// The shared state of one provider: its own scope and its models'.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Doc {
+    /// The document's format ([`DOC_FORMAT`] when this build writes it; 0 in
+    /// documents written before formats were numbered). A worker that meets
+    /// a newer format waits instead of overwriting what it cannot read.
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub format: u32,
     pub provider: Scope,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub models: BTreeMap<String, Scope>,
@@ -778,12 +792,16 @@ impl SharedLimiter {
     /// this process's admissions and settlements in batches, one
     /// compare-and-set per batch; another renews this process's in-flight
     /// lease while it has calls in flight.
-    pub fn fleet(provider: &str, store: kv::Store, lims: ScopeLimits) -> Self {
+    ///
+    /// Both run on `tasks`: the batcher ends when the last clone of this
+    /// limiter is dropped (after applying what is queued), the renewer on
+    /// `tasks`' token.
+    pub fn fleet(provider: &str, store: kv::Store, lims: ScopeLimits, tasks: &Tasks) -> Self {
         let key = provider.to_string();
         let (tx, rx) = mpsc::unbounded_channel();
         let holder = new_holder();
         let in_flight = Arc::new(AtomicU32::new(0));
-        tokio::spawn(apply_batches(Batcher {
+        tasks.spawn(apply_batches(Batcher {
             provider: provider.to_string(),
             in_flight: in_flight.clone(),
             store: store.clone(),
@@ -804,7 +822,7 @@ impl SharedLimiter {
             holder,
             in_flight,
         }));
-        tokio::spawn(renew_leases(Arc::downgrade(&me.0)));
+        tasks.spawn(renew_leases(Arc::downgrade(&me.0), tasks.token().clone()));
         me
     }
 
@@ -1007,10 +1025,12 @@ impl SharedLimiter {
 }
 
 fn new_holder() -> String {
-    format!("{}-{}", std::process::id(), crate::enqueue::new_job_id())
+    format!("{}-{}", std::process::id(), crate::ids::new_job_id())
 }
 
-/// The document and its revision (`None`: no document yet).
+/// The document and its revision (`None`: no document yet). Fails closed:
+/// a document that cannot be parsed, or has a newer format than this build
+/// knows, is an error (the lanes wait) — never replaced by full buckets.
 async fn read_doc(store: &kv::Store, key: &str) -> Result<(Doc, Option<u64>)> {
     let entry = store
         .entry(key)
@@ -1018,18 +1038,30 @@ async fn read_doc(store: &kv::Store, key: &str) -> Result<(Doc, Option<u64>)> {
         .with_context(|| format!("reading the limits of {key}"))?;
     let doc = match entry.as_ref().filter(|e| !e.value.is_empty()) {
         None => Doc::default(),
-        Some(e) => serde_json::from_slice::<Doc>(&e.value).unwrap_or_else(|err| {
-            tracing::warn!(key = %key, error = %err, "unreadable limits state; starting it afresh");
-            Doc::default()
-        }),
+        Some(e) => parse_doc(&e.value).with_context(|| format!("the limits of {key}"))?,
     };
     Ok((doc, entry.map(|e| e.revision)))
+}
+
+/// A stored document, if this build can read it (pure).
+pub fn parse_doc(bytes: &[u8]) -> Result<Doc> {
+    let doc: Doc = serde_json::from_slice(bytes).context("unreadable limits document")?;
+    anyhow::ensure!(
+        doc.format <= DOC_FORMAT,
+        "limits document format {} is newer than this worker's {DOC_FORMAT}: upgrade this worker",
+        doc.format
+    );
+    Ok(doc)
 }
 
 /// Write `doc` if the key is still at `revision`: `Ok(false)` if another
 /// process wrote first; an error if the write itself failed.
 async fn write_doc(store: &kv::Store, key: &str, doc: &Doc, revision: Option<u64>) -> Result<bool> {
-    let body: bytes::Bytes = serde_json::to_vec(doc)?.into();
+    let doc = Doc {
+        format: DOC_FORMAT,
+        ..doc.clone()
+    };
+    let body: bytes::Bytes = serde_json::to_vec(&doc)?.into();
     let written = match revision {
         Some(r) => store
             .update(key, body, r)
@@ -1081,6 +1113,8 @@ const BATCH: usize = 256;
 /// they get the error (their lane waits), settlements are retried.
 async fn apply_batches(mut b: Batcher) {
     let mut batch: Vec<Op> = Vec::new();
+    // Whether the last try failed (logged and shown once per outage).
+    let mut unavailable = false;
     loop {
         if batch.is_empty() {
             match b.ops.recv().await {
@@ -1096,6 +1130,15 @@ async fn apply_batches(mut b: Batcher) {
         }
         match apply_once(&b, &batch).await {
             Ok(Some(outcomes)) => {
+                if unavailable {
+                    tracing::info!(provider = %b.provider, "shared limits available again");
+                    unavailable = false;
+                    crate::metrics::global().set(
+                        "switchyard_limits_unavailable",
+                        &[("provider", b.provider.as_str())],
+                        0.0,
+                    );
+                }
                 for (op, outcome) in batch.drain(..).zip(outcomes) {
                     match op {
                         Op::Admit { reply, .. } => {
@@ -1113,7 +1156,17 @@ async fn apply_batches(mut b: Batcher) {
             Ok(None) => {} // another process wrote first: again
             Err(e) => {
                 let why = format!("{e:#}");
-                tracing::warn!(provider = %b.provider, error = %why, "shared limits unreachable");
+                if !unavailable {
+                    // Once per outage, not once per try.
+                    tracing::warn!(provider = %b.provider, error = %why,
+                        "shared limits unavailable; this provider's calls wait until they are back");
+                    unavailable = true;
+                    crate::metrics::global().set(
+                        "switchyard_limits_unavailable",
+                        &[("provider", b.provider.as_str())],
+                        1.0,
+                    );
+                }
                 // Admissions fail now; settlements wait for the next try.
                 let mut keep = Vec::new();
                 for op in batch.drain(..) {
@@ -1169,15 +1222,77 @@ async fn apply_once(b: &Batcher, batch: &[Op]) -> Result<Option<Vec<Result<(), D
     Ok(Some(outcomes))
 }
 
-async fn renew_leases(weak: Weak<Inner>) {
+async fn renew_leases(weak: Weak<Inner>, stop: tokio_util::sync::CancellationToken) {
     loop {
-        tokio::time::sleep(RENEW_EVERY).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RENEW_EVERY) => {}
+        }
         let Some(inner) = weak.upgrade() else { return };
         let me = SharedLimiter(inner);
         if let Err(e) = me.renew().await {
             tracing::warn!(provider = %me.0.provider, error = %format!("{e:#}"), "could not renew the in-flight lease");
         }
     }
+}
+
+/// The limits of provider `name` and of its models that have their own:
+/// what its lanes hold in common (fleet-wide concurrency only when fleet).
+pub fn scope_limits(cfg: &Config, name: &str) -> ScopeLimits {
+    let p = &cfg.providers[name];
+    let budgets = |rpm: u32, tpm: u32, input: Option<u32>, output: Option<u32>| {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert(REQUESTS, rpm);
+        m.insert(TOKENS, tpm);
+        if let Some(v) = input {
+            m.insert(INPUT_TOKENS, v);
+        }
+        if let Some(v) = output {
+            m.insert(OUTPUT_TOKENS, v);
+        }
+        m
+    };
+    let configured = budgets(p.rpm, p.tpm, p.input_tpm, p.output_tpm);
+    // Fleet-wide, the shared state holds the provider's limits; per
+    // process, the lane's own buckets do, and the shared state (in
+    // memory) holds only model limits and what the provider teaches.
+    let provider = Limits {
+        per_min: if p.is_fleet() {
+            configured.clone()
+        } else {
+            Default::default()
+        },
+        ceiling: configured.clone(),
+        concurrency: p.is_fleet().then_some(p.max_concurrency as u32),
+    };
+    let models = cfg
+        .models
+        .iter()
+        .filter(|(_, m)| m.provider == name)
+        .filter(|(_, m)| {
+            m.rpm.is_some() || m.tpm.is_some() || m.input_tpm.is_some() || m.output_tpm.is_some()
+        })
+        .map(|(id, m)| {
+            let mut per_min = std::collections::BTreeMap::new();
+            for (b, v) in [
+                (REQUESTS, m.rpm),
+                (TOKENS, m.tpm),
+                (INPUT_TOKENS, m.input_tpm),
+                (OUTPUT_TOKENS, m.output_tpm),
+            ] {
+                if let Some(v) = v {
+                    per_min.insert(b, v);
+                }
+            }
+            let lim = Limits {
+                per_min,
+                ceiling: configured.clone(),
+                concurrency: None,
+            };
+            (id.clone(), lim)
+        })
+        .collect();
+    ScopeLimits::new(provider, models, configured)
 }
 
 #[cfg(test)]

@@ -1,6 +1,12 @@
 //! `switchyard demo`: the simulator plays every provider of the config, a
 //! worker runs in-process, sample jobs over every category are published,
 //! and once all are terminal the cost report of this run is printed.
+//!
+//! The demo never touches work it did not publish: it runs on a subject
+//! prefix of its own (`demo_<run>`, whose streams it deletes at the end), so
+//! its worker cannot take jobs waiting on a real deployment's prefix, and
+//! the CLI gives it a database of its own ([`DEMO_DATABASE`]) unless
+//! `DATABASE_URL` names one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,9 +18,9 @@ use crate::bus::Bus;
 use crate::config::{Config, ProviderKind, AUTO_CATEGORY};
 use crate::enqueue::{progress_bar, publish_jobs, wait_finished, Outgoing};
 use crate::envelope::JobEnvelope;
-use crate::report::{self, Format, Report};
+use crate::ops::report::{self, Format, Report};
+use crate::pipeline::worker::{self, WorkerOptions};
 use crate::sim::{SimProfile, SimServer};
-use crate::worker::{self, WorkerOptions};
 
 const PROMPTS: &[(&str, &[&str])] = &[
     (
@@ -109,6 +115,9 @@ pub fn on_simulator(cfg: &mut Config, base_url: &str) {
     }
 }
 
+/// The database the demo uses when `DATABASE_URL` is left at its default.
+pub const DEMO_DATABASE: &str = "switchyard_demo";
+
 pub struct DemoOutcome {
     pub report: Report,
     pub elapsed: Duration,
@@ -118,11 +127,14 @@ pub struct DemoOutcome {
 pub async fn run(
     mut cfg: Config,
     pool: PgPool,
-    bus: Bus,
+    nats_url: &str,
     jobs: usize,
     profile: SimProfile,
     timeout: Duration,
 ) -> Result<DemoOutcome> {
+    let run_id = format!("demo-{}", &crate::ids::new_job_id()[..8]);
+    cfg.nats.prefix = run_id.replace('-', "_");
+    let bus = Bus::connect(nats_url, &cfg.nats.prefix).await?;
     let sim = SimServer::start("127.0.0.1:0", profile).await?;
     on_simulator(&mut cfg, &sim.base_url());
     let cfg = Arc::new(cfg);
@@ -139,7 +151,6 @@ pub async fn run(
         WorkerOptions::default(),
     )
     .await?;
-    let run_id = format!("demo-{}", &crate::enqueue::new_job_id()[..8]);
     let outgoing = sample_jobs(&cfg, &run_id, jobs)?;
     let ids: Vec<String> = outgoing.iter().map(|j| j.id.clone()).collect();
     let started = Instant::now();
@@ -152,6 +163,7 @@ pub async fn run(
     let elapsed = started.elapsed();
     handle.shutdown().await;
     sim.stop();
+    bus.delete_streams().await;
     let filter = report::Filter {
         job_prefix: Some(run_id),
         ..Default::default()

@@ -3,6 +3,7 @@
 //! page that refreshes itself) and `/api/stats` (the dashboard's figures:
 //! fleet-wide, from Postgres and NATS).
 
+use crate::tasks::Tasks;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,6 @@ use axum::{Json, Router};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::bus::{Bus, QueueDepths};
@@ -68,8 +68,9 @@ pub async fn serve(
     bus: Bus,
     providers: Vec<String>,
     categories: Vec<String>,
-    token: CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>> {
+    tasks: &Tasks,
+) -> Result<()> {
+    let token = tasks.token().clone();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("metrics.listen: cannot listen on {listen}"))?;
@@ -83,7 +84,7 @@ pub async fn serve(
     });
     let poll = ctx.clone();
     let stop = token.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut logged = false;
         loop {
             match poll.bus.queue_depths(&poll.providers).await {
@@ -127,11 +128,12 @@ pub async fn serve(
         .route("/metrics", get(prometheus))
         .route("/api/stats", get(stats))
         .with_state(ctx);
-    Ok(tokio::spawn(async move {
+    tasks.spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { token.cancelled().await })
             .await;
-    }))
+    });
+    Ok(())
 }
 
 async fn prometheus() -> Response {

@@ -17,9 +17,10 @@ use tracing::{info, warn};
 
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::dispatcher::Dispatcher;
-use crate::lane::Lane;
+use crate::pipeline::dispatcher::Dispatcher;
+use crate::pipeline::lane::Lane;
 use crate::store::Writer;
+use crate::tasks::Tasks;
 
 /// Which parts of the worker this process runs.
 #[derive(Debug, Clone)]
@@ -49,7 +50,10 @@ impl Default for WorkerOptions {
 pub struct WorkerHandle {
     token: CancellationToken,
     tracker: TaskTracker,
-    writer_tracker: TaskTracker,
+    /// The writer, its database probe and the fleet limiters' loops: they
+    /// outlive the lanes' drain (in-flight calls still commit and settle)
+    /// and stop after it.
+    services: Tasks,
     drain_timeout: Duration,
 }
 
@@ -74,8 +78,12 @@ impl WorkerHandle {
             );
             return false;
         }
-        self.writer_tracker.close();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.writer_tracker.wait()).await;
+        if !self.services.stop(Duration::from_secs(10)).await {
+            warn!(
+                remaining = self.services.len(),
+                "the writer did not stop in time"
+            );
+        }
         info!("worker drained");
         true
     }
@@ -97,12 +105,12 @@ pub async fn start(
     bus.ensure_streams(&cfg).await?;
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let writer_tracker = TaskTracker::new();
+    let services = Tasks::new();
     let writer = Writer::spawn(
         pool.clone(),
         cfg.writer.batch_size,
         Duration::from_millis(cfg.writer.flush_interval_ms),
-        &writer_tracker,
+        &services,
     );
 
     let lane_names: Vec<String> = match &opts.lanes {
@@ -121,16 +129,16 @@ pub async fn start(
 
     // Fleet-wide limits live in one KV bucket per prefix.
     let fleet_store = if lane_names.iter().any(|n| cfg.providers[n].is_fleet()) {
-        Some(crate::fleet::open_store(&bus.js, &bus.names.prefix).await?)
+        Some(crate::limits::fleet::open_store(&bus.js, &bus.names.prefix).await?)
     } else {
         None
     };
 
     // One view of the budgets' spend for the dispatcher and the lanes.
-    let book = Arc::new(crate::budget::Book::new(&cfg, pool.clone()));
+    let book = Arc::new(crate::limits::budget::Book::new(&cfg, pool.clone()));
 
     // Messages JetStream gave up on become dead letters.
-    tracker.spawn(crate::poison::run(
+    tracker.spawn(crate::pipeline::poison::run(
         bus.clone(),
         pool.clone(),
         writer.clone(),
@@ -177,9 +185,10 @@ pub async fn start(
             },
         ));
     }
-    let shared = crate::lane::LaneShared {
+    let shared = crate::pipeline::lane::LaneShared {
         fleet_store: fleet_store.clone(),
         budget: book.clone(),
+        services: services.clone(),
     };
     for name in lane_names {
         let lane = Arc::new(
@@ -225,17 +234,17 @@ pub async fn start(
         ));
     }
     if let Some(listen) = opts.metrics_listen.as_ref().or(cfg.metrics.listen.as_ref()) {
-        crate::dashboard::serve(
+        crate::ops::dashboard::serve(
             listen,
             pool.clone(),
             bus.clone(),
             cfg.providers.keys().cloned().collect(),
             cfg.subject_categories(),
-            token.clone(),
+            &Tasks::from_parts(tracker.clone(), token.clone()),
         )
         .await?;
         let (w, stop) = (writer.clone(), token.clone());
-        tokio::spawn(async move {
+        tracker.spawn(async move {
             loop {
                 let up = if w.is_up() { 1.0 } else { 0.0 };
                 crate::metrics::global().set("switchyard_database_up", &[], up);
@@ -250,7 +259,7 @@ pub async fn start(
     Ok(WorkerHandle {
         token,
         tracker,
-        writer_tracker,
+        services,
         drain_timeout: opts.drain_timeout,
     })
 }
@@ -265,7 +274,7 @@ async fn resume_parked(
     cfg: Arc<Config>,
     pool: PgPool,
     bus: Bus,
-    book: Arc<crate::budget::Book>,
+    book: Arc<crate::limits::budget::Book>,
     token: CancellationToken,
 ) {
     let paused: Vec<String> = cfg
@@ -305,7 +314,7 @@ async fn resume_parked(
                 let Some(body) = envelope.and_then(|e| serde_json::to_vec(&e).ok()) else {
                     continue;
                 };
-                let msg_id = format!("resume-{id}-{}", crate::bus::now_ms());
+                let msg_id = format!("resume-{id}-{}", crate::clock::now_ms());
                 if let Err(e) = bus
                     .publish_durable(bus.names.job_subject(cat), &msg_id, body.into())
                     .await

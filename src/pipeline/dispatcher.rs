@@ -13,11 +13,11 @@ use tracing::{debug, warn, Instrument};
 
 use serde_json::json;
 
-use crate::budget::Verdict;
 use crate::bus::{published_ms, Bus};
 use crate::config::{Config, AUTO_CATEGORY};
 use crate::envelope::{parse_job, Parsed, ValidJob};
-use crate::flow::{self, JobCtx};
+use crate::limits::budget::Verdict;
+use crate::pipeline::flow::{self, JobCtx};
 use crate::route;
 use crate::store::{DeadLetterRow, JobRow, Row, Writer, TERMINAL};
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,7 @@ pub struct Dispatcher {
     bus: Bus,
     writer: Writer,
     token: CancellationToken,
-    budget: Arc<crate::budget::Book>,
+    budget: Arc<crate::limits::budget::Book>,
 }
 
 impl Dispatcher {
@@ -41,7 +41,7 @@ impl Dispatcher {
         bus: Bus,
         writer: Writer,
         token: CancellationToken,
-        budget: Arc<crate::budget::Book>,
+        budget: Arc<crate::limits::budget::Book>,
     ) -> Self {
         Self {
             cfg,
@@ -53,7 +53,7 @@ impl Dispatcher {
     }
 
     async fn commit(&self, msg: &Message, rows: Vec<Row>) -> Result<crate::store::Committed> {
-        crate::worker::commit_holding(&self.writer, msg, rows, &self.token).await
+        crate::pipeline::worker::commit_holding(&self.writer, msg, rows, &self.token).await
     }
 
     pub async fn consumer(&self) -> Result<PullConsumer> {

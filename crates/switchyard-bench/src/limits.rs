@@ -10,11 +10,11 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::bus::Bus;
-use crate::config::Config;
-use crate::demo::sample_jobs;
-use crate::enqueue::publish_jobs;
-use crate::sim::{SimProfile, SimServer};
+use switchyard::bus::Bus;
+use switchyard::config::Config;
+use switchyard::enqueue::publish_jobs;
+use switchyard::ops::demo::sample_jobs;
+use switchyard::sim::{SimProfile, SimServer};
 
 /// The one model every category is routed to for the measurement.
 const MODEL: &str = "gpt-4o-mini";
@@ -81,7 +81,7 @@ impl Drop for Children {
 
 pub async fn run(
     cfg: Config,
-    config_path: &Path,
+    config_path: Option<&Path>,
     pool: PgPool,
     database_url: &str,
     nats_url: &str,
@@ -100,7 +100,7 @@ pub async fn run(
         anyhow::bail!("bench limits needs model `{MODEL}` in the config");
     };
     let provider = model.provider.clone();
-    let tag = &crate::enqueue::new_job_id()[..8];
+    let tag = &switchyard::ids::new_job_id()[..8];
     let prefix = format!("{}-limits-{tag}", cfg.nats.prefix);
     let sim = SimServer::start(
         "127.0.0.1:0",
@@ -149,7 +149,10 @@ pub async fn run(
     let mut children = Children(Vec::new());
     for _ in 0..processes {
         let mut cmd = Command::new(&exe);
-        cmd.arg("--config").arg(config_path).arg("worker");
+        if let Some(c) = config_path {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.arg("worker");
         cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd.stdout(Stdio::null());
         children
@@ -231,7 +234,7 @@ pub async fn run(
         .filter(|e| e.status == 429 && e.at_ms >= half_ms)
         .count();
     let utilization_after_kill = killed_at_ms
-        .map(|k| k + crate::fleet::LEASE_MS as u64)
+        .map(|k| k + switchyard::limits::fleet::LEASE_MS as u64)
         .filter(|from| *from + 5_000 < end_ms)
         .map(|from| share(from, end_ms));
 

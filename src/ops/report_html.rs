@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 
-use crate::report::Report;
+use crate::ops::report::Report;
 
 /// Colours for series, in order (colour-blind-friendly palette).
 const COLOURS: [&str; 8] = [

@@ -12,7 +12,7 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::fleet::{Correction, Limits, Need, ScopeLimits, SharedLimiter};
+use crate::limits::fleet::{Correction, Limits, Need, ScopeLimits, SharedLimiter};
 use tokio::time::Instant;
 
 /// A token bucket that allows refunds. `capacity` tokens, refilled
@@ -161,8 +161,8 @@ impl LaneLimiter {
     /// A limiter with only this process's limits (tests, single workers).
     pub fn local(rpm: u32, tpm: u32, max_concurrency: usize) -> Self {
         let mut ceiling = std::collections::BTreeMap::new();
-        ceiling.insert(crate::fleet::REQUESTS, rpm);
-        ceiling.insert(crate::fleet::TOKENS, tpm);
+        ceiling.insert(crate::limits::fleet::REQUESTS, rpm);
+        ceiling.insert(crate::limits::fleet::TOKENS, tpm);
         let lims = ScopeLimits::new(Limits::default(), Default::default(), ceiling);
         Self::new(
             rpm,
@@ -341,19 +341,19 @@ impl LaneLimiter {
     /// counts that ([`counts_max_tokens`](Self::counts_max_tokens)); and for
     /// a failed call, all of it (it may have been counted).
     pub async fn settle(&self, admission: Admission, used: Option<(u64, u64)>) {
-        self.finish(admission, used, crate::fleet::Seen::default())
+        self.finish(admission, used, crate::limits::fleet::Seen::default())
             .await;
     }
 
     /// [`settle`](Self::settle) and learn from the response in one step:
     /// `seen` is what the provider said about its limits (see
-    /// [`Seen::from_rate`](crate::fleet::Seen::from_rate)). A pause it asked
+    /// [`Seen::from_rate`](crate::limits::fleet::Seen::from_rate)). A pause it asked
     /// for holds here at once.
     pub async fn finish(
         &self,
         admission: Admission,
         used: Option<(u64, u64)>,
-        seen: crate::fleet::Seen,
+        seen: crate::limits::fleet::Seen,
     ) {
         if let Some(d) = seen.pause {
             self.pause_for(d);
@@ -461,7 +461,8 @@ mod tests {
         let a = l.admit("m", 1, 0).await;
         let _b = l.admit("m", 1, 0).await;
         let l2 = l.clone();
-        let third = tokio::spawn(async move { l2.admit("m", 1, 0).await.reserved_input });
+        let tasks = crate::tasks::Tasks::new();
+        let third = tasks.spawn(async move { l2.admit("m", 1, 0).await.reserved_input });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!third.is_finished());
         drop(a);

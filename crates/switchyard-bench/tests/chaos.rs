@@ -5,15 +5,12 @@
 //! exactly once and every request the simulator answered has its `calls`
 //! row (matched by the job, step and attempt each request carries).
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::have;
-use switchyard::chaos::{self, ChaosOptions};
 use switchyard::config::Config;
-use switchyard::servers::{nats_server_bin, pg_bin};
+use switchyard_bench::chaos::{self, ChaosOptions};
+use switchyard_servers::{have, nats_server_bin, pg_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kills_and_server_restarts_lose_double_and_leave_unrecorded_nothing() {
@@ -22,8 +19,8 @@ async fn kills_and_server_restarts_lose_double_and_leave_unrecorded_nothing() {
     {
         return;
     }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/switchyard.toml");
-    let cfg = Config::from_toml_with_env(common::SHIPPED_CONFIG, &[]).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/switchyard.toml");
+    let cfg = Config::from_toml_with_env(switchyard::config::SHIPPED_CONFIG, &[]).unwrap();
     let opts = ChaosOptions {
         jobs: 1500,
         processes: 3,
@@ -33,9 +30,9 @@ async fn kills_and_server_restarts_lose_double_and_leave_unrecorded_nothing() {
         pg_down: Duration::from_secs(4),
         ack_wait_secs: 5,
         timeout: Duration::from_secs(300),
-        worker_exe: env!("CARGO_BIN_EXE_switchyard").into(),
+        worker_exe: switchyard_bench::switchyard_exe().unwrap(),
     };
-    let f = chaos::run(cfg, &path, &opts).await.unwrap();
+    let f = chaos::run(cfg, Some(&path), &opts).await.unwrap();
     eprintln!("{}", f.summary());
     assert!(f.kills >= 5, "workers were killed mid-run: {}", f.kills);
     assert_eq!((f.nats_restarts, f.pg_restarts), (1, 1));

@@ -1,0 +1,239 @@
+//! `switchyard-bench`: throughput against the JetStream ceiling (no mode),
+//! `limits` (worker processes sharing one rate-limited provider) and `chaos`
+//! (kills and restarts under load, then a reconciliation). Each prints a
+//! readable summary and, with `--json`, one JSON object on the last line.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use switchyard::cli::Global;
+use switchyard::config::Config;
+use switchyard::store;
+
+/// Switchyard's measuring harness (not shipped in the `switchyard` binary).
+#[derive(Debug, Parser)]
+#[command(name = "switchyard-bench", version)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+
+    /// Number of jobs per run.
+    #[arg(long, default_value_t = 20_000)]
+    jobs: usize,
+    /// End with one JSON object of the figures on the last line.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Worker processes sharing one rate-limited provider: 429s and utilization.
+    Limits {
+        /// Worker processes.
+        #[arg(long, default_value_t = 3)]
+        processes: usize,
+        /// Seconds to measure.
+        #[arg(long, default_value_t = 60)]
+        duration_secs: u64,
+        /// Requests per minute the simulator enforces (and the config declares).
+        #[arg(long, default_value_t = 600)]
+        rpm: u32,
+        /// Tokens per minute the simulator enforces (and the config declares).
+        #[arg(long, default_value_t = 100_000)]
+        tpm: u32,
+        /// Use per-process limits instead of the fleet-wide ones.
+        #[arg(long)]
+        per_process: bool,
+        /// Requests per minute the provider really enforces (default: --rpm).
+        #[arg(long)]
+        provider_rpm: Option<u32>,
+        /// Tokens per minute the provider really enforces (default: --tpm).
+        #[arg(long)]
+        provider_tpm: Option<u32>,
+        /// The provider sends no rate-limit headers: only its 429s tell.
+        #[arg(long)]
+        no_headers: bool,
+        /// Kill one worker process (SIGKILL) halfway through.
+        #[arg(long)]
+        kill_one: bool,
+        /// End with one JSON object of the figures on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Jobs through worker processes while workers are killed (SIGKILL) and
+    /// restarted, nats-server is killed and PostgreSQL stopped once each;
+    /// then checks that nothing was lost or doubled and every answered
+    /// request is in `calls`. Runs its own PostgreSQL and nats-server
+    /// (needs their binaries); exits 1 if a target is missed.
+    Chaos {
+        /// Jobs to publish.
+        #[arg(long, default_value_t = 50_000)]
+        jobs: usize,
+        /// Worker processes.
+        #[arg(long, default_value_t = 3)]
+        processes: usize,
+        /// Jobs published per second (default: all at once).
+        #[arg(long)]
+        publish_rate: Option<f64>,
+        /// Shortest pause between two kills, in seconds.
+        #[arg(long, default_value_t = 2.0)]
+        kill_min_secs: f64,
+        /// Longest pause between two kills, in seconds.
+        #[arg(long, default_value_t = 5.0)]
+        kill_max_secs: f64,
+        /// Seconds nats-server stays dead (0: no NATS restart).
+        #[arg(long, default_value_t = 3.0)]
+        nats_down_secs: f64,
+        /// Seconds PostgreSQL stays stopped (0: no Postgres restart).
+        #[arg(long, default_value_t = 5.0)]
+        pg_down_secs: f64,
+        /// The workers' ack wait: how soon a killed worker's messages come back.
+        #[arg(long, default_value_t = 10)]
+        ack_wait_secs: u64,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 1800)]
+        timeout_secs: u64,
+        /// End with one JSON object of the figures on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    switchyard::init_logging();
+    match run(Cli::parse()).await {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<u8> {
+    let g = &cli.global;
+    let load = || Config::load(g.config.as_deref());
+    match cli {
+        Cli {
+            mode:
+                Some(Mode::Limits {
+                    processes,
+                    duration_secs,
+                    rpm,
+                    tpm,
+                    per_process,
+                    provider_rpm,
+                    provider_tpm,
+                    no_headers,
+                    kill_one,
+                    json,
+                }),
+            ..
+        } => {
+            anyhow::ensure!(processes > 0, "--processes must be at least 1");
+            let cfg = load()?;
+            let pool = store::connect_and_migrate(&g.database_url, 4).await?;
+            let figures = switchyard_bench::limits::run(
+                cfg,
+                g.config.as_deref(),
+                pool,
+                &g.database_url,
+                &g.nats_url,
+                &switchyard_bench::limits::LimitOptions {
+                    processes,
+                    duration: Duration::from_secs(duration_secs),
+                    rpm,
+                    tpm,
+                    fleet: !per_process,
+                    provider_rpm: provider_rpm.unwrap_or(rpm),
+                    provider_tpm: provider_tpm.unwrap_or(tpm),
+                    no_headers,
+                    kill_one,
+                },
+            )
+            .await?;
+            println!("{}", figures.summary());
+            if json {
+                println!("{}", serde_json::to_string(&figures)?);
+            }
+            Ok(0)
+        }
+        Cli {
+            mode:
+                Some(Mode::Chaos {
+                    jobs,
+                    processes,
+                    publish_rate,
+                    kill_min_secs,
+                    kill_max_secs,
+                    nats_down_secs,
+                    pg_down_secs,
+                    ack_wait_secs,
+                    timeout_secs,
+                    json,
+                }),
+            ..
+        } => {
+            anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
+            let secs = |name: &str, v: f64| {
+                anyhow::ensure!(v.is_finite() && v >= 0.0, "--{name} must be 0 or more");
+                Ok(Duration::from_secs_f64(v))
+            };
+            let kill_every = (
+                secs("kill-min-secs", kill_min_secs)?,
+                secs("kill-max-secs", kill_max_secs)?,
+            );
+            anyhow::ensure!(
+                kill_every.0 <= kill_every.1 && !kill_every.1.is_zero(),
+                "--kill-min-secs must not exceed --kill-max-secs, and --kill-max-secs must be above 0"
+            );
+            if let Some(r) = publish_rate {
+                anyhow::ensure!(r.is_finite() && r > 0.0, "--publish-rate must be above 0");
+            }
+            anyhow::ensure!(ack_wait_secs > 0, "--ack-wait-secs must be at least 1");
+            let cfg = load()?;
+            let figures = switchyard_bench::chaos::run(
+                cfg,
+                g.config.as_deref(),
+                &switchyard_bench::chaos::ChaosOptions {
+                    jobs,
+                    processes,
+                    publish_rate,
+                    kill_every,
+                    nats_down: secs("nats-down-secs", nats_down_secs)?,
+                    pg_down: secs("pg-down-secs", pg_down_secs)?,
+                    ack_wait_secs,
+                    timeout: Duration::from_secs(timeout_secs),
+                    worker_exe: switchyard_bench::switchyard_exe()?,
+                },
+            )
+            .await?;
+            println!("{}", figures.summary());
+            if json {
+                println!("{}", serde_json::to_string(&figures)?);
+            }
+            Ok(if figures.passed() { 0 } else { 1 })
+        }
+        Cli {
+            jobs,
+            json,
+            mode: None,
+            ..
+        } => {
+            anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
+            let cfg = load()?;
+            let pool =
+                store::connect_and_migrate(&g.database_url, cfg.database.max_connections).await?;
+            let figures = switchyard_bench::throughput::run(cfg, pool, &g.nats_url, jobs).await?;
+            println!("{}", figures.summary());
+            if json {
+                println!("{}", serde_json::to_string(&figures)?);
+            }
+            Ok(0)
+        }
+    }
+}

@@ -150,7 +150,7 @@ pub struct ReviewEvent {
 pub struct DoneEvent {
     pub job_id: String,
     pub category: String,
-    pub status: String,
+    pub status: crate::store::JobStatus,
 }
 
 impl Bus {

@@ -612,8 +612,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                         _ => review::Resolution::Reject(reason),
                     };
                     let status = match &how {
-                        review::Resolution::Output(_) => "succeeded",
-                        review::Resolution::Reject(_) => "failed",
+                        review::Resolution::Output(_) => crate::store::JobStatus::Succeeded,
+                        review::Resolution::Reject(_) => crate::store::JobStatus::Failed,
                     };
                     let category = review::resolve(&pool, &id, how, &by).await?;
                     // The done event is best effort: the database already holds the outcome.
@@ -621,7 +621,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                         bus.publish_done(&crate::bus::DoneEvent {
                             job_id: id.clone(),
                             category,
-                            status: status.into(),
+                            status,
                         })
                         .await;
                         let _ = bus.client.flush().await;

@@ -29,7 +29,8 @@ pub const ENV_PREFIX: &str = "SWITCHYARD_";
 #[error("config error: {0}")]
 pub struct ConfigError(pub String);
 
-fn err(key: impl fmt::Display, msg: impl fmt::Display) -> ConfigError {
+/// An error about config key `key`.
+pub fn err(key: impl fmt::Display, msg: impl fmt::Display) -> ConfigError {
     ConfigError(format!("`{key}`: {msg}"))
 }
 

@@ -77,7 +77,7 @@ impl Verdict {
     /// why. Returns whether the job is to be parked.
     pub fn apply(
         &self,
-        cfg: &Config,
+        routes: &crate::route::Routes,
         plan: &mut crate::route::Plan,
         log: &mut serde_json::Value,
     ) -> bool {
@@ -85,7 +85,7 @@ impl Verdict {
         match self {
             Verdict::Within { .. } => false,
             Verdict::Downgrade { model, exceeded: x } => {
-                if let Some(p) = crate::route::single_plan(cfg, model) {
+                if let Some(p) = routes.single_plan(model) {
                     log["budget"] = json!({"action": "downgrade", "period": x.period,
                         "cap_usd": x.cap_usd, "spent_usd": x.spent_usd,
                         "route": log.get("kind").cloned(), "model": model});

@@ -4,6 +4,7 @@
 //! transactions beside a running fleet). Jobs still queued, running or
 //! parked are kept, whatever their age.
 
+use crate::store::JobStatus;
 use anyhow::Result;
 use serde::Serialize;
 use sqlx::PgPool;
@@ -19,15 +20,13 @@ pub struct Pruned {
     pub dead_letters: i64,
 }
 
-const TERMINAL: &str = "('succeeded', 'failed', 'needs_review', 'dead')";
-
 /// Delete what ended more than `days` ago, `batch` jobs per transaction.
 pub async fn run(pool: &PgPool, days: u32, dry_run: bool, batch: i64) -> Result<Pruned> {
     let days = f64::from(days);
     if dry_run {
         let (jobs, calls, steps, results, feedback, dead_letters): (i64, i64, i64, i64, i64, i64) =
-            sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "WITH v AS (SELECT id FROM jobs WHERE status IN {TERMINAL}
+            sqlx::query_as(
+                "WITH v AS (SELECT id FROM jobs WHERE status = ANY($2::text[])
                             AND finished_at < now() - make_interval(days => $1::int))
                  SELECT (SELECT count(*) FROM v),
                         (SELECT count(*) FROM calls WHERE job_id IN (SELECT id FROM v)),
@@ -35,9 +34,10 @@ pub async fn run(pool: &PgPool, days: u32, dry_run: bool, batch: i64) -> Result<
                         (SELECT count(*) FROM results WHERE job_id IN (SELECT id FROM v)),
                         (SELECT count(*) FROM feedback WHERE job_id IN (SELECT id FROM v)),
                         (SELECT count(*) FROM dead_letters
-                          WHERE created_at < now() - make_interval(days => $1::int))"
-            )))
+                          WHERE created_at < now() - make_interval(days => $1::int))",
+            )
             .bind(days as i32)
+            .bind(JobStatus::terminal_names())
             .fetch_one(pool)
             .await?;
         return Ok(Pruned {
@@ -54,8 +54,8 @@ pub async fn run(pool: &PgPool, days: u32, dry_run: bool, batch: i64) -> Result<
         // One statement per batch: the foreign keys are checked at its end,
         // when the job and the rows that name it are gone together.
         let (jobs, calls, steps, results, feedback): (i64, i64, i64, i64, i64) =
-            sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "WITH v AS (SELECT id FROM jobs WHERE status IN {TERMINAL}
+            sqlx::query_as(
+                "WITH v AS (SELECT id FROM jobs WHERE status = ANY($3::text[])
                             AND finished_at < now() - make_interval(days => $1::int)
                             LIMIT $2 FOR UPDATE SKIP LOCKED),
                       f AS (DELETE FROM feedback WHERE job_id IN (SELECT id FROM v) RETURNING 1),
@@ -64,10 +64,11 @@ pub async fn run(pool: &PgPool, days: u32, dry_run: bool, batch: i64) -> Result<
                       r AS (DELETE FROM results WHERE job_id IN (SELECT id FROM v) RETURNING 1),
                       j AS (DELETE FROM jobs WHERE id IN (SELECT id FROM v) RETURNING 1)
                  SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM c), (SELECT count(*) FROM s),
-                        (SELECT count(*) FROM r), (SELECT count(*) FROM f)"
-            )))
+                        (SELECT count(*) FROM r), (SELECT count(*) FROM f)",
+            )
             .bind(days as i32)
             .bind(batch)
+            .bind(JobStatus::terminal_names())
             .fetch_one(pool)
             .await?;
         total.jobs += jobs;

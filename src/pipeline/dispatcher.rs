@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::{AckKind, Message};
-use tracing::{debug, warn, Instrument};
+use async_nats::jetstream::Message;
+use tracing::{warn, Instrument};
 
 use serde_json::json;
 
@@ -18,8 +18,9 @@ use crate::config::{Config, AUTO_CATEGORY};
 use crate::envelope::{parse_job, Parsed, ValidJob};
 use crate::limits::budget::Verdict;
 use crate::pipeline::flow::{self, JobCtx};
-use crate::route;
-use crate::store::{DeadLetterRow, JobRow, Row, Writer, TERMINAL};
+use crate::pipeline::settle::{Settlement, Settler};
+use crate::route::{self, Routes};
+use crate::store::{DeadLetterRow, JobRow, JobStatus, Row, Writer};
 use tokio_util::sync::CancellationToken;
 
 /// Redeliveries of one job message before JetStream gives up on it (each
@@ -29,31 +30,32 @@ pub const DISPATCH_MAX_DELIVER: i64 = 20;
 #[derive(Clone)]
 pub struct Dispatcher {
     cfg: Arc<Config>,
+    routes: Arc<Routes>,
     bus: Bus,
-    writer: Writer,
-    token: CancellationToken,
+    settler: Settler,
     budget: Arc<crate::limits::budget::Book>,
 }
 
 impl Dispatcher {
     pub fn new(
         cfg: Arc<Config>,
+        routes: Arc<Routes>,
         bus: Bus,
         writer: Writer,
         token: CancellationToken,
         budget: Arc<crate::limits::budget::Book>,
     ) -> Self {
         Self {
+            settler: Settler {
+                bus: bus.clone(),
+                writer,
+                token,
+            },
             cfg,
+            routes,
             bus,
-            writer,
             budget,
-            token,
         }
-    }
-
-    async fn commit(&self, msg: &Message, rows: Vec<Row>) -> Result<crate::store::Committed> {
-        crate::pipeline::worker::commit_holding(&self.writer, msg, rows, &self.token).await
     }
 
     pub async fn consumer(&self) -> Result<PullConsumer> {
@@ -94,11 +96,29 @@ impl Dispatcher {
         );
         let span =
             tracing::info_span!("job", job_id = tracing::field::Empty, category = %category, seq);
-        let res = async {
+        async {
             match parsed {
                 Parsed::Valid(job) => {
                     tracing::Span::current().record("job_id", job.id.as_str());
-                    self.accept(&msg, job, published).await
+                    let id = job.id.clone();
+                    let (settlement, received) = match self.accept(job, published).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            warn!(error = %format!("{e:#}"), "job not dispatched; will retry");
+                            (Settlement::Nak(Some(Duration::from_secs(1))), None)
+                        }
+                    };
+                    let committed = self.settler.settle(&msg, settlement).await;
+                    // Counted once: not for a duplicate of a finished job, nor a parked one.
+                    if let (Some(c), Some(category)) = (committed, received) {
+                        if !c.job_status.get(&id).is_some_and(|s| s.is_terminal()) {
+                            crate::metrics::global().inc(
+                                "switchyard_jobs_received_total",
+                                &[("category", category.as_str())],
+                                1.0,
+                            );
+                        }
+                    }
                 }
                 Parsed::Rejected {
                     id,
@@ -120,7 +140,7 @@ impl Dispatcher {
                         rows.push(Row::Job(JobRow {
                             id,
                             category: cat.unwrap_or(category.clone()),
-                            status: "dead",
+                            status: JobStatus::Dead,
                             envelope,
                             route_decision: None,
                             error: Some(reason.to_string()),
@@ -128,37 +148,25 @@ impl Dispatcher {
                             variant: None,
                         }));
                     }
-                    let res = self.commit(&msg, rows).await.map(|_| ());
-                    if res.is_ok() {
+                    let settled = self.settler.settle(&msg, Settlement::rows(rows)).await;
+                    if settled.is_some() {
                         crate::metrics::global().inc(
                             "switchyard_jobs_finished_total",
                             &[("category", category.as_str()), ("status", "dead")],
                             1.0,
                         );
                     }
-                    res
                 }
             }
         }
         .instrument(span)
         .await;
-        match res {
-            Ok(()) => {
-                if let Err(e) = msg.ack().await {
-                    warn!(error = %e, "ack failed; the job will be redelivered and deduplicated");
-                }
-            }
-            Err(e) => {
-                warn!(error = %format!("{e:#}"), "job not dispatched; will retry");
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-            }
-        }
     }
 
-    async fn accept(&self, msg: &Message, job: ValidJob, published: i64) -> Result<()> {
-        let cfg = &self.cfg;
+    /// What a valid job comes to: its row (and park), and its first calls
+    /// unless it is parked; with the category to count it under, unless parked.
+    async fn accept(&self, job: ValidJob, published: i64) -> Result<(Settlement, Option<String>)> {
+        let (cfg, routes) = (&self.cfg, &*self.routes);
         let env = &job.envelope;
         let raw_conv = env.conversation(None);
         let max_tokens = env.params.max_tokens;
@@ -166,6 +174,7 @@ impl Dispatcher {
         let start = |category: &str, classifier: Option<serde_json::Value>| {
             flow::start(
                 cfg,
+                routes,
                 &job.id,
                 category,
                 &raw_conv,
@@ -178,14 +187,14 @@ impl Dispatcher {
         };
         let (ctx, log, variant) = if job.category == AUTO_CATEGORY {
             let input = route::input_text(&raw_conv);
-            match route::classify_by_rules(cfg, &input) {
+            match routes.classify_by_rules(&input) {
                 Some((category, rule)) => start(
                     &category,
                     Some(
                         json!({"category": category, "confidence": 1.0, "by": "rule", "rule": rule}),
                     ),
                 )?,
-                None => match route::classify_plan(cfg) {
+                None => match routes.classify_plan() {
                     Some(Ok(plan)) => {
                         let log = json!({
                             "kind": plan.kind(),
@@ -223,7 +232,7 @@ impl Dispatcher {
         // The category's budget: downgrade to a cheaper model, or park.
         let mut rows = Vec::new();
         if let Some(v) = self.budget.verdict(cfg, &ctx.category).await? {
-            let park = v.apply(cfg, &mut ctx.plan, &mut log);
+            let park = v.apply(routes, &mut ctx.plan, &mut log);
             if park || matches!(v, Verdict::Within { pausable: true }) {
                 // Parked now, or (a resumed job) no longer.
                 rows.push(Row::Park {
@@ -235,7 +244,7 @@ impl Dispatcher {
         let row = JobRow {
             id: job.id.clone(),
             category: ctx.category.clone(),
-            status: "queued",
+            status: JobStatus::Queued,
             envelope: serde_json::to_value(env).ok(),
             route_decision: Some(log),
             error: None,
@@ -246,33 +255,21 @@ impl Dispatcher {
             .iter()
             .any(|r| matches!(r, Row::Park { parked: true, .. }));
         rows.insert(0, Row::Job(row));
-        let committed = self.commit(msg, rows).await?;
         if parked {
-            return Ok(()); // stored and acked; published again when the budget allows
+            // Stored and acked; published again when the budget allows.
+            return Ok((Settlement::rows(rows), None));
         }
-        if let Some(status) = committed.job_status.get(&job.id) {
-            if TERMINAL.contains(&status.as_str()) {
-                debug!(%status, "job already finished; duplicate ignored");
-                return Ok(());
-            }
-        }
-        crate::metrics::global().inc(
-            "switchyard_jobs_received_total",
-            &[("category", ctx.category.as_str())],
-            1.0,
-        );
         let first = route::next(&ctx.plan, &ctx.conv, &[]);
-        let fx = flow::effects(cfg, &ctx, &[], first);
-        for call in &fx.calls {
-            let body = serde_json::to_vec(call)?;
-            self.bus
-                .publish_durable(
-                    self.bus.names.call_subject(&call.provider),
-                    &call.msg_id(),
-                    body.into(),
-                )
-                .await?;
-        }
-        Ok(())
+        let mut fx = flow::effects(cfg, routes, &ctx, &[], first);
+        rows.append(&mut fx.rows);
+        fx.rows = rows;
+        Ok((
+            Settlement::Commit {
+                effects: fx,
+                retry_in: None,
+                unless_finished: Some(job.id.clone()),
+            },
+            Some(ctx.category.clone()),
+        ))
     }
 }

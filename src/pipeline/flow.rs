@@ -8,8 +8,8 @@ use crate::bus::{CallMsg, DoneEvent, ReviewEvent};
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::envelope::{Message, Role};
-use crate::route::{self, Decision, Plan, StepRecord, Verdict, CLASSIFY_STEP};
-use crate::store::{ReclassRow, ResultRow, Row, StatusRow};
+use crate::route::{self, Decision, Plan, Routes, StepRecord, Verdict, CLASSIFY_STEP};
+use crate::store::{JobStatus, ReclassRow, ResultRow, Row, StatusRow};
 
 /// Tokens the classifier may answer with.
 pub const CLASSIFIER_MAX_TOKENS: u32 = 64;
@@ -89,14 +89,21 @@ pub fn with_category_system(conv: &[Message], system: Option<&str>) -> Vec<Messa
 }
 
 /// The effects of `decision` for a job whose finished steps are `history`.
-pub fn effects(cfg: &Config, ctx: &JobCtx, history: &[StepRecord], decision: Decision) -> Effects {
-    effects_budgeted(cfg, ctx, history, decision, None)
+pub fn effects(
+    cfg: &Config,
+    routes: &Routes,
+    ctx: &JobCtx,
+    history: &[StepRecord],
+    decision: Decision,
+) -> Effects {
+    effects_budgeted(cfg, routes, ctx, history, decision, None)
 }
 
 /// [`effects`], where a job the classifier moves to a category meets that
 /// category's budget `verdict` (downgraded, or parked instead of started).
 pub fn effects_budgeted(
     cfg: &Config,
+    routes: &Routes,
     ctx: &JobCtx,
     history: &[StepRecord],
     decision: Decision,
@@ -104,11 +111,10 @@ pub fn effects_budgeted(
 ) -> Effects {
     let mut fx = Effects::default();
     // A single-call job's log needs no `tried` list: its plan names the one target.
-    let log = |plan: &Plan| (!matches!(plan, Plan::Single { .. })).then(|| tried(plan, history));
+    let log = |plan: &Plan| plan.records_steps().then(|| tried(plan, history));
     match decision {
         Decision::Wait => {}
         Decision::Calls(calls) => {
-            let single = matches!(ctx.plan, Plan::Single { .. });
             let max_tokens = ctx.job_max_tokens.unwrap_or_else(|| {
                 cfg.categories
                     .get(&ctx.category)
@@ -131,8 +137,12 @@ pub fn effects_budgeted(
                     enqueued_at_ms: ctx.enqueued_at_ms,
                     plan: ctx.plan.clone(),
                     // A single call needs no conversation for later steps.
-                    conv: if single { Vec::new() } else { ctx.conv.clone() },
-                    history: if matches!(ctx.plan, Plan::Consensus { .. }) {
+                    conv: if ctx.plan.records_steps() {
+                        ctx.conv.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    history: if ctx.plan.runs_steps_in_parallel() {
                         Vec::new()
                     } else {
                         history.to_vec()
@@ -153,26 +163,26 @@ pub fn effects_budgeted(
             }));
             fx.rows.push(Row::Status(StatusRow {
                 job_id: ctx.job_id.clone(),
-                status: "succeeded",
+                status: JobStatus::Succeeded,
                 tried: log(&ctx.plan),
                 ..Default::default()
             }));
-            fx.done = Some(done(ctx, "succeeded"));
+            fx.done = Some(done(ctx, JobStatus::Succeeded));
         }
         Decision::Fail { error } => {
             fx.rows.push(Row::Status(StatusRow {
                 job_id: ctx.job_id.clone(),
-                status: "failed",
+                status: JobStatus::Failed,
                 error: Some(error),
                 tried: log(&ctx.plan),
                 ..Default::default()
             }));
-            fx.done = Some(done(ctx, "failed"));
+            fx.done = Some(done(ctx, JobStatus::Failed));
         }
         Decision::Review { reason } => {
             fx.rows.push(Row::Status(StatusRow {
                 job_id: ctx.job_id.clone(),
-                status: "needs_review",
+                status: JobStatus::NeedsReview,
                 review_reason: Some(reason.clone()),
                 tried: log(&ctx.plan),
                 ..Default::default()
@@ -182,7 +192,7 @@ pub fn effects_budgeted(
                 category: ctx.category.clone(),
                 reason,
             });
-            fx.done = Some(done(ctx, "needs_review"));
+            fx.done = Some(done(ctx, JobStatus::NeedsReview));
         }
         Decision::Reclassify {
             category,
@@ -193,6 +203,7 @@ pub fn effects_budgeted(
                                     "model": history.iter().find(|r| r.step == CLASSIFY_STEP).map(|r| r.model.clone())});
             match start(
                 cfg,
+                routes,
                 &ctx.job_id,
                 &category,
                 &ctx.conv,
@@ -202,8 +213,8 @@ pub fn effects_budgeted(
                 Some(classifier),
             ) {
                 Some((mut new_ctx, mut decision_log, variant)) => {
-                    let park =
-                        verdict.is_some_and(|v| v.apply(cfg, &mut new_ctx.plan, &mut decision_log));
+                    let park = verdict
+                        .is_some_and(|v| v.apply(routes, &mut new_ctx.plan, &mut decision_log));
                     fx.rows.push(Row::Reclass(ReclassRow {
                         job_id: ctx.job_id.clone(),
                         category: category.clone(),
@@ -214,7 +225,7 @@ pub fn effects_budgeted(
                         // Waits, as its category, until the budget allows.
                         fx.rows.push(Row::Status(StatusRow {
                             job_id: ctx.job_id.clone(),
-                            status: "queued",
+                            status: JobStatus::Queued,
                             ..Default::default()
                         }));
                         fx.rows.push(Row::Park {
@@ -224,7 +235,7 @@ pub fn effects_budgeted(
                         return fx;
                     }
                     let first = route::next(&new_ctx.plan, &new_ctx.conv, &[]);
-                    let more = effects(cfg, &new_ctx, &[], first);
+                    let more = effects(cfg, routes, &new_ctx, &[], first);
                     fx.rows.extend(more.rows);
                     fx.calls.extend(more.calls);
                     fx.done = more.done;
@@ -233,13 +244,13 @@ pub fn effects_budgeted(
                 None => {
                     fx.rows.push(Row::Status(StatusRow {
                         job_id: ctx.job_id.clone(),
-                        status: "failed",
+                        status: JobStatus::Failed,
                         error: Some(format!(
                             "classified as `{category}`, which has no usable route"
                         )),
                         ..Default::default()
                     }));
-                    fx.done = Some(done(ctx, "failed"));
+                    fx.done = Some(done(ctx, JobStatus::Failed));
                 }
             }
         }
@@ -247,11 +258,11 @@ pub fn effects_budgeted(
     fx
 }
 
-fn done(ctx: &JobCtx, status: &str) -> DoneEvent {
+fn done(ctx: &JobCtx, status: JobStatus) -> DoneEvent {
     DoneEvent {
         job_id: ctx.job_id.clone(),
         category: ctx.category.clone(),
-        status: status.to_string(),
+        status,
     }
 }
 
@@ -261,6 +272,7 @@ fn done(ctx: &JobCtx, status: &str) -> DoneEvent {
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     cfg: &Config,
+    routes: &Routes,
     job_id: &str,
     category: &str,
     raw_conv: &[Message],
@@ -270,7 +282,7 @@ pub fn start(
     classifier: Option<serde_json::Value>,
 ) -> Option<(JobCtx, serde_json::Value, Option<String>)> {
     let cat = cfg.categories.get(category)?;
-    let (plan, variant) = route::plan_for(cfg, category, job_id)?;
+    let (plan, variant) = routes.plan_for(category, job_id)?;
     let mut log = json!({
         "kind": plan.kind(),
         "category": category,

@@ -2,13 +2,19 @@
 //! lane's limiter, calls the provider, hands the call's cost record (and the
 //! result or failure) to the writer, and acks, or naks with the retry delay,
 //! only after the commit.
+//!
+//! [`LaneStep::step`] is the work for one call message: it decides what the
+//! message comes to (a [`Settlement`]) without acking it, holding it through
+//! a [`Hold`] while it waits, so it can be driven without NATS. [`Lane`]
+//! adds the consumer and hands every settlement to the [`Settler`] that the
+//! dispatcher shares.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::{AckKind, Message};
+use async_nats::jetstream::Message;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
@@ -16,12 +22,15 @@ use tracing::{debug, info_span, warn, Instrument};
 use crate::bus::{Bus, CallMsg};
 use crate::config::Config;
 use crate::limits::fleet::{Seen, SharedLimiter};
-use crate::limits::lane::LaneLimiter;
+use crate::limits::lane::{Admission, LaneLimiter};
 use crate::pipeline::flow::{self, JobCtx};
+use crate::pipeline::settle::{commit_holding, Hold, Settlement, Settler};
 use crate::pricing::Usage;
-use crate::providers::{estimate_input_tokens, CallRequest, ErrorClass, Provider};
-use crate::route::{self, Action, Outcome, Plan, StepOutcome, StepRecord};
-use crate::store::{self, CallOutcome, CallRow, DeadLetterRow, Row, StatusRow, StepRow, Writer};
+use crate::providers::{estimate_input_tokens, CallRequest, CallResponse, ErrorClass, Provider};
+use crate::route::{self, Action, Outcome, StepOutcome, StepRecord};
+use crate::store::{
+    self, CallOutcome, CallRow, DeadLetterRow, JobStatus, Row, StatusRow, StepRow, Writer,
+};
 
 /// An `unknown` call row younger than the provider's timeout plus this is
 /// taken for a call under way in another worker.
@@ -35,16 +44,35 @@ enum Recorded {
     Step(Vec<StepRecord>),
 }
 
+/// One provider lane: its consumer, its step and the settling path.
 pub struct Lane {
+    step: LaneStep,
+    bus: Bus,
+    settler: Settler,
+}
+
+/// Where a call message came from.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub stream: String,
+    pub seq: u64,
+    /// How many times JetStream has delivered it (1 on the first).
+    pub delivered: i64,
+    pub subject: String,
+}
+
+/// The work of one lane for one call message, apart from NATS.
+pub struct LaneStep {
     name: String,
     cfg: Arc<Config>,
-    bus: Bus,
     writer: Writer,
     pool: PgPool,
     provider: Provider,
     limiter: Arc<LaneLimiter>,
     /// Category budgets, for jobs the classifier moves to a category.
     budget: Arc<crate::limits::budget::Book>,
+    /// The config's routes, for jobs the classifier moves to a category.
+    routes: Arc<crate::route::Routes>,
     /// How long a provider call may take (after that it is given up).
     provider_timeout: Duration,
     token: CancellationToken,
@@ -59,12 +87,14 @@ pub struct Lane {
 pub struct LaneShared {
     pub fleet_store: Option<async_nats::jetstream::kv::Store>,
     pub budget: Arc<crate::limits::budget::Book>,
+    /// The config's routes, built at start-up.
+    pub routes: Arc<crate::route::Routes>,
     /// Where the fleet limiters' loops run (they outlive the lanes' drain).
     pub services: crate::tasks::Tasks,
 }
 
-/// Removes a step from [`Lane::in_hand`] when its handling ends.
-struct InHand<'a>(&'a Lane, String);
+/// Removes a step from [`LaneStep::in_hand`] when its handling ends.
+struct InHand<'a>(&'a LaneStep, String);
 
 impl Drop for InHand<'_> {
     fn drop(&mut self) {
@@ -84,7 +114,93 @@ impl Lane {
         token: CancellationToken,
         shared: &LaneShared,
     ) -> Result<Self> {
-        let (fleet_store, budget) = (shared.fleet_store.clone(), shared.budget.clone());
+        let step = LaneStep::new(name, cfg, writer.clone(), pool, token.clone(), shared)?;
+        Ok(Self {
+            step,
+            settler: Settler {
+                bus: bus.clone(),
+                writer,
+                token,
+            },
+            bus,
+        })
+    }
+
+    /// Messages in flight in this lane (see [`LaneStep::max_in_flight`]).
+    pub fn max_in_flight(&self) -> usize {
+        self.step.max_in_flight()
+    }
+
+    /// Messages to request from NATS at once: no more than may wait here
+    /// (messages buffered unread get no progress acks).
+    pub fn pull_batch(&self) -> usize {
+        self.max_in_flight()
+            .min(self.step.limiter.queue_cap())
+            .max(1)
+    }
+
+    /// Wait until the lane has budget for another message (backpressure);
+    /// the ticket counts the message as waiting until it is admitted.
+    pub async fn ready(&self) -> crate::limits::lane::Ticket {
+        self.step.ready().await
+    }
+
+    /// JetStream delivers a call at most this often: the retry budget plus
+    /// room for redeliveries after crashes.
+    pub fn max_deliver(&self) -> i64 {
+        i64::from(self.step.cfg.retry.max_attempts) + 3
+    }
+
+    pub async fn consumer(&self) -> Result<PullConsumer> {
+        let n = &self.bus.names;
+        let cfg = &self.step.cfg;
+        self.bus
+            .pull_consumer(
+                &n.calls_stream(),
+                &n.lane_consumer(&self.step.name),
+                &n.call_subject(&self.step.name),
+                cfg.ack_wait(),
+                self.max_deliver(),
+                (self.max_in_flight() + cfg.writer.batch_size) as i64,
+            )
+            .await
+    }
+
+    /// Handle one call message: its step, then its settlement.
+    pub async fn handle(&self, msg: Message, ticket: crate::limits::lane::Ticket) {
+        let settlement = match msg.info() {
+            Ok(i) => {
+                let d = Delivery {
+                    stream: i.stream.to_string(),
+                    seq: i.stream_sequence,
+                    delivered: i.delivered,
+                    subject: msg.subject.to_string(),
+                };
+                self.step.step(&d, &msg.payload, &msg, ticket).await
+            }
+            Err(e) => {
+                warn!(lane = %self.step.name, error = %e, "call message without JetStream metadata; dropping");
+                Settlement::Ack
+            }
+        };
+        self.settler.settle(&msg, settlement).await;
+    }
+}
+
+impl LaneStep {
+    pub fn new(
+        name: &str,
+        cfg: Arc<Config>,
+        writer: Writer,
+        pool: PgPool,
+        token: CancellationToken,
+        shared: &LaneShared,
+    ) -> Result<Self> {
+        let (fleet_store, budget, routes) = (
+            shared.fleet_store.clone(),
+            shared.budget.clone(),
+            shared.routes.clone(),
+        );
         let pc = cfg
             .providers
             .get(name)
@@ -112,12 +228,12 @@ impl Lane {
         Ok(Self {
             name: name.to_string(),
             cfg,
-            bus,
             writer,
             pool,
             provider,
             limiter: Arc::new(limiter),
             budget,
+            routes,
             provider_timeout,
             token,
             in_hand: Default::default(),
@@ -130,108 +246,72 @@ impl Lane {
         self.cfg.providers[&self.name].max_concurrency * 2 + 16
     }
 
-    /// Messages to request from NATS at once: no more than may wait here
-    /// (messages buffered unread get no progress acks).
-    pub fn pull_batch(&self) -> usize {
-        self.max_in_flight().min(self.limiter.queue_cap()).max(1)
-    }
-
-    async fn commit(&self, msg: &Message, rows: Vec<Row>) -> Result<store::Committed> {
-        crate::pipeline::worker::commit_holding(&self.writer, msg, rows, &self.token).await
-    }
-
-    /// Wait until the lane has budget for another message (backpressure);
-    /// the ticket counts the message as waiting until it is admitted.
+    /// See [`Lane::ready`].
     pub async fn ready(&self) -> crate::limits::lane::Ticket {
         self.limiter.ready().await
     }
 
-    /// JetStream delivers a call at most this often: the retry budget plus
-    /// room for redeliveries after crashes.
-    pub fn max_deliver(&self) -> i64 {
-        i64::from(self.cfg.retry.max_attempts) + 3
+    async fn commit<H: Hold>(&self, hold: &H, rows: Vec<Row>) -> Result<store::Committed> {
+        commit_holding(&self.writer, hold, rows, &self.token).await
     }
 
-    pub async fn consumer(&self) -> Result<PullConsumer> {
-        let n = &self.bus.names;
-        self.bus
-            .pull_consumer(
-                &n.calls_stream(),
-                &n.lane_consumer(&self.name),
-                &n.call_subject(&self.name),
-                self.cfg.ack_wait(),
-                self.max_deliver(),
-                (self.max_in_flight() + self.cfg.writer.batch_size) as i64,
-            )
-            .await
-    }
-
-    /// Handle one call message. Never panics on its content.
-    pub async fn handle(&self, msg: Message, ticket: crate::limits::lane::Ticket) {
-        let (stream, seq, delivered) = match msg.info() {
-            Ok(i) => (i.stream.to_string(), i.stream_sequence, i.delivered),
-            Err(e) => {
-                warn!(lane = %self.name, error = %e, "call message without JetStream metadata; dropping");
-                let _ = msg.ack().await;
-                return;
-            }
-        };
+    /// What one call message comes to. Never panics on its content.
+    pub async fn step<H: Hold>(
+        &self,
+        d: &Delivery,
+        payload: &[u8],
+        hold: &H,
+        ticket: crate::limits::lane::Ticket,
+    ) -> Settlement {
         // A message that parses but cannot be worked on (a malformed plan,
         // a step its plan lacks) ends its job as `dead`, with the reason.
-        let parsed = match serde_json::from_slice::<CallMsg>(&msg.payload) {
+        let parsed = match serde_json::from_slice::<CallMsg>(payload) {
             Ok(c) => match c.validate() {
                 Ok(()) => Ok(c),
                 Err(why) => Err((Some(c.job_id), format!("not a valid call message: {why}"))),
             },
             Err(e) => Err((None, format!("not a valid call message: {e}"))),
         };
-        let call: CallMsg = match parsed {
+        let call = match parsed {
             Ok(c) => c,
             Err((job_id, reason)) => {
                 warn!(lane = %self.name, %reason, "dead-lettering a call message");
                 let mut rows = vec![Row::DeadLetter(DeadLetterRow {
-                    source: format!("{stream}:{seq}"),
-                    subject: msg.subject.to_string(),
+                    source: format!("{}:{}", d.stream, d.seq),
+                    subject: d.subject.clone(),
                     job_id: job_id.clone(),
-                    payload: msg.payload.to_vec(),
+                    payload: payload.to_vec(),
                     reason: reason.clone(),
                 })];
                 if let Some(job_id) = job_id {
                     rows.push(Row::Status(StatusRow {
                         job_id,
-                        status: "dead",
+                        status: JobStatus::Dead,
                         error: Some(reason),
                         ..Default::default()
                     }));
                 }
-                self.finish(
-                    &msg,
-                    self.commit(&msg, rows).await,
-                    None,
-                    flow::Effects::default(),
-                )
-                .await;
-                return;
+                return Settlement::rows(rows);
             }
         };
         let attempt =
-            (delivered + i64::from(call.attempt_base)).clamp(1, i64::from(i32::MAX)) as i32;
+            (d.delivered + i64::from(call.attempt_base)).clamp(1, i64::from(i32::MAX)) as i32;
         // The attempt number is settled when the call's intent is recorded.
         let span = info_span!("call", job_id = %call.job_id, category = %call.category,
                               provider = %self.name, model = %call.model, delivery = attempt,
                               attempt = tracing::field::Empty);
-        self.handle_call(&msg, call, attempt, ticket)
+        self.step_call(hold, call, attempt, ticket)
             .instrument(span)
-            .await;
+            .await
     }
 
-    async fn handle_call(
+    async fn step_call<H: Hold>(
         &self,
-        msg: &Message,
+        hold: &H,
         call: CallMsg,
         attempt: i32,
         ticket: crate::limits::lane::Ticket,
-    ) {
+    ) -> Settlement {
         let key = call.msg_id();
         // Hold a second delivery of a step in hand here until the first is
         // done (telling JetStream we are on it), then check what it did.
@@ -245,15 +325,15 @@ impl Lane {
                 break;
             }
             debug!("this step is already being handled here; the redelivery waits for it");
-            let _ = msg.ack_with(AckKind::Progress).await;
+            hold.progress().await;
             tokio::select! {
-                _ = self.token.cancelled() => return,
+                _ = self.token.cancelled() => return Settlement::Leave,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
         let _in_hand = InHand(self, key);
-        if self.done_already(msg, &call).await {
-            return;
+        if let Some(s) = self.done_already(hold, &call).await {
+            return s;
         }
         let Some(model) = self.cfg.models.get(&call.model) else {
             let record = StepRecord {
@@ -263,9 +343,9 @@ impl Lane {
                 output: None,
                 reason: Some(format!("model `{}` is not in the config", call.model)),
             };
-            self.after_step(msg, &call, Some(record), Vec::new(), None)
+            return self
+                .after_step(hold, &call, Some(record), Vec::new(), None)
                 .await;
-            return;
         };
         let prices = model.prices();
         let mut req = CallRequest {
@@ -292,105 +372,10 @@ impl Lane {
             outcome: CallOutcome::Ok,
             error: None,
         };
-        let mut ticket = Some(ticket);
         let waiting_since = Instant::now();
-        let (admission, attempt) = loop {
-            // A fallback step whose lane would make it wait too long moves on.
-            let max_wait = call
-                .plan
-                .max_wait()
-                .filter(|_| call.plan.may_skip(call.step));
-            if let Err(wait) = self
-                .limiter
-                .claim(&call.model, estimate, u64::from(req.max_tokens), max_wait)
-                .await
-            {
-                let record = StepRecord {
-                    step: call.step,
-                    model: call.model.clone(),
-                    outcome: StepOutcome::TooSlow,
-                    output: None,
-                    reason: Some(format!(
-                        "lane `{}` would wait {:.1}s, over max_wait {:.1}s",
-                        self.name,
-                        wait.as_secs_f64(),
-                        max_wait.unwrap_or_default().as_secs_f64()
-                    )),
-                };
-                self.after_step(msg, &call, Some(record), Vec::new(), None)
-                    .await;
-                return;
-            }
-
-            // Wait for the limiter, telling JetStream we are still working, and
-            // giving the message back at once if the worker is stopping.
-            let admission = {
-                let admit = self
-                    .limiter
-                    .admit(&call.model, estimate, u64::from(req.max_tokens));
-                tokio::pin!(admit);
-                let mut tick = tokio::time::interval(self.cfg.ack_wait() / 3);
-                tick.tick().await;
-                loop {
-                    tokio::select! {
-                        a = &mut admit => break a,
-                        _ = self.token.cancelled() => {
-                            let _ = msg.ack_with(AckKind::Nak(None)).await;
-                            return;
-                        }
-                        _ = tick.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
-                    }
-                }
-            };
-            drop(ticket.take()); // admitted: no longer waiting
-
-            // Record the intent first: if this process dies while the provider
-            // answers, the call is still in `calls` (outcome `unknown`, at the
-            // reserved cost).
-            let intent = Row::Intent {
-                row: CallRow {
-                    attempt,
-                    usage: Usage {
-                        input_tokens: estimate,
-                        output_tokens: u64::from(req.max_tokens),
-                        ..Usage::default()
-                    },
-                    outcome: CallOutcome::Unknown,
-                    ..row.clone()
-                },
-                busy_for: self.provider_timeout + BUSY_MARGIN,
-            };
-            match self.commit(msg, vec![intent]).await {
-                Ok(c) => {
-                    if let Some(a) = c.attempts.get(&(call.job_id.clone(), call.step)) {
-                        break (admission, *a);
-                    }
-                }
-                Err(e) => {
-                    self.limiter.settle(admission, Some((0, 0))).await;
-                    self.finish(msg, Err(e), None, flow::Effects::default())
-                        .await;
-                    return;
-                }
-            }
-            // The step is answered, or another worker is calling it right
-            // now (this message's ack wait ran out while it waited here, and
-            // JetStream delivered it again): hold it until that call is
-            // recorded (or its intent is too old to be alive), then look
-            // again.
-            debug!("step answered or being called elsewhere; holding the message");
-            self.limiter.settle(admission, Some((0, 0))).await;
-            let _ = msg.ack_with(AckKind::Progress).await;
-            tokio::select! {
-                _ = self.token.cancelled() => {
-                    let _ = msg.ack_with(AckKind::Nak(None)).await;
-                    return;
-                }
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-            if self.done_already(msg, &call).await {
-                return;
-            }
+        let (admission, attempt) = match self.claim(hold, &call, estimate, &row, ticket).await {
+            Ok(claimed) => claimed,
+            Err(settled) => return settled,
         };
         let m = crate::metrics::global();
         m.observe(
@@ -399,11 +384,63 @@ impl Lane {
             waiting_since.elapsed().as_secs_f64(),
         );
         tracing::Span::current().record("attempt", attempt);
-        let mut row = CallRow { attempt, ..row };
+        let row = CallRow { attempt, ..row };
         req.tag = Some(crate::ids::call_tag(&call.job_id, call.step, attempt));
 
+        let (row, outcome, response) = self.call_provider(&req, row, admission).await;
+        self.count_call(&row, row.http_status == Some(429));
+        let record = match route::decide(&self.cfg.retry, attempt as u32, &outcome, fastrand::f64())
+        {
+            Action::Retry { delay } => {
+                let rows = vec![
+                    Row::Call(row),
+                    Row::Status(StatusRow {
+                        job_id: call.job_id.clone(),
+                        status: JobStatus::Running,
+                        ..Default::default()
+                    }),
+                ];
+                return Settlement::retry(rows, delay);
+            }
+            // `decide` completes only a success, which has a response.
+            Action::Complete => match response {
+                Some(resp) => StepRecord {
+                    step: call.step,
+                    model: call.model.clone(),
+                    outcome: StepOutcome::Ok,
+                    output: Some(resp.text),
+                    reason: resp.finish_reason,
+                },
+                None => StepRecord {
+                    step: call.step,
+                    model: call.model.clone(),
+                    outcome: StepOutcome::Failed,
+                    output: None,
+                    reason: Some("completed without a response".into()),
+                },
+            },
+            Action::Fail { error } => StepRecord {
+                step: call.step,
+                model: call.model.clone(),
+                outcome: StepOutcome::Failed,
+                output: None,
+                reason: Some(error),
+            },
+        };
+        self.after_step(hold, &call, Some(record), Vec::new(), Some(row))
+            .await
+    }
+
+    /// Make the call and fill its cost row; settle the limiter with what
+    /// the provider said (usage, rate-limit state, a wait it asked for).
+    async fn call_provider(
+        &self,
+        req: &CallRequest,
+        mut row: CallRow,
+        admission: Admission,
+    ) -> (CallRow, Outcome, Option<CallResponse>) {
         let started = Instant::now();
-        let result = self.provider.call(&req).await;
+        let result = self.provider.call(req).await;
         row.latency_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
         let (outcome, response) = match result {
             Ok(resp) => {
@@ -446,43 +483,113 @@ impl Lane {
             }
         };
 
-        self.count_call(&row, row.http_status == Some(429));
-        let record = match route::decide(&self.cfg.retry, attempt as u32, &outcome, fastrand::f64())
-        {
-            Action::Retry { delay } => {
-                let rows = vec![
-                    Row::Call(row),
-                    Row::Status(StatusRow {
-                        job_id: call.job_id.clone(),
-                        status: "running",
-                        ..Default::default()
-                    }),
-                ];
-                let res = self.commit(msg, rows).await;
-                self.finish(msg, res, Some(delay), flow::Effects::default())
-                    .await;
-                return;
-            }
-            Action::Complete => {
-                let resp = response.expect("success has a response");
-                StepRecord {
+        (row, outcome, response)
+    }
+
+    /// Claim the step: wait for the limiter (or give the step up as too
+    /// slow), then record the call's intent, which is the check-and-claim
+    /// across processes. `Ok` with the admission and the attempt number the
+    /// intent took; `Err` with how the message settles instead.
+    async fn claim<H: Hold>(
+        &self,
+        hold: &H,
+        call: &CallMsg,
+        estimate: u64,
+        row: &CallRow,
+        ticket: crate::limits::lane::Ticket,
+    ) -> Result<(Admission, i32), Settlement> {
+        let attempt = row.attempt;
+        let mut ticket = Some(ticket);
+        loop {
+            // A fallback step whose lane would make it wait too long moves on.
+            let max_wait = call
+                .plan
+                .max_wait()
+                .filter(|_| call.plan.may_skip(call.step));
+            if let Err(wait) = self
+                .limiter
+                .claim(&call.model, estimate, u64::from(call.max_tokens), max_wait)
+                .await
+            {
+                let record = StepRecord {
                     step: call.step,
                     model: call.model.clone(),
-                    outcome: StepOutcome::Ok,
-                    output: Some(resp.text),
-                    reason: resp.finish_reason,
+                    outcome: StepOutcome::TooSlow,
+                    output: None,
+                    reason: Some(format!(
+                        "lane `{}` would wait {:.1}s, over max_wait {:.1}s",
+                        self.name,
+                        wait.as_secs_f64(),
+                        max_wait.unwrap_or_default().as_secs_f64()
+                    )),
+                };
+                return Err(self
+                    .after_step(hold, call, Some(record), Vec::new(), None)
+                    .await);
+            }
+
+            // Wait for the limiter, telling JetStream we are still working, and
+            // giving the message back at once if the worker is stopping.
+            let admission = {
+                let admit = self
+                    .limiter
+                    .admit(&call.model, estimate, u64::from(call.max_tokens));
+                tokio::pin!(admit);
+                let mut tick = tokio::time::interval(self.cfg.ack_wait() / 3);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        a = &mut admit => break a,
+                        _ = self.token.cancelled() => return Err(Settlement::Nak(None)),
+                        _ = tick.tick() => hold.progress().await,
+                    }
+                }
+            };
+            drop(ticket.take()); // admitted: no longer waiting
+
+            // Record the intent first: if this process dies while the provider
+            // answers, the call is still in `calls` (outcome `unknown`, at the
+            // reserved cost).
+            let intent = Row::Intent {
+                row: CallRow {
+                    attempt,
+                    usage: Usage {
+                        input_tokens: estimate,
+                        output_tokens: u64::from(call.max_tokens),
+                        ..Usage::default()
+                    },
+                    outcome: CallOutcome::Unknown,
+                    ..row.clone()
+                },
+                busy_for: self.provider_timeout + BUSY_MARGIN,
+            };
+            match self.commit(hold, vec![intent]).await {
+                Ok(c) => {
+                    if let Some(a) = c.attempts.get(&(call.job_id.clone(), call.step)) {
+                        return Ok((admission, *a));
+                    }
+                }
+                Err(e) => {
+                    self.limiter.settle(admission, Some((0, 0))).await;
+                    return Err(Settlement::failed(&e));
                 }
             }
-            Action::Fail { error } => StepRecord {
-                step: call.step,
-                model: call.model.clone(),
-                outcome: StepOutcome::Failed,
-                output: None,
-                reason: Some(error),
-            },
-        };
-        self.after_step(msg, &call, Some(record), Vec::new(), Some(row))
-            .await;
+            // The step is answered, or another worker is calling it right
+            // now (this message's ack wait ran out while it waited here, and
+            // JetStream delivered it again): hold it until that call is
+            // recorded (or its intent is too old to be alive), then look
+            // again.
+            debug!("step answered or being called elsewhere; holding the message");
+            self.limiter.settle(admission, Some((0, 0))).await;
+            hold.progress().await;
+            tokio::select! {
+                _ = self.token.cancelled() => return Err(Settlement::Nak(None)),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            if let Some(s) = self.done_already(hold, call).await {
+                return Err(s);
+            }
+        }
     }
 
     /// This call in the process's metrics.
@@ -535,25 +642,18 @@ impl Lane {
     /// paid for twice. Every call checks, even a first delivery: a NATS
     /// server that crashed can forget acks and deliver an answered call
     /// again as new, and a follow-up call may have been published twice.
-    async fn done_already(&self, msg: &Message, call: &CallMsg) -> bool {
+    async fn done_already<H: Hold>(&self, hold: &H, call: &CallMsg) -> Option<Settlement> {
         match self.recorded(call).await {
-            Ok(Recorded::JobFinished) => {
-                let _ = msg.ack().await;
-                true
-            }
+            Ok(Recorded::JobFinished) => Some(Settlement::Ack),
             Ok(Recorded::Step(history)) => {
                 debug!("step already recorded; resuming from the database");
-                self.after_step(msg, call, None, history, None).await;
-                true
+                Some(self.after_step(hold, call, None, history, None).await)
             }
-            Ok(Recorded::No) => false,
+            Ok(Recorded::No) => None,
             Err(e) => {
                 warn!(error = %format!("{e:#}"), "status check failed; will retry");
                 self.writer.report_failure(&e);
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-                true
+                Some(Settlement::Nak(Some(Duration::from_secs(1))))
             }
         }
     }
@@ -561,11 +661,11 @@ impl Lane {
     /// Whether this call's work is already done.
     async fn recorded(&self, call: &CallMsg) -> Result<Recorded> {
         if let Some(s) = store::job_status(&self.pool, &call.job_id).await? {
-            if store::TERMINAL.contains(&s.as_str()) {
+            if s.is_terminal() {
                 return Ok(Recorded::JobFinished);
             }
         }
-        if matches!(call.plan, Plan::Single { .. }) {
+        if !call.plan.records_steps() {
             // Single jobs record no steps: finished means terminal.
             return Ok(Recorded::No);
         }
@@ -580,41 +680,37 @@ impl Lane {
     /// A step ended (`record`, with its cost row `call_row`), or was found
     /// recorded (`record` None, `history` from the database): commit what it
     /// means, publish what follows, then ack.
-    async fn after_step(
+    async fn after_step<H: Hold>(
         &self,
-        msg: &Message,
+        hold: &H,
         call: &CallMsg,
         record: Option<StepRecord>,
         history: Vec<StepRecord>,
         call_row: Option<CallRow>,
-    ) {
+    ) -> Settlement {
         let ctx = JobCtx::of_call(call);
         let mut rows: Vec<Row> = call_row.map(Row::Call).into_iter().collect();
-        let consensus = matches!(call.plan, Plan::Consensus { .. });
-        let single = matches!(call.plan, Plan::Single { .. });
+        let parallel = call.plan.runs_steps_in_parallel();
+        let records = call.plan.records_steps();
         let history = match record {
             None => history,
             Some(rec) => {
-                if !single {
+                if records {
                     rows.push(Row::Step(StepRow {
                         job_id: call.job_id.clone(),
                         record: rec.clone(),
                     }));
                 }
-                if consensus {
+                if parallel {
                     // Votes arrive in parallel: commit this one, then read them all.
-                    if let Err(e) = self.commit(msg, std::mem::take(&mut rows)).await {
-                        self.finish(msg, Err(e), None, flow::Effects::default())
-                            .await;
-                        return;
+                    if let Err(e) = self.commit(hold, std::mem::take(&mut rows)).await {
+                        return Settlement::failed(&e);
                     }
                     match store::load_steps(&self.pool, &call.job_id).await {
                         Ok(h) => h,
                         Err(e) => {
                             self.writer.report_failure(&e);
-                            self.finish(msg, Err(e), None, flow::Effects::default())
-                                .await;
-                            return;
+                            return Settlement::failed(&e);
                         }
                     }
                 } else {
@@ -632,82 +728,22 @@ impl Lane {
                     Ok(v) => v,
                     Err(e) => {
                         self.writer.report_failure(&e);
-                        self.finish(msg, Err(e), None, flow::Effects::default())
-                            .await;
-                        return;
+                        return Settlement::failed(&e);
                     }
                 }
             }
             _ => None,
         };
-        let mut fx = flow::effects_budgeted(&self.cfg, &ctx, &history, decision, verdict.as_ref());
+        let mut fx = flow::effects_budgeted(
+            &self.cfg,
+            &self.routes,
+            &ctx,
+            &history,
+            decision,
+            verdict.as_ref(),
+        );
         rows.append(&mut fx.rows);
-        let res = if rows.is_empty() {
-            Ok(store::Committed::default())
-        } else {
-            self.commit(msg, rows).await
-        };
-        self.finish(msg, res, None, fx).await;
-    }
-
-    /// After the commit: publish the follow-up calls, ack (or nak with
-    /// `retry_in`), then announce finished and review jobs. If the commit or a
-    /// publish failed, nak so the message comes back (and resumes).
-    async fn finish(
-        &self,
-        msg: &Message,
-        committed: Result<store::Committed>,
-        retry_in: Option<Duration>,
-        fx: flow::Effects,
-    ) {
-        if let Err(e) = committed {
-            warn!(error = %format!("{e:#}"), "commit failed; message will be redelivered");
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-            return;
-        }
-        for c in &fx.calls {
-            let published = match serde_json::to_vec(c) {
-                Ok(body) => {
-                    self.bus
-                        .publish_durable(
-                            self.bus.names.call_subject(&c.provider),
-                            &c.msg_id(),
-                            body.into(),
-                        )
-                        .await
-                }
-                Err(e) => Err(e.into()),
-            };
-            if let Err(e) = published {
-                warn!(error = %format!("{e:#}"), "publishing the next step failed; will retry");
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-                return;
-            }
-        }
-        let acked = match retry_in {
-            Some(d) => msg.ack_with(AckKind::Nak(Some(d))).await,
-            None => msg.ack().await,
-        };
-        if let Err(e) = acked {
-            warn!(error = %e, "ack failed; a redelivery will find the job finished");
-        }
-        if let Some(ev) = &fx.review {
-            self.bus.publish_review(ev).await;
-        }
-        if let Some(ev) = &fx.done {
-            crate::metrics::global().inc(
-                "switchyard_jobs_finished_total",
-                &[
-                    ("category", ev.category.as_str()),
-                    ("status", ev.status.as_str()),
-                ],
-                1.0,
-            );
-            self.bus.publish_done(ev).await;
-        }
+        fx.rows = rows;
+        Settlement::finished(fx)
     }
 }

@@ -6,9 +6,11 @@
 //! - [`flow`]: a routing decision turned into rows and messages (pure).
 //! - [`worker`]: starts the writer, the dispatcher and the lanes; the pull loops; drain.
 //! - [`poison`]: messages that reached `max_deliver` become dead letters.
+//! - [`settle`]: the one commit path (hold the message while the database is away).
 
 pub mod dispatcher;
 pub mod flow;
 pub mod lane;
 pub mod poison;
+pub mod settle;
 pub mod worker;

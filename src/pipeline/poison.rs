@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::bus::{Bus, CallMsg, DoneEvent};
-use crate::store::{self, DeadLetterRow, Row, StatusRow, Writer};
+use crate::store::{self, DeadLetterRow, JobStatus, Row, StatusRow, Writer};
 
 /// The fields of `io.nats.jetstream.advisory.v1.max_deliver` we use.
 #[derive(Debug, Clone, Deserialize)]
@@ -93,7 +93,7 @@ pub async fn handle(bus: &Bus, pool: &PgPool, writer: &Writer, adv: &MaxDeliveri
     let mut finished = false;
     if let Some(id) = &job_id {
         if let Some(status) = store::job_status(pool, id).await? {
-            finished = store::TERMINAL.contains(&status.as_str());
+            finished = status.is_terminal();
         }
         let attempts: Vec<(i32, i32, String)> = sqlx::query_as(
             "SELECT step, attempt, COALESCE(error, outcome) FROM calls
@@ -123,7 +123,7 @@ pub async fn handle(bus: &Bus, pool: &PgPool, writer: &Writer, adv: &MaxDeliveri
         if let Some(id) = &job_id {
             rows.push(Row::Status(StatusRow {
                 job_id: id.clone(),
-                status: "dead",
+                status: JobStatus::Dead,
                 error: Some(reason.clone()),
                 ..Default::default()
             }));
@@ -136,7 +136,7 @@ pub async fn handle(bus: &Bus, pool: &PgPool, writer: &Writer, adv: &MaxDeliveri
             bus.publish_done(&DoneEvent {
                 job_id: id,
                 category,
-                status: "dead".into(),
+                status: JobStatus::Dead,
             })
             .await;
         }

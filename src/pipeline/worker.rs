@@ -19,6 +19,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::pipeline::dispatcher::Dispatcher;
 use crate::pipeline::lane::Lane;
+use crate::route::Routes;
 use crate::store::Writer;
 use crate::tasks::Tasks;
 
@@ -102,6 +103,8 @@ pub async fn start(
     bus: Bus,
     opts: WorkerOptions,
 ) -> Result<WorkerHandle> {
+    // Every route built now: a bad one stops the start, naming its key.
+    let routes = Arc::new(Routes::build(&cfg).map_err(|e| anyhow::anyhow!("config: {e}"))?);
     bus.ensure_streams(&cfg).await?;
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -148,6 +151,7 @@ pub async fn start(
     if opts.dispatcher {
         let d = Dispatcher::new(
             cfg.clone(),
+            routes.clone(),
             bus.clone(),
             writer.clone(),
             token.clone(),
@@ -188,6 +192,7 @@ pub async fn start(
     let shared = crate::pipeline::lane::LaneShared {
         fleet_store: fleet_store.clone(),
         budget: book.clone(),
+        routes: routes.clone(),
         services: services.clone(),
     };
     for name in lane_names {
@@ -329,26 +334,6 @@ async fn resume_parked(
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
-}
-
-/// Commit `rows` for `msg`, holding the message (progress acks) while the
-/// database is unreachable instead of burning its deliveries; gives up only
-/// when `stop` is cancelled or the rows themselves fail.
-pub(crate) async fn commit_holding(
-    writer: &Writer,
-    msg: &Message,
-    rows: Vec<crate::store::Row>,
-    stop: &CancellationToken,
-) -> Result<crate::store::Committed> {
-    writer
-        .write_holding(
-            rows,
-            || async {
-                let _ = msg.ack_with(async_nats::jetstream::AckKind::Progress).await;
-            },
-            stop,
-        )
-        .await
 }
 
 /// How many messages a consumer handles at once and requests at a time.

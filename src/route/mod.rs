@@ -9,13 +9,15 @@
 //! [`next`]'s, given every finished step so far ([`StepRecord`]).
 
 pub mod check;
+mod routes;
+pub use routes::Routes;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{CheckConfig, Config, RetryConfig, RouteConfig};
+use crate::config::RetryConfig;
 use crate::envelope::{Message, Role};
 
 /// A model and the provider lane that serves it.
@@ -93,6 +95,21 @@ impl Plan {
             } if targets.len() > 1 => Some(Duration::from_millis(*ms)),
             _ => None,
         }
+    }
+
+    /// Whether the job has steps of its own: each finished step is recorded
+    /// (`steps`), its call messages carry the conversation, and the decision
+    /// log lists what was tried. A single call's outcome is the job's.
+    pub fn records_steps(&self) -> bool {
+        !matches!(self, Plan::Single { .. })
+    }
+
+    /// Whether its steps run at once (consensus voters): a finished step
+    /// reads its siblings from `steps` after committing its own, so call
+    /// messages carry no history. Sequential plans carry their finished
+    /// steps in each call message instead.
+    pub fn runs_steps_in_parallel(&self) -> bool {
+        matches!(self, Plan::Consensus { .. })
     }
 
     /// Why this plan cannot be run, if it cannot: a plan read from a message
@@ -234,17 +251,6 @@ fn with_user(conv: &[Message], text: String) -> Vec<Message> {
     m
 }
 
-/// Pick a category's plan for a job; the A/B variant is chosen by a stable
-/// hash of the job id. Returns the plan and the variant name, if taken.
-pub fn plan_for(cfg: &Config, category: &str, job_id: &str) -> Option<(Plan, Option<String>)> {
-    let cat = cfg.categories.get(category)?;
-    let (route, variant) = match &cat.variant {
-        Some(v) if bucket(job_id) < u64::from(v.percent) => (&v.route, Some(v.name.clone())),
-        _ => (&cat.route, None),
-    };
-    Some((plan_of(cfg, route)?, variant))
-}
-
 /// 0..100, stable for a job id (FNV-1a).
 pub fn bucket(job_id: &str) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
@@ -253,125 +259,6 @@ pub fn bucket(job_id: &str) -> u64 {
         h = h.wrapping_mul(0x100000001b3);
     }
     h % 100
-}
-
-/// A plan of one call to `model` (a budget's downgrade).
-pub fn single_plan(cfg: &Config, model: &str) -> Option<Plan> {
-    target(cfg, model).map(|target| Plan::Single { target })
-}
-
-fn target(cfg: &Config, model: &str) -> Option<Target> {
-    cfg.models.get(model).map(|m| Target {
-        model: model.to_string(),
-        provider: m.provider.clone(),
-    })
-}
-
-fn plan_of(cfg: &Config, route: &RouteConfig) -> Option<Plan> {
-    Some(match route {
-        RouteConfig::Single { target: t } => Plan::Single {
-            target: target(cfg, t)?,
-        },
-        RouteConfig::Fallback {
-            targets,
-            max_wait_secs,
-            check,
-        } => Plan::Fallback {
-            targets: targets
-                .iter()
-                .map(|t| target(cfg, t))
-                .collect::<Option<_>>()?,
-            max_wait_ms: max_wait_secs.map(|s| s * 1000),
-            check: check.as_ref().map(|c| match c {
-                CheckConfig::JsonSchema { schema } => Check::JsonSchema {
-                    schema: serde_json::to_value(schema).unwrap_or_default(),
-                },
-                CheckConfig::Confidence { min } => Check::Confidence { min: *min },
-            }),
-        },
-        RouteConfig::Pipeline { stages } => Plan::Pipeline {
-            stages: stages
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    Some(Stage {
-                        name: s.name.clone(),
-                        target: target(cfg, &s.target)?,
-                        template: s.prompt.clone().unwrap_or_else(|| {
-                            if i == 0 { "{{input}}" } else { "{{previous}}" }.to_string()
-                        }),
-                    })
-                })
-                .collect::<Option<_>>()?,
-        },
-        RouteConfig::Consensus {
-            targets,
-            min_agree,
-            judge,
-        } => Plan::Consensus {
-            voters: targets
-                .iter()
-                .map(|t| target(cfg, t))
-                .collect::<Option<_>>()?,
-            min_agree: min_agree.unwrap_or(targets.len() / 2 + 1),
-            judge: match judge {
-                Some(j) => Some(target(cfg, j)?),
-                None => None,
-            },
-        },
-    })
-}
-
-/// Rules first: the category of the first rule whose keyword or regex
-/// matches the input, with a description of the rule.
-pub fn classify_by_rules(cfg: &Config, input: &str) -> Option<(String, String)> {
-    let c = cfg.classifier.as_ref()?;
-    let lower = input.to_lowercase();
-    for (i, r) in c.rules.iter().enumerate() {
-        if let Some(k) = r
-            .keywords
-            .iter()
-            .find(|k| lower.contains(&k.to_lowercase()))
-        {
-            return Some((r.category.clone(), format!("rules[{i}] keyword `{k}`")));
-        }
-        if let Some(re) = &r.regex {
-            if cached_regex(re).is_some_and(|re| re.is_match(input)) {
-                return Some((r.category.clone(), format!("rules[{i}] regex")));
-            }
-        }
-    }
-    None
-}
-
-/// A rule's regex, compiled once per process (config validation already
-/// rejected invalid ones), not once per job.
-fn cached_regex(pattern: &str) -> Option<regex::Regex> {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<String, Option<regex::Regex>>>> = OnceLock::new();
-    let mut cache = CACHE.get_or_init(Default::default).lock().ok()?;
-    cache
-        .entry(pattern.to_string())
-        .or_insert_with(|| regex::Regex::new(pattern).ok())
-        .clone()
-}
-
-/// The plan for an `auto` job no rule matched: ask the classifier model, or
-/// (without one) go straight to the default category.
-pub fn classify_plan(cfg: &Config) -> Option<Result<Plan, String>> {
-    let c = cfg.classifier.as_ref()?;
-    Some(match &c.model {
-        Some(m) => target(cfg, m)
-            .map(|classifier| Plan::Classify {
-                classifier,
-                categories: cfg.categories.keys().cloned().collect(),
-                threshold: c.threshold,
-                default_category: c.default_category.clone(),
-            })
-            .ok_or_else(|| c.default_category.clone()),
-        None => Err(c.default_category.clone()),
-    })
 }
 
 /// Read the classifier's `{"category", "confidence"}`; anything else is

@@ -513,9 +513,16 @@ fn plans_resolve_from_config_with_a_stable_ab_split() {
     let mut variants = 0;
     for i in 0..1000 {
         let id = format!("job-{i}");
-        let (plan, v) = plan_for(&cfg, "support", &id).unwrap();
+        let (plan, v) = Routes::build(&cfg)
+            .unwrap()
+            .plan_for("support", &id)
+            .unwrap();
         assert_eq!(
-            plan_for(&cfg, "support", &id).unwrap().1,
+            Routes::build(&cfg)
+                .unwrap()
+                .plan_for("support", &id)
+                .unwrap()
+                .1,
             v,
             "stable per job id"
         );
@@ -532,7 +539,7 @@ fn plans_resolve_from_config_with_a_stable_ab_split() {
         (250..350).contains(&variants),
         "{variants} of 1000 took the 30% variant"
     );
-    let (plan, _) = plan_for(&cfg, "sales", "x").unwrap();
+    let (plan, _) = Routes::build(&cfg).unwrap().plan_for("sales", "x").unwrap();
     assert!(matches!(
         plan,
         Plan::Consensus {
@@ -541,20 +548,34 @@ fn plans_resolve_from_config_with_a_stable_ab_split() {
             ..
         }
     ));
-    assert!(plan_for(&cfg, "nope", "x").is_none());
+    assert!(Routes::build(&cfg).unwrap().plan_for("nope", "x").is_none());
 }
 
 #[test]
 fn rules_match_keywords_and_regexes_before_the_model() {
     let cfg = Config::from_toml(CFG).unwrap();
     assert_eq!(
-        classify_by_rules(&cfg, "what's the price?").unwrap().0,
+        Routes::build(&cfg)
+            .unwrap()
+            .classify_by_rules("what's the price?")
+            .unwrap()
+            .0,
         "sales"
     );
-    assert_eq!(classify_by_rules(&cfg, "Refund me").unwrap().0, "support");
-    assert!(classify_by_rules(&cfg, "hello").is_none());
+    assert_eq!(
+        Routes::build(&cfg)
+            .unwrap()
+            .classify_by_rules("Refund me")
+            .unwrap()
+            .0,
+        "support"
+    );
+    assert!(Routes::build(&cfg)
+        .unwrap()
+        .classify_by_rules("hello")
+        .is_none());
     assert!(matches!(
-        classify_plan(&cfg),
+        Routes::build(&cfg).unwrap().classify_plan(),
         Some(Ok(Plan::Classify { .. }))
     ));
 }
@@ -596,4 +617,36 @@ fn bad_routes_are_named_in_config_errors() {
         let e = Config::from_toml(&bad).unwrap_err().0;
         assert!(e.contains(key), "want {key}: {e}");
     }
+}
+
+#[test]
+fn a_route_that_cannot_run_fails_the_build_naming_its_key() {
+    let mut cfg = Config::from_toml(CFG).unwrap();
+    assert!(Routes::build(&cfg).is_ok());
+    let (name, cat) = cfg.categories.iter_mut().next().unwrap();
+    let name = name.clone();
+    let model = cfg.models.keys().next().unwrap().clone();
+    // Loaded configs are validated; one changed in code may still be wrong.
+    cat.route = crate::config::RouteConfig::Consensus {
+        targets: vec![model.clone(), model],
+        min_agree: Some(3),
+        judge: None,
+    };
+    let e = Routes::build(&cfg).unwrap_err().0;
+    assert!(
+        e.contains(&format!("categories.{name}.route")) && e.contains("3 of 2"),
+        "{e}"
+    );
+    cat_unknown_model(&mut cfg, &name);
+    let e = Routes::build(&cfg).unwrap_err().0;
+    assert!(
+        e.contains(&format!("categories.{name}.route.target")),
+        "{e}"
+    );
+}
+
+fn cat_unknown_model(cfg: &mut Config, name: &str) {
+    cfg.categories.get_mut(name).unwrap().route = crate::config::RouteConfig::Single {
+        target: "no-such-model".into(),
+    };
 }

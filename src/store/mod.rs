@@ -3,6 +3,11 @@
 //! messages be acked. With `report` and the status queries here, the only
 //! code that talks to Postgres.
 
+mod error;
+mod status;
+pub use error::StoreError;
+pub use status::JobStatus;
+
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,14 +108,11 @@ fn db_code(e: &sqlx::Error) -> Option<String> {
         .map(|c| c.into_owned())
 }
 
-/// Terminal job statuses: nothing more will happen to such a job.
-pub const TERMINAL: [&str; 4] = ["succeeded", "failed", "needs_review", "dead"];
-
 #[derive(Debug, Clone)]
 pub struct JobRow {
     pub id: String,
     pub category: String,
-    pub status: &'static str,
+    pub status: JobStatus,
     pub envelope: Option<serde_json::Value>,
     pub route_decision: Option<serde_json::Value>,
     pub error: Option<String>,
@@ -184,7 +186,7 @@ pub struct ResultRow {
 #[derive(Debug, Clone, Default)]
 pub struct StatusRow {
     pub job_id: String,
-    pub status: &'static str,
+    pub status: JobStatus,
     pub error: Option<String>,
     /// Why a person must finish the job (status `needs_review`).
     pub review_reason: Option<String>,
@@ -251,7 +253,7 @@ pub enum Row {
 #[derive(Debug, Clone, Default)]
 pub struct Committed {
     /// Status of each job a `Row::Job` named, after the commit.
-    pub job_status: HashMap<String, String>,
+    pub job_status: HashMap<String, JobStatus>,
     /// For each `Row::Intent` that was written: (job id, step) -> the
     /// attempt number it holds. Missing: the step is answered, or another
     /// worker is calling it.
@@ -261,13 +263,13 @@ pub struct Committed {
 /// What one transaction wrote that its requesters need to know.
 #[derive(Default)]
 struct Written {
-    status: HashMap<String, String>,
+    status: HashMap<String, JobStatus>,
     attempts: HashMap<(String, i32), i32>,
 }
 
 struct WriteReq {
     rows: Vec<Row>,
-    reply: oneshot::Sender<Result<Committed, String>>,
+    reply: oneshot::Sender<Result<Committed, StoreError>>,
 }
 
 /// Handle to the batched writer. Cloned into every task that writes.
@@ -364,9 +366,13 @@ impl Writer {
         }
     }
 
-    /// A read failed: the database may be down.
+    /// A read failed: if the database is unavailable (by its SQLSTATE or
+    /// a lost connection), stop taking work until it answers.
     pub fn report_failure(&self, error: &anyhow::Error) {
-        self.health.failed(&format!("{error:#}"));
+        let e = StoreError::from_anyhow(error);
+        if e.is_unavailable() {
+            self.health.failed(&e.to_string());
+        }
     }
 
     /// [`write`](Self::write), retried while the database is unreachable:
@@ -382,23 +388,17 @@ impl Writer {
         K: FnMut() -> KF,
         KF: std::future::Future<Output = ()>,
     {
-        // Failures while the database answered are about the rows, not the
-        // database: give up after a few.
-        let mut failed_while_up = 0;
         loop {
-            let was_up = self.is_up();
             match self.write(rows.clone()).await {
                 Ok(c) => return Ok(c),
-                Err(e) if stop.is_cancelled() => return Err(e),
-                Err(e)
-                    if was_up && {
-                        failed_while_up += 1;
-                        failed_while_up >= 3
-                    } =>
-                {
-                    return Err(e)
+                Err(e) if stop.is_cancelled() => return Err(e.into()),
+                // Refused rows, or a writer that stopped: holding won't help.
+                Err(e @ (StoreError::Rejected { .. } | StoreError::Stopped)) => {
+                    return Err(e.into())
                 }
-                Err(_) => {
+                // The writer already retried the conflict; try the whole write again.
+                Err(StoreError::Conflict { .. }) => keepalive().await,
+                Err(StoreError::Unavailable(_)) => {
                     // Keep telling NATS the message is being worked on while
                     // the database is away.
                     keepalive().await;
@@ -416,18 +416,17 @@ impl Writer {
     }
 
     /// Queue rows and wait until they are committed.
-    pub async fn write(&self, rows: Vec<Row>) -> Result<Committed> {
+    pub async fn write(&self, rows: Vec<Row>) -> Result<Committed, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(WriteReq { rows, reply })
             .await
-            .map_err(|_| anyhow::anyhow!("writer has stopped"))?;
-        rx.await
-            .map_err(|_| anyhow::anyhow!("writer dropped the request"))?
-            .map_err(|e| {
-                self.health.failed(&e);
-                anyhow::anyhow!("database write failed: {e}")
-            })
+            .map_err(|_| StoreError::Stopped)?;
+        let res = rx.await.map_err(|_| StoreError::Stopped)?;
+        if let Err(e @ StoreError::Unavailable(_)) = &res {
+            self.health.failed(&e.to_string());
+        }
+        res
     }
 }
 
@@ -463,7 +462,9 @@ async fn writer_loop(
 
 async fn commit_batch(pool: &PgPool, batch: Vec<WriteReq>) {
     let n = batch.len();
-    for attempt in 1..=3u32 {
+    let mut attempt = 0u32;
+    let failure = loop {
+        attempt += 1;
         let rows: Vec<&Row> = batch.iter().flat_map(|r| r.rows.iter()).collect();
         match write_rows(pool, &rows).await {
             Ok(written) => {
@@ -474,10 +475,23 @@ async fn commit_batch(pool: &PgPool, batch: Vec<WriteReq>) {
                 return;
             }
             Err(e) => {
+                let e = StoreError::from_anyhow(&e);
                 warn!(attempt, requests = n, error = %e, "batch commit failed");
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                match e {
+                    StoreError::Conflict { .. } if attempt < 3 => {
+                        tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                    }
+                    e => break e,
+                }
             }
         }
+    };
+    if failure.is_unavailable() {
+        // Every request would fail alike: their senders hold and retry.
+        for req in batch {
+            let _ = req.reply.send(Err(failure.clone()));
+        }
+        return;
     }
     // Isolate a poisoned request: commit each on its own.
     for req in batch {
@@ -485,7 +499,7 @@ async fn commit_batch(pool: &PgPool, batch: Vec<WriteReq>) {
         let res = write_rows(pool, &rows)
             .await
             .map(|written| committed_for(&req.rows, &written))
-            .map_err(|e| format!("{e:#}"));
+            .map_err(|e| StoreError::from_anyhow(&e));
         let _ = req.reply.send(res);
     }
 }
@@ -496,7 +510,7 @@ fn committed_for(rows: &[Row], written: &Written) -> Committed {
         match r {
             Row::Job(j) => {
                 if let Some(s) = written.status.get(&j.id) {
-                    c.job_status.insert(j.id.clone(), s.clone());
+                    c.job_status.insert(j.id.clone(), *s);
                 }
             }
             Row::Intent { row: i, .. } => {
@@ -519,7 +533,9 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
     let mut by_id: HashMap<&str, &JobRow> = HashMap::new();
     for r in rows {
         if let Row::Job(j) = r {
-            let keep = by_id.get(j.id.as_str()).is_some_and(|k| k.status != "dead");
+            let keep = by_id
+                .get(j.id.as_str())
+                .is_some_and(|k| k.status != JobStatus::Dead);
             if !keep {
                 by_id.insert(j.id.as_str(), j);
             }
@@ -563,7 +579,12 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
                 .bind(&ids)
                 .fetch_all(&mut *tx)
                 .await?;
-        status.extend(found);
+        // The CHECK constraint allows only known statuses.
+        status.extend(
+            found
+                .into_iter()
+                .filter_map(|(id, s)| JobStatus::parse(&s).map(|s| (id, s))),
+        );
     }
     if !dead.is_empty() {
         insert_dead_letters(&mut tx, &dead).await?;
@@ -607,7 +628,7 @@ async fn insert_jobs(tx: &mut Transaction<'_, Postgres>, jobs: &[&JobRow]) -> Re
         "INSERT INTO jobs (id, category, status, envelope, route_decision, error, enqueued_at, finished_at, variant)
          SELECT u.id, u.category, u.status, u.envelope, u.route_decision, u.error,
                 to_timestamp(u.enqueued_ms / 1000.0),
-                CASE WHEN u.status IN ('succeeded','failed','needs_review','dead') THEN now() END,
+                CASE WHEN u.status = ANY($9::text[]) THEN now() END,
                 u.variant
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::text[], $7::int8[], $8::text[])
               AS u(id, category, status, envelope, route_decision, error, enqueued_ms, variant)
@@ -627,6 +648,7 @@ async fn insert_jobs(tx: &mut Transaction<'_, Postgres>, jobs: &[&JobRow]) -> Re
     .bind(jobs.iter().map(|j| j.error.clone()).collect::<Vec<_>>())
     .bind(jobs.iter().map(|j| j.enqueued_at_ms).collect::<Vec<_>>())
     .bind(jobs.iter().map(|j| j.variant.clone()).collect::<Vec<_>>())
+    .bind(JobStatus::terminal_names())
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -824,7 +846,7 @@ async fn insert_intents(
                                       AND c.created_at > now() - make_interval(secs => u.busy_secs))))
            AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.job_id = u.job_id AND s.step = u.step)
            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = u.job_id
-                           AND j.status IN ('succeeded', 'failed', 'needs_review', 'dead'))
+                           AND j.status = ANY($22::text[]))
          ON CONFLICT (job_id, step, attempt) DO NOTHING
          RETURNING job_id, step, attempt",
         call_unnest((", $21::float8[]", ", busy_secs"))
@@ -833,6 +855,7 @@ async fn insert_intents(
     let busy: Vec<f64> = intents.iter().map(|(_, d)| d.as_secs_f64()).collect();
     let rows: Vec<(String, i32, i32)> = bind_calls(sqlx::query(sqlx::AssertSqlSafe(sql)), &rows)
         .bind(busy)
+        .bind(JobStatus::terminal_names())
         .try_map(|r: sqlx::postgres::PgRow| {
             use sqlx::Row as _;
             Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))
@@ -887,18 +910,19 @@ async fn update_statuses(tx: &mut Transaction<'_, Postgres>, rows: &[&StatusRow]
                 review_reason = COALESCE(u.review_reason, jobs.review_reason),
                 route_decision = CASE WHEN u.tried IS NULL THEN jobs.route_decision
                     ELSE jsonb_set(COALESCE(jobs.route_decision, '{}'::jsonb), '{tried}', u.tried) END,
-                finished_at = CASE WHEN u.status IN ('succeeded','failed','needs_review','dead')
+                finished_at = CASE WHEN u.status = ANY($6::text[])
                                    THEN now() ELSE jobs.finished_at END
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
               AS u(id, status, error, review_reason, tried)
          WHERE jobs.id = u.id
-           AND jobs.status NOT IN ('succeeded','failed','needs_review','dead')",
+           AND jobs.status <> ALL($6::text[])",
     )
     .bind(rows.iter().map(|r| r.job_id.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.status.to_string()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.error.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.review_reason.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.tried.clone()).collect::<Vec<_>>())
+    .bind(JobStatus::terminal_names())
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -925,12 +949,13 @@ async fn update_reclass(tx: &mut Transaction<'_, Postgres>, rows: &[&ReclassRow]
     sqlx::query(
         "UPDATE jobs SET category = u.category, variant = u.variant, route_decision = u.route_decision
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[]) AS u(id, category, variant, route_decision)
-         WHERE jobs.id = u.id AND jobs.status NOT IN ('succeeded','failed','needs_review','dead')",
+         WHERE jobs.id = u.id AND jobs.status <> ALL($5::text[])",
     )
     .bind(rows.iter().map(|r| r.job_id.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.category.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.variant.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.route_decision.clone()).collect::<Vec<_>>())
+    .bind(JobStatus::terminal_names())
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -995,11 +1020,15 @@ pub async fn load_steps(pool: &PgPool, job_id: &str) -> Result<Vec<StepRecord>> 
 }
 
 /// Status of a job, if it exists.
-pub async fn job_status(pool: &PgPool, job_id: &str) -> Result<Option<String>> {
-    Ok(sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+pub async fn job_status(pool: &PgPool, job_id: &str) -> Result<Option<JobStatus>> {
+    let s: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
         .bind(job_id)
         .fetch_optional(pool)
-        .await?)
+        .await?;
+    s.map(|s| {
+        JobStatus::parse(&s).ok_or_else(|| anyhow::anyhow!("job {job_id} has unknown status `{s}`"))
+    })
+    .transpose()
 }
 
 /// How many of `ids` are finished: a terminal `jobs` row, or a dead letter
@@ -1008,11 +1037,12 @@ pub async fn count_finished(pool: &PgPool, ids: &[String]) -> Result<i64> {
     Ok(sqlx::query_scalar(
         "SELECT count(*) FROM unnest($1::text[]) AS i(id)
          WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = i.id
-                       AND j.status IN ('succeeded','failed','needs_review','dead'))
+                       AND j.status = ANY($2::text[]))
             OR (NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = i.id)
                 AND EXISTS (SELECT 1 FROM dead_letters d WHERE d.job_id = i.id))",
     )
     .bind(ids)
+    .bind(JobStatus::terminal_names())
     .fetch_one(pool)
     .await?)
 }

@@ -1,0 +1,88 @@
+//! A job's status: the one place its values and the terminal list live.
+//! SQL receives the terminal list as a bound parameter
+//! ([`JobStatus::terminal_names`]), never as a literal copy.
+
+use serde::{Deserialize, Serialize};
+
+/// `jobs.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    #[default]
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    NeedsReview,
+    Dead,
+}
+
+impl JobStatus {
+    /// Every status, in the order a job may pass through them.
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::NeedsReview,
+        JobStatus::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::NeedsReview => "needs_review",
+            JobStatus::Dead => "dead",
+        }
+    }
+
+    /// The status named `s`, if it is one.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    /// Whether a job in this status is finished: its status is never
+    /// overwritten and its calls are never made again.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobStatus::Queued | JobStatus::Running)
+    }
+
+    /// The terminal statuses' names, to bind as `$n::text[]`.
+    pub fn terminal_names() -> Vec<&'static str> {
+        Self::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .map(Self::as_str)
+            .collect()
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_match_serde() {
+        for s in JobStatus::ALL {
+            assert_eq!(JobStatus::parse(s.as_str()), Some(s));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+        assert_eq!(JobStatus::parse("done"), None);
+        assert_eq!(
+            JobStatus::terminal_names(),
+            ["succeeded", "failed", "needs_review", "dead"]
+        );
+    }
+}

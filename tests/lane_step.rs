@@ -1,0 +1,245 @@
+//! A lane's step driven without NATS: a call message's bytes in, a
+//! `Settlement` out (what to commit, publish and ack), against a real
+//! Postgres and the simulator on loopback. Nothing here is acked: the step
+//! decides, the settler (not used here) carries it out.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard::bus::CallMsg;
+use switchyard::config::Config;
+use switchyard::envelope::{Message, Role};
+use switchyard::limits::budget::Book;
+use switchyard::pipeline::lane::{Delivery, LaneShared, LaneStep};
+use switchyard::pipeline::settle::{Hold, Settlement};
+use switchyard::route::{Plan, Routes, Target};
+use switchyard::sim::{Forced, Format, SimProfile, SimServer};
+use switchyard::store::{CallOutcome, JobRow, JobStatus, Row, Writer};
+use switchyard::tasks::Tasks;
+use tokio_util::sync::CancellationToken;
+
+/// Holds nothing: there is no NATS message behind the step.
+struct NoHold;
+
+impl Hold for NoHold {
+    async fn progress(&self) {}
+}
+
+struct Env {
+    db: String,
+    pool: sqlx::PgPool,
+    sim: SimServer,
+    step: LaneStep,
+    writer: Writer,
+    tasks: Tasks,
+}
+
+async fn env() -> Env {
+    let db = format!("sy_t_{}", &switchyard::ids::new_job_id()[..12]);
+    let pool = switchyard::store::connect_and_migrate(&common::database_url_for(&db), 4)
+        .await
+        .unwrap();
+    let sim = SimServer::start("127.0.0.1:0", SimProfile::default())
+        .await
+        .unwrap();
+    let cfg = Config::from_toml_with_env(
+        common::SHIPPED_CONFIG,
+        &[
+            (
+                "SWITCHYARD_PROVIDERS__OPENAI__BASE_URL".into(),
+                sim.base_url(),
+            ),
+            // Per-process limits: no KV bucket, so no NATS at all.
+            ("SWITCHYARD_PROVIDERS__OPENAI__FLEET".into(), "false".into()),
+        ],
+    )
+    .unwrap();
+    let cfg = Arc::new(cfg);
+    let tasks = Tasks::new();
+    let writer = Writer::spawn(pool.clone(), 64, Duration::from_millis(1), &tasks);
+    let shared = LaneShared {
+        fleet_store: None,
+        budget: Arc::new(Book::new(&cfg, pool.clone())),
+        routes: Arc::new(Routes::build(&cfg).unwrap()),
+        services: tasks.clone(),
+    };
+    let step = LaneStep::new(
+        "openai",
+        cfg,
+        writer.clone(),
+        pool.clone(),
+        CancellationToken::new(),
+        &shared,
+    )
+    .unwrap();
+    Env {
+        db,
+        pool,
+        sim,
+        step,
+        writer,
+        tasks,
+    }
+}
+
+impl Env {
+    async fn run(&self, payload: &[u8], delivered: i64) -> Settlement {
+        let d = Delivery {
+            stream: "TEST_CALLS".into(),
+            seq: 1,
+            delivered,
+            subject: "test.calls.openai".into(),
+        };
+        let ticket = self.step.ready().await;
+        self.step.step(&d, payload, &NoHold, ticket).await
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn cleanup(self) {
+        self.sim.stop();
+        drop((self.step, self.writer));
+        self.tasks.stop(Duration::from_secs(10)).await;
+        self.pool.close().await;
+        let admin = sqlx::PgPool::connect(&common::database_url_for("postgres"))
+            .await
+            .unwrap();
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.db
+        )))
+        .execute(&admin)
+        .await;
+    }
+}
+
+fn single_call(job_id: &str) -> Vec<u8> {
+    let target = Target {
+        model: "gpt-4.1".into(),
+        provider: "openai".into(),
+    };
+    let messages = vec![Message {
+        role: Role::User,
+        content: "What is two plus two?".into(),
+    }];
+    serde_json::to_vec(&CallMsg {
+        job_id: job_id.into(),
+        category: "sales".into(),
+        provider: "openai".into(),
+        model: "gpt-4.1".into(),
+        step: 0,
+        messages: messages.clone(),
+        max_tokens: 64,
+        temperature: None,
+        enqueued_at_ms: 0,
+        plan: Plan::Single { target },
+        conv: vec![],
+        history: vec![],
+        job_max_tokens: None,
+        attempt_base: 0,
+    })
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_call_settles_as_its_cost_row_result_and_done_event() {
+    let env = env().await;
+    let s = env.run(&single_call("step-ok"), 1).await;
+    let Settlement::Commit {
+        effects,
+        retry_in: None,
+        ..
+    } = s
+    else {
+        panic!("expected a commit without retry, got {s:?}");
+    };
+    assert!(effects.calls.is_empty(), "a single call has no follow-up");
+    assert_eq!(
+        effects.done.as_ref().map(|d| d.status),
+        Some(JobStatus::Succeeded)
+    );
+    let call = effects
+        .rows
+        .iter()
+        .find_map(|r| match r {
+            Row::Call(c) => Some(c),
+            _ => None,
+        })
+        .expect("the cost row is among the rows to commit");
+    assert_eq!((call.outcome, call.attempt), (CallOutcome::Ok, 1));
+    assert!(effects.rows.iter().any(|r| matches!(r, Row::Result(_))));
+    // The intent was committed before the call; the final row is not yet.
+    assert_eq!(
+        env.count("SELECT count(*) FROM calls WHERE job_id = 'step-ok' AND outcome = 'unknown'")
+            .await,
+        1
+    );
+    assert_eq!(env.sim.ledger().len(), 1, "one provider call");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_settles_as_a_retry_with_its_row() {
+    let env = env().await;
+    env.sim.force(Format::Openai, [Forced::ServerError]);
+    let s = env.run(&single_call("step-retry"), 1).await;
+    let Settlement::Commit {
+        effects,
+        retry_in: Some(delay),
+        ..
+    } = s
+    else {
+        panic!("expected a retry, got {s:?}");
+    };
+    assert!(delay > Duration::ZERO);
+    assert!(effects
+        .rows
+        .iter()
+        .any(|r| matches!(r, Row::Call(c) if c.outcome == CallOutcome::RetryableError)));
+    assert!(effects.done.is_none());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_is_acked_without_a_provider_call() {
+    let env = env().await;
+    env.writer
+        .write(vec![Row::Job(JobRow {
+            id: "step-done".into(),
+            category: "sales".into(),
+            status: JobStatus::Succeeded,
+            envelope: None,
+            route_decision: None,
+            error: None,
+            enqueued_at_ms: 0,
+            variant: None,
+        })])
+        .await
+        .unwrap();
+    let s = env.run(&single_call("step-done"), 2).await;
+    assert!(matches!(s, Settlement::Ack), "{s:?}");
+    assert!(env.sim.ledger().is_empty());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_are_no_call_message_settle_as_a_dead_letter() {
+    let env = env().await;
+    let s = env.run(b"{\"job_id\": 7}", 1).await;
+    let Settlement::Commit { effects, .. } = s else {
+        panic!("expected a dead letter, got {s:?}");
+    };
+    assert!(matches!(
+        effects.rows.as_slice(),
+        [Row::DeadLetter(d)] if d.reason.starts_with("not a valid call message")
+    ));
+    assert!(env.sim.ledger().is_empty());
+    env.cleanup().await;
+}

@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
 use crate::config::{Config, DEFAULT_DATABASE_URL, DEFAULT_NATS_URL};
+use crate::demo;
 use crate::ops::report::Format;
-use crate::ops::{demo, report, review};
+use crate::ops::{report, review};
 use crate::pipeline::worker;
 use crate::pipeline::worker::WorkerOptions;
 use crate::sim::{SimProfile, SimServer};

@@ -7,26 +7,37 @@
 //! writer; messages are acked only after the commit.
 //!
 //! # Layout
-//! - [`config`]: the TOML config, env overrides, validation (errors name the key).
-//! - [`envelope`]: job envelope v1 and its validation (pure).
-//! - [`route`]: the routing state machine (pure).
-//! - [`pricing`]: tokens × prices → USD in `Decimal` (pure).
-//! - [`bus`]: everything NATS: names, streams, consumers, message shapes.
-//! - [`store`]: everything Postgres: database creation, migrations, the batched writer.
-//! - [`dispatcher`], [`lane`], [`worker`]: the consumers and their wiring.
-//! - [`limit`]: per-lane RPM/TPM/concurrency limits and provider-imposed pauses.
+//! Leaves (import nothing of the runtime): [`ids`], `clock`, `template`,
+//! [`pricing`], [`tasks`]; [`config`] (TOML, env overrides, validation;
+//! errors name the key) and [`envelope`] (job envelope v1, pure) sit just
+//! above them.
+//! - [`route`]: the routing state machine (pure), one file per pattern, and
+//!   [`route::Routes`], the config's routes built once at start-up.
+//! - [`pipeline`]: the runtime path: dispatcher, lanes, the one settle path,
+//!   the worker's wiring and shutdown.
+//! - [`limits`]: rate limits per lane and fleet-wide, category budgets.
 //! - [`providers`]: one adapter per wire format behind a closed enum.
-//! - [`sim`]: the provider simulator; [`enqueue`], [`report`], [`demo`], [`bench`], [`cli`]: commands.
+//! - [`store`]: everything Postgres: migrations, the batched writer,
+//!   statuses, typed errors, queries.
+//! - [`bus`]: NATS names, streams, consumers, message shapes.
+//! - [`ops`]: operator and analyst commands (review, dead letters, report,
+//!   feedback, retention, dashboard).
+//! - [`sim`]: the provider simulator; [`enqueue`]: publishing jobs;
+//!   [`demo`]; [`cli`]: the commands of the `switchyard` binary.
+//!
+//! The measuring harness is a separate binary, `switchyard-bench`
+//! (`crates/switchyard-bench`). See ARCHITECTURE.md for the invariants.
 
 pub mod bus;
 pub mod cli;
-pub mod clock;
+pub(crate) mod clock;
 pub mod config;
+pub mod demo;
 pub mod enqueue;
 pub mod envelope;
 pub mod ids;
 pub mod limits;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod ops;
 pub mod pipeline;
 pub mod pricing;
@@ -35,7 +46,7 @@ pub mod route;
 pub mod sim;
 pub mod store;
 pub mod tasks;
-pub mod template;
+pub(crate) mod template;
 
 /// Install a stderr logger honouring `RUST_LOG` (default `info`, quieter for dependencies).
 pub fn init_logging() {

@@ -1,6 +1,6 @@
 //! Prometheus metrics of this process: counters, gauges and histograms kept
 //! in one registry and rendered in the text exposition format on the
-//! worker's `/metrics` (see [`crate::ops::dashboard`]). Recording is a short
+//! worker's `/metrics` (see `ops::dashboard`). Recording is a short
 //! mutex-guarded map update; nothing here does I/O.
 
 use std::collections::BTreeMap;

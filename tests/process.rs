@@ -56,6 +56,64 @@ fn bad_config_fails_at_start_naming_the_key() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Run from a directory without `config/`, and given no config path, the
+/// binary uses the shipped config built into it (and says so); a path given
+/// explicitly that does not exist is still an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_works_from_any_directory_with_the_shipped_config() {
+    let env = TestEnv::new(Default::default()).await;
+    let elsewhere = std::env::temp_dir().join(format!("sy-anywhere-{}", std::process::id()));
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        cmd.current_dir(&elsewhere)
+            .env_remove("SWITCHYARD_CONFIG")
+            .env("DATABASE_URL", &env.db_url)
+            .env("RUST_LOG", "info")
+            .args(args);
+        cmd.output().unwrap()
+    };
+    let out = run(&["migrate"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("shipped config"), "{err}");
+    let out = run(&["--config", "config/switchyard.toml", "migrate"]);
+    assert!(
+        !out.status.success(),
+        "an explicit path that is missing fails"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read config/switchyard.toml"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&elsewhere);
+    env.cleanup().await;
+}
+
+/// The docs never suggest serving `/metrics` and the dashboard (spend
+/// figures, unauthenticated) on a non-loopback address.
+#[test]
+fn no_doc_suggests_serving_spend_data_beyond_loopback() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut docs = vec![root.join("README.md"), root.join("config/switchyard.toml")];
+    for e in std::fs::read_dir(root.join("docs")).unwrap() {
+        docs.push(e.unwrap().path());
+    }
+    for path in docs {
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let serves = line.contains("metrics-listen") || line.contains("listen =");
+            assert!(
+                !(serves && line.contains("0.0.0.0")),
+                "{}:{}: {line}",
+                path.display(),
+                n + 1
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
     // Slow enough (24 calls in flight, 100-200 ms each) that the kill lands mid-run.

@@ -316,7 +316,7 @@ async fn the_demo_savings_match_a_hand_computation() {
     let cfg = env.config();
     let (base_model, base) = cfg.baseline(None).unwrap().expect("shipped baseline");
     let base_model = base_model.to_string();
-    let outcome = switchyard::ops::demo::run(
+    let outcome = switchyard::demo::run(
         cfg.clone(),
         env.pool.clone(),
         &common::nats_url(),
@@ -552,7 +552,7 @@ async fn the_demo_never_takes_jobs_it_did_not_publish() {
     switchyard::enqueue::publish_jobs(&env.bus, &waiting, None)
         .await
         .unwrap();
-    let outcome = switchyard::ops::demo::run(
+    let outcome = switchyard::demo::run(
         cfg,
         env.pool.clone(),
         &common::nats_url(),

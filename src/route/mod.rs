@@ -9,15 +9,24 @@
 //! [`next`]'s, given every finished step so far ([`StepRecord`]).
 
 pub mod check;
+mod classify;
+mod consensus;
+mod fallback;
+mod pipeline;
+mod retry;
 mod routes;
+mod single;
+
+pub use classify::{classifier_prompt, parse_classifier_answer};
+pub use consensus::normalise;
+pub use fallback::{check_answer, self_reported_confidence, verdict};
+pub use retry::{backoff, decide, Action, Outcome};
 pub use routes::Routes;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::RetryConfig;
 use crate::envelope::{Message, Role};
 
 /// A model and the provider lane that serves it.
@@ -261,15 +270,6 @@ pub fn bucket(job_id: &str) -> u64 {
     h % 100
 }
 
-/// Read the classifier's `{"category", "confidence"}`; anything else is
-/// low confidence (None).
-pub fn parse_classifier_answer(text: &str, categories: &[String]) -> Option<(String, f64)> {
-    let v = extract_json(text)?;
-    let cat = v.get("category")?.as_str()?.trim().to_string();
-    let conf = v.get("confidence")?.as_f64()?;
-    (categories.contains(&cat) && (0.0..=1.0).contains(&conf)).then_some((cat, conf))
-}
-
 /// The first JSON object in a text (models like to wrap JSON in prose or fences).
 pub fn extract_json(text: &str) -> Option<serde_json::Value> {
     let t = text.trim();
@@ -284,367 +284,33 @@ pub fn extract_json(text: &str) -> Option<serde_json::Value> {
         .filter(|v| v.is_object())
 }
 
-/// Normalise an answer for voting: lower case, words only, single spaces.
-pub fn normalise(answer: &str) -> String {
-    answer
-        .to_lowercase()
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Does a fallback answer pass the route's check?
-pub fn check_answer(check: &Check, output: &str) -> Verdict {
-    match check {
-        Check::JsonSchema { schema } => {
-            match extract_json(output).or_else(|| serde_json::from_str(output.trim()).ok()) {
-                None => Verdict::Rejected("answer is not JSON".into()),
-                Some(v) => match crate::route::check::validate(schema, &v) {
-                    Ok(()) => Verdict::Accepted,
-                    Err(e) => Verdict::Rejected(format!("answer fails the schema: {e}")),
-                },
-            }
-        }
-        Check::Confidence { min } => match self_reported_confidence(output) {
-            Some(c) if c >= *min => Verdict::Accepted,
-            Some(c) => Verdict::Rejected(format!("self-reported confidence {c} is below {min}")),
-            None => Verdict::Rejected("answer reports no confidence".into()),
-        },
-    }
-}
-
-/// `"confidence": X` in a JSON answer, or a `confidence: X` line.
-pub fn self_reported_confidence(output: &str) -> Option<f64> {
-    if let Some(c) = extract_json(output).and_then(|v| v.get("confidence").and_then(|c| c.as_f64()))
-    {
-        return Some(c);
-    }
-    output.lines().rev().find_map(|l| {
-        let l = l.trim().to_lowercase();
-        let rest = l
-            .strip_prefix("confidence")?
-            .trim_start_matches([':', '=', ' ']);
-        rest.trim_end_matches('%')
-            .parse::<f64>()
-            .ok()
-            .map(|c| if c > 1.0 { c / 100.0 } else { c })
-    })
-}
-
-/// The verdict on a finished step under a plan.
-pub fn verdict(plan: &Plan, rec: &StepRecord) -> Verdict {
-    match rec.outcome {
-        StepOutcome::Failed => {
-            Verdict::Rejected(rec.reason.clone().unwrap_or_else(|| "call failed".into()))
-        }
-        StepOutcome::TooSlow => Verdict::Rejected(
-            rec.reason
-                .clone()
-                .unwrap_or_else(|| "limiter wait too long".into()),
-        ),
-        StepOutcome::Ok => match (plan, &rec.output) {
-            (Plan::Fallback { check: Some(c), .. }, Some(out)) => check_answer(c, out),
-            _ => Verdict::Accepted,
-        },
-    }
-}
-
-fn judge_prompt(input: &str, answers: &[(usize, &str)]) -> String {
-    let mut p = format!(
-        "Several assistants answered the request below. Decide which answer is correct and best.\n\
-         Reply only with JSON: {{\"answer\": <number of the best answer>, \"confidence\": <0.0-1.0>}}.\n\n\
-         Request:\n{input}\n\nAnswers:\n"
-    );
-    for (n, a) in answers {
-        p.push_str(&format!("{n}. {a}\n"));
-    }
-    p
-}
-
-/// The classifier's prompt.
-pub fn classifier_prompt(categories: &[String], input: &str) -> String {
-    format!(
-        "Classify the request into exactly one of these categories: {}.\n\
-         Reply only with JSON: {{\"category\": \"<one of the categories>\", \"confidence\": <0.0-1.0>}}.\n\n\
-         Request:\n{input}",
-        categories.join(", ")
-    )
-}
-
-/// What follows, given the finished steps (`history`, any order).
+/// What follows, given the finished steps (`history`, any order). Each
+/// pattern decides in its own module.
 pub fn next(plan: &Plan, conv: &[Message], history: &[StepRecord]) -> Decision {
     let rec = |step: i32| history.iter().find(|r| r.step == step);
     match plan {
-        Plan::Single { target } => match rec(0) {
-            None => Decision::Calls(vec![StepCall {
-                step: 0,
-                target: target.clone(),
-                messages: conv.to_vec(),
-            }]),
-            Some(r) if r.outcome == StepOutcome::Ok => Decision::Complete {
-                output: r.output.clone().unwrap_or_default(),
-                model: r.model.clone(),
-            },
-            Some(r) => Decision::Fail {
-                error: r.reason.clone().unwrap_or_else(|| "call failed".into()),
-            },
-        },
-        Plan::Fallback { targets, .. } => {
-            for (i, t) in targets.iter().enumerate() {
-                match rec(i as i32) {
-                    None => {
-                        return Decision::Calls(vec![StepCall {
-                            step: i as i32,
-                            target: t.clone(),
-                            messages: conv.to_vec(),
-                        }])
-                    }
-                    Some(r) => {
-                        if verdict(plan, r) == Verdict::Accepted {
-                            return Decision::Complete {
-                                output: r.output.clone().unwrap_or_default(),
-                                model: r.model.clone(),
-                            };
-                        }
-                    }
-                }
-            }
-            Decision::Review {
-                reason: format!(
-                    "all {} fallback targets failed or were rejected",
-                    targets.len()
-                ),
-            }
-        }
-        Plan::Pipeline { stages } => {
-            let input = input_text(conv);
-            let mut outputs: BTreeMap<&str, &str> = BTreeMap::new();
-            let mut previous = input.clone();
-            for (i, s) in stages.iter().enumerate() {
-                match rec(i as i32) {
-                    Some(r) if r.outcome == StepOutcome::Ok => {
-                        let out = r.output.as_deref().unwrap_or("");
-                        outputs.insert(s.name.as_str(), out);
-                        previous = out.to_string();
-                    }
-                    Some(r) => {
-                        return Decision::Review {
-                            reason: format!(
-                                "stage `{}` failed: {}",
-                                s.name,
-                                r.reason.clone().unwrap_or_default()
-                            ),
-                        }
-                    }
-                    None => {
-                        let prompt =
-                            crate::template::render(&s.template, &input, &previous, &outputs);
-                        return Decision::Calls(vec![StepCall {
-                            step: i as i32,
-                            target: s.target.clone(),
-                            messages: with_user(conv, prompt),
-                        }]);
-                    }
-                }
-            }
-            // Every stage answered: the last one's answer is the result.
-            match stages.len().checked_sub(1).and_then(|l| rec(l as i32)) {
-                Some(r) => Decision::Complete {
-                    output: r.output.clone().unwrap_or_default(),
-                    model: r.model.clone(),
-                },
-                None => Decision::Fail {
-                    error: "a pipeline plan with no stages".into(),
-                },
-            }
-        }
+        Plan::Single { target } => single::next(target, conv, rec(0)),
+        Plan::Fallback { targets, .. } => fallback::next(plan, targets, conv, &rec),
+        Plan::Pipeline { stages } => pipeline::next(stages, conv, &rec),
         Plan::Consensus {
             voters,
             min_agree,
             judge,
-        } => {
-            let n = voters.len() as i32;
-            if (0..n).all(|i| rec(i).is_none()) {
-                return Decision::Calls(
-                    voters
-                        .iter()
-                        .enumerate()
-                        .map(|(i, t)| StepCall {
-                            step: i as i32,
-                            target: t.clone(),
-                            messages: conv.to_vec(),
-                        })
-                        .collect(),
-                );
-            }
-            if (0..n).any(|i| rec(i).is_none()) {
-                return Decision::Wait;
-            }
-            // Group the answers of voters that answered.
-            let answered: Vec<&StepRecord> = (0..n)
-                .filter_map(rec)
-                .filter(|r| r.outcome == StepOutcome::Ok)
-                .collect();
-            let mut groups: Vec<(String, Vec<&StepRecord>)> = Vec::new();
-            for r in &answered {
-                let key = normalise(r.output.as_deref().unwrap_or(""));
-                match groups.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, g)) => g.push(r),
-                    None => groups.push((key, vec![r])),
-                }
-            }
-            groups.sort_by(|a, b| {
-                b.1.len()
-                    .cmp(&a.1.len())
-                    .then(a.1[0].step.cmp(&b.1[0].step))
-            });
-            if let Some((_, g)) = groups.first() {
-                if g.len() >= *min_agree {
-                    return Decision::Complete {
-                        output: g[0].output.clone().unwrap_or_default(),
-                        model: g[0].model.clone(),
-                    };
-                }
-            }
-            let Some(judge) = judge else {
-                return Decision::Review {
-                    reason: format!(
-                        "no consensus: {} of {} voters answered, largest agreement {} (need {min_agree})",
-                        answered.len(),
-                        n,
-                        groups.first().map_or(0, |g| g.1.len())
-                    ),
-                };
-            };
-            if answered.is_empty() {
-                return Decision::Review {
-                    reason: "no consensus: every voter failed".into(),
-                };
-            }
-            match rec(n) {
-                None => {
-                    let input = input_text(conv);
-                    let list: Vec<(usize, &str)> = answered
-                        .iter()
-                        .enumerate()
-                        .map(|(i, r)| (i + 1, r.output.as_deref().unwrap_or("")))
-                        .collect();
-                    Decision::Calls(vec![StepCall {
-                        step: n,
-                        target: judge.clone(),
-                        messages: with_user(conv, judge_prompt(&input, &list)),
-                    }])
-                }
-                Some(j) => {
-                    let pick = (j.outcome == StepOutcome::Ok)
-                        .then(|| j.output.as_deref().and_then(extract_json))
-                        .flatten()
-                        .and_then(|v| v.get("answer").and_then(|a| a.as_u64()))
-                        .and_then(|k| answered.get((k as usize).checked_sub(1)?));
-                    match pick {
-                        Some(r) => Decision::Complete {
-                            output: r.output.clone().unwrap_or_default(),
-                            model: r.model.clone(),
-                        },
-                        None => Decision::Review {
-                            reason: "no consensus and the judge gave no usable verdict".into(),
-                        },
-                    }
-                }
-            }
-        }
+        } => consensus::next(voters, *min_agree, judge.as_ref(), conv, &rec),
         Plan::Classify {
             classifier,
             categories,
             threshold,
             default_category,
-        } => match rec(CLASSIFY_STEP) {
-            None => Decision::Calls(vec![StepCall {
-                step: CLASSIFY_STEP,
-                target: classifier.clone(),
-                messages: vec![Message {
-                    role: Role::User,
-                    content: classifier_prompt(categories, &input_text(conv)),
-                }],
-            }]),
-            Some(r) => {
-                let parsed = (r.outcome == StepOutcome::Ok)
-                    .then(|| parse_classifier_answer(r.output.as_deref().unwrap_or(""), categories))
-                    .flatten();
-                match parsed {
-                    Some((category, confidence)) if confidence >= *threshold => {
-                        Decision::Reclassify {
-                            category,
-                            confidence,
-                            by: "model",
-                        }
-                    }
-                    Some((_, confidence)) => Decision::Reclassify {
-                        category: default_category.clone(),
-                        confidence,
-                        by: "default",
-                    },
-                    None => Decision::Reclassify {
-                        category: default_category.clone(),
-                        confidence: 0.0,
-                        by: "default",
-                    },
-                }
-            }
-        },
+        } => classify::next(
+            classifier,
+            categories,
+            *threshold,
+            default_category,
+            conv,
+            rec(CLASSIFY_STEP),
+        ),
     }
-}
-
-/// What a provider call came to, as the lane saw it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Success,
-    Retryable {
-        retry_after: Option<Duration>,
-        error: String,
-    },
-    Terminal {
-        error: String,
-    },
-}
-
-/// What to do after one attempt of a step.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    /// The step succeeded.
-    Complete,
-    /// Try the same call again after `delay` (the message is nak'ed with it).
-    Retry { delay: Duration },
-    /// The step failed (terminally, or out of retries).
-    Fail { error: String },
-}
-
-/// Decide after attempt number `attempt` (1-based) of a step.
-/// `jitter` in `0.0..1.0` spreads backoffs; pass a fixed value in tests.
-pub fn decide(retry: &RetryConfig, attempt: u32, outcome: &Outcome, jitter: f64) -> Action {
-    match outcome {
-        Outcome::Success => Action::Complete,
-        Outcome::Terminal { error } => Action::Fail {
-            error: error.clone(),
-        },
-        Outcome::Retryable { error, .. } if attempt >= retry.max_attempts => Action::Fail {
-            error: format!("gave up after {attempt} attempts: {error}"),
-        },
-        Outcome::Retryable { retry_after, .. } => Action::Retry {
-            delay: retry_after.unwrap_or_else(|| backoff(retry, attempt, jitter)),
-        },
-    }
-}
-
-/// Exponential backoff: `base · 2^(attempt−1)`, capped, then scaled into
-/// `[½, 1]` of itself by `jitter`.
-pub fn backoff(retry: &RetryConfig, attempt: u32, jitter: f64) -> Duration {
-    let exp = retry
-        .base_delay_ms
-        .saturating_mul(1u64 << attempt.saturating_sub(1).min(20));
-    let capped = exp.min(retry.max_delay_ms) as f64;
-    Duration::from_millis((capped * (0.5 + 0.5 * jitter.clamp(0.0, 1.0))) as u64)
 }
 
 #[cfg(test)]

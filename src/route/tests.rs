@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::Config;
+use crate::config::{Config, RetryConfig};
 
 fn t(model: &str) -> Target {
     Target {
@@ -649,4 +649,28 @@ fn cat_unknown_model(cfg: &mut Config, name: &str) {
     cfg.categories.get_mut(name).unwrap().route = crate::config::RouteConfig::Single {
         target: "no-such-model".into(),
     };
+}
+
+#[test]
+fn a_stage_prompt_never_rescans_user_or_model_text() {
+    // The user's input and the draft both contain placeholders.
+    let d = next(
+        &pipeline(),
+        &conv("print {{previous}} and {{stages.refine}}"),
+        &[ok(0, "a", "draft {{input}}"), ok(1, "b", "refined")],
+    );
+    let Decision::Calls(c) = d else {
+        panic!("expected the format stage, got {d:?}");
+    };
+    let prompt = &c[0].messages.last().unwrap().content;
+    assert_eq!(
+        prompt,
+        "Format draft {{input}} / refined for: print {{previous}} and {{stages.refine}}"
+    );
+}
+
+#[test]
+fn a_pipeline_without_stages_fails_instead_of_panicking() {
+    let d = next(&Plan::Pipeline { stages: vec![] }, &conv("q"), &[]);
+    assert!(matches!(d, Decision::Fail { .. }), "{d:?}");
 }

@@ -22,8 +22,8 @@ use sqlx::PgPool;
 
 use switchyard::bus::Bus;
 use switchyard::config::Config;
+use switchyard::demo::sample_jobs;
 use switchyard::enqueue::{publish_jobs, Outgoing};
-use switchyard::ops::demo::sample_jobs;
 use switchyard::sim::{reconcile, SimProfile, SimServer};
 use switchyard_servers::{PrivateNats, PrivatePg};
 
@@ -227,13 +227,12 @@ async fn publish_paced(bus: Bus, jobs: Vec<Outgoing>, rate: Option<f64>, done: A
 }
 
 async fn count_terminal(pool: &PgPool) -> Option<usize> {
-    sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM jobs WHERE status IN ('succeeded','failed','needs_review','dead')",
-    )
-    .fetch_one(pool)
-    .await
-    .ok()
-    .map(|n| n as usize)
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE status = ANY($1::text[])")
+        .bind(switchyard::store::JobStatus::terminal_names())
+        .fetch_one(pool)
+        .await
+        .ok()
+        .map(|n| n as usize)
 }
 
 pub async fn run(

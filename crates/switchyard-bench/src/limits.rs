@@ -12,8 +12,8 @@ use sqlx::PgPool;
 
 use switchyard::bus::Bus;
 use switchyard::config::Config;
+use switchyard::demo::sample_jobs;
 use switchyard::enqueue::publish_jobs;
-use switchyard::ops::demo::sample_jobs;
 use switchyard::sim::{SimProfile, SimServer};
 
 /// The one model every category is routed to for the measurement.

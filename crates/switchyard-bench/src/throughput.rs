@@ -14,8 +14,8 @@ use sqlx::PgPool;
 
 use switchyard::bus::Bus;
 use switchyard::config::{Config, ProviderKind, RouteConfig};
+use switchyard::demo::{on_simulator, sample_jobs};
 use switchyard::enqueue::{publish_jobs, Outgoing};
-use switchyard::ops::demo::{on_simulator, sample_jobs};
 use switchyard::pipeline::worker::{self, WorkerOptions};
 use switchyard::sim::{SimProfile, SimServer};
 
@@ -108,10 +108,10 @@ async fn run_pipeline(
     let deadline = started + Duration::from_secs(600);
     loop {
         let done: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE id LIKE $1
-             AND status IN ('succeeded','failed','needs_review','dead')",
+            "SELECT count(*) FROM jobs WHERE id LIKE $1 AND status = ANY($2::text[])",
         )
         .bind(&like)
+        .bind(switchyard::store::JobStatus::terminal_names())
         .fetch_one(pool)
         .await?;
         if done as usize >= jobs.len() {

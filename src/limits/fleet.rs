@@ -1,6 +1,7 @@
 //! Limits shared by every worker process of a provider: request and token
-//! buckets, in-flight leases, the provider's pause and limits learned from
-//! the provider, kept in one document per provider.
+//! buckets ([`bucket`](crate::limits::bucket)), in-flight leases, the
+//! provider's pause and limits learned from the provider, kept in one
+//! document per provider.
 //!
 //! With `fleet = true` the document lives in a NATS KV key
 //! (`<provider>` in the bucket `<PREFIX>_LIMITS`) and a process changes it
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ms;
 use crate::config::Config;
+use crate::limits::bucket::{Bucket, Shape};
 use crate::providers::RateInfo;
 use crate::tasks::Tasks;
 
@@ -60,85 +62,10 @@ pub const PROBE_PER_MIN: f64 = 0.05;
 /// How often a lane waiting for an in-flight slot looks again.
 const SLOT_POLL: Duration = Duration::from_millis(20);
 
-/// A token bucket's state.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct BucketState {
-    /// Tokens available at `at_ms`.
-    pub tokens: f64,
-    /// When `tokens` was computed, Unix milliseconds.
-    pub at_ms: i64,
-}
-
-/// A bucket's shape: `capacity` tokens, refilled at `per_ms` per millisecond.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Shape {
-    pub capacity: f64,
-    pub per_ms: f64,
-}
-
-impl Shape {
-    /// A bucket holding the full minute's worth of `limit`.
-    pub fn per_minute(limit: u32) -> Self {
-        let capacity = f64::from(limit.max(1));
-        Self {
-            capacity,
-            per_ms: capacity / 60_000.0,
-        }
-    }
-
-    /// A bucket refilled at `per_min` holding [`BURST_SECS`] of it (at least one).
-    pub fn burst(per_min: f64) -> Self {
-        let per_min = per_min.max(1.0);
-        Self {
-            capacity: (per_min / 60.0 * BURST_SECS).max(1.0),
-            per_ms: per_min / 60_000.0,
-        }
-    }
-}
-
-impl BucketState {
-    /// A full bucket at `now_ms`.
-    pub fn full(shape: Shape, now_ms: i64) -> Self {
-        Self {
-            tokens: shape.capacity,
-            at_ms: now_ms,
-        }
-    }
-
-    /// The state refilled up to `now_ms` (time never runs backwards here).
-    pub fn refilled(self, shape: Shape, now_ms: i64) -> Self {
-        let elapsed = (now_ms - self.at_ms).max(0) as f64;
-        Self {
-            tokens: (self.tokens + elapsed * shape.per_ms).min(shape.capacity),
-            at_ms: now_ms.max(self.at_ms),
-        }
-    }
-
-    /// Take `n` tokens at `now_ms`, or say how long until they are there. A
-    /// request larger than the capacity runs once the bucket is full and
-    /// leaves it in debt, so the rate still counts every token.
-    pub fn take(self, shape: Shape, n: f64, now_ms: i64) -> Result<Self, Duration> {
-        let need_now = n.min(shape.capacity);
-        let s = self.refilled(shape, now_ms);
-        if s.tokens >= need_now {
-            Ok(Self {
-                tokens: s.tokens - n,
-                ..s
-            })
-        } else {
-            let ms = ((need_now - s.tokens) / shape.per_ms).ceil().max(1.0);
-            Err(Duration::from_millis(ms as u64))
-        }
-    }
-
-    /// Give back `n` unused tokens.
-    pub fn refund(self, shape: Shape, n: f64, now_ms: i64) -> Self {
-        let s = self.refilled(shape, now_ms);
-        Self {
-            tokens: (s.tokens + n).min(shape.capacity),
-            ..s
-        }
-    }
+/// A bucket of this scope's budget refilled at `per_min`, holding
+/// [`BURST_SECS`] of it.
+fn burst(per_min: f64) -> Shape {
+    Shape::holding(per_min, BURST_SECS)
 }
 
 /// The configured limits of one scope (a provider, or one of its models).
@@ -244,7 +171,7 @@ pub struct Lease {
 #[serde(default)]
 pub struct Scope {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub buckets: BTreeMap<String, BucketState>,
+    pub buckets: BTreeMap<String, Bucket>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub learned: BTreeMap<String, Learned>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -323,12 +250,12 @@ impl Scope {
         let mut next = Vec::new();
         let mut wait = Duration::ZERO;
         for (budget, configured) in held {
-            let shape = Shape::burst(self.rate(&budget, configured, now_ms));
+            let shape = burst(self.rate(&budget, configured, now_ms));
             let state = self
                 .buckets
                 .get(&budget)
                 .copied()
-                .unwrap_or_else(|| BucketState::full(shape, now_ms));
+                .unwrap_or_else(|| Bucket::full(shape, now_ms));
             match state.take(shape, need.of(&budget), now_ms) {
                 Ok(s) => next.push((budget, s)),
                 Err(w) => wait = wait.max(w),
@@ -369,25 +296,19 @@ impl Scope {
             Duration::ZERO
         };
         for (budget, configured) in self.held(lim) {
-            let shape = Shape::burst(self.rate(&budget, configured, now_ms));
-            let have = self
+            let shape = burst(self.rate(&budget, configured, now_ms));
+            let state = self
                 .buckets
                 .get(&budget)
                 .copied()
-                .unwrap_or_else(|| BucketState::full(shape, now_ms))
-                .refilled(shape, now_ms)
-                .tokens;
+                .unwrap_or_else(|| Bucket::full(shape, now_ms));
             let before = if budget == REQUESTS {
                 queued as f64
             } else {
                 ahead.of(&budget)
             };
             let amount = before + this.of(&budget).min(shape.capacity);
-            if amount > have {
-                w = w.max(Duration::from_secs_f64(
-                    (amount - have) / shape.per_ms / 1000.0,
-                ));
-            }
+            w = w.max(state.wait(shape, amount, now_ms));
         }
         w
     }
@@ -396,7 +317,7 @@ impl Scope {
     /// request, once sent, is never given back), and free its slot.
     pub fn settle(&mut self, lim: &Limits, back: Correction, holder: &str, now_ms: i64) {
         for (budget, configured) in self.held(lim) {
-            let shape = Shape::burst(self.rate(&budget, configured, now_ms));
+            let shape = burst(self.rate(&budget, configured, now_ms));
             if let Some(s) = self.buckets.get_mut(&budget) {
                 *s = s.refund(shape, back.tokens_of(&budget), now_ms);
             }
@@ -467,14 +388,14 @@ impl Scope {
         configured: u32,
         now_ms: i64,
     ) -> bool {
-        let shape = Shape::burst(self.rate(budget, configured, now_ms));
+        let shape = burst(self.rate(budget, configured, now_ms));
         let Some(b) = self.buckets.get_mut(budget) else {
             return false;
         };
         let now = b.refilled(shape, now_ms);
         let remaining = remaining as f64;
         if now.tokens > remaining {
-            *b = BucketState {
+            *b = Bucket {
                 tokens: remaining,
                 at_ms: now.at_ms,
             };
@@ -1314,33 +1235,6 @@ mod tests {
         input: 60,
         output: 40,
     };
-
-    #[test]
-    fn bucket_arithmetic_with_explicit_time() {
-        let shape = Shape::per_minute(600); // 10 per second
-        let s = BucketState::full(shape, 0);
-        let s = s.take(shape, 600.0, 0).unwrap();
-        assert_eq!(s.tokens, 0.0);
-        assert_eq!(
-            s.take(shape, 10.0, 0).unwrap_err(),
-            Duration::from_millis(1000)
-        );
-        // Half a second later five tokens are back.
-        let s2 = s.take(shape, 5.0, 500).unwrap();
-        assert!(s2.tokens.abs() < 1e-9);
-        // Refunds never exceed the capacity; time does not run backwards.
-        let r = s2.refund(shape, 10_000.0, 400);
-        assert_eq!((r.tokens, r.at_ms), (600.0, 500));
-        // A request larger than the capacity runs on a full bucket and
-        // leaves it in debt: the next one waits for the whole of it.
-        let burst = Shape::burst(6_000.0); // 100 a second, holds 50
-        let debt = BucketState::full(burst, 0).take(burst, 150.0, 0).unwrap();
-        assert_eq!(debt.tokens, -100.0);
-        assert_eq!(
-            debt.take(burst, 1.0, 0).unwrap_err(),
-            Duration::from_millis(1010)
-        );
-    }
 
     #[test]
     fn admission_takes_every_budget_or_none() {

@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::envelope::{Message, Role};
+use crate::limits::bucket::{Bucket, Shape};
 
 /// The wire format a request arrived in (= which provider is simulated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -428,23 +429,26 @@ pub(crate) enum ErrKind {
     Unauthorized,
 }
 
-struct Bucket {
-    tokens: f64,
-    last: Instant,
+/// Take `n` from `b` at `now_ms` (the sim's clock): what is left, or the
+/// wait. The bucket is refilled either way, as a TPM bucket's capacity
+/// follows the request.
+fn take(b: &mut Bucket, shape: Shape, n: f64, now_ms: i64) -> Result<f64, Duration> {
+    *b = b.refilled(shape, now_ms);
+    *b = b.take(shape, n, now_ms)?;
+    Ok(b.tokens)
 }
 
-impl Bucket {
-    /// Take `n` from a bucket of `capacity` refilled at `per_sec`; else the wait.
-    fn take(&mut self, n: f64, capacity: f64, per_sec: f64, now: Instant) -> Result<f64, Duration> {
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * per_sec).min(capacity);
-        self.last = now;
-        if self.tokens >= n {
-            self.tokens -= n;
-            Ok(self.tokens)
-        } else {
-            Err(Duration::from_secs_f64((n - self.tokens) / per_sec))
-        }
+/// The state of a budget of `limit` a minute after a take: `Ok(left)` or
+/// denied (`Err`), for headers.
+fn budget_state(limit: u32, shape: Shape, taken: &Result<f64, Duration>) -> BudgetState {
+    let (remaining, reset) = match taken {
+        Ok(left) => (*left, shape.time_for(shape.capacity - left)),
+        Err(_) => (0.0, shape.time_for(shape.capacity)),
+    };
+    BudgetState {
+        limit: u64::from(limit),
+        remaining: remaining as u64,
+        reset,
     }
 }
 
@@ -712,48 +716,29 @@ async fn serve(
     let mut rate = RateState::default();
     let mut denied: Option<Duration> = None;
     if p.rpm > 0 || p.tpm > 0 {
+        // Each bucket holds a second's worth (at least one); a TPM bucket
+        // grows to hold a larger request, so it runs once that much is back.
+        let rpm = Shape::holding(f64::from(p.rpm), 1.0);
+        let need = (s.prompt_tokens + u64::from(req.max_tokens)) as f64;
+        let second = Shape::holding(f64::from(p.tpm), 1.0);
+        let tpm = Shape {
+            capacity: second.capacity.max(need),
+            ..second
+        };
+        let now = at_ms as i64;
         let mut buckets = st.buckets.lock().expect("bucket lock");
         let (rb, tb) = buckets
             .entry((format, req.model.clone()))
-            .or_insert_with(|| {
-                let full = |per_min: u32| Bucket {
-                    tokens: (f64::from(per_min) / 60.0).max(1.0),
-                    last: arrived,
-                };
-                (full(p.rpm), full(p.tpm))
-            });
+            .or_insert_with(|| (Bucket::full(rpm, now), Bucket::full(second, now)));
         if p.rpm > 0 {
-            let per_sec = f64::from(p.rpm) / 60.0;
-            let cap = per_sec.max(1.0);
-            let (remaining, reset) = match rb.take(1.0, cap, per_sec, arrived) {
-                Ok(left) => (left, refill_time(cap - left, per_sec)),
-                Err(wait) => {
-                    denied = Some(wait);
-                    (0.0, refill_time(cap, per_sec))
-                }
-            };
-            rate.requests = Some(BudgetState {
-                limit: u64::from(p.rpm),
-                remaining: remaining as u64,
-                reset,
-            });
+            let taken = take(rb, rpm, 1.0, now);
+            rate.requests = Some(budget_state(p.rpm, rpm, &taken));
+            denied = taken.err();
         }
         if p.tpm > 0 && denied.is_none() {
-            let per_sec = f64::from(p.tpm) / 60.0;
-            let need = (s.prompt_tokens + u64::from(req.max_tokens)) as f64;
-            let cap = per_sec.max(need);
-            let (remaining, reset) = match tb.take(need, cap, per_sec, arrived) {
-                Ok(left) => (left, refill_time(cap - left, per_sec)),
-                Err(wait) => {
-                    denied = Some(wait);
-                    (0.0, refill_time(cap, per_sec))
-                }
-            };
-            rate.tokens = Some(BudgetState {
-                limit: u64::from(p.tpm),
-                remaining: remaining as u64,
-                reset,
-            });
+            let taken = take(tb, tpm, need, now);
+            rate.tokens = Some(budget_state(p.tpm, tpm, &taken));
+            denied = taken.err();
         }
     }
     if let Some(Forced::Exhausted { reset_ms }) = &forced {
@@ -876,11 +861,6 @@ async fn serve(
         add_rate_headers(format, resp.headers_mut(), &rate);
     }
     resp
-}
-
-/// Time for a bucket to refill `missing` tokens.
-fn refill_time(missing: f64, per_sec: f64) -> Duration {
-    Duration::from_secs_f64((missing / per_sec).max(0.0))
 }
 
 /// Role of an incoming message by its wire name.

@@ -9,8 +9,10 @@
 //! state with the pure functions below, write if nobody wrote in between,
 //! else retry with the fresh state. One key per provider means one read and
 //! one write to admit a call (every budget and the concurrency slot, all or
-//! nothing) and one of each to settle it. With `fleet = false` the same
-//! document lives in this process's memory.
+//! nothing) and one of each to settle it; the document is then the only
+//! holder of the provider's budgets. With `fleet = false` the same document
+//! lives in this process's memory and holds model limits and what was
+//! learned; the lane's own buckets hold the provider's budgets.
 //!
 //! All arithmetic is on explicit Unix-millisecond times and is tested
 //! without a clock. NATS 2.9: async-nats 0.51's `create_key_value` fails

@@ -1,98 +1,79 @@
-//! Per-process limits of one provider lane: requests per minute (governor),
-//! tokens per minute (our own bucket, because reservations of `max_tokens`
-//! must be refunded once the real usage is known, which governor cannot do),
-//! a concurrency cap, and a pause the provider can impose ("exhausted until T").
-//! Uses tokio's clock so tests can drive time.
+//! Per-process limits of one provider lane: a concurrency cap, a pause the
+//! provider can impose ("exhausted until T"), backpressure on taking
+//! messages, then the [`SharedLimiter`]. With `fleet = false` the lane also
+//! holds the provider's request and token budgets in its own
+//! [`bucket`](crate::limits::bucket)s (token reservations are refunded once
+//! the real usage is known); with `fleet = true` only the shared document
+//! holds them. Runs on tokio's clock so tests can drive time.
 
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-
-use crate::limits::fleet::{Correction, Limits, Need, ScopeLimits, SharedLimiter};
 use tokio::time::Instant;
 
-/// A token bucket that allows refunds. `capacity` tokens, refilled
-/// continuously at `capacity` per minute.
-#[derive(Debug)]
-pub struct TokenBucket {
-    capacity: f64,
-    per_sec: f64,
-    state: Mutex<(f64, Instant)>,
+use crate::limits::bucket::{Bucket, Shape};
+use crate::limits::fleet::{Correction, Limits, Need, ScopeLimits, SharedLimiter};
+
+/// A budget held by the lane, on the lane's millisecond clock.
+struct Held {
+    shape: Shape,
+    state: Mutex<Bucket>,
 }
 
-impl TokenBucket {
-    pub fn per_minute(capacity: u32) -> Self {
-        let capacity = f64::from(capacity.max(1));
+impl Held {
+    fn new(shape: Shape) -> Self {
         Self {
-            capacity,
-            per_sec: capacity / 60.0,
-            state: Mutex::new((capacity, Instant::now())),
+            shape,
+            state: Mutex::new(Bucket::full(shape, 0)),
         }
     }
 
-    /// Take `n` tokens now, or say how long until they are there. Requests
-    /// larger than the capacity are clamped to it, so they can still run.
-    pub fn try_take(&self, n: u64) -> Result<(), Duration> {
-        let n = (n as f64).min(self.capacity);
+    /// Take `n` tokens at `now_ms`, or say how long until they are there. A
+    /// call larger than the whole budget takes all of it, so it can still run.
+    fn try_take(&self, n: u64, now_ms: i64) -> Result<(), Duration> {
+        let n = (n as f64).min(self.shape.capacity);
         let mut s = self.state.lock().expect("bucket lock");
-        let now = Instant::now();
-        s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.per_sec).min(self.capacity);
-        s.1 = now;
-        if s.0 >= n {
-            s.0 -= n;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((n - s.0) / self.per_sec))
-        }
+        *s = s.take(self.shape, n, now_ms)?;
+        Ok(())
     }
 
-    /// Wait until `n` tokens are available and take them.
-    pub async fn take(&self, n: u64) {
-        while let Err(wait) = self.try_take(n) {
-            tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
-        }
-    }
-
-    /// How long until `n` tokens would be available (without taking them).
-    /// `n` may exceed the capacity (tokens queued ahead count too).
-    pub fn wait_for(&self, n: u64) -> Duration {
-        let n = n as f64;
-        let have = self.available();
-        if have >= n {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64((n - have) / self.per_sec)
-        }
+    /// How long until `n` tokens would be there (tokens queued ahead count too).
+    fn wait(&self, n: u64, now_ms: i64) -> Duration {
+        let s = *self.state.lock().expect("bucket lock");
+        s.wait(self.shape, n as f64, now_ms)
     }
 
     /// Give back tokens reserved but not used.
-    pub fn refund(&self, n: u64) {
+    fn refund(&self, n: u64, now_ms: i64) {
         let mut s = self.state.lock().expect("bucket lock");
-        s.0 = (s.0 + n as f64).min(self.capacity);
-    }
-
-    pub fn available(&self) -> f64 {
-        let s = self.state.lock().expect("bucket lock");
-        (s.0 + Instant::now().duration_since(s.1).as_secs_f64() * self.per_sec).min(self.capacity)
+        *s = s.refund(self.shape, n as f64, now_ms);
     }
 }
 
+/// The provider's budgets, when the lane holds them (`fleet = false`).
+struct Own {
+    /// Requests per minute, in bursts of up to a tenth of a minute's.
+    rpm: Held,
+    tpm: Held,
+    input_tpm: Option<Held>,
+    output_tpm: Option<Held>,
+}
+
 pub struct LaneLimiter {
-    rpm: DefaultDirectRateLimiter,
-    tpm: TokenBucket,
-    input_tpm: Option<TokenBucket>,
-    output_tpm: Option<TokenBucket>,
+    /// The provider's budgets, unless the shared document holds them.
+    own: Option<Own>,
+    /// The lane's clock: its buckets' times are milliseconds since this.
+    started: Instant,
     concurrency: Arc<Semaphore>,
     paused_until: Mutex<Option<Instant>>,
     /// Budgets shared with every process (fleet) or held in memory, per
     /// provider and per model, with what the provider taught us.
     shared: SharedLimiter,
-    /// Tokens claimed by calls that have not taken them from `tpm` yet, so
-    /// the wait a new call would face counts the calls queued before it.
+    /// Tokens claimed by calls that have not taken them from the provider's
+    /// token budget yet (this lane's, or the shared one when it holds it),
+    /// so the wait a new call would face counts the calls queued before it.
     pending: Mutex<u64>,
     /// Calls claimed and not yet admitted, and how many may wait before the
     /// lane stops taking messages.
@@ -137,25 +118,59 @@ impl LaneLimiter {
         max_concurrency: usize,
         shared: SharedLimiter,
     ) -> Self {
-        let rpm = NonZeroU32::new(rpm.max(1)).expect("non-zero");
-        // Allow a burst of a tenth of a minute's requests, at least one.
-        let burst = NonZeroU32::new((rpm.get() / 10).max(1)).expect("non-zero");
+        let rpm = rpm.max(1);
+        let per_minute = |limit| Held::new(Shape::per_minute(limit));
+        let own = Own {
+            // Bursts of a tenth of a minute's requests, at least one.
+            rpm: Held::new(Shape {
+                capacity: f64::from((rpm / 10).max(1)),
+                per_ms: f64::from(rpm) / 60_000.0,
+            }),
+            tpm: per_minute(tpm),
+            input_tpm: input_tpm.map(per_minute),
+            output_tpm: output_tpm.map(per_minute),
+        };
         Self {
-            rpm: RateLimiter::direct(Quota::per_minute(rpm).allow_burst(burst)),
-            tpm: TokenBucket::per_minute(tpm),
-            input_tpm: input_tpm.map(TokenBucket::per_minute),
-            output_tpm: output_tpm.map(TokenBucket::per_minute),
+            own: Some(own),
+            started: Instant::now(),
             concurrency: Arc::new(Semaphore::new(max_concurrency.max(1))),
             paused_until: Mutex::new(None),
             shared,
             pending: Mutex::new(0),
             waiting: AtomicUsize::new(0),
             // About a second of requests may wait here; more stay in NATS.
-            queue_cap: (rpm.get() as usize / 60).clamp(2, 4096),
+            queue_cap: (rpm as usize / 60).clamp(2, 4096),
             freed: Notify::new(),
             claim_turn: tokio::sync::Mutex::new(()),
             counts_max_tokens: false,
         }
+    }
+
+    /// Leave the provider's budgets to the shared document (`fleet = true`):
+    /// the lane then keeps only its pause, backpressure and concurrency cap.
+    pub fn budgets_shared(mut self, yes: bool) -> Self {
+        if yes {
+            self.own = None;
+        }
+        self
+    }
+
+    /// Milliseconds on the lane's clock.
+    fn now_ms(&self) -> i64 {
+        self.started.elapsed().as_millis() as i64
+    }
+
+    /// Wait until `n` tokens of `b` are there and take them.
+    async fn take(&self, b: &Held, n: u64) {
+        while let Err(wait) = b.try_take(n, self.now_ms()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Tokens claimed before are now taken from the provider's budget.
+    fn unqueue(&self, n: u64) {
+        let mut pending = self.pending.lock().expect("pending lock");
+        *pending = pending.saturating_sub(n);
     }
 
     /// A limiter with only this process's limits (tests, single workers).
@@ -227,9 +242,8 @@ impl LaneLimiter {
     }
 
     /// How long a call reserving `input` + `output` tokens would wait now for
-    /// the provider's pause and the token budgets, behind the calls already
-    /// claimed (the request rate is not probed: governor cannot look without
-    /// taking).
+    /// the provider's pause and the lane's token budgets (if it holds them),
+    /// behind the calls already claimed (the request rate is not counted).
     pub fn expected_wait(&self, input: u64, output: u64) -> Duration {
         let pending = *self.pending.lock().expect("pending lock");
         self.wait_behind(pending, input, output)
@@ -239,12 +253,16 @@ impl LaneLimiter {
         let pause = self.paused_until().map_or(Duration::ZERO, |t| {
             t.saturating_duration_since(Instant::now())
         });
-        let mut w = pause.max(self.tpm.wait_for(pending + input + output));
-        if let Some(b) = &self.input_tpm {
-            w = w.max(b.wait_for(input));
+        let Some(own) = &self.own else {
+            return pause;
+        };
+        let now = self.now_ms();
+        let mut w = pause.max(own.tpm.wait(pending + input + output, now));
+        if let Some(b) = &own.input_tpm {
+            w = w.max(b.wait(input, now));
         }
-        if let Some(b) = &self.output_tpm {
-            w = w.max(b.wait_for(output));
+        if let Some(b) = &own.output_tpm {
+            w = w.max(b.wait(output, now));
         }
         w
     }
@@ -294,9 +312,10 @@ impl LaneLimiter {
         Ok(())
     }
 
-    /// Wait for a concurrency slot, the pause to end, a request token, the
-    /// tokens (`input` estimated + `output` reserved), then the shared
-    /// budgets of the provider and of `model`, in that order. Follows a
+    /// Wait for a concurrency slot, the pause to end, then, if the lane
+    /// holds the provider's budgets, a request and the tokens (`input`
+    /// estimated + `output` reserved), then the shared budgets of the
+    /// provider and of `model`, in that order. Follows a
     /// [`claim`](Self::claim).
     pub async fn admit(&self, model: &str, input: u64, output: u64) -> Admission {
         let permit = self
@@ -308,19 +327,21 @@ impl LaneLimiter {
         while let Some(t) = self.paused_until() {
             tokio::time::sleep_until(t).await;
         }
-        self.rpm.until_ready().await;
-        self.tpm.take(input + output).await;
-        {
-            let mut pending = self.pending.lock().expect("pending lock");
-            *pending = pending.saturating_sub(input + output);
-        }
-        if let Some(b) = &self.input_tpm {
-            b.take(input).await;
-        }
-        if let Some(b) = &self.output_tpm {
-            b.take(output).await;
+        if let Some(own) = &self.own {
+            self.take(&own.rpm, 1).await;
+            self.take(&own.tpm, input + output).await;
+            self.unqueue(input + output);
+            if let Some(b) = &own.input_tpm {
+                self.take(b, input).await;
+            }
+            if let Some(b) = &own.output_tpm {
+                self.take(b, output).await;
+            }
         }
         self.shared.admit(model, Need { input, output }).await;
+        if self.own.is_none() {
+            self.unqueue(input + output);
+        }
         // A pause may have started while we waited for tokens.
         while let Some(t) = self.paused_until() {
             tokio::time::sleep_until(t).await;
@@ -363,12 +384,15 @@ impl LaneLimiter {
             input: admission.reserved_input.saturating_sub(used_input),
             output: admission.reserved_output.saturating_sub(used_output),
         };
-        self.tpm.refund(unused.input + unused.output);
-        if let Some(b) = &self.input_tpm {
-            b.refund(unused.input);
-        }
-        if let Some(b) = &self.output_tpm {
-            b.refund(unused.output);
+        if let Some(own) = &self.own {
+            let now = self.now_ms();
+            own.tpm.refund(unused.input + unused.output, now);
+            if let Some(b) = &own.input_tpm {
+                b.refund(unused.input, now);
+            }
+            if let Some(b) = &own.output_tpm {
+                b.refund(unused.output, now);
+            }
         }
         let signed = |reserved: u64, used: u64| reserved as i64 - used as i64;
         let back = match used {
@@ -400,14 +424,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn bucket_waits_and_refunds() {
-        let b = TokenBucket::per_minute(600); // 10 per second
-        assert!(b.try_take(600).is_ok());
-        let wait = b.try_take(100).unwrap_err();
+        let l = LaneLimiter::local(6000, 600, 4); // 10 tokens per second
+        let b = &l.own.as_ref().unwrap().tpm;
+        assert!(b.try_take(600, l.now_ms()).is_ok());
+        let wait = b.try_take(100, l.now_ms()).unwrap_err();
         assert!((wait.as_secs_f64() - 10.0).abs() < 0.01, "{wait:?}");
-        b.refund(100);
-        assert!(b.try_take(100).is_ok());
+        b.refund(100, l.now_ms());
+        assert!(b.try_take(100, l.now_ms()).is_ok());
         let start = Instant::now();
-        b.take(50).await;
+        l.take(b, 50).await;
         let waited = start.elapsed().as_secs_f64();
         assert!((4.9..=5.2).contains(&waited), "{waited}");
     }
@@ -453,6 +478,43 @@ mod tests {
             l.claim("m", 100, 100, max).await.is_err(),
             "the bucket is empty now"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_shared_budgets_only_the_shared_document_meters() {
+        // The shared document holds 60,000 tokens a minute (1,000 a second,
+        // 500 at once); the lane's own 100 would hold the second call a minute.
+        let mut per_min = std::collections::BTreeMap::new();
+        per_min.insert(crate::limits::fleet::REQUESTS, 60_000);
+        per_min.insert(crate::limits::fleet::TOKENS, 60_000);
+        let provider = Limits {
+            per_min: per_min.clone(),
+            ..Limits::default()
+        };
+        let lims = ScopeLimits::new(provider, Default::default(), per_min);
+        let l = LaneLimiter::new(60_000, 100, None, None, 8, SharedLimiter::local("t", lims))
+            .budgets_shared(true);
+        let start = Instant::now();
+        for _ in 0..2 {
+            let a = l.admit("m", 100, 100).await;
+            l.settle(a, Some((100, 100))).await;
+        }
+        assert!(start.elapsed() < Duration::from_millis(10));
+        // 100 tokens left: claims of 200 wait 0.1 s, 0.3 s behind the first,
+        // 0.5 s behind both (over 0.4 s).
+        let max = Some(Duration::from_millis(400));
+        l.claim("m", 100, 100, max).await.unwrap();
+        l.claim("m", 100, 100, max).await.unwrap();
+        let w = l.claim("m", 100, 100, max).await.unwrap_err();
+        assert!((w.as_secs_f64() - 0.5).abs() < 0.01, "{w:?}");
+        for _ in 0..2 {
+            let a = l.admit("m", 100, 100).await;
+            l.settle(a, Some((100, 100))).await;
+        }
+        // Admitted calls no longer count ahead: 200 tokens short, 0.2 s.
+        let w = l.claim("m", 100, 100, Some(Duration::ZERO)).await;
+        let w = w.unwrap_err();
+        assert!((w.as_secs_f64() - 0.2).abs() < 0.01, "{w:?}");
     }
 
     #[tokio::test(start_paused = true)]

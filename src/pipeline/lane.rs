@@ -223,7 +223,8 @@ impl LaneStep {
             pc.max_concurrency,
             shared,
         )
-        .counting_max_tokens(pc.counts_max_tokens());
+        .counting_max_tokens(pc.counts_max_tokens())
+        .budgets_shared(pc.is_fleet());
         let provider_timeout = pc.timeout();
         Ok(Self {
             name: name.to_string(),

@@ -14,6 +14,33 @@
 //! lives in this process's memory and holds model limits and what was
 //! learned; the lane's own buckets hold the provider's budgets.
 //!
+//! *Why compare-and-set and not leased token blocks*: a process's
+//! admissions and settlements queue to one task that applies them in
+//! batches, one read and one compare-and-set write per batch, far below
+//! provider rates; the state is exact at any moment, so N processes can
+//! never overdraw, and there is nothing to rebalance when processes come and
+//! go. Leased blocks would save round trips but strand budget in slow or
+//! dead processes and need a rebalancing protocol. A process's in-flight
+//! slots are a lease ([`LEASE_MS`], renewed while it has calls in flight), so
+//! a killed process's slots return when its lease expires; tokens it took
+//! are spent, as they are at the provider. Fail closed: while the document
+//! cannot be read (or has a newer format than this build), lanes wait and
+//! the process logs once; it never sends unmetered.
+//!
+//! *Adaptive*: a response's stated limits below the configured ones become
+//! the model's rate ("provider enforces N"); a 429 no stated limit explains
+//! halves the model's rate (once per second of 429s), which climbs back over
+//! a minute to 95% of the rate that drew the 429, then probes upward by 5% a
+//! minute; a provider's wait (retry-after, exhausted budget) pauses the
+//! provider for every process. Remaining counts in headers lower a model's
+//! bucket when below it; they never raise it.
+//!
+//! *What counts*: a call reserves its input estimate plus `max_tokens`; when
+//! it ends the reservation is corrected to the real input, and to the real
+//! output where the provider counts output (Anthropic) or kept at
+//! `max_tokens` where it counts that at arrival (OpenAI, Gemini, the
+//! simulator). A failed call keeps its reservation.
+//!
 //! All arithmetic is on explicit Unix-millisecond times and is tested
 //! without a clock. NATS 2.9: async-nats 0.51's `create_key_value` fails
 //! against 2.9, so the KV's backing stream is created by hand (see

@@ -139,29 +139,71 @@ pub fn read_jsonl(path: &Path, category: Option<&str>) -> Result<(Vec<Outgoing>,
     Ok((jobs, errors))
 }
 
-/// Wait until every id is terminal (or dead-lettered), polling Postgres.
-/// Returns false on timeout.
+/// Jobs to wait for.
+#[derive(Debug, Clone, Copy)]
+pub enum Jobs<'a> {
+    /// These ids (duplicates count once).
+    Ids(&'a [String]),
+    /// `count` jobs whose ids start with this prefix.
+    Prefix(&'a str, usize),
+}
+
+/// Wait until every job of `ids` is terminal (or dead-lettered without a
+/// jobs row); false on timeout.
 pub async fn wait_finished(
     pool: &PgPool,
     ids: &[String],
     timeout: Duration,
     progress: Option<&ProgressBar>,
 ) -> Result<bool> {
+    wait_jobs(
+        pool,
+        Jobs::Ids(ids),
+        timeout,
+        Duration::from_millis(200),
+        progress,
+    )
+    .await
+}
+
+/// The one poll-until-terminal loop: look every `poll` until every job of
+/// `jobs` is finished; false on timeout. The bench looks often, to time
+/// the end of a run closely.
+pub async fn wait_jobs(
+    pool: &PgPool,
+    jobs: Jobs<'_>,
+    timeout: Duration,
+    poll: Duration,
+    progress: Option<&ProgressBar>,
+) -> Result<bool> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut unique: Vec<String> = ids.to_vec();
-    unique.sort();
-    unique.dedup();
+    let unique: Vec<String> = match jobs {
+        Jobs::Ids(ids) => {
+            let mut u = ids.to_vec();
+            u.sort();
+            u.dedup();
+            u
+        }
+        Jobs::Prefix(..) => Vec::new(),
+    };
+    let want = match jobs {
+        Jobs::Ids(_) => unique.len(),
+        Jobs::Prefix(_, n) => n,
+    };
     loop {
-        let done = store::count_finished(pool, &unique).await?;
+        let done = match jobs {
+            Jobs::Ids(_) => store::count_finished(pool, &unique).await?,
+            Jobs::Prefix(prefix, _) => store::count_finished_prefix(pool, prefix).await?,
+        };
         if let Some(pb) = progress {
             pb.set_position(done as u64);
         }
-        if done as usize >= unique.len() {
+        if done as usize >= want {
             return Ok(true);
         }
         if tokio::time::Instant::now() >= deadline {
             return Ok(false);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(poll).await;
     }
 }

@@ -1031,6 +1031,21 @@ pub async fn job_status(pool: &PgPool, job_id: &str) -> Result<Option<JobStatus>
     .transpose()
 }
 
+/// How many jobs whose ids start with `prefix` are terminal.
+pub async fn count_finished_prefix(pool: &PgPool, prefix: &str) -> Result<i64> {
+    let escaped = prefix
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE id LIKE $1 || '%' AND status = ANY($2::text[])",
+    )
+    .bind(escaped)
+    .bind(JobStatus::terminal_names())
+    .fetch_one(pool)
+    .await?)
+}
+
 /// How many of `ids` are finished: a terminal `jobs` row, or a dead letter
 /// with no jobs row.
 pub async fn count_finished(pool: &PgPool, ids: &[String]) -> Result<i64> {

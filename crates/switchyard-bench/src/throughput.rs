@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use switchyard::bus::Bus;
 use switchyard::config::{Config, ProviderKind, RouteConfig};
 use switchyard::demo::{on_simulator, sample_jobs};
-use switchyard::enqueue::{publish_jobs, Outgoing};
+use switchyard::enqueue::{publish_jobs, wait_jobs, Jobs, Outgoing};
 use switchyard::pipeline::worker::{self, WorkerOptions};
 use switchyard::sim::{SimProfile, SimServer};
 
@@ -104,25 +104,15 @@ async fn run_pipeline(
     .await?;
     let started = Instant::now();
     publish_jobs(&bus, jobs, None).await?;
-    let like = format!("{run_prefix}%");
-    let deadline = started + Duration::from_secs(600);
-    loop {
-        let done: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE id LIKE $1 AND status = ANY($2::text[])",
-        )
-        .bind(&like)
-        .bind(switchyard::store::JobStatus::terminal_names())
-        .fetch_one(pool)
-        .await?;
-        if done as usize >= jobs.len() {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "bench run did not finish within 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let finished = wait_jobs(
+        pool,
+        Jobs::Prefix(run_prefix, jobs.len()),
+        Duration::from_secs(600),
+        Duration::from_millis(20),
+        None,
+    )
+    .await?;
+    anyhow::ensure!(finished, "bench run did not finish within 10 minutes");
     let secs = started.elapsed().as_secs_f64();
     handle.shutdown().await;
     bus.delete_streams().await;

@@ -1,6 +1,6 @@
 //! A provider that answers in-process with no I/O: the simulator's
 //! deterministic text and token counts, with zero latency. Used by
-//! `switchyard bench` to measure Switchyard's own overhead.
+//! `switchyard-bench` to measure Switchyard's own overhead.
 
 use super::{CallError, CallRequest, CallResponse, RateInfo};
 use crate::pricing::Usage;

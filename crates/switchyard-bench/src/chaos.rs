@@ -1,4 +1,4 @@
-//! `switchyard bench chaos`: jobs through several worker processes while a
+//! `switchyard-bench chaos`: jobs through several worker processes while a
 //! random worker is killed with SIGKILL every few seconds (and restarted),
 //! nats-server is killed and restarted once and PostgreSQL is stopped the
 //! hard way and restarted once. It runs its own PostgreSQL and nats-server
@@ -27,7 +27,7 @@ use switchyard::enqueue::{publish_jobs, Outgoing};
 use switchyard::sim::{reconcile, SimProfile, SimServer};
 use switchyard_servers::{PrivateNats, PrivatePg};
 
-/// What `switchyard bench chaos` runs.
+/// What `switchyard-bench chaos` runs.
 #[derive(Debug, Clone)]
 pub struct ChaosOptions {
     pub jobs: usize,

@@ -1,4 +1,4 @@
-//! `switchyard bench limits`: several worker processes share one provider
+//! `switchyard-bench limits`: several worker processes share one provider
 //! whose simulator enforces RPM/TPM limits; reports the 429s they collected
 //! and how much of the binding limit they achieved.
 
@@ -19,7 +19,7 @@ use switchyard::sim::{SimProfile, SimServer};
 /// The one model every category is routed to for the measurement.
 const MODEL: &str = "gpt-4o-mini";
 
-/// What `switchyard bench limits` runs.
+/// What `switchyard-bench limits` runs.
 #[derive(Debug, Clone)]
 pub struct LimitOptions {
     pub processes: usize,

@@ -1,4 +1,4 @@
-//! `switchyard bench`: end-to-end throughput (first publish → last result
+//! `switchyard-bench`: end-to-end throughput (first publish → last result
 //! committed) with a zero-latency in-process provider and with the HTTP
 //! simulator, next to the raw JetStream ceiling (publish → consume → ack of
 //! the same number of same-size messages) measured in the same run.

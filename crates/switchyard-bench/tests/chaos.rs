@@ -1,4 +1,4 @@
-//! The chaos run in small (`switchyard bench chaos` is the full one): three
+//! The chaos run in small (`switchyard-bench chaos` is the full one): three
 //! worker processes, one killed with SIGKILL every 1-2.5 s and restarted,
 //! nats-server killed and restarted once, PostgreSQL stopped the hard way
 //! and restarted once; its own PostgreSQL and nats-server. Every job ends

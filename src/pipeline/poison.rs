@@ -95,19 +95,19 @@ pub async fn handle(bus: &Bus, pool: &PgPool, writer: &Writer, adv: &MaxDeliveri
         if let Some(status) = store::job_status(pool, id).await? {
             finished = status.is_terminal();
         }
-        let attempts: Vec<(i32, i32, String)> = sqlx::query_as(
-            "SELECT step, attempt, COALESCE(error, outcome) FROM calls
-             WHERE job_id = $1 ORDER BY step, attempt",
-        )
-        .bind(id)
-        .fetch_all(pool)
-        .await
-        .context("reading the job's attempts")?;
+        let attempts = store::jobs::attempts(pool, id)
+            .await
+            .context("reading the job's attempts")?;
         if attempts.is_empty() {
             reason.push_str("; no provider attempt was recorded");
         } else {
             reason.push_str("; attempts:");
-            for (step, attempt, error) in attempts {
+            for store::jobs::Attempt {
+                step,
+                attempt,
+                error,
+            } in attempts
+            {
                 reason.push_str(&format!(" [step {step} attempt {attempt}: {error}]"));
             }
         }

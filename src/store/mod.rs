@@ -4,8 +4,10 @@
 //! code that talks to Postgres.
 
 mod error;
+pub mod jobs;
 mod status;
 pub use error::StoreError;
+pub use jobs::{count_finished, count_finished_prefix, job_status, load_steps, take_parked};
 pub use status::JobStatus;
 
 use std::collections::HashMap;
@@ -22,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, warn};
 
 use crate::pricing::{Prices, Usage};
-use crate::route::{StepOutcome, StepRecord};
+use crate::route::StepRecord;
 
 /// How often a message held for an unreachable database is reported as in
 /// progress to NATS (well within the shortest sensible ack wait).
@@ -937,7 +939,7 @@ async fn insert_steps(tx: &mut Transaction<'_, Postgres>, rows: &[&StepRow]) -> 
     .bind(rows.iter().map(|r| r.job_id.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.record.step).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.record.model.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| outcome_str(r.record.outcome).to_string()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| jobs::outcome_str(r.record.outcome).to_string()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.record.output.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.record.reason.clone()).collect::<Vec<_>>())
     .execute(&mut **tx)
@@ -959,105 +961,4 @@ async fn update_reclass(tx: &mut Transaction<'_, Postgres>, rows: &[&ReclassRow]
     .execute(&mut **tx)
     .await?;
     Ok(())
-}
-
-fn outcome_str(o: StepOutcome) -> &'static str {
-    match o {
-        StepOutcome::Ok => "ok",
-        StepOutcome::Failed => "failed",
-        StepOutcome::TooSlow => "too_slow",
-    }
-}
-
-/// The finished steps of a job.
-/// Take up to `limit` jobs of `category` parked longer than `idle` ago to
-/// publish again: marks them (`parked_at` = now, so another worker does not
-/// take them too) and returns their ids and envelopes. A job taken but not
-/// republished (the process died) is taken again after `idle`.
-pub async fn take_parked(
-    pool: &PgPool,
-    category: &str,
-    idle: Duration,
-    limit: i64,
-) -> Result<Vec<(String, Option<serde_json::Value>)>> {
-    Ok(sqlx::query_as(
-        "UPDATE jobs SET parked_at = now()
-         WHERE id IN (SELECT id FROM jobs
-                      WHERE category = $1 AND status = 'queued' AND parked_at IS NOT NULL
-                        AND parked_at < now() - make_interval(secs => $2)
-                      ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED)
-         RETURNING id, envelope",
-    )
-    .bind(category)
-    .bind(idle.as_secs_f64())
-    .bind(limit)
-    .fetch_all(pool)
-    .await?)
-}
-
-pub async fn load_steps(pool: &PgPool, job_id: &str) -> Result<Vec<StepRecord>> {
-    type StepTuple = (i32, String, String, Option<String>, Option<String>);
-    let rows: Vec<StepTuple> = sqlx::query_as(
-        "SELECT step, model, outcome, output, reason FROM steps WHERE job_id = $1 ORDER BY step",
-    )
-    .bind(job_id)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(step, model, outcome, output, reason)| StepRecord {
-            step,
-            model,
-            outcome: match outcome.as_str() {
-                "ok" => StepOutcome::Ok,
-                "too_slow" => StepOutcome::TooSlow,
-                _ => StepOutcome::Failed,
-            },
-            output,
-            reason,
-        })
-        .collect())
-}
-
-/// Status of a job, if it exists.
-pub async fn job_status(pool: &PgPool, job_id: &str) -> Result<Option<JobStatus>> {
-    let s: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
-        .bind(job_id)
-        .fetch_optional(pool)
-        .await?;
-    s.map(|s| {
-        JobStatus::parse(&s).ok_or_else(|| anyhow::anyhow!("job {job_id} has unknown status `{s}`"))
-    })
-    .transpose()
-}
-
-/// How many jobs whose ids start with `prefix` are terminal.
-pub async fn count_finished_prefix(pool: &PgPool, prefix: &str) -> Result<i64> {
-    let escaped = prefix
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_");
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM jobs WHERE id LIKE $1 || '%' AND status = ANY($2::text[])",
-    )
-    .bind(escaped)
-    .bind(JobStatus::terminal_names())
-    .fetch_one(pool)
-    .await?)
-}
-
-/// How many of `ids` are finished: a terminal `jobs` row, or a dead letter
-/// with no jobs row.
-pub async fn count_finished(pool: &PgPool, ids: &[String]) -> Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM unnest($1::text[]) AS i(id)
-         WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = i.id
-                       AND j.status = ANY($2::text[]))
-            OR (NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = i.id)
-                AND EXISTS (SELECT 1 FROM dead_letters d WHERE d.job_id = i.id))",
-    )
-    .bind(ids)
-    .bind(JobStatus::terminal_names())
-    .fetch_one(pool)
-    .await?)
 }

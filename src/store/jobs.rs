@@ -1,0 +1,143 @@
+//! Reads of one job and its rows outside the writer: its status, its
+//! finished steps, its recorded provider attempts, parked jobs to resume,
+//! and how many of a batch of jobs are finished.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use sqlx::PgPool;
+
+use super::JobStatus;
+use crate::route::{StepOutcome, StepRecord};
+
+/// The `steps.outcome` value of a step outcome.
+pub(super) fn outcome_str(o: StepOutcome) -> &'static str {
+    match o {
+        StepOutcome::Ok => "ok",
+        StepOutcome::Failed => "failed",
+        StepOutcome::TooSlow => "too_slow",
+    }
+}
+
+/// The step outcome a `steps.outcome` value names (anything unknown reads
+/// as failed).
+fn outcome_of(s: &str) -> StepOutcome {
+    match s {
+        "ok" => StepOutcome::Ok,
+        "too_slow" => StepOutcome::TooSlow,
+        _ => StepOutcome::Failed,
+    }
+}
+
+/// Take up to `limit` jobs of `category` parked longer than `idle` ago to
+/// publish again: marks them (`parked_at` = now, so another worker does not
+/// take them too) and returns their ids and envelopes. A job taken but not
+/// republished (the process died) is taken again after `idle`.
+pub async fn take_parked(
+    pool: &PgPool,
+    category: &str,
+    idle: Duration,
+    limit: i64,
+) -> Result<Vec<(String, Option<serde_json::Value>)>> {
+    Ok(sqlx::query_as(
+        "UPDATE jobs SET parked_at = now()
+         WHERE id IN (SELECT id FROM jobs
+                      WHERE category = $1 AND status = $2 AND parked_at IS NOT NULL
+                        AND parked_at < now() - make_interval(secs => $3)
+                      ORDER BY created_at LIMIT $4 FOR UPDATE SKIP LOCKED)
+         RETURNING id, envelope",
+    )
+    .bind(category)
+    .bind(JobStatus::Queued.as_str())
+    .bind(idle.as_secs_f64())
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The finished steps of a job, in step order.
+pub async fn load_steps(pool: &PgPool, job_id: &str) -> Result<Vec<StepRecord>> {
+    type StepTuple = (i32, String, String, Option<String>, Option<String>);
+    let rows: Vec<StepTuple> = sqlx::query_as(
+        "SELECT step, model, outcome, output, reason FROM steps WHERE job_id = $1 ORDER BY step",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(step, model, outcome, output, reason)| StepRecord {
+            step,
+            model,
+            outcome: outcome_of(&outcome),
+            output,
+            reason,
+        })
+        .collect())
+}
+
+/// Status of a job, if it exists.
+pub async fn job_status(pool: &PgPool, job_id: &str) -> Result<Option<JobStatus>> {
+    let s: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_optional(pool)
+        .await?;
+    s.map(|s| parse_status(job_id, &s)).transpose()
+}
+
+/// `s`, read from job `job_id`'s row, as a status (the CHECK constraint
+/// allows only known ones).
+pub(super) fn parse_status(job_id: &str, s: &str) -> Result<JobStatus> {
+    JobStatus::parse(s).ok_or_else(|| anyhow::anyhow!("job {job_id} has unknown status `{s}`"))
+}
+
+/// How many jobs whose ids start with `prefix` are terminal.
+pub async fn count_finished_prefix(pool: &PgPool, prefix: &str) -> Result<i64> {
+    let escaped = prefix
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE id LIKE $1 || '%' AND status = ANY($2::text[])",
+    )
+    .bind(escaped)
+    .bind(JobStatus::terminal_names())
+    .fetch_one(pool)
+    .await?)
+}
+
+/// How many of `ids` are finished: a terminal `jobs` row, or a dead letter
+/// with no jobs row.
+pub async fn count_finished(pool: &PgPool, ids: &[String]) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM unnest($1::text[]) AS i(id)
+         WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = i.id
+                       AND j.status = ANY($2::text[]))
+            OR (NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = i.id)
+                AND EXISTS (SELECT 1 FROM dead_letters d WHERE d.job_id = i.id))",
+    )
+    .bind(ids)
+    .bind(JobStatus::terminal_names())
+    .fetch_one(pool)
+    .await?)
+}
+
+/// One recorded provider attempt of a job.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Attempt {
+    pub step: i32,
+    pub attempt: i32,
+    /// The call's error, or its outcome when it recorded none.
+    pub error: String,
+}
+
+/// Every provider attempt recorded for `job_id`, by step and attempt.
+pub async fn attempts(pool: &PgPool, job_id: &str) -> Result<Vec<Attempt>> {
+    Ok(sqlx::query_as(
+        "SELECT step, attempt, COALESCE(error, outcome) AS error FROM calls
+         WHERE job_id = $1 ORDER BY step, attempt",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await?)
+}

@@ -5,6 +5,7 @@
 
 mod error;
 pub mod jobs;
+pub mod review;
 mod status;
 pub use error::StoreError;
 pub use jobs::{count_finished, count_finished_prefix, job_status, load_steps, take_parked};

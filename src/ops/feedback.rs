@@ -5,6 +5,8 @@
 use anyhow::{bail, Result};
 use sqlx::PgPool;
 
+use crate::store;
+
 /// The longest comment kept, in characters.
 pub const MAX_COMMENT_CHARS: usize = 4000;
 
@@ -20,27 +22,14 @@ pub async fn record(pool: &PgPool, job_id: &str, score: u8, comment: Option<&str
             bail!("--comment is {n} characters; the limit is {MAX_COMMENT_CHARS}");
         }
     }
-    let status: Option<(String, bool)> = sqlx::query_as(
-        "SELECT j.status, EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)
-         FROM jobs j WHERE j.id = $1",
-    )
-    .bind(job_id)
-    .fetch_optional(pool)
-    .await?;
-    match status {
-        None => bail!("no job `{job_id}`"),
-        Some((status, false)) => {
-            bail!("job `{job_id}` has no result to rate (status {status})")
-        }
-        Some((_, true)) => {}
+    let Some(job) = store::feedback::rateable(pool, job_id).await? else {
+        bail!("no job `{job_id}`");
+    };
+    if !job.has_result {
+        bail!(
+            "job `{job_id}` has no result to rate (status {})",
+            job.status
+        );
     }
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO feedback (job_id, score, comment) VALUES ($1, $2, $3) RETURNING id",
-    )
-    .bind(job_id)
-    .bind(i16::from(score))
-    .bind(comment)
-    .fetch_one(pool)
-    .await?;
-    Ok(id)
+    store::feedback::insert(pool, job_id, i16::from(score), comment).await
 }

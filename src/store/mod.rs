@@ -4,6 +4,7 @@
 //! code that talks to Postgres.
 
 mod error;
+pub mod feedback;
 pub mod jobs;
 pub mod review;
 mod status;

@@ -6,6 +6,7 @@
 mod error;
 pub mod feedback;
 pub mod jobs;
+pub mod retention;
 pub mod review;
 mod status;
 pub use error::StoreError;

@@ -1,0 +1,101 @@
+//! Retention: what `switchyard prune` counts and deletes. Jobs that ended
+//! (a terminal status) before a cut-off go with every row that names them
+//! (calls, steps, results, feedback); dead letters go by their own age.
+//! Deletes run one batch per statement, so each transaction stays short.
+
+use anyhow::Result;
+use serde::Serialize;
+use sqlx::PgPool;
+
+use super::JobStatus;
+
+/// Rows pruned (or, dry, that would be).
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+pub struct Pruned {
+    pub jobs: i64,
+    pub calls: i64,
+    pub steps: i64,
+    pub results: i64,
+    pub feedback: i64,
+    pub dead_letters: i64,
+}
+
+/// `days` as the `int` that `make_interval` takes.
+fn days_param(days: u32) -> i32 {
+    i32::try_from(days).unwrap_or(i32::MAX)
+}
+
+/// What a prune of everything older than `days` would delete.
+pub async fn count_older_than(pool: &PgPool, days: u32) -> Result<Pruned> {
+    let (jobs, calls, steps, results, feedback, dead_letters): (i64, i64, i64, i64, i64, i64) =
+        sqlx::query_as(
+            "WITH v AS (SELECT id FROM jobs WHERE status = ANY($2::text[])
+                        AND finished_at < now() - make_interval(days => $1::int))
+             SELECT (SELECT count(*) FROM v),
+                    (SELECT count(*) FROM calls WHERE job_id IN (SELECT id FROM v)),
+                    (SELECT count(*) FROM steps WHERE job_id IN (SELECT id FROM v)),
+                    (SELECT count(*) FROM results WHERE job_id IN (SELECT id FROM v)),
+                    (SELECT count(*) FROM feedback WHERE job_id IN (SELECT id FROM v)),
+                    (SELECT count(*) FROM dead_letters
+                      WHERE created_at < now() - make_interval(days => $1::int))",
+        )
+        .bind(days_param(days))
+        .bind(JobStatus::terminal_names())
+        .fetch_one(pool)
+        .await?;
+    Ok(Pruned {
+        jobs,
+        calls,
+        steps,
+        results,
+        feedback,
+        dead_letters,
+    })
+}
+
+/// Delete up to `batch` jobs that ended more than `days` ago, with their
+/// calls, steps, results and feedback; returns what went (`dead_letters`
+/// is 0). Jobs locked by someone else are skipped this time.
+pub async fn delete_jobs_older_than(pool: &PgPool, days: u32, batch: i64) -> Result<Pruned> {
+    // One statement per batch: the foreign keys are checked at its end,
+    // when the job and the rows that name it are gone together.
+    let (jobs, calls, steps, results, feedback): (i64, i64, i64, i64, i64) = sqlx::query_as(
+        "WITH v AS (SELECT id FROM jobs WHERE status = ANY($3::text[])
+                    AND finished_at < now() - make_interval(days => $1::int)
+                    LIMIT $2 FOR UPDATE SKIP LOCKED),
+              f AS (DELETE FROM feedback WHERE job_id IN (SELECT id FROM v) RETURNING 1),
+              c AS (DELETE FROM calls WHERE job_id IN (SELECT id FROM v) RETURNING 1),
+              s AS (DELETE FROM steps WHERE job_id IN (SELECT id FROM v) RETURNING 1),
+              r AS (DELETE FROM results WHERE job_id IN (SELECT id FROM v) RETURNING 1),
+              j AS (DELETE FROM jobs WHERE id IN (SELECT id FROM v) RETURNING 1)
+         SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM c), (SELECT count(*) FROM s),
+                (SELECT count(*) FROM r), (SELECT count(*) FROM f)",
+    )
+    .bind(days_param(days))
+    .bind(batch)
+    .bind(JobStatus::terminal_names())
+    .fetch_one(pool)
+    .await?;
+    Ok(Pruned {
+        jobs,
+        calls,
+        steps,
+        results,
+        feedback,
+        dead_letters: 0,
+    })
+}
+
+/// Delete up to `batch` dead letters older than `days`; returns how many went.
+pub async fn delete_dead_letters_older_than(pool: &PgPool, days: u32, batch: i64) -> Result<i64> {
+    Ok(sqlx::query(
+        "DELETE FROM dead_letters WHERE id IN (
+             SELECT id FROM dead_letters WHERE created_at < now() - make_interval(days => $1::int)
+             LIMIT $2)",
+    )
+    .bind(days_param(days))
+    .bind(batch)
+    .execute(pool)
+    .await?
+    .rows_affected() as i64)
+}

@@ -14,6 +14,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::config::{BudgetAction, BudgetConfig, Config};
+use crate::store::{self, spend::Spend};
 
 /// How stale a process's view of the spend may be (a cap can be overshot by
 /// the calls started within this time).
@@ -104,8 +105,8 @@ impl Verdict {
     }
 }
 
-/// Spend per category: (today, this month), and when it was read.
-type Snapshot = (Instant, HashMap<String, (Decimal, Decimal)>);
+/// Spend per category, and when it was read.
+type Snapshot = (Instant, HashMap<String, Spend>);
 
 /// This process's view of the budgeted categories' spend.
 pub struct Book {
@@ -136,28 +137,14 @@ impl Book {
         let mut cache = self.cache.lock().await;
         let fresh = cache.as_ref().is_some_and(|(at, _)| at.elapsed() < REFRESH);
         if !fresh {
-            let rows: Vec<(String, Decimal, Decimal)> = sqlx::query_as(
-                "SELECT category,
-                        COALESCE(sum(cost_usd) FILTER (
-                            WHERE created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'), 0),
-                        COALESCE(sum(cost_usd), 0)
-                 FROM calls
-                 WHERE category = ANY($1)
-                   AND created_at >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-                 GROUP BY category",
-            )
-            .bind(&self.categories)
-            .fetch_all(&self.pool)
-            .await?;
-            *cache = Some((
-                Instant::now(),
-                rows.into_iter().map(|(c, d, m)| (c, (d, m))).collect(),
-            ));
+            let spend = store::spend::by_category(&self.pool, &self.categories).await?;
+            *cache = Some((Instant::now(), spend));
         }
-        Ok(cache
+        let spend = cache
             .as_ref()
             .and_then(|(_, m)| m.get(category).copied())
-            .unwrap_or_default())
+            .unwrap_or_default();
+        Ok((spend.today_usd, spend.this_month_usd))
     }
 
     /// What `category`'s budget (None: it has none) does to a job now.

@@ -8,6 +8,7 @@ pub mod feedback;
 pub mod jobs;
 pub mod retention;
 pub mod review;
+pub mod spend;
 mod status;
 pub use error::StoreError;
 pub use jobs::{count_finished, count_finished_prefix, job_status, load_steps, take_parked};

@@ -20,6 +20,8 @@ use tracing::{info, warn};
 
 use crate::bus::{Bus, QueueDepths};
 use crate::metrics;
+use crate::store::stats;
+pub use crate::store::stats::ModelSpend;
 
 struct Ctx {
     pool: PgPool,
@@ -43,13 +45,6 @@ pub struct Stats {
     /// The last hour's calls and error rate by model.
     pub errors_last_hour: Vec<ModelErrors>,
     pub cost_today_usd: Decimal,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ModelSpend {
-    pub model: String,
-    pub calls: i64,
-    pub cost_usd: Decimal,
 }
 
 #[derive(Debug, Serialize)]
@@ -164,12 +159,7 @@ async fn stats(State(ctx): State<Arc<Ctx>>) -> Response {
 
 async fn read_stats(ctx: &Ctx) -> Result<Stats> {
     let p = &ctx.pool;
-    let per_minute: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT (EXTRACT(EPOCH FROM now() - finished_at) / 60)::int4 AS ago, count(*)::int8
-         FROM jobs WHERE finished_at > now() - interval '10 minutes' GROUP BY 1",
-    )
-    .fetch_all(p)
-    .await?;
+    let per_minute = stats::finished_by_minutes_ago(p).await?;
     let mut finished_per_minute = vec![0i64; 10];
     for (ago, n) in per_minute {
         if let Some(slot) = usize::try_from(9 - ago.clamp(0, 9))
@@ -179,31 +169,15 @@ async fn read_stats(ctx: &Ctx) -> Result<Stats> {
             *slot += n;
         }
     }
-    let finished_last_minute: i64 = sqlx::query_scalar(
-        "SELECT count(*)::int8 FROM jobs WHERE finished_at > now() - interval '1 minute'",
-    )
-    .fetch_one(p)
-    .await?;
-    let today = "(now() AT TIME ZONE 'UTC')::date";
-    let jobs_today: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT status, count(*)::int8 FROM jobs
-         WHERE (created_at AT TIME ZONE 'UTC')::date = {today} GROUP BY 1 ORDER BY 1"
-    )))
-    .fetch_all(p)
-    .await?;
-    let spend: Vec<(String, i64, Decimal)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT model, count(*)::int8, sum(cost_usd) FROM calls
-         WHERE (created_at AT TIME ZONE 'UTC')::date = {today} GROUP BY 1 ORDER BY 3 DESC"
-    )))
-    .fetch_all(p)
-    .await?;
-    let errors: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT model, count(*)::int8, count(*) FILTER (WHERE outcome IN ('retryable_error', 'terminal_error'))::int8
-         FROM calls WHERE created_at > now() - interval '1 hour' GROUP BY 1 ORDER BY 1",
-    )
-    .fetch_all(p)
-    .await?;
-    let cost_today_usd = spend.iter().map(|s| s.2).sum::<Decimal>().normalize();
+    let finished_last_minute = stats::finished_last_minute(p).await?;
+    let jobs_today = stats::jobs_today(p).await?;
+    let spend = stats::spend_today(p).await?;
+    let errors = stats::errors_last_hour(p).await?;
+    let cost_today_usd = spend
+        .iter()
+        .map(|s| s.cost_usd)
+        .sum::<Decimal>()
+        .normalize();
     Ok(Stats {
         finished_last_minute,
         finished_per_minute,
@@ -211,23 +185,22 @@ async fn read_stats(ctx: &Ctx) -> Result<Stats> {
         queue: ctx.depths.read().await.clone(),
         spend_today: spend
             .into_iter()
-            .map(|(model, calls, cost_usd)| ModelSpend {
-                model,
-                calls,
-                cost_usd: cost_usd.normalize(),
+            .map(|s| ModelSpend {
+                cost_usd: s.cost_usd.normalize(),
+                ..s
             })
             .collect(),
         errors_last_hour: errors
             .into_iter()
-            .map(|(model, calls, errors)| ModelErrors {
-                model,
-                calls,
-                errors,
-                error_rate: if calls == 0 {
+            .map(|e| ModelErrors {
+                error_rate: if e.calls == 0 {
                     0.0
                 } else {
-                    errors as f64 / calls as f64
+                    e.errors as f64 / e.calls as f64
                 },
+                model: e.model,
+                calls: e.calls,
+                errors: e.errors,
             })
             .collect(),
         cost_today_usd,

@@ -9,6 +9,7 @@ pub mod jobs;
 pub mod retention;
 pub mod review;
 pub mod spend;
+pub mod stats;
 mod status;
 pub use error::StoreError;
 pub use jobs::{count_finished, count_finished_prefix, job_status, load_steps, take_parked};

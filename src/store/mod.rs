@@ -3,9 +3,11 @@
 //! messages be acked. With `report` and the status queries here, the only
 //! code that talks to Postgres.
 
+pub mod dlq;
 mod error;
 pub mod feedback;
 pub mod jobs;
+pub mod report;
 pub mod retention;
 pub mod review;
 pub mod spend;
@@ -107,6 +109,29 @@ async fn create_database_if_missing(opts: &PgConnectOptions) -> Result<()> {
     }
     let _ = admin.close().await;
     Ok(())
+}
+
+/// Where a `LIKE` pattern lets other text stand around the literal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Like {
+    /// The value starts with the text.
+    Prefix,
+    /// The value contains the text.
+    Contains,
+}
+
+/// `text` as a `LIKE` / `ILIKE` pattern that matches it literally: its
+/// `\`, `%` and `_` escaped (Postgres' default escape character), then the
+/// wildcards `how` asks for. Bound as a parameter, never spliced into SQL.
+fn like_pattern(text: &str, how: Like) -> String {
+    let literal = text
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    match how {
+        Like::Prefix => format!("{literal}%"),
+        Like::Contains => format!("%{literal}%"),
+    }
 }
 
 fn db_code(e: &sqlx::Error) -> Option<String> {
@@ -966,4 +991,19 @@ async fn update_reclass(tx: &mut Transaction<'_, Postgres>, rows: &[&ReclassRow]
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn like_patterns_match_their_text_literally() {
+        assert_eq!(like_pattern("", Like::Prefix), "%");
+        assert_eq!(like_pattern("run-1_", Like::Prefix), "run-1\\_%");
+        assert_eq!(
+            like_pattern("50% off\\now", Like::Contains),
+            "%50\\% off\\\\now%"
+        );
+    }
 }

@@ -1,0 +1,526 @@
+//! The report's reads: for the rows a [`Scope`] selects (a job-id prefix,
+//! a time window, a category), jobs by status, calls and tokens and USD by
+//! category and by model, dead letters, how each route served its jobs,
+//! which models produced the results, daily spend, latency percentiles,
+//! and the answered calls' tokens priced at a baseline model. Each
+//! function is one query returning typed rows; adding them up, the savings
+//! arithmetic and formatting are the caller's (`ops::report`).
+
+use anyhow::Result;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::PgPool;
+
+use super::{like_pattern, JobStatus, Like};
+use crate::pricing::Prices;
+
+/// Which rows a report covers. Jobs count by their creation time, calls by
+/// theirs, results by theirs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scope {
+    /// Only jobs whose id starts with this (matched literally).
+    pub job_prefix: Option<String>,
+    pub since: TimeBound,
+    pub until: TimeBound,
+    pub category: Option<String>,
+}
+
+impl Scope {
+    /// Whether the scope selects everything.
+    pub fn is_everything(&self) -> bool {
+        *self == Scope::default()
+    }
+}
+
+/// One end of a report's time window.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum TimeBound {
+    /// No bound.
+    #[default]
+    Open,
+    /// An absolute date or time, as Postgres reads a `timestamptz`
+    /// (`2026-11-01`, `2026-11-01T08:00:00Z`); see [`check_time`].
+    At(String),
+    /// This long back from now.
+    Ago(u32, TimeUnit),
+}
+
+/// The unit of a [`TimeBound::Ago`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeUnit {
+    Minutes,
+    Hours,
+    Days,
+    Weeks,
+}
+
+impl TimeUnit {
+    fn as_str(self) -> &'static str {
+        match self {
+            TimeUnit::Minutes => "minutes",
+            TimeUnit::Hours => "hours",
+            TimeUnit::Days => "days",
+            TimeUnit::Weeks => "weeks",
+        }
+    }
+}
+
+/// Whether Postgres reads `at` as a time (the error says why not).
+pub async fn check_time(pool: &PgPool, at: &str) -> Result<()> {
+    sqlx::query("SELECT $1::timestamptz")
+        .bind(at)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// A time bound as SQL parameters: an absolute time, or an interval back
+/// from now (`90 minutes`).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Bound {
+    at: Option<String>,
+    ago: Option<String>,
+}
+
+impl From<&TimeBound> for Bound {
+    fn from(b: &TimeBound) -> Self {
+        match b {
+            TimeBound::Open => Bound::default(),
+            TimeBound::At(at) => Bound {
+                at: Some(at.clone()),
+                ago: None,
+            },
+            TimeBound::Ago(n, unit) => Bound {
+                at: None,
+                ago: Some(format!("{n} {}", unit.as_str())),
+            },
+        }
+    }
+}
+
+/// The SQL parameters of a [`Scope`]: `$1` id pattern, `$2`/`$3` since,
+/// `$4`/`$5` until, `$6` category.
+struct Params {
+    like: String,
+    since: Bound,
+    until: Bound,
+    category: Option<String>,
+}
+
+impl From<&Scope> for Params {
+    fn from(s: &Scope) -> Self {
+        Params {
+            like: like_pattern(s.job_prefix.as_deref().unwrap_or(""), Like::Prefix),
+            since: (&s.since).into(),
+            until: (&s.until).into(),
+            category: s.category.clone(),
+        }
+    }
+}
+
+/// The condition on a table's id, time and category columns, in `$1`-`$6`.
+/// The arguments are column expressions of this file, never input.
+fn cond(id: &str, time: &str, category: &str) -> String {
+    format!(
+        "{id} LIKE $1 AND ($2::text IS NULL OR {time} >= $2::timestamptz)
+         AND ($3::text IS NULL OR {time} >= now() - $3::interval)
+         AND ($4::text IS NULL OR {time} < $4::timestamptz)
+         AND ($5::text IS NULL OR {time} < now() - $5::interval)
+         AND ($6::text IS NULL OR {category} = $6)"
+    )
+}
+
+/// [`cond`] on `calls`.
+fn on_calls() -> String {
+    cond("job_id", "created_at", "category")
+}
+
+macro_rules! bind_scope {
+    ($q:expr, $p:expr) => {
+        $q.bind(&$p.like)
+            .bind(&$p.since.at)
+            .bind(&$p.since.ago)
+            .bind(&$p.until.at)
+            .bind(&$p.until.ago)
+            .bind(&$p.category)
+    };
+}
+
+/// Jobs in one status.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StatusCount {
+    pub status: String,
+    pub jobs: i64,
+}
+
+/// The scope's jobs by status, by status name.
+pub async fn jobs_by_status(pool: &PgPool, scope: &Scope) -> Result<Vec<StatusCount>> {
+    let p = Params::from(scope);
+    // Constant SQL here and below: the format! only joins this file's
+    // constants and column expressions; input goes in bound parameters.
+    let rows: Vec<(String, i64)> = bind_scope!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT status, count(*)::int8 FROM jobs WHERE {} GROUP BY status ORDER BY status",
+            cond("id", "created_at", "category")
+        ))),
+        p
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(status, jobs)| StatusCount { status, jobs })
+        .collect())
+}
+
+/// Calls, tokens and USD of one category, one model, or all.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CostLine {
+    /// Category name, or `provider/model`.
+    pub key: String,
+    pub calls: i64,
+    pub ok_calls: i64,
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub cache_write_input_tokens: i64,
+    pub output_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub cost_usd: Decimal,
+}
+
+type CostTuple = (String, i64, i64, i64, i64, i64, i64, i64, Decimal);
+
+fn cost_line(t: CostTuple) -> CostLine {
+    CostLine {
+        key: t.0,
+        calls: t.1,
+        ok_calls: t.2,
+        input_tokens: t.3,
+        cached_input_tokens: t.4,
+        cache_write_input_tokens: t.5,
+        output_tokens: t.6,
+        reasoning_tokens: t.7,
+        cost_usd: t.8,
+    }
+}
+
+/// The aggregates of a [`CostLine`] after its key.
+const COST_COLUMNS: &str = "count(*)::int8, count(*) FILTER (WHERE outcome = 'ok')::int8,
+     COALESCE(sum(input_tokens), 0)::int8, COALESCE(sum(cached_input_tokens), 0)::int8,
+     COALESCE(sum(cache_write_input_tokens), 0)::int8,
+     COALESCE(sum(output_tokens), 0)::int8, COALESCE(sum(reasoning_tokens), 0)::int8,
+     COALESCE(sum(cost_usd), 0)";
+
+/// The scope's calls by category.
+pub async fn costs_by_category(pool: &PgPool, scope: &Scope) -> Result<Vec<CostLine>> {
+    let p = Params::from(scope);
+    let rows: Vec<CostTuple> = bind_scope!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT category, {COST_COLUMNS} FROM calls WHERE {}
+             GROUP BY category ORDER BY category",
+            on_calls()
+        ))),
+        p
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(cost_line).collect())
+}
+
+/// The scope's calls by `provider/model`.
+pub async fn costs_by_model(pool: &PgPool, scope: &Scope) -> Result<Vec<CostLine>> {
+    let p = Params::from(scope);
+    let rows: Vec<CostTuple> = bind_scope!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT provider || '/' || model, {COST_COLUMNS} FROM calls WHERE {}
+             GROUP BY provider, model ORDER BY provider, model",
+            on_calls()
+        ))),
+        p
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(cost_line).collect())
+}
+
+/// All the scope's calls, keyed `total`.
+pub async fn cost_total(pool: &PgPool, scope: &Scope) -> Result<CostLine> {
+    let p = Params::from(scope);
+    let row: CostTuple = bind_scope!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT 'total', {COST_COLUMNS} FROM calls WHERE {}",
+            on_calls()
+        ))),
+        p
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(cost_line(row))
+}
+
+/// The scope's dead letters (by their job's id and category). Dead letters
+/// whose job could not be read count only when the scope is everything.
+pub async fn dead_letters(pool: &PgPool, scope: &Scope) -> Result<i64> {
+    let p = Params::from(scope);
+    let on_dead = cond(
+        "COALESCE(job_id, '')",
+        "created_at",
+        "(SELECT j.category FROM jobs j WHERE j.id = dead_letters.job_id)",
+    );
+    Ok(bind_scope!(
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*)::int8 FROM dead_letters WHERE ($7 OR job_id IS NOT NULL) AND {on_dead}"
+        ))),
+        p
+    )
+    .bind(scope.is_everything())
+    .fetch_one(pool)
+    .await?)
+}
+
+/// How one category (and A/B variant) was served.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RouteLine {
+    pub category: String,
+    /// The A/B variant, or `-` for the category's main route.
+    pub variant: String,
+    /// Route kind (`single`, `fallback`, `pipeline`, `consensus`).
+    pub kind: String,
+    pub jobs: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    /// Jobs that went to human review (waiting or already resolved by a person).
+    pub reviewed: i64,
+    /// Fallback jobs that needed more than their first target.
+    pub fell_back: i64,
+    /// USD of all calls, per job.
+    pub cost_per_job: Decimal,
+    /// Mean enqueue-to-result latency of succeeded jobs.
+    pub avg_latency_ms: Option<f64>,
+}
+
+/// The scope's jobs (but dead ones) by category, variant and route kind.
+pub async fn routes(pool: &PgPool, scope: &Scope) -> Result<Vec<RouteLine>> {
+    type RouteTuple = (
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        Decimal,
+        Option<f64>,
+    );
+    let p = Params::from(scope);
+    let sql = format!(
+        "SELECT j.category, COALESCE(j.variant, '-'), COALESCE(j.route_decision->>'kind', 'single'),
+                count(*)::int8,
+                count(*) FILTER (WHERE j.status = $7)::int8,
+                count(*) FILTER (WHERE j.status = ANY($8::text[]))::int8,
+                count(*) FILTER (WHERE j.status = $9 OR j.route_decision ? 'review')::int8,
+                count(*) FILTER (WHERE j.route_decision->>'kind' = 'fallback'
+                                   AND EXISTS (SELECT 1 FROM steps s WHERE s.job_id = j.id AND s.step > 0))::int8,
+                COALESCE(round(sum(COALESCE(c.cost, 0)) / count(*), 8), 0),
+                avg(r.latency_ms)::float8
+         FROM jobs j
+         LEFT JOIN results r ON r.job_id = j.id
+         LEFT JOIN LATERAL (SELECT sum(cost_usd) AS cost FROM calls WHERE calls.job_id = j.id) c ON true
+         WHERE {} AND j.status <> $10
+         GROUP BY 1, 2, 3 ORDER BY 1, 2",
+        cond("j.id", "j.created_at", "j.category")
+    );
+    let rows: Vec<RouteTuple> = bind_scope!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), p)
+        .bind(JobStatus::Succeeded.as_str())
+        .bind(vec![JobStatus::Failed.as_str(), JobStatus::Dead.as_str()])
+        .bind(JobStatus::NeedsReview.as_str())
+        .bind(JobStatus::Dead.as_str())
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|t| RouteLine {
+            category: t.0,
+            variant: t.1,
+            kind: t.2,
+            jobs: t.3,
+            succeeded: t.4,
+            failed: t.5,
+            reviewed: t.6,
+            fell_back: t.7,
+            cost_per_job: t.8,
+            avg_latency_ms: t.9,
+        })
+        .collect())
+}
+
+/// Which model produced the results of a category.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ServedBy {
+    pub category: String,
+    pub model: String,
+    pub jobs: i64,
+    /// Share of the category's results, 0-1.
+    pub share: f64,
+}
+
+/// The scope's results by category and model, the most used model first.
+pub async fn served_by(pool: &PgPool, scope: &Scope) -> Result<Vec<ServedBy>> {
+    let p = Params::from(scope);
+    let rows: Vec<(String, String, i64, f64)> = bind_scope!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT j.category, r.model, count(*)::int8,
+                    (count(*)::float8 / sum(count(*)) OVER (PARTITION BY j.category))::float8
+             FROM results r JOIN jobs j ON j.id = r.job_id
+             WHERE {} GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2",
+            cond("j.id", "r.created_at", "j.category")
+        ))),
+        p
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(category, model, jobs, share)| ServedBy {
+            category,
+            model,
+            jobs,
+            share,
+        })
+        .collect())
+}
+
+/// What one model cost on one UTC day.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DailySpend {
+    pub day: String,
+    pub model: String,
+    pub cost_usd: Decimal,
+}
+
+/// The scope's calls' USD per UTC day and model.
+pub async fn daily_spend(pool: &PgPool, scope: &Scope) -> Result<Vec<DailySpend>> {
+    let p = Params::from(scope);
+    let rows: Vec<(String, String, Decimal)> = bind_scope!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT ((created_at AT TIME ZONE 'UTC')::date)::text, model, sum(cost_usd)
+             FROM calls WHERE {} GROUP BY 1, 2 ORDER BY 1, 2",
+            on_calls()
+        ))),
+        p
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(day, model, cost_usd)| DailySpend {
+            day,
+            model,
+            cost_usd,
+        })
+        .collect())
+}
+
+/// Provider latency percentiles of one model's answered calls.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LatencyLine {
+    pub model: String,
+    pub calls: i64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// The scope's answered calls' latency percentiles by model.
+pub async fn latency_by_model(pool: &PgPool, scope: &Scope) -> Result<Vec<LatencyLine>> {
+    let p = Params::from(scope);
+    let rows: Vec<(String, i64, f64, f64, f64)> = bind_scope!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT model, count(*)::int8,
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms),
+                    percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms),
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms)
+             FROM calls WHERE outcome = 'ok' AND {} GROUP BY model ORDER BY model",
+            on_calls()
+        ))),
+        p
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(model, calls, p50_ms, p95_ms, p99_ms)| LatencyLine {
+            model,
+            calls,
+            p50_ms,
+            p95_ms,
+            p99_ms,
+        })
+        .collect())
+}
+
+/// A category's calls: what they cost, and what their answered calls'
+/// recorded tokens cost at other prices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Repriced {
+    pub category: String,
+    /// Jobs with calls in the category.
+    pub jobs: i64,
+    /// Every call's cost: answered, failed, retried, `unknown`.
+    pub actual_cost_usd: Decimal,
+    /// The answered calls' tokens at the other prices.
+    pub repriced_usd: Decimal,
+}
+
+/// The scope's calls by category, their answered calls' tokens priced at
+/// `prices` (the formula of [`Prices::cost`]).
+pub async fn repriced_by_category(
+    pool: &PgPool,
+    scope: &Scope,
+    prices: &Prices,
+) -> Result<Vec<Repriced>> {
+    let p = Params::from(scope);
+    let rows: Vec<(String, i64, Decimal, Decimal)> = bind_scope!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT category, count(DISTINCT job_id)::int8, COALESCE(sum(cost_usd), 0),
+                    COALESCE(sum(CASE WHEN outcome = 'ok' THEN
+                        ((input_tokens - cached_input_tokens - cache_write_input_tokens) * $7
+                         + cached_input_tokens * $8 + cache_write_input_tokens * $9
+                         + output_tokens * $10) / 1000000 ELSE 0 END), 0)
+             FROM calls WHERE {} GROUP BY category ORDER BY category",
+            on_calls()
+        ))),
+        p
+    )
+    .bind(prices.input_per_mtok)
+    .bind(prices.cached_input_per_mtok)
+    .bind(prices.cache_write_per_mtok)
+    .bind(prices.output_per_mtok)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(category, jobs, actual_cost_usd, repriced_usd)| Repriced {
+            category,
+            jobs,
+            actual_cost_usd,
+            repriced_usd,
+        })
+        .collect())
+}
+
+/// The scope's jobs with calls, each counted once (a classified job has
+/// calls in `auto` and in its category).
+pub async fn jobs_with_calls(pool: &PgPool, scope: &Scope) -> Result<i64> {
+    let p = Params::from(scope);
+    Ok(bind_scope!(
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(DISTINCT job_id)::int8 FROM calls WHERE {}",
+            on_calls()
+        ))),
+        p
+    )
+    .fetch_one(pool)
+    .await?)
+}

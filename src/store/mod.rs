@@ -644,10 +644,11 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
         sqlx::query(
             "UPDATE jobs SET parked_at = CASE WHEN u.parked THEN COALESCE(jobs.parked_at, now()) END
              FROM UNNEST($1::text[], $2::bool[]) AS u(id, parked)
-             WHERE jobs.id = u.id AND jobs.status = 'queued'",
+             WHERE jobs.id = u.id AND jobs.status = $3",
         )
         .bind(parks.iter().map(|(j, _)| j.clone()).collect::<Vec<_>>())
         .bind(parks.iter().map(|(_, p)| *p).collect::<Vec<_>>())
+        .bind(JobStatus::Queued.as_str())
         .execute(&mut *tx)
         .await?;
     }
@@ -670,7 +671,7 @@ async fn insert_jobs(tx: &mut Transaction<'_, Postgres>, jobs: &[&JobRow]) -> Re
                  error = NULL, enqueued_at = EXCLUDED.enqueued_at, finished_at = NULL,
                  variant = EXCLUDED.variant
              -- A job first seen malformed may be published again, fixed, under its id.
-             WHERE jobs.status = 'dead' AND EXCLUDED.status <> 'dead'",
+             WHERE jobs.status = $10 AND EXCLUDED.status <> $10",
     )
     .bind(jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>())
     .bind(jobs.iter().map(|j| j.category.clone()).collect::<Vec<_>>())
@@ -681,6 +682,7 @@ async fn insert_jobs(tx: &mut Transaction<'_, Postgres>, jobs: &[&JobRow]) -> Re
     .bind(jobs.iter().map(|j| j.enqueued_at_ms).collect::<Vec<_>>())
     .bind(jobs.iter().map(|j| j.variant.clone()).collect::<Vec<_>>())
     .bind(JobStatus::terminal_names())
+    .bind(JobStatus::Dead.as_str())
     .execute(&mut **tx)
     .await?;
     Ok(())

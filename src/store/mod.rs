@@ -1,7 +1,19 @@
-//! Postgres: database creation, migrations, and the batched writer that
-//! commits many messages' rows per transaction and only then lets their NATS
-//! messages be acked. With `report` and the status queries here, the only
-//! code that talks to Postgres.
+//! Postgres, and the only code of the crate that holds SQL: database
+//! creation, migrations, and the batched writer that commits many
+//! messages' rows per transaction and only then lets their NATS messages be
+//! acked (here); one module per family of tables for everything else, each
+//! a set of typed functions whose input goes in bound parameters only.
+//!
+//! - [`jobs`]: one job's status, steps and recorded attempts; parked jobs.
+//! - [`review`]: the human review queue and its resolve transaction.
+//! - [`dlq`]: dead letters and the replay claim.
+//! - [`report`]: the report's reads for a time window, category or prefix.
+//! - [`stats`]: the dashboard's figures.
+//! - [`spend`]: category spend for budgets.
+//! - [`feedback`]: ratings of results.
+//! - [`retention`]: what `prune` counts and deletes.
+//!
+//! Job statuses are [`JobStatus`]; SQL receives them as bound parameters.
 
 pub mod dlq;
 mod error;

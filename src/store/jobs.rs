@@ -93,14 +93,10 @@ pub(super) fn parse_status(job_id: &str, s: &str) -> Result<JobStatus> {
 
 /// How many jobs whose ids start with `prefix` are terminal.
 pub async fn count_finished_prefix(pool: &PgPool, prefix: &str) -> Result<i64> {
-    let escaped = prefix
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_");
     Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM jobs WHERE id LIKE $1 || '%' AND status = ANY($2::text[])",
+        "SELECT count(*) FROM jobs WHERE id LIKE $1 AND status = ANY($2::text[])",
     )
-    .bind(escaped)
+    .bind(super::like_pattern(prefix, super::Like::Prefix))
     .bind(JobStatus::terminal_names())
     .fetch_one(pool)
     .await?)

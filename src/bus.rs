@@ -278,6 +278,11 @@ impl Bus {
         }
     }
 
+    /// Send what is buffered (a short-lived command's events) before exiting.
+    pub async fn flush(&self) {
+        let _ = self.client.flush().await;
+    }
+
     /// Best-effort core-NATS event for the review queue.
     pub async fn publish_review(&self, ev: &ReviewEvent) {
         if let Ok(body) = serde_json::to_vec(ev) {

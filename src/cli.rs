@@ -625,7 +625,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                             status,
                         })
                         .await;
-                        let _ = bus.client.flush().await;
+                        bus.flush().await;
                     }
                     println!("job {id} {status}");
                     Ok(0)

@@ -288,11 +288,12 @@ pub async fn run(
     run_cfg.nats.prefix = prefix.into();
     bus.ensure_streams(&run_cfg).await?;
 
-    let logs = std::env::temp_dir().join(format!(
-        "switchyard-chaos-{}",
-        &switchyard::ids::new_job_id()[..8]
-    ));
-    std::fs::create_dir_all(&logs)?;
+    // A fresh directory (random name, mode 0700), kept after a failed run.
+    let logs = tempfile::Builder::new()
+        .prefix("switchyard-chaos-")
+        .tempdir()
+        .context("creating the worker log directory")?
+        .keep();
     let mut fleet = Fleet {
         exe: opts.worker_exe.clone(),
         config: config_path.map(Path::to_path_buf),

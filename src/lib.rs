@@ -7,7 +7,7 @@
 //! writer; messages are acked only after the commit.
 //!
 //! # Layout
-//! Leaves (import nothing of the runtime): [`ids`], `clock`, `template`,
+//! Leaves (import nothing of the runtime): [`ids`], `clock`, `template`, [`bucket`],
 //! [`pricing`], [`tasks`]; [`config`] (TOML, env overrides, validation;
 //! errors name the key) and [`envelope`] (job envelope v1, pure) sit just
 //! above them.
@@ -28,6 +28,7 @@
 //! The measuring harness is a separate binary, `switchyard-bench`
 //! (`crates/switchyard-bench`). See ARCHITECTURE.md for the invariants.
 
+pub mod bucket;
 pub mod bus;
 pub mod cli;
 pub(crate) mod clock;

@@ -1,5 +1,5 @@
 //! Limits shared by every worker process of a provider: request and token
-//! buckets ([`bucket`](crate::limits::bucket)), in-flight leases, the
+//! buckets ([`bucket`](crate::bucket)), in-flight leases, the
 //! provider's pause and limits learned from the provider, kept in one
 //! document per provider.
 //!
@@ -57,9 +57,9 @@ use anyhow::{Context, Result};
 use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
 
+use crate::bucket::{Bucket, Shape};
 use crate::clock::now_ms;
 use crate::config::Config;
-use crate::limits::bucket::{Bucket, Shape};
 use crate::providers::RateInfo;
 use crate::tasks::Tasks;
 

@@ -2,7 +2,7 @@
 //! provider can impose ("exhausted until T"), backpressure on taking
 //! messages, then the [`SharedLimiter`]. With `fleet = false` the lane also
 //! holds the provider's request and token budgets in its own
-//! [`bucket`](crate::limits::bucket)s (token reservations are refunded once
+//! [`bucket`](crate::bucket)s (token reservations are refunded once
 //! the real usage is known); with `fleet = true` only the shared document
 //! holds them. Runs on tokio's clock so tests can drive time.
 
@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::limits::bucket::{Bucket, Shape};
+use crate::bucket::{Bucket, Shape};
 use crate::limits::fleet::{Correction, Limits, Need, ScopeLimits, SharedLimiter};
 
 /// A budget held by the lane, on the lane's millisecond clock.

@@ -36,8 +36,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+use crate::bucket::{Bucket, Shape};
 use crate::envelope::{Message, Role};
-use crate::limits::bucket::{Bucket, Shape};
 
 /// The wire format a request arrived in (= which provider is simulated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

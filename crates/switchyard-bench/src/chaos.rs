@@ -25,6 +25,7 @@ use switchyard::config::Config;
 use switchyard::demo::sample_jobs;
 use switchyard::enqueue::{publish_jobs, Outgoing};
 use switchyard::sim::{reconcile, SimProfile, SimServer};
+use switchyard::store::JobStatus;
 use switchyard_servers::{PrivateNats, PrivatePg};
 
 /// What `switchyard-bench chaos` runs.
@@ -398,11 +399,11 @@ pub async fn run(
             .await?;
     for (s, n) in status {
         let n = n as usize;
-        match s.as_str() {
-            "succeeded" => figures.succeeded = n,
-            "failed" => figures.failed = n,
-            "needs_review" => figures.needs_review = n,
-            "dead" => figures.dead = n,
+        match JobStatus::parse(&s) {
+            Some(JobStatus::Succeeded) => figures.succeeded = n,
+            Some(JobStatus::Failed) => figures.failed = n,
+            Some(JobStatus::NeedsReview) => figures.needs_review = n,
+            Some(JobStatus::Dead) => figures.dead = n,
             _ => {}
         }
     }
@@ -415,10 +416,12 @@ pub async fn run(
              SELECT j.id, j.status,
                     (SELECT count(*) FROM results r WHERE r.job_id = j.id)
                   + (SELECT count(*) FROM dead_letters d WHERE d.job_id = j.id AND d.replayed_at IS NULL)
-                  + CASE WHEN j.status IN ('failed', 'needs_review') THEN 1 ELSE 0 END AS n
-             FROM jobs j WHERE j.status IN ('succeeded','failed','needs_review','dead'))
+                  + CASE WHEN j.status = ANY($1::text[]) THEN 1 ELSE 0 END AS n
+             FROM jobs j WHERE j.status = ANY($2::text[]))
          SELECT count(*) FILTER (WHERE n > 1), count(*) FILTER (WHERE n = 0) FROM ends",
     )
+    .bind([JobStatus::Failed.as_str(), JobStatus::NeedsReview.as_str()])
+    .bind(JobStatus::terminal_names())
     .fetch_one(&pool)
     .await?;
     figures.duplicated_results = twice as usize;

@@ -173,3 +173,59 @@ async fn a_message_that_keeps_failing_is_dead_lettered_and_leaves_the_stream() {
     );
     env.cleanup().await;
 }
+
+/// `dlq list --reason` and `dlq replay --all --reason` match the text
+/// literally and case-insensitively: `%` and `_` in it are not wildcards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_filter_by_reason_text_literally() {
+    use switchyard::store::{dlq, DeadLetterRow, Row};
+    let env = TestEnv::new(SimProfile::default()).await;
+    let tasks = switchyard::tasks::Tasks::new();
+    let writer =
+        switchyard::store::Writer::spawn(env.pool.clone(), 16, Duration::from_millis(1), &tasks);
+    let reasons = [
+        "amount 100% wrong",
+        "Amount 1000 wrong",
+        "bad under_score",
+        "bad underXscore",
+    ];
+    let rows = reasons
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            Row::DeadLetter(DeadLetterRow {
+                source: format!("TEST:{i}"),
+                subject: "t.jobs.x".into(),
+                job_id: None,
+                payload: b"{}".to_vec(),
+                reason: r.to_string(),
+            })
+        })
+        .collect();
+    writer.write(rows).await.unwrap();
+    let listed = |filter: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            let mut r: Vec<String> = dlq::list(&pool, Some(filter), false, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|d| d.reason)
+                .collect();
+            r.sort();
+            let ids = dlq::unreplayed_ids(&pool, Some(filter)).await.unwrap();
+            assert_eq!(ids.len(), r.len(), "replay --all picks what list shows");
+            r
+        }
+    };
+    assert_eq!(listed("100%").await, ["amount 100% wrong"]);
+    assert_eq!(
+        listed("AMOUNT").await,
+        ["Amount 1000 wrong", "amount 100% wrong"]
+    );
+    assert_eq!(listed("under_score").await, ["bad under_score"]);
+    assert!(listed("%").await.len() == 1, "only the reason with a %");
+    drop(writer);
+    tasks.stop(Duration::from_secs(10)).await;
+    env.cleanup().await;
+}

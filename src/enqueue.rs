@@ -177,15 +177,13 @@ pub async fn wait_jobs(
     progress: Option<&ProgressBar>,
 ) -> Result<bool> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let unique: Vec<String> = match jobs {
-        Jobs::Ids(ids) => {
-            let mut u = ids.to_vec();
-            u.sort();
-            u.dedup();
-            u
-        }
+    // Each id counts once.
+    let mut unique: Vec<String> = match jobs {
+        Jobs::Ids(ids) => ids.to_vec(),
         Jobs::Prefix(..) => Vec::new(),
     };
+    unique.sort();
+    unique.dedup();
     let want = match jobs {
         Jobs::Ids(_) => unique.len(),
         Jobs::Prefix(_, n) => n,

@@ -31,7 +31,7 @@ pub const DISPATCH_MAX_DELIVER: i64 = 20;
 pub struct Dispatcher {
     cfg: Arc<Config>,
     routes: Arc<Routes>,
-    bus: Bus,
+    /// Settles its messages; its `bus` is also where the dispatcher consumes.
     settler: Settler,
     budget: Arc<crate::limits::budget::Book>,
 }
@@ -46,30 +46,25 @@ impl Dispatcher {
         budget: Arc<crate::limits::budget::Book>,
     ) -> Self {
         Self {
-            settler: Settler {
-                bus: bus.clone(),
-                writer,
-                token,
-            },
+            settler: Settler { bus, writer, token },
             cfg,
             routes,
-            bus,
             budget,
         }
     }
 
     pub async fn consumer(&self) -> Result<PullConsumer> {
-        let n = &self.bus.names;
-        self.bus
-            .pull_consumer(
-                &n.jobs_stream(),
-                n.dispatcher_consumer(),
-                &n.jobs_wildcard(),
-                self.cfg.ack_wait(),
-                DISPATCH_MAX_DELIVER,
-                (self.cfg.dispatcher.concurrency + self.cfg.writer.batch_size) as i64,
-            )
-            .await
+        let bus = &self.settler.bus;
+        let n = &bus.names;
+        bus.pull_consumer(
+            &n.jobs_stream(),
+            n.dispatcher_consumer(),
+            &n.jobs_wildcard(),
+            self.cfg.ack_wait(),
+            DISPATCH_MAX_DELIVER,
+            (self.cfg.dispatcher.concurrency + self.cfg.writer.batch_size) as i64,
+        )
+        .await
     }
 
     /// Handle one job message. Never panics on its content.
@@ -83,7 +78,7 @@ impl Dispatcher {
             }
         };
         let subject = msg.subject.to_string();
-        let category = self.bus.names.category_of(&subject).to_string();
+        let category = self.settler.bus.names.category_of(&subject).to_string();
         let parsed = parse_job(
             &msg.payload,
             &category,

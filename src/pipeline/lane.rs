@@ -47,7 +47,7 @@ enum Recorded {
 /// One provider lane: its consumer, its step and the settling path.
 pub struct Lane {
     step: LaneStep,
-    bus: Bus,
+    /// Settles its messages; its `bus` is also where the lane consumes.
     settler: Settler,
 }
 
@@ -117,12 +117,7 @@ impl Lane {
         let step = LaneStep::new(name, cfg, writer.clone(), pool, token.clone(), shared)?;
         Ok(Self {
             step,
-            settler: Settler {
-                bus: bus.clone(),
-                writer,
-                token,
-            },
-            bus,
+            settler: Settler { bus, writer, token },
         })
     }
 
@@ -152,18 +147,18 @@ impl Lane {
     }
 
     pub async fn consumer(&self) -> Result<PullConsumer> {
-        let n = &self.bus.names;
+        let bus = &self.settler.bus;
+        let n = &bus.names;
         let cfg = &self.step.cfg;
-        self.bus
-            .pull_consumer(
-                &n.calls_stream(),
-                &n.lane_consumer(&self.step.name),
-                &n.call_subject(&self.step.name),
-                cfg.ack_wait(),
-                self.max_deliver(),
-                (self.max_in_flight() + cfg.writer.batch_size) as i64,
-            )
-            .await
+        bus.pull_consumer(
+            &n.calls_stream(),
+            &n.lane_consumer(&self.step.name),
+            &n.call_subject(&self.step.name),
+            cfg.ack_wait(),
+            self.max_deliver(),
+            (self.max_in_flight() + cfg.writer.batch_size) as i64,
+        )
+        .await
     }
 
     /// Handle one call message: its step, then its settlement.
@@ -196,19 +191,14 @@ impl LaneStep {
         token: CancellationToken,
         shared: &LaneShared,
     ) -> Result<Self> {
-        let (fleet_store, budget, routes) = (
-            shared.fleet_store.clone(),
-            shared.budget.clone(),
-            shared.routes.clone(),
-        );
         let pc = cfg
             .providers
             .get(name)
             .ok_or_else(|| anyhow::anyhow!("no provider `{name}` in config"))?;
         let provider = Provider::from_config(name, pc)?;
         let lims = crate::limits::fleet::scope_limits(&cfg, name);
-        let shared = if pc.is_fleet() {
-            let store = fleet_store.ok_or_else(|| {
+        let fleet_limiter = if pc.is_fleet() {
+            let store = shared.fleet_store.clone().ok_or_else(|| {
                 anyhow::anyhow!("providers.{name}.fleet needs the limits KV bucket")
             })?;
             SharedLimiter::fleet(name, store, lims, &shared.services)
@@ -221,7 +211,7 @@ impl LaneStep {
             pc.input_tpm,
             pc.output_tpm,
             pc.max_concurrency,
-            shared,
+            fleet_limiter,
         )
         .counting_max_tokens(pc.counts_max_tokens())
         .budgets_shared(pc.is_fleet());
@@ -233,8 +223,8 @@ impl LaneStep {
             pool,
             provider,
             limiter: Arc::new(limiter),
-            budget,
-            routes,
+            budget: shared.budget.clone(),
+            routes: shared.routes.clone(),
             provider_timeout,
             token,
             in_hand: Default::default(),

@@ -100,7 +100,7 @@ impl HttpClient {
         for (k, v) in headers {
             rb = rb.header(*k, v);
         }
-        let resp = rb
+        let mut resp = rb
             .send()
             .await
             .map_err(|e| self.transport_error(&e, None))?;
@@ -127,7 +127,6 @@ impl HttpClient {
         }
         // Read chunk by chunk so a body without a (truthful) length cannot
         // grow past the limit either.
-        let mut resp = resp;
         let mut body = bytes::BytesMut::new();
         while let Some(chunk) = resp
             .chunk()

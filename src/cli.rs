@@ -320,15 +320,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let pool = store::connect_and_migrate(&g.database_url, 4).await?;
             let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
             let tasks = crate::tasks::Tasks::new();
-            crate::ops::dashboard::serve(
-                &listen,
-                pool,
-                bus,
-                cfg.providers.keys().cloned().collect(),
-                cfg.subject_categories(),
-                &tasks,
-            )
-            .await?;
+            crate::ops::dashboard::serve(&listen, pool, bus, &cfg, &tasks).await?;
             cancel_on_signal(tasks.token().clone());
             tasks.token().cancelled().await;
             tasks.stop(Duration::from_secs(10)).await;
@@ -403,7 +395,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             html,
         } => {
             let cfg = load()?;
-            let baseline = cfg.baseline(baseline.as_deref())?;
+            // A bad --baseline fails before connecting.
+            cfg.baseline(baseline.as_deref())?;
             let pool =
                 store::connect_and_migrate(&g.database_url, cfg.database.max_connections.min(4))
                     .await?;
@@ -413,7 +406,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 until,
                 category,
             };
-            let r = report::build(&pool, &filter, baseline).await?;
+            let r = report::build(&pool, &filter, &cfg, baseline.as_deref()).await?;
             if let Some(path) = &html {
                 std::fs::write(path, crate::ops::report_html::render(&r))
                     .with_context(|| format!("writing {}", path.display()))?;

@@ -8,6 +8,7 @@
 //! the CLI gives it a database of its own ([`DEMO_DATABASE`]) unless
 //! `DATABASE_URL` names one.
 
+use rust_decimal::prelude::ToPrimitive;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -168,7 +169,7 @@ pub async fn run(
         job_prefix: Some(run_id),
         ..Default::default()
     };
-    let report = report::build(&pool, &filter, cfg.baseline(None)?).await?;
+    let report = report::build(&pool, &filter, &cfg, None).await?;
     Ok(DemoOutcome {
         report,
         elapsed,
@@ -187,8 +188,44 @@ pub fn print(outcome: &DemoOutcome, jobs: usize) -> bool {
         outcome.elapsed.as_secs_f64(),
         outcome.report.total.cost_usd.round_dp(6)
     );
+    if let Some(line) = summary(&outcome.report) {
+        println!("{line}");
+    }
     if !outcome.finished {
         eprintln!("demo timed out before every job was terminal");
     }
     outcome.finished && pct >= 95.0
+}
+
+/// The savings in one sentence, both ways: against the baseline, and
+/// against the cheapest single model.
+fn summary(r: &report::Report) -> Option<String> {
+    let model = r.baseline_model.as_deref()?;
+    let (base, saved) = (r.baseline_cost_usd?, r.savings_usd?);
+    let actual = r.actual_cost_usd?;
+    let pct = if base.is_zero() {
+        0.0
+    } else {
+        (saved / base).to_f64().unwrap_or(0.0) * 100.0
+    };
+    let mut line = format!(
+        "The routes spent ${} on the {} answered jobs; one {model} call per job would have cost ${} ({} {:.1}%).",
+        actual.round_dp(6),
+        r.savings_total.jobs,
+        base.round_dp(6),
+        if saved >= rust_decimal::Decimal::ZERO {
+            "saved"
+        } else {
+            "routing cost more by"
+        },
+        pct.abs()
+    );
+    if let Some(cheapest) = r.what_if.iter().find(|w| w.category == "total") {
+        line.push_str(&format!(
+            " The cheapest model alone, {}, would have cost ${}: what routing buys beyond that is quality (see the overhead and what-if tables).",
+            cheapest.model,
+            cheapest.cost_usd.round_dp(6)
+        ));
+    }
+    Some(line)
 }

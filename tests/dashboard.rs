@@ -156,6 +156,38 @@ async fn metrics_and_the_dashboard_show_real_figures() {
     let cost = rust_decimal::Decimal::from_str_exact(&cost)
         .unwrap()
         .normalize();
+    // Savings of the last 24 hours, measured as `switchyard report` does.
+    assert_eq!(stats["baseline_model"], "gpt-4o", "{stats}");
+    let total = stats["savings_last_24h"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["category"] == "total")
+        .unwrap_or_else(|| panic!("a total line: {stats}"));
+    let answered = env
+        .count("SELECT count(*) FROM job_costs WHERE outcome = 'answered'")
+        .await;
+    assert_eq!(total["jobs"].as_i64(), Some(answered));
+    let (actual, baseline): (String, String) = sqlx::query_as(
+        "SELECT sum(actual_cost_usd)::text, sum(baseline_cost_usd)::text
+         FROM savings_by_category WHERE baseline_model = 'gpt-4o'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let dec = |s: &str| {
+        rust_decimal::Decimal::from_str_exact(s)
+            .unwrap()
+            .normalize()
+    };
+    assert_eq!(
+        dec(total["actual_cost_usd"].as_str().unwrap()),
+        dec(&actual)
+    );
+    assert_eq!(
+        dec(total["baseline_cost_usd"].as_str().unwrap()),
+        dec(&baseline)
+    );
 
     // The page, rendered by a real browser: the script fetched and drew the figures.
     if have("chromium (apt install chromium)", chromium().is_some()) {
@@ -181,6 +213,10 @@ async fn metrics_and_the_dashboard_show_real_figures() {
             "spend by model drawn: {dom}"
         );
         assert!(dom.contains("updated "), "{dom}");
+        assert!(
+            dom.contains("against one gpt-4o call per answered job"),
+            "savings drawn: {dom}"
+        );
         let shot = dir.join("dashboard.png");
         let out = headless(exe, &dir)
             .arg(format!("--screenshot={}", shot.display()))

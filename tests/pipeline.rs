@@ -165,7 +165,7 @@ async fn thousand_jobs_end_to_end_with_exact_costs() {
     );
 
     // The report's totals match SQL sums.
-    let r = report::build(&env.pool, &Default::default(), None)
+    let r = report::build(&env.pool, &Default::default(), &env.config(), None)
         .await
         .unwrap();
     assert_eq!(r.jobs_with_status("succeeded"), 1000);

@@ -96,6 +96,10 @@ async fn the_analyst_role_reads_results_and_costs_and_cannot_write() {
         "satisfaction_by_model",
         "satisfaction_by_route",
         "feedback",
+        "model_prices",
+        "job_costs",
+        "savings_by_category",
+        "what_if_by_model",
     ] {
         sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {view} LIMIT 1")))
             .execute(&mut conn)
@@ -111,6 +115,7 @@ async fn the_analyst_role_reads_results_and_costs_and_cannot_write() {
         "INSERT INTO feedback (job_id, score) VALUES ('priv-00000', 5)",
         "DELETE FROM results",
         "UPDATE calls SET cost_usd = 0",
+        "UPDATE model_prices SET input_per_mtok = 0",
         "INSERT INTO jobs (id, category) VALUES ('x', 'y')",
         "SELECT count(*) FROM dead_letters",
         "SELECT count(*) FROM _sqlx_migrations",

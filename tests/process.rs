@@ -264,9 +264,14 @@ async fn enqueue_waits_for_jobs_and_report_prints_them() {
     .await
     .unwrap();
     let csv = String::from_utf8(out.stdout).unwrap();
-    assert!(csv.starts_with("section,key,jobs,calls"));
+    assert!(csv.starts_with("section,key,model,jobs,calls"));
     assert!(
-        csv.lines().any(|l| l.starts_with("total,total,30,")),
+        csv.lines().any(|l| l.starts_with("total,total,,30,")),
+        "{csv}"
+    );
+    assert!(
+        csv.lines()
+            .any(|l| l.starts_with("savings,total,gpt-4o,30,")),
         "{csv}"
     );
 

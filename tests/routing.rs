@@ -661,7 +661,7 @@ async fn ab_split_is_deterministic_per_job_and_recorded() {
     }
     assert!((8..=32).contains(&variants), "{variants} of 40");
     // The report puts the variants side by side.
-    let r = switchyard::ops::report::build(&env.pool, &Default::default(), None)
+    let r = switchyard::ops::report::build(&env.pool, &Default::default(), &env.config(), None)
         .await
         .unwrap();
     let lines: Vec<(&str, i64)> = r

@@ -306,16 +306,14 @@ async fn feedback_command_rates_results_and_refuses_what_it_cannot_rate() {
     env.cleanup().await;
 }
 
-/// The demo's savings figure is what a hand computation over its `calls`
-/// rows gives: every answered call's tokens at the baseline's prices,
-/// against every call's recorded cost.
+/// A demo run on the shipped config: the report's savings (from `switchyard
+/// report --format json`) equal the SQL views' totals, every succeeded job's
+/// result is attributed to the call that answered it, and every cent spent
+/// is in the savings or shown apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_savings_match_a_hand_computation() {
-    use switchyard::pricing::Usage;
+async fn the_demo_report_and_the_savings_views_agree() {
     let env = TestEnv::new(Default::default()).await;
     let cfg = env.config();
-    let (base_model, base) = cfg.baseline(None).unwrap().expect("shipped baseline");
-    let base_model = base_model.to_string();
     let outcome = switchyard::demo::run(
         cfg.clone(),
         env.pool.clone(),
@@ -328,56 +326,37 @@ async fn the_demo_savings_match_a_hand_computation() {
     .unwrap();
     assert!(outcome.finished, "the demo finished");
     let r = &outcome.report;
-    assert_eq!(r.baseline_model.as_deref(), Some(base_model.as_str()));
+    assert_eq!(r.baseline_model.as_deref(), Some("gpt-4o"));
 
-    type CallRow = (String, String, i64, i64, i64, i64, Decimal);
-    let rows: Vec<CallRow> = sqlx::query_as(
-        "SELECT category, outcome, input_tokens, cached_input_tokens, cache_write_input_tokens,
-                output_tokens, cost_usd FROM calls",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
-    let mut actual = Decimal::ZERO;
-    let mut baseline = Decimal::ZERO;
-    let mut per_category: std::collections::BTreeMap<String, (Decimal, Decimal)> =
-        Default::default();
-    for (category, outcome, input, cached, cache_write, output, cost) in rows {
-        let b = if outcome == "ok" {
-            base.cost(&Usage {
-                input_tokens: input as u64,
-                cached_input_tokens: cached as u64,
-                cache_write_input_tokens: cache_write as u64,
-                output_tokens: output as u64,
-                ..Usage::default()
-            })
-        } else {
-            Decimal::ZERO
-        };
-        actual += cost;
-        baseline += b;
-        let e = per_category.entry(category).or_default();
-        e.0 += cost;
-        e.1 += b;
-    }
-    assert!(baseline > Decimal::ZERO && actual > Decimal::ZERO);
-    assert_eq!(r.actual_cost_usd, Some(actual));
-    assert_eq!(r.baseline_cost_usd, Some(baseline));
-    assert_eq!(r.savings_usd, Some(baseline - actual));
-    assert_eq!(r.actual_cost_usd, Some(r.total.cost_usd));
-    let lines: std::collections::BTreeMap<String, (Decimal, Decimal)> = r
-        .savings_by_category
-        .iter()
-        .map(|l| {
-            assert_eq!(l.savings_usd, l.baseline_cost_usd - l.actual_cost_usd);
-            (l.category.clone(), (l.actual_cost_usd, l.baseline_cost_usd))
-        })
-        .collect();
-    assert_eq!(lines, per_category);
-    // The routes spend less than the baseline model would have.
-    assert!(baseline > actual, "baseline {baseline} vs actual {actual}");
+    // The answer of every succeeded job is a recorded step's (or, for a
+    // single call, the job's only answered call's) output.
+    let unattributed = env
+        .count(
+            "SELECT count(*) FROM job_costs
+             WHERE status = 'succeeded' AND outcome <> 'answered'",
+        )
+        .await;
+    assert_eq!(unattributed, 0);
+    let mismatched = env
+        .count(
+            "SELECT count(*) FROM results r JOIN steps s
+                 ON s.job_id = r.job_id AND s.step = r.answer_step
+             WHERE s.output <> r.output OR s.model <> r.model",
+        )
+        .await;
+    assert_eq!(mismatched, 0);
+    let pipeline_answers = env
+        .count(
+            "SELECT count(*) FROM job_costs
+             WHERE route = 'pipeline' AND outcome = 'answered' AND answer_step <> 2",
+        )
+        .await;
+    assert_eq!(
+        pipeline_answers, 0,
+        "a pipeline's answer is its last stage's"
+    );
 
-    // The same figures through the command, in JSON.
+    // The command's JSON, and the views' totals.
     let out = common::switchyard(&env.child_env())
         .args(["report", "--format", "json"])
         .output()
@@ -389,9 +368,54 @@ async fn the_demo_savings_match_a_hand_computation() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let field = |k: &str| d(v[k].as_str().unwrap_or_else(|| panic!("{k} in {v}")));
-    assert_eq!(field("baseline_cost_usd"), baseline);
-    assert_eq!(field("actual_cost_usd"), actual);
-    assert_eq!(field("savings_usd"), baseline - actual);
+    type Totals = (i64, Decimal, Decimal, Decimal, Decimal, Decimal);
+    let view: Totals = sqlx::query_as(
+        "SELECT sum(jobs)::int8, sum(actual_cost_usd), sum(baseline_cost_usd), sum(savings_usd),
+                sum(overhead_cost_usd), sum(no_result_cost_usd)
+         FROM savings_by_category WHERE baseline_model = 'gpt-4o'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(view.0 > 80, "most of the 90 jobs answered: {}", view.0);
+    assert_eq!(v["savings_jobs"].as_i64(), Some(view.0));
+    assert_eq!(field("actual_cost_usd"), view.1.normalize());
+    assert_eq!(field("baseline_cost_usd"), view.2.normalize());
+    assert_eq!(field("savings_usd"), view.3.normalize());
+    let total = &v["savings_total"];
+    let total_field = |k: &str| d(total[k].as_str().unwrap_or_else(|| panic!("{k}")));
+    assert_eq!(total_field("overhead_cost_usd"), view.4.normalize());
+    assert_eq!(total_field("no_result_cost_usd"), view.5.normalize());
+    assert_eq!(
+        (r.baseline_cost_usd, r.actual_cost_usd),
+        (Some(view.2.normalize()), Some(view.1.normalize()))
+    );
+    // Every cent spent is in the savings or shown apart.
+    assert_eq!(
+        total_field("actual_cost_usd")
+            + total_field("person_cost_usd")
+            + total_field("no_result_cost_usd"),
+        d(v["total"]["cost_usd"].as_str().unwrap())
+    );
+    // The what-if per model, against the view.
+    let what_if: Vec<(String, String, Decimal)> =
+        sqlx::query_as("SELECT category, model, cost_usd FROM what_if_by_model")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        what_if.len(),
+        r.savings_by_category.len() * cfg.models.len()
+    );
+    for (category, model, cost) in what_if {
+        let line = v["what_if"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["category"] == category.as_str() && w["model"] == model.as_str())
+            .unwrap_or_else(|| panic!("what-if {category} {model}"));
+        assert_eq!(d(line["cost_usd"].as_str().unwrap()), cost.normalize());
+    }
     env.cleanup().await;
 }
 
@@ -484,7 +508,8 @@ async fn the_html_report_is_self_contained_with_its_charts() {
     assert!(html.contains("<title>support claude-haiku-4-5: 1 results (50.0%)</title>"));
     assert!(html.contains("<title>claude-sonnet-4-5 p95: 300 ms</title>"));
     // Savings against the baseline, and the total spent.
-    assert!(html.contains("Savings against gpt-4o alone"));
+    assert!(html.contains("Savings against one gpt-4o call per answered job"));
+    assert!(html.contains("What if one model alone had served each category"));
     assert!(html.contains("<b>$0.0142</b>"), "total spend shown");
     env.cleanup().await;
 }

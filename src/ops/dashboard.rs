@@ -19,7 +19,11 @@ use sqlx::PgPool;
 use tracing::{info, warn};
 
 use crate::bus::{Bus, QueueDepths};
+use crate::config::Config;
 use crate::metrics;
+use crate::ops::report::{savings_lines, SavingsLine};
+use crate::pricing::Prices;
+use crate::store::report::{Scope, TimeBound, TimeUnit};
 use crate::store::stats;
 pub use crate::store::stats::ModelSpend;
 
@@ -28,6 +32,7 @@ struct Ctx {
     bus: Bus,
     providers: Vec<String>,
     categories: Vec<String>,
+    baseline: Option<(String, Prices)>,
     depths: tokio::sync::RwLock<QueueDepths>,
 }
 
@@ -45,6 +50,11 @@ pub struct Stats {
     /// The last hour's calls and error rate by model.
     pub errors_last_hour: Vec<ModelErrors>,
     pub cost_today_usd: Decimal,
+    /// The model savings are measured against (`report.baseline_model`).
+    pub baseline_model: Option<String>,
+    /// Jobs created in the last 24 hours measured as `switchyard report`
+    /// measures them: per category, then `total`.
+    pub savings_last_24h: Vec<SavingsLine>,
 }
 
 #[derive(Debug, Serialize)]
@@ -61,8 +71,7 @@ pub async fn serve(
     listen: &str,
     pool: PgPool,
     bus: Bus,
-    providers: Vec<String>,
-    categories: Vec<String>,
+    cfg: &Config,
     tasks: &Tasks,
 ) -> Result<()> {
     let token = tasks.token().clone();
@@ -73,8 +82,13 @@ pub async fn serve(
     let ctx = Arc::new(Ctx {
         pool,
         bus,
-        providers,
-        categories,
+        providers: cfg.providers.keys().cloned().collect(),
+        categories: cfg.subject_categories(),
+        baseline: cfg
+            .baseline(None)
+            .ok()
+            .flatten()
+            .map(|(m, p)| (m.to_string(), p)),
         depths: Default::default(),
     });
     let poll = ctx.clone();
@@ -178,7 +192,17 @@ async fn read_stats(ctx: &Ctx) -> Result<Stats> {
         .map(|s| s.cost_usd)
         .sum::<Decimal>()
         .normalize();
+    let day = Scope {
+        since: TimeBound::Ago(24, TimeUnit::Hours),
+        ..Default::default()
+    };
+    let costs = crate::store::report::job_costs_by_category(p, &day).await?;
+    let (mut savings_last_24h, total) =
+        savings_lines(&costs, ctx.baseline.as_ref().map(|(_, p)| p));
+    savings_last_24h.push(total);
     Ok(Stats {
+        baseline_model: ctx.baseline.as_ref().map(|(m, _)| m.clone()),
+        savings_last_24h,
         finished_last_minute,
         finished_per_minute,
         jobs_today,
@@ -227,6 +251,7 @@ td:first-child,th:first-child{text-align:left}.bar{background:#4269d0;height:10p
 </div>
 <h2>Jobs finished per minute (last 10)</h2><div id="spark"></div>
 <h2>Queue depths</h2><table id="queues"></table>
+<h2 id="savings-title">Savings, jobs of the last 24 hours</h2><table id="savings"></table>
 <h2>Spend by model today (UTC)</h2><table id="spend"></table>
 <h2>Errors by model, last hour</h2><table id="errors"></table>
 <script>
@@ -247,6 +272,9 @@ async function tick(){
   fill('queues',['queue','messages'],Object.entries(s.queue.jobs).map(([k,v])=>['jobs: '+k,v]).concat(Object.entries(s.queue.lanes).map(([k,v])=>['lane: '+k,v])));
   const top=Math.max(1e-12,...s.spend_today.map(m=>Number(m.cost_usd)));
   fill('spend',['model','calls','USD',''],s.spend_today.map(m=>[m.model,m.calls,'$'+m.cost_usd,bar(Number(m.cost_usd)/top)]));
+  document.getElementById('savings-title').textContent='Savings, jobs of the last 24 hours'+(s.baseline_model?', against one '+s.baseline_model+' call per answered job':'');
+  const opt=v=>v==null?'-':'$'+v;
+  fill('savings',['category','answered jobs','actual','baseline','saved','cost ×','overhead','no result','spent on them'],s.savings_last_24h.map(l=>[l.category,l.jobs,'$'+l.actual_cost_usd,opt(l.baseline_cost_usd),opt(l.savings_usd),l.cost_ratio==null?'-':Number(l.cost_ratio).toFixed(2),'$'+l.overhead_cost_usd,l.no_result_jobs,'$'+l.no_result_cost_usd]));
   fill('errors',['model','calls','errors','error rate'],s.errors_last_hour.map(m=>[m.model,m.calls,m.errors,(100*m.error_rate).toFixed(1)+'%']));
   document.getElementById('status').textContent='updated '+new Date().toLocaleTimeString();
  }catch(e){document.getElementById('status').textContent='cannot load figures: '+e.message}

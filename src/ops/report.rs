@@ -10,25 +10,143 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::PgPool;
 
+use crate::config::Config;
 use crate::pricing::Prices;
-use crate::store::report::{self as rows, Scope, TimeBound, TimeUnit};
+use crate::store::report::{self as rows, CategoryCosts, Scope, TimeBound, TimeUnit};
 pub use crate::store::report::{
-    CostLine, DailySpend, LatencyLine, RouteLine, ServedBy, StatusCount,
+    CostLine, DailySpend, LatencyLine, OneCallTokens, Overhead, RouteLine, ServedBy, StatusCount,
 };
 
-/// What the same answered calls would have cost on the baseline model, per
-/// category (or in total).
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// A category's (or all) jobs measured against one call per job on the
+/// baseline model: the jobs a model answered, what all their calls cost and
+/// where that went (the answer call, and overhead by kind), what one baseline
+/// call per job would have cost (the first answered call's input, the
+/// answer's output, at the baseline's prices); apart, what jobs resolved by
+/// a person and jobs without a result cost; and what the routes bought.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct SavingsLine {
     pub category: String,
-    /// Jobs with calls in the report.
+    /// Jobs whose result is a model's answer: the jobs the savings cover.
     pub jobs: i64,
-    /// Every call's cost: answered, failed, retried, `unknown`.
+    /// Every call of those jobs: answers, retries, fallbacks, stages, voters,
+    /// judges, classifiers.
     pub actual_cost_usd: Decimal,
-    /// The answered calls' recorded tokens at the baseline model's prices.
-    pub baseline_cost_usd: Decimal,
+    /// One call per job on the baseline model (`None`: no baseline).
+    pub baseline_cost_usd: Option<Decimal>,
     /// Baseline minus actual (negative: the routes cost more).
+    pub savings_usd: Option<Decimal>,
+    /// Actual over baseline: 1.3 means the routes cost 1.3 times one
+    /// baseline call per job.
+    pub cost_ratio: Option<Decimal>,
+    /// The calls whose answers became the results.
+    pub answer_cost_usd: Decimal,
+    /// Everything else: `actual_cost_usd - answer_cost_usd`.
+    pub overhead_cost_usd: Decimal,
+    pub overhead: Overhead,
+    /// Succeeded jobs a person resolved in review (no model answer to price).
+    pub person_jobs: i64,
+    pub person_cost_usd: Decimal,
+    /// Jobs without a result (failed, dead, waiting for review, running):
+    /// spent, shown apart, never in the savings.
+    pub no_result_jobs: i64,
+    pub no_result_cost_usd: Decimal,
+    /// All the category's jobs in the report.
+    pub all_jobs: i64,
+    /// Fallback jobs that needed more than their first target, over all jobs.
+    pub fallback_rate: f64,
+    /// Jobs that went to a person, over all jobs.
+    pub review_rate: f64,
+    /// Ratings of the category's results (`switchyard feedback`), and their mean.
+    pub ratings: i64,
+    pub avg_score: Option<f64>,
+}
+
+/// What a category's answered jobs would have cost served by one model
+/// alone: one call per job at its prices, on the same tokens as the baseline.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct WhatIf {
+    /// A category, or `total`.
+    pub category: String,
+    pub model: String,
+    pub jobs: i64,
+    /// What those jobs cost as routed.
+    pub actual_cost_usd: Decimal,
+    /// What they would have cost on `model` alone.
+    pub cost_usd: Decimal,
+    /// `cost_usd - actual_cost_usd`: what routing saved against this model.
     pub savings_usd: Decimal,
+}
+
+fn ratio(n: i64, of: i64) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        n as f64 / of as f64
+    }
+}
+
+/// The savings line of one category's costs (or their sum).
+fn savings_line(c: &CategoryCosts, baseline: Option<&Prices>) -> SavingsLine {
+    let actual = c.actual_cost_usd.normalize();
+    let base = baseline.map(|p| c.tokens.cost(p).normalize());
+    SavingsLine {
+        category: c.category.clone(),
+        jobs: c.answered,
+        actual_cost_usd: actual,
+        baseline_cost_usd: base,
+        savings_usd: base.map(|b| (b - actual).normalize()),
+        cost_ratio: base
+            .filter(|b| !b.is_zero())
+            .map(|b| (actual / b).round_dp(3).normalize()),
+        answer_cost_usd: c.answer_cost_usd.normalize(),
+        overhead_cost_usd: (actual - c.answer_cost_usd).normalize(),
+        overhead: c.overhead.normalize(),
+        person_jobs: c.person_jobs,
+        person_cost_usd: c.person_cost_usd.normalize(),
+        no_result_jobs: c.no_result_jobs,
+        no_result_cost_usd: c.no_result_cost_usd.normalize(),
+        all_jobs: c.jobs,
+        fallback_rate: ratio(c.fell_back, c.jobs),
+        review_rate: ratio(c.reviewed, c.jobs),
+        ratings: c.ratings,
+        avg_score: (c.ratings > 0).then(|| c.score_sum as f64 / c.ratings as f64),
+    }
+}
+
+/// The savings lines of categories' costs, and of their sum (`total`).
+pub fn savings_lines(
+    costs: &[CategoryCosts],
+    baseline: Option<&Prices>,
+) -> (Vec<SavingsLine>, SavingsLine) {
+    (
+        costs.iter().map(|c| savings_line(c, baseline)).collect(),
+        savings_line(&sum_costs(costs), baseline),
+    )
+}
+
+/// The sum of categories' costs, as category `total`.
+fn sum_costs(lines: &[CategoryCosts]) -> CategoryCosts {
+    let mut t = CategoryCosts {
+        category: "total".into(),
+        ..Default::default()
+    };
+    for c in lines {
+        t.jobs += c.jobs;
+        t.answered += c.answered;
+        t.actual_cost_usd += c.actual_cost_usd;
+        t.answer_cost_usd += c.answer_cost_usd;
+        t.overhead += &c.overhead;
+        t.tokens += c.tokens;
+        t.person_jobs += c.person_jobs;
+        t.person_cost_usd += c.person_cost_usd;
+        t.no_result_jobs += c.no_result_jobs;
+        t.no_result_cost_usd += c.no_result_cost_usd;
+        t.fell_back += c.fell_back;
+        t.reviewed += c.reviewed;
+        t.ratings += c.ratings;
+        t.score_sum += c.score_sum;
+    }
+    t
 }
 
 /// Which rows a report covers. Times are RFC 3339 / ISO dates
@@ -87,12 +205,21 @@ pub struct Report {
     pub latency_by_model: Vec<LatencyLine>,
     /// The model savings are measured against (`report.baseline_model`).
     pub baseline_model: Option<String>,
+    /// One call per answered job on the baseline model ([`SavingsLine`]).
     pub baseline_cost_usd: Option<Decimal>,
+    /// Every call of the jobs a model answered.
     pub actual_cost_usd: Option<Decimal>,
     pub savings_usd: Option<Decimal>,
-    /// Jobs with calls, each counted once.
+    /// Jobs a model answered: the jobs the savings cover.
     pub savings_jobs: Option<i64>,
+    /// Per category (jobs by their creation time, in their final category).
     pub savings_by_category: Vec<SavingsLine>,
+    /// The categories' sum, with the spend kept apart (person-resolved
+    /// jobs, jobs without a result).
+    pub savings_total: SavingsLine,
+    /// Every configured model alone, per category and in total, the
+    /// cheapest first.
+    pub what_if: Vec<WhatIf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -102,13 +229,16 @@ pub enum Format {
     Csv,
 }
 
-/// Build the report for the rows `filter` selects; with `baseline` (a
-/// model's name and prices), the savings against it.
+/// Build the report for the rows `filter` selects, with savings against
+/// `baseline` (a model of `cfg`; default `report.baseline_model`) and what
+/// every model of `cfg` alone would have cost.
 pub async fn build(
     pool: &PgPool,
     filter: &Filter,
-    baseline: Option<(&str, Prices)>,
+    cfg: &Config,
+    baseline: Option<&str>,
 ) -> Result<Report> {
+    let baseline = cfg.baseline(baseline)?;
     let scope = Scope {
         job_prefix: filter.job_prefix.clone(),
         since: bound("--since", &filter.since)?,
@@ -131,35 +261,31 @@ pub async fn build(
     let served_by = rows::served_by(pool, &scope).await?;
     let daily = rows::daily_spend(pool, &scope).await?;
     let latency_by_model = rows::latency_by_model(pool, &scope).await?;
-    let mut savings_by_category = Vec::new();
-    let mut savings_total = None;
-    if let Some((_, b)) = &baseline {
-        // Every answered call's recorded tokens at the baseline's prices,
-        // against every call's real cost.
-        let repriced = rows::repriced_by_category(pool, &scope, b).await?;
-        let line = |category: String, jobs: i64, actual: Decimal, base: Decimal| SavingsLine {
-            category,
-            jobs,
-            actual_cost_usd: actual,
-            baseline_cost_usd: base,
-            savings_usd: base - actual,
-        };
-        let (mut actual, mut base) = (Decimal::ZERO, Decimal::ZERO);
-        for r in repriced {
-            let (a, bl) = (r.actual_cost_usd.normalize(), r.repriced_usd.normalize());
-            actual += a;
-            base += bl;
-            savings_by_category.push(line(r.category, r.jobs, a, bl));
-        }
-        // A classified job has calls in `auto` and in its category: count it once.
-        let jobs = rows::jobs_with_calls(pool, &scope).await?;
-        savings_total = Some(line(
-            "total".into(),
-            jobs,
-            actual.normalize(),
-            base.normalize(),
-        ));
+    let costs = rows::job_costs_by_category(pool, &scope).await?;
+    let sum = sum_costs(&costs);
+    let base_prices = baseline.as_ref().map(|(_, p)| p);
+    let (savings_by_category, savings_total) = savings_lines(&costs, base_prices);
+    let mut what_if = Vec::new();
+    for c in costs.iter().chain(std::iter::once(&sum)) {
+        let mut lines: Vec<WhatIf> = cfg
+            .models
+            .iter()
+            .map(|(model, m)| {
+                let cost = c.tokens.cost(&m.prices()).normalize();
+                WhatIf {
+                    category: c.category.clone(),
+                    model: model.clone(),
+                    jobs: c.answered,
+                    actual_cost_usd: c.actual_cost_usd.normalize(),
+                    cost_usd: cost,
+                    savings_usd: (cost - c.actual_cost_usd).normalize(),
+                }
+            })
+            .collect();
+        lines.sort_by(|a, b| a.cost_usd.cmp(&b.cost_usd).then(a.model.cmp(&b.model)));
+        what_if.extend(lines);
     }
+    let with_baseline = |v: Decimal| baseline.as_ref().map(|_| v);
     Ok(Report {
         routes,
         served_by,
@@ -167,12 +293,14 @@ pub async fn build(
         since: filter.since.clone(),
         until: filter.until.clone(),
         category: filter.category.clone(),
-        baseline_model: baseline.map(|(m, _)| m.to_string()),
-        baseline_cost_usd: savings_total.as_ref().map(|t| t.baseline_cost_usd),
-        actual_cost_usd: savings_total.as_ref().map(|t| t.actual_cost_usd),
-        savings_usd: savings_total.as_ref().map(|t| t.savings_usd),
-        savings_jobs: savings_total.as_ref().map(|t| t.jobs),
+        baseline_model: baseline.as_ref().map(|(m, _)| m.to_string()),
+        baseline_cost_usd: savings_total.baseline_cost_usd,
+        actual_cost_usd: with_baseline(savings_total.actual_cost_usd),
+        savings_usd: savings_total.savings_usd,
+        savings_jobs: baseline.as_ref().map(|_| savings_total.jobs),
         savings_by_category,
+        savings_total,
+        what_if,
         daily_spend: daily
             .into_iter()
             .map(|d| DailySpend {
@@ -248,48 +376,147 @@ impl Report {
     }
 
     fn savings_table(&self, out: &mut String) {
-        let Some(model) = &self.baseline_model else {
-            return;
+        let lines = || {
+            self.savings_by_category
+                .iter()
+                .chain(std::iter::once(&self.savings_total))
         };
-        let _ = writeln!(
-            out,
-            "\nSavings against {model} alone (its prices on every answered call's tokens)"
-        );
-        let _ = writeln!(
-            out,
-            "  {:<14} {:>7} {:>12} {:>12} {:>12} {:>8}",
-            "category", "jobs", "actual USD", "baseline USD", "saved USD", "saved %"
-        );
-        let total = SavingsLine {
-            category: "total".into(),
-            jobs: self.savings_jobs.unwrap_or_default(),
-            actual_cost_usd: self.actual_cost_usd.unwrap_or_default(),
-            baseline_cost_usd: self.baseline_cost_usd.unwrap_or_default(),
-            savings_usd: self.savings_usd.unwrap_or_default(),
-        };
-        for l in self
-            .savings_by_category
-            .iter()
-            .chain(std::iter::once(&total))
-        {
-            let pct = if l.baseline_cost_usd.is_zero() {
+        let usd = |d: Decimal| d.round_dp(6).to_string();
+        let pct = |n: Decimal, of: Decimal| {
+            if of.is_zero() {
                 "-".to_string()
             } else {
-                format!(
-                    "{:.1}",
-                    (l.savings_usd / l.baseline_cost_usd * Decimal::ONE_HUNDRED).round_dp(1)
-                )
-            };
+                format!("{:.1}", (n / of * Decimal::ONE_HUNDRED).round_dp(1))
+            }
+        };
+        if let Some(model) = &self.baseline_model {
             let _ = writeln!(
                 out,
-                "  {:<14} {:>7} {:>12} {:>12} {:>12} {:>8}",
-                l.category,
-                l.jobs,
-                l.actual_cost_usd.round_dp(6).to_string(),
-                l.baseline_cost_usd.round_dp(6).to_string(),
-                l.savings_usd.round_dp(6).to_string(),
-                pct
+                "\nSavings against {model}: one {model} call per answered job (its first call's input, its answer's output)"
             );
+            let _ = writeln!(
+                out,
+                "  {:<14} {:>7} {:>12} {:>12} {:>12} {:>8} {:>8}",
+                "category", "jobs", "actual USD", "baseline USD", "saved USD", "saved %", "cost x"
+            );
+            for l in lines() {
+                let base = l.baseline_cost_usd.unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  {:<14} {:>7} {:>12} {:>12} {:>12} {:>8} {:>8}",
+                    l.category,
+                    l.jobs,
+                    usd(l.actual_cost_usd),
+                    usd(base),
+                    usd(l.savings_usd.unwrap_or_default()),
+                    pct(l.savings_usd.unwrap_or_default(), base),
+                    l.cost_ratio.map_or("-".into(), |r| format!("{:.2}", r))
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\nWhere the answered jobs' money went: the answer calls, and the overhead by kind (USD)"
+        );
+        let _ = write!(out, "  {:<14} {:>11}", "category", "answer");
+        for (name, _) in Overhead::default().parts() {
+            let _ = write!(out, " {name:>11}");
+        }
+        let _ = writeln!(out, " {:>11} {:>9}", "overhead", "overhd %");
+        for l in lines() {
+            let _ = write!(out, "  {:<14} {:>11}", l.category, usd(l.answer_cost_usd));
+            for (_, v) in l.overhead.parts() {
+                let _ = write!(out, " {:>11}", usd(v));
+            }
+            let _ = writeln!(
+                out,
+                " {:>11} {:>9}",
+                usd(l.overhead_cost_usd),
+                pct(l.overhead_cost_usd, l.actual_cost_usd)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nWhat the routes bought, and what was spent apart from the savings"
+        );
+        let _ = writeln!(
+            out,
+            "  {:<14} {:>7} {:>9} {:>9} {:>8} {:>6} {:>12} {:>12} {:>12} {:>12}",
+            "category",
+            "jobs",
+            "fallbk %",
+            "review %",
+            "ratings",
+            "score",
+            "by a person",
+            "person USD",
+            "no result",
+            "no rslt USD"
+        );
+        for l in lines() {
+            let _ = writeln!(
+                out,
+                "  {:<14} {:>7} {:>9.1} {:>9.1} {:>8} {:>6} {:>12} {:>12} {:>12} {:>12}",
+                l.category,
+                l.all_jobs,
+                100.0 * l.fallback_rate,
+                100.0 * l.review_rate,
+                l.ratings,
+                l.avg_score.map_or("-".into(), |s| format!("{s:.2}")),
+                l.person_jobs,
+                usd(l.person_cost_usd),
+                l.no_result_jobs,
+                usd(l.no_result_cost_usd)
+            );
+        }
+        self.what_if_table(out);
+    }
+
+    /// Models as rows, categories (and the total) as columns; the routes'
+    /// actual cost on top.
+    fn what_if_table(&self, out: &mut String) {
+        let mut categories: Vec<&str> = Vec::new();
+        let mut models: Vec<&str> = Vec::new();
+        for w in &self.what_if {
+            if !categories.contains(&w.category.as_str()) {
+                categories.push(&w.category);
+            }
+            if !models.contains(&w.model.as_str()) {
+                models.push(&w.model);
+            }
+        }
+        if categories.is_empty() {
+            return;
+        }
+        models.sort();
+        let _ = writeln!(
+            out,
+            "\nWhat if one model alone had served each category (USD, one call per answered job)"
+        );
+        let _ = write!(out, "  {:<24}", "");
+        for c in &categories {
+            let _ = write!(out, " {c:>12}");
+        }
+        let _ = writeln!(out);
+        let cell = |c: &str, m: Option<&str>| {
+            self.what_if
+                .iter()
+                .find(|w| w.category == c && m.is_none_or(|m| w.model == m))
+                .map_or("-".to_string(), |w| {
+                    let v = if m.is_some() {
+                        w.cost_usd
+                    } else {
+                        w.actual_cost_usd
+                    };
+                    v.round_dp(6).to_string()
+                })
+        };
+        for m in std::iter::once(None).chain(models.iter().map(|m| Some(*m))) {
+            let _ = write!(out, "  {:<24}", m.unwrap_or("(as routed)"));
+            for c in &categories {
+                let _ = write!(out, " {:>12}", cell(c, m));
+            }
+            let _ = writeln!(out);
         }
     }
 
@@ -347,60 +574,128 @@ impl Report {
     }
 
     fn to_csv(&self) -> String {
-        let mut out = String::from(
-            "section,key,jobs,calls,ok_calls,input_tokens,cached_input_tokens,cache_write_input_tokens,output_tokens,reasoning_tokens,cost_usd,baseline_cost_usd,savings_usd\n",
-        );
+        let mut out = CSV_COLUMNS.join(",");
+        out.push('\n');
+        let mut row = |cols: &[(&str, String)]| {
+            let cells: Vec<String> = CSV_COLUMNS
+                .iter()
+                .map(|name| {
+                    cols.iter()
+                        .find(|(n, _)| n == name)
+                        .map_or(String::new(), |(_, v)| csv_field(v))
+                })
+                .collect();
+            out.push_str(&cells.join(","));
+            out.push('\n');
+        };
+        let opt = |d: Option<Decimal>| d.map_or(String::new(), |d| d.to_string());
         for s in &self.jobs_by_status {
-            let _ = writeln!(out, "status,{},{},,,,,,,,,,", csv_field(&s.status), s.jobs);
+            row(&[
+                ("section", "status".into()),
+                ("key", s.status.clone()),
+                ("jobs", s.jobs.to_string()),
+            ]);
         }
-        for l in &self.savings_by_category {
-            let _ = writeln!(
-                out,
-                "savings,{},{},,,,,,,,{},{},{}",
-                csv_field(&l.category),
-                l.jobs,
-                l.actual_cost_usd,
-                l.baseline_cost_usd,
-                l.savings_usd
-            );
-        }
-        for (section, lines) in [("category", &self.by_category), ("model", &self.by_model)] {
-            for l in lines.iter() {
-                let _ = writeln!(
-                    out,
-                    "{section},{},,{},{},{},{},{},{},{},{},,",
-                    csv_field(&l.key),
-                    l.calls,
-                    l.ok_calls,
-                    l.input_tokens,
-                    l.cached_input_tokens,
-                    l.cache_write_input_tokens,
-                    l.output_tokens,
-                    l.reasoning_tokens,
-                    l.cost_usd
-                );
+        for l in self
+            .savings_by_category
+            .iter()
+            .chain(std::iter::once(&self.savings_total))
+        {
+            let parts: Vec<(String, String)> = l
+                .overhead
+                .parts()
+                .iter()
+                .map(|(name, v)| (format!("{name}_usd"), v.to_string()))
+                .collect();
+            let mut cols = vec![
+                ("section", "savings".into()),
+                ("key", l.category.clone()),
+                ("model", self.baseline_model.clone().unwrap_or_default()),
+                ("jobs", l.jobs.to_string()),
+                ("cost_usd", l.actual_cost_usd.to_string()),
+                ("baseline_cost_usd", opt(l.baseline_cost_usd)),
+                ("savings_usd", opt(l.savings_usd)),
+                ("answer_cost_usd", l.answer_cost_usd.to_string()),
+                ("overhead_cost_usd", l.overhead_cost_usd.to_string()),
+            ];
+            cols.extend(parts.iter().map(|(n, v)| (n.as_str(), v.clone())));
+            row(&cols);
+            for (section, jobs, cost) in [
+                ("person", l.person_jobs, l.person_cost_usd),
+                ("no_result", l.no_result_jobs, l.no_result_cost_usd),
+            ] {
+                row(&[
+                    ("section", section.into()),
+                    ("key", l.category.clone()),
+                    ("jobs", jobs.to_string()),
+                    ("cost_usd", cost.to_string()),
+                ]);
             }
         }
-        let t = &self.total;
-        let _ = writeln!(
-            out,
-            "total,total,{},{},{},{},{},{},{},{},{},{},{}",
-            self.total_jobs(),
-            t.calls,
-            t.ok_calls,
-            t.input_tokens,
-            t.cached_input_tokens,
-            t.cache_write_input_tokens,
-            t.output_tokens,
-            t.reasoning_tokens,
-            t.cost_usd,
-            self.baseline_cost_usd
-                .map_or(String::new(), |d| d.to_string()),
-            self.savings_usd.map_or(String::new(), |d| d.to_string())
-        );
+        for w in &self.what_if {
+            row(&[
+                ("section", "what_if".into()),
+                ("key", w.category.clone()),
+                ("model", w.model.clone()),
+                ("jobs", w.jobs.to_string()),
+                ("cost_usd", w.actual_cost_usd.to_string()),
+                ("baseline_cost_usd", w.cost_usd.to_string()),
+                ("savings_usd", w.savings_usd.to_string()),
+            ]);
+        }
+        let lines = [("category", &self.by_category), ("model", &self.by_model)];
+        let total = ("total", self.total_jobs(), &self.total);
+        let keyed = lines
+            .iter()
+            .flat_map(|(section, lines)| lines.iter().map(move |l| (*section, None, l)))
+            .chain(std::iter::once((total.0, Some(total.1), total.2)));
+        for (section, jobs, l) in keyed {
+            row(&[
+                ("section", section.into()),
+                ("key", l.key.clone()),
+                ("jobs", jobs.map_or(String::new(), |j| j.to_string())),
+                ("calls", l.calls.to_string()),
+                ("ok_calls", l.ok_calls.to_string()),
+                ("input_tokens", l.input_tokens.to_string()),
+                ("cached_input_tokens", l.cached_input_tokens.to_string()),
+                (
+                    "cache_write_input_tokens",
+                    l.cache_write_input_tokens.to_string(),
+                ),
+                ("output_tokens", l.output_tokens.to_string()),
+                ("reasoning_tokens", l.reasoning_tokens.to_string()),
+                ("cost_usd", l.cost_usd.to_string()),
+            ]);
+        }
         out
     }
 }
+
+/// The CSV's columns; each section fills those it has (docs/analytics.md).
+const CSV_COLUMNS: [&str; 22] = [
+    "section",
+    "key",
+    "model",
+    "jobs",
+    "calls",
+    "ok_calls",
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_input_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "baseline_cost_usd",
+    "savings_usd",
+    "answer_cost_usd",
+    "overhead_cost_usd",
+    "retries_usd",
+    "classifier_usd",
+    "fallback_usd",
+    "stages_usd",
+    "voters_usd",
+    "judge_usd",
+];
 
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 
-use crate::ops::report::Report;
+use crate::ops::report::{Overhead, Report};
 
 /// Colours for series, in order (colour-blind-friendly palette).
 const COLOURS: [&str; 8] = [
@@ -367,41 +367,21 @@ td:first-child,th:first-child{text-align:left}.a,.l{font-size:11px;fill:#444}.l{
     kpi(&mut o, "provider calls", r.total.calls.to_string());
     kpi(&mut o, "spent", usd(r.total.cost_usd));
     if let (Some(m), Some(b), Some(s)) = (&r.baseline_model, r.baseline_cost_usd, r.savings_usd) {
-        kpi(&mut o, &format!("on {m} alone"), usd(b));
+        kpi(&mut o, &format!("one {m} call per job"), usd(b));
         kpi(&mut o, "saved", usd(s));
     }
+    kpi(
+        &mut o,
+        "spent on jobs without a result",
+        usd(r.savings_total.no_result_cost_usd),
+    );
     o.push_str("<h2>Spend by model per day (UTC)</h2>");
     o.push_str(&spend_chart(r));
     o.push_str("<h2>Which models served each category</h2>");
     o.push_str(&usage_chart(r));
     o.push_str("<h2>Provider latency per model (answered calls)</h2>");
     o.push_str(&latency_chart(r));
-    if let Some(m) = &r.baseline_model {
-        let _ = write!(o, "<h2>Savings against {} alone</h2>", esc(m));
-        table(
-            &mut o,
-            &["category", "jobs", "actual", "baseline", "saved"],
-            r.savings_by_category
-                .iter()
-                .map(|l| {
-                    vec![
-                        l.category.clone(),
-                        l.jobs.to_string(),
-                        usd(l.actual_cost_usd),
-                        usd(l.baseline_cost_usd),
-                        usd(l.savings_usd),
-                    ]
-                })
-                .chain(std::iter::once(vec![
-                    "total".into(),
-                    r.savings_jobs.unwrap_or_default().to_string(),
-                    usd(r.actual_cost_usd.unwrap_or_default()),
-                    usd(r.baseline_cost_usd.unwrap_or_default()),
-                    usd(r.savings_usd.unwrap_or_default()),
-                ]))
-                .collect(),
-        );
-    }
+    savings_tables(&mut o, r);
     o.push_str("<h2>Routes</h2>");
     table(
         &mut o,
@@ -461,6 +441,116 @@ td:first-child,th:first-child{text-align:left}.a,.l{font-size:11px;fill:#444}.l{
     );
     o.push_str("</body></html>\n");
     o
+}
+
+/// Savings against one baseline call per job, where the money went, what
+/// the routes bought and what every model alone would have cost.
+fn savings_tables(o: &mut String, r: &Report) {
+    let lines = || {
+        r.savings_by_category
+            .iter()
+            .chain(std::iter::once(&r.savings_total))
+    };
+    let opt = |d: Option<Decimal>| d.map_or("-".to_string(), usd);
+    if let Some(m) = &r.baseline_model {
+        let _ = write!(
+            o,
+            "<h2>Savings against one {} call per answered job</h2>",
+            esc(m)
+        );
+        table(
+            o,
+            &["category", "jobs", "actual", "baseline", "saved", "cost ×"],
+            lines()
+                .map(|l| {
+                    vec![
+                        l.category.clone(),
+                        l.jobs.to_string(),
+                        usd(l.actual_cost_usd),
+                        opt(l.baseline_cost_usd),
+                        opt(l.savings_usd),
+                        l.cost_ratio.map_or("-".into(), |x| format!("{x:.2}")),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    o.push_str("<h2>Where the answered jobs' money went</h2>");
+    let mut head = vec!["category", "answer"];
+    head.extend(Overhead::default().parts().map(|(name, _)| name));
+    head.push("overhead");
+    table(
+        o,
+        &head,
+        lines()
+            .map(|l| {
+                let mut row = vec![l.category.clone(), usd(l.answer_cost_usd)];
+                row.extend(l.overhead.parts().map(|(_, v)| usd(v)));
+                row.push(usd(l.overhead_cost_usd));
+                row
+            })
+            .collect(),
+    );
+    o.push_str("<h2>What the routes bought, and what was spent apart</h2>");
+    table(
+        o,
+        &[
+            "category",
+            "jobs",
+            "fell back",
+            "reviewed",
+            "ratings",
+            "mean score",
+            "resolved by a person",
+            "their cost",
+            "without a result",
+            "their cost",
+        ],
+        lines()
+            .map(|l| {
+                vec![
+                    l.category.clone(),
+                    l.all_jobs.to_string(),
+                    format!("{:.1}%", 100.0 * l.fallback_rate),
+                    format!("{:.1}%", 100.0 * l.review_rate),
+                    l.ratings.to_string(),
+                    l.avg_score.map_or("-".into(), |x| format!("{x:.2}")),
+                    l.person_jobs.to_string(),
+                    usd(l.person_cost_usd),
+                    l.no_result_jobs.to_string(),
+                    usd(l.no_result_cost_usd),
+                ]
+            })
+            .collect(),
+    );
+    if r.what_if.is_empty() {
+        return;
+    }
+    o.push_str("<h2>What if one model alone had served each category</h2>");
+    table(
+        o,
+        &[
+            "category",
+            "model",
+            "jobs",
+            "as routed",
+            "that model alone",
+            "saved by routing",
+        ],
+        r.what_if
+            .iter()
+            .map(|w| {
+                vec![
+                    w.category.clone(),
+                    w.model.clone(),
+                    w.jobs.to_string(),
+                    usd(w.actual_cost_usd),
+                    usd(w.cost_usd),
+                    usd(w.savings_usd),
+                ]
+            })
+            .collect(),
+    );
 }
 
 #[cfg(test)]

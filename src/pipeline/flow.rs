@@ -152,12 +152,17 @@ pub fn effects_budgeted(
                 });
             }
         }
-        Decision::Complete { output, model } => {
+        Decision::Complete {
+            output,
+            model,
+            step,
+        } => {
             fx.rows.push(Row::Result(ResultRow {
                 job_id: ctx.job_id.clone(),
                 category: ctx.category.clone(),
                 output,
                 model,
+                answer_step: Some(step),
                 finish_reason: None,
                 latency_ms: (now_ms() - ctx.enqueued_at_ms).max(0),
             }));

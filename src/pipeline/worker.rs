@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::pipeline::dispatcher::Dispatcher;
 use crate::pipeline::lane::Lane;
 use crate::route::Routes;
+use crate::store::prices::ModelPrices;
 use crate::store::Writer;
 use crate::tasks::Tasks;
 
@@ -96,6 +97,23 @@ impl WorkerHandle {
     }
 }
 
+/// Write `cfg`'s models and their prices to `model_prices`, with its
+/// baseline marked: the savings views price counterfactual calls at them.
+pub async fn sync_prices(pool: &PgPool, cfg: &Config) -> Result<()> {
+    let prices: Vec<ModelPrices> = cfg
+        .models
+        .iter()
+        .map(|(name, m)| ModelPrices {
+            model: name.clone(),
+            provider: m.provider.clone(),
+            prices: m.prices(),
+        })
+        .collect();
+    crate::store::prices::sync(pool, &prices, cfg.report.baseline_model.as_deref())
+        .await
+        .context("writing the configured models' prices to `model_prices`")
+}
+
 /// Start the dispatcher and lanes selected by `opts`.
 pub async fn start(
     cfg: Arc<Config>,
@@ -106,6 +124,7 @@ pub async fn start(
     // Every route built now: a bad one stops the start, naming its key.
     let routes = Arc::new(Routes::build(&cfg).map_err(|e| anyhow::anyhow!("config: {e}"))?);
     bus.ensure_streams(&cfg).await?;
+    sync_prices(&pool, &cfg).await?;
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     let services = Tasks::new();
@@ -243,8 +262,7 @@ pub async fn start(
             listen,
             pool.clone(),
             bus.clone(),
-            cfg.providers.keys().cloned().collect(),
-            cfg.subject_categories(),
+            &cfg,
             &Tasks::from_parts(tracker.clone(), token.clone()),
         )
         .await?;

@@ -55,6 +55,7 @@ pub(super) fn next<'a>(
                 return Decision::Complete {
                     output: g[0].output.clone().unwrap_or_default(),
                     model: g[0].model.clone(),
+                    step: g[0].step,
                 };
             }
         }
@@ -97,6 +98,7 @@ pub(super) fn next<'a>(
                     Some(r) => Decision::Complete {
                         output: r.output.clone().unwrap_or_default(),
                         model: r.model.clone(),
+                        step: r.step,
                     },
                     None => Decision::Review {
                         reason: "no consensus and the judge gave no usable verdict".into(),

@@ -27,6 +27,7 @@ pub(super) fn next<'a>(
                         return Decision::Complete {
                             output: r.output.clone().unwrap_or_default(),
                             model: r.model.clone(),
+                            step: r.step,
                         };
                     }
                 }

@@ -212,8 +212,12 @@ pub struct StepCall {
 pub enum Decision {
     /// Make these calls (several at once for consensus).
     Calls(Vec<StepCall>),
-    /// The job succeeded with this answer.
-    Complete { output: String, model: String },
+    /// The job succeeded with this answer, given by `model` at `step`.
+    Complete {
+        output: String,
+        model: String,
+        step: i32,
+    },
     /// A person must finish the job.
     Review { reason: String },
     /// The job failed.

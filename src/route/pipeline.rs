@@ -47,6 +47,7 @@ pub(super) fn next<'a>(
             Some(r) => Decision::Complete {
                 output: r.output.clone().unwrap_or_default(),
                 model: r.model.clone(),
+                step: r.step,
             },
             None => Decision::Fail {
                 error: "a pipeline plan with no stages".into(),

@@ -12,6 +12,7 @@ pub(super) fn next(target: &Target, conv: &[Message], rec: Option<&StepRecord>) 
         Some(r) if r.outcome == StepOutcome::Ok => Decision::Complete {
             output: r.output.clone().unwrap_or_default(),
             model: r.model.clone(),
+            step: r.step,
         },
         Some(r) => Decision::Fail {
             error: r.reason.clone().unwrap_or_else(|| "call failed".into()),

@@ -132,7 +132,8 @@ fn single_calls_then_completes_or_fails() {
         next(&p, &c, &[ok(0, "a", "yes")]),
         Decision::Complete {
             output: "yes".into(),
-            model: "a".into()
+            model: "a".into(),
+            step: 0
         }
     );
     assert!(matches!(
@@ -160,7 +161,8 @@ fn fallback_starts_cheapest_and_stops_at_the_first_good_answer() {
         next(&p, &c, &[ok(0, "cheap", "fine")]),
         Decision::Complete {
             output: "fine".into(),
-            model: "cheap".into()
+            model: "cheap".into(),
+            step: 0
         }
     );
 }
@@ -188,7 +190,8 @@ fn fallback_moves_on_after_failure_and_too_slow() {
         next(&p, &c, &[failed(0, "cheap"), slow, ok(2, "strong", "done")]),
         Decision::Complete {
             output: "done".into(),
-            model: "strong".into()
+            model: "strong".into(),
+            step: 2
         }
     );
 }
@@ -307,7 +310,8 @@ fn pipeline_runs_stages_in_order_with_templates() {
         next(&p, &c, &h),
         Decision::Complete {
             output: "F1".into(),
-            model: "c".into()
+            model: "c".into(),
+            step: 2
         }
     );
 }
@@ -367,7 +371,8 @@ fn consensus_majority_of_normalised_answers_wins() {
         next(&p, &conv("q"), &h),
         Decision::Complete {
             output: "Paris.".into(),
-            model: "x".into()
+            model: "x".into(),
+            step: 0
         }
     );
 }
@@ -408,7 +413,8 @@ fn a_judge_settles_disagreement() {
         next(&p, &c, &h2),
         Decision::Complete {
             output: "c".into(),
-            model: "z".into()
+            model: "z".into(),
+            step: 2
         }
     );
     let mut h3 = h.clone();

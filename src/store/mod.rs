@@ -11,6 +11,7 @@
 //! - [`dlq`]: dead letters and the replay claim.
 //! - [`report`]: the report's reads for a time window, category or prefix.
 //! - [`stats`]: the dashboard's figures.
+//! - [`prices`]: the configured models' prices, for the savings views.
 //! - [`spend`]: category spend for budgets.
 //! - [`feedback`]: ratings of results.
 //! - [`retention`]: what `prune` counts and deletes.
@@ -21,6 +22,7 @@ pub mod dlq;
 mod error;
 pub mod feedback;
 pub mod jobs;
+pub mod prices;
 pub mod report;
 pub mod retention;
 pub mod review;

@@ -460,67 +460,166 @@ pub async fn latency_by_model(pool: &PgPool, scope: &Scope) -> Result<Vec<Latenc
         .collect())
 }
 
-/// A category's calls: what they cost, and what their answered calls'
-/// recorded tokens cost at other prices.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Repriced {
-    pub category: String,
-    /// Jobs with calls in the category.
-    pub jobs: i64,
-    /// Every call's cost: answered, failed, retried, `unknown`.
-    pub actual_cost_usd: Decimal,
-    /// The answered calls' tokens at the other prices.
-    pub repriced_usd: Decimal,
+/// Where an answered job's money went besides the answer call, by kind.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, sqlx::FromRow)]
+pub struct Overhead {
+    /// Calls that did not answer: errors, retried attempts, `unknown`.
+    pub retries_usd: Decimal,
+    /// The classifier's calls (jobs published to `auto`).
+    pub classifier_usd: Decimal,
+    /// Earlier fallback targets whose answers were rejected.
+    pub fallback_usd: Decimal,
+    /// Earlier pipeline stages.
+    pub stages_usd: Decimal,
+    /// Consensus voters other than the one whose answer won.
+    pub voters_usd: Decimal,
+    /// The consensus judge.
+    pub judge_usd: Decimal,
 }
 
-/// The scope's calls by category, their answered calls' tokens priced at
-/// `prices` (the formula of [`Prices::cost`]).
-pub async fn repriced_by_category(
-    pool: &PgPool,
-    scope: &Scope,
-    prices: &Prices,
-) -> Result<Vec<Repriced>> {
-    let p = Params::from(scope);
-    let rows: Vec<(String, i64, Decimal, Decimal)> = bind_scope!(
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT category, count(DISTINCT job_id)::int8, COALESCE(sum(cost_usd), 0),
-                    COALESCE(sum(CASE WHEN outcome = 'ok' THEN
-                        ((input_tokens - cached_input_tokens - cache_write_input_tokens) * $7
-                         + cached_input_tokens * $8 + cache_write_input_tokens * $9
-                         + output_tokens * $10) / 1000000 ELSE 0 END), 0)
-             FROM calls WHERE {} GROUP BY category ORDER BY category",
-            on_calls()
-        ))),
-        p
-    )
-    .bind(prices.input_per_mtok)
-    .bind(prices.cached_input_per_mtok)
-    .bind(prices.cache_write_per_mtok)
-    .bind(prices.output_per_mtok)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(category, jobs, actual_cost_usd, repriced_usd)| Repriced {
-            category,
-            jobs,
-            actual_cost_usd,
-            repriced_usd,
+impl Overhead {
+    /// The kinds (`retries`, `classifier`, `fallback`, `stages`, `voters`,
+    /// `judge`) with their USD, in that order: what tables and CSV list.
+    pub fn parts(&self) -> [(&'static str, Decimal); 6] {
+        [
+            ("retries", self.retries_usd),
+            ("classifier", self.classifier_usd),
+            ("fallback", self.fallback_usd),
+            ("stages", self.stages_usd),
+            ("voters", self.voters_usd),
+            ("judge", self.judge_usd),
+        ]
+    }
+
+    pub fn total(&self) -> Decimal {
+        self.parts().iter().map(|(_, v)| *v).sum()
+    }
+
+    /// Every part normalized (no trailing zeros).
+    pub fn normalize(&self) -> Overhead {
+        Overhead {
+            retries_usd: self.retries_usd.normalize(),
+            classifier_usd: self.classifier_usd.normalize(),
+            fallback_usd: self.fallback_usd.normalize(),
+            stages_usd: self.stages_usd.normalize(),
+            voters_usd: self.voters_usd.normalize(),
+            judge_usd: self.judge_usd.normalize(),
+        }
+    }
+}
+
+impl std::ops::AddAssign<&Overhead> for Overhead {
+    fn add_assign(&mut self, o: &Overhead) {
+        self.retries_usd += o.retries_usd;
+        self.classifier_usd += o.classifier_usd;
+        self.fallback_usd += o.fallback_usd;
+        self.stages_usd += o.stages_usd;
+        self.voters_usd += o.voters_usd;
+        self.judge_usd += o.judge_usd;
+    }
+}
+
+/// The tokens a one-call-per-job baseline is priced on, summed over jobs:
+/// each job's first answered call's input (uncached, cache writes included;
+/// cached reads) and its answer call's output.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq, sqlx::FromRow)]
+pub struct OneCallTokens {
+    pub uncached_input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub output_tokens: i64,
+}
+
+impl OneCallTokens {
+    /// What these tokens cost at `prices` (cache writes priced as input).
+    pub fn cost(&self, prices: &Prices) -> Decimal {
+        let n = |v: i64| v.max(0) as u64;
+        prices.cost(&crate::pricing::Usage {
+            input_tokens: n(self.uncached_input_tokens) + n(self.cached_input_tokens),
+            cached_input_tokens: n(self.cached_input_tokens),
+            output_tokens: n(self.output_tokens),
+            ..Default::default()
         })
-        .collect())
+    }
 }
 
-/// The scope's jobs with calls, each counted once (a classified job has
-/// calls in `auto` and in its category).
-pub async fn jobs_with_calls(pool: &PgPool, scope: &Scope) -> Result<i64> {
+impl std::ops::AddAssign for OneCallTokens {
+    fn add_assign(&mut self, o: OneCallTokens) {
+        self.uncached_input_tokens += o.uncached_input_tokens;
+        self.cached_input_tokens += o.cached_input_tokens;
+        self.output_tokens += o.output_tokens;
+    }
+}
+
+/// One category's jobs as the `job_costs` view sees them (migration 0008):
+/// the jobs a model answered with their cost split and baseline tokens;
+/// apart, jobs a person resolved and jobs without a result; what the
+/// routes bought.
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
+pub struct CategoryCosts {
+    pub category: String,
+    /// Every job of the category in the scope.
+    pub jobs: i64,
+    /// Jobs whose result is a model's answer.
+    pub answered: i64,
+    /// All the answered jobs' calls.
+    pub actual_cost_usd: Decimal,
+    /// The answer calls alone.
+    pub answer_cost_usd: Decimal,
+    #[sqlx(flatten)]
+    pub overhead: Overhead,
+    #[sqlx(flatten)]
+    pub tokens: OneCallTokens,
+    pub person_jobs: i64,
+    pub person_cost_usd: Decimal,
+    pub no_result_jobs: i64,
+    pub no_result_cost_usd: Decimal,
+    pub fell_back: i64,
+    pub reviewed: i64,
+    pub ratings: i64,
+    pub score_sum: i64,
+}
+
+/// The scope's jobs (by creation time) by category, from `job_costs`.
+pub async fn job_costs_by_category(pool: &PgPool, scope: &Scope) -> Result<Vec<CategoryCosts>> {
     let p = Params::from(scope);
+    let answered = "FILTER (WHERE outcome = 'answered')";
+    let total = |col: &str, filter: &str| format!("COALESCE(sum({col}) {filter}, 0)");
+    let sql = format!(
+        "SELECT category, count(*)::int8 AS jobs,
+                count(*) {answered}::int8 AS answered,
+                {} AS actual_cost_usd, {} AS answer_cost_usd,
+                {} AS retries_usd, {} AS classifier_usd, {} AS fallback_usd,
+                {} AS stages_usd, {} AS voters_usd, {} AS judge_usd,
+                {}::int8 AS uncached_input_tokens, {}::int8 AS cached_input_tokens,
+                {}::int8 AS output_tokens,
+                count(*) FILTER (WHERE outcome = 'person')::int8 AS person_jobs,
+                {} AS person_cost_usd,
+                count(*) FILTER (WHERE outcome = 'no_result')::int8 AS no_result_jobs,
+                {} AS no_result_cost_usd,
+                count(*) FILTER (WHERE fell_back)::int8 AS fell_back,
+                count(*) FILTER (WHERE reviewed)::int8 AS reviewed,
+                COALESCE(sum(ratings), 0)::int8 AS ratings,
+                COALESCE(sum(score_sum), 0)::int8 AS score_sum
+         FROM job_costs WHERE {} GROUP BY category ORDER BY category",
+        total("cost_usd", answered),
+        total("answer_cost_usd", answered),
+        total("retries_cost_usd", answered),
+        total("classifier_cost_usd", answered),
+        total("fallback_cost_usd", answered),
+        total("stages_cost_usd", answered),
+        total("voters_cost_usd", answered),
+        total("judge_cost_usd", answered),
+        total("first_uncached_input_tokens", answered),
+        total("first_cached_input_tokens", answered),
+        total("answer_output_tokens", answered),
+        total("cost_usd", "FILTER (WHERE outcome = 'person')"),
+        total("cost_usd", "FILTER (WHERE outcome = 'no_result')"),
+        cond("job_id", "created_at", "category")
+    );
     Ok(bind_scope!(
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT count(DISTINCT job_id)::int8 FROM calls WHERE {}",
-            on_calls()
-        ))),
+        sqlx::query_as::<_, CategoryCosts>(sqlx::AssertSqlSafe(sql)),
         p
     )
-    .fetch_one(pool)
+    .fetch_all(pool)
     .await?)
 }

@@ -81,6 +81,8 @@ pub struct ResultRow {
     pub category: String,
     pub output: String,
     pub model: String,
+    /// The step whose answer is the result (`None`: no model's).
+    pub answer_step: Option<i32>,
     pub finish_reason: Option<String>,
     pub latency_ms: i64,
 }

@@ -633,11 +633,13 @@ async fn insert_results(tx: &mut Transaction<'_, Postgres>, results: &[&ResultRo
     // in this same transaction or in earlier ones.
     sqlx::query(
         "INSERT INTO results (job_id, category, output, model, finish_reason, cost_usd,
-                              input_tokens, output_tokens, latency_ms)
+                              input_tokens, output_tokens, latency_ms, answer_step)
          SELECT r.job_id, r.category, r.output, r.model, r.finish_reason,
-                COALESCE(c.cost, 0), COALESCE(c.inp, 0), COALESCE(c.outp, 0), r.latency_ms
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[])
-              AS r(job_id, category, output, model, finish_reason, latency_ms)
+                COALESCE(c.cost, 0), COALESCE(c.inp, 0), COALESCE(c.outp, 0), r.latency_ms,
+                r.answer_step
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
+                     $7::int4[])
+              AS r(job_id, category, output, model, finish_reason, latency_ms, answer_step)
          LEFT JOIN LATERAL (
              SELECT sum(cost_usd) AS cost, sum(input_tokens)::int8 AS inp,
                     sum(output_tokens)::int8 AS outp
@@ -661,6 +663,7 @@ async fn insert_results(tx: &mut Transaction<'_, Postgres>, results: &[&ResultRo
             .collect::<Vec<_>>(),
     )
     .bind(results.iter().map(|r| r.latency_ms).collect::<Vec<_>>())
+    .bind(results.iter().map(|r| r.answer_step).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     Ok(())

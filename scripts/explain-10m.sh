@@ -32,15 +32,15 @@ SELECT 'j' || (g % $JOBS + 1), (ARRAY['support','sales','lookup','auto'])[1 + (g
        CASE WHEN g % 17 = 0 THEN 'retryable_error' WHEN g % 53 = 0 THEN 'terminal_error' ELSE 'ok' END,
        now() - ((g % $JOBS + 1) % 90) * interval '1 day' - (g % 86400) * interval '1 second'
 FROM generate_series(0, $ROWS - 1) g;
-INSERT INTO results (job_id, category, output, model, cost_usd, input_tokens, output_tokens, latency_ms, created_at)
-SELECT id, category, 'answer', 'gpt-4o-mini', 0.001, 500, 200, 500 + length(id) * 37 % 5000, created_at
+INSERT INTO results (job_id, category, output, model, cost_usd, input_tokens, output_tokens, latency_ms, created_at, answer_step)
+SELECT id, category, 'answer', 'gpt-4o-mini', 0.001, 500, 200, 500 + length(id) * 37 % 5000, created_at, 0
 FROM jobs WHERE status = 'succeeded';
 VACUUM ANALYZE jobs; VACUUM ANALYZE calls; VACUUM ANALYZE results;
 SQL
 "${PSQL[@]}" -d "$DB" -c "SELECT count(*) AS calls FROM calls" -c "SELECT pg_size_pretty(pg_total_relation_size('calls')) AS calls_size"
 run() {
   echo "== $1"
-  "${PSQL[@]}" -d "$DB" -c "EXPLAIN (ANALYZE, BUFFERS, SUMMARY) $1" | grep -E "Execution Time|Planning Time|Index|Seq Scan" | head -6
+  "${PSQL[@]}" -d "$DB" -c "EXPLAIN (ANALYZE, BUFFERS, SUMMARY) $1" | grep -E "Execution Time|Planning Time|Index|Seq Scan" | head -6; "${PSQL[@]}" -d "$DB" -c "EXPLAIN (ANALYZE, SUMMARY) $1" | grep "Execution Time"
 }
 run "SELECT * FROM cost_daily WHERE day = (now() AT TIME ZONE 'UTC')::date - 1"
 run "SELECT day, sum(cost_usd) FROM cost_daily WHERE day >= (now() AT TIME ZONE 'UTC')::date - 7 GROUP BY day"
@@ -50,6 +50,9 @@ run "SELECT * FROM cost_per_job"
 run "SELECT * FROM category_rates"
 run "SELECT * FROM latency_by_model"
 run "SELECT * FROM model_usage"
+"${PSQL[@]}" -d "$DB" -c "INSERT INTO model_prices (model, provider, input_per_mtok, output_per_mtok, cached_input_per_mtok, cache_write_per_mtok, is_baseline) VALUES ('gpt-4o', 'openai', 2.5, 10, 1.25, 2.5, true), ('gpt-4o-mini', 'openai', 0.15, 0.6, 0.075, 0.15, false)"
+run "SELECT * FROM savings_by_category"
+run "SELECT category, sum(cost_usd), sum(first_uncached_input_tokens) FROM job_costs WHERE created_at >= now() - interval '1 day' GROUP BY category"
 echo "== switchyard report --since 1d"
 ( time DATABASE_URL="postgres://${PGUSER:-postgres}@${PGHOST:-127.0.0.1}/$DB" ./target/release/switchyard report --since 1d >/dev/null ) 2>&1 | grep real
 echo "== switchyard report --since 7d --category sales"

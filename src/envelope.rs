@@ -38,6 +38,10 @@ pub struct JobEnvelope {
     /// Free-form string metadata, stored with the job.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// When the result is needed, an RFC 3339 time (`2026-11-30T06:00:00Z`).
+    /// A job whose deadline has passed when it arrives is dead-lettered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +97,10 @@ pub enum Rejection {
     BadParams(String),
     #[error("{count} messages exceed the limit of {limit} per job")]
     TooManyMessages { count: usize, limit: usize },
+    #[error("invalid deadline `{0}`: expected an RFC 3339 time such as 2026-11-30T06:00:00Z")]
+    BadDeadline(String),
+    #[error("deadline {0} had already passed when the job arrived")]
+    DeadlinePassed(String),
 }
 
 /// A validated job, ready to route.
@@ -101,6 +109,31 @@ pub struct ValidJob {
     pub id: String,
     pub category: String,
     pub envelope: JobEnvelope,
+    /// The envelope's `deadline`, in milliseconds since the Unix epoch.
+    pub deadline_ms: Option<i64>,
+}
+
+/// An RFC 3339 time (`2026-11-30T06:00:00Z`, `2026-11-30T07:00:00+01:00`)
+/// in milliseconds since the Unix epoch.
+pub fn parse_deadline(text: &str) -> Option<i64> {
+    let t = text.trim();
+    // humantime reads UTC (`Z`) only: move an offset into the time first.
+    let (base, offset_secs) = match t.len().checked_sub(6).map(|i| (i, &t[i..])) {
+        Some((i, o))
+            if (o.starts_with('+') || o.starts_with('-'))
+                && o.as_bytes().get(3) == Some(&b':')
+                && t[..i].contains('T') =>
+        {
+            let h: i64 = o[1..3].parse().ok()?;
+            let m: i64 = o[4..6].parse().ok()?;
+            let sign = if o.starts_with('-') { -1 } else { 1 };
+            (format!("{}Z", &t[..i]), sign * (h * 3600 + m * 60))
+        }
+        _ => (t.to_string(), 0),
+    };
+    let at = humantime::parse_rfc3339(&base).ok()?;
+    let ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as i64;
+    Some(ms - offset_secs * 1000)
 }
 
 /// What the dispatcher learned from a message, good or bad.
@@ -121,12 +154,14 @@ pub enum Parsed {
 /// * `fallback_id`: the id used when the envelope has none (derived from the
 ///   stream sequence, so a redelivery keeps it).
 /// * `known_category`: whether a category exists in config.
+/// * `now_ms`: the time of arrival (a passed deadline is rejected).
 pub fn parse_job(
     payload: &[u8],
     subject_category: &str,
     fallback_id: &str,
     limits: &crate::config::LimitsConfig,
     known_category: impl Fn(&str) -> bool,
+    now_ms: i64,
 ) -> Parsed {
     let max_payload_bytes = limits.max_payload_bytes;
     if payload.len() > max_payload_bytes {
@@ -212,10 +247,19 @@ pub fn parse_job(
             )));
         }
     }
+    let deadline_ms = match &env.deadline {
+        None => None,
+        Some(d) => match parse_deadline(d) {
+            None => return reject(Rejection::BadDeadline(d.clone())),
+            Some(ms) if ms <= now_ms => return reject(Rejection::DeadlinePassed(d.clone())),
+            Some(ms) => Some(ms),
+        },
+    };
     Parsed::Valid(ValidJob {
         id,
         category,
         envelope: env,
+        deadline_ms,
     })
 }
 
@@ -251,6 +295,7 @@ impl JobEnvelope {
             system: None,
             params: Params::default(),
             metadata: BTreeMap::new(),
+            deadline: None,
         }
     }
 
@@ -292,9 +337,57 @@ mod tests {
             max_payload_bytes: 1024,
             max_messages: 4,
         };
-        parse_job(payload.as_bytes(), subject_cat, "JOBS-7", &limits, |c| {
-            matches!(c, "support" | "sales")
-        })
+        parse_job(
+            payload.as_bytes(),
+            subject_cat,
+            "JOBS-7",
+            &limits,
+            |c| matches!(c, "support" | "sales"),
+            NOW_MS,
+        )
+    }
+
+    /// 2026-11-29T12:00:00Z.
+    const NOW_MS: i64 = 1_795_953_600_000;
+
+    #[test]
+    fn deadlines_are_rfc3339_times_and_must_lie_ahead() {
+        assert_eq!(parse_deadline("2026-11-29T12:00:00Z"), Some(NOW_MS));
+        assert_eq!(
+            parse_deadline("2026-11-29T13:30:00+01:00"),
+            Some(NOW_MS + 1_800_000)
+        );
+        assert_eq!(
+            parse_deadline("2026-11-29T11:00:00.250-01:00"),
+            Some(NOW_MS + 250)
+        );
+        for bad in ["tomorrow", "2026-11-29", "2026-13-01T00:00:00Z", ""] {
+            assert_eq!(parse_deadline(bad), None, "{bad}");
+        }
+        let Parsed::Valid(v) = parse(
+            r#"{"id":"d1","prompt":"hi","deadline":"2026-11-30T06:00:00Z"}"#,
+            "support",
+        ) else {
+            panic!()
+        };
+        assert_eq!(v.deadline_ms, Some(NOW_MS + 18 * 3_600_000));
+        let r = reason(parse(
+            r#"{"id":"d2","prompt":"hi","deadline":"2026-11-29T11:59:59Z"}"#,
+            "support",
+        ));
+        assert_eq!(
+            r.to_string(),
+            "deadline 2026-11-29T11:59:59Z had already passed when the job arrived"
+        );
+        let r = reason(parse(
+            r#"{"id":"d3","prompt":"hi","deadline":"soon"}"#,
+            "support",
+        ));
+        assert_eq!(r, Rejection::BadDeadline("soon".into()));
+        let Parsed::Valid(v) = parse(r#"{"id":"d4","prompt":"hi"}"#, "support") else {
+            panic!()
+        };
+        assert_eq!(v.deadline_ms, None);
     }
 
     fn reason(p: Parsed) -> Rejection {

@@ -23,7 +23,7 @@ const SQL: [&str; 4] = [
 /// One malformed job message, chosen by `rng`: (subject category, payload).
 fn hostile(rng: &mut fastrand::Rng, i: usize, max_payload: usize) -> (String, Vec<u8>) {
     let cat = ["support", "sales", "lookup"][i % 3].to_string();
-    let payload: Vec<u8> = match rng.usize(0..14) {
+    let payload: Vec<u8> = match rng.usize(0..16) {
         0 => (0..rng.usize(0..400)).map(|_| rng.u8(..)).collect(),
         1 => {
             // Invalid UTF-8 inside a JSON string.
@@ -65,6 +65,9 @@ fn hostile(rng: &mut fastrand::Rng, i: usize, max_payload: usize) -> (String, Ve
             format!(r#"{{"id":"many-{i}","messages":[{many}]}}"#).into_bytes()
         }
         12 => b"".to_vec(),
+        13 => format!(r#"{{"id":"late-{i}","prompt":"x","deadline":"2020-01-01T00:00:00Z"}}"#)
+            .into_bytes(),
+        14 => format!(r#"{{"id":"when-{i}","prompt":"x","deadline":"next tuesday"}}"#).into_bytes(),
         _ => {
             // A category that does not exist, by subject.
             return (
@@ -92,11 +95,15 @@ async fn hostile_messages_are_dead_lettered_and_good_jobs_still_complete() {
             let id = format!("good-{i:05}");
             let cat = ["support", "sales", "lookup"][(i / 10) % 3];
             // Good jobs carry hostile-looking text that must arrive intact.
-            let env = JobEnvelope::prompt(
+            let mut env = JobEnvelope::prompt(
                 &id,
                 cat,
                 format!("Answer this: {} \u{202e} ünïcödé", SQL[i % SQL.len()]),
             );
+            // Some with a deadline far ahead: accepted and served.
+            if i % 20 == 0 {
+                env.deadline = Some("2999-01-01T00:00:00+02:00".into());
+            }
             published.push((cat.to_string(), serde_json::to_vec(&env).unwrap(), None));
             good_ids.push(id);
         }
@@ -174,6 +181,27 @@ async fn hostile_messages_are_dead_lettered_and_good_jobs_still_complete() {
     .await
     .unwrap();
     eprintln!("{} kinds of rejection: {reasons:?}", reasons.len());
+    for (like, why) in [
+        (
+            "late-%",
+            "deadline 2020-01-01T00:00:00Z had already passed when the job arrived",
+        ),
+        (
+            "when-%",
+            "invalid deadline `next tuesday`: expected an RFC 3339 time",
+        ),
+    ] {
+        let found: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT reason FROM dead_letters WHERE job_id LIKE $1")
+                .bind(like)
+                .fetch_all(&env.pool)
+                .await
+                .unwrap();
+        assert!(
+            !found.is_empty() && found.iter().all(|r| r.starts_with(why)),
+            "{like}: {found:?}"
+        );
+    }
     assert!(reasons.len() >= 7, "{reasons:?}");
     assert!(worker.shutdown().await);
     env.cleanup().await;

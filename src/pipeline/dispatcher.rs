@@ -88,6 +88,7 @@ impl Dispatcher {
                 self.cfg.categories.contains_key(c)
                     || (c == AUTO_CATEGORY && self.cfg.classifier.is_some())
             },
+            crate::clock::now_ms(),
         );
         let span =
             tracing::info_span!("job", job_id = tracing::field::Empty, category = %category, seq);

@@ -17,6 +17,9 @@ UPDATE results r SET answer_step = (
     ORDER BY c.step DESC LIMIT 1)
 WHERE r.answer_step IS NULL AND r.model <> 'human';
 
+-- The report and the dashboard select jobs by their creation time.
+CREATE INDEX IF NOT EXISTS jobs_created_idx ON jobs (created_at);
+
 -- The configured models' prices (USD per 1M tokens), written by every worker
 -- at start from its configuration; `is_baseline` marks `report.baseline_model`.
 CREATE TABLE IF NOT EXISTS model_prices (

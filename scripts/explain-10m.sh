@@ -40,7 +40,10 @@ SQL
 "${PSQL[@]}" -d "$DB" -c "SELECT count(*) AS calls FROM calls" -c "SELECT pg_size_pretty(pg_total_relation_size('calls')) AS calls_size"
 run() {
   echo "== $1"
-  "${PSQL[@]}" -d "$DB" -c "EXPLAIN (ANALYZE, BUFFERS, SUMMARY) $1" | grep -E "Execution Time|Planning Time|Index|Seq Scan" | head -6; "${PSQL[@]}" -d "$DB" -c "EXPLAIN (ANALYZE, SUMMARY) $1" | grep "Execution Time"
+  local plan
+  plan=$("${PSQL[@]}" -d "$DB" -c "EXPLAIN (ANALYZE, BUFFERS, SUMMARY) $1")
+  grep -E "Index|Seq Scan" <<<"$plan" | head -4
+  grep -E "Planning Time|Execution Time" <<<"$plan"
 }
 run "SELECT * FROM cost_daily WHERE day = (now() AT TIME ZONE 'UTC')::date - 1"
 run "SELECT day, sum(cost_usd) FROM cost_daily WHERE day >= (now() AT TIME ZONE 'UTC')::date - 7 GROUP BY day"

@@ -11,4 +11,18 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
     || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
     || echo "[test] could not install chromium" >&2
 fi
+# The simulator's batch endpoints are driven by the providers' official
+# Python SDKs (tests/sdk/batch_sdks.py): a virtual environment of their own,
+# pinned; without it that test says SKIPPED (and fails under CI).
+SDK_VENV=target/sdk-venv
+SDK_PINS="openai==3.57.0 anthropic==2.14.0 google-genai==3.6.1"
+if [ ! -x "$SDK_VENV/bin/python" ] || ! "$SDK_VENV/bin/python" -c 'import openai, anthropic, google.genai' 2>/dev/null; then
+  if command -v python3 >/dev/null 2>&1; then
+    echo "[test] installing the providers' Python SDKs in $SDK_VENV" >&2
+    mkdir -p target
+    { python3 -m venv "$SDK_VENV" && "$SDK_VENV/bin/pip" install -q $SDK_PINS; } \
+      || echo "[test] could not install the providers' SDKs" >&2
+  fi
+fi
+export SWITCHYARD_SDK_PYTHON="$PWD/$SDK_VENV/bin/python"
 exec cargo test --locked "$@"

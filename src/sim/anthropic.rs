@@ -105,7 +105,20 @@ pub(super) fn success(
     })
 }
 
-pub(super) fn error(kind: ErrKind, _model: &str) -> Response {
+pub(super) fn error(kind: ErrKind, model: &str) -> Response {
+    let (status, body) = error_body(kind, model);
+    let mut resp = (status, Json(body)).into_response();
+    if let ErrKind::RateLimited { wait } = kind {
+        resp.headers_mut().insert(
+            "retry-after",
+            HeaderValue::from(wait.as_secs_f64().ceil().max(1.0) as u64),
+        );
+    }
+    resp
+}
+
+/// An error's status and body (`{"type": "error", "error": {...}}`).
+pub(super) fn error_body(kind: ErrKind, _model: &str) -> (StatusCode, serde_json::Value) {
     let (status, t, message) = match kind {
         ErrKind::RateLimited { .. } => (
             StatusCode::TOO_MANY_REQUESTS,
@@ -143,14 +156,7 @@ pub(super) fn error(kind: ErrKind, _model: &str) -> Response {
         "error": {"type": t, "message": message},
         "request_id": "req_sim",
     });
-    let mut resp = (status, Json(body)).into_response();
-    if let ErrKind::RateLimited { wait } = kind {
-        resp.headers_mut().insert(
-            "retry-after",
-            HeaderValue::from(wait.as_secs_f64().ceil().max(1.0) as u64),
-        );
-    }
-    resp
+    (status, body)
 }
 
 /// `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`, resets as RFC 3339.

@@ -88,6 +88,12 @@ pub(super) fn success(req: &SimRequest, s: &Synthesized, u: &SimUsage) -> serde_
 }
 
 pub(super) fn error(kind: ErrKind, model: &str) -> Response {
+    let (status, body) = error_body(kind, model);
+    (status, Json(body)).into_response()
+}
+
+/// An error's status and body (`{"error": {"code", "message", "status", "details"}}`).
+pub(super) fn error_body(kind: ErrKind, model: &str) -> (StatusCode, serde_json::Value) {
     let (code, status, message, delay) = match kind {
         ErrKind::RateLimited { wait } => (
             429,
@@ -139,7 +145,6 @@ pub(super) fn error(kind: ErrKind, model: &str) -> Response {
     });
     (
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        Json(body),
+        body,
     )
-        .into_response()
 }

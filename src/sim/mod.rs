@@ -3,7 +3,9 @@
 //!
 //! - `POST /v1/chat/completions` (OpenAI),
 //! - `POST /v1/messages` (Anthropic),
-//! - `POST /v1beta/models/{model}:generateContent` (Gemini),
+//! - `POST /v1beta/models/{model}:generateContent` and
+//!   `/v1/models/{model}:generateContent` (Gemini),
+//! - each provider's batch API (see the `batch` module),
 //!
 //! each with its own request, response and error formats and rate-limit
 //! headers. Answers are deterministic text derived from the input, with usage
@@ -15,8 +17,11 @@
 //! providers were asked with what Switchyard recorded.
 
 mod anthropic;
+mod batch;
 mod gemini;
 mod openai;
+
+pub use batch::{BatchFate, BatchTag, DEFAULT_BATCH_MS};
 
 mod reconcile;
 pub use reconcile::{reconcile, Reconciled};
@@ -81,6 +86,9 @@ pub struct SimProfile {
     /// (if given, searched in every message) match supplies the text.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub answers: Vec<ScriptedAnswer>,
+    /// Milliseconds from a batch's creation to its end (default 2000).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_ms: Option<u64>,
     /// Per-format behaviour (`openai`, `anthropic`, `gemini`): a section
     /// replaces the top-level behaviour for that format.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -102,6 +110,7 @@ impl Default for SimProfile {
             agreement: 0.0,
             model_errors: BTreeMap::new(),
             answers: Vec::new(),
+            batch_ms: None,
             formats: BTreeMap::new(),
         }
     }
@@ -228,6 +237,9 @@ pub struct LedgerEntry {
     /// attempt it was for (see [`crate::ids::call_tag`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call: Option<CallTag>,
+    /// For a batch item: its batch and `custom_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchTag>,
 }
 
 /// Which attempt of which job's step a request was.
@@ -385,6 +397,7 @@ pub fn answer(p: &SimProfile, model: &str, messages: &[Message], max_tokens: u32
 }
 
 /// A parsed request, whatever its format.
+#[derive(Debug)]
 pub(crate) struct SimRequest {
     pub model: String,
     pub messages: Vec<Message>,
@@ -459,6 +472,7 @@ struct SimState {
     buckets: Mutex<HashMap<(Format, String), (Bucket, Bucket)>>,
     forced: Mutex<HashMap<Format, VecDeque<Forced>>>,
     in_flight: std::sync::atomic::AtomicU64,
+    batches: Mutex<batch::Book>,
 }
 
 /// Counts a request as in flight while it lives.
@@ -493,13 +507,56 @@ impl SimServer {
             buckets: Mutex::new(HashMap::new()),
             forced: Mutex::new(HashMap::new()),
             in_flight: Default::default(),
+            batches: Default::default(),
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(openai_route))
             .route("/v1/messages", post(anthropic_route))
             .route("/v1beta/models/{action}", post(gemini_route))
+            .route("/v1/models/{action}", post(gemini_route))
+            .route("/v1/files", post(batch::openai_upload))
+            .route("/v1/files/{id}", get(batch::openai_file))
+            .route("/v1/files/{id}/content", get(batch::openai_file_content))
+            // OpenAI's batches, and Gemini's on its `v1` paths.
+            .route(
+                "/v1/batches",
+                post(batch::openai_create).get(batch::v1_list),
+            )
+            .route(
+                "/v1/batches/{id}",
+                get(batch::v1_get)
+                    .delete(batch::gemini_delete)
+                    .post(batch::gemini_action),
+            )
+            .route("/v1/batches/{id}/cancel", post(batch::openai_cancel))
+            .route(
+                "/v1/messages/batches",
+                post(batch::anthropic_create).get(batch::anthropic_list),
+            )
+            .route(
+                "/v1/messages/batches/{id}",
+                get(batch::anthropic_get).delete(batch::anthropic_delete),
+            )
+            .route(
+                "/v1/messages/batches/{id}/cancel",
+                post(batch::anthropic_cancel),
+            )
+            .route(
+                "/v1/messages/batches/{id}/results",
+                get(batch::anthropic_results),
+            )
+            .route("/v1beta/batches", get(batch::gemini_list))
+            .route(
+                "/v1beta/batches/{id}",
+                get(batch::gemini_get)
+                    .delete(batch::gemini_delete)
+                    .post(batch::gemini_action),
+            )
             .route("/ledger", get(ledger))
             .route("/control/force", post(force_route))
+            .route("/control/force_batch", post(force_batch_route))
+            // Batch input files and batches are large (OpenAI: 200 MB).
+            .layer(axum::extract::DefaultBodyLimit::max(256 << 20))
             .route("/health", get(|| async { "ok" }))
             .with_state(state.clone());
         let tasks = crate::tasks::Tasks::new();
@@ -538,6 +595,13 @@ impl SimServer {
         }
     }
 
+    /// Make the next batch of `format` end as `fate` says.
+    pub fn force_batch(&self, format: Format, fate: BatchFate) {
+        if let Ok(mut b) = self.state.batches.lock() {
+            b.force(format, fate);
+        }
+    }
+
     pub fn stop(&self) {
         self.tasks.token().cancel();
     }
@@ -567,6 +631,22 @@ async fn force_route(State(st): State<Arc<SimState>>, Json(req): Json<ForceReque
         q.entry(req.format)
             .or_default()
             .extend(std::iter::repeat_n(req.forced, req.count));
+    }
+    StatusCode::NO_CONTENT
+}
+
+#[derive(Deserialize)]
+struct ForceBatchRequest {
+    format: Format,
+    fate: BatchFate,
+}
+
+async fn force_batch_route(
+    State(st): State<Arc<SimState>>,
+    Json(req): Json<ForceBatchRequest>,
+) -> StatusCode {
+    if let Ok(mut b) = st.batches.lock() {
+        b.force(req.format, req.fate);
     }
     StatusCode::NO_CONTENT
 }
@@ -603,6 +683,9 @@ async fn gemini_route(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    if let Some(model) = action.strip_suffix(":batchGenerateContent") {
+        return batch::gemini_create(&st, model, &headers, &body);
+    }
     let parsed = match action.strip_suffix(":generateContent") {
         Some(model) if !model.is_empty() => gemini::parse(model, &body),
         _ => Err(format!("unsupported method `{action}`")),
@@ -682,6 +765,7 @@ async fn serve(
                 retry_after_ms,
                 in_flight,
                 call: call.clone(),
+                batch: None,
             });
         }
     };
@@ -786,17 +870,7 @@ async fn serve(
         Some(Forced::Unauthorized) => Some(ErrKind::Unauthorized),
         _ => None,
     };
-    let random_error = p.error_rate > 0.0 && fastrand::f64() < p.error_rate;
-    let model_error = p
-        .model_errors
-        .get(&req.model)
-        .is_some_and(|share| fastrand::f64() < *share);
-    let random = if model_error {
-        Some(ErrKind::BadRequest)
-    } else {
-        random_error.then_some(ErrKind::Server)
-    };
-    if let Some(kind) = forced_error.or(random) {
+    if let Some(kind) = forced_error.or_else(|| random_error(p, &req.model)) {
         let (status, retry_ms) = match kind {
             ErrKind::RateLimited { wait } => (429, Some(wait.as_millis() as u64)),
             ErrKind::Quota => (429, None),
@@ -821,19 +895,7 @@ async fn serve(
         return render_error(format, kind, &req.model, &rate, send_rate);
     }
 
-    let cached = (s.prompt_tokens as f64 * p.cached_share).floor() as u64;
-    let cache_write = if format == Format::Anthropic {
-        (s.prompt_tokens as f64 * p.cache_write_share).floor() as u64
-    } else {
-        0
-    };
-    let usage = SimUsage {
-        prompt: s.prompt_tokens,
-        cached,
-        cache_write,
-        visible: s.completion_tokens,
-        reasoning: p.reasoning_tokens,
-    };
+    let usage = usage_for(p, format, &s);
     record(&req.model, 200, usage, None);
     let body = match format {
         Format::Openai => openai::success(&req, &s, &usage, at_ms),
@@ -861,6 +923,37 @@ async fn serve(
         add_rate_headers(format, resp.headers_mut(), &rate);
     }
     resp
+}
+
+/// The profile's random failure for a request to `model`, if it draws one:
+/// the model's share of terminal 400s, else the share of 500s.
+fn random_error(p: &SimProfile, model: &str) -> Option<ErrKind> {
+    let model_error = p
+        .model_errors
+        .get(model)
+        .is_some_and(|share| fastrand::f64() < *share);
+    if model_error {
+        return Some(ErrKind::BadRequest);
+    }
+    (p.error_rate > 0.0 && fastrand::f64() < p.error_rate).then_some(ErrKind::Server)
+}
+
+/// The usage of an answer under the profile: cached reads, cache writes
+/// (Anthropic), reasoning tokens.
+fn usage_for(p: &SimProfile, format: Format, s: &Synthesized) -> SimUsage {
+    let cached = (s.prompt_tokens as f64 * p.cached_share).floor() as u64;
+    let cache_write = if format == Format::Anthropic {
+        (s.prompt_tokens as f64 * p.cache_write_share).floor() as u64
+    } else {
+        0
+    };
+    SimUsage {
+        prompt: s.prompt_tokens,
+        cached,
+        cache_write,
+        visible: s.completion_tokens,
+        reasoning: p.reasoning_tokens,
+    }
 }
 
 /// Role of an incoming message by its wire name.

@@ -67,6 +67,21 @@ pub(super) fn success(
 }
 
 pub(super) fn error(kind: ErrKind, model: &str) -> Response {
+    let (status, body) = error_body(kind, model);
+    let mut resp = (status, Json(body)).into_response();
+    if let ErrKind::RateLimited { wait } = kind {
+        let h = resp.headers_mut();
+        h.insert(
+            "retry-after",
+            HeaderValue::from(wait.as_secs_f64().ceil() as u64),
+        );
+        h.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
+    }
+    resp
+}
+
+/// An error's status and body.
+pub(super) fn error_body(kind: ErrKind, model: &str) -> (StatusCode, serde_json::Value) {
     let (status, kind_s, code, message) = match kind {
         ErrKind::RateLimited { wait } => (
             StatusCode::TOO_MANY_REQUESTS,
@@ -111,16 +126,7 @@ pub(super) fn error(kind: ErrKind, model: &str) -> Response {
     let body = serde_json::json!({
         "error": {"message": message, "type": kind_s, "param": null, "code": code}
     });
-    let mut resp = (status, Json(body)).into_response();
-    if let ErrKind::RateLimited { wait } = kind {
-        let h = resp.headers_mut();
-        h.insert(
-            "retry-after",
-            HeaderValue::from(wait.as_secs_f64().ceil() as u64),
-        );
-        h.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
-    }
-    resp
+    (status, body)
 }
 
 /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, resets as Go durations.

@@ -82,6 +82,7 @@ mod tests {
                 step: s,
                 attempt: a,
             }),
+            batch: None,
         }
     }
 

@@ -96,14 +96,70 @@ impl HttpClient {
         headers: &[(&'static str, String)],
         body: &B,
     ) -> Result<RawResponse, CallError> {
-        let mut rb = self.client.post(self.url(path)).json(body);
+        let resp = self
+            .open(self.client.post(self.url(path)).json(body), headers)
+            .await?;
+        self.read_limited(resp).await
+    }
+
+    /// `method` on `path` (or on an absolute URL of the provider's that
+    /// [`Self::same_origin`] accepted), with `headers` and an optional body
+    /// (content type, bytes); any status is an `Ok`, the body read up to
+    /// the limit.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&'static str, String)],
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<RawResponse, CallError> {
+        let resp = self.open_raw(method, path, headers, body).await?;
+        self.read_limited(resp).await
+    }
+
+    /// Like [`Self::send`], but the response is returned unread, to be
+    /// streamed (a batch's result file can be far over the body limit).
+    pub async fn open_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&'static str, String)],
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<reqwest::Response, CallError> {
+        let url = if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_string()
+        } else {
+            self.url(path)
+        };
+        let mut rb = self.client.request(method, url);
+        if let Some((content_type, bytes)) = body {
+            rb = rb.header("content-type", content_type).body(bytes);
+        }
+        self.open(rb, headers).await
+    }
+
+    /// Whether `url` is on the provider's own origin (scheme, host, port):
+    /// the key is only ever sent there.
+    pub fn same_origin(&self, url: &str) -> bool {
+        match (url::Url::parse(url), url::Url::parse(&self.base_url)) {
+            (Ok(a), Ok(b)) => a.origin() == b.origin(),
+            _ => false,
+        }
+    }
+
+    async fn open(
+        &self,
+        mut rb: reqwest::RequestBuilder,
+        headers: &[(&'static str, String)],
+    ) -> Result<reqwest::Response, CallError> {
         for (k, v) in headers {
             rb = rb.header(*k, v);
         }
-        let mut resp = rb
-            .send()
-            .await
-            .map_err(|e| self.transport_error(&e, None))?;
+        rb.send().await.map_err(|e| self.transport_error(&e, None))
+    }
+
+    /// Read a response's body, up to the limit.
+    async fn read_limited(&self, mut resp: reqwest::Response) -> Result<RawResponse, CallError> {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         // Terminal: the same request would get the same answer again.
@@ -169,7 +225,7 @@ impl HttpClient {
         })
     }
 
-    fn transport_error(&self, e: &reqwest::Error, status: Option<u16>) -> CallError {
+    pub(crate) fn transport_error(&self, e: &reqwest::Error, status: Option<u16>) -> CallError {
         // reqwest errors carry the URL (a key travels in a header, never in the
         // URL we build); redact anyway in case a user put one in the base URL.
         let msg = self.redact(&format!("{}: {e}", self.name));

@@ -4,6 +4,7 @@
 //! whether to retry and after how long.
 
 pub mod anthropic;
+pub mod batch;
 pub mod gemini;
 pub mod headers;
 pub mod http;

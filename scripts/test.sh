@@ -24,5 +24,7 @@ if [ ! -x "$SDK_VENV/bin/python" ] || ! "$SDK_VENV/bin/python" -c 'import openai
       || echo "[test] could not install the providers' SDKs" >&2
   fi
 fi
-export SWITCHYARD_SDK_PYTHON="$PWD/$SDK_VENV/bin/python"
+# (Not a SWITCHYARD_* name: those are config overrides, and workers the tests
+# start inherit the environment.)
+export PROVIDER_SDK_PYTHON="$PWD/$SDK_VENV/bin/python"
 exec cargo test --locked "$@"

@@ -40,6 +40,18 @@ impl Names {
     pub fn call_subject(&self, provider: &str) -> String {
         format!("{}.calls.{provider}", self.prefix)
     }
+    /// Calls for a provider's batch API.
+    pub fn batch_subject(&self, provider: &str) -> String {
+        format!("{}.calls.{provider}.batch", self.prefix)
+    }
+    /// Where a call message goes: its provider's real-time lane, or its batch lane.
+    pub fn subject_of(&self, call: &CallMsg) -> String {
+        if call.batch && call.batch_result.is_none() {
+            self.batch_subject(&call.provider)
+        } else {
+            self.call_subject(&call.provider)
+        }
+    }
     pub fn calls_wildcard(&self) -> String {
         format!("{}.calls.>", self.prefix)
     }
@@ -54,6 +66,9 @@ impl Names {
     }
     pub fn lane_consumer(&self, provider: &str) -> String {
         format!("lane-{provider}")
+    }
+    pub fn batch_consumer(&self, provider: &str) -> String {
+        format!("batch-{provider}")
     }
     /// The last subject token after `<prefix>.jobs.` (the subject category).
     pub fn category_of<'a>(&self, subject: &'a str) -> &'a str {
@@ -101,6 +116,51 @@ pub struct CallMsg {
     /// attempt number is this plus the delivery count.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempt_base: u32,
+    /// The job's deadline, in Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<i64>,
+    /// Sent through the provider's batch API (subject
+    /// `<prefix>.calls.<provider>.batch`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub batch: bool,
+    /// What the provider's batch made of this call: the lane records it and
+    /// goes on as after a real-time answer, without calling the provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_result: Option<BatchResult>,
+}
+
+/// One batch item's result, carried to the provider's lane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchResult {
+    /// Our batch id (`provider_batches.id`).
+    pub batch_id: String,
+    /// The attempt the item was recorded under.
+    pub attempt: i32,
+    pub outcome: BatchOutcome,
+}
+
+/// What became of a batch item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BatchOutcome {
+    Answered {
+        text: String,
+        #[serde(default)]
+        finish_reason: Option<String>,
+        usage: crate::pricing::Usage,
+    },
+    Failed {
+        error: String,
+        retryable: bool,
+        #[serde(default)]
+        http_status: Option<u16>,
+    },
+    /// The batch expired before the item was answered.
+    Expired,
+    /// The batch was cancelled before the item was answered.
+    Cancelled,
+    /// The batch ended without a line for the item.
+    Missing,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -126,8 +186,12 @@ impl CallMsg {
         Ok(())
     }
 
-    /// `Nats-Msg-Id` of a call: unique per job and step (and replay).
+    /// `Nats-Msg-Id` of a call: unique per job and step (and replay, and
+    /// batch result).
     pub fn msg_id(&self) -> String {
+        if let Some(r) = &self.batch_result {
+            return format!("{}#{}#b{}", self.job_id, self.step, r.attempt);
+        }
         if self.attempt_base > 0 {
             format!("{}#{}#r{}", self.job_id, self.step, self.attempt_base)
         } else {

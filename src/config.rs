@@ -387,6 +387,59 @@ pub struct CategoryConfig {
     /// cost this much today or this month (UTC).
     #[serde(default)]
     pub budget: Option<BudgetConfig>,
+    /// How the category's calls are sent: `realtime`, `batch` (the
+    /// providers' batch APIs, half price, within 24 h) or `auto` (batch when
+    /// the job's deadline leaves `batch.min_slack`).
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// Batch settings (with `delivery` `batch` or `auto`).
+    #[serde(default)]
+    pub batch: BatchConfig,
+}
+
+/// How a category's calls are sent.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    #[default]
+    Realtime,
+    Batch,
+    Auto,
+}
+
+/// A category's batch settings; durations as `90s`, `30m`, `26h`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// `auto` batches a job only when its deadline is at least this far away.
+    pub min_slack: String,
+    /// A batch is submitted this long after its first item arrived ...
+    pub flush_after: String,
+    /// ... or as soon as it holds this many items (capped by the provider's
+    /// own limit).
+    pub max_items: u32,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            min_slack: "26h".into(),
+            flush_after: "60s".into(),
+            max_items: 10_000,
+        }
+    }
+}
+
+impl BatchConfig {
+    /// `min_slack` (checked when the config loads).
+    pub fn min_slack(&self) -> Duration {
+        humantime::parse_duration(&self.min_slack).unwrap_or(Duration::from_secs(26 * 3600))
+    }
+
+    /// `flush_after` (checked when the config loads).
+    pub fn flush_after(&self) -> Duration {
+        humantime::parse_duration(&self.flush_after).unwrap_or(Duration::from_secs(60))
+    }
 }
 
 /// A category's spending caps (USD, as decimal strings or numbers).
@@ -707,6 +760,23 @@ impl Config {
                         ),
                     ));
                 }
+            }
+        }
+        for (name, cat) in &self.categories {
+            let key = format!("categories.{name}.batch");
+            for (k, v) in [
+                ("min_slack", &cat.batch.min_slack),
+                ("flush_after", &cat.batch.flush_after),
+            ] {
+                humantime::parse_duration(v).map_err(|e| {
+                    err(
+                        format!("{key}.{k}"),
+                        format!("`{v}` is not a duration (90s, 30m, 26h): {e}"),
+                    )
+                })?;
+            }
+            if cat.batch.max_items == 0 {
+                return Err(err(format!("{key}.max_items"), "must be at least 1"));
             }
         }
         if self.categories.contains_key(AUTO_CATEGORY) {

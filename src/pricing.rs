@@ -29,7 +29,20 @@ pub struct Usage {
 
 const MILLION: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
 
+/// What the providers' batch APIs charge: half of every real-time price.
+pub const BATCH_DISCOUNT: Decimal = Decimal::from_parts(5, 0, 0, false, 1);
+
 impl Prices {
+    /// The prices of the same model through its provider's batch API.
+    pub fn batch(&self) -> Prices {
+        Prices {
+            input_per_mtok: self.input_per_mtok * BATCH_DISCOUNT,
+            output_per_mtok: self.output_per_mtok * BATCH_DISCOUNT,
+            cached_input_per_mtok: self.cached_input_per_mtok * BATCH_DISCOUNT,
+            cache_write_per_mtok: self.cache_write_per_mtok * BATCH_DISCOUNT,
+        }
+    }
+
     /// `((input − cached − cache_write) × input + cached × cached_input +
     /// cache_write × cache_write_price + output × output) / 1e6`.
     ///

@@ -91,15 +91,23 @@ async fn until_ended(c: &BatchClient, id: &str) -> BatchStatus {
 
 async fn outcomes(c: &BatchClient, s: &BatchStatus) -> BTreeMap<String, ItemOutcome> {
     let mut out = BTreeMap::new();
-    let tally = c
-        .results(s, |r| {
+    // A small channel: the reading waits for the receiver.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+    let read = async {
+        let tally = c.results(s, &tx).await;
+        drop(tx);
+        tally
+    };
+    let collect = async {
+        while let Some(r) = rx.recv().await {
             assert!(
                 out.insert(r.custom_id.clone(), r.outcome).is_none(),
                 "one line per item"
             );
-        })
-        .await
-        .unwrap();
+        }
+    };
+    let (tally, ()) = tokio::join!(read, collect);
+    let tally = tally.unwrap();
     assert_eq!(tally.malformed, 0);
     assert_eq!(tally.items as usize, out.len());
     out

@@ -264,6 +264,9 @@ async fn a_call_message_with_a_malformed_plan_is_dead_lettered_before_any_provid
             history: vec![],
             job_max_tokens: None,
             attempt_base: 0,
+            deadline_ms: None,
+            batch: false,
+            batch_result: None,
         };
         env.bus
             .publish_durable(

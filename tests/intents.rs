@@ -35,6 +35,7 @@ fn intent(job: &str, attempt: i32) -> Row {
             http_status: None,
             outcome: CallOutcome::Unknown,
             error: None,
+            batch_id: None,
         },
         busy_for: Duration::from_secs(60),
     }

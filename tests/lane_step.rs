@@ -144,6 +144,9 @@ fn single_call(job_id: &str) -> Vec<u8> {
         history: vec![],
         job_max_tokens: None,
         attempt_base: 0,
+        deadline_ms: None,
+        batch: false,
+        batch_result: None,
     })
     .unwrap()
 }

@@ -165,19 +165,15 @@ impl Dispatcher {
         let (cfg, routes) = (&self.cfg, &*self.routes);
         let env = &job.envelope;
         let raw_conv = env.conversation(None);
-        let max_tokens = env.params.max_tokens;
-        let temperature = env.params.temperature;
+        let params = flow::JobParams {
+            job_max_tokens: env.params.max_tokens,
+            temperature: env.params.temperature,
+            enqueued_at_ms: published,
+            deadline_ms: job.deadline_ms,
+        };
         let start = |category: &str, classifier: Option<serde_json::Value>| {
             flow::start(
-                cfg,
-                routes,
-                &job.id,
-                category,
-                &raw_conv,
-                max_tokens,
-                temperature,
-                published,
-                classifier,
+                cfg, routes, &job.id, category, &raw_conv, params, classifier,
             )
             .ok_or_else(|| anyhow::anyhow!("category `{category}` has no usable route"))
         };
@@ -203,9 +199,10 @@ impl Dispatcher {
                             category: AUTO_CATEGORY.to_string(),
                             plan,
                             conv: raw_conv.clone(),
-                            job_max_tokens: max_tokens,
-                            temperature,
+                            job_max_tokens: params.job_max_tokens,
+                            temperature: params.temperature,
                             enqueued_at_ms: published,
+                            deadline_ms: params.deadline_ms,
                         };
                         (ctx, log, None)
                     }

@@ -25,6 +25,31 @@ pub struct JobCtx {
     pub job_max_tokens: Option<u32>,
     pub temperature: Option<f64>,
     pub enqueued_at_ms: i64,
+    /// The job's deadline, in Unix milliseconds.
+    pub deadline_ms: Option<i64>,
+}
+
+/// Whether a call of a `category` job to `provider` goes through the
+/// provider's batch API: the category's `delivery` says so (`batch`, or
+/// `auto` with a deadline at least `batch.min_slack` away) and the provider
+/// has one.
+pub fn batched(cfg: &Config, category: &str, provider: &str, deadline_ms: Option<i64>) -> bool {
+    use crate::config::{Delivery, ProviderKind};
+    let Some(cat) = cfg.categories.get(category) else {
+        return false;
+    };
+    let has_batches = cfg
+        .providers
+        .get(provider)
+        .is_some_and(|p| p.kind != ProviderKind::Inproc);
+    has_batches
+        && match cat.delivery {
+            Delivery::Realtime => false,
+            Delivery::Batch => true,
+            Delivery::Auto => deadline_ms.is_some_and(|d| {
+                d - now_ms() >= cat.batch.min_slack().as_millis().min(i64::MAX as u128) as i64
+            }),
+        }
 }
 
 /// Rows to commit, then messages to publish and events to send.
@@ -149,6 +174,9 @@ pub fn effects_budgeted(
                     },
                     job_max_tokens: ctx.job_max_tokens,
                     attempt_base: 0,
+                    deadline_ms: ctx.deadline_ms,
+                    batch: batched(cfg, &ctx.category, &c.target.provider, ctx.deadline_ms),
+                    batch_result: None,
                 });
             }
         }
@@ -212,9 +240,12 @@ pub fn effects_budgeted(
                 &ctx.job_id,
                 &category,
                 &ctx.conv,
-                ctx.job_max_tokens,
-                ctx.temperature,
-                ctx.enqueued_at_ms,
+                JobParams {
+                    job_max_tokens: ctx.job_max_tokens,
+                    temperature: ctx.temperature,
+                    enqueued_at_ms: ctx.enqueued_at_ms,
+                    deadline_ms: ctx.deadline_ms,
+                },
                 Some(classifier),
             ) {
                 Some((mut new_ctx, mut decision_log, variant)) => {
@@ -274,18 +305,21 @@ fn done(ctx: &JobCtx, status: JobStatus) -> DoneEvent {
 /// Resolve a job's plan for `category` (with its A/B variant) and the
 /// decision log to store. `raw_conv` is the job's conversation without the
 /// category's system prompt.
-#[allow(clippy::too_many_arguments)]
 pub fn start(
     cfg: &Config,
     routes: &Routes,
     job_id: &str,
     category: &str,
     raw_conv: &[Message],
-    job_max_tokens: Option<u32>,
-    temperature: Option<f64>,
-    enqueued_at_ms: i64,
+    params: JobParams,
     classifier: Option<serde_json::Value>,
 ) -> Option<(JobCtx, serde_json::Value, Option<String>)> {
+    let JobParams {
+        job_max_tokens,
+        temperature,
+        enqueued_at_ms,
+        deadline_ms,
+    } = params;
     let cat = cfg.categories.get(category)?;
     let (plan, variant) = routes.plan_for(category, job_id)?;
     let mut log = json!({
@@ -312,10 +346,20 @@ pub fn start(
             job_max_tokens,
             temperature,
             enqueued_at_ms,
+            deadline_ms,
         },
         log,
         variant,
     ))
+}
+
+/// What a job brings to its routing besides its id, category and conversation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobParams {
+    pub job_max_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+    pub enqueued_at_ms: i64,
+    pub deadline_ms: Option<i64>,
 }
 
 impl JobCtx {
@@ -329,6 +373,7 @@ impl JobCtx {
             job_max_tokens: c.job_max_tokens,
             temperature: c.temperature,
             enqueued_at_ms: c.enqueued_at_ms,
+            deadline_ms: c.deadline_ms,
         }
     }
 }

@@ -323,6 +323,9 @@ impl LaneStep {
             }
         }
         let _in_hand = InHand(self, key);
+        if let Some(result) = &call.batch_result {
+            return self.batch_result(hold, &call, result).await;
+        }
         if let Some(s) = self.done_already(hold, &call).await {
             return s;
         }
@@ -349,20 +352,7 @@ impl LaneStep {
         let estimate = estimate_input_tokens(&req.messages);
 
         // The call's cost record, filled in as it goes.
-        let row = CallRow {
-            job_id: call.job_id.clone(),
-            category: call.category.clone(),
-            provider: self.name.clone(),
-            model: call.model.clone(),
-            step: call.step,
-            attempt,
-            usage: Usage::default(),
-            prices,
-            latency_ms: 0,
-            http_status: None,
-            outcome: CallOutcome::Ok,
-            error: None,
-        };
+        let row = self.cost_row(&call, attempt, prices, None);
         let waiting_since = Instant::now();
         let (admission, attempt) = match self.claim(hold, &call, estimate, &row, ticket).await {
             Ok(claimed) => claimed,
@@ -420,6 +410,162 @@ impl LaneStep {
         };
         self.after_step(hold, &call, Some(record), Vec::new(), Some(row))
             .await
+    }
+
+    /// A call's cost record before the provider has answered.
+    fn cost_row(
+        &self,
+        call: &CallMsg,
+        attempt: i32,
+        prices: crate::pricing::Prices,
+        batch_id: Option<String>,
+    ) -> CallRow {
+        CallRow {
+            job_id: call.job_id.clone(),
+            category: call.category.clone(),
+            provider: self.name.clone(),
+            model: call.model.clone(),
+            step: call.step,
+            attempt,
+            usage: Usage::default(),
+            prices,
+            latency_ms: 0,
+            http_status: None,
+            outcome: CallOutcome::Ok,
+            error: None,
+            batch_id,
+        }
+    }
+
+    /// What a provider's batch made of this call (`result`): its cost row at
+    /// the batch prices, then the job goes on as after a real-time answer.
+    /// An item the batch did not answer (a retryable error, expired,
+    /// cancelled, missing) is sent real-time when the job's deadline leaves
+    /// time for it, else its step fails with the reason; a terminal error
+    /// fails the step. An answer for a step recorded meanwhile, or for a
+    /// finished job, is recorded (it was paid for) and goes no further.
+    async fn batch_result<H: Hold>(
+        &self,
+        hold: &H,
+        call: &CallMsg,
+        result: &crate::bus::BatchResult,
+    ) -> Settlement {
+        use crate::bus::BatchOutcome;
+        let prices = self
+            .cfg
+            .models
+            .get(&call.model)
+            .map(|m| m.prices().batch())
+            .unwrap_or(crate::pricing::Prices {
+                input_per_mtok: rust_decimal::Decimal::ZERO,
+                output_per_mtok: rust_decimal::Decimal::ZERO,
+                cached_input_per_mtok: rust_decimal::Decimal::ZERO,
+                cache_write_per_mtok: rust_decimal::Decimal::ZERO,
+            });
+        let mut row = self.cost_row(call, result.attempt, prices, Some(result.batch_id.clone()));
+        // Not answered, and why: (reason, may another call help).
+        let unanswered = match &result.outcome {
+            BatchOutcome::Answered { usage, .. } => {
+                row.usage = *usage;
+                row.http_status = Some(200);
+                None
+            }
+            BatchOutcome::Failed {
+                error,
+                retryable,
+                http_status,
+            } => Some((
+                format!("batch item failed: {error}"),
+                *retryable,
+                *http_status,
+            )),
+            BatchOutcome::Expired => Some(("the batch expired first".to_string(), true, None)),
+            BatchOutcome::Cancelled => Some(("the batch was cancelled".to_string(), true, None)),
+            BatchOutcome::Missing => {
+                Some(("the batch ended without this item".to_string(), true, None))
+            }
+        };
+        if let Some((why, retryable, status)) = &unanswered {
+            row.outcome = if *retryable {
+                CallOutcome::RetryableError
+            } else {
+                CallOutcome::TerminalError
+            };
+            row.error = Some(why.clone());
+            row.http_status = status.map(i32::from);
+        }
+        self.count_call(&row, false);
+        match self.recorded(call).await {
+            Ok(Recorded::No) => {}
+            Ok(Recorded::JobFinished | Recorded::Step(_)) => {
+                debug!("batch result for a step already settled: recorded, no further");
+                return Settlement::rows(vec![Row::Call(row)]);
+            }
+            Err(e) => {
+                self.writer.report_failure(&e);
+                return Settlement::failed(&e);
+            }
+        }
+        let record = match (&result.outcome, unanswered) {
+            (
+                BatchOutcome::Answered {
+                    text,
+                    finish_reason,
+                    ..
+                },
+                _,
+            ) => StepRecord {
+                step: call.step,
+                model: call.model.clone(),
+                outcome: StepOutcome::Ok,
+                output: Some(text.clone()),
+                reason: finish_reason.clone(),
+            },
+            (_, Some((why, true, _))) if self.time_for_realtime(call) => {
+                // Real time, as the next attempt of the same step.
+                let mut again = call.clone();
+                again.batch = false;
+                again.batch_result = None;
+                again.attempt_base = u32::try_from(result.attempt).unwrap_or(0);
+                debug!(%why, "batch item not answered; sending it real-time");
+                return Settlement::finished(flow::Effects {
+                    rows: vec![
+                        Row::Call(row),
+                        Row::Status(StatusRow {
+                            job_id: call.job_id.clone(),
+                            status: JobStatus::Running,
+                            ..Default::default()
+                        }),
+                    ],
+                    calls: vec![again],
+                    ..Default::default()
+                });
+            }
+            (_, why) => StepRecord {
+                step: call.step,
+                model: call.model.clone(),
+                outcome: StepOutcome::Failed,
+                output: None,
+                reason: Some(match why {
+                    Some((why, true, _)) => {
+                        format!("{why}, and the job's deadline leaves no time to call again")
+                    }
+                    Some((why, false, _)) => why,
+                    None => "batch item not answered".into(),
+                }),
+            },
+        };
+        self.after_step(hold, call, Some(record), Vec::new(), Some(row))
+            .await
+    }
+
+    /// Whether a real-time call could still answer before the job's
+    /// deadline (the provider's timeout from now).
+    fn time_for_realtime(&self, call: &CallMsg) -> bool {
+        call.deadline_ms.is_none_or(|d| {
+            d > crate::clock::now_ms()
+                + self.provider_timeout.as_millis().min(i64::MAX as u128) as i64
+        })
     }
 
     /// Make the call and fill its cost row; settle the limiter with what

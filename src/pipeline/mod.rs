@@ -8,6 +8,7 @@
 //! - `poison`: messages that reached `max_deliver` become dead letters.
 //! - [`settle`]: the one commit path (hold the message while the database is away).
 
+pub mod batch;
 pub(crate) mod dispatcher;
 pub(crate) mod flow;
 pub mod lane;

@@ -161,11 +161,7 @@ impl Settler {
             let published = match serde_json::to_vec(c) {
                 Ok(body) => {
                     self.bus
-                        .publish_durable(
-                            self.bus.names.call_subject(&c.provider),
-                            &c.msg_id(),
-                            body.into(),
-                        )
+                        .publish_durable(self.bus.names.subject_of(c), &c.msg_id(), body.into())
                         .await
                 }
                 Err(e) => Err(e.into()),

@@ -114,6 +114,15 @@ pub async fn sync_prices(pool: &PgPool, cfg: &Config) -> Result<()> {
         .context("writing the configured models' prices to `model_prices`")
 }
 
+/// A pull loop's gate: no new messages while the database is unreachable.
+fn db_up(writer: &Writer) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+    let w = writer.clone();
+    move || {
+        let w = w.clone();
+        Box::pin(async move { w.wait_up().await })
+    }
+}
+
 /// Start the dispatcher and lanes selected by `opts`.
 pub async fn start(
     cfg: Arc<Config>,
@@ -195,13 +204,7 @@ pub async fn start(
             },
             token.clone(),
             tracker.clone(),
-            {
-                let w = writer.clone();
-                move || {
-                    let w = w.clone();
-                    async move { w.wait_up().await }
-                }
-            },
+            db_up(&writer),
             move |m, ()| {
                 let d = d.clone();
                 async move { d.handle(m).await }
@@ -214,7 +217,7 @@ pub async fn start(
         routes: routes.clone(),
         services: services.clone(),
     };
-    for name in lane_names {
+    for name in lane_names.clone() {
         let lane = Arc::new(
             Lane::new(
                 &name,
@@ -256,6 +259,43 @@ pub async fn start(
                 async move { lane.handle(m, ticket).await }
             },
         ));
+    }
+    // Batch lanes, where a category sends calls through a provider's batch API.
+    let batching = cfg
+        .categories
+        .values()
+        .any(|c| c.delivery != crate::config::Delivery::Realtime);
+    for name in lane_names.iter().filter(|_| batching) {
+        let Some(lane) = crate::pipeline::batch::BatchLane::new(
+            name,
+            cfg.clone(),
+            pool.clone(),
+            bus.clone(),
+            token.clone(),
+        )
+        .with_context(|| format!("building the batch lane of `{name}`"))?
+        else {
+            continue;
+        };
+        let lane = Arc::new(lane);
+        let consumer = lane.consumer().await?;
+        let collector = lane.clone();
+        tracker.spawn(consume(
+            format!("batch-{name}"),
+            consumer,
+            Pull {
+                max_in_flight: 64,
+                batch: 64,
+            },
+            token.clone(),
+            tracker.clone(),
+            db_up(&writer),
+            move |m, ()| {
+                let lane = collector.clone();
+                async move { lane.collect(m).await }
+            },
+        ));
+        tracker.spawn(lane.run());
     }
     if let Some(listen) = opts.metrics_listen.as_ref().or(cfg.metrics.listen.as_ref()) {
         crate::ops::dashboard::serve(

@@ -515,12 +515,12 @@ impl BatchClient {
         self.json(Method::POST, &path, None).await.map(|_| ())
     }
 
-    /// Read the results of an ended batch, handing each item to `on` as it
-    /// is read.
+    /// Read the results of an ended batch, sending each item to `tx` as it
+    /// is read (the receiver paces the reading; a dropped receiver stops it).
     pub async fn results(
         &self,
         status: &BatchStatus,
-        mut on: impl FnMut(ItemResult),
+        tx: &tokio::sync::mpsc::Sender<ItemResult>,
     ) -> Result<Ingested, CallError> {
         let mut tally = Ingested::default();
         match &status.results {
@@ -535,7 +535,9 @@ impl BatchClient {
                     match parse_line(self.kind, it) {
                         Some(r) => {
                             tally.items += 1;
-                            on(r);
+                            if tx.send(r).await.is_err() {
+                                break;
+                            }
                         }
                         None => tally.malformed += 1,
                     }
@@ -544,7 +546,7 @@ impl BatchClient {
             Results::Files(ids) => {
                 for id in ids {
                     let path = format!("/v1/files/{id}/content");
-                    self.stream_lines(&path, &mut tally, &mut on).await?;
+                    self.stream_lines(&path, &mut tally, tx).await?;
                 }
             }
             Results::Url(url) => {
@@ -554,7 +556,7 @@ impl BatchClient {
                 } else {
                     format!("/v1/messages/batches/{}/results", status.id)
                 };
-                self.stream_lines(&path, &mut tally, &mut on).await?;
+                self.stream_lines(&path, &mut tally, tx).await?;
             }
         }
         Ok(tally)
@@ -564,7 +566,7 @@ impl BatchClient {
         &self,
         path: &str,
         tally: &mut Ingested,
-        on: &mut impl FnMut(ItemResult),
+        tx: &tokio::sync::mpsc::Sender<ItemResult>,
     ) -> Result<(), CallError> {
         let mut resp = self
             .http
@@ -575,23 +577,25 @@ impl BatchClient {
             let body = resp.bytes().await.unwrap_or_default();
             return Err(self.error(status, &body));
         }
-        let mut buf: Vec<u8> = Vec::new();
-        let mut skipping = false;
-        let mut line = |bytes: &[u8], tally: &mut Ingested| {
+        let kind = self.kind;
+        let read = |bytes: &[u8], tally: &mut Ingested, out: &mut Vec<ItemResult>| {
             if bytes.iter().all(u8::is_ascii_whitespace) {
                 return;
             }
             match serde_json::from_slice::<Value>(bytes)
                 .ok()
-                .and_then(|v| parse_line(self.kind, &v))
+                .and_then(|v| parse_line(kind, &v))
             {
                 Some(r) => {
                     tally.items += 1;
-                    on(r);
+                    out.push(r);
                 }
                 None => tally.malformed += 1,
             }
         };
+        let mut buf: Vec<u8> = Vec::new();
+        let mut skipping = false;
+        let mut ready = Vec::new();
         loop {
             let chunk = resp
                 .chunk()
@@ -615,12 +619,22 @@ impl BatchClient {
                     skipping = false;
                     continue;
                 }
-                line(l, tally);
+                read(l, tally, &mut ready);
             }
             buf.drain(..=last);
+            for r in ready.drain(..) {
+                if tx.send(r).await.is_err() {
+                    return Ok(());
+                }
+            }
         }
         if !skipping {
-            line(&buf, tally);
+            read(&buf, tally, &mut ready);
+        }
+        for r in ready {
+            if tx.send(r).await.is_err() {
+                break;
+            }
         }
         Ok(())
     }

@@ -139,6 +139,8 @@ struct SimBatch {
     fate: Option<BatchFate>,
     ended: Option<Ended>,
     deleted: bool,
+    /// Whether the request that created it carried credentials.
+    auth: bool,
 }
 
 fn unix_now() -> u64 {
@@ -242,7 +244,7 @@ fn settle(st: &SimState, book: &mut Book, id: &str) {
                         cache_write_tokens: 0,
                         reasoning_tokens: 0,
                         at_ms: now_ms,
-                        has_auth: true,
+                        has_auth: b.auth,
                         retry_after_ms: None,
                         in_flight: 0,
                         call: None,
@@ -357,6 +359,7 @@ fn now_ms(st: &SimState) -> u64 {
 /// Create a batch of `items` and return its id.
 fn create(
     st: &SimState,
+    headers: &HeaderMap,
     format: Format,
     model: String,
     items: Vec<(String, Result<SimRequest, String>)>,
@@ -390,6 +393,7 @@ fn create(
         fate,
         ended: None,
         deleted: false,
+        auth: has_auth(headers),
     };
     setup(&mut b);
     book.batches.insert(id.clone(), b);
@@ -431,11 +435,6 @@ fn bad_request(format: Format, message: String) -> Response {
             *m = Value::String(message.clone());
         }
     }
-    (status, Json(body)).into_response()
-}
-
-fn unauthorized(format: Format) -> Response {
-    let (status, body) = error_body(format, ErrKind::Unauthorized, "");
     (status, Json(body)).into_response()
 }
 
@@ -493,9 +492,6 @@ pub(super) async fn openai_upload(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !has_auth(&headers) {
-        return unauthorized(Format::Openai);
-    }
     let ct = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -623,9 +619,6 @@ pub(super) async fn openai_create(
     headers: HeaderMap,
     Json(req): Json<OpenaiCreate>,
 ) -> Response {
-    if !has_auth(&headers) {
-        return unauthorized(Format::Openai);
-    }
     if req.endpoint != "/v1/chat/completions" || req.completion_window != "24h" {
         return bad_request(
             Format::Openai,
@@ -644,7 +637,7 @@ pub(super) async fn openai_create(
         Ok((items, model)) => (items, model, None),
         Err(e) => (Vec::new(), String::new(), Some(e)),
     };
-    let id = create(&st, Format::Openai, model, items, |b| {
+    let id = create(&st, &headers, Format::Openai, model, items, |b| {
         b.input_file_id = Some(req.input_file_id.clone());
         b.metadata = req.metadata.as_ref().map_or(Value::Null, |m| json!(m));
         b.invalid = invalid;
@@ -815,9 +808,6 @@ pub(super) async fn anthropic_create(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !has_auth(&headers) {
-        return unauthorized(Format::Anthropic);
-    }
     let req: AnthropicCreate = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return bad_request(Format::Anthropic, format!("requests: {e}")),
@@ -845,7 +835,14 @@ pub(super) async fn anthropic_create(
             (r.custom_id, parsed)
         })
         .collect();
-    let id = create(&st, Format::Anthropic, String::new(), items, |_| {});
+    let id = create(
+        &st,
+        &headers,
+        Format::Anthropic,
+        String::new(),
+        items,
+        |_| {},
+    );
     anthropic_show(&st, &id, &headers)
 }
 
@@ -1037,9 +1034,6 @@ pub(super) fn gemini_create(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Response {
-    if !has_auth(headers) {
-        return unauthorized(Format::Gemini);
-    }
     let v: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => return bad_request(Format::Gemini, format!("invalid JSON: {e}")),
@@ -1076,7 +1070,7 @@ pub(super) fn gemini_create(
         .pointer("/batch/displayName")
         .and_then(Value::as_str)
         .map(str::to_string);
-    let id = create(st, Format::Gemini, model, items, |b| {
+    let id = create(st, headers, Format::Gemini, model, items, |b| {
         b.display_name = display
     });
     with_batch(st, Format::Gemini, &id, |b, now| {

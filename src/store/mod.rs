@@ -12,12 +12,14 @@
 //! - [`report`]: the report's reads for a time window, category or prefix.
 //! - [`stats`]: the dashboard's figures.
 //! - [`prices`]: the configured models' prices, for the savings views.
+//! - [`batches`]: provider batches, their leases and items.
 //! - [`spend`]: category spend for budgets.
 //! - [`feedback`]: ratings of results.
 //! - [`retention`]: what `prune` counts and deletes.
 //!
 //! Job statuses are [`JobStatus`]; SQL receives them as bound parameters.
 
+pub mod batches;
 pub mod dlq;
 mod error;
 pub mod feedback;

@@ -67,6 +67,8 @@ pub struct CallRow {
     pub http_status: Option<i32>,
     pub outcome: CallOutcome,
     pub error: Option<String>,
+    /// The provider batch the call went in (`provider_batches.id`).
+    pub batch_id: Option<String>,
 }
 
 impl CallRow {

@@ -441,22 +441,22 @@ const CALL_COLUMNS: &str = "job_id, category, provider, model, step, attempt,
     input_tokens, output_tokens, cached_input_tokens,
     price_input_per_mtok, price_output_per_mtok, price_cached_input_per_mtok,
     cost_usd, latency_ms, http_status, outcome, error,
-    cache_write_input_tokens, reasoning_tokens, price_cache_write_per_mtok";
+    cache_write_input_tokens, reasoning_tokens, price_cache_write_per_mtok, batch_id";
 
 /// `UNNEST` of [`bind_calls`]' parameters as `u(<CALL_COLUMNS>)`, plus
-/// `extra` (more arrays and their names, after the 20 of a call).
+/// `extra` (more arrays and their names, after the 21 of a call).
 fn call_unnest(extra: (&str, &str)) -> String {
     format!(
         "UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::int4[],
                  $7::int8[], $8::int8[], $9::int8[],
                  $10::numeric[], $11::numeric[], $12::numeric[],
                  $13::numeric[], $14::int4[], $15::int4[], $16::text[], $17::text[],
-                 $18::int8[], $19::int8[], $20::numeric[]{})
+                 $18::int8[], $19::int8[], $20::numeric[], $21::text[]{})
     AS u(job_id, category, provider, model, step, attempt,
          input_tokens, output_tokens, cached_input_tokens,
          price_input_per_mtok, price_output_per_mtok, price_cached_input_per_mtok,
          cost_usd, latency_ms, http_status, outcome, error,
-         cache_write_input_tokens, reasoning_tokens, price_cache_write_per_mtok{})",
+         cache_write_input_tokens, reasoning_tokens, price_cache_write_per_mtok, batch_id{})",
         extra.0, extra.1
     )
 }
@@ -534,6 +534,7 @@ fn bind_calls<'q>(q: PgQuery<'q>, calls: &[&CallRow]) -> PgQuery<'q> {
                 .map(|c| c.prices.cache_write_per_mtok)
                 .collect::<Vec<_>>(),
         )
+        .bind(calls.iter().map(|c| c.batch_id.clone()).collect::<Vec<_>>())
 }
 
 /// Final cost records. Each replaces its attempt's intent (`unknown`) row;
@@ -553,7 +554,8 @@ async fn insert_calls(tx: &mut Transaction<'_, Postgres>, calls: &[&CallRow]) ->
              error = EXCLUDED.error,
              cache_write_input_tokens = EXCLUDED.cache_write_input_tokens,
              reasoning_tokens = EXCLUDED.reasoning_tokens,
-             price_cache_write_per_mtok = EXCLUDED.price_cache_write_per_mtok
+             price_cache_write_per_mtok = EXCLUDED.price_cache_write_per_mtok,
+             batch_id = EXCLUDED.batch_id
          WHERE calls.outcome = 'unknown'",
         call_unnest(("", ""))
     );
@@ -600,7 +602,8 @@ async fn insert_intents(
                 u.input_tokens, u.output_tokens, u.cached_input_tokens,
                 u.price_input_per_mtok, u.price_output_per_mtok, u.price_cached_input_per_mtok,
                 u.cost_usd, u.latency_ms, u.http_status, u.outcome, u.error,
-                u.cache_write_input_tokens, u.reasoning_tokens, u.price_cache_write_per_mtok
+                u.cache_write_input_tokens, u.reasoning_tokens, u.price_cache_write_per_mtok,
+                u.batch_id
          FROM {}
          WHERE NOT EXISTS (SELECT 1 FROM calls c
                            WHERE c.job_id = u.job_id AND c.step = u.step
@@ -609,10 +612,10 @@ async fn insert_intents(
                                       AND c.created_at > now() - make_interval(secs => u.busy_secs))))
            AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.job_id = u.job_id AND s.step = u.step)
            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = u.job_id
-                           AND j.status = ANY($22::text[]))
+                           AND j.status = ANY($23::text[]))
          ON CONFLICT (job_id, step, attempt) DO NOTHING
          RETURNING job_id, step, attempt",
-        call_unnest((", $21::float8[]", ", busy_secs"))
+        call_unnest((", $22::float8[]", ", busy_secs"))
     );
     let rows: Vec<&CallRow> = intents.iter().map(|(r, _)| *r).collect();
     let busy: Vec<f64> = intents.iter().map(|(_, d)| d.as_secs_f64()).collect();

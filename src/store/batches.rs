@@ -1,0 +1,344 @@
+//! `provider_batches` and `batch_items`: batches filling per provider and
+//! model, their submission and polling leases, and the items that map a
+//! provider's `custom_id` back to a call.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use sqlx::PgPool;
+
+/// A call to add to the open batch of its provider and model.
+#[derive(Debug, Clone)]
+pub struct NewItem<'a> {
+    pub provider: &'a str,
+    pub model: &'a str,
+    pub job_id: &'a str,
+    pub step: i32,
+    /// The call message.
+    pub call: serde_json::Value,
+    /// Its size, counted against `max_bytes`.
+    pub bytes: i64,
+    /// The batch is submitted this long after this item at the latest.
+    pub flush_after: Duration,
+    pub max_items: i32,
+    pub max_bytes: i64,
+}
+
+/// What adding an item came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    Added {
+        batch_id: String,
+        custom_id: String,
+        attempt: i32,
+    },
+    /// The step already waits in a batch.
+    AlreadyPending,
+}
+
+fn interval(d: Duration) -> String {
+    format!("{} milliseconds", d.as_millis())
+}
+
+/// Add `it` to the open batch of its provider and model (opening one when
+/// none has room), in one transaction; one writer per provider and model at
+/// a time. Its attempt is one past any recorded for the step.
+pub async fn enqueue(pool: &PgPool, it: &NewItem<'_>) -> Result<Enqueued> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('switchyard.batch:' || $1 || ':' || $2))")
+        .bind(it.provider)
+        .bind(it.model)
+        .execute(&mut *tx)
+        .await?;
+    let pending: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM batch_items WHERE job_id = $1 AND step = $2 AND state = 'pending'",
+    )
+    .bind(it.job_id)
+    .bind(it.step)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if pending.is_some() {
+        return Ok(Enqueued::AlreadyPending);
+    }
+    let attempt: i32 = sqlx::query_scalar(
+        "SELECT GREATEST(
+             COALESCE((SELECT max(attempt) FROM calls WHERE job_id = $1 AND step = $2), 0),
+             COALESCE((SELECT max(attempt) FROM batch_items WHERE job_id = $1 AND step = $2), 0)) + 1",
+    )
+    .bind(it.job_id)
+    .bind(it.step)
+    .fetch_one(&mut *tx)
+    .await?;
+    let open: Option<(String, i32)> = sqlx::query_as(
+        "SELECT id, items FROM provider_batches
+         WHERE provider = $1 AND model = $2 AND state = 'open' AND items < $3
+           AND bytes + $4 <= $5
+         ORDER BY created_at LIMIT 1 FOR UPDATE",
+    )
+    .bind(it.provider)
+    .bind(it.model)
+    .bind(it.max_items)
+    .bind(it.bytes)
+    .bind(it.max_bytes)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (batch_id, n) = match open {
+        Some(b) => b,
+        None => {
+            let id = format!("syb_{:016x}", fastrand::u64(..));
+            sqlx::query(
+                "INSERT INTO provider_batches (id, provider, model, flush_at)
+                 VALUES ($1, $2, $3, now() + $4::interval)",
+            )
+            .bind(&id)
+            .bind(it.provider)
+            .bind(it.model)
+            .bind(interval(it.flush_after))
+            .execute(&mut *tx)
+            .await?;
+            (id, 0)
+        }
+    };
+    let custom_id = format!("i{n}");
+    sqlx::query(
+        "INSERT INTO batch_items (batch_id, custom_id, job_id, step, attempt, call)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&batch_id)
+    .bind(&custom_id)
+    .bind(it.job_id)
+    .bind(it.step)
+    .bind(attempt)
+    .bind(&it.call)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE provider_batches SET items = items + 1, bytes = bytes + $2,
+                flush_at = CASE WHEN items + 1 >= $3 THEN now()
+                                ELSE LEAST(flush_at, now() + $4::interval) END
+         WHERE id = $1",
+    )
+    .bind(&batch_id)
+    .bind(it.bytes)
+    .bind(it.max_items)
+    .bind(interval(it.flush_after))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Enqueued::Added {
+        batch_id,
+        custom_id,
+        attempt,
+    })
+}
+
+/// A batch this process now submits.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ToSubmit {
+    pub id: String,
+    pub model: String,
+    /// A submission was under way before (its holder died): the provider
+    /// may have the batch already.
+    pub resumed: bool,
+}
+
+/// Take the next batch of `provider` due for submission (its time came, or
+/// an earlier submitter's lease ran out), leased to `owner` for `lease`.
+pub async fn claim_submit(
+    pool: &PgPool,
+    provider: &str,
+    owner: &str,
+    lease: Duration,
+) -> Result<Option<ToSubmit>> {
+    Ok(sqlx::query_as(
+        "WITH c AS (
+             SELECT id, state FROM provider_batches
+             WHERE provider = $1
+               AND ((state = 'open' AND flush_at <= now())
+                    OR (state = 'submitting' AND lease_until < now()))
+             ORDER BY flush_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+         UPDATE provider_batches p
+         SET state = 'submitting', lease_owner = $2, lease_until = now() + $3::interval,
+             submitted_at = CASE WHEN c.state = 'open' THEN now() ELSE p.submitted_at END
+         FROM c WHERE p.id = c.id
+         RETURNING p.id, p.model, c.state = 'submitting' AS resumed",
+    )
+    .bind(provider)
+    .bind(owner)
+    .bind(interval(lease))
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// The items of a batch: custom id and call message.
+pub async fn items(pool: &PgPool, batch_id: &str) -> Result<Vec<(String, serde_json::Value)>> {
+    Ok(sqlx::query_as(
+        "SELECT custom_id, call FROM batch_items WHERE batch_id = $1
+         ORDER BY length(custom_id), custom_id",
+    )
+    .bind(batch_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The provider's batch ids already recorded for `provider`.
+pub async fn known_provider_ids(pool: &PgPool, provider: &str) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT provider_batch_id FROM provider_batches
+         WHERE provider = $1 AND provider_batch_id IS NOT NULL",
+    )
+    .bind(provider)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The batch is with the provider under `provider_batch_id`; first poll soon.
+pub async fn submitted(pool: &PgPool, id: &str, provider_batch_id: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE provider_batches SET state = 'submitted', provider_batch_id = $2,
+                next_poll_at = now() + interval '500 milliseconds',
+                lease_owner = NULL, lease_until = NULL, error = NULL
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(provider_batch_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Submission failed for now: try again after `after`.
+pub async fn reopen(pool: &PgPool, id: &str, error: &str, after: Duration) -> Result<()> {
+    sqlx::query(
+        "UPDATE provider_batches SET state = 'open', flush_at = now() + $3::interval,
+                lease_owner = NULL, lease_until = NULL, error = $2
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .bind(interval(after))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A submitted batch this process now polls.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ToPoll {
+    pub id: String,
+    pub provider_batch_id: String,
+    pub model: String,
+    /// Seconds since it was submitted.
+    pub age_secs: f64,
+}
+
+/// Take up to `limit` submitted batches of `provider` due for a poll, leased
+/// to `owner` for `lease` (one poller per batch at a time; a dead poller's
+/// batches pass on when its lease runs out).
+pub async fn claim_polls(
+    pool: &PgPool,
+    provider: &str,
+    owner: &str,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<ToPoll>> {
+    Ok(sqlx::query_as(
+        "WITH c AS (
+             SELECT id FROM provider_batches
+             WHERE provider = $1 AND state = 'submitted' AND next_poll_at <= now()
+               AND (lease_until IS NULL OR lease_until < now())
+             ORDER BY next_poll_at LIMIT $4 FOR UPDATE SKIP LOCKED)
+         UPDATE provider_batches p SET lease_owner = $2, lease_until = now() + $3::interval
+         FROM c WHERE p.id = c.id
+         RETURNING p.id, p.provider_batch_id, p.model,
+                   EXTRACT(EPOCH FROM now() - COALESCE(p.submitted_at, p.created_at))::float8 AS age_secs",
+    )
+    .bind(provider)
+    .bind(owner)
+    .bind(interval(lease))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A poll's news: the provider's state and counts; next poll after `next`.
+pub async fn polled(
+    pool: &PgPool,
+    id: &str,
+    provider_state: &str,
+    succeeded: i64,
+    failed: i64,
+    next: Duration,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE provider_batches SET provider_state = $2, succeeded = $3, failed = $4,
+                next_poll_at = now() + $5::interval, lease_owner = NULL, lease_until = NULL
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(provider_state)
+    .bind(succeeded as i32)
+    .bind(failed as i32)
+    .bind(interval(next))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// An item, as the ingest needs it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Item {
+    pub custom_id: String,
+    pub attempt: i32,
+    pub call: serde_json::Value,
+}
+
+/// The pending items of a batch among `custom_ids` (all pending ones when
+/// `custom_ids` is `None`).
+pub async fn pending_items(
+    pool: &PgPool,
+    batch_id: &str,
+    custom_ids: Option<&[String]>,
+) -> Result<Vec<Item>> {
+    Ok(sqlx::query_as(
+        "SELECT custom_id, attempt, call FROM batch_items
+         WHERE batch_id = $1 AND state = 'pending'
+           AND ($2::text[] IS NULL OR custom_id = ANY($2::text[]))",
+    )
+    .bind(batch_id)
+    .bind(custom_ids)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// These items' results are handed on.
+pub async fn items_done(pool: &PgPool, batch_id: &str, custom_ids: &[String]) -> Result<()> {
+    sqlx::query(
+        "UPDATE batch_items SET state = 'done' WHERE batch_id = $1 AND custom_id = ANY($2::text[])",
+    )
+    .bind(batch_id)
+    .bind(custom_ids)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The batch is over: every item handed on.
+pub async fn ended(
+    pool: &PgPool,
+    id: &str,
+    provider_state: &str,
+    error: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE provider_batches SET state = 'ended', provider_state = $2, error = $3,
+                ended_at = now(), lease_owner = NULL, lease_until = NULL
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(provider_state)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

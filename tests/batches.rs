@@ -1,0 +1,262 @@
+//! Batch delivery end to end: jobs of `delivery = "batch"` categories go
+//! through each provider's batch API (the simulator's) at half price and
+//! finish like real-time ones; `auto` batches only jobs whose deadline
+//! leaves time; items a batch did not answer go real-time.
+
+mod common;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use common::{wait_until, TestEnv};
+use rust_decimal::Decimal;
+use switchyard::enqueue::{publish_jobs, wait_finished, Outgoing};
+use switchyard::envelope::JobEnvelope;
+use switchyard::sim::{BatchFate, Format, SimProfile};
+
+/// The shipped config plus one batch category per provider, a batched
+/// pipeline and an `auto` category.
+const EXTRA: &str = r#"
+[categories.night_openai]
+route = { kind = "single", target = "gpt-4o-mini" }
+delivery = "batch"
+batch = { flush_after = "300ms" }
+
+[categories.night_anthropic]
+route = { kind = "single", target = "claude-haiku-4-5" }
+delivery = "batch"
+batch = { flush_after = "300ms" }
+
+[categories.night_gemini]
+route = { kind = "single", target = "gemini-2.5-flash-lite" }
+delivery = "batch"
+batch = { flush_after = "300ms" }
+
+[categories.night_pipeline]
+route = { kind = "pipeline", stages = [
+  { name = "draft", target = "gpt-4o-mini", prompt = "Draft: {{input}}" },
+  { name = "polish", target = "claude-haiku-4-5", prompt = "Polish: {{previous}}" },
+] }
+delivery = "batch"
+batch = { flush_after = "300ms" }
+
+[categories.maybe]
+route = { kind = "single", target = "gpt-4o-mini" }
+delivery = "auto"
+batch = { min_slack = "26h", flush_after = "300ms" }
+"#;
+
+async fn env() -> TestEnv {
+    TestEnv::new(SimProfile {
+        batch_ms: Some(400),
+        cached_share: 0.25,
+        ..Default::default()
+    })
+    .await
+}
+
+fn config(env: &TestEnv) -> switchyard::config::Config {
+    env.config_from(&format!("{}\n{EXTRA}", common::SHIPPED_CONFIG))
+}
+
+fn job(id: &str, category: &str, deadline: Option<String>) -> Outgoing {
+    let mut e = JobEnvelope::prompt(id, category, format!("Write a line about {id}."));
+    e.deadline = deadline;
+    Outgoing::from_envelope(&e).unwrap()
+}
+
+fn rfc3339_in(d: Duration) -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now() + d).to_string()
+}
+
+type CallLine = (
+    String,
+    String,
+    Option<String>,
+    String,
+    Decimal,
+    Decimal,
+    i64,
+    i64,
+    i64,
+);
+
+async fn calls_of(env: &TestEnv, like: &str) -> Vec<CallLine> {
+    sqlx::query_as(
+        "SELECT job_id, model, batch_id, outcome, price_input_per_mtok, cost_usd,
+                input_tokens, cached_input_tokens, output_tokens
+         FROM calls WHERE job_id LIKE $1 ORDER BY job_id, step, attempt",
+    )
+    .bind(like)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_categories_go_through_each_providers_batch_api_at_half_price() {
+    let env = env().await;
+    let cfg = config(&env);
+    let worker = env.start_worker(cfg.clone()).await;
+    let mut jobs = Vec::new();
+    for cat in [
+        "night_openai",
+        "night_anthropic",
+        "night_gemini",
+        "night_pipeline",
+    ] {
+        for i in 0..6 {
+            jobs.push(job(&format!("{cat}-{i}"), cat, None));
+        }
+    }
+    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    publish_jobs(&env.bus, &jobs, None).await.unwrap();
+    assert!(
+        wait_finished(&env.pool, &ids, Duration::from_secs(90), None)
+            .await
+            .unwrap(),
+        "every batched job finished"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE id LIKE 'night_%' AND status = 'succeeded'")
+            .await,
+        24
+    );
+    // Every call went in a batch, at half the model's price, its cost exact.
+    let calls = calls_of(&env, "night_%").await;
+    assert_eq!(
+        calls.len(),
+        6 * 3 + 6 * 2,
+        "one call per job and stage: {calls:?}"
+    );
+    for (job, model, batch, outcome, price_in, cost, input, cached, output) in &calls {
+        assert_eq!(outcome, "ok", "{job}");
+        assert!(batch.is_some(), "{job}: not batched");
+        let full = cfg.models[model].prices();
+        let half = full.batch();
+        assert_eq!(*price_in, half.input_per_mtok, "{job}: half price");
+        let usage = switchyard::pricing::Usage {
+            input_tokens: *input as u64,
+            cached_input_tokens: *cached as u64,
+            output_tokens: *output as u64,
+            ..Default::default()
+        };
+        assert_eq!(*cost, half.cost(&usage), "{job}");
+        assert_eq!(half.cost(&usage) * Decimal::from(2), full.cost(&usage));
+    }
+    // The simulator processed exactly the recorded batch calls.
+    let ledger: Vec<_> = env
+        .sim
+        .ledger()
+        .into_iter()
+        .filter(|e| e.batch.is_some())
+        .collect();
+    assert_eq!(ledger.len(), calls.len());
+    let items: i64 = env
+        .count("SELECT count(*) FROM batch_items WHERE state = 'done'")
+        .await;
+    assert_eq!(items as usize, calls.len());
+    assert_eq!(
+        env.count("SELECT count(*) FROM provider_batches WHERE state <> 'ended'")
+            .await,
+        0
+    );
+    // The pipeline's second stage was batched again after the first.
+    let stages = env
+        .count("SELECT count(*) FROM steps WHERE job_id LIKE 'night_pipeline-%' AND outcome = 'ok'")
+        .await;
+    assert_eq!(stages, 12);
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_batches_only_far_deadlines_and_unanswered_items_go_real_time() {
+    let env = env().await;
+    let worker = env.start_worker(config(&env)).await;
+    // Near deadline: real time. Far: batch. None: real time.
+    let jobs = vec![
+        job(
+            "maybe-near",
+            "maybe",
+            Some(rfc3339_in(Duration::from_secs(3600))),
+        ),
+        job(
+            "maybe-far",
+            "maybe",
+            Some(rfc3339_in(Duration::from_secs(48 * 3600))),
+        ),
+        job("maybe-none", "maybe", None),
+    ];
+    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    publish_jobs(&env.bus, &jobs, None).await.unwrap();
+    assert!(
+        wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    let batched: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT job_id, batch_id IS NOT NULL FROM calls WHERE job_id LIKE 'maybe-%' ORDER BY job_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        batched,
+        vec![
+            ("maybe-far".into(), true),
+            ("maybe-near".into(), false),
+            ("maybe-none".into(), false)
+        ]
+    );
+
+    // An expiring OpenAI batch: the answered half stays batched, the rest
+    // is sent real-time as the next attempt; an expired Gemini batch
+    // answers nothing, so all of it goes real-time.
+    env.sim.force_batch(Format::Openai, BatchFate::Expire);
+    env.sim.force_batch(Format::Gemini, BatchFate::Expire);
+    let mut jobs = Vec::new();
+    for i in 0..6 {
+        jobs.push(job(&format!("exp-o-{i}"), "night_openai", None));
+        jobs.push(job(&format!("exp-g-{i}"), "night_gemini", None));
+    }
+    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    publish_jobs(&env.bus, &jobs, None).await.unwrap();
+    assert!(
+        wait_finished(&env.pool, &ids, Duration::from_secs(90), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE id LIKE 'exp-%' AND status = 'succeeded'")
+            .await,
+        12
+    );
+    let o = calls_of(&env, "exp-o-%").await;
+    let batched_ok = o.iter().filter(|c| c.2.is_some() && c.3 == "ok").count();
+    let expired = o
+        .iter()
+        .filter(|c| c.2.is_some() && c.3 == "retryable_error")
+        .count();
+    let realtime_ok = o.iter().filter(|c| c.2.is_none() && c.3 == "ok").count();
+    assert_eq!((batched_ok, expired, realtime_ok), (3, 3, 3), "{o:?}");
+    // Real-time answers at full price; expired items cost nothing.
+    for c in &o {
+        if c.2.is_none() {
+            assert_eq!(c.4, Decimal::from_str("0.15").unwrap());
+        } else if c.3 != "ok" {
+            assert_eq!(c.5, Decimal::ZERO);
+        }
+    }
+    let g = calls_of(&env, "exp-g-%").await;
+    assert_eq!(g.iter().filter(|c| c.2.is_none() && c.3 == "ok").count(), 6);
+    assert_eq!(g.iter().filter(|c| c.2.is_some() && c.3 == "ok").count(), 0);
+    wait_until(Duration::from_secs(10), "every batch ended", || async {
+        env.count("SELECT count(*) FROM provider_batches WHERE state <> 'ended'")
+            .await
+            == 0
+    })
+    .await;
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

@@ -172,6 +172,41 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Provider batches (categories with `delivery = "batch"` or `"auto"`):
+    /// list, show, cancel.
+    Batch {
+        #[command(subcommand)]
+        action: BatchAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BatchAction {
+    /// Batches, newest first, with state, counts, age and cost so far.
+    List {
+        /// Only this provider's.
+        #[arg(long)]
+        provider: Option<String>,
+        /// Only in this state (`open`, `submitting`, `submitted`, `ended`).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One batch, by our id or the provider's.
+    Show {
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the provider to cancel a batch: its answered items are recorded,
+    /// the rest are sent real-time (the jobs are not cancelled).
+    Cancel { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -446,6 +481,100 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             .await
             .context("demo failed")?;
             Ok(if demo::print(&outcome, jobs) { 0 } else { 1 })
+        }
+        Command::Batch { action } => {
+            let pool = store::connect_and_migrate(&g.database_url, 4).await?;
+            use crate::ops::batch;
+            match action {
+                BatchAction::List {
+                    provider,
+                    state,
+                    limit,
+                    json,
+                } => {
+                    let rows =
+                        batch::list(&pool, provider.as_deref(), state.as_deref(), limit).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&rows)?);
+                    } else {
+                        println!(
+                            "{:<22} {:<10} {:<22} {:<10} {:<11} {:>7} {:>7} {:>7} {:>6} {:>12}",
+                            "batch",
+                            "provider",
+                            "model",
+                            "state",
+                            "provider",
+                            "items",
+                            "done",
+                            "failed",
+                            "age",
+                            "USD"
+                        );
+                        for b in &rows {
+                            println!(
+                                "{:<22} {:<10} {:<22} {:<10} {:<11} {:>7} {:>7} {:>7} {:>6} {:>12}",
+                                b.id,
+                                b.provider,
+                                b.model,
+                                b.state,
+                                b.provider_state.as_deref().unwrap_or("-"),
+                                b.items,
+                                b.items_done,
+                                b.failed,
+                                batch::age(b.age_secs),
+                                b.cost_usd.round_dp(6).to_string()
+                            );
+                        }
+                        eprintln!("{} batch(es)", rows.len());
+                    }
+                    Ok(0)
+                }
+                BatchAction::Show { id, json } => {
+                    let b = batch::show(&pool, &id).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&b)?);
+                    } else {
+                        println!("batch          {}", b.id);
+                        println!("provider       {} ({})", b.provider, b.model);
+                        println!(
+                            "state          {} (provider: {} {})",
+                            b.state,
+                            b.provider_batch_id.as_deref().unwrap_or("-"),
+                            b.provider_state.as_deref().unwrap_or("-")
+                        );
+                        println!(
+                            "items          {} ({} handed on; provider: {} succeeded, {} failed)",
+                            b.items, b.items_done, b.succeeded, b.failed
+                        );
+                        println!("cost so far    ${}", b.cost_usd.round_dp(6));
+                        println!(
+                            "created        {} ({} ago)",
+                            b.created_at,
+                            batch::age(b.age_secs)
+                        );
+                        println!(
+                            "submitted      {}",
+                            b.submitted_at.as_deref().unwrap_or("-")
+                        );
+                        println!("ended          {}", b.ended_at.as_deref().unwrap_or("-"));
+                        if let Some(e) = &b.error {
+                            println!("error          {e}");
+                        }
+                    }
+                    Ok(0)
+                }
+                BatchAction::Cancel { id } => {
+                    let cfg = load()?;
+                    let b = batch::cancel(&pool, &cfg, &id).await?;
+                    eprintln!(
+                        "asked {} to cancel batch {} ({}); a worker records what it answered and sends the rest real-time",
+                        b.provider,
+                        b.id,
+                        b.provider_batch_id.as_deref().unwrap_or("-")
+                    );
+                    Ok(0)
+                }
+            }
         }
         Command::Dlq { action } => {
             let pool = store::connect_and_migrate(&g.database_url, 4).await?;

@@ -260,3 +260,87 @@ async fn auto_batches_only_far_deadlines_and_unanswered_items_go_real_time() {
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }
+
+/// `switchyard batch list | show | cancel`: a long batch is listed with its
+/// state and counts, shown by either id, and cancelled at its provider;
+/// its jobs then finish real-time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_command_lists_shows_and_cancels_a_batch() {
+    let env = TestEnv::new(SimProfile {
+        batch_ms: Some(20_000),
+        ..Default::default()
+    })
+    .await;
+    let worker = env.start_worker(config(&env)).await;
+    let jobs: Vec<Outgoing> = (0..4)
+        .map(|i| job(&format!("cli-{i}"), "night_openai", None))
+        .collect();
+    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    publish_jobs(&env.bus, &jobs, None).await.unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the batch is submitted",
+        || async {
+            env.count("SELECT count(*) FROM provider_batches WHERE state = 'submitted'")
+                .await
+                == 1
+        },
+    )
+    .await;
+    let vars = env.child_env();
+    let run = |args: Vec<&str>| {
+        let out = common::switchyard(&vars).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let listed: serde_json::Value =
+        serde_json::from_slice(&run(vec!["batch", "list", "--json"]).stdout).unwrap();
+    let b = &listed[0];
+    assert_eq!(
+        (
+            b["provider"].as_str(),
+            b["state"].as_str(),
+            b["items"].as_i64()
+        ),
+        (Some("openai"), Some("submitted"), Some(4)),
+        "{listed}"
+    );
+    let pid = b["provider_batch_id"].as_str().unwrap().to_string();
+    let shown = String::from_utf8(run(vec!["batch", "show", &pid]).stdout).unwrap();
+    assert!(shown.contains(b["id"].as_str().unwrap()), "{shown}");
+    assert!(shown.contains("items          4"), "{shown}");
+    run(vec!["batch", "cancel", b["id"].as_str().unwrap()]);
+    // Cancelled early: nothing answered in the batch; every job real-time.
+    assert!(
+        wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    let calls = calls_of(&env, "cli-%").await;
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c.2.is_none() && c.3 == "ok")
+            .count(),
+        4
+    );
+    let state: (String, Option<String>) =
+        sqlx::query_as("SELECT state, provider_state FROM provider_batches")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(state, ("ended".into(), Some("cancelled".into())));
+    // Cancelling an ended batch says so.
+    let out = common::switchyard(&vars)
+        .args(["batch", "cancel", &pid])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has ended already"));
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

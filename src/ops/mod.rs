@@ -5,7 +5,9 @@
 //! - [`feedback`]: ratings of results. `prune`: retention.
 //! - [`report`] and `report_html`: spend, usage and savings.
 //! - `dashboard`: `/metrics`, the live dashboard and `/api/stats`.
+//! - [`batch`]: provider batches (list, show, cancel).
 
+pub mod batch;
 pub(crate) mod dashboard;
 pub(crate) mod dlq;
 pub mod feedback;

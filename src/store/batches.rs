@@ -342,3 +342,66 @@ pub async fn ended(
     .await?;
     Ok(())
 }
+
+/// A batch as `switchyard batch` shows it.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct BatchRow {
+    pub id: String,
+    pub provider: String,
+    pub model: String,
+    pub state: String,
+    pub provider_batch_id: Option<String>,
+    pub provider_state: Option<String>,
+    pub items: i32,
+    /// Items whose result is handed on.
+    pub items_done: i64,
+    pub succeeded: i32,
+    pub failed: i32,
+    /// What its recorded calls cost so far.
+    pub cost_usd: rust_decimal::Decimal,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub submitted_at: Option<String>,
+    pub ended_at: Option<String>,
+    pub age_secs: f64,
+}
+
+const BATCH_ROW: &str = "SELECT b.id, b.provider, b.model, b.state, b.provider_batch_id,
+        b.provider_state, b.items,
+        (SELECT count(*) FROM batch_items i WHERE i.batch_id = b.id AND i.state = 'done') AS items_done,
+        b.succeeded, b.failed,
+        COALESCE((SELECT sum(c.cost_usd) FROM calls c WHERE c.batch_id = b.id), 0) AS cost_usd,
+        b.error, b.created_at::text AS created_at, b.submitted_at::text AS submitted_at,
+        b.ended_at::text AS ended_at,
+        EXTRACT(EPOCH FROM now() - b.created_at)::float8 AS age_secs
+     FROM provider_batches b";
+
+/// Batches, newest first: of `provider` and in `state` if given.
+pub async fn list(
+    pool: &PgPool,
+    provider: Option<&str>,
+    state: Option<&str>,
+    limit: i64,
+) -> Result<Vec<BatchRow>> {
+    // Constant SQL: the format! only joins the constant above.
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{BATCH_ROW} WHERE ($1::text IS NULL OR b.provider = $1)
+           AND ($2::text IS NULL OR b.state = $2)
+         ORDER BY b.created_at DESC LIMIT $3"
+    )))
+    .bind(provider)
+    .bind(state)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// One batch, by our id or the provider's.
+pub async fn get(pool: &PgPool, id: &str) -> Result<Option<BatchRow>> {
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{BATCH_ROW} WHERE b.id = $1 OR b.provider_batch_id = $1 LIMIT 1"
+    )))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?)
+}

@@ -36,12 +36,18 @@ CREATE TABLE IF NOT EXISTS batch_items (
     attempt     INTEGER NOT NULL,
     -- The call message, to go on with the job when the result is in.
     call        JSONB NOT NULL,
+    -- pending: in its batch; handed_off: sent real-time because its job's
+    -- deadline drew near (the batch's answer, if any, is still recorded);
+    -- done: its result handed on.
     state       TEXT NOT NULL DEFAULT 'pending'
-                CHECK (state IN ('pending', 'done')),
+                CHECK (state IN ('pending', 'handed_off', 'done')),
     PRIMARY KEY (batch_id, custom_id),
     UNIQUE (job_id, step, attempt)
 );
 CREATE INDEX IF NOT EXISTS batch_items_pending_idx ON batch_items (job_id, step) WHERE state = 'pending';
+-- The deadline guard looks for pending items whose job's deadline draws near.
+CREATE INDEX IF NOT EXISTS batch_items_deadline_idx
+    ON batch_items (((call->>'deadline_ms')::int8)) WHERE state = 'pending';
 
 ALTER TABLE calls ADD COLUMN IF NOT EXISTS batch_id TEXT;
 CREATE INDEX IF NOT EXISTS calls_batch_idx ON calls (batch_id) WHERE batch_id IS NOT NULL;

@@ -344,3 +344,68 @@ async fn the_batch_command_lists_shows_and_cancels_a_batch() {
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }
+
+/// The deadline guard: a batched job whose deadline draws near goes
+/// real-time; if the batch answers it too, that call is recorded (it was
+/// paid for) and the job keeps one result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_deadline_takes_the_job_out_of_its_batch() {
+    let env = env().await;
+    let worker = env.start_worker(config(&env)).await;
+    // The sim's providers time out after 60 s: a deadline 2 minutes away is
+    // inside the guard's margin (2 x 60 s + 60 s) at once.
+    let near = job(
+        "guard-near",
+        "night_openai",
+        Some(rfc3339_in(Duration::from_secs(120))),
+    );
+    let far = job(
+        "guard-far",
+        "night_openai",
+        Some(rfc3339_in(Duration::from_secs(3 * 3600))),
+    );
+    let ids = vec![near.id.clone(), far.id.clone()];
+    publish_jobs(&env.bus, &[near, far], None).await.unwrap();
+    assert!(
+        wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    wait_until(Duration::from_secs(20), "every batch ended", || async {
+        env.count("SELECT count(*) FROM provider_batches WHERE state <> 'ended'")
+            .await
+            == 0
+    })
+    .await;
+    let near_calls = calls_of(&env, "guard-near").await;
+    assert_eq!(
+        near_calls
+            .iter()
+            .filter(|c| c.2.is_none() && c.3 == "ok")
+            .count(),
+        1,
+        "answered real-time: {near_calls:?}"
+    );
+    // Whatever the batch answered for it is recorded too, never a result.
+    let batch_answers = env
+        .sim
+        .ledger()
+        .iter()
+        .filter(|e| e.batch.is_some())
+        .count();
+    let batch_rows = env
+        .count("SELECT count(*) FROM calls WHERE batch_id IS NOT NULL")
+        .await;
+    assert_eq!(
+        batch_rows as usize, batch_answers,
+        "every batch answer recorded"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM results").await, 2);
+    let far_calls = calls_of(&env, "guard-far").await;
+    assert!(
+        far_calls.iter().all(|c| c.2.is_some()),
+        "the far job stayed batched: {far_calls:?}"
+    );
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

@@ -215,6 +215,9 @@ impl BatchLane {
             if let Err(e) = self.poll_due().await {
                 warn!(lane = %self.name, error = %format!("{e:#}"), "batch polling round failed");
             }
+            if let Err(e) = self.guard_deadlines().await {
+                warn!(lane = %self.name, error = %format!("{e:#}"), "deadline guard round failed");
+            }
         }
     }
 
@@ -231,8 +234,42 @@ impl BatchLane {
         Ok(())
     }
 
+    /// Send real-time the waiting items whose job's deadline draws near
+    /// (within twice the provider's timeout plus a minute): the batch may
+    /// still answer them, and that answer is recorded, but it will not be
+    /// the job's.
+    async fn guard_deadlines(&self) -> Result<()> {
+        let timeout = self.cfg.providers[&self.name].timeout();
+        let margin = (timeout * 2 + Duration::from_secs(60)).as_millis() as i64;
+        let due =
+            batches::near_deadline(&self.pool, &self.name, crate::clock::now_ms() + margin, 256)
+                .await?;
+        for (batch_id, item) in due {
+            let mut call: CallMsg = serde_json::from_value(item.call.clone())?;
+            call.batch = false;
+            call.attempt_base = u32::try_from(item.attempt).unwrap_or(0);
+            let body = serde_json::to_vec(&call)?;
+            self.bus
+                .publish_durable(
+                    self.bus.names.call_subject(&self.name),
+                    &call.msg_id(),
+                    body.into(),
+                )
+                .await?;
+            batches::handed_off(&self.pool, &batch_id, std::slice::from_ref(&item.custom_id))
+                .await?;
+            info!(lane = %self.name, batch = %batch_id, job_id = %call.job_id,
+                  "deadline near: the call goes real-time");
+        }
+        Ok(())
+    }
+
     async fn submit(&self, b: &batches::ToSubmit) -> Result<()> {
         let items = batches::items(&self.pool, &b.id).await?;
+        if items.is_empty() {
+            // Every item went real-time before the batch was due.
+            return batches::ended(&self.pool, &b.id, "empty", None).await;
+        }
         let calls: Vec<(String, CallRequest)> = items
             .into_iter()
             .filter_map(|(custom_id, v)| {

@@ -170,10 +170,11 @@ pub async fn claim_submit(
     .await?)
 }
 
-/// The items of a batch: custom id and call message.
+/// The items of a batch still to submit (not handed off): custom id and
+/// call message.
 pub async fn items(pool: &PgPool, batch_id: &str) -> Result<Vec<(String, serde_json::Value)>> {
     Ok(sqlx::query_as(
-        "SELECT custom_id, call FROM batch_items WHERE batch_id = $1
+        "SELECT custom_id, call FROM batch_items WHERE batch_id = $1 AND state = 'pending'
          ORDER BY length(custom_id), custom_id",
     )
     .bind(batch_id)
@@ -293,8 +294,9 @@ pub struct Item {
     pub call: serde_json::Value,
 }
 
-/// The pending items of a batch among `custom_ids` (all pending ones when
-/// `custom_ids` is `None`).
+/// The items of a batch whose result is still to hand on: among
+/// `custom_ids`, pending and handed-off ones (a handed-off item's answer is
+/// still recorded); with `None`, every pending one.
 pub async fn pending_items(
     pool: &PgPool,
     batch_id: &str,
@@ -302,13 +304,62 @@ pub async fn pending_items(
 ) -> Result<Vec<Item>> {
     Ok(sqlx::query_as(
         "SELECT custom_id, attempt, call FROM batch_items
-         WHERE batch_id = $1 AND state = 'pending'
+         WHERE batch_id = $1
+           AND (state = 'pending' OR ($2::text[] IS NOT NULL AND state = 'handed_off'))
            AND ($2::text[] IS NULL OR custom_id = ANY($2::text[]))",
     )
     .bind(batch_id)
     .bind(custom_ids)
     .fetch_all(pool)
     .await?)
+}
+
+/// Pending items of `provider`'s unfinished batches whose job's deadline
+/// falls before `before_ms` (Unix milliseconds): (batch id, item).
+pub async fn near_deadline(
+    pool: &PgPool,
+    provider: &str,
+    before_ms: i64,
+    limit: i64,
+) -> Result<Vec<(String, Item)>> {
+    let rows: Vec<(String, String, i32, serde_json::Value)> = sqlx::query_as(
+        "SELECT i.batch_id, i.custom_id, i.attempt, i.call
+         FROM batch_items i JOIN provider_batches b ON b.id = i.batch_id
+         WHERE i.state = 'pending' AND (i.call->>'deadline_ms')::int8 < $2
+           AND b.provider = $1 AND b.state <> 'ended'
+         LIMIT $3",
+    )
+    .bind(provider)
+    .bind(before_ms)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(b, custom_id, attempt, call)| {
+            (
+                b,
+                Item {
+                    custom_id,
+                    attempt,
+                    call,
+                },
+            )
+        })
+        .collect())
+}
+
+/// These pending items were sent real-time.
+pub async fn handed_off(pool: &PgPool, batch_id: &str, custom_ids: &[String]) -> Result<()> {
+    sqlx::query(
+        "UPDATE batch_items SET state = 'handed_off'
+         WHERE batch_id = $1 AND custom_id = ANY($2::text[]) AND state = 'pending'",
+    )
+    .bind(batch_id)
+    .bind(custom_ids)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// These items' results are handed on.

@@ -52,10 +52,23 @@ CREATE INDEX IF NOT EXISTS batch_items_deadline_idx
 ALTER TABLE calls ADD COLUMN IF NOT EXISTS batch_id TEXT;
 CREATE INDEX IF NOT EXISTS calls_batch_idx ON calls (batch_id) WHERE batch_id IS NOT NULL;
 
+-- Per category and model: calls through batches, their share, and what
+-- batching saved (batch prices are half the real-time ones).
+CREATE OR REPLACE VIEW batch_savings AS
+SELECT category, provider, model,
+       count(*) AS calls,
+       count(*) FILTER (WHERE batch_id IS NOT NULL) AS batched_calls,
+       round(count(*) FILTER (WHERE batch_id IS NOT NULL)::numeric / count(*), 4) AS batched_share,
+       COALESCE(sum(cost_usd) FILTER (WHERE batch_id IS NOT NULL), 0) AS batched_cost_usd,
+       COALESCE(sum(cost_usd * 2) FILTER (WHERE batch_id IS NOT NULL), 0) AS realtime_equivalent_usd,
+       COALESCE(sum(cost_usd) FILTER (WHERE batch_id IS NOT NULL), 0) AS saved_usd
+FROM calls
+GROUP BY category, provider, model;
+
 DO $$
 BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'switchyard_analyst') THEN
-        GRANT SELECT ON provider_batches TO switchyard_analyst;
+        GRANT SELECT ON provider_batches, batch_savings TO switchyard_analyst;
     END IF;
 END
 $$;

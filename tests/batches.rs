@@ -161,6 +161,34 @@ async fn batch_categories_go_through_each_providers_batch_api_at_half_price() {
             .await,
         0
     );
+    // The report and the view show the batch share and what it saved.
+    let r = switchyard::ops::report::build(&env.pool, &Default::default(), &cfg, None)
+        .await
+        .unwrap();
+    let line = r
+        .batch_by_category
+        .iter()
+        .find(|l| l.key == "night_openai")
+        .expect("a batch line");
+    assert_eq!(
+        (line.calls, line.batched_calls, line.batched_share),
+        (6, 6, 1.0)
+    );
+    assert_eq!(line.saved_usd, line.batched_cost_usd);
+    assert_eq!(
+        line.realtime_equivalent_usd,
+        line.batched_cost_usd * Decimal::from(2)
+    );
+    let saved: Decimal = sqlx::query_scalar(
+        "SELECT sum(saved_usd) FROM batch_savings WHERE category = 'night_openai'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(saved.normalize(), line.saved_usd);
+    assert!(r
+        .render(switchyard::ops::report::Format::Table)
+        .contains("Through the providers' batch APIs"));
     // The pipeline's second stage was batched again after the first.
     let stages = env
         .count("SELECT count(*) FROM steps WHERE job_id LIKE 'night_pipeline-%' AND outcome = 'ok'")

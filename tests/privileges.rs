@@ -100,6 +100,8 @@ async fn the_analyst_role_reads_results_and_costs_and_cannot_write() {
         "job_costs",
         "savings_by_category",
         "what_if_by_model",
+        "provider_batches",
+        "batch_savings",
     ] {
         sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {view} LIMIT 1")))
             .execute(&mut conn)

@@ -315,7 +315,7 @@ async fn every_pattern_is_measured_against_one_baseline_call_per_job() {
     // The CSV carries the same lines.
     let csv = r.render(report::Format::Csv);
     assert!(
-        csv.contains("savings,sales,gpt-4o,2,,,,,,,,0.005386,0.003425,-0.001961,0.000163,0.005223,0,0.000023,0,0.0052,0,0\n"),
+        csv.contains("savings,sales,gpt-4o,2,,,,,,,,0.005386,0.003425,-0.001961,0.000163,0.005223,0,0.000023,0,0.0052,0,0,\n"),
         "{csv}"
     );
     assert!(csv.contains("no_result,sales,,1,,,,,,,,0.0004,"), "{csv}");

@@ -14,7 +14,8 @@ use crate::config::Config;
 use crate::pricing::Prices;
 use crate::store::report::{self as rows, CategoryCosts, Scope, TimeBound, TimeUnit};
 pub use crate::store::report::{
-    CostLine, DailySpend, LatencyLine, OneCallTokens, Overhead, RouteLine, ServedBy, StatusCount,
+    BatchLine, CostLine, DailySpend, LatencyLine, OneCallTokens, Overhead, RouteLine, ServedBy,
+    StatusCount,
 };
 
 /// A category's (or all) jobs measured against one call per job on the
@@ -220,6 +221,10 @@ pub struct Report {
     /// Every configured model alone, per category and in total, the
     /// cheapest first.
     pub what_if: Vec<WhatIf>,
+    /// Calls through the providers' batch APIs (half price), per category
+    /// and per model, and what that saved against real-time prices.
+    pub batch_by_category: Vec<BatchLine>,
+    pub batch_by_model: Vec<BatchLine>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -261,6 +266,8 @@ pub async fn build(
     let served_by = rows::served_by(pool, &scope).await?;
     let daily = rows::daily_spend(pool, &scope).await?;
     let latency_by_model = rows::latency_by_model(pool, &scope).await?;
+    let batch_by_category = rows::batch_lines(pool, &scope, false).await?;
+    let batch_by_model = rows::batch_lines(pool, &scope, true).await?;
     let costs = rows::job_costs_by_category(pool, &scope).await?;
     let sum = sum_costs(&costs);
     let base_prices = baseline.as_ref().map(|(_, p)| p);
@@ -309,6 +316,8 @@ pub async fn build(
             })
             .collect(),
         latency_by_model,
+        batch_by_category,
+        batch_by_model,
         jobs_by_status,
         by_category,
         by_model,
@@ -470,6 +479,39 @@ impl Report {
             );
         }
         self.what_if_table(out);
+        self.batch_table(out);
+    }
+
+    /// Batched calls, when there are any.
+    fn batch_table(&self, out: &mut String) {
+        if self.batch_by_category.iter().all(|l| l.batched_calls == 0) {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "\nThrough the providers' batch APIs (half price) and what that saved (USD)"
+        );
+        let _ = writeln!(
+            out,
+            "  {:<30} {:>7} {:>8} {:>8} {:>12} {:>12} {:>12}",
+            "", "calls", "batched", "share %", "batched", "real-time eq", "saved"
+        );
+        for l in self.batch_by_category.iter().chain(&self.batch_by_model) {
+            if l.batched_calls == 0 {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "  {:<30} {:>7} {:>8} {:>8.1} {:>12} {:>12} {:>12}",
+                l.key,
+                l.calls,
+                l.batched_calls,
+                100.0 * l.batched_share,
+                l.batched_cost_usd.round_dp(6).to_string(),
+                l.realtime_equivalent_usd.round_dp(6).to_string(),
+                l.saved_usd.round_dp(6).to_string()
+            );
+        }
     }
 
     /// Models as rows, categories (and the total) as columns; the routes'
@@ -643,6 +685,22 @@ impl Report {
                 ("savings_usd", w.savings_usd.to_string()),
             ]);
         }
+        for (section, lines) in [
+            ("batch_category", &self.batch_by_category),
+            ("batch_model", &self.batch_by_model),
+        ] {
+            for l in lines {
+                row(&[
+                    ("section", section.into()),
+                    ("key", l.key.clone()),
+                    ("calls", l.calls.to_string()),
+                    ("batched_calls", l.batched_calls.to_string()),
+                    ("cost_usd", l.batched_cost_usd.to_string()),
+                    ("baseline_cost_usd", l.realtime_equivalent_usd.to_string()),
+                    ("savings_usd", l.saved_usd.to_string()),
+                ]);
+            }
+        }
         let lines = [("category", &self.by_category), ("model", &self.by_model)];
         let total = ("total", self.total_jobs(), &self.total);
         let keyed = lines
@@ -672,7 +730,7 @@ impl Report {
 }
 
 /// The CSV's columns; each section fills those it has (docs/analytics.md).
-const CSV_COLUMNS: [&str; 22] = [
+const CSV_COLUMNS: [&str; 23] = [
     "section",
     "key",
     "model",
@@ -695,6 +753,7 @@ const CSV_COLUMNS: [&str; 22] = [
     "stages_usd",
     "voters_usd",
     "judge_usd",
+    "batched_calls",
 ];
 
 fn csv_field(s: &str) -> String {

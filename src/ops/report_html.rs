@@ -523,6 +523,37 @@ fn savings_tables(o: &mut String, r: &Report) {
             })
             .collect(),
     );
+    if r.batch_by_category.iter().any(|l| l.batched_calls > 0) {
+        o.push_str("<h2>Through the providers' batch APIs (half price)</h2>");
+        table(
+            o,
+            &[
+                "category / model",
+                "calls",
+                "batched",
+                "share",
+                "batched cost",
+                "real-time equivalent",
+                "saved",
+            ],
+            r.batch_by_category
+                .iter()
+                .chain(&r.batch_by_model)
+                .filter(|l| l.batched_calls > 0)
+                .map(|l| {
+                    vec![
+                        l.key.clone(),
+                        l.calls.to_string(),
+                        l.batched_calls.to_string(),
+                        format!("{:.1}%", 100.0 * l.batched_share),
+                        usd(l.batched_cost_usd),
+                        usd(l.realtime_equivalent_usd),
+                        usd(l.saved_usd),
+                    ]
+                })
+                .collect(),
+        );
+    }
     if r.what_if.is_empty() {
         return;
     }

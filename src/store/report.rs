@@ -623,3 +623,56 @@ pub async fn job_costs_by_category(pool: &PgPool, scope: &Scope) -> Result<Vec<C
     .fetch_all(pool)
     .await?)
 }
+
+/// One category's (or model's) calls through the providers' batch APIs.
+#[derive(Debug, Clone, Serialize, PartialEq, sqlx::FromRow)]
+pub struct BatchLine {
+    /// Category name, or `provider/model`.
+    pub key: String,
+    pub calls: i64,
+    pub batched_calls: i64,
+    /// Batched calls over all calls, 0-1.
+    pub batched_share: f64,
+    /// What the batched calls cost.
+    pub batched_cost_usd: Decimal,
+    /// What the same calls would have cost real-time (their usage at the
+    /// full unit prices: twice the batch prices).
+    pub realtime_equivalent_usd: Decimal,
+    /// `realtime_equivalent_usd - batched_cost_usd`.
+    pub saved_usd: Decimal,
+}
+
+/// The scope's calls by category (`by_model`: by `provider/model`), with
+/// what went through batches and what that saved.
+pub async fn batch_lines(pool: &PgPool, scope: &Scope, by_model: bool) -> Result<Vec<BatchLine>> {
+    let p = Params::from(scope);
+    let key = if by_model {
+        "provider || '/' || model"
+    } else {
+        "category"
+    };
+    // Batch prices are half the real-time ones (`pricing::BATCH_DISCOUNT`).
+    let sql = format!(
+        "SELECT {key} AS key, count(*)::int8 AS calls,
+                count(*) FILTER (WHERE batch_id IS NOT NULL)::int8 AS batched_calls,
+                (count(*) FILTER (WHERE batch_id IS NOT NULL))::float8 / count(*) AS batched_share,
+                COALESCE(sum(cost_usd) FILTER (WHERE batch_id IS NOT NULL), 0) AS batched_cost_usd,
+                COALESCE(sum(cost_usd / $7) FILTER (WHERE batch_id IS NOT NULL), 0) AS realtime_equivalent_usd,
+                COALESCE(sum(cost_usd / $7 - cost_usd) FILTER (WHERE batch_id IS NOT NULL), 0) AS saved_usd
+         FROM calls WHERE {} GROUP BY 1 ORDER BY 1",
+        on_calls()
+    );
+    let rows: Vec<BatchLine> = bind_scope!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), p)
+        .bind(crate::pricing::BATCH_DISCOUNT)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|l| BatchLine {
+            batched_cost_usd: l.batched_cost_usd.normalize(),
+            realtime_equivalent_usd: l.realtime_equivalent_usd.normalize(),
+            saved_usd: l.saved_usd.normalize(),
+            ..l
+        })
+        .collect())
+}

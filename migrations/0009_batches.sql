@@ -15,6 +15,10 @@ CREATE TABLE IF NOT EXISTS provider_batches (
     bytes               BIGINT NOT NULL DEFAULT 0,
     succeeded           INTEGER NOT NULL DEFAULT 0,
     failed              INTEGER NOT NULL DEFAULT 0,
+    -- Result lines that could not be read, and lines naming no item of the
+    -- batch: counted at ingest, skipped.
+    malformed_lines     INTEGER NOT NULL DEFAULT 0,
+    unknown_lines       INTEGER NOT NULL DEFAULT 0,
     flush_at            TIMESTAMPTZ NOT NULL,
     next_poll_at        TIMESTAMPTZ,
     lease_owner         TEXT,

@@ -557,6 +557,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                             b.submitted_at.as_deref().unwrap_or("-")
                         );
                         println!("ended          {}", b.ended_at.as_deref().unwrap_or("-"));
+                        if b.malformed_lines > 0 || b.unknown_lines > 0 {
+                            println!(
+                                "result lines   {} unreadable, {} naming no item (skipped)",
+                                b.malformed_lines, b.unknown_lines
+                            );
+                        }
                         if let Some(e) = &b.error {
                             println!("error          {e}");
                         }

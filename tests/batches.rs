@@ -437,3 +437,65 @@ async fn a_near_deadline_takes_the_job_out_of_its_batch() {
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }
+
+/// A result file with a cut line, a line that is not a result and one for
+/// an unknown `custom_id`: counted and shown, and every known item still
+/// ends exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_result_lines_are_counted_and_every_item_still_ends_once() {
+    let env = env().await;
+    let worker = env.start_worker(config(&env)).await;
+    env.sim.force_batch(Format::Openai, BatchFate::Garble);
+    env.sim.force_batch(Format::Anthropic, BatchFate::Garble);
+    let mut jobs = Vec::new();
+    for i in 0..5 {
+        jobs.push(job(&format!("garble-o-{i}"), "night_openai", None));
+        jobs.push(job(&format!("garble-a-{i}"), "night_anthropic", None));
+    }
+    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    publish_jobs(&env.bus, &jobs, None).await.unwrap();
+    assert!(
+        wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    wait_until(Duration::from_secs(20), "both batches ended", || async {
+        env.count("SELECT count(*) FROM provider_batches WHERE state = 'ended'")
+            .await
+            == 2
+    })
+    .await;
+    let counts: Vec<(String, i32, i32)> = sqlx::query_as(
+        "SELECT provider, malformed_lines, unknown_lines FROM provider_batches ORDER BY provider",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        counts,
+        vec![("anthropic".into(), 2, 1), ("openai".into(), 2, 1)]
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM results WHERE job_id LIKE 'garble-%'")
+            .await,
+        10
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM calls WHERE job_id LIKE 'garble-%'")
+            .await,
+        10,
+        "one call per job: nothing doubled"
+    );
+    let shown = common::switchyard(&env.child_env())
+        .args(["batch", "list", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert!(v
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|b| b["malformed_lines"] == 2 && b["unknown_lines"] == 1));
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

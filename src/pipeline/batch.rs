@@ -430,7 +430,7 @@ impl BatchLane {
             BatchState::Ended(BatchEnd::Failed(why)) => Some(why.as_str()),
             _ => None,
         };
-        batches::ended(&self.pool, &b.id, state, error).await
+        batches::ingested(&self.pool, &b.id, state, error, tally.malformed, unknown).await
     }
 
     /// Publish the results of `results` to the lane; returns how many named

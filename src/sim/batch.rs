@@ -53,7 +53,13 @@ pub enum BatchFate {
     Expire,
     /// Ends failed, no item answered (Anthropic: every item errored).
     Fail,
+    /// Completes, but its result file (OpenAI, Anthropic) also holds a cut
+    /// line, a line that is not a result and one for an unknown `custom_id`.
+    Garble,
 }
+
+/// The bad lines a [`BatchFate::Garble`] batch's results carry.
+const GARBLE: &[u8] = b"{\"id\":\"batch_req_cut\",\"custom_id\":\"i0\",\"respo\n[1,2,3]\n{\"custom_id\":\"nobody-here\",\"result\":{\"type\":\"expired\"},\"response\":null,\"error\":{\"code\":\"batch_expired\"}}\n";
 
 /// Which batch item a ledger entry answered.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
@@ -201,7 +207,7 @@ fn settle(st: &SimState, book: &mut Book, id: &str) {
         }
     } else {
         match b.fate {
-            None => (End::Completed, n),
+            None | Some(BatchFate::Garble) => (End::Completed, n),
             Some(BatchFate::Expire) if b.format == Format::Gemini => (End::Expired, 0),
             Some(BatchFate::Expire) => (End::Expired, n.div_ceil(2)),
             Some(BatchFate::Fail) if b.format == Format::Anthropic => (End::Completed, 0),
@@ -280,7 +286,7 @@ fn settle(st: &SimState, book: &mut Book, id: &str) {
         results.push((custom_id.clone(), outcome));
     }
     fastrand::shuffle(&mut results);
-    let (format, batch_id) = (b.format, b.id.clone());
+    let (format, batch_id, garble) = (b.format, b.id.clone(), b.fate == Some(BatchFate::Garble));
     let mut ended = Ended {
         end,
         at: unix_now(),
@@ -315,6 +321,9 @@ fn settle(st: &SimState, book: &mut Book, id: &str) {
             };
             target.extend_from_slice(line.to_string().as_bytes());
             target.push(b'\n');
+        }
+        if garble {
+            out.extend_from_slice(GARBLE);
         }
         for (bytes, slot) in [(out, &mut ended.output_file), (err, &mut ended.error_file)] {
             if !bytes.is_empty() {
@@ -954,6 +963,9 @@ pub(super) async fn anthropic_results(
                     .as_bytes(),
             );
             out.push(b'\n');
+        }
+        if b.fate == Some(BatchFate::Garble) {
+            out.extend_from_slice(GARBLE);
         }
         (
             StatusCode::OK,

@@ -381,14 +381,30 @@ pub async fn ended(
     provider_state: &str,
     error: Option<&str>,
 ) -> Result<()> {
+    ingested(pool, id, provider_state, error, 0, 0).await
+}
+
+/// The batch is over after its results were read: every item handed on,
+/// `malformed` lines unreadable and `unknown` naming no item of the batch.
+pub async fn ingested(
+    pool: &PgPool,
+    id: &str,
+    provider_state: &str,
+    error: Option<&str>,
+    malformed: u64,
+    unknown: u64,
+) -> Result<()> {
     sqlx::query(
         "UPDATE provider_batches SET state = 'ended', provider_state = $2, error = $3,
+                malformed_lines = $4, unknown_lines = $5,
                 ended_at = now(), lease_owner = NULL, lease_until = NULL
          WHERE id = $1",
     )
     .bind(id)
     .bind(provider_state)
     .bind(error)
+    .bind(i32::try_from(malformed).unwrap_or(i32::MAX))
+    .bind(i32::try_from(unknown).unwrap_or(i32::MAX))
     .execute(pool)
     .await?;
     Ok(())
@@ -408,6 +424,8 @@ pub struct BatchRow {
     pub items_done: i64,
     pub succeeded: i32,
     pub failed: i32,
+    pub malformed_lines: i32,
+    pub unknown_lines: i32,
     /// What its recorded calls cost so far.
     pub cost_usd: rust_decimal::Decimal,
     pub error: Option<String>,
@@ -420,7 +438,7 @@ pub struct BatchRow {
 const BATCH_ROW: &str = "SELECT b.id, b.provider, b.model, b.state, b.provider_batch_id,
         b.provider_state, b.items,
         (SELECT count(*) FROM batch_items i WHERE i.batch_id = b.id AND i.state = 'done') AS items_done,
-        b.succeeded, b.failed,
+        b.succeeded, b.failed, b.malformed_lines, b.unknown_lines,
         COALESCE((SELECT sum(c.cost_usd) FROM calls c WHERE c.batch_id = b.id), 0) AS cost_usd,
         b.error, b.created_at::text AS created_at, b.submitted_at::text AS submitted_at,
         b.ended_at::text AS ended_at,

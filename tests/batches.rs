@@ -499,3 +499,161 @@ async fn malformed_result_lines_are_counted_and_every_item_still_ends_once() {
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }
+
+/// Recovery: a worker that died between submitting a batch and recording
+/// it leaves the batch `submitting` with a dead lease; the next worker finds
+/// it at the provider by its tag (OpenAI) or its size (Anthropic) instead of
+/// submitting it again. A worker that died mid-ingest leaves items pending;
+/// reading the results again gives no second result and no second call row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_submitter_or_ingester_is_taken_over_without_doubling() {
+    use switchyard::providers::batch::{BatchClient, BatchItem, Kind};
+    use switchyard::providers::CallRequest;
+    let env = env().await;
+    // Worker A collects the calls into open batches that are not due yet.
+    let slow = EXTRA.replace("flush_after = \"300ms\"", "flush_after = \"1h\"");
+    let cfg = env.config_from(&format!("{}\n{slow}", common::SHIPPED_CONFIG));
+    let a = env.start_worker(cfg).await;
+    let mut jobs = Vec::new();
+    for i in 0..4 {
+        jobs.push(job(&format!("rec-o-{i}"), "night_openai", None));
+        jobs.push(job(&format!("rec-a-{i}"), "night_anthropic", None));
+    }
+    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    publish_jobs(&env.bus, &jobs, None).await.unwrap();
+    wait_until(Duration::from_secs(20), "8 items collected", || async {
+        env.count("SELECT count(*) FROM batch_items").await == 8
+    })
+    .await;
+    assert!(a.shutdown().await);
+    // What the dead worker did: claimed each batch, submitted it with its
+    // tag, and died before recording the provider's id.
+    let batches: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, provider FROM provider_batches ORDER BY provider")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(batches.len(), 2);
+    for (id, provider) in &batches {
+        let kind = if provider == "openai" {
+            Kind::OpenAi
+        } else {
+            Kind::Anthropic
+        };
+        let http = switchyard::providers::http::HttpClient::new(
+            provider,
+            &env.sim.base_url(),
+            None,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let items: Vec<(String, serde_json::Value)> =
+            sqlx::query_as("SELECT custom_id, call FROM batch_items WHERE batch_id = $1")
+                .bind(id)
+                .fetch_all(&env.pool)
+                .await
+                .unwrap();
+        let reqs: Vec<(String, CallRequest)> = items
+            .into_iter()
+            .map(|(cid, call)| {
+                let c: switchyard::bus::CallMsg = serde_json::from_value(call).unwrap();
+                (
+                    cid,
+                    CallRequest {
+                        model: c.model,
+                        messages: c.messages,
+                        max_tokens: c.max_tokens,
+                        temperature: c.temperature,
+                        tag: None,
+                    },
+                )
+            })
+            .collect();
+        let model = reqs[0].1.model.clone();
+        let batch_items: Vec<BatchItem<'_>> = reqs
+            .iter()
+            .map(|(cid, r)| BatchItem {
+                custom_id: cid,
+                request: r,
+            })
+            .collect();
+        BatchClient::new(kind, http)
+            .submit(&model, id, &batch_items)
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "UPDATE provider_batches SET state = 'submitting', lease_owner = 'dead',
+                lease_until = now() - interval '1 second', submitted_at = now()",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    // Worker B takes over: the same batches, found, not submitted again.
+    let b = env.start_worker(config(&env)).await;
+    assert!(
+        wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    let ledger = env.sim.ledger();
+    let batch_entries = ledger.iter().filter(|e| e.batch.is_some()).count();
+    assert_eq!(
+        batch_entries, 8,
+        "each item processed once: no second batch"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM calls WHERE job_id LIKE 'rec-%'")
+            .await,
+        8
+    );
+    wait_until(Duration::from_secs(10), "both batches ended", || async {
+        env.count("SELECT count(*) FROM provider_batches WHERE state = 'ended'")
+            .await
+            == 2
+    })
+    .await;
+
+    // A dead ingester: half the items back to pending, the batch due again.
+    sqlx::raw_sql(
+        "UPDATE batch_items SET state = 'pending' WHERE custom_id IN ('i0', 'i1');
+         UPDATE provider_batches SET state = 'submitted', next_poll_at = now(),
+                lease_owner = NULL, lease_until = NULL",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(20), "re-ingested", || async {
+        env.count("SELECT count(*) FROM batch_items WHERE state = 'pending'")
+            .await
+            == 0
+            && env
+                .count("SELECT count(*) FROM provider_batches WHERE state = 'ended'")
+                .await
+                == 2
+    })
+    .await;
+    // Give the lane a moment to settle what was re-published, then check
+    // nothing doubled (a duplicate would add rows, never remove them).
+    wait_until(Duration::from_secs(10), "the lane is idle", || async {
+        let q = env
+            .bus
+            .queue_depths(&["openai".into(), "anthropic".into()])
+            .await;
+        q.map(|d| d.lanes.values().all(|v| *v == 0))
+            .unwrap_or(false)
+    })
+    .await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM calls WHERE job_id LIKE 'rec-%'")
+            .await,
+        8
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM results WHERE job_id LIKE 'rec-%'")
+            .await,
+        8
+    );
+    assert!(b.shutdown().await);
+    env.cleanup().await;
+}

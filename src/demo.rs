@@ -49,6 +49,14 @@ const PROMPTS: &[(&str, &[&str])] = &[
             "When does store {n} open on Sundays?",
         ],
     ),
+    (
+        "overnight",
+        &[
+            "Write a product description for catalogue item {n}, a linen shirt.",
+            "Describe garden tool {n} for the spring catalogue in three sentences.",
+            "Write the back-cover blurb for book {n} in our autumn list.",
+        ],
+    ),
 ];
 
 /// Prompts for jobs published to `auto` that no classifier rule matches.
@@ -61,6 +69,27 @@ const UNMATCHED: &[&str] = &[
 /// Sample jobs, spread round-robin over the config's categories; with a
 /// classifier configured, every seventh job is published as `auto` instead.
 pub fn sample_jobs(cfg: &Config, run_id: &str, n: usize) -> Result<Vec<Outgoing>> {
+    sample_jobs_with(cfg, run_id, n, false)
+}
+
+/// [`sample_jobs`]; with `deadlines`, jobs of categories that may batch
+/// (`delivery` `batch` or `auto`) carry a deadline: 12 hours away, or 30
+/// minutes for every tenth (too close for a batch).
+pub fn sample_jobs_with(
+    cfg: &Config,
+    run_id: &str,
+    n: usize,
+    deadlines: bool,
+) -> Result<Vec<Outgoing>> {
+    let deadline = |i: usize| {
+        let ahead = if i.is_multiple_of(10) {
+            1800
+        } else {
+            12 * 3600
+        };
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(ahead))
+            .to_string()
+    };
     let cats: Vec<&String> = cfg.categories.keys().collect();
     let auto = cfg.classifier.is_some();
     (0..n)
@@ -100,6 +129,13 @@ pub fn sample_jobs(cfg: &Config, run_id: &str, n: usize) -> Result<Vec<Outgoing>
                 templates[(i / cats.len()) % templates.len()].replace("{n}", &i.to_string());
             let mut env = JobEnvelope::prompt(format!("{run_id}-{i:06}"), cat.clone(), prompt);
             env.metadata.insert("run".into(), run_id.to_string());
+            let batches = cfg
+                .categories
+                .get(cat.as_str())
+                .is_some_and(|c| c.delivery != crate::config::Delivery::Realtime);
+            if deadlines && batches {
+                env.deadline = Some(deadline(i / cats.len()));
+            }
             Outgoing::from_envelope(&env)
         })
         .collect()
@@ -152,7 +188,7 @@ pub async fn run(
         WorkerOptions::default(),
     )
     .await?;
-    let outgoing = sample_jobs(&cfg, &run_id, jobs)?;
+    let outgoing = sample_jobs_with(&cfg, &run_id, jobs, true)?;
     let ids: Vec<String> = outgoing.iter().map(|j| j.id.clone()).collect();
     let started = Instant::now();
     let pb = progress_bar(jobs as u64, "published");

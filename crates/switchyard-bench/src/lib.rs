@@ -6,10 +6,13 @@
 //!   (`switchyard-bench limits`).
 //! - [`chaos`]: workers killed, NATS and PostgreSQL restarted under load, then
 //!   the provider's ledger reconciled with `calls` (`switchyard-bench chaos`).
+//! - [`batch`]: jobs through the providers' batch APIs, reconciled, with the
+//!   saving and the worker's peak memory (`switchyard-bench batch`).
 //!
 //! Each mode starts its own simulator and publishes on a subject prefix of
 //! its own, so it never touches jobs it did not publish.
 
+pub mod batch;
 pub mod chaos;
 pub mod limits;
 pub mod throughput;

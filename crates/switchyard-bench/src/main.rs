@@ -30,6 +30,24 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Mode {
+    /// Jobs of batch categories (one per provider format) through the
+    /// simulator's batch APIs: lost, doubled, unrecorded and phantom calls,
+    /// the saving (exactly the batch discount) and the worker's peak RSS;
+    /// exits 1 if a target is missed.
+    Batch {
+        /// Jobs to publish.
+        #[arg(long, default_value_t = 100_000)]
+        jobs: usize,
+        /// Seconds the simulator takes to end a batch.
+        #[arg(long, default_value_t = 3.0)]
+        batch_secs: f64,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 1800)]
+        timeout_secs: u64,
+        /// End with one JSON object of the figures on the last line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Worker processes sharing one rate-limited provider: 429s and utilization.
     Limits {
         /// Worker processes.
@@ -161,6 +179,40 @@ async fn run(cli: Cli) -> Result<u8> {
                 println!("{}", serde_json::to_string(&figures)?);
             }
             Ok(0)
+        }
+        Cli {
+            mode:
+                Some(Mode::Batch {
+                    jobs,
+                    batch_secs,
+                    timeout_secs,
+                    json,
+                }),
+            ..
+        } => {
+            anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
+            anyhow::ensure!(
+                batch_secs.is_finite() && batch_secs >= 0.0,
+                "--batch-secs must be 0 or more"
+            );
+            let cfg = load()?;
+            let pool = store::connect_and_migrate(&g.database_url, 16).await?;
+            let figures = switchyard_bench::batch::run(
+                cfg,
+                pool,
+                &g.nats_url,
+                &switchyard_bench::batch::BatchOptions {
+                    jobs,
+                    batch_secs,
+                    timeout: Duration::from_secs(timeout_secs),
+                },
+            )
+            .await?;
+            println!("{}", figures.summary());
+            if json {
+                println!("{}", serde_json::to_string(&figures)?);
+            }
+            Ok(if figures.ok() { 0 } else { 1 })
         }
         Cli {
             mode:

@@ -71,7 +71,7 @@ fn single_routes(cfg: &mut Config) {
 
 /// Remove the limits that would make the bench measure the lane's rate
 /// limiter instead of the system.
-fn unthrottled(cfg: &mut Config) {
+pub(crate) fn unthrottled(cfg: &mut Config) {
     single_routes(cfg);
     for p in cfg.providers.values_mut() {
         p.rpm = 100_000_000;

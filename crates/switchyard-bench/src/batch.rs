@@ -234,18 +234,6 @@ pub async fn run(
         &like,
     )
     .await?;
-    // Each batch item: the provider's batch id and custom id, and whether it
-    // has a calls row of its own.
-    let items: Vec<(Option<String>, String, bool)> = sqlx::query_as(
-        "SELECT b.provider_batch_id, i.custom_id,
-                EXISTS (SELECT 1 FROM calls c WHERE c.job_id = i.job_id AND c.step = i.step
-                          AND c.attempt = i.attempt AND c.batch_id = i.batch_id AND c.outcome = 'ok')
-         FROM batch_items i JOIN provider_batches b ON b.id = i.batch_id
-         WHERE i.job_id LIKE $1",
-    )
-    .bind(&like)
-    .fetch_all(&pool)
-    .await?;
     let ledger: Vec<LedgerEntry> = http
         .get(format!("{base}/ledger"))
         .send()
@@ -253,18 +241,7 @@ pub async fn run(
         .json()
         .await
         .context("reading the simulator's ledger")?;
-    let processed: HashSet<(String, String)> = ledger
-        .into_iter()
-        .filter(|e| e.status == 200)
-        .filter_map(|e| e.batch.map(|b| (b.batch_id, b.custom_id)))
-        .collect();
-    let recorded: HashSet<(String, String)> = items
-        .iter()
-        .filter(|(_, _, has_row)| *has_row)
-        .filter_map(|(pid, cid, _)| pid.clone().map(|p| (p, cid.clone())))
-        .collect();
-    let unrecorded = processed.difference(&recorded).count();
-    let phantom = recorded.difference(&processed).count();
+    let (items, unrecorded, phantom) = reconcile_batches(&pool, &ledger, &like).await?;
     let (actual, realtime): (Decimal, Decimal) = sqlx::query_as(
         "SELECT COALESCE(sum(cost_usd), 0), COALESCE(sum(cost_usd / $2), 0) FROM calls
          WHERE job_id LIKE $1 AND batch_id IS NOT NULL",
@@ -285,7 +262,7 @@ pub async fn run(
         items_per_batch: if batches == 0 {
             0.0
         } else {
-            items.len() as f64 / batches as f64
+            items as f64 / batches as f64
         },
         secs,
         jobs_per_sec: jobs.len() as f64 / secs.max(1e-9),
@@ -296,6 +273,43 @@ pub async fn run(
         saving_is_the_discount: saving
             == actual * (Decimal::ONE / switchyard::pricing::BATCH_DISCOUNT - Decimal::ONE),
     })
+}
+
+/// The batch items of jobs whose id is `like` against the simulator's
+/// ledger: (items, processed without a `calls` row, recorded without a
+/// processed item).
+pub async fn reconcile_batches(
+    pool: &PgPool,
+    ledger: &[LedgerEntry],
+    like: &str,
+) -> Result<(usize, usize, usize)> {
+    // Each item: the provider's batch id, its custom id, and whether it has
+    // an `ok` calls row of its own.
+    let items: Vec<(Option<String>, String, bool)> = sqlx::query_as(
+        "SELECT b.provider_batch_id, i.custom_id,
+                EXISTS (SELECT 1 FROM calls c WHERE c.job_id = i.job_id AND c.step = i.step
+                          AND c.attempt = i.attempt AND c.batch_id = i.batch_id AND c.outcome = 'ok')
+         FROM batch_items i JOIN provider_batches b ON b.id = i.batch_id
+         WHERE i.job_id LIKE $1",
+    )
+    .bind(like)
+    .fetch_all(pool)
+    .await?;
+    let processed: HashSet<(String, String)> = ledger
+        .iter()
+        .filter(|e| e.status == 200)
+        .filter_map(|e| e.batch.clone().map(|b| (b.batch_id, b.custom_id)))
+        .collect();
+    let recorded: HashSet<(String, String)> = items
+        .iter()
+        .filter(|(_, _, has_row)| *has_row)
+        .filter_map(|(pid, cid, _)| pid.clone().map(|p| (p, cid.clone())))
+        .collect();
+    Ok((
+        items.len(),
+        processed.difference(&recorded).count(),
+        recorded.difference(&processed).count(),
+    ))
 }
 
 async fn count(pool: &PgPool, sql: &'static str, like: &str) -> Result<i64> {

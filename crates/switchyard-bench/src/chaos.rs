@@ -22,7 +22,7 @@ use sqlx::PgPool;
 
 use switchyard::bus::Bus;
 use switchyard::config::Config;
-use switchyard::demo::sample_jobs;
+use switchyard::demo::sample_jobs_with;
 use switchyard::enqueue::{publish_jobs, Outgoing};
 use switchyard::sim::{reconcile, SimProfile, SimServer};
 use switchyard::store::JobStatus;
@@ -48,6 +48,10 @@ pub struct ChaosOptions {
     pub timeout: Duration,
     /// The `switchyard` binary the workers run.
     pub worker_exe: PathBuf,
+    /// Give the jobs of batch-capable categories (the shipped `overnight`)
+    /// far deadlines, so they go through the providers' batch APIs while
+    /// workers are killed during collection, submission, polling and ingest.
+    pub batch: bool,
 }
 
 /// What the run found. The targets: `lost`, `duplicated_results`,
@@ -90,6 +94,13 @@ pub struct ChaosFigures {
     pub total_cost_usd: Decimal,
     /// Steps answered `ok` more than once (paid twice; the job still ended once).
     pub duplicate_answers: usize,
+    /// Batch items collected, processed by the simulator without a `calls`
+    /// row, and recorded without a processed item (with `--batch`).
+    pub batch_items: usize,
+    pub batch_unrecorded: usize,
+    pub batch_phantom: usize,
+    /// Provider batches submitted.
+    pub batches: usize,
     pub elapsed_s: f64,
     pub jobs_per_sec: f64,
 }
@@ -307,7 +318,7 @@ pub async fn run(
         fleet.children.push(c);
     }
 
-    let jobs = sample_jobs(&run_cfg, "chaos", opts.jobs)?;
+    let jobs = sample_jobs_with(&run_cfg, "chaos", opts.jobs, opts.batch)?;
     let published = jobs.len();
     eprintln!(
         "bench chaos: {published} jobs, {} worker processes, a SIGKILL every {:.0}-{:.0}s, \
@@ -426,8 +437,9 @@ pub async fn run(
     .await?;
     figures.duplicated_results = twice as usize;
     figures.inconsistent = never as usize;
+    // Real-time calls against the real-time requests; batch items apart.
     let rows: Vec<(String, i32, i32, String)> =
-        sqlx::query_as("SELECT job_id, step, attempt, outcome FROM calls")
+        sqlx::query_as("SELECT job_id, step, attempt, outcome FROM calls WHERE batch_id IS NULL")
             .fetch_all(&pool)
             .await?;
     let (unknown, unknown_cost, total_cost): (i64, Option<Decimal>, Option<Decimal>) =
@@ -438,7 +450,19 @@ pub async fn run(
         .fetch_one(&pool)
         .await?;
     let ledger = sim.ledger();
+    let (batch_ledger, ledger): (Vec<_>, Vec<_>) =
+        ledger.into_iter().partition(|e| e.batch.is_some());
     let rec = reconcile(&ledger, &rows);
+    let (items, unrecorded, phantom) =
+        crate::batch::reconcile_batches(&pool, &batch_ledger, "%").await?;
+    figures.batch_items = items;
+    figures.batch_unrecorded = unrecorded;
+    figures.batch_phantom = phantom;
+    figures.batches = sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM provider_batches WHERE provider_batch_id IS NOT NULL",
+    )
+    .fetch_one(&pool)
+    .await? as usize;
     figures.answered = rec.answered;
     figures.unrecorded_calls = rec.unrecorded;
     figures.phantom_calls = rec.phantom;
@@ -488,6 +512,8 @@ impl ChaosFigures {
             && self.unrecorded_calls == 0
             && self.phantom_calls == 0
             && self.inconsistent == 0
+            && self.batch_unrecorded == 0
+            && self.batch_phantom == 0
     }
 
     pub fn summary(&self) -> String {
@@ -502,6 +528,7 @@ impl ChaosFigures {
              unrecorded calls          {}\n\
              phantom calls             {}\n\
              steps answered twice      {}\n\
+             batches / batch items     {} / {} ({} unrecorded, {} phantom)\n\
              kills (SIGKILL)           {} (+{} restarts after an exit)\n\
              NATS / Postgres restarts  {} / {}\n\
              total cost                ${}\n\
@@ -524,6 +551,10 @@ impl ChaosFigures {
             self.unrecorded_calls,
             self.phantom_calls,
             self.duplicate_answers,
+            self.batches,
+            self.batch_items,
+            self.batch_unrecorded,
+            self.batch_phantom,
             self.kills,
             self.exits,
             self.nats_restarts,

@@ -111,6 +111,11 @@ enum Mode {
         /// The workers' ack wait: how soon a killed worker's messages come back.
         #[arg(long, default_value_t = 10)]
         ack_wait_secs: u64,
+        /// Send the jobs of batch-capable categories through the providers'
+        /// batch APIs (far deadlines), killing workers during collection,
+        /// submission, polling and ingest.
+        #[arg(long)]
+        batch: bool,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 1800)]
         timeout_secs: u64,
@@ -225,6 +230,7 @@ async fn run(cli: Cli) -> Result<u8> {
                     nats_down_secs,
                     pg_down_secs,
                     ack_wait_secs,
+                    batch,
                     timeout_secs,
                     json,
                 }),
@@ -261,6 +267,7 @@ async fn run(cli: Cli) -> Result<u8> {
                     ack_wait_secs,
                     timeout: Duration::from_secs(timeout_secs),
                     worker_exe: switchyard_bench::switchyard_exe()?,
+                    batch,
                 },
             )
             .await?;

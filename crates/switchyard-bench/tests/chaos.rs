@@ -31,6 +31,7 @@ async fn kills_and_server_restarts_lose_double_and_leave_unrecorded_nothing() {
         ack_wait_secs: 5,
         timeout: Duration::from_secs(300),
         worker_exe: switchyard_bench::switchyard_exe().unwrap(),
+        batch: false,
     };
     let f = chaos::run(cfg, Some(&path), &opts).await.unwrap();
     eprintln!("{}", f.summary());

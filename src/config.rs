@@ -294,10 +294,18 @@ pub struct ProviderConfig {
     /// server cannot make a worker buffer without bound). Default 8 MiB.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    /// How long a worker holds a batch it submits or polls, in seconds: a
+    /// dead worker's batches pass on to another after this long.
+    #[serde(default = "default_batch_lease_secs")]
+    pub batch_lease_secs: u64,
 }
 
 const fn default_max_response_bytes() -> usize {
     8 << 20
+}
+
+const fn default_batch_lease_secs() -> u64 {
+    120
 }
 
 const fn default_max_concurrency() -> usize {
@@ -697,6 +705,12 @@ impl Config {
             if prov.max_concurrency == 0 {
                 return Err(err(
                     format!("providers.{name}.max_concurrency"),
+                    "must be at least 1",
+                ));
+            }
+            if prov.batch_lease_secs == 0 {
+                return Err(err(
+                    format!("providers.{name}.batch_lease_secs"),
                     "must be at least 1",
                 ));
             }

@@ -657,3 +657,63 @@ async fn a_dead_submitter_or_ingester_is_taken_over_without_doubling() {
     assert!(b.shutdown().await);
     env.cleanup().await;
 }
+
+/// A worker that died while it held a batch's lease: the next worker takes
+/// the batch over once the lease has run out, not before, and finishes its
+/// jobs once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_pollers_batch_passes_on_when_its_lease_runs_out() {
+    let env = TestEnv::new(SimProfile {
+        batch_ms: Some(1500),
+        ..Default::default()
+    })
+    .await;
+    let a = env.start_worker(config(&env)).await;
+    let jobs: Vec<Outgoing> = (0..6)
+        .map(|i| job(&format!("lease-{i}"), "night_openai", None))
+        .collect();
+    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    publish_jobs(&env.bus, &jobs, None).await.unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the batch is submitted",
+        || async {
+            env.count("SELECT count(*) FROM provider_batches WHERE state = 'submitted'")
+                .await
+                == 1
+        },
+    )
+    .await;
+    assert!(a.shutdown().await);
+    // As if worker A had died mid-poll: its lease still runs for 3 s.
+    let (set_at,): (f64,) = sqlx::query_as(
+        "UPDATE provider_batches SET lease_owner = 'dead', lease_until = now() + interval '3 seconds'
+         RETURNING EXTRACT(EPOCH FROM now())::float8",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let b = env.start_worker(config(&env)).await;
+    assert!(
+        wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    let (ended_at,): (f64,) =
+        sqlx::query_as("SELECT EXTRACT(EPOCH FROM ended_at)::float8 FROM provider_batches")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert!(
+        ended_at >= set_at + 3.0,
+        "taken over only after the lease ran out ({:.1} s after)",
+        ended_at - set_at
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM calls WHERE job_id LIKE 'lease-%'")
+            .await,
+        6
+    );
+    assert!(b.shutdown().await);
+    env.cleanup().await;
+}

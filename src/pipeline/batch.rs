@@ -13,7 +13,8 @@
 //!   Anthropic keeps no tag: a recent batch of the same size that no row
 //!   names) instead of submitting it twice.
 //! - **Poll and ingest**: each submitted batch is polled by one process at a
-//!   time (a lease that passes on when its holder dies), more often while
+//!   time (a lease, `providers.<name>.batch_lease_secs`, that passes on
+//!   when its holder dies), more often while
 //!   it is young; when it ends, its results are streamed and every item's
 //!   result is published to the provider's real-time subject as a call
 //!   message carrying it (`CallMsg::batch_result`, `Nats-Msg-Id`
@@ -45,9 +46,6 @@ use crate::providers::batch::{
 use crate::providers::CallRequest;
 use crate::store::batches::{self, Enqueued, NewItem};
 
-/// How long a process holds a batch it submits or polls.
-const LEASE: Duration = Duration::from_secs(120);
-
 /// Results handled per database round trip while ingesting.
 const CHUNK: usize = 256;
 
@@ -60,6 +58,8 @@ pub struct BatchLane {
     client: BatchClient,
     /// This process, as a lease holder.
     owner: String,
+    /// How long it holds a batch (`providers.<name>.batch_lease_secs`).
+    lease: Duration,
     token: CancellationToken,
 }
 
@@ -79,6 +79,7 @@ impl BatchLane {
         let Some(client) = BatchClient::from_config(name, pc)? else {
             return Ok(None);
         };
+        let lease = Duration::from_secs(pc.batch_lease_secs);
         Ok(Some(Self {
             name: name.to_string(),
             cfg,
@@ -86,6 +87,7 @@ impl BatchLane {
             bus,
             client,
             owner: format!("{}-{:08x}", std::process::id(), fastrand::u32(..)),
+            lease,
             token,
         }))
     }
@@ -223,7 +225,8 @@ impl BatchLane {
 
     async fn submit_due(&self) -> Result<()> {
         while !self.token.is_cancelled() {
-            let Some(b) = batches::claim_submit(&self.pool, &self.name, &self.owner, LEASE).await?
+            let Some(b) =
+                batches::claim_submit(&self.pool, &self.name, &self.owner, self.lease).await?
             else {
                 return Ok(());
             };
@@ -341,7 +344,7 @@ impl BatchLane {
     }
 
     async fn poll_due(&self) -> Result<()> {
-        let due = batches::claim_polls(&self.pool, &self.name, &self.owner, LEASE, 8).await?;
+        let due = batches::claim_polls(&self.pool, &self.name, &self.owner, self.lease, 8).await?;
         for b in due {
             if self.token.is_cancelled() {
                 return Ok(());

@@ -286,6 +286,8 @@ pub async fn run(
         let up = p.to_uppercase();
         for (k, v) in [
             ("TIMEOUT_SECS", "10"),
+            // A killed worker's batch passes on after 10 s.
+            ("BATCH_LEASE_SECS", "10"),
             ("RPM", "1000000"),
             ("TPM", "1000000000"),
             ("INPUT_TPM", "1000000000"),

@@ -269,3 +269,63 @@ async fn jobs_the_classifier_moves_meet_their_categorys_budget() {
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }
+
+/// A parked job whose deadline passes while it waits for the budget ends
+/// failed with the reason when the budget allows again (published again,
+/// it would only be dead-lettered, and stay queued).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_job_whose_deadline_passed_fails_with_the_reason() {
+    let env = TestEnv::new(Default::default()).await;
+    sqlx::raw_sql(
+        r#"INSERT INTO jobs (id, category, status, envelope, parked_at, created_at) VALUES
+          ('parked-late', 'sales', 'queued',
+           '{"id": "parked-late", "prompt": "x", "deadline": "2020-01-01T00:00:00Z"}',
+           now() - interval '1 hour', now() - interval '1 hour'),
+          ('parked-fine', 'sales', 'queued',
+           '{"id": "parked-fine", "prompt": "x", "deadline": "2999-01-01T00:00:00Z"}',
+           now() - interval '1 hour', now() - interval '1 hour')"#,
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    // A pausing cap the category is far from.
+    let overrides = [(
+        "SWITCHYARD_CATEGORIES__SALES__BUDGET",
+        r#"{ daily_usd = "1000", on_exceed = "pause" }"#,
+    )];
+    let mut extra: Vec<(&str, &str)> = common::SINGLE_ROUTES.to_vec();
+    extra.extend(overrides);
+    let worker = env.start_worker(env.config_with(&extra)).await;
+    assert!(wait_finished(
+        &env.pool,
+        &["parked-late".to_string(), "parked-fine".to_string()],
+        Duration::from_secs(60),
+        None
+    )
+    .await
+    .unwrap());
+    let (status, error): (String, Option<String>) =
+        sqlx::query_as("SELECT status, error FROM jobs WHERE id = 'parked-late'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "failed");
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("passed while the job was parked")),
+        "{error:?}"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM dead_letters").await,
+        0,
+        "not dead-lettered"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE id = 'parked-fine' AND status = 'succeeded'")
+            .await,
+        1
+    );
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

@@ -374,6 +374,27 @@ async fn resume_parked(
                 info!(category = %cat, jobs = jobs.len(), "budget allows again; resuming parked jobs");
             }
             for (id, envelope) in jobs {
+                // A deadline that passed while the job was parked ends it
+                // here (published again, it would only be dead-lettered).
+                let deadline = envelope
+                    .as_ref()
+                    .and_then(|e| e.get("deadline"))
+                    .and_then(|d| d.as_str())
+                    .map(|d| (d.to_string(), crate::envelope::parse_deadline(d)));
+                if let Some((d, at)) = &deadline {
+                    if at.is_none_or(|ms| ms <= crate::clock::now_ms()) {
+                        let why = format!(
+                            "deadline {d} passed while the job was parked by the category's budget"
+                        );
+                        match crate::store::jobs::fail_parked(&pool, &id, &why).await {
+                            Ok(_) => info!(job_id = %id, %why, "parked job failed"),
+                            Err(e) => {
+                                warn!(job_id = %id, error = %format!("{e:#}"), "failing a parked job failed")
+                            }
+                        }
+                        continue;
+                    }
+                }
                 let Some(body) = envelope.and_then(|e| serde_json::to_vec(&e).ok()) else {
                     continue;
                 };

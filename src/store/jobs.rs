@@ -55,6 +55,22 @@ pub async fn take_parked(
     .await?)
 }
 
+/// End a parked job as failed with `reason` (its deadline passed while it
+/// waited); true if it was still parked.
+pub async fn fail_parked(pool: &PgPool, job_id: &str, reason: &str) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE jobs SET status = $3, error = $2, finished_at = now(), parked_at = NULL
+         WHERE id = $1 AND status = $4 AND parked_at IS NOT NULL",
+    )
+    .bind(job_id)
+    .bind(reason)
+    .bind(JobStatus::Failed.as_str())
+    .bind(JobStatus::Queued.as_str())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// The finished steps of a job, in step order.
 pub async fn load_steps(pool: &PgPool, job_id: &str) -> Result<Vec<StepRecord>> {
     type StepTuple = (i32, String, String, Option<String>, Option<String>);

@@ -186,6 +186,17 @@ impl CallMsg {
         Ok(())
     }
 
+    /// What to ask the provider for this call.
+    pub fn request(&self) -> crate::providers::CallRequest {
+        crate::providers::CallRequest {
+            model: self.model.clone(),
+            messages: self.messages.clone(),
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            tag: None,
+        }
+    }
+
     /// `Nats-Msg-Id` of a call: unique per job and step (and replay, and
     /// batch result).
     pub fn msg_id(&self) -> String {

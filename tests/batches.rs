@@ -65,6 +65,24 @@ fn job(id: &str, category: &str, deadline: Option<String>) -> Outgoing {
     Outgoing::from_envelope(&e).unwrap()
 }
 
+/// Publish `jobs`; their ids.
+async fn publish(env: &TestEnv, jobs: &[Outgoing]) -> Vec<String> {
+    publish_jobs(&env.bus, jobs, None).await.unwrap();
+    jobs.iter().map(|j| j.id.clone()).collect()
+}
+
+/// Wait (up to `secs`) until `n` provider batches are in `state` (an SQL
+/// condition on the column, such as `state = 'ended'`).
+async fn wait_batches(env: &TestEnv, state: &str, n: i64, secs: u64) {
+    let sql = format!("SELECT count(*) FROM provider_batches WHERE {state}");
+    wait_until(
+        Duration::from_secs(secs),
+        &format!("{n} batches with {state}"),
+        || async { env.count(&sql).await == n },
+    )
+    .await;
+}
+
 fn rfc3339_in(d: Duration) -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now() + d).to_string()
 }
@@ -109,8 +127,7 @@ async fn batch_categories_go_through_each_providers_batch_api_at_half_price() {
             jobs.push(job(&format!("{cat}-{i}"), cat, None));
         }
     }
-    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-    publish_jobs(&env.bus, &jobs, None).await.unwrap();
+    let ids = publish(&env, &jobs).await;
     assert!(
         wait_finished(&env.pool, &ids, Duration::from_secs(90), None)
             .await
@@ -216,8 +233,7 @@ async fn auto_batches_only_far_deadlines_and_unanswered_items_go_real_time() {
         ),
         job("maybe-none", "maybe", None),
     ];
-    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-    publish_jobs(&env.bus, &jobs, None).await.unwrap();
+    let ids = publish(&env, &jobs).await;
     assert!(
         wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
             .await
@@ -248,8 +264,7 @@ async fn auto_batches_only_far_deadlines_and_unanswered_items_go_real_time() {
         jobs.push(job(&format!("exp-o-{i}"), "night_openai", None));
         jobs.push(job(&format!("exp-g-{i}"), "night_gemini", None));
     }
-    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-    publish_jobs(&env.bus, &jobs, None).await.unwrap();
+    let ids = publish(&env, &jobs).await;
     assert!(
         wait_finished(&env.pool, &ids, Duration::from_secs(90), None)
             .await
@@ -279,12 +294,7 @@ async fn auto_batches_only_far_deadlines_and_unanswered_items_go_real_time() {
     let g = calls_of(&env, "exp-g-%").await;
     assert_eq!(g.iter().filter(|c| c.2.is_none() && c.3 == "ok").count(), 6);
     assert_eq!(g.iter().filter(|c| c.2.is_some() && c.3 == "ok").count(), 0);
-    wait_until(Duration::from_secs(10), "every batch ended", || async {
-        env.count("SELECT count(*) FROM provider_batches WHERE state <> 'ended'")
-            .await
-            == 0
-    })
-    .await;
+    wait_batches(&env, "state <> 'ended'", 0, 10).await;
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }
@@ -303,18 +313,8 @@ async fn the_batch_command_lists_shows_and_cancels_a_batch() {
     let jobs: Vec<Outgoing> = (0..4)
         .map(|i| job(&format!("cli-{i}"), "night_openai", None))
         .collect();
-    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-    publish_jobs(&env.bus, &jobs, None).await.unwrap();
-    wait_until(
-        Duration::from_secs(20),
-        "the batch is submitted",
-        || async {
-            env.count("SELECT count(*) FROM provider_batches WHERE state = 'submitted'")
-                .await
-                == 1
-        },
-    )
-    .await;
+    let ids = publish(&env, &jobs).await;
+    wait_batches(&env, "state = 'submitted'", 1, 20).await;
     let vars = env.child_env();
     let run = |args: Vec<&str>| {
         let out = common::switchyard(&vars).args(args).output().unwrap();
@@ -399,12 +399,7 @@ async fn a_near_deadline_takes_the_job_out_of_its_batch() {
             .await
             .unwrap()
     );
-    wait_until(Duration::from_secs(20), "every batch ended", || async {
-        env.count("SELECT count(*) FROM provider_batches WHERE state <> 'ended'")
-            .await
-            == 0
-    })
-    .await;
+    wait_batches(&env, "state <> 'ended'", 0, 20).await;
     let near_calls = calls_of(&env, "guard-near").await;
     assert_eq!(
         near_calls
@@ -452,19 +447,13 @@ async fn malformed_result_lines_are_counted_and_every_item_still_ends_once() {
         jobs.push(job(&format!("garble-o-{i}"), "night_openai", None));
         jobs.push(job(&format!("garble-a-{i}"), "night_anthropic", None));
     }
-    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-    publish_jobs(&env.bus, &jobs, None).await.unwrap();
+    let ids = publish(&env, &jobs).await;
     assert!(
         wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
             .await
             .unwrap()
     );
-    wait_until(Duration::from_secs(20), "both batches ended", || async {
-        env.count("SELECT count(*) FROM provider_batches WHERE state = 'ended'")
-            .await
-            == 2
-    })
-    .await;
+    wait_batches(&env, "state = 'ended'", 2, 20).await;
     let counts: Vec<(String, i32, i32)> = sqlx::query_as(
         "SELECT provider, malformed_lines, unknown_lines FROM provider_batches ORDER BY provider",
     )
@@ -519,8 +508,7 @@ async fn a_dead_submitter_or_ingester_is_taken_over_without_doubling() {
         jobs.push(job(&format!("rec-o-{i}"), "night_openai", None));
         jobs.push(job(&format!("rec-a-{i}"), "night_anthropic", None));
     }
-    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-    publish_jobs(&env.bus, &jobs, None).await.unwrap();
+    let ids = publish(&env, &jobs).await;
     wait_until(Duration::from_secs(20), "8 items collected", || async {
         env.count("SELECT count(*) FROM batch_items").await == 8
     })
@@ -607,12 +595,7 @@ async fn a_dead_submitter_or_ingester_is_taken_over_without_doubling() {
             .await,
         8
     );
-    wait_until(Duration::from_secs(10), "both batches ended", || async {
-        env.count("SELECT count(*) FROM provider_batches WHERE state = 'ended'")
-            .await
-            == 2
-    })
-    .await;
+    wait_batches(&env, "state = 'ended'", 2, 10).await;
 
     // A dead ingester: half the items back to pending, the batch due again.
     sqlx::raw_sql(
@@ -672,18 +655,8 @@ async fn a_dead_pollers_batch_passes_on_when_its_lease_runs_out() {
     let jobs: Vec<Outgoing> = (0..6)
         .map(|i| job(&format!("lease-{i}"), "night_openai", None))
         .collect();
-    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-    publish_jobs(&env.bus, &jobs, None).await.unwrap();
-    wait_until(
-        Duration::from_secs(20),
-        "the batch is submitted",
-        || async {
-            env.count("SELECT count(*) FROM provider_batches WHERE state = 'submitted'")
-                .await
-                == 1
-        },
-    )
-    .await;
+    let ids = publish(&env, &jobs).await;
+    wait_batches(&env, "state = 'submitted'", 1, 20).await;
     assert!(a.shutdown().await);
     // As if worker A had died mid-poll: its lease still runs for 3 s.
     let (set_at,): (f64,) = sqlx::query_as(

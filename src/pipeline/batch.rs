@@ -211,6 +211,15 @@ impl BatchLane {
                 _ = self.token.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            // Idle (no batch under way): one query a tick instead of three.
+            match batches::any_unfinished(&self.pool, &self.name).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    warn!(lane = %self.name, error = %format!("{e:#}"), "batch check failed");
+                    continue;
+                }
+            }
             if let Err(e) = self.submit_due().await {
                 warn!(lane = %self.name, error = %format!("{e:#}"), "batch submission round failed");
             }
@@ -251,14 +260,7 @@ impl BatchLane {
             let mut call: CallMsg = serde_json::from_value(item.call.clone())?;
             call.batch = false;
             call.attempt_base = u32::try_from(item.attempt).unwrap_or(0);
-            let body = serde_json::to_vec(&call)?;
-            self.bus
-                .publish_durable(
-                    self.bus.names.call_subject(&self.name),
-                    &call.msg_id(),
-                    body.into(),
-                )
-                .await?;
+            self.publish_to_lane(&call).await?;
             batches::handed_off(&self.pool, &batch_id, std::slice::from_ref(&item.custom_id))
                 .await?;
             info!(lane = %self.name, batch = %batch_id, job_id = %call.job_id,
@@ -277,16 +279,7 @@ impl BatchLane {
             .into_iter()
             .filter_map(|(custom_id, v)| {
                 let c: CallMsg = serde_json::from_value(v).ok()?;
-                Some((
-                    custom_id,
-                    CallRequest {
-                        model: c.model,
-                        messages: c.messages,
-                        max_tokens: c.max_tokens,
-                        temperature: c.temperature,
-                        tag: None,
-                    },
-                ))
+                Some((custom_id, c.request()))
             })
             .collect();
         if b.resumed {
@@ -502,7 +495,12 @@ impl BatchLane {
             attempt: item.attempt,
             outcome,
         });
-        let body = serde_json::to_vec(&call)?;
+        self.publish_to_lane(&call).await
+    }
+
+    /// Publish `call` to the provider's real-time lane under its own id.
+    async fn publish_to_lane(&self, call: &CallMsg) -> Result<()> {
+        let body = serde_json::to_vec(call)?;
         self.bus
             .publish_durable(
                 self.bus.names.call_subject(&self.name),

@@ -342,13 +342,7 @@ impl LaneStep {
                 .await;
         };
         let prices = model.prices();
-        let mut req = CallRequest {
-            model: call.model.clone(),
-            messages: call.messages.clone(),
-            max_tokens: call.max_tokens,
-            temperature: call.temperature,
-            tag: None,
-        };
+        let mut req = call.request();
         let estimate = estimate_input_tokens(&req.messages);
 
         // The call's cost record, filled in as it goes.

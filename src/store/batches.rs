@@ -132,6 +132,17 @@ pub async fn enqueue(pool: &PgPool, it: &NewItem<'_>) -> Result<Enqueued> {
     })
 }
 
+/// Whether `provider` has a batch not yet ended (filling, being
+/// submitted, or with the provider).
+pub async fn any_unfinished(pool: &PgPool, provider: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM provider_batches WHERE provider = $1 AND state <> 'ended')",
+    )
+    .bind(provider)
+    .fetch_one(pool)
+    .await?)
+}
+
 /// A batch this process now submits.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ToSubmit {

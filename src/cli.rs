@@ -675,14 +675,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let pool = store::connect_and_migrate(&g.database_url, 2).await?;
             let p = crate::ops::prune::run(&pool, older_than_days, dry_run, batch).await?;
             println!(
-                "{} {} jobs, {} calls, {} steps, {} results, {} ratings, {} dead letters (ended more than {older_than_days} days ago)",
+                "{} {} jobs, {} calls, {} steps, {} results, {} ratings, {} dead letters, {} provider batches with {} items (ended more than {older_than_days} days ago)",
                 if dry_run { "would delete" } else { "deleted" },
                 p.jobs,
                 p.calls,
                 p.steps,
                 p.results,
                 p.feedback,
-                p.dead_letters
+                p.dead_letters,
+                p.batches,
+                p.batch_items
             );
             Ok(0)
         }

@@ -298,6 +298,11 @@ pub struct ProviderConfig {
     /// dead worker's batches pass on to another after this long.
     #[serde(default = "default_batch_lease_secs")]
     pub batch_lease_secs: u64,
+    /// Most requests this provider may hold in its batch queue at once
+    /// (Anthropic's queued batch requests); further batches wait to be
+    /// submitted until earlier ones end.
+    #[serde(default)]
+    pub batch_queue_requests: Option<u64>,
 }
 
 const fn default_max_response_bytes() -> usize {
@@ -362,6 +367,11 @@ pub struct ModelConfig {
     /// This model's own output tokens per minute.
     #[serde(default)]
     pub output_tpm: Option<u32>,
+    /// Most prompt tokens this model may have enqueued in the provider's
+    /// batches at once (OpenAI's per-model batch queue limit); further
+    /// batches wait to be submitted until earlier ones end.
+    #[serde(default)]
+    pub batch_queue_tokens: Option<u64>,
 }
 
 impl ModelConfig {
@@ -714,6 +724,12 @@ impl Config {
                     "must be at least 1",
                 ));
             }
+            if prov.batch_queue_requests == Some(0) {
+                return Err(err(
+                    format!("providers.{name}.batch_queue_requests"),
+                    "must be at least 1",
+                ));
+            }
             if prov.timeout_secs == 0 {
                 return Err(err(
                     format!("providers.{name}.timeout_secs"),
@@ -731,6 +747,12 @@ impl Config {
                 if v == Some(0) {
                     return Err(err(format!("models.{name}.{key}"), "must be at least 1"));
                 }
+            }
+            if model.batch_queue_tokens == Some(0) {
+                return Err(err(
+                    format!("models.{name}.batch_queue_tokens"),
+                    "must be at least 1",
+                ));
             }
             if !self.providers.contains_key(&model.provider) {
                 return Err(err(

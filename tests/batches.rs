@@ -690,3 +690,162 @@ async fn a_dead_pollers_batch_passes_on_when_its_lease_runs_out() {
     assert!(b.shutdown().await);
     env.cleanup().await;
 }
+
+/// Two workers share the batch lanes: each batch is polled by one of them
+/// at a time (the simulator counts status requests under way per batch;
+/// each takes 250 ms, so two pollers without the lease would overlap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_never_poll_one_batch_at_once() {
+    let env = TestEnv::new(SimProfile {
+        batch_ms: Some(3000),
+        batch_poll_ms: Some(250),
+        ..Default::default()
+    })
+    .await;
+    let a = env.start_worker(config(&env)).await;
+    let b = env.start_worker(config(&env)).await;
+    let mut jobs = Vec::new();
+    for cat in ["night_openai", "night_anthropic", "night_gemini"] {
+        for i in 0..4 {
+            jobs.push(job(&format!("pair-{cat}-{i}"), cat, None));
+        }
+    }
+    let ids = publish(&env, &jobs).await;
+    assert!(
+        wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+    );
+    let (polls, at_once) = env.sim.batch_polls();
+    assert!(
+        polls >= 9,
+        "each batch was polled while it ran ({polls} polls)"
+    );
+    assert_eq!(
+        at_once, 1,
+        "no batch was ever polled by two workers at once"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM calls WHERE job_id LIKE 'pair-%' AND batch_id IS NOT NULL")
+            .await,
+        12,
+        "one batch call per job"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM results WHERE job_id LIKE 'pair-%'")
+            .await,
+        12
+    );
+    assert!(a.shutdown().await);
+    assert!(b.shutdown().await);
+    env.cleanup().await;
+}
+
+/// The providers' batch queue limits (OpenAI: prompt tokens enqueued per
+/// model; Anthropic: requests queued) are held: the simulator enforces the
+/// same limits (a batch over them fails `token_limit_exceeded`, or gets a
+/// 429), and every job still goes through a batch, because batches wait
+/// to be submitted until earlier ones end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_wait_for_room_in_the_providers_batch_queue() {
+    let mut profile = SimProfile {
+        batch_ms: Some(1200),
+        ..Default::default()
+    };
+    profile.formats.insert(
+        Format::Openai,
+        SimProfile {
+            batch_ms: Some(1200),
+            batch_queue_tokens: Some(100),
+            ..Default::default()
+        },
+    );
+    profile.formats.insert(
+        Format::Anthropic,
+        SimProfile {
+            batch_ms: Some(1200),
+            batch_queue_requests: Some(4),
+            ..Default::default()
+        },
+    );
+    let env = TestEnv::new(profile).await;
+    let mut cfg = config(&env);
+    cfg.models
+        .get_mut("gpt-4o-mini")
+        .unwrap()
+        .batch_queue_tokens = Some(100);
+    cfg.providers
+        .get_mut("anthropic")
+        .unwrap()
+        .batch_queue_requests = Some(4);
+    let worker = env.start_worker(cfg).await;
+    let mut jobs = Vec::new();
+    for cat in ["night_openai", "night_anthropic"] {
+        for i in 0..12 {
+            jobs.push(job(&format!("queue-{cat}-{i}"), cat, None));
+        }
+    }
+    let ids = publish(&env, &jobs).await;
+    // While the first batches run, the others wait and say why.
+    wait_until(
+        Duration::from_secs(20),
+        "a batch waiting for queue room",
+        || async {
+            env.count(
+                "SELECT count(*) FROM provider_batches
+             WHERE state = 'open' AND error LIKE 'waiting for the provider''s batch queue%'",
+            )
+            .await
+                > 0
+        },
+    )
+    .await;
+    assert!(
+        wait_finished(&env.pool, &ids, Duration::from_secs(90), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM provider_batches WHERE provider_state IS DISTINCT FROM 'completed'"
+        )
+        .await,
+        0,
+        "no batch was refused or failed for the queue limit"
+    );
+    for provider in ["openai", "anthropic"] {
+        assert!(
+            env.count(&format!(
+                "SELECT count(*) FROM provider_batches WHERE provider = '{provider}'"
+            ))
+            .await
+                >= 3,
+            "{provider}: the limit split the work into several batches"
+        );
+    }
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM calls WHERE job_id LIKE 'queue-%' AND batch_id IS NOT NULL"
+        )
+        .await,
+        24,
+        "every job went through a batch, at batch prices"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM calls WHERE job_id LIKE 'queue-%'")
+            .await,
+        24
+    );
+    // At no time were two of a provider's batches with it at once.
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM provider_batches a JOIN provider_batches b
+               ON a.provider = b.provider AND a.id < b.id
+             WHERE a.submitted_at < b.ended_at AND b.submitted_at < a.ended_at"
+        )
+        .await,
+        0
+    );
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

@@ -525,7 +525,15 @@ async fn prune_deletes_old_finished_jobs_with_their_rows() {
          INSERT INTO jobs (id, category, status, created_at) VALUES ('old-running', 'sales', 'running', now() - interval '90 days');
          INSERT INTO dead_letters (source, subject, payload, reason, created_at) VALUES
            ('s:1', 'x.jobs.sales', 'x', 'bad', now() - interval '40 days'),
-           ('s:2', 'x.jobs.sales', 'y', 'bad', now());",
+           ('s:2', 'x.jobs.sales', 'y', 'bad', now());
+         INSERT INTO provider_batches (id, provider, model, state, flush_at, ended_at) VALUES
+           ('syb_old', 'openai', 'gpt-4o-mini', 'ended', now(), now() - interval '40 days'),
+           ('syb_new', 'openai', 'gpt-4o-mini', 'ended', now(), now() - interval '2 days'),
+           ('syb_run', 'openai', 'gpt-4o-mini', 'submitted', now() - interval '60 days', NULL);
+         INSERT INTO batch_items (batch_id, custom_id, job_id, step, attempt, call, state) VALUES
+           ('syb_old', 'i0', 'j1', 0, 1, '{}', 'done'),
+           ('syb_old', 'i1', 'j3', 0, 1, '{}', 'done'),
+           ('syb_run', 'i0', 'old-running', 0, 1, '{}', 'pending');",
     )
     .execute(&env.pool)
     .await
@@ -544,7 +552,8 @@ async fn prune_deletes_old_finished_jobs_with_their_rows() {
         );
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    let expected = "3 jobs, 5 calls, 2 steps, 2 results, 3 ratings, 1 dead letters";
+    let expected = "3 jobs, 5 calls, 2 steps, 2 results, 3 ratings, 1 dead letters, \
+                    1 provider batches with 2 items";
     let dry = run(true);
     assert!(dry.contains(&format!("would delete {expected}")), "{dry}");
     assert_eq!(
@@ -563,6 +572,16 @@ async fn prune_deletes_old_finished_jobs_with_their_rows() {
     assert_eq!(env.count("SELECT count(*) FROM results").await, 1);
     assert_eq!(env.count("SELECT count(*) FROM feedback").await, 1);
     assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 1);
+    let batches: Vec<String> = sqlx::query_scalar("SELECT id FROM provider_batches ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        batches,
+        ["syb_new", "syb_run"],
+        "a running batch is kept, whatever its age"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM batch_items").await, 1);
     env.cleanup().await;
 }
 

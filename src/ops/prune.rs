@@ -1,6 +1,7 @@
 //! `switchyard prune`: retention. Deletes jobs that ended more than N days
 //! ago with everything recorded about them (calls, steps, results,
-//! feedback), and dead letters older than N days, in batches (short
+//! feedback), dead letters and ended provider batches (with their items)
+//! older than N days, in batches (short
 //! transactions beside a running fleet). Jobs still queued, running or
 //! parked are kept, whatever their age.
 
@@ -31,6 +32,14 @@ pub async fn run(pool: &PgPool, days: u32, dry_run: bool, batch: i64) -> Result<
         let n = retention::delete_dead_letters_older_than(pool, days, batch).await?;
         total.dead_letters += n;
         if n == 0 {
+            break;
+        }
+    }
+    loop {
+        let (b, i) = retention::delete_batches_older_than(pool, days, batch).await?;
+        total.batches += b;
+        total.batch_items += i;
+        if b == 0 {
             break;
         }
     }

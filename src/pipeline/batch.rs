@@ -60,6 +60,8 @@ pub struct BatchLane {
     owner: String,
     /// How long it holds a batch (`providers.<name>.batch_lease_secs`).
     lease: Duration,
+    /// The provider's batch queue caps.
+    queue: batches::QueueLimits,
     token: CancellationToken,
 }
 
@@ -80,6 +82,16 @@ impl BatchLane {
             return Ok(None);
         };
         let lease = Duration::from_secs(pc.batch_lease_secs);
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let queue = batches::QueueLimits {
+            requests: pc.batch_queue_requests.map(as_i64),
+            tokens: cfg
+                .models
+                .iter()
+                .filter(|(_, m)| m.provider == name)
+                .filter_map(|(id, m)| Some((id.clone(), as_i64(m.batch_queue_tokens?))))
+                .collect(),
+        };
         Ok(Some(Self {
             name: name.to_string(),
             cfg,
@@ -88,6 +100,7 @@ impl BatchLane {
             client,
             owner: format!("{}-{:08x}", std::process::id(), fastrand::u32(..)),
             lease,
+            queue,
             token,
         }))
     }
@@ -173,6 +186,17 @@ impl BatchLane {
         let cat = self.cfg.categories.get(&call.category);
         let batch_cfg = cat.map(|c| c.batch.clone()).unwrap_or_default();
         let (cap_items, cap_bytes) = self.provider_caps();
+        let tokens = i64::try_from(crate::providers::estimate_input_tokens(&call.messages))
+            .unwrap_or(i64::MAX);
+        let max_tokens = self.queue.tokens.get(&call.model).copied();
+        if max_tokens.is_some_and(|cap| tokens > cap) {
+            // Larger than the model's whole batch queue: it can only go real-time.
+            warn!(lane = %self.name, job_id = %call.job_id, tokens,
+                  "call larger than the model's batch queue limit; it goes real-time");
+            let mut call = call.clone();
+            call.batch = false;
+            return self.publish_to_lane(&call).await;
+        }
         let body = serde_json::to_value(call)?;
         let bytes = body.to_string().len() as i64;
         let added = batches::enqueue(
@@ -187,8 +211,15 @@ impl BatchLane {
                 flush_after: batch_cfg.flush_after(),
                 max_items: i32::try_from(batch_cfg.max_items)
                     .unwrap_or(i32::MAX)
-                    .min(cap_items),
+                    .min(cap_items)
+                    .min(
+                        self.queue
+                            .requests
+                            .map_or(i32::MAX, |r| i32::try_from(r).unwrap_or(i32::MAX)),
+                    ),
                 max_bytes: cap_bytes,
+                tokens,
+                max_tokens,
             },
         )
         .await?;
@@ -235,7 +266,8 @@ impl BatchLane {
     async fn submit_due(&self) -> Result<()> {
         while !self.token.is_cancelled() {
             let Some(b) =
-                batches::claim_submit(&self.pool, &self.name, &self.owner, self.lease).await?
+                batches::claim_submit(&self.pool, &self.name, &self.owner, self.lease, &self.queue)
+                    .await?
             else {
                 return Ok(());
             };

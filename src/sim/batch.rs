@@ -75,6 +75,11 @@ pub(super) struct Book {
     files: HashMap<String, SimFile>,
     batches: BTreeMap<String, SimBatch>,
     fates: HashMap<Format, VecDeque<BatchFate>>,
+    /// Status requests under way, per batch.
+    polling: HashMap<String, u32>,
+    /// Status requests answered, and the most seen at once for one batch.
+    pub(super) polls: u64,
+    pub(super) max_polls_at_once: u32,
 }
 
 impl Book {
@@ -141,6 +146,8 @@ struct SimBatch {
     items: Vec<(String, Result<SimRequest, String>)>,
     /// OpenAI validation failure: message and line.
     invalid: Option<(String, usize)>,
+    /// Its code (`invalid_request`, `token_limit_exceeded`).
+    invalid_code: &'static str,
     cancel_at_ms: Option<u64>,
     fate: Option<BatchFate>,
     ended: Option<Ended>,
@@ -398,6 +405,7 @@ fn create(
         input_file_id: None,
         items,
         invalid: None,
+        invalid_code: "invalid_request",
         cancel_at_ms: None,
         fate,
         ended: None,
@@ -407,6 +415,70 @@ fn create(
     setup(&mut b);
     book.batches.insert(id.clone(), b);
     id
+}
+
+/// A status request on a batch, counted while it lasts (so tests can see
+/// whether two workers ever poll one batch at once); it takes the
+/// profile's `batch_poll_ms`.
+struct PollSpan<'a> {
+    st: &'a SimState,
+    id: String,
+}
+
+impl<'a> PollSpan<'a> {
+    async fn start(st: &'a SimState, format: Format, id: &str) -> PollSpan<'a> {
+        if let Ok(mut book) = st.batches.lock() {
+            book.polls += 1;
+            let n = book.polling.entry(id.to_string()).or_default();
+            *n += 1;
+            let n = *n;
+            book.max_polls_at_once = book.max_polls_at_once.max(n);
+        }
+        let span = PollSpan {
+            st,
+            id: id.to_string(),
+        };
+        if let Some(ms) = st.profile.for_format(format).batch_poll_ms {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        span
+    }
+}
+
+impl Drop for PollSpan<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut book) = self.st.batches.lock() {
+            if let Some(n) = book.polling.get_mut(&self.id) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// Prompt tokens of a request, as the sim counts them.
+fn prompt_tokens(r: &SimRequest) -> u64 {
+    3 + r
+        .messages
+        .iter()
+        .map(|m| super::count_tokens(&m.content) + 4)
+        .sum::<u64>()
+}
+
+/// What waits in `format`'s unfinished batches (of `model`, if given):
+/// prompt tokens and requests.
+fn queued(st: &SimState, format: Format, model: Option<&str>) -> (u64, u64) {
+    let mut book = st.batches.lock().expect("batch book");
+    let ids: Vec<String> = book.batches.keys().cloned().collect();
+    for id in &ids {
+        settle(st, &mut book, id);
+    }
+    book.batches
+        .values()
+        .filter(|b| b.format == format && b.running() && b.invalid.is_none())
+        .flat_map(|b| b.items.iter())
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .filter(|r| model.is_none_or(|m| r.model == m))
+        .fold((0, 0), |(t, n), r| (t + prompt_tokens(r), n + 1))
 }
 
 /// Look at batch `id` of `format` after settling it.
@@ -642,14 +714,41 @@ pub(super) async fn openai_create(
         }
     };
     let parsed = openai_lines(&bytes);
-    let (items, model, invalid) = match parsed {
+    let (items, model, mut invalid) = match parsed {
         Ok((items, model)) => (items, model, None),
         Err(e) => (Vec::new(), String::new(), Some(e)),
     };
+    let mut code = "invalid_request";
+    if let (None, Some(cap)) = (
+        &invalid,
+        st.profile
+            .for_format(Format::Openai)
+            .batch_queue_tokens
+            .filter(|c| *c > 0),
+    ) {
+        let (waiting, _) = queued(&st, Format::Openai, Some(&model));
+        let this: u64 = items
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok())
+            .map(prompt_tokens)
+            .sum();
+        if waiting + this > cap {
+            code = "token_limit_exceeded";
+            invalid = Some((
+                format!(
+                    "Enqueued token limit reached for {model} in organization org-sim. \
+                     Limit: {cap} enqueued tokens. Please try again once some in_progress \
+                     batches have been completed."
+                ),
+                0,
+            ));
+        }
+    }
     let id = create(&st, &headers, Format::Openai, model, items, |b| {
         b.input_file_id = Some(req.input_file_id.clone());
         b.metadata = req.metadata.as_ref().map_or(Value::Null, |m| json!(m));
         b.invalid = invalid;
+        b.invalid_code = code;
     });
     openai_show(&st, &id)
 }
@@ -684,7 +783,7 @@ fn openai_object(b: &SimBatch, now: u64) -> Value {
             .unwrap_or(Value::Null)
     };
     let errors = b.invalid.as_ref().map_or(Value::Null, |(message, line)| {
-        json!({"object": "list", "data": [{"code": "invalid_request", "line": line,
+        json!({"object": "list", "data": [{"code": b.invalid_code, "line": line,
                                             "message": message, "param": null}]})
     });
     json!({
@@ -717,6 +816,7 @@ pub(super) async fn openai_get(
     State(st): State<Arc<SimState>>,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
+    let _span = PollSpan::start(&st, Format::Openai, &id).await;
     openai_show(&st, &id)
 }
 
@@ -836,6 +936,30 @@ pub(super) async fn anthropic_create(
             );
         }
     }
+    if let Some(cap) = st
+        .profile
+        .for_format(Format::Anthropic)
+        .batch_queue_requests
+        .filter(|c| *c > 0)
+    {
+        let (_, waiting) = queued(&st, Format::Anthropic, None);
+        if waiting + req.requests.len() as u64 > cap {
+            let (status, mut body) = error_body(
+                Format::Anthropic,
+                ErrKind::RateLimited {
+                    wait: Duration::from_secs(30),
+                },
+                "",
+            );
+            if let Some(m) = body.pointer_mut("/error/message") {
+                *m = Value::String(format!(
+                    "Number of batch requests queued ({waiting}) plus this batch exceeds \
+                     your limit of {cap}."
+                ));
+            }
+            return (status, Json(body)).into_response();
+        }
+    }
     let items = req
         .requests
         .into_iter()
@@ -904,6 +1028,7 @@ pub(super) async fn anthropic_get(
     UrlPath(id): UrlPath<String>,
     headers: HeaderMap,
 ) -> Response {
+    let _span = PollSpan::start(&st, Format::Anthropic, &id).await;
     anthropic_show(&st, &id, &headers)
 }
 
@@ -1149,6 +1274,7 @@ pub(super) async fn gemini_get(
     State(st): State<Arc<SimState>>,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
+    let _span = PollSpan::start(&st, Format::Gemini, &id).await;
     with_batch(&st, Format::Gemini, &id, |b, now| {
         Json(gemini_object(b, now)).into_response()
     })

@@ -89,6 +89,18 @@ pub struct SimProfile {
     /// Milliseconds from a batch's creation to its end (default 2000).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_ms: Option<u64>,
+    /// OpenAI: most prompt tokens one model may have in unfinished batches;
+    /// a batch that would exceed it fails validation with
+    /// `token_limit_exceeded`, as OpenAI's do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_queue_tokens: Option<u64>,
+    /// Milliseconds a batch status request takes (default: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_poll_ms: Option<u64>,
+    /// Anthropic: most requests in unfinished batches; a create that would
+    /// exceed it gets a 429 `rate_limit_error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_queue_requests: Option<u64>,
     /// Per-format behaviour (`openai`, `anthropic`, `gemini`): a section
     /// replaces the top-level behaviour for that format.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -111,6 +123,9 @@ impl Default for SimProfile {
             model_errors: BTreeMap::new(),
             answers: Vec::new(),
             batch_ms: None,
+            batch_queue_tokens: None,
+            batch_queue_requests: None,
+            batch_poll_ms: None,
             formats: BTreeMap::new(),
         }
     }
@@ -600,6 +615,16 @@ impl SimServer {
         if let Ok(mut b) = self.state.batches.lock() {
             b.force(format, fate);
         }
+    }
+
+    /// Batch status requests answered so far, and the most that were ever
+    /// under way at once for one batch.
+    pub fn batch_polls(&self) -> (u64, u32) {
+        self.state
+            .batches
+            .lock()
+            .map(|b| (b.polls, b.max_polls_at_once))
+            .unwrap_or_default()
     }
 
     pub fn stop(&self) {

@@ -18,10 +18,14 @@ pub struct NewItem<'a> {
     pub call: serde_json::Value,
     /// Its size, counted against `max_bytes`.
     pub bytes: i64,
+    /// Its estimated prompt tokens, counted against `max_tokens`.
+    pub tokens: i64,
     /// The batch is submitted this long after this item at the latest.
     pub flush_after: Duration,
     pub max_items: i32,
     pub max_bytes: i64,
+    /// The model's batch queue limit: one batch never holds more.
+    pub max_tokens: Option<i64>,
 }
 
 /// What adding an item came to.
@@ -72,7 +76,7 @@ pub async fn enqueue(pool: &PgPool, it: &NewItem<'_>) -> Result<Enqueued> {
     let open: Option<(String, i32)> = sqlx::query_as(
         "SELECT id, items FROM provider_batches
          WHERE provider = $1 AND model = $2 AND state = 'open' AND items < $3
-           AND bytes + $4 <= $5
+           AND bytes + $4 <= $5 AND ($7::int8 IS NULL OR tokens + $6 <= $7)
          ORDER BY created_at LIMIT 1 FOR UPDATE",
     )
     .bind(it.provider)
@@ -80,6 +84,8 @@ pub async fn enqueue(pool: &PgPool, it: &NewItem<'_>) -> Result<Enqueued> {
     .bind(it.max_items)
     .bind(it.bytes)
     .bind(it.max_bytes)
+    .bind(it.tokens)
+    .bind(it.max_tokens)
     .fetch_optional(&mut *tx)
     .await?;
     let (batch_id, n) = match open {
@@ -113,7 +119,7 @@ pub async fn enqueue(pool: &PgPool, it: &NewItem<'_>) -> Result<Enqueued> {
     .execute(&mut *tx)
     .await?;
     sqlx::query(
-        "UPDATE provider_batches SET items = items + 1, bytes = bytes + $2,
+        "UPDATE provider_batches SET items = items + 1, bytes = bytes + $2, tokens = tokens + $5,
                 flush_at = CASE WHEN items + 1 >= $3 THEN now()
                                 ELSE LEAST(flush_at, now() + $4::interval) END
          WHERE id = $1",
@@ -122,6 +128,7 @@ pub async fn enqueue(pool: &PgPool, it: &NewItem<'_>) -> Result<Enqueued> {
     .bind(it.bytes)
     .bind(it.max_items)
     .bind(interval(it.flush_after))
+    .bind(it.tokens)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -144,7 +151,7 @@ pub async fn any_unfinished(pool: &PgPool, provider: &str) -> Result<bool> {
 }
 
 /// A batch this process now submits.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct ToSubmit {
     pub id: String,
     pub model: String,
@@ -153,32 +160,113 @@ pub struct ToSubmit {
     pub resumed: bool,
 }
 
+/// The provider's caps on what waits in its batch queue at once.
+#[derive(Debug, Clone, Default)]
+pub struct QueueLimits {
+    /// Requests queued in all the provider's batches (Anthropic).
+    pub requests: Option<i64>,
+    /// Prompt tokens enqueued per model (OpenAI), by model.
+    pub tokens: std::collections::HashMap<String, i64>,
+}
+
 /// Take the next batch of `provider` due for submission (its time came, or
-/// an earlier submitter's lease ran out), leased to `owner` for `lease`.
+/// an earlier submitter's lease ran out), leased to `owner` for `lease`. A
+/// new submission must fit `limits` beside the batches already submitted
+/// and not ended; one that does not stays open (its `error` says why) and
+/// goes when earlier batches end. One claimer per provider at a time.
 pub async fn claim_submit(
     pool: &PgPool,
     provider: &str,
     owner: &str,
     lease: Duration,
+    limits: &QueueLimits,
 ) -> Result<Option<ToSubmit>> {
-    Ok(sqlx::query_as(
-        "WITH c AS (
-             SELECT id, state FROM provider_batches
-             WHERE provider = $1
-               AND ((state = 'open' AND flush_at <= now())
-                    OR (state = 'submitting' AND lease_until < now()))
-             ORDER BY flush_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-         UPDATE provider_batches p
-         SET state = 'submitting', lease_owner = $2, lease_until = now() + $3::interval,
-             submitted_at = CASE WHEN c.state = 'open' THEN now() ELSE p.submitted_at END
-         FROM c WHERE p.id = c.id
-         RETURNING p.id, p.model, c.state = 'submitting' AS resumed",
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('switchyard.batch-submit:' || $1))")
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?;
+    let due: Vec<(String, String, String, i32, i64)> = sqlx::query_as(
+        "SELECT id, model, state, items, tokens FROM provider_batches
+         WHERE provider = $1
+           AND ((state = 'open' AND flush_at <= now())
+                OR (state = 'submitting' AND lease_until < now()))
+         ORDER BY state DESC, flush_at LIMIT 32",
     )
     .bind(provider)
-    .bind(owner)
-    .bind(interval(lease))
-    .fetch_optional(pool)
-    .await?)
+    .fetch_all(&mut *tx)
+    .await?;
+    if due.is_empty() {
+        return Ok(None);
+    }
+    // What the provider holds already: requests, and tokens per model.
+    let queued: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT model, sum(items)::int8, sum(tokens)::int8 FROM provider_batches
+         WHERE provider = $1 AND state IN ('submitting', 'submitted')
+         GROUP BY model",
+    )
+    .bind(provider)
+    .fetch_all(&mut *tx)
+    .await?;
+    let requests: i64 = queued.iter().map(|q| q.1).sum();
+    let mut chosen = None;
+    let mut held = Vec::new();
+    for (id, model, state, items, tokens) in due {
+        // A resumed submission is counted among the queued already.
+        let fits = state == "submitting" || {
+            let model_tokens = queued.iter().find(|q| q.0 == model).map_or(0, |q| q.2);
+            let why_requests = limits
+                .requests
+                .filter(|&cap| requests + i64::from(items) > cap)
+                .map(|cap| format!("{requests} of {cap} requests queued"));
+            let why_tokens = limits
+                .tokens
+                .get(&model)
+                .filter(|&&cap| model_tokens + tokens > cap)
+                .map(|cap| format!("{model_tokens} of {cap} {model} tokens enqueued"));
+            match why_requests.or(why_tokens) {
+                Some(why) => {
+                    held.push((
+                        id.clone(),
+                        format!("waiting for the provider's batch queue: {why}"),
+                    ));
+                    false
+                }
+                None => true,
+            }
+        };
+        if fits {
+            chosen = Some((id, state == "submitting"));
+            break;
+        }
+    }
+    for (id, why) in &held {
+        sqlx::query("UPDATE provider_batches SET error = $2 WHERE id = $1")
+            .bind(id)
+            .bind(why)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let claimed = match chosen {
+        None => None,
+        Some((id, resumed)) => {
+            let model: String = sqlx::query_scalar(
+                "UPDATE provider_batches
+                 SET state = 'submitting', lease_owner = $2, lease_until = now() + $3::interval,
+                     submitted_at = CASE WHEN $4 THEN submitted_at ELSE now() END, error = NULL
+                 WHERE id = $1 RETURNING model",
+            )
+            .bind(&id)
+            .bind(owner)
+            .bind(interval(lease))
+            .bind(resumed)
+            .fetch_one(&mut *tx)
+            .await?;
+            Some(ToSubmit { id, model, resumed })
+        }
+    };
+    tx.commit().await?;
+    Ok(claimed)
 }
 
 /// The items of a batch still to submit (not handed off): custom id and

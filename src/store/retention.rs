@@ -1,6 +1,7 @@
 //! Retention: what `switchyard prune` counts and deletes. Jobs that ended
 //! (a terminal status) before a cut-off go with every row that names them
-//! (calls, steps, results, feedback); dead letters go by their own age.
+//! (calls, steps, results, feedback); dead letters and ended provider
+//! batches (with their items) go by their own age.
 //! Deletes run one batch per statement, so each transaction stays short.
 
 use anyhow::Result;
@@ -18,6 +19,9 @@ pub struct Pruned {
     pub results: i64,
     pub feedback: i64,
     pub dead_letters: i64,
+    /// Provider batches that ended before the cut-off, and their items.
+    pub batches: i64,
+    pub batch_items: i64,
 }
 
 /// `days` as the `int` that `make_interval` takes.
@@ -27,7 +31,8 @@ fn days_param(days: u32) -> i32 {
 
 /// What a prune of everything older than `days` would delete.
 pub async fn count_older_than(pool: &PgPool, days: u32) -> Result<Pruned> {
-    let (jobs, calls, steps, results, feedback, dead_letters): (i64, i64, i64, i64, i64, i64) =
+    type Counts = (i64, i64, i64, i64, i64, i64, i64, i64);
+    let (jobs, calls, steps, results, feedback, dead_letters, batches, batch_items): Counts =
         sqlx::query_as(
             "WITH v AS (SELECT id FROM jobs WHERE status = ANY($2::text[])
                         AND finished_at < now() - make_interval(days => $1::int))
@@ -37,7 +42,12 @@ pub async fn count_older_than(pool: &PgPool, days: u32) -> Result<Pruned> {
                     (SELECT count(*) FROM results WHERE job_id IN (SELECT id FROM v)),
                     (SELECT count(*) FROM feedback WHERE job_id IN (SELECT id FROM v)),
                     (SELECT count(*) FROM dead_letters
-                      WHERE created_at < now() - make_interval(days => $1::int))",
+                      WHERE created_at < now() - make_interval(days => $1::int)),
+                    (SELECT count(*) FROM provider_batches WHERE state = 'ended'
+                      AND ended_at < now() - make_interval(days => $1::int)),
+                    (SELECT count(*) FROM batch_items WHERE batch_id IN (
+                       SELECT id FROM provider_batches WHERE state = 'ended'
+                        AND ended_at < now() - make_interval(days => $1::int)))",
         )
         .bind(days_param(days))
         .bind(JobStatus::terminal_names())
@@ -50,6 +60,8 @@ pub async fn count_older_than(pool: &PgPool, days: u32) -> Result<Pruned> {
         results,
         feedback,
         dead_letters,
+        batches,
+        batch_items,
     })
 }
 
@@ -82,7 +94,7 @@ pub async fn delete_jobs_older_than(pool: &PgPool, days: u32, batch: i64) -> Res
         steps,
         results,
         feedback,
-        dead_letters: 0,
+        ..Default::default()
     })
 }
 
@@ -98,4 +110,22 @@ pub async fn delete_dead_letters_older_than(pool: &PgPool, days: u32, batch: i64
     .execute(pool)
     .await?
     .rows_affected() as i64)
+}
+
+/// Delete up to `batch` provider batches that ended more than `days` ago,
+/// with their items; returns (batches, items). Their calls keep their
+/// `batch_id` (the calls go with their jobs).
+pub async fn delete_batches_older_than(pool: &PgPool, days: u32, batch: i64) -> Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "WITH v AS (SELECT id FROM provider_batches WHERE state = 'ended'
+                    AND ended_at < now() - make_interval(days => $1::int)
+                    LIMIT $2 FOR UPDATE SKIP LOCKED),
+              i AS (DELETE FROM batch_items WHERE batch_id IN (SELECT id FROM v) RETURNING 1),
+              b AS (DELETE FROM provider_batches WHERE id IN (SELECT id FROM v) RETURNING 1)
+         SELECT (SELECT count(*) FROM b), (SELECT count(*) FROM i)",
+    )
+    .bind(days_param(days))
+    .bind(batch)
+    .fetch_one(pool)
+    .await?)
 }

@@ -14,6 +14,7 @@
 
 pub mod batch;
 pub mod chaos;
+pub mod ingest;
 pub mod limits;
 pub mod throughput;
 

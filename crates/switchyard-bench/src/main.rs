@@ -1,5 +1,6 @@
 //! `switchyard-bench`: throughput against the JetStream ceiling (no mode),
-//! `limits` (worker processes sharing one rate-limited provider) and `chaos`
+//! `limits` (worker processes sharing one rate-limited provider), `batch`,
+//! `ingest` (the memory a large batch result file costs) and `chaos`
 //! (kills and restarts under load, then a reconciliation). Each prints a
 //! readable summary and, with `--json`, one JSON object on the last line.
 
@@ -44,6 +45,17 @@ enum Mode {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 1800)]
         timeout_secs: u64,
+        /// End with one JSON object of the figures on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The memory reading one large batch result file costs: a loopback
+    /// OpenAI batch API serves `--mb` megabytes of result lines to the
+    /// batch client; reports the resident set before and at peak.
+    Ingest {
+        /// Size of the result file, in MiB.
+        #[arg(long, default_value_t = 200)]
+        mb: u64,
         /// End with one JSON object of the figures on the last line.
         #[arg(long)]
         json: bool,
@@ -141,6 +153,18 @@ async fn run(cli: Cli) -> Result<u8> {
     let g = &cli.global;
     let load = || Config::load(g.config.as_deref());
     match cli {
+        Cli {
+            mode: Some(Mode::Ingest { mb, json }),
+            ..
+        } => {
+            anyhow::ensure!(mb > 0, "--mb must be at least 1");
+            let figures = switchyard_bench::ingest::run(mb).await?;
+            println!("{}", figures.summary());
+            if json {
+                println!("{}", serde_json::to_string(&figures)?);
+            }
+            Ok(0)
+        }
         Cli {
             mode:
                 Some(Mode::Limits {

@@ -14,9 +14,9 @@
 //!   names) instead of submitting it twice.
 //! - **Poll and ingest**: each submitted batch is polled by one process at a
 //!   time (a lease, `providers.<name>.batch_lease_secs`, that passes on
-//!   when its holder dies), more often while
-//!   it is young; when it ends, its results are streamed and every item's
-//!   result is published to the provider's real-time subject as a call
+//!   when its holder dies), more often while it is young and as its jobs'
+//!   earliest deadline draws near; when it ends, its results are streamed
+//!   and every item's result is published to the provider's real-time subject as a call
 //!   message carrying it (`CallMsg::batch_result`, `Nats-Msg-Id`
 //!   `<job>#<step>#b<attempt>`), where the lane records it at batch prices
 //!   and the job goes on exactly as after a real-time answer (or the item
@@ -48,6 +48,24 @@ use crate::store::batches::{self, Enqueued, NewItem};
 
 /// Results handled per database round trip while ingesting.
 const CHUNK: usize = 256;
+
+/// When to poll a running batch again: often while it is young (most end
+/// within minutes), rarely when it is old, and more often again as the
+/// earliest deadline of its waiting jobs draws near (a quarter of the time
+/// left, so an answer that comes in time is not missed).
+pub fn next_poll(age_secs: f64, nearest_deadline_ms: Option<i64>, now_ms: i64) -> Duration {
+    let by_age = match age_secs {
+        a if a < 60.0 => Duration::from_millis(500),
+        a if a < 600.0 => Duration::from_secs(5),
+        a if a < 3600.0 => Duration::from_secs(30),
+        _ => Duration::from_secs(120),
+    };
+    let by_deadline = nearest_deadline_ms.map_or(by_age, |d| {
+        let left = u64::try_from(d.saturating_sub(now_ms)).unwrap_or(0);
+        Duration::from_millis(left / 4)
+    });
+    by_age.min(by_deadline).max(Duration::from_millis(500))
+}
 
 /// One provider's batch lane.
 pub struct BatchLane {
@@ -403,13 +421,7 @@ impl BatchLane {
             BatchState::Ended(BatchEnd::Failed(_)) => "failed",
         };
         if !matches!(status.state, BatchState::Ended(_)) {
-            // Young batches often, old ones rarely.
-            let next = match b.age_secs {
-                a if a < 60.0 => Duration::from_millis(500),
-                a if a < 600.0 => Duration::from_secs(5),
-                a if a < 3600.0 => Duration::from_secs(30),
-                _ => Duration::from_secs(120),
-            };
+            let next = next_poll(b.age_secs, b.nearest_deadline_ms, crate::clock::now_ms());
             return batches::polled(
                 &self.pool,
                 &b.id,
@@ -541,5 +553,28 @@ impl BatchLane {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_slow_down_with_age_and_speed_up_near_a_deadline() {
+        let now = 1_000_000_000;
+        let s = Duration::from_secs;
+        assert_eq!(next_poll(10.0, None, now), Duration::from_millis(500));
+        assert_eq!(next_poll(300.0, None, now), s(5));
+        assert_eq!(next_poll(1800.0, None, now), s(30));
+        assert_eq!(next_poll(7200.0, None, now), s(120));
+        // Two hours old, its first deadline 40 s away: every 10 s.
+        assert_eq!(next_poll(7200.0, Some(now + 40_000), now), s(10));
+        // A far deadline changes nothing; a past one polls at the floor.
+        assert_eq!(next_poll(7200.0, Some(now + 86_400_000), now), s(120));
+        assert_eq!(
+            next_poll(7200.0, Some(now - 5_000), now),
+            Duration::from_millis(500)
+        );
     }
 }

@@ -330,6 +330,9 @@ pub struct ToPoll {
     pub model: String,
     /// Seconds since it was submitted.
     pub age_secs: f64,
+    /// The earliest deadline (Unix milliseconds) of a job with an item
+    /// still waiting in it, if any has one.
+    pub nearest_deadline_ms: Option<i64>,
 }
 
 /// Take up to `limit` submitted batches of `provider` due for a poll, leased
@@ -351,7 +354,9 @@ pub async fn claim_polls(
          UPDATE provider_batches p SET lease_owner = $2, lease_until = now() + $3::interval
          FROM c WHERE p.id = c.id
          RETURNING p.id, p.provider_batch_id, p.model,
-                   EXTRACT(EPOCH FROM now() - COALESCE(p.submitted_at, p.created_at))::float8 AS age_secs",
+                   EXTRACT(EPOCH FROM now() - COALESCE(p.submitted_at, p.created_at))::float8 AS age_secs,
+                   (SELECT min((i.call->>'deadline_ms')::int8) FROM batch_items i
+                     WHERE i.batch_id = p.id AND i.state = 'pending') AS nearest_deadline_ms",
     )
     .bind(provider)
     .bind(owner)

@@ -127,6 +127,9 @@ pub struct CallMsg {
     /// goes on as after a real-time answer, without calling the provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_result: Option<BatchResult>,
+    /// The job's own `response_format` (else its category's applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<crate::structured::ResponseFormat>,
 }
 
 /// One batch item's result, carried to the provider's lane.
@@ -186,14 +189,32 @@ impl CallMsg {
         Ok(())
     }
 
+    /// The answer format this call asks for: the job's (or its category's)
+    /// on the steps whose answer may become the job's.
+    pub fn response_format<'a>(
+        &'a self,
+        cfg: &'a crate::config::Config,
+    ) -> Option<&'a crate::structured::ResponseFormat> {
+        if !self.plan.answers_job(self.step) {
+            return None;
+        }
+        cfg.response_format(&self.category, self.response_format.as_ref())
+    }
+
     /// What to ask the provider for this call.
-    pub fn request(&self) -> crate::providers::CallRequest {
+    pub fn request(&self, cfg: &crate::config::Config) -> crate::providers::CallRequest {
         crate::providers::CallRequest {
             model: self.model.clone(),
             messages: self.messages.clone(),
             max_tokens: self.max_tokens,
             temperature: self.temperature,
             tag: None,
+            response_format: self.response_format(cfg).cloned(),
+            structured: cfg
+                .models
+                .get(&self.model)
+                .map(|m| m.structured_output)
+                .unwrap_or_default(),
         }
     }
 

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Default location of the config file, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/switchyard.toml";
@@ -372,6 +372,23 @@ pub struct ModelConfig {
     /// batches wait to be submitted until earlier ones end.
     #[serde(default)]
     pub batch_queue_tokens: Option<u64>,
+    /// How the model is asked for structured output: `native` (the
+    /// provider's own mechanism; default), `tool` (Anthropic: one forced
+    /// tool whose input schema is the schema, for models without native
+    /// support) or `none` (it cannot: categories that ask for JSON may not
+    /// route to it).
+    #[serde(default)]
+    pub structured_output: StructuredMode,
+}
+
+/// How a model is asked for structured output.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StructuredMode {
+    #[default]
+    Native,
+    Tool,
+    None,
 }
 
 impl ModelConfig {
@@ -413,6 +430,11 @@ pub struct CategoryConfig {
     /// Batch settings (with `delivery` `batch` or `auto`).
     #[serde(default)]
     pub batch: BatchConfig,
+    /// The answer every job of the category must give, unless the job sets
+    /// its own: `{ type = "json_object" }` or `{ type = "json_schema",
+    /// name = "…", schema = { … }, strict = true }`.
+    #[serde(default)]
+    pub response_format: Option<crate::structured::ResponseFormat>,
 }
 
 /// How a category's calls are sent.
@@ -532,9 +554,8 @@ pub struct StageConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CheckConfig {
-    /// The answer must be JSON valid against this schema (a subset of JSON
-    /// Schema: type, properties, required, enum, items, minimum, maximum,
-    /// minLength, maxLength).
+    /// The answer must be JSON valid against this JSON Schema (any draft the
+    /// `jsonschema` crate knows; no remote `$ref`).
     JsonSchema { schema: toml::Value },
     /// The answer must report `"confidence"` (JSON) or `confidence: X` of at least `min`.
     Confidence { min: f64 },
@@ -556,6 +577,23 @@ fn default_variant_name() -> String {
 }
 
 impl RouteConfig {
+    /// The models whose answer may become the job's answer (and so are
+    /// asked for the category's `response_format`): every target but a
+    /// pipeline's earlier stages and a consensus judge.
+    pub fn answer_models(&self) -> Vec<&str> {
+        match self {
+            RouteConfig::Single { target } => vec![target.as_str()],
+            RouteConfig::Fallback { targets, .. } | RouteConfig::Consensus { targets, .. } => {
+                targets.iter().map(String::as_str).collect()
+            }
+            RouteConfig::Pipeline { stages } => stages
+                .last()
+                .map(|s| s.target.as_str())
+                .into_iter()
+                .collect(),
+        }
+    }
+
     /// Every model the route may call.
     pub fn models(&self) -> Vec<&str> {
         match self {
@@ -603,6 +641,31 @@ fn de_opt_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D:
 }
 
 impl Config {
+    /// Why `model` cannot answer in format `rf`, if it cannot (an unknown
+    /// model is the router's business, not this).
+    pub fn structured_unsupported(
+        &self,
+        rf: &crate::structured::ResponseFormat,
+        model: &str,
+    ) -> Option<String> {
+        let m = self.models.get(model)?;
+        let kind = self.providers.get(&m.provider)?.kind;
+        rf.unsupported(kind, m.structured_output)
+    }
+
+    /// The answer format of a job of `category` that set `own` (or none).
+    pub fn response_format<'a>(
+        &'a self,
+        category: &str,
+        own: Option<&'a crate::structured::ResponseFormat>,
+    ) -> Option<&'a crate::structured::ResponseFormat> {
+        own.or_else(|| {
+            self.categories
+                .get(category)
+                .and_then(|c| c.response_format.as_ref())
+        })
+    }
+
     /// Load `path` (or `$SWITCHYARD_CONFIG`, or the default path) and apply the
     /// process environment's overrides.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
@@ -799,6 +862,31 @@ impl Config {
             }
         }
         for (name, cat) in &self.categories {
+            let Some(rf) = &cat.response_format else {
+                continue;
+            };
+            let key = format!("categories.{name}.response_format");
+            rf.validate().map_err(|e| err(&key, e))?;
+            let mut routes = vec![&cat.route];
+            routes.extend(cat.variant.as_ref().map(|v| &v.route));
+            for model in routes.into_iter().flat_map(RouteConfig::answer_models) {
+                if let Some(why) = self.structured_unsupported(rf, model) {
+                    return Err(err(&key, format!("model `{model}`: {why}")));
+                }
+            }
+        }
+        for (name, model) in &self.models {
+            if model.structured_output == StructuredMode::Tool
+                && self.providers.get(&model.provider).map(|p| p.kind)
+                    != Some(ProviderKind::Anthropic)
+            {
+                return Err(err(
+                    format!("models.{name}.structured_output"),
+                    "`tool` is for Anthropic models; use `native` or `none`",
+                ));
+            }
+        }
+        for (name, cat) in &self.categories {
             let key = format!("categories.{name}.batch");
             for (k, v) in [
                 ("min_slack", &cat.batch.min_slack),
@@ -923,6 +1011,9 @@ impl Config {
                             "must be a table (a JSON Schema object)",
                         ));
                     }
+                    let json = serde_json::to_value(schema).unwrap_or_default();
+                    crate::structured::check_schema(&json)
+                        .map_err(|e| err(format!("{key}.check.schema"), e))?;
                 }
             }
             RouteConfig::Pipeline { stages } => {

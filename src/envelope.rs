@@ -42,6 +42,10 @@ pub struct JobEnvelope {
     /// A job whose deadline has passed when it arrives is dead-lettered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<String>,
+    /// The answer must be JSON: `{"type": "json_object"}` or `{"type":
+    /// "json_schema", "name", "schema", "strict"}` (replaces the category's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<crate::structured::ResponseFormat>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +105,8 @@ pub enum Rejection {
     BadDeadline(String),
     #[error("deadline {0} had already passed when the job arrived")]
     DeadlinePassed(String),
+    #[error("invalid response_format: {0}")]
+    BadResponseFormat(String),
 }
 
 /// A validated job, ready to route.
@@ -139,7 +145,7 @@ pub fn parse_deadline(text: &str) -> Option<i64> {
 /// What the dispatcher learned from a message, good or bad.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Parsed {
-    Valid(ValidJob),
+    Valid(Box<ValidJob>),
     /// Rejected; `id`/`category` are what could be read, for the `jobs` row.
     Rejected {
         id: Option<String>,
@@ -247,6 +253,11 @@ pub fn parse_job(
             )));
         }
     }
+    if let Some(rf) = &env.response_format {
+        if let Err(e) = rf.validate() {
+            return reject(Rejection::BadResponseFormat(e));
+        }
+    }
     let deadline_ms = match &env.deadline {
         None => None,
         Some(d) => match parse_deadline(d) {
@@ -255,12 +266,12 @@ pub fn parse_job(
             Some(ms) => Some(ms),
         },
     };
-    Parsed::Valid(ValidJob {
+    Parsed::Valid(Box::new(ValidJob {
         id,
         category,
         envelope: env,
         deadline_ms,
-    })
+    }))
 }
 
 fn check_id(id: &str) -> Result<(), Rejection> {
@@ -296,6 +307,7 @@ impl JobEnvelope {
             params: Params::default(),
             metadata: BTreeMap::new(),
             deadline: None,
+            response_format: None,
         }
     }
 

@@ -46,6 +46,7 @@ pub mod providers;
 pub mod route;
 pub mod sim;
 pub mod store;
+pub mod structured;
 pub mod tasks;
 pub(crate) mod template;
 

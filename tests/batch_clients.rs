@@ -59,6 +59,7 @@ fn requests(model: &str, n: usize) -> Vec<(String, CallRequest)> {
                     max_tokens: 40,
                     temperature: None,
                     tag: None,
+                    ..Default::default()
                 },
             )
         })

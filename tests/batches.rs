@@ -553,6 +553,7 @@ async fn a_dead_submitter_or_ingester_is_taken_over_without_doubling() {
                         max_tokens: c.max_tokens,
                         temperature: c.temperature,
                         tag: None,
+                        ..Default::default()
                     },
                 )
             })

@@ -50,6 +50,13 @@ fn call_request(v: &Value) -> CallRequest {
                 content: m["content"].as_str().unwrap().into(),
             })
             .collect(),
+        response_format: v
+            .get("response_format")
+            .map(|f| serde_json::from_value(f.clone()).unwrap()),
+        structured: v
+            .get("structured")
+            .map(|f| serde_json::from_value(f.clone()).unwrap())
+            .unwrap_or_default(),
     }
 }
 
@@ -77,8 +84,15 @@ fn ms(d: Option<Duration>) -> Value {
 }
 
 fn check(provider: &str, name: &str, fx: &Value) {
-    let (build, interpret) = adapter(provider);
+    let (mut build, interpret) = adapter(provider);
     let ctx = format!("{provider}/{name}");
+    if fx.get("batch") == Some(&Value::Bool(true)) {
+        assert_eq!(
+            provider, "gemini",
+            "{ctx}: only Gemini builds batch items apart"
+        );
+        build = gemini::build_batch_request;
+    }
     if let Some(call) = fx.get("call") {
         assert_eq!(
             build(&call_request(call)),
@@ -161,5 +175,5 @@ fn every_fixture_matches_its_expectation() {
             seen += 1;
         }
     }
-    assert_eq!(seen, 16);
+    assert_eq!(seen, 23);
 }

@@ -267,6 +267,7 @@ async fn a_call_message_with_a_malformed_plan_is_dead_lettered_before_any_provid
             deadline_ms: None,
             batch: false,
             batch_result: None,
+            response_format: None,
         };
         env.bus
             .publish_durable(

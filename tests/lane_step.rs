@@ -147,6 +147,7 @@ fn single_call(job_id: &str) -> Vec<u8> {
         deadline_ms: None,
         batch: false,
         batch_result: None,
+        response_format: None,
     })
     .unwrap()
 }

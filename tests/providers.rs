@@ -48,6 +48,7 @@ fn request() -> CallRequest {
         max_tokens: 200,
         temperature: Some(0.2),
         tag: Some("job-1#0#1".into()),
+        ..Default::default()
     }
 }
 

@@ -329,7 +329,7 @@ impl BatchLane {
             .into_iter()
             .filter_map(|(custom_id, v)| {
                 let c: CallMsg = serde_json::from_value(v).ok()?;
-                Some((custom_id, c.request()))
+                Some((custom_id, c.request(&self.cfg)))
             })
             .collect();
         if b.resumed {

@@ -90,6 +90,17 @@ impl Dispatcher {
             },
             crate::clock::now_ms(),
         );
+        let parsed = match parsed {
+            Parsed::Valid(job) => match self.unanswerable(&job) {
+                Some(why) => Parsed::Rejected {
+                    id: Some(job.id),
+                    category: Some(job.category),
+                    reason: crate::envelope::Rejection::BadResponseFormat(why),
+                },
+                None => Parsed::Valid(job),
+            },
+            rejected => rejected,
+        };
         let span =
             tracing::info_span!("job", job_id = tracing::field::Empty, category = %category, seq);
         async {
@@ -97,7 +108,7 @@ impl Dispatcher {
                 Parsed::Valid(job) => {
                     tracing::Span::current().record("job_id", job.id.as_str());
                     let id = job.id.clone();
-                    let (settlement, received) = match self.accept(job, published).await {
+                    let (settlement, received) = match self.accept(*job, published).await {
                         Ok(s) => s,
                         Err(e) => {
                             warn!(error = %format!("{e:#}"), "job not dispatched; will retry");
@@ -159,6 +170,24 @@ impl Dispatcher {
         .await;
     }
 
+    /// Why a job's own `response_format` cannot be honoured by a model that
+    /// may answer it (its category's routes), if it cannot: dead-lettered
+    /// before any call. (A category's own format is checked at config load.)
+    fn unanswerable(&self, job: &ValidJob) -> Option<String> {
+        let rf = job.envelope.response_format.as_ref()?;
+        let cat = self.cfg.categories.get(&job.category)?;
+        let mut routes = vec![&cat.route];
+        routes.extend(cat.variant.as_ref().map(|v| &v.route));
+        routes
+            .into_iter()
+            .flat_map(crate::config::RouteConfig::answer_models)
+            .find_map(|m| {
+                self.cfg
+                    .structured_unsupported(rf, m)
+                    .map(|why| format!("model `{m}` of category `{}`: {why}", job.category))
+            })
+    }
+
     /// What a valid job comes to: its row (and park), and its first calls
     /// unless it is parked; with the category to count it under, unless parked.
     async fn accept(&self, job: ValidJob, published: i64) -> Result<(Settlement, Option<String>)> {
@@ -170,10 +199,17 @@ impl Dispatcher {
             temperature: env.params.temperature,
             enqueued_at_ms: published,
             deadline_ms: job.deadline_ms,
+            response_format: env.response_format.clone(),
         };
         let start = |category: &str, classifier: Option<serde_json::Value>| {
             flow::start(
-                cfg, routes, &job.id, category, &raw_conv, params, classifier,
+                cfg,
+                routes,
+                &job.id,
+                category,
+                &raw_conv,
+                params.clone(),
+                classifier,
             )
             .ok_or_else(|| anyhow::anyhow!("category `{category}` has no usable route"))
         };
@@ -203,6 +239,7 @@ impl Dispatcher {
                             temperature: params.temperature,
                             enqueued_at_ms: published,
                             deadline_ms: params.deadline_ms,
+                            response_format: params.response_format.clone(),
                         };
                         (ctx, log, None)
                     }

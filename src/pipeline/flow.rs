@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::envelope::{Message, Role};
 use crate::route::{self, Decision, Plan, Routes, StepRecord, Verdict, CLASSIFY_STEP};
 use crate::store::{JobStatus, ReclassRow, ResultRow, Row, StatusRow};
+use crate::structured::ResponseFormat;
 
 /// Tokens the classifier may answer with.
 pub const CLASSIFIER_MAX_TOKENS: u32 = 64;
@@ -27,6 +28,8 @@ pub struct JobCtx {
     pub enqueued_at_ms: i64,
     /// The job's deadline, in Unix milliseconds.
     pub deadline_ms: Option<i64>,
+    /// The job's own `response_format` (else its category's applies).
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// Whether a call of a `category` job to `provider` goes through the
@@ -177,6 +180,7 @@ pub fn effects_budgeted(
                     deadline_ms: ctx.deadline_ms,
                     batch: batched(cfg, &ctx.category, &c.target.provider, ctx.deadline_ms),
                     batch_result: None,
+                    response_format: ctx.response_format.clone(),
                 });
             }
         }
@@ -185,10 +189,15 @@ pub fn effects_budgeted(
             model,
             step,
         } => {
+            // The answer was checked against the format when it came in.
+            let output_json = cfg
+                .response_format(&ctx.category, ctx.response_format.as_ref())
+                .and_then(|_| crate::structured::parse_answer(&output));
             fx.rows.push(Row::Result(ResultRow {
                 job_id: ctx.job_id.clone(),
                 category: ctx.category.clone(),
                 output,
+                output_json,
                 model,
                 answer_step: Some(step),
                 finish_reason: None,
@@ -245,6 +254,7 @@ pub fn effects_budgeted(
                     temperature: ctx.temperature,
                     enqueued_at_ms: ctx.enqueued_at_ms,
                     deadline_ms: ctx.deadline_ms,
+                    response_format: ctx.response_format.clone(),
                 },
                 Some(classifier),
             ) {
@@ -319,6 +329,7 @@ pub fn start(
         temperature,
         enqueued_at_ms,
         deadline_ms,
+        response_format,
     } = params;
     let cat = cfg.categories.get(category)?;
     let (plan, variant) = routes.plan_for(category, job_id)?;
@@ -347,6 +358,7 @@ pub fn start(
             temperature,
             enqueued_at_ms,
             deadline_ms,
+            response_format,
         },
         log,
         variant,
@@ -354,12 +366,13 @@ pub fn start(
 }
 
 /// What a job brings to its routing besides its id, category and conversation.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct JobParams {
     pub job_max_tokens: Option<u32>,
     pub temperature: Option<f64>,
     pub enqueued_at_ms: i64,
     pub deadline_ms: Option<i64>,
+    pub response_format: Option<ResponseFormat>,
 }
 
 impl JobCtx {
@@ -374,6 +387,7 @@ impl JobCtx {
             temperature: c.temperature,
             enqueued_at_ms: c.enqueued_at_ms,
             deadline_ms: c.deadline_ms,
+            response_format: c.response_format.clone(),
         }
     }
 }

@@ -342,7 +342,7 @@ impl LaneStep {
                 .await;
         };
         let prices = model.prices();
-        let mut req = call.request();
+        let mut req = call.request(&self.cfg);
         let estimate = estimate_input_tokens(&req.messages);
 
         // The call's cost record, filled in as it goes.
@@ -362,7 +362,7 @@ impl LaneStep {
         let row = CallRow { attempt, ..row };
         req.tag = Some(crate::ids::call_tag(&call.job_id, call.step, attempt));
 
-        let (row, outcome, response) = self.call_provider(&req, row, admission).await;
+        let (mut row, outcome, response) = self.call_provider(&req, row, admission).await;
         self.count_call(&row, row.http_status == Some(429));
         let record = match route::decide(&self.cfg.retry, attempt as u32, &outcome, fastrand::f64())
         {
@@ -379,13 +379,7 @@ impl LaneStep {
             }
             // `decide` completes only a success, which has a response.
             Action::Complete => match response {
-                Some(resp) => StepRecord {
-                    step: call.step,
-                    model: call.model.clone(),
-                    outcome: StepOutcome::Ok,
-                    output: Some(resp.text),
-                    reason: resp.finish_reason,
-                },
+                Some(resp) => self.answered(&call, &mut row, resp.text, resp.finish_reason),
                 None => StepRecord {
                     step: call.step,
                     model: call.model.clone(),
@@ -404,6 +398,43 @@ impl LaneStep {
         };
         self.after_step(hold, &call, Some(record), Vec::new(), Some(row))
             .await
+    }
+
+    /// The step record of an answer: accepted, or failed when it does not
+    /// follow the job's `response_format` (the call stays recorded as the
+    /// paid answer it was, with the validation error; what follows a
+    /// failed step, such as the next fallback target, is the route's).
+    fn answered(
+        &self,
+        call: &CallMsg,
+        row: &mut CallRow,
+        text: String,
+        finish_reason: Option<String>,
+    ) -> StepRecord {
+        let invalid = call
+            .response_format(&self.cfg)
+            .and_then(|rf| crate::structured::check_answer(rf, &text).err());
+        match invalid {
+            None => StepRecord {
+                step: call.step,
+                model: call.model.clone(),
+                outcome: StepOutcome::Ok,
+                output: Some(text),
+                reason: finish_reason,
+            },
+            Some(e) => {
+                let why = format!("invalid output: {e}");
+                debug!(%why, "the answer does not follow the job's response_format");
+                row.error = Some(why.clone());
+                StepRecord {
+                    step: call.step,
+                    model: call.model.clone(),
+                    outcome: StepOutcome::Failed,
+                    output: None,
+                    reason: Some(why),
+                }
+            }
+        }
     }
 
     /// A call's cost record before the provider has answered.
@@ -508,13 +539,7 @@ impl LaneStep {
                     ..
                 },
                 _,
-            ) => StepRecord {
-                step: call.step,
-                model: call.model.clone(),
-                outcome: StepOutcome::Ok,
-                output: Some(text.clone()),
-                reason: finish_reason.clone(),
-            },
+            ) => self.answered(call, &mut row, text.clone(), finish_reason.clone()),
             (_, Some((why, true, _))) if self.time_for_realtime(call) => {
                 // Real time, as the next attempt of the same step.
                 let mut again = call.clone();

@@ -11,8 +11,10 @@ use serde::Deserialize;
 use super::headers::anthropic_rate_info;
 use super::http::{body_snippet, interpret_with, HttpClient, RawResponse};
 use super::{split_system, CallError, CallRequest, CallResponse, ErrorClass};
+use crate::config::StructuredMode;
 use crate::envelope::Role;
 use crate::pricing::Usage;
+use crate::structured::ResponseFormat;
 
 pub const API_VERSION: &str = "2023-06-01";
 
@@ -75,7 +77,33 @@ pub fn build_request(req: &CallRequest) -> serde_json::Value {
     if let Some(t) = req.temperature {
         body["temperature"] = serde_json::json!(t);
     }
+    if let Some(rf) = &req.response_format {
+        add_format(&mut body, rf, req.structured);
+    }
     body
+}
+
+/// The name of the tool that carries a structured answer in `tool` mode.
+pub const ANSWER_TOOL: &str = "answer";
+
+/// Ask for `rf`: natively (`output_config.format`), or through one forced
+/// tool whose input schema is the schema (`tool` mode, and always for a
+/// `json_object` format, which has no schema of its own).
+fn add_format(body: &mut serde_json::Value, rf: &ResponseFormat, mode: StructuredMode) {
+    match (rf, mode) {
+        (ResponseFormat::JsonSchema { schema, .. }, StructuredMode::Native) => {
+            body["output_config"] =
+                serde_json::json!({"format": {"type": "json_schema", "schema": schema}});
+        }
+        _ => {
+            body["tools"] = serde_json::json!([{
+                "name": ANSWER_TOOL,
+                "description": format!("Give the answer as `{}`.", rf.name()),
+                "input_schema": rf.schema(),
+            }]);
+            body["tool_choice"] = serde_json::json!({"type": "tool", "name": ANSWER_TOOL});
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +120,9 @@ struct WireBlock {
     kind: String,
     #[serde(default)]
     text: Option<String>,
+    /// A `tool_use` block's input (the structured answer in `tool` mode).
+    #[serde(default)]
+    input: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,12 +144,20 @@ pub fn parse_success(bytes: &[u8]) -> Result<CallResponse, CallError> {
             format!("unparseable Anthropic message: {e}"),
         )
     })?;
-    let text: String = wire
+    // The answer tool's input, when the model was made to answer through it.
+    let tool_answer = wire
         .content
         .iter()
-        .filter(|b| b.kind == "text")
-        .filter_map(|b| b.text.as_deref())
-        .collect();
+        .find(|b| b.kind == "tool_use")
+        .and_then(|b| b.input.as_ref())
+        .map(ToString::to_string);
+    let text: String = tool_answer.unwrap_or_else(|| {
+        wire.content
+            .iter()
+            .filter(|b| b.kind == "text")
+            .filter_map(|b| b.text.as_deref())
+            .collect()
+    });
     let read = wire.usage.cache_read_input_tokens.unwrap_or(0);
     let written = wire.usage.cache_creation_input_tokens.unwrap_or(0);
     Ok(CallResponse {
@@ -207,6 +246,7 @@ mod tests {
             max_tokens: 100,
             temperature: Some(0.5),
             tag: None,
+            ..Default::default()
         };
         let b = build_request(&req);
         assert_eq!(b["system"], "be kind");

@@ -276,7 +276,7 @@ impl BatchClient {
                 let requests: Vec<Value> = items
                     .iter()
                     .map(|it| {
-                        json!({"request": gemini::build_request(it.request),
+                        json!({"request": gemini::build_batch_request(it.request),
                                "metadata": {"key": it.custom_id}})
                     })
                     .collect();

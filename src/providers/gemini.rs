@@ -13,6 +13,7 @@ use super::http::{body_snippet, interpret_with, HttpClient, RawResponse};
 use super::{split_system, CallError, CallRequest, CallResponse, ErrorClass, RateInfo};
 use crate::envelope::Role;
 use crate::pricing::Usage;
+use crate::structured::ResponseFormat;
 
 /// A `retryDelay` longer than this means a daily quota: fail over rather than sleep.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(600);
@@ -48,6 +49,17 @@ pub fn interpret(raw: &RawResponse, now: SystemTime) -> Result<CallResponse, Cal
 
 /// The generateContent request: system messages joined into `systemInstruction`.
 pub fn build_request(req: &CallRequest) -> serde_json::Value {
+    build(req, false)
+}
+
+/// The request as a batch item. A schema goes as `responseSchema` (the
+/// OpenAPI subset) where it fits: `responseJsonSchema` inside batch
+/// requests has been reported to come back malformed.
+pub fn build_batch_request(req: &CallRequest) -> serde_json::Value {
+    build(req, true)
+}
+
+fn build(req: &CallRequest, batch: bool) -> serde_json::Value {
     let (system, turns) = split_system(&req.messages);
     let contents: Vec<serde_json::Value> = turns
         .iter()
@@ -61,6 +73,18 @@ pub fn build_request(req: &CallRequest) -> serde_json::Value {
     let mut generation = serde_json::json!({ "maxOutputTokens": req.max_tokens });
     if let Some(t) = req.temperature {
         generation["temperature"] = serde_json::json!(t);
+    }
+    if let Some(rf) = &req.response_format {
+        generation["responseMimeType"] = "application/json".into();
+        if let ResponseFormat::JsonSchema { schema, .. } = rf {
+            match batch
+                .then(|| crate::structured::gemini_openapi_schema(schema))
+                .flatten()
+            {
+                Some(openapi) => generation["responseSchema"] = openapi,
+                None => generation["responseJsonSchema"] = schema.clone(),
+            }
+        }
     }
     let mut body = serde_json::json!({
         "contents": contents,
@@ -253,6 +277,7 @@ mod tests {
             max_tokens: 64,
             temperature: None,
             tag: None,
+            ..Default::default()
         };
         let b = build_request(&req);
         assert_eq!(b["systemInstruction"]["parts"][0]["text"], "be brief");

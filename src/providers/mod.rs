@@ -19,7 +19,7 @@ use crate::envelope::Message;
 use crate::pricing::Usage;
 
 /// What a lane asks a provider for.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct CallRequest {
     pub model: String,
     pub messages: Vec<Message>,
@@ -29,6 +29,10 @@ pub struct CallRequest {
     /// provider's logs (and the simulator's ledger) can be matched to the
     /// `calls` row of the same attempt.
     pub tag: Option<String>,
+    /// The answer must be JSON in this format.
+    pub response_format: Option<crate::structured::ResponseFormat>,
+    /// How the model is asked for it.
+    pub structured: crate::config::StructuredMode,
 }
 
 /// One rate-limit budget a provider reported (requests, tokens, input

@@ -10,6 +10,7 @@ use super::http::{body_snippet, interpret_with, HttpClient, RawResponse};
 use super::{CallError, CallRequest, CallResponse, ErrorClass};
 use crate::envelope::Role;
 use crate::pricing::Usage;
+use crate::structured::ResponseFormat;
 
 #[derive(Debug, Clone)]
 pub struct OpenAiAdapter {
@@ -134,13 +135,30 @@ pub fn build_request(req: &CallRequest) -> serde_json::Value {
             content: &m.content,
         })
         .collect();
-    serde_json::to_value(WireRequest {
+    let mut body = serde_json::to_value(WireRequest {
         model: &req.model,
         messages,
         max_tokens: req.max_tokens,
         temperature: req.temperature,
     })
-    .unwrap_or_default()
+    .unwrap_or_default();
+    if let Some(rf) = &req.response_format {
+        body["response_format"] = response_format(rf);
+    }
+    body
+}
+
+/// OpenAI's `response_format` for a job's format.
+pub fn response_format(rf: &ResponseFormat) -> serde_json::Value {
+    match rf {
+        ResponseFormat::JsonObject {} => serde_json::json!({"type": "json_object"}),
+        ResponseFormat::JsonSchema {
+            name,
+            schema,
+            strict,
+        } => serde_json::json!({"type": "json_schema",
+            "json_schema": {"name": name, "schema": schema, "strict": strict}}),
+    }
 }
 
 /// Parse a 200 body.

@@ -63,15 +63,13 @@ pub fn verdict(plan: &Plan, rec: &StepRecord) -> Verdict {
 /// Does a fallback answer pass the route's check?
 pub fn check_answer(check: &Check, output: &str) -> Verdict {
     match check {
-        Check::JsonSchema { schema } => {
-            match extract_json(output).or_else(|| serde_json::from_str(output.trim()).ok()) {
-                None => Verdict::Rejected("answer is not JSON".into()),
-                Some(v) => match crate::route::check::validate(schema, &v) {
-                    Ok(()) => Verdict::Accepted,
-                    Err(e) => Verdict::Rejected(format!("answer fails the schema: {e}")),
-                },
-            }
-        }
+        Check::JsonSchema { schema } => match crate::structured::parse_answer(output) {
+            None => Verdict::Rejected("answer is not JSON".into()),
+            Some(v) => match crate::structured::validate(schema, &v) {
+                Ok(()) => Verdict::Accepted,
+                Err(e) => Verdict::Rejected(format!("answer fails the schema: {e}")),
+            },
+        },
         Check::Confidence { min } => match self_reported_confidence(output) {
             Some(c) if c >= *min => Verdict::Accepted,
             Some(c) => Verdict::Rejected(format!("self-reported confidence {c} is below {min}")),

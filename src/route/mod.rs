@@ -8,7 +8,6 @@
 //! one step are [`decide`]'s business; what follows a finished step is
 //! [`next`]'s, given every finished step so far ([`StepRecord`]).
 
-pub mod check;
 mod classify;
 mod consensus;
 mod fallback;
@@ -162,6 +161,20 @@ impl Plan {
                 below(voters.len() + usize::from(judge.is_some()))
             }
             Plan::Classify { .. } => step == CLASSIFY_STEP,
+        }
+    }
+
+    /// Whether `step`'s answer may become the job's answer (and so must
+    /// follow the job's `response_format`): not a pipeline's earlier
+    /// stages, a consensus judge or the classifier.
+    pub fn answers_job(&self, step: i32) -> bool {
+        let below = |n: usize| usize::try_from(step).is_ok_and(|s| s < n);
+        match self {
+            Plan::Single { .. } => step == 0,
+            Plan::Fallback { targets, .. } => below(targets.len()),
+            Plan::Pipeline { stages } => usize::try_from(step).is_ok_and(|s| s + 1 == stages.len()),
+            Plan::Consensus { voters, .. } => below(voters.len()),
+            Plan::Classify { .. } => false,
         }
     }
 

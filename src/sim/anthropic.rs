@@ -18,6 +18,15 @@ struct MessagesRequest {
     #[serde(default)]
     system: Option<SystemField>,
     messages: Vec<WireMessage>,
+    #[serde(default)]
+    output_config: Option<serde_json::Value>,
+    /// The earlier beta's name for `output_config.format`.
+    #[serde(default)]
+    output_format: Option<serde_json::Value>,
+    #[serde(default)]
+    tools: Vec<serde_json::Value>,
+    #[serde(default)]
+    tool_choice: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -75,10 +84,44 @@ pub(super) fn parse(body: &[u8]) -> Result<SimRequest, String> {
             content: text_of(m.content),
         });
     }
+    // Structured output: natively, or through one forced tool.
+    let native = req
+        .output_config
+        .as_ref()
+        .and_then(|c| c.get("format"))
+        .or(req.output_format.as_ref());
+    let (schema, answer_tool) = match (native, &req.tool_choice) {
+        (Some(f), _) => {
+            if f.get("type").and_then(|t| t.as_str()) != Some("json_schema") {
+                return Err("output_config.format.type: must be `json_schema`".into());
+            }
+            let schema = f
+                .get("schema")
+                .cloned()
+                .ok_or("output_config.format.schema: missing")?;
+            (Some(schema), None)
+        }
+        (None, Some(choice)) if choice.get("type").and_then(|t| t.as_str()) == Some("tool") => {
+            let name = choice.get("name").and_then(|n| n.as_str()).unwrap_or("");
+            let tool = req
+                .tools
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))
+                .ok_or_else(|| format!("tool_choice: no tool named `{name}`"))?;
+            let schema = tool
+                .get("input_schema")
+                .cloned()
+                .ok_or("tools[].input_schema: missing")?;
+            (Some(schema), Some(name.to_string()))
+        }
+        _ => (None, None),
+    };
     Ok(SimRequest {
         model: req.model,
         messages,
         max_tokens: req.max_tokens,
+        schema,
+        answer_tool,
     })
 }
 
@@ -93,8 +136,17 @@ pub(super) fn success(
         "type": "message",
         "role": "assistant",
         "model": req.model,
-        "content": [{"type": "text", "text": s.text}],
-        "stop_reason": if s.finish_reason == "length" { "max_tokens" } else { "end_turn" },
+        "content": match &req.answer_tool {
+            Some(name) => serde_json::json!([{"type": "tool_use", "id": format!("toolu_sim{at_ms}"),
+                "name": name,
+                "input": serde_json::from_str::<serde_json::Value>(&s.text).unwrap_or_default()}]),
+            None => serde_json::json!([{"type": "text", "text": s.text}]),
+        },
+        "stop_reason": match (&req.answer_tool, s.finish_reason) {
+            (Some(_), _) => "tool_use",
+            (None, "length") => "max_tokens",
+            (None, _) => "end_turn",
+        },
         "stop_sequence": null,
         "usage": {
             "input_tokens": u.prompt - u.cached - u.cache_write,

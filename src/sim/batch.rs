@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{
-    answer, anthropic, gemini, has_auth, openai, random_error, usage_for, ErrKind, Format,
+    answer_request, anthropic, gemini, has_auth, openai, random_error, usage_for, ErrKind, Format,
     LedgerEntry, SimRequest, SimState,
 };
 
@@ -244,7 +244,7 @@ fn settle(st: &SimState, book: &mut Book, id: &str) {
                     Outcome::Errored(status, body)
                 }
                 Ok(r) => {
-                    let s = answer(p, &r.model, &r.messages, r.max_tokens);
+                    let s = answer_request(p, r);
                     let mut entry = LedgerEntry {
                         seq: 0,
                         format: b.format,

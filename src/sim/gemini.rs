@@ -37,6 +37,13 @@ struct Part {
 struct GenerationConfig {
     #[serde(default)]
     max_output_tokens: Option<u32>,
+    #[serde(default)]
+    response_mime_type: Option<String>,
+    #[serde(default)]
+    response_json_schema: Option<serde_json::Value>,
+    /// The OpenAPI-subset schema (`nullable`, upper-case types allowed).
+    #[serde(default)]
+    response_schema: Option<serde_json::Value>,
 }
 
 fn text(c: Content) -> String {
@@ -59,13 +66,26 @@ pub(super) fn parse(model: &str, body: &[u8]) -> Result<SimRequest, String> {
             content: text(c),
         });
     }
+    let g = req.generation_config;
+    let json = g.as_ref().and_then(|g| g.response_mime_type.as_deref()) == Some("application/json");
+    let schema = g
+        .as_ref()
+        .and_then(|g| g.response_json_schema.clone().or(g.response_schema.clone()));
+    if schema.is_some() && !json {
+        return Err(
+            "generationConfig: a response schema needs responseMimeType application/json".into(),
+        );
+    }
     Ok(SimRequest {
         model: model.to_string(),
         messages,
-        max_tokens: req
-            .generation_config
-            .and_then(|g| g.max_output_tokens)
-            .unwrap_or(8192),
+        max_tokens: g.as_ref().and_then(|g| g.max_output_tokens).unwrap_or(8192),
+        schema: if json {
+            Some(schema.unwrap_or_else(|| serde_json::json!({"type": "object"})))
+        } else {
+            None
+        },
+        answer_tool: None,
     })
 }
 

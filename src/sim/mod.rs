@@ -20,6 +20,7 @@ mod anthropic;
 mod batch;
 mod gemini;
 mod openai;
+mod schema;
 
 pub use batch::{BatchFate, BatchTag, DEFAULT_BATCH_MS};
 
@@ -82,6 +83,13 @@ pub struct SimProfile {
     /// Per model: share (0..1) of its requests answered with a terminal 400.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub model_errors: BTreeMap<String, f64>,
+    /// Share (0..1) of structured answers that break their schema (a
+    /// required property left out), for every model ...
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub invalid_json_rate: f64,
+    /// ... or per model.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub model_invalid_json: BTreeMap<String, f64>,
     /// Fixed answers: the first entry whose `model` (if given) and `contains`
     /// (if given, searched in every message) match supplies the text.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -121,6 +129,8 @@ impl Default for SimProfile {
             rate_headers: true,
             agreement: 0.0,
             model_errors: BTreeMap::new(),
+            invalid_json_rate: 0.0,
+            model_invalid_json: BTreeMap::new(),
             answers: Vec::new(),
             batch_ms: None,
             batch_queue_tokens: None,
@@ -161,7 +171,15 @@ impl SimProfile {
         ]
         .into_iter()
         .chain(self.model_errors.values().map(|v| ("model_errors", *v)))
-        {
+        .chain(std::iter::once((
+            "invalid_json_rate",
+            self.invalid_json_rate,
+        )))
+        .chain(
+            self.model_invalid_json
+                .values()
+                .map(|v| ("model_invalid_json", *v)),
+        ) {
             anyhow::ensure!(
                 (0.0..=1.0).contains(&v),
                 "sim profile `{key}` must be within 0..=1"
@@ -417,6 +435,11 @@ pub(crate) struct SimRequest {
     pub model: String,
     pub messages: Vec<Message>,
     pub max_tokens: u32,
+    /// The schema the answer must follow (`{"type": "object"}` for plain
+    /// JSON mode), when the request asks for structured output.
+    pub schema: Option<serde_json::Value>,
+    /// Anthropic: the forced tool the answer goes through.
+    pub answer_tool: Option<String>,
 }
 
 /// Usage of one simulated answer, in the contract's meaning.
@@ -810,7 +833,7 @@ async fn serve(
             return resp;
         }
     };
-    let s = answer(p, &req.model, &req.messages, req.max_tokens);
+    let s = answer_request(p, &req);
     let prompt_only = SimUsage {
         prompt: s.prompt_tokens,
         ..Default::default()
@@ -948,6 +971,43 @@ async fn serve(
         add_rate_headers(format, resp.headers_mut(), &rate);
     }
     resp
+}
+
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
+}
+
+/// The answer to a parsed request: [`answer`], and when the request asks
+/// for structured output (and no scripted answer matches), JSON that
+/// follows its schema, derived from the same text (so consensus voters that
+/// agree give the same JSON), broken at the profile's `invalid_json` rates.
+pub(crate) fn answer_request(p: &SimProfile, req: &SimRequest) -> Synthesized {
+    let mut s = answer(p, &req.model, &req.messages, req.max_tokens);
+    let Some(schema) = &req.schema else {
+        return s;
+    };
+    let scripted = p.answers.iter().any(|a| {
+        a.model.as_deref().is_none_or(|m| m == req.model)
+            && a.contains
+                .as_deref()
+                .is_none_or(|c| req.messages.iter().any(|m| m.content.contains(c)))
+    });
+    if scripted {
+        return s;
+    }
+    let mut v = schema::instance(schema, fnv1a(s.text.as_bytes(), 0xcbf2_9ce4_8422_2325));
+    let rate = p
+        .model_invalid_json
+        .get(&req.model)
+        .copied()
+        .unwrap_or(p.invalid_json_rate);
+    if rate > 0.0 && fastrand::f64() < rate {
+        v = schema::broken(schema, v);
+    }
+    s.text = v.to_string();
+    s.completion_tokens = count_tokens(&s.text);
+    s.finish_reason = "stop";
+    s
 }
 
 /// The profile's random failure for a request to `model`, if it draws one:

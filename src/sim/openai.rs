@@ -14,6 +14,8 @@ struct ChatRequest {
     messages: Vec<ChatMessage>,
     #[serde(default, alias = "max_completion_tokens")]
     max_tokens: Option<u32>,
+    #[serde(default)]
+    response_format: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -36,6 +38,20 @@ pub(super) fn parse(body: &[u8]) -> Result<SimRequest, String> {
             })
             .collect(),
         max_tokens: req.max_tokens.unwrap_or(4096),
+        schema: match req.response_format {
+            None => None,
+            Some(rf) => match rf.get("type").and_then(|t| t.as_str()) {
+                Some("json_object") => Some(serde_json::json!({"type": "object"})),
+                Some("json_schema") => Some(
+                    rf.pointer("/json_schema/schema")
+                        .cloned()
+                        .ok_or("response_format.json_schema.schema: missing")?,
+                ),
+                Some("text") => None,
+                other => return Err(format!("response_format.type: unknown `{other:?}`")),
+            },
+        },
+        answer_tool: None,
     })
 }
 

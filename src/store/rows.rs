@@ -82,6 +82,8 @@ pub struct ResultRow {
     pub job_id: String,
     pub category: String,
     pub output: String,
+    /// The answer as JSON, when the job asked for JSON.
+    pub output_json: Option<serde_json::Value>,
     pub model: String,
     /// The step whose answer is the result (`None`: no model's).
     pub answer_step: Option<i32>,

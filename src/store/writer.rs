@@ -636,13 +636,14 @@ async fn insert_results(tx: &mut Transaction<'_, Postgres>, results: &[&ResultRo
     // in this same transaction or in earlier ones.
     sqlx::query(
         "INSERT INTO results (job_id, category, output, model, finish_reason, cost_usd,
-                              input_tokens, output_tokens, latency_ms, answer_step)
+                              input_tokens, output_tokens, latency_ms, answer_step, output_json)
          SELECT r.job_id, r.category, r.output, r.model, r.finish_reason,
                 COALESCE(c.cost, 0), COALESCE(c.inp, 0), COALESCE(c.outp, 0), r.latency_ms,
-                r.answer_step
+                r.answer_step, r.output_json::jsonb
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
-                     $7::int4[])
-              AS r(job_id, category, output, model, finish_reason, latency_ms, answer_step)
+                     $7::int4[], $8::text[])
+              AS r(job_id, category, output, model, finish_reason, latency_ms, answer_step,
+                   output_json)
          LEFT JOIN LATERAL (
              SELECT sum(cost_usd) AS cost, sum(input_tokens)::int8 AS inp,
                     sum(output_tokens)::int8 AS outp
@@ -667,6 +668,12 @@ async fn insert_results(tx: &mut Transaction<'_, Postgres>, results: &[&ResultRo
     )
     .bind(results.iter().map(|r| r.latency_ms).collect::<Vec<_>>())
     .bind(results.iter().map(|r| r.answer_step).collect::<Vec<_>>())
+    .bind(
+        results
+            .iter()
+            .map(|r| r.output_json.as_ref().map(ToString::to_string))
+            .collect::<Vec<_>>(),
+    )
     .execute(&mut **tx)
     .await?;
     Ok(())

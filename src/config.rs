@@ -174,6 +174,10 @@ pub struct LimitsConfig {
     pub max_payload_bytes: usize,
     /// Most `messages` one job may carry.
     pub max_messages: usize,
+    /// Largest inline image (decoded), in bytes.
+    pub max_image_bytes: usize,
+    /// Most images one job may carry.
+    pub max_images_per_job: usize,
 }
 
 impl Default for LimitsConfig {
@@ -181,6 +185,8 @@ impl Default for LimitsConfig {
         Self {
             max_payload_bytes: 256 * 1024,
             max_messages: 256,
+            max_image_bytes: 5 << 20,
+            max_images_per_job: 20,
         }
     }
 }

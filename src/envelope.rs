@@ -48,11 +48,118 @@ pub struct JobEnvelope {
     pub response_format: Option<crate::structured::ResponseFormat>,
 }
 
+/// One chat turn. `content` is a string, or a list of parts (text and
+/// images) on the wire; here `content` is always the text (the text parts
+/// joined by newlines) and `parts` holds the list when one was given.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "WireMessage", into = "WireMessage")]
 pub struct Message {
     pub role: Role,
     pub content: String,
+    /// The parts, in order, when the content was given as a list.
+    pub parts: Vec<Part>,
+}
+
+/// A part of a message's content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Part {
+    Text {
+        text: String,
+    },
+    /// An image by `url` (https), or inline as base64 `data` with its
+    /// `media_type` (`image/jpeg`, `image/png`, `image/gif`, `image/webp`).
+    Image {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        media_type: Option<String>,
+    },
+}
+
+impl Message {
+    /// A plain text turn.
+    pub fn text(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+            parts: Vec::new(),
+        }
+    }
+
+    /// The images among the parts.
+    pub fn images(&self) -> impl Iterator<Item = &Part> {
+        self.parts
+            .iter()
+            .filter(|p| matches!(p, Part::Image { .. }))
+    }
+}
+
+/// A message as it travels: `content` a string or a list of parts.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireMessage {
+    role: Role,
+    content: WireContent,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum WireContent {
+    Text(String),
+    Parts(Vec<serde_json::Value>),
+}
+
+impl TryFrom<WireMessage> for Message {
+    type Error = String;
+
+    fn try_from(w: WireMessage) -> Result<Self, String> {
+        match w.content {
+            WireContent::Text(content) => Ok(Message::text(w.role, content)),
+            WireContent::Parts(raw) => {
+                let mut parts = Vec::with_capacity(raw.len());
+                for (i, v) in raw.into_iter().enumerate() {
+                    let p: Part =
+                        serde_json::from_value(v).map_err(|e| format!("content[{i}]: {e}"))?;
+                    parts.push(p);
+                }
+                let content = parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        Part::Text { text } => Some(text.as_str()),
+                        Part::Image { .. } => None,
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                Ok(Message {
+                    role: w.role,
+                    content,
+                    parts,
+                })
+            }
+        }
+    }
+}
+
+impl From<Message> for WireMessage {
+    fn from(m: Message) -> Self {
+        let content = if m.parts.is_empty() {
+            WireContent::Text(m.content)
+        } else {
+            WireContent::Parts(
+                m.parts
+                    .into_iter()
+                    .filter_map(|p| serde_json::to_value(p).ok())
+                    .collect(),
+            )
+        };
+        WireMessage {
+            role: m.role,
+            content,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +214,81 @@ pub enum Rejection {
     DeadlinePassed(String),
     #[error("invalid response_format: {0}")]
     BadResponseFormat(String),
+    #[error("invalid image: {0}")]
+    BadImage(String),
+}
+
+/// Image media types every provider takes.
+pub const IMAGE_TYPES: &[&str] = &["image/jpeg", "image/png", "image/gif", "image/webp"];
+
+/// Why the job's images cannot be sent, if they cannot: each one a `url`
+/// (http or https) or base64 `data` of a known `media_type` within
+/// `max_image_bytes`, at most `max_images_per_job`, none in a system turn.
+pub fn check_images(
+    messages: &[Message],
+    limits: &crate::config::LimitsConfig,
+) -> Result<(), String> {
+    use base64::Engine as _;
+    let mut count = 0;
+    for (i, m) in messages.iter().enumerate() {
+        for p in m.images() {
+            let Part::Image {
+                url,
+                data,
+                media_type,
+            } = p
+            else {
+                continue;
+            };
+            count += 1;
+            let at = format!("messages[{i}]");
+            if m.role == Role::System {
+                return Err(format!("{at}: a system turn cannot carry images"));
+            }
+            match (url, data) {
+                (Some(u), None) => {
+                    let lower = u.to_ascii_lowercase();
+                    if !(lower.starts_with("https://") || lower.starts_with("http://")) {
+                        return Err(format!(
+                            "{at}: image url must be http(s), not `{}`",
+                            u.chars().take(40).collect::<String>()
+                        ));
+                    }
+                }
+                (None, Some(d)) => {
+                    let mt = media_type.as_deref().unwrap_or("");
+                    if !IMAGE_TYPES.contains(&mt) {
+                        return Err(format!(
+                            "{at}: media_type `{mt}` is not one of {}",
+                            IMAGE_TYPES.join(", ")
+                        ));
+                    }
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(d.trim())
+                        .map_err(|e| format!("{at}: image data is not base64: {e}"))?;
+                    if bytes.len() > limits.max_image_bytes {
+                        return Err(format!(
+                            "{at}: image of {} bytes exceeds limits.max_image_bytes ({})",
+                            bytes.len(),
+                            limits.max_image_bytes
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "{at}: an image needs exactly one of `url` and `data`"
+                    ))
+                }
+            }
+        }
+    }
+    if count > limits.max_images_per_job {
+        return Err(format!(
+            "{count} images exceed limits.max_images_per_job ({})",
+            limits.max_images_per_job
+        ));
+    }
+    Ok(())
 }
 
 /// A validated job, ready to route.
@@ -229,7 +411,10 @@ pub fn parse_job(
     match (&env.prompt, &env.messages) {
         (Some(_), Some(_)) => return reject(Rejection::BothInputs),
         (Some(p), None) if p.trim().is_empty() => return reject(Rejection::EmptyInput),
-        (None, Some(m)) if m.iter().all(|m| m.content.trim().is_empty()) => {
+        (None, Some(m))
+            if m.iter()
+                .all(|m| m.content.trim().is_empty() && m.images().next().is_none()) =>
+        {
             return reject(Rejection::EmptyInput)
         }
         (None, None) => return reject(Rejection::EmptyInput),
@@ -251,6 +436,11 @@ pub fn parse_job(
             return reject(Rejection::BadParams(format!(
                 "temperature {t} is outside 0..=2"
             )));
+        }
+    }
+    if let Some(m) = &env.messages {
+        if let Err(e) = check_images(m, limits) {
+            return reject(Rejection::BadImage(e));
         }
     }
     if let Some(rf) = &env.response_format {
@@ -325,12 +515,14 @@ impl JobEnvelope {
             out.push(Message {
                 role: Role::System,
                 content: s,
+                parts: Vec::new(),
             });
         }
         if let Some(p) = &self.prompt {
             out.push(Message {
                 role: Role::User,
                 content: p.clone(),
+                parts: Vec::new(),
             });
         }
         if let Some(m) = &self.messages {
@@ -344,10 +536,48 @@ impl JobEnvelope {
 mod tests {
     use super::*;
 
+    #[test]
+    fn content_is_a_string_or_a_list_of_parts_and_travels_as_given() {
+        let text: Message = serde_json::from_str(r#"{"role":"user","content":"hi"}"#).unwrap();
+        assert_eq!(text, Message::text(Role::User, "hi"));
+        assert_eq!(
+            serde_json::to_string(&text).unwrap(),
+            r#"{"role":"user","content":"hi"}"#
+        );
+        let raw = r#"{"role":"user","content":[{"type":"text","text":"a"},{"type":"image","url":"https://x/1.png"},{"type":"text","text":"b"}]}"#;
+        let m: Message = serde_json::from_str(raw).unwrap();
+        assert_eq!(m.content, "a\nb");
+        assert_eq!(m.images().count(), 1);
+        assert_eq!(
+            serde_json::to_value(&m).unwrap(),
+            serde_json::from_str::<serde_json::Value>(raw).unwrap()
+        );
+        for (bad, want) in [
+            (
+                r#"{"role":"user","content":[{"type":"video"}]}"#,
+                "content[0]",
+            ),
+            (
+                r#"{"role":"user","content":[{"type":"image","href":"x"}]}"#,
+                "content[0]",
+            ),
+            (
+                r#"{"role":"user","content":"x","extra":1}"#,
+                "unknown field",
+            ),
+        ] {
+            let e = serde_json::from_str::<Message>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
     fn parse(payload: &str, subject_cat: &str) -> Parsed {
         let limits = crate::config::LimitsConfig {
             max_payload_bytes: 1024,
             max_messages: 4,
+            ..Default::default()
         };
         parse_job(
             payload.as_bytes(),

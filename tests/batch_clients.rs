@@ -50,10 +50,12 @@ fn requests(model: &str, n: usize) -> Vec<(String, CallRequest)> {
                         Message {
                             role: Role::System,
                             content: "Be brief.".into(),
+                            parts: Vec::new(),
                         },
                         Message {
                             role: Role::User,
                             content: format!("Question number {i}?"),
+                            parts: Vec::new(),
                         },
                     ],
                     max_tokens: 40,

@@ -228,6 +228,7 @@ async fn a_call_message_with_a_malformed_plan_is_dead_lettered_before_any_provid
     let messages = vec![Message {
         role: Role::User,
         content: "hello".into(),
+        parts: Vec::new(),
     }];
     let bad = [
         (

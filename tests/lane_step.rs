@@ -128,6 +128,7 @@ fn single_call(job_id: &str) -> Vec<u8> {
     let messages = vec![Message {
         role: Role::User,
         content: "What is two plus two?".into(),
+        parts: Vec::new(),
     }];
     serde_json::to_vec(&CallMsg {
         job_id: job_id.into(),

@@ -39,10 +39,12 @@ fn request() -> CallRequest {
             Message {
                 role: Role::System,
                 content: "You answer briefly.".into(),
+                parts: Vec::new(),
             },
             Message {
                 role: Role::User,
                 content: "What is the capital of France, and why is it famous?".into(),
+                parts: Vec::new(),
             },
         ],
         max_tokens: 200,

@@ -454,10 +454,12 @@ async fn pipeline_runs_each_stage_on_its_own_lane_with_templates() {
             Message {
                 role: Role::System,
                 content: "House style.".into(),
+                parts: Vec::new(),
             },
             Message {
                 role: Role::User,
                 content: format!("Final for {input}: {} | {}", steps[0].1, steps[1].1),
+                parts: Vec::new(),
             },
         ];
         let expected = switchyard::sim::answer(&profile, "claude-sonnet-4-5", &messages, 80).text;

@@ -92,10 +92,10 @@ impl Dispatcher {
         );
         let parsed = match parsed {
             Parsed::Valid(job) => match self.unanswerable(&job) {
-                Some(why) => Parsed::Rejected {
+                Some(reason) => Parsed::Rejected {
                     id: Some(job.id),
                     category: Some(job.category),
-                    reason: crate::envelope::Rejection::BadResponseFormat(why),
+                    reason,
                 },
                 None => Parsed::Valid(job),
             },
@@ -170,10 +170,34 @@ impl Dispatcher {
         .await;
     }
 
-    /// Why a job's own `response_format` cannot be honoured by a model that
-    /// may answer it (its category's routes), if it cannot: dead-lettered
-    /// before any call. (A category's own format is checked at config load.)
-    fn unanswerable(&self, job: &ValidJob) -> Option<String> {
+    /// Why a job's messages could not travel in its call messages, if they
+    /// could not: a call message carries them up to twice (the call's and
+    /// the conversation's for later steps) and must fit the NATS server's
+    /// `max_payload`. Inline images are what gets that large.
+    fn too_large_to_travel(&self, job: &ValidJob) -> Option<String> {
+        let messages = job.envelope.messages.as_ref()?;
+        let bytes = serde_json::to_vec(messages).map_or(0, |v| v.len());
+        let max = self.settler.bus.client.server_info().max_payload;
+        (max > 0 && 2 * bytes + 16 * 1024 > max).then(|| {
+            format!(
+                "the job's messages ({} KiB) would not fit a call message under the NATS \
+                 server's max_payload ({} KiB): send large images by `url`, or raise max_payload",
+                bytes / 1024,
+                max / 1024
+            )
+        })
+    }
+
+    /// Why a valid job cannot be worked on after all, if it cannot:
+    /// messages too large to travel, or its own `response_format` a model
+    /// that may answer it (its category's routes) cannot honour.
+    /// Dead-lettered before any call. (A category's own format is checked
+    /// at config load.)
+    fn unanswerable(&self, job: &ValidJob) -> Option<crate::envelope::Rejection> {
+        use crate::envelope::Rejection;
+        if let Some(why) = self.too_large_to_travel(job) {
+            return Some(Rejection::BadImage(why));
+        }
         let rf = job.envelope.response_format.as_ref()?;
         let cat = self.cfg.categories.get(&job.category)?;
         let mut routes = vec![&cat.route];
@@ -182,9 +206,12 @@ impl Dispatcher {
             .into_iter()
             .flat_map(crate::config::RouteConfig::answer_models)
             .find_map(|m| {
-                self.cfg
-                    .structured_unsupported(rf, m)
-                    .map(|why| format!("model `{m}` of category `{}`: {why}", job.category))
+                self.cfg.structured_unsupported(rf, m).map(|why| {
+                    Rejection::BadResponseFormat(format!(
+                        "model `{m}` of category `{}`: {why}",
+                        job.category
+                    ))
+                })
             })
     }
 

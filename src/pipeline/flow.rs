@@ -102,6 +102,7 @@ pub fn with_category_system(conv: &[Message], system: Option<&str>) -> Vec<Messa
             out.push(Message {
                 role: Role::System,
                 content: format!("{system}\n\n{}", m.content),
+                parts: Vec::new(),
             });
             out.extend(conv[1..].iter().cloned());
         }
@@ -109,6 +110,7 @@ pub fn with_category_system(conv: &[Message], system: Option<&str>) -> Vec<Messa
             out.push(Message {
                 role: Role::System,
                 content: system.to_string(),
+                parts: Vec::new(),
             });
             out.extend(conv.iter().cloned());
         }

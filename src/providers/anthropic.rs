@@ -62,7 +62,7 @@ pub fn build_request(req: &CallRequest) -> serde_json::Value {
         .map(|m| {
             serde_json::json!({
                 "role": if m.role == Role::Assistant { "assistant" } else { "user" },
-                "content": m.content,
+                "content": content(m),
             })
         })
         .collect();
@@ -81,6 +81,28 @@ pub fn build_request(req: &CallRequest) -> serde_json::Value {
         add_format(&mut body, rf, req.structured);
     }
     body
+}
+
+/// A turn's content: its text, or (with images) `text` and `image` blocks
+/// (a base64 or a URL source).
+fn content(m: &crate::envelope::Message) -> serde_json::Value {
+    use crate::envelope::Part;
+    if m.images().next().is_none() {
+        return m.content.as_str().into();
+    }
+    m.parts
+        .iter()
+        .map(|p| match p {
+            Part::Text { text } => serde_json::json!({"type": "text", "text": text}),
+            Part::Image { url: Some(url), .. } => {
+                serde_json::json!({"type": "image", "source": {"type": "url", "url": url}})
+            }
+            Part::Image {
+                data, media_type, ..
+            } => serde_json::json!({"type": "image", "source": {"type": "base64",
+                "media_type": media_type, "data": data}}),
+        })
+        .collect()
 }
 
 /// The name of the tool that carries a structured answer in `tool` mode.
@@ -237,10 +259,12 @@ mod tests {
                 Message {
                     role: Role::System,
                     content: "be kind".into(),
+                    parts: Vec::new(),
                 },
                 Message {
                     role: Role::User,
                     content: "hi".into(),
+                    parts: Vec::new(),
                 },
             ],
             max_tokens: 100,

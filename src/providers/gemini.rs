@@ -66,7 +66,7 @@ fn build(req: &CallRequest, batch: bool) -> serde_json::Value {
         .map(|m| {
             serde_json::json!({
                 "role": if m.role == Role::Assistant { "model" } else { "user" },
-                "parts": [{"text": m.content}],
+                "parts": parts(m),
             })
         })
         .collect();
@@ -94,6 +94,46 @@ fn build(req: &CallRequest, batch: bool) -> serde_json::Value {
         body["systemInstruction"] = serde_json::json!({"parts": [{"text": system}]});
     }
     body
+}
+
+/// A turn's parts: its text, or (with images) `text`, `inlineData` (base64)
+/// and `fileData` (a URL) parts.
+fn parts(m: &crate::envelope::Message) -> serde_json::Value {
+    use crate::envelope::Part;
+    if m.images().next().is_none() {
+        return serde_json::json!([{"text": m.content}]);
+    }
+    m.parts
+        .iter()
+        .map(|p| match p {
+            Part::Text { text } => serde_json::json!({"text": text}),
+            Part::Image {
+                url: Some(url),
+                media_type,
+                ..
+            } => serde_json::json!({"fileData": {
+                "mimeType": media_type.clone().unwrap_or_else(|| mime_of(url).to_string()),
+                "fileUri": url}}),
+            Part::Image {
+                data, media_type, ..
+            } => serde_json::json!({"inlineData": {"mimeType": media_type, "data": data}}),
+        })
+        .collect()
+}
+
+/// An image URL's media type, by its extension (JPEG when unknown).
+fn mime_of(url: &str) -> &'static str {
+    let path = url
+        .split(['?', '#'])
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match path.rsplit('.').next() {
+        Some("png") => "image/png",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        _ => "image/jpeg",
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -264,14 +304,17 @@ mod tests {
                 Message {
                     role: Role::System,
                     content: "be brief".into(),
+                    parts: Vec::new(),
                 },
                 Message {
                     role: Role::User,
                     content: "hi".into(),
+                    parts: Vec::new(),
                 },
                 Message {
                     role: Role::Assistant,
                     content: "hello".into(),
+                    parts: Vec::new(),
                 },
             ],
             max_tokens: 64,

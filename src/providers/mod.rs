@@ -230,12 +230,22 @@ pub fn split_system(messages: &[Message]) -> (Option<String>, Vec<&Message>) {
     ((!system.is_empty()).then(|| system.join("\n\n")), turns)
 }
 
+/// Tokens reserved per image: above what any provider charges for one
+/// image after its own scaling (OpenAI high detail ≈ 1,105 for 2048×768,
+/// Anthropic ≈ 1,600 at its 1.15 MP cap, Gemini 258 a tile); the
+/// reservation is settled against the reported usage after the call.
+pub const IMAGE_TOKENS: u64 = 1_600;
+
 /// Rough token estimate for limits: about four characters a token, plus a
-/// per-message overhead, rounded up.
+/// per-message overhead, rounded up, plus [`IMAGE_TOKENS`] per image.
 pub fn estimate_input_tokens(messages: &[Message]) -> u64 {
     messages
         .iter()
-        .map(|m| (m.content.chars().count() as u64).div_ceil(4) + 4)
+        .map(|m| {
+            (m.content.chars().count() as u64).div_ceil(4)
+                + 4
+                + IMAGE_TOKENS * m.images().count() as u64
+        })
         .sum::<u64>()
         + 3
 }

@@ -20,16 +20,46 @@ pub struct OpenAiAdapter {
 #[derive(Serialize)]
 struct WireRequest<'a> {
     model: &'a str,
-    messages: Vec<WireMessage<'a>>,
+    messages: Vec<WireMessage>,
     max_tokens: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
 }
 
 #[derive(Serialize)]
-struct WireMessage<'a> {
+struct WireMessage {
     role: &'static str,
-    content: &'a str,
+    content: serde_json::Value,
+}
+
+/// A turn's content: its text, or (with images) a list of `text` and
+/// `image_url` parts (a URL, or the data as a `data:` URL).
+fn content(m: &crate::envelope::Message) -> serde_json::Value {
+    use crate::envelope::Part;
+    if m.images().next().is_none() {
+        return m.content.as_str().into();
+    }
+    m.parts
+        .iter()
+        .map(|p| match p {
+            Part::Text { text } => serde_json::json!({"type": "text", "text": text}),
+            Part::Image {
+                url,
+                data,
+                media_type,
+            } => {
+                let url = match (url, data) {
+                    (Some(u), _) => u.clone(),
+                    (None, d) => format!(
+                        "data:{};base64,{}",
+                        media_type.as_deref().unwrap_or("image/png"),
+                        d.as_deref().unwrap_or("")
+                    ),
+                };
+                serde_json::json!({"type": "image_url", "image_url": {"url": url}})
+            }
+        })
+        .collect()
 }
 
 /// The response body (only what we use).
@@ -123,7 +153,7 @@ pub fn interpret(raw: &RawResponse, now: SystemTime) -> Result<CallResponse, Cal
 
 /// The chat completions request for `req`: system prompt as the first message.
 pub fn build_request(req: &CallRequest) -> serde_json::Value {
-    let messages: Vec<WireMessage<'_>> = req
+    let messages: Vec<WireMessage> = req
         .messages
         .iter()
         .map(|m| WireMessage {
@@ -132,7 +162,7 @@ pub fn build_request(req: &CallRequest) -> serde_json::Value {
                 Role::User => "user",
                 Role::Assistant => "assistant",
             },
-            content: &m.content,
+            content: content(m),
         })
         .collect();
     let mut body = serde_json::to_value(WireRequest {

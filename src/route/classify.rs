@@ -21,6 +21,7 @@ pub(super) fn next(
             messages: vec![Message {
                 role: Role::User,
                 content: classifier_prompt(categories, &input_text(conv)),
+                parts: Vec::new(),
             }],
         }]),
         Some(r) => {

@@ -85,7 +85,7 @@ pub(super) fn next<'a>(
                 Decision::Calls(vec![StepCall {
                     step: n,
                     target: judge.clone(),
-                    messages: with_user(conv, judge_prompt(&input, &list)),
+                    messages: with_user(conv, judge_prompt(&input, &list), true),
                 }])
             }
             Some(j) => {

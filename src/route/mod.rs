@@ -268,12 +268,24 @@ fn system_only(conv: &[Message]) -> Vec<Message> {
         .collect()
 }
 
-fn with_user(conv: &[Message], text: String) -> Vec<Message> {
+/// The conversation's system prompt and one user turn of `text`; with
+/// `images`, the job's images follow the text (they travel with the input).
+fn with_user(conv: &[Message], text: String, images: bool) -> Vec<Message> {
     let mut m = system_only(conv);
-    m.push(Message {
-        role: Role::User,
-        content: text,
-    });
+    let pictures: Vec<crate::envelope::Part> = conv
+        .iter()
+        .filter(|m| m.role != Role::System)
+        .flat_map(|m| m.images().cloned())
+        .collect();
+    let mut turn = Message::text(Role::User, text);
+    if images && !pictures.is_empty() {
+        turn.parts = std::iter::once(crate::envelope::Part::Text {
+            text: turn.content.clone(),
+        })
+        .chain(pictures)
+        .collect();
+    }
+    m.push(turn);
     m
 }
 

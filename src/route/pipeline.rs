@@ -37,7 +37,8 @@ pub(super) fn next<'a>(
                     return Decision::Calls(vec![StepCall {
                         step: i as i32,
                         target: s.target.clone(),
-                        messages: with_user(conv, prompt),
+                        // The job's images go to the stages that read its input.
+                        messages: with_user(conv, prompt, s.template.contains("{{input}}")),
                     }]);
                 }
             }

@@ -13,10 +13,12 @@ fn conv(q: &str) -> Vec<Message> {
         Message {
             role: Role::System,
             content: "tone".into(),
+            parts: Vec::new(),
         },
         Message {
             role: Role::User,
             content: q.into(),
+            parts: Vec::new(),
         },
     ]
 }

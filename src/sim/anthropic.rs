@@ -52,13 +52,41 @@ struct WireMessage {
 #[serde(untagged)]
 enum Content {
     Text(String),
-    Blocks(Vec<TextBlock>),
+    Blocks(Vec<serde_json::Value>),
 }
 
-fn text_of(c: Content) -> String {
+/// A turn's text and its images (`image` blocks with a base64 or URL source).
+fn text_of(c: Content) -> Result<(String, u32), String> {
     match c {
-        Content::Text(t) => t,
-        Content::Blocks(b) => b.into_iter().map(|b| b.text).collect(),
+        Content::Text(t) => Ok((t, 0)),
+        Content::Blocks(blocks) => {
+            let (mut text, mut images) = (String::new(), 0);
+            for b in blocks {
+                match b.get("type").and_then(|t| t.as_str()) {
+                    Some("text") => text.push_str(b["text"].as_str().unwrap_or("")),
+                    Some("image") => {
+                        let src = &b["source"];
+                        let ok = match src["type"].as_str() {
+                            Some("base64") => {
+                                src["data"].is_string()
+                                    && src["media_type"]
+                                        .as_str()
+                                        .is_some_and(|m| m.starts_with("image/"))
+                            }
+                            Some("url") => src["url"].is_string(),
+                            _ => false,
+                        };
+                        if !ok {
+                            return Err("image.source: base64 (media_type, data) or url".into());
+                        }
+                        images += 1;
+                    }
+                    Some("tool_result" | "tool_use") => {}
+                    other => return Err(format!("content block type {other:?} not supported")),
+                }
+            }
+            Ok((text, images))
+        }
     }
 }
 
@@ -73,16 +101,17 @@ pub(super) fn parse(body: &[u8]) -> Result<SimRequest, String> {
         messages.push(Message {
             role: Role::System,
             content,
+            parts: Vec::new(),
         });
     }
+    let mut images = 0;
     for m in req.messages {
         if !matches!(m.role.as_str(), "user" | "assistant") {
             return Err(format!("messages: unexpected role `{}`", m.role));
         }
-        messages.push(Message {
-            role: role_of(&m.role),
-            content: text_of(m.content),
-        });
+        let (text, n) = text_of(m.content)?;
+        images += n;
+        messages.push(Message::text(role_of(&m.role), text));
     }
     // Structured output: natively, or through one forced tool.
     let native = req
@@ -122,6 +151,7 @@ pub(super) fn parse(body: &[u8]) -> Result<SimRequest, String> {
         max_tokens: req.max_tokens,
         schema,
         answer_tool,
+        images,
     })
 }
 

@@ -265,6 +265,7 @@ fn settle(st: &SimState, book: &mut Book, id: &str) {
                             batch_id: b.id.clone(),
                             custom_id: custom_id.clone(),
                         }),
+                        images: r.images,
                     };
                     let outcome = match random_error(p, &r.model) {
                         Some(kind) => {

@@ -27,9 +27,14 @@ struct Content {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Part {
     #[serde(default)]
     text: String,
+    #[serde(default)]
+    inline_data: Option<serde_json::Value>,
+    #[serde(default)]
+    file_data: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -50,6 +55,27 @@ fn text(c: Content) -> String {
     c.parts.into_iter().map(|p| p.text).collect()
 }
 
+/// Images among a turn's parts (`inlineData` with `mimeType` and `data`,
+/// `fileData` with `mimeType` and `fileUri`).
+fn images(c: &Content) -> Result<u32, String> {
+    let mut n = 0;
+    for p in &c.parts {
+        if let Some(d) = &p.inline_data {
+            if !(d["mimeType"].is_string() && d["data"].is_string()) {
+                return Err("inlineData: mimeType and data".into());
+            }
+            n += 1;
+        }
+        if let Some(f) = &p.file_data {
+            if !(f["mimeType"].is_string() && f["fileUri"].is_string()) {
+                return Err("fileData: mimeType and fileUri".into());
+            }
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 pub(super) fn parse(model: &str, body: &[u8]) -> Result<SimRequest, String> {
     let req: GenerateRequest = serde_json::from_slice(body).map_err(|e| e.to_string())?;
     let mut messages = Vec::new();
@@ -57,13 +83,17 @@ pub(super) fn parse(model: &str, body: &[u8]) -> Result<SimRequest, String> {
         messages.push(Message {
             role: Role::System,
             content: text(s),
+            parts: Vec::new(),
         });
     }
+    let mut image_count = 0;
     for c in req.contents {
+        image_count += images(&c)?;
         let role = role_of(c.role.as_deref().unwrap_or("user"));
         messages.push(Message {
             role,
             content: text(c),
+            parts: Vec::new(),
         });
     }
     let g = req.generation_config;
@@ -86,6 +116,7 @@ pub(super) fn parse(model: &str, body: &[u8]) -> Result<SimRequest, String> {
             None
         },
         answer_tool: None,
+        images: image_count,
     })
 }
 

@@ -273,7 +273,18 @@ pub struct LedgerEntry {
     /// For a batch item: its batch and `custom_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<BatchTag>,
+    /// Images the request carried, in its format's image parts.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub images: u32,
 }
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+/// Input tokens the simulator counts per image (each provider's rule lands
+/// between 85 and about 1,600; see [`crate::providers::IMAGE_TOKENS`]).
+pub const SIM_IMAGE_TOKENS: u64 = 765;
 
 /// Which attempt of which job's step a request was.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
@@ -440,6 +451,8 @@ pub(crate) struct SimRequest {
     pub schema: Option<serde_json::Value>,
     /// Anthropic: the forced tool the answer goes through.
     pub answer_tool: Option<String>,
+    /// Images among the turns (each format's image parts).
+    pub images: u32,
 }
 
 /// Usage of one simulated answer, in the contract's meaning.
@@ -793,6 +806,7 @@ async fn serve(
             attempt,
         });
     let max_tokens_of_request = parsed.as_ref().map_or(0, |r| u64::from(r.max_tokens));
+    let images = parsed.as_ref().map_or(0, |r| r.images);
     let p = st.profile.for_format(format);
     let record = |model: &str, status: u16, usage: SimUsage, retry_after_ms: Option<u64>| {
         if let Ok(mut l) = st.ledger.lock() {
@@ -814,6 +828,7 @@ async fn serve(
                 in_flight,
                 call: call.clone(),
                 batch: None,
+                images,
             });
         }
     };
@@ -983,6 +998,7 @@ fn is_zero_f64(v: &f64) -> bool {
 /// agree give the same JSON), broken at the profile's `invalid_json` rates.
 pub(crate) fn answer_request(p: &SimProfile, req: &SimRequest) -> Synthesized {
     let mut s = answer(p, &req.model, &req.messages, req.max_tokens);
+    s.prompt_tokens += SIM_IMAGE_TOKENS * u64::from(req.images);
     let Some(schema) = &req.schema else {
         return s;
     };
@@ -1058,6 +1074,7 @@ mod tests {
         vec![Message {
             role: Role::User,
             content: s.into(),
+            parts: Vec::new(),
         }]
     }
 
@@ -1080,6 +1097,7 @@ mod tests {
             vec![Message {
                 role: Role::User,
                 content: t,
+                parts: Vec::new(),
             }]
         };
         let cats = vec!["lookup".to_string(), "sales".to_string()];

@@ -21,22 +21,52 @@ struct ChatRequest {
 #[derive(Deserialize)]
 struct ChatMessage {
     role: String,
+    /// A string, or a list of `text` and `image_url` parts.
     #[serde(default)]
-    content: Option<String>,
+    content: Option<serde_json::Value>,
+}
+
+/// A turn's text and its images, as OpenAI's content parts carry them.
+fn read_content(c: Option<serde_json::Value>) -> Result<(String, u32), String> {
+    match c {
+        None | Some(serde_json::Value::Null) => Ok((String::new(), 0)),
+        Some(serde_json::Value::String(t)) => Ok((t, 0)),
+        Some(serde_json::Value::Array(parts)) => {
+            let (mut text, mut images) = (Vec::new(), 0);
+            for p in parts {
+                match p.get("type").and_then(|t| t.as_str()) {
+                    Some("text") => text.push(p["text"].as_str().unwrap_or("").to_string()),
+                    Some("image_url") => {
+                        let url = p.pointer("/image_url/url").and_then(|u| u.as_str());
+                        match url {
+                            Some(u) if u.starts_with("data:image/") && u.contains(";base64,") => {}
+                            Some(u) if u.starts_with("http") => {}
+                            _ => return Err("image_url.url: a data: URL or http(s) URL".into()),
+                        }
+                        images += 1;
+                    }
+                    other => return Err(format!("content part type {other:?} not supported")),
+                }
+            }
+            Ok((text.join("\n"), images))
+        }
+        Some(_) => Err("content: a string or a list of parts".into()),
+    }
 }
 
 pub(super) fn parse(body: &[u8]) -> Result<SimRequest, String> {
     let req: ChatRequest = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let mut images = 0;
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in req.messages {
+        let (text, n) = read_content(m.content)?;
+        images += n;
+        messages.push(Message::text(role_of(&m.role), text));
+    }
     Ok(SimRequest {
         model: req.model,
-        messages: req
-            .messages
-            .into_iter()
-            .map(|m| Message {
-                role: role_of(&m.role),
-                content: m.content.unwrap_or_default(),
-            })
-            .collect(),
+        messages,
+        images,
         max_tokens: req.max_tokens.unwrap_or(4096),
         schema: match req.response_format {
             None => None,

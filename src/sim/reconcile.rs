@@ -83,6 +83,7 @@ mod tests {
                 attempt: a,
             }),
             batch: None,
+            images: 0,
         }
     }
 

@@ -178,6 +178,27 @@ pub enum Command {
         #[command(subcommand)]
         action: BatchAction,
     },
+    /// The response cache (categories with `cache = { ttl = … }`): stats,
+    /// clear.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// Entries, hits and what answers from the cache saved, per category.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete entries: every one, or one category's.
+    Clear {
+        #[arg(long)]
+        category: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -482,6 +503,41 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             .context("demo failed")?;
             Ok(if demo::print(&outcome, jobs) { 0 } else { 1 })
         }
+        Command::Cache { action } => {
+            let pool = store::connect_and_migrate(&g.database_url, 2).await?;
+            match action {
+                CacheAction::Stats { json } => {
+                    let rows = store::cache::stats(&pool).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&rows)?);
+                    } else {
+                        println!(
+                            "{:<24} {:>8} {:>8} {:>8} {:>8} {:>12}",
+                            "category", "entries", "pending", "expired", "hits", "saved USD"
+                        );
+                        for r in &rows {
+                            println!(
+                                "{:<24} {:>8} {:>8} {:>8} {:>8} {:>12}",
+                                r.category,
+                                r.entries,
+                                r.pending,
+                                r.expired,
+                                r.hits,
+                                r.saved_usd.round_dp(6)
+                            );
+                        }
+                    }
+                }
+                CacheAction::Clear { category } => {
+                    let n = store::cache::clear(&pool, category.as_deref()).await?;
+                    match category {
+                        Some(c) => println!("cleared {n} cache entries of category {c}"),
+                        None => println!("cleared {n} cache entries"),
+                    }
+                }
+            }
+            Ok(0)
+        }
         Command::Batch { action } => {
             let pool = store::connect_and_migrate(&g.database_url, 4).await?;
             use crate::ops::batch;
@@ -675,7 +731,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let pool = store::connect_and_migrate(&g.database_url, 2).await?;
             let p = crate::ops::prune::run(&pool, older_than_days, dry_run, batch).await?;
             println!(
-                "{} {} jobs, {} calls, {} steps, {} results, {} ratings, {} dead letters, {} provider batches with {} items (ended more than {older_than_days} days ago)",
+                "{} {} jobs, {} calls, {} steps, {} results, {} ratings, {} dead letters, {} provider batches with {} items (ended more than {older_than_days} days ago), {} expired cache entries",
                 if dry_run { "would delete" } else { "deleted" },
                 p.jobs,
                 p.calls,
@@ -684,7 +740,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 p.feedback,
                 p.dead_letters,
                 p.batches,
-                p.batch_items
+                p.batch_items,
+                p.cache_entries
             );
             Ok(0)
         }

@@ -441,6 +441,48 @@ pub struct CategoryConfig {
     /// name = "…", schema = { … }, strict = true }`.
     #[serde(default)]
     pub response_format: Option<crate::structured::ResponseFormat>,
+    /// Serve identical provider requests from the response cache: `{ ttl =
+    /// "7d", scope = "category" | "global" }`.
+    #[serde(default)]
+    pub cache: Option<CacheConfig>,
+}
+
+/// A category's response cache.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// How long an answer is served again (`7d`, `12h`).
+    pub ttl: String,
+    /// `category`: only this category's jobs share its entries; `global`:
+    /// every category with `scope = "global"` does.
+    #[serde(default)]
+    pub scope: CacheScope,
+    /// Longest a call waits for an identical one under way elsewhere
+    /// before calling anyway (default: the provider's timeout).
+    #[serde(default)]
+    pub wait: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheScope {
+    #[default]
+    Category,
+    Global,
+}
+
+impl CacheConfig {
+    /// `ttl` (checked when the config loads).
+    pub fn ttl(&self) -> Duration {
+        humantime::parse_duration(&self.ttl).unwrap_or(Duration::from_secs(86_400))
+    }
+
+    /// `wait`, if set (checked when the config loads).
+    pub fn wait(&self) -> Option<Duration> {
+        self.wait
+            .as_deref()
+            .and_then(|w| humantime::parse_duration(w).ok())
+    }
 }
 
 /// How a category's calls are sent.
@@ -657,6 +699,17 @@ impl Config {
         let m = self.models.get(model)?;
         let kind = self.providers.get(&m.provider)?.kind;
         rf.unsupported(kind, m.structured_output)
+    }
+
+    /// The response cache of `category`, if it caches, and the scope its
+    /// keys carry (the category, or nothing for the global scope).
+    pub fn cache_of<'a>(&'a self, category: &'a str) -> Option<(&'a CacheConfig, &'a str)> {
+        let cc = self.categories.get(category)?.cache.as_ref()?;
+        let scope = match cc.scope {
+            CacheScope::Category => category,
+            CacheScope::Global => "",
+        };
+        Some((cc, scope))
     }
 
     /// The answer format of a job of `category` that set `own` (or none).
@@ -890,6 +943,23 @@ impl Config {
                     format!("models.{name}.structured_output"),
                     "`tool` is for Anthropic models; use `native` or `none`",
                 ));
+            }
+        }
+        for (name, cat) in &self.categories {
+            let Some(c) = &cat.cache else { continue };
+            let key = format!("categories.{name}.cache");
+            for (k, v) in [("ttl", Some(&c.ttl)), ("wait", c.wait.as_ref())] {
+                let Some(v) = v else { continue };
+                match humantime::parse_duration(v) {
+                    Ok(d) if !d.is_zero() => {}
+                    Ok(_) => return Err(err(format!("{key}.{k}"), "must be above zero")),
+                    Err(e) => {
+                        return Err(err(
+                            format!("{key}.{k}"),
+                            format!("`{v}` is not a duration (7d, 12h, 30s): {e}"),
+                        ))
+                    }
+                }
             }
         }
         for (name, cat) in &self.categories {

@@ -850,3 +850,39 @@ async fn batches_wait_for_room_in_the_providers_batch_queue() {
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }
+
+/// A call larger than its model's whole batch queue can never be batched:
+/// it goes real-time at once (and is answered), never waits forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_larger_than_the_batch_queue_goes_real_time() {
+    let env = env().await;
+    let mut cfg = config(&env);
+    cfg.models
+        .get_mut("gpt-4o-mini")
+        .unwrap()
+        .batch_queue_tokens = Some(5);
+    let worker = env.start_worker(cfg).await;
+    let jobs: Vec<Outgoing> = (0..3)
+        .map(|i| job(&format!("big-{i}"), "night_openai", None))
+        .collect();
+    let ids = publish(&env, &jobs).await;
+    assert!(
+        wait_finished(&env.pool, &ids, Duration::from_secs(30), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE id LIKE 'big-%' AND status = 'succeeded'")
+            .await,
+        3
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM calls WHERE job_id LIKE 'big-%' AND batch_id IS NULL")
+            .await,
+        3,
+        "real-time calls"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM batch_items").await, 0);
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

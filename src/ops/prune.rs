@@ -1,7 +1,7 @@
 //! `switchyard prune`: retention. Deletes jobs that ended more than N days
 //! ago with everything recorded about them (calls, steps, results,
 //! feedback), dead letters and ended provider batches (with their items)
-//! older than N days, in batches (short
+//! older than N days, and expired response cache entries, in batches (short
 //! transactions beside a running fleet). Jobs still queued, running or
 //! parked are kept, whatever their age.
 
@@ -40,6 +40,13 @@ pub async fn run(pool: &PgPool, days: u32, dry_run: bool, batch: i64) -> Result<
         total.batches += b;
         total.batch_items += i;
         if b == 0 {
+            break;
+        }
+    }
+    loop {
+        let n = crate::store::cache::delete_expired(pool, batch).await?;
+        total.cache_entries += n;
+        if n == 0 {
             break;
         }
     }

@@ -225,6 +225,8 @@ pub struct Report {
     /// and per model, and what that saved against real-time prices.
     pub batch_by_category: Vec<BatchLine>,
     pub batch_by_model: Vec<BatchLine>,
+    /// Calls answered from the response cache and what they saved.
+    pub cache_by_category: Vec<rows::CacheLine>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -268,6 +270,7 @@ pub async fn build(
     let latency_by_model = rows::latency_by_model(pool, &scope).await?;
     let batch_by_category = rows::batch_lines(pool, &scope, false).await?;
     let batch_by_model = rows::batch_lines(pool, &scope, true).await?;
+    let cache_by_category = rows::cache_lines(pool, &scope).await?;
     let costs = rows::job_costs_by_category(pool, &scope).await?;
     let sum = sum_costs(&costs);
     let base_prices = baseline.as_ref().map(|(_, p)| p);
@@ -318,6 +321,7 @@ pub async fn build(
         latency_by_model,
         batch_by_category,
         batch_by_model,
+        cache_by_category,
         jobs_by_status,
         by_category,
         by_model,
@@ -480,6 +484,34 @@ impl Report {
         }
         self.what_if_table(out);
         self.batch_table(out);
+        self.cache_table(out);
+    }
+
+    /// Calls answered from the response cache, when there are any.
+    fn cache_table(&self, out: &mut String) {
+        if self.cache_by_category.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "\nAnswered from the response cache (no provider call) and what that saved (USD)"
+        );
+        let _ = writeln!(
+            out,
+            "  {:<30} {:>7} {:>8} {:>8} {:>12}",
+            "", "calls", "cached", "share %", "saved"
+        );
+        for l in &self.cache_by_category {
+            let _ = writeln!(
+                out,
+                "  {:<30} {:>7} {:>8} {:>8.1} {:>12}",
+                l.category,
+                l.calls,
+                l.cached_calls,
+                100.0 * l.cached_share,
+                l.saved_usd.round_dp(6).to_string()
+            );
+        }
     }
 
     /// Batched calls, when there are any.

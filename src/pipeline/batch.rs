@@ -204,6 +204,17 @@ impl BatchLane {
         let cat = self.cfg.categories.get(&call.category);
         let batch_cfg = cat.map(|c| c.batch.clone()).unwrap_or_default();
         let (cap_items, cap_bytes) = self.provider_caps();
+        // A call the response cache can answer is never put in a batch.
+        if let Some((_, scope)) = self.cfg.cache_of(&call.category) {
+            let key = crate::store::cache::key(&self.name, &call.request(&self.cfg), scope);
+            if crate::store::cache::has(&self.pool, &key).await? {
+                let mut call = call.clone();
+                call.batch = false;
+                // Its own message id: the batch subject's copy used the plain one.
+                call.attempt_base = call.attempt_base.max(1);
+                return self.publish_to_lane(&call).await;
+            }
+        }
         let tokens = i64::try_from(crate::providers::estimate_input_tokens(&call.messages))
             .unwrap_or(i64::MAX);
         let max_tokens = self.queue.tokens.get(&call.model).copied();
@@ -213,6 +224,8 @@ impl BatchLane {
                   "call larger than the model's batch queue limit; it goes real-time");
             let mut call = call.clone();
             call.batch = false;
+            // Its own message id: the batch subject's copy used the plain one.
+            call.attempt_base = call.attempt_base.max(1);
             return self.publish_to_lane(&call).await;
         }
         let body = serde_json::to_value(call)?;

@@ -36,6 +36,21 @@ use crate::store::{
 /// taken for a call under way in another worker.
 const BUSY_MARGIN: Duration = Duration::from_secs(10);
 
+/// What looking up the response cache came to.
+enum Looked {
+    Hit(store::cache::Entry),
+    /// Call the provider; `claimed`: this call holds the key's claim.
+    Call {
+        claimed: bool,
+    },
+}
+
+/// This process, as the holder of response cache claims.
+fn cache_owner() -> &'static str {
+    static OWNER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    OWNER.get_or_init(|| format!("{}-{:08x}", std::process::id(), fastrand::u32(..)))
+}
+
 /// What a redelivered or multi-step call finds already done.
 enum Recorded {
     No,
@@ -345,6 +360,24 @@ impl LaneStep {
         let mut req = call.request(&self.cfg);
         let estimate = estimate_input_tokens(&req.messages);
 
+        // The response cache: an identical request answered before is
+        // served again; one under way elsewhere is waited for.
+        let cache = self.cache_key(&call, &req);
+        let mut cache_claimed = false;
+        if let Some((key, cc)) = &cache {
+            match self.look_up(hold, &call, key, cc).await {
+                Ok(Looked::Hit(entry)) => {
+                    return self
+                        .answer_from_cache(hold, &call, attempt, prices, entry)
+                        .await
+                }
+                Ok(Looked::Call { claimed }) => cache_claimed = claimed,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "response cache unavailable; calling the provider")
+                }
+            }
+        }
+
         // The call's cost record, filled in as it goes.
         let row = self.cost_row(&call, attempt, prices, None);
         let waiting_since = Instant::now();
@@ -367,6 +400,9 @@ impl LaneStep {
         let record = match route::decide(&self.cfg.retry, attempt as u32, &outcome, fastrand::f64())
         {
             Action::Retry { delay } => {
+                if cache_claimed {
+                    self.release_cache(cache.as_ref()).await;
+                }
                 let rows = vec![
                     Row::Call(row),
                     Row::Status(StatusRow {
@@ -396,8 +432,124 @@ impl LaneStep {
                 reason: Some(error),
             },
         };
+        if record.outcome == StepOutcome::Ok {
+            self.fill_cache(cache.as_ref(), &call, &record, &row).await;
+        } else if cache_claimed {
+            self.release_cache(cache.as_ref()).await;
+        }
         self.after_step(hold, &call, Some(record), Vec::new(), Some(row))
             .await
+    }
+
+    /// The cache key of this call and its category's cache settings, when
+    /// the category caches.
+    fn cache_key(
+        &self,
+        call: &CallMsg,
+        req: &CallRequest,
+    ) -> Option<(String, crate::config::CacheConfig)> {
+        let (cc, scope) = self.cfg.cache_of(&call.category)?;
+        Some((store::cache::key(&self.name, req, scope), cc.clone()))
+    }
+
+    /// A ready answer under `key`, or whether this call holds the claim
+    /// to make it. While another process's identical call is under way, wait
+    /// for its answer (telling JetStream we are working), up to the cache's
+    /// `wait` (default: the provider's timeout); then call anyway.
+    async fn look_up<H: Hold>(
+        &self,
+        hold: &H,
+        call: &CallMsg,
+        key: &str,
+        cc: &crate::config::CacheConfig,
+    ) -> Result<Looked> {
+        let deadline = Instant::now() + cc.wait().unwrap_or(self.provider_timeout);
+        let mut progress = Instant::now();
+        loop {
+            if let Some(e) = store::cache::hit(&self.pool, key).await? {
+                return Ok(Looked::Hit(e));
+            }
+            let who = (
+                call.category.as_str(),
+                self.name.as_str(),
+                call.model.as_str(),
+            );
+            let hold_for = self.provider_timeout * 2 + BUSY_MARGIN;
+            match store::cache::claim(&self.pool, key, who, cache_owner(), hold_for).await? {
+                store::cache::Claim::Mine => return Ok(Looked::Call { claimed: true }),
+                store::cache::Claim::Ready => continue,
+                store::cache::Claim::Busy => {}
+            }
+            if Instant::now() >= deadline || self.token.is_cancelled() {
+                debug!("an identical call is still under way elsewhere; calling anyway");
+                return Ok(Looked::Call { claimed: false });
+            }
+            if progress.elapsed() >= self.cfg.ack_wait() / 3 {
+                hold.progress().await;
+                progress = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The step answered from the cache: a `cached` cost record (cost 0;
+    /// the tokens and prices say what it saved), then on as after a call.
+    async fn answer_from_cache<H: Hold>(
+        &self,
+        hold: &H,
+        call: &CallMsg,
+        attempt: i32,
+        prices: crate::pricing::Prices,
+        entry: store::cache::Entry,
+    ) -> Settlement {
+        let mut row = self.cost_row(call, attempt, prices, None);
+        row.usage = entry.usage();
+        row.outcome = CallOutcome::Cached;
+        self.count_call(&row, false);
+        let record = self.answered(call, &mut row, entry.output, entry.finish_reason);
+        self.after_step(hold, call, Some(record), Vec::new(), Some(row))
+            .await
+    }
+
+    /// Keep an accepted answer (validated, paid for) for identical calls.
+    async fn fill_cache(
+        &self,
+        cache: Option<&(String, crate::config::CacheConfig)>,
+        call: &CallMsg,
+        record: &StepRecord,
+        row: &CallRow,
+    ) {
+        let (Some((key, cc)), Some(output)) = (cache, record.output.as_deref()) else {
+            return;
+        };
+        let who = (
+            call.category.as_str(),
+            self.name.as_str(),
+            call.model.as_str(),
+        );
+        if let Err(e) = store::cache::fill(
+            &self.pool,
+            key,
+            who,
+            output,
+            record.reason.as_deref(),
+            &row.usage,
+            row.cost(),
+            cc.ttl(),
+        )
+        .await
+        {
+            warn!(error = %format!("{e:#}"), "could not store the answer in the response cache");
+        }
+    }
+
+    /// Give up this process's claim on a cache key (its call failed).
+    async fn release_cache(&self, cache: Option<&(String, crate::config::CacheConfig)>) {
+        if let Some((key, _)) = cache {
+            if let Err(e) = store::cache::release(&self.pool, key, cache_owner()).await {
+                debug!(error = %format!("{e:#}"), "could not release a response cache claim");
+            }
+        }
     }
 
     /// The step record of an answer: accepted, or failed when it does not
@@ -574,6 +726,10 @@ impl LaneStep {
                 }),
             },
         };
+        if record.outcome == StepOutcome::Ok {
+            let cache = self.cache_key(call, &call.request(&self.cfg));
+            self.fill_cache(cache.as_ref(), call, &record, &row).await;
+        }
         self.after_step(hold, call, Some(record), Vec::new(), Some(row))
             .await
     }

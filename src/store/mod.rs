@@ -20,6 +20,7 @@
 //! Job statuses are [`JobStatus`]; SQL receives them as bound parameters.
 
 pub mod batches;
+pub mod cache;
 pub mod dlq;
 mod error;
 pub mod feedback;

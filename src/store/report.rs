@@ -624,6 +624,43 @@ pub async fn job_costs_by_category(pool: &PgPool, scope: &Scope) -> Result<Vec<C
     .await?)
 }
 
+/// One category's calls answered from the response cache.
+#[derive(Debug, Clone, Serialize, PartialEq, sqlx::FromRow)]
+pub struct CacheLine {
+    pub category: String,
+    pub calls: i64,
+    pub cached_calls: i64,
+    /// Cached calls over all calls, 0-1.
+    pub cached_share: f64,
+    /// What the cached answers would have cost (`calls.saved_usd`).
+    pub saved_usd: Decimal,
+}
+
+/// Calls answered from the response cache and what they saved, per
+/// category (categories with at least one).
+pub async fn cache_lines(pool: &PgPool, scope: &Scope) -> Result<Vec<CacheLine>> {
+    let p = Params::from(scope);
+    let sql = format!(
+        "SELECT category, count(*)::int8 AS calls,
+                count(*) FILTER (WHERE outcome = 'cached')::int8 AS cached_calls,
+                (count(*) FILTER (WHERE outcome = 'cached'))::float8 / count(*) AS cached_share,
+                COALESCE(sum(saved_usd), 0) AS saved_usd
+         FROM calls WHERE {} GROUP BY 1
+         HAVING count(*) FILTER (WHERE outcome = 'cached') > 0 ORDER BY 1",
+        on_calls()
+    );
+    let rows: Vec<CacheLine> = bind_scope!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), p)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|l| CacheLine {
+            saved_usd: l.saved_usd.normalize(),
+            ..l
+        })
+        .collect())
+}
+
 /// One category's (or model's) calls through the providers' batch APIs.
 #[derive(Debug, Clone, Serialize, PartialEq, sqlx::FromRow)]
 pub struct BatchLine {

@@ -22,6 +22,8 @@ pub struct Pruned {
     /// Provider batches that ended before the cut-off, and their items.
     pub batches: i64,
     pub batch_items: i64,
+    /// Expired response cache entries (whatever `days`).
+    pub cache_entries: i64,
 }
 
 /// `days` as the `int` that `make_interval` takes.
@@ -31,8 +33,8 @@ fn days_param(days: u32) -> i32 {
 
 /// What a prune of everything older than `days` would delete.
 pub async fn count_older_than(pool: &PgPool, days: u32) -> Result<Pruned> {
-    type Counts = (i64, i64, i64, i64, i64, i64, i64, i64);
-    let (jobs, calls, steps, results, feedback, dead_letters, batches, batch_items): Counts =
+    type Counts = (i64, i64, i64, i64, i64, i64, i64, i64, i64);
+    let (jobs, calls, steps, results, feedback, dead_letters, batches, batch_items, cache_entries): Counts =
         sqlx::query_as(
             "WITH v AS (SELECT id FROM jobs WHERE status = ANY($2::text[])
                         AND finished_at < now() - make_interval(days => $1::int))
@@ -47,7 +49,8 @@ pub async fn count_older_than(pool: &PgPool, days: u32) -> Result<Pruned> {
                       AND ended_at < now() - make_interval(days => $1::int)),
                     (SELECT count(*) FROM batch_items WHERE batch_id IN (
                        SELECT id FROM provider_batches WHERE state = 'ended'
-                        AND ended_at < now() - make_interval(days => $1::int)))",
+                        AND ended_at < now() - make_interval(days => $1::int))),
+                    (SELECT count(*) FROM response_cache WHERE expires_at <= now())",
         )
         .bind(days_param(days))
         .bind(JobStatus::terminal_names())
@@ -62,6 +65,7 @@ pub async fn count_older_than(pool: &PgPool, days: u32) -> Result<Pruned> {
         dead_letters,
         batches,
         batch_items,
+        cache_entries,
     })
 }
 

@@ -40,6 +40,8 @@ pub enum CallOutcome {
     RetryableError,
     TerminalError,
     Unknown,
+    /// Answered from the response cache: no provider call, cost 0.
+    Cached,
 }
 
 impl CallOutcome {
@@ -49,6 +51,7 @@ impl CallOutcome {
             CallOutcome::RetryableError => "retryable_error",
             CallOutcome::TerminalError => "terminal_error",
             CallOutcome::Unknown => "unknown",
+            CallOutcome::Cached => "cached",
         }
     }
 }
@@ -72,7 +75,12 @@ pub struct CallRow {
 }
 
 impl CallRow {
+    /// What the call cost: nothing for an answer from the cache (the
+    /// row keeps the tokens and prices; `saved_usd` says what it saved).
     pub fn cost(&self) -> Decimal {
+        if self.outcome == CallOutcome::Cached {
+            return Decimal::ZERO;
+        }
         self.prices.cost(&self.usage)
     }
 }

@@ -607,7 +607,7 @@ async fn insert_intents(
          FROM {}
          WHERE NOT EXISTS (SELECT 1 FROM calls c
                            WHERE c.job_id = u.job_id AND c.step = u.step
-                             AND (c.outcome = 'ok'
+                             AND (c.outcome IN ('ok', 'cached')
                                   OR (c.outcome = 'unknown'
                                       AND c.created_at > now() - make_interval(secs => u.busy_secs))))
            AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.job_id = u.job_id AND s.step = u.step)

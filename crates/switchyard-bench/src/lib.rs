@@ -13,6 +13,7 @@
 //! its own, so it never touches jobs it did not publish.
 
 pub mod batch;
+pub mod cache;
 pub mod chaos;
 pub mod ingest;
 pub mod limits;

@@ -49,6 +49,16 @@ enum Mode {
         #[arg(long)]
         json: bool,
     },
+    /// The response cache: the same jobs without a cache, with an empty one
+    /// and with a full one (HTTP simulator): jobs/s and provider calls.
+    Cache {
+        /// Jobs per run.
+        #[arg(long, default_value_t = 5_000)]
+        jobs: usize,
+        /// End with one JSON object of the figures on the last line.
+        #[arg(long)]
+        json: bool,
+    },
     /// The memory reading one large batch result file costs: a loopback
     /// OpenAI batch API serves `--mb` megabytes of result lines to the
     /// batch client; reports the resident set before and at peak.
@@ -153,6 +163,19 @@ async fn run(cli: Cli) -> Result<u8> {
     let g = &cli.global;
     let load = || Config::load(g.config.as_deref());
     match cli {
+        Cli {
+            mode: Some(Mode::Cache { jobs, json }),
+            ..
+        } => {
+            anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
+            let pool = store::connect_and_migrate(&g.database_url, 8).await?;
+            let figures = switchyard_bench::cache::run(load()?, pool, &g.nats_url, jobs).await?;
+            println!("{}", figures.summary());
+            if json {
+                println!("{}", serde_json::to_string(&figures)?);
+            }
+            Ok(0)
+        }
         Cli {
             mode: Some(Mode::Ingest { mb, json }),
             ..

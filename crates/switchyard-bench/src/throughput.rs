@@ -90,7 +90,7 @@ pub(crate) fn unthrottled(cfg: &mut Config) {
     }
 }
 
-async fn run_pipeline(
+pub(crate) async fn run_pipeline(
     cfg: Config,
     pool: &PgPool,
     nats_url: &str,

@@ -178,12 +178,38 @@ pub enum Command {
         #[command(subcommand)]
         action: BatchAction,
     },
+    /// API tokens for the HTTP endpoints: create, list, revoke.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
     /// The response cache (categories with `cache = { ttl = … }`): stats,
     /// clear.
     Cache {
         #[command(subcommand)]
         action: CacheAction,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Create a token; it is printed once, alone on the last line (only its
+    /// hash is stored).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// `submit` (submit jobs, read one's own), `read` (jobs, results,
+        /// costs, dashboard, metrics) or `admin` (everything).
+        #[arg(long)]
+        scope: String,
+    },
+    /// Tokens by name, scope, first characters and use (never the token).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by name: it is refused from then on.
+    Revoke { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -502,6 +528,53 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             .await
             .context("demo failed")?;
             Ok(if demo::print(&outcome, jobs) { 0 } else { 1 })
+        }
+        Command::Token { action } => {
+            let pool = store::connect_and_migrate(&g.database_url, 2).await?;
+            match action {
+                TokenAction::Create { name, scope } => {
+                    let scope = store::tokens::Scope::parse(&scope).ok_or_else(|| {
+                        anyhow::anyhow!("--scope must be submit, read or admin, not `{scope}`")
+                    })?;
+                    anyhow::ensure!(!name.trim().is_empty(), "--name must not be empty");
+                    let token = store::tokens::create(&pool, &name, scope).await?;
+                    println!(
+                        "token `{name}` (scope {}) created; it is shown once, store it now:",
+                        scope.as_str()
+                    );
+                    println!("{token}");
+                }
+                TokenAction::List { json } => {
+                    let rows = store::tokens::list(&pool).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&rows)?);
+                    } else {
+                        println!(
+                            "{:<20} {:<7} {:<9} {:<26} {:<26} revoked",
+                            "name", "scope", "starts", "created", "last used"
+                        );
+                        for r in &rows {
+                            println!(
+                                "{:<20} {:<7} {:<9} {:<26} {:<26} {}",
+                                r.name,
+                                r.scope,
+                                format!("{}…", r.prefix),
+                                r.created_at,
+                                r.last_used_at.as_deref().unwrap_or("-"),
+                                r.revoked_at.as_deref().unwrap_or("-")
+                            );
+                        }
+                    }
+                }
+                TokenAction::Revoke { name } => {
+                    anyhow::ensure!(
+                        store::tokens::revoke(&pool, &name).await?,
+                        "no live token named `{name}`"
+                    );
+                    println!("token `{name}` revoked");
+                }
+            }
+            Ok(0)
         }
         Command::Cache { action } => {
             let pool = store::connect_and_migrate(&g.database_url, 2).await?;

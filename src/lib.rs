@@ -28,6 +28,7 @@
 //! The measuring harness is a separate binary, `switchyard-bench`
 //! (`crates/switchyard-bench`). See ARCHITECTURE.md for the invariants.
 
+pub mod api;
 pub mod bucket;
 pub mod bus;
 pub mod cli;

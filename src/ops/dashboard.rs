@@ -1,7 +1,12 @@
 //! The worker's HTTP endpoint (`metrics.listen`, `--metrics-listen`):
 //! `/metrics` (this process's Prometheus metrics), `/` (a live dashboard
 //! page that refreshes itself) and `/api/stats` (the dashboard's figures:
-//! fleet-wide, from Postgres and NATS).
+//! fleet-wide, from Postgres and NATS), `/healthz`.
+//!
+//! Every route but `/healthz` and the page itself needs a bearer token
+//! (scope `read` or `admin`; see [`crate::api::auth`]). The page carries no
+//! figures: it shows a login form, keeps the token in the tab's session
+//! storage, and fetches `/api/stats` with it.
 
 use crate::tasks::Tasks;
 use std::sync::Arc;
@@ -18,6 +23,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tracing::{info, warn};
 
+use crate::api::auth::{RouteSpec, Scope as TokenScope};
 use crate::bus::{Bus, QueueDepths};
 use crate::config::Config;
 use crate::metrics;
@@ -139,18 +145,54 @@ pub async fn serve(
             }
         }
     });
-    let app = Router::new()
-        .route("/", get(page))
-        .route("/metrics", get(prometheus))
-        .route("/api/stats", get(stats))
-        .with_state(ctx);
+    let auth = crate::api::auth::Authenticator::new(ctx.pool.clone());
+    let mut app = Router::new();
+    for spec in ROUTES {
+        let route = match spec.path {
+            "/" => get(page),
+            "/healthz" => get(|| async { "ok" }),
+            "/metrics" => get(prometheus),
+            _ => get(stats),
+        };
+        app = app.route(spec.path, crate::api::auth::guarded(route, spec, &auth));
+    }
+    let app = app.with_state(ctx);
     tasks.spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await;
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await;
     });
     Ok(())
 }
+
+/// The endpoint's routes and the scope each needs (`read` also lets
+/// `admin` tokens in). The page and the health check are open: neither
+/// shows a figure.
+pub const ROUTES: &[RouteSpec] = &[
+    RouteSpec {
+        method: "GET",
+        path: "/",
+        scope: None,
+    },
+    RouteSpec {
+        method: "GET",
+        path: "/healthz",
+        scope: None,
+    },
+    RouteSpec {
+        method: "GET",
+        path: "/metrics",
+        scope: Some(TokenScope::Read),
+    },
+    RouteSpec {
+        method: "GET",
+        path: "/api/stats",
+        scope: Some(TokenScope::Read),
+    },
+];
 
 async fn prometheus() -> Response {
     (
@@ -262,7 +304,12 @@ table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #e
 td:first-child,th:first-child{text-align:left}.bar{background:#4269d0;height:10px;display:inline-block}
 #spark{display:flex;align-items:flex-end;gap:3px;height:60px}#spark div{background:#3ca951;width:18px}
 #status{color:#888}</style></head><body>
-<h1>Switchyard</h1><div id="status">loading…</div>
+<h1>Switchyard</h1>
+<form id="login" hidden><p>Sign in with an API token (scope <code>read</code> or <code>admin</code>;
+<code>switchyard token create --name me --scope read</code>).</p>
+<input id="token" type="password" autocomplete="current-password" size="50" placeholder="sy_…" aria-label="API token">
+<button type="submit">Sign in</button> <span id="login-error"></span></form>
+<div id="board" hidden><div id="status">loading…</div> <button id="logout" type="button">Sign out</button>
 <div class="kpis">
 <div class="kpi">jobs finished, last minute<b id="finished-last-minute">–</b></div>
 <div class="kpi">jobs today<b id="jobs-today">–</b></div>
@@ -273,15 +320,27 @@ td:first-child,th:first-child{text-align:left}.bar{background:#4269d0;height:10p
 <h2>Queue depths</h2><table id="queues"></table>
 <h2 id="savings-title">Savings, jobs of the last 24 hours</h2><table id="savings"></table>
 <h2>Spend by model today (UTC)</h2><table id="spend"></table>
-<h2>Errors by model, last hour</h2><table id="errors"></table>
+<h2>Errors by model, last hour</h2><table id="errors"></table></div>
 <script>
+const KEY='switchyard.token';
+function signedIn(){return sessionStorage.getItem(KEY)}
+function show(){const t=signedIn();document.getElementById('login').hidden=!!t;document.getElementById('board').hidden=!t;if(t)tick()}
+document.getElementById('login').addEventListener('submit',async e=>{e.preventDefault();
+ const t=document.getElementById('token').value.trim();
+ const r=await fetch('/api/stats',{headers:{Authorization:'Bearer '+t}});
+ if(r.ok){sessionStorage.setItem(KEY,t);document.getElementById('token').value='';document.getElementById('login-error').textContent='';show()}
+ else{document.getElementById('login-error').textContent=r.status==403?'this token may not read the dashboard':'the token was refused'}});
+document.getElementById('logout').addEventListener('click',()=>{sessionStorage.removeItem(KEY);show()});
 function cell(t){const td=document.createElement('td');td.textContent=t;return td}
 function fill(id,head,rows){const t=document.getElementById(id);t.replaceChildren();
  const h=document.createElement('tr');head.forEach(x=>{const th=document.createElement('th');th.textContent=x;h.appendChild(th)});t.appendChild(h);
  rows.forEach(r=>{const tr=document.createElement('tr');r.forEach(c=>tr.appendChild(c instanceof Node?c:cell(c)));t.appendChild(tr)})}
 function bar(frac){const s=document.createElement('span');s.className='bar';s.style.width=Math.round(160*Math.min(1,frac))+'px';const td=document.createElement('td');td.appendChild(s);return td}
 async function tick(){
- try{const r=await fetch('/api/stats');if(!r.ok)throw new Error(await r.text());const s=await r.json();
+ const t=signedIn();if(!t)return;
+ try{const r=await fetch('/api/stats',{headers:{Authorization:'Bearer '+t}});
+  if(r.status==401||r.status==403){sessionStorage.removeItem(KEY);show();return}
+  if(!r.ok)throw new Error(await r.text());const s=await r.json();
   document.getElementById('finished-last-minute').textContent=s.finished_last_minute;
   document.getElementById('jobs-today').textContent=s.jobs_today.reduce((a,x)=>a+x[1],0);
   const q=Object.values(s.queue.jobs).reduce((a,b)=>a+b,0)+Object.values(s.queue.lanes).reduce((a,b)=>a+b,0);
@@ -299,5 +358,5 @@ async function tick(){
   document.getElementById('status').textContent='updated '+new Date().toLocaleTimeString();
  }catch(e){document.getElementById('status').textContent='cannot load figures: '+e.message}
 }
-tick();setInterval(tick,2000);
+show();setInterval(tick,2000);
 </script></body></html>"#;

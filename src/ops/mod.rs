@@ -8,7 +8,7 @@
 //! - [`batch`]: provider batches (list, show, cancel).
 
 pub mod batch;
-pub(crate) mod dashboard;
+pub mod dashboard;
 pub(crate) mod dlq;
 pub mod feedback;
 pub(crate) mod prune;

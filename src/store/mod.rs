@@ -33,6 +33,7 @@ mod rows;
 pub mod spend;
 pub mod stats;
 mod status;
+pub mod tokens;
 mod writer;
 pub use error::StoreError;
 pub use jobs::{count_finished, count_finished_prefix, job_status, load_steps, take_parked};

@@ -1,0 +1,4 @@
+//! HTTP: bearer-token authentication shared by every HTTP route the worker
+//! serves (see [`auth`]).
+
+pub mod auth;

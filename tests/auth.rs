@@ -64,37 +64,56 @@ async fn every_route_needs_a_token_of_its_scope() {
         .unwrap();
     assert!(revoke.status.success());
 
-    let call = |path: &str, token: Option<&str>| {
-        let mut r = http.get(format!("{base}{path}"));
+    let call = |method: &str, path: &str, token: Option<&str>| {
+        let url = format!("{base}{}", path.replace("{id}", "no-such-job"));
+        let mut r = if method == "POST" {
+            http.post(url)
+                .header("content-type", "application/json")
+                .body("{}")
+        } else {
+            http.get(url)
+        };
         if let Some(t) = token {
             r = r.bearer_auth(t);
         }
         async move { r.send().await.unwrap() }
     };
     let guarded: Vec<_> = ROUTES.iter().filter(|r| r.scope.is_some()).collect();
-    assert!(guarded.len() >= 2, "the table lists the guarded routes");
+    assert!(guarded.len() >= 5, "the table lists the guarded routes");
     for spec in guarded {
-        assert_eq!(spec.method, "GET");
-        let p = spec.path;
-        let none = call(p, None).await;
-        assert_eq!(none.status(), 401, "{p} without a token");
+        let (m, p) = (spec.method, spec.path);
+        let none = call(m, p, None).await;
+        assert_eq!(none.status(), 401, "{m} {p} without a token");
         assert_eq!(none.headers()["www-authenticate"], "Bearer");
-        assert_eq!(call(p, Some("sy_not-a-token")).await.status(), 401, "{p}");
-        assert_eq!(call(p, Some(&revoked)).await.status(), 401, "{p} revoked");
-        let wrong = if spec.scope == Some(Scope::Read) {
-            &submit
-        } else {
-            &read
+        assert_eq!(
+            call(m, p, Some("sy_not-a-token")).await.status(),
+            401,
+            "{m} {p}"
+        );
+        assert_eq!(
+            call(m, p, Some(&revoked)).await.status(),
+            401,
+            "{m} {p} revoked"
+        );
+        let (right, wrong) = match spec.scope {
+            Some(Scope::Read) => (&read, &submit),
+            _ => (&submit, &read),
         };
-        assert_eq!(call(p, Some(wrong)).await.status(), 403, "{p} wrong scope");
-        assert_eq!(call(p, Some(&read)).await.status(), 200, "{p} read");
-        assert_eq!(call(p, Some(&admin)).await.status(), 200, "{p} admin");
+        assert_eq!(
+            call(m, p, Some(wrong)).await.status(),
+            403,
+            "{m} {p} wrong scope"
+        );
+        for t in [right, &admin] {
+            let s = call(m, p, Some(t)).await.status();
+            assert!(s != 401 && s != 403 && !s.is_server_error(), "{m} {p}: {s}");
+        }
     }
     // The open routes reveal nothing.
-    let health = call("/healthz", None).await;
+    let health = call("GET", "/healthz", None).await;
     assert_eq!(health.status(), 200);
     assert_eq!(health.text().await.unwrap(), "ok");
-    let page = call("/", None).await.text().await.unwrap();
+    let page = call("GET", "/", None).await.text().await.unwrap();
     assert!(page.contains("Sign in with an API token"));
     assert!(
         page.contains("<b id=\"jobs-today\">–</b>"),
@@ -104,13 +123,13 @@ async fn every_route_needs_a_token_of_its_scope() {
     // Bad tokens from one address: after a burst, 429; a valid token still passes.
     let mut limited = false;
     for _ in 0..40 {
-        if call("/metrics", Some("sy_guess")).await.status() == 429 {
+        if call("GET", "/metrics", Some("sy_guess")).await.status() == 429 {
             limited = true;
             break;
         }
     }
     assert!(limited, "bad attempts are rate limited");
-    assert_eq!(call("/metrics", Some(&read)).await.status(), 200);
+    assert_eq!(call("GET", "/metrics", Some(&read)).await.status(), 200);
 
     // Tokens are stored hashed and never logged.
     let stored: Vec<(String, String)> =

@@ -1,4 +1,5 @@
 //! HTTP: bearer-token authentication shared by every HTTP route the worker
-//! serves (see [`auth`]).
+//! serves (see [`auth`]), and the jobs API ([`jobs`]).
 
 pub mod auth;
+pub mod jobs;

@@ -36,6 +36,7 @@ pub use crate::store::stats::ModelSpend;
 struct Ctx {
     pool: PgPool,
     bus: Bus,
+    cfg: Config,
     providers: Vec<String>,
     categories: Vec<String>,
     baseline: Option<(String, Prices)>,
@@ -94,6 +95,7 @@ pub async fn serve(
     let ctx = Arc::new(Ctx {
         pool,
         bus,
+        cfg: cfg.clone(),
         providers: cfg.providers.keys().cloned().collect(),
         categories: cfg.subject_categories(),
         baseline: cfg
@@ -148,11 +150,17 @@ pub async fn serve(
     let auth = crate::api::auth::Authenticator::new(ctx.pool.clone());
     let mut app = Router::new();
     for spec in ROUTES {
-        let route = match spec.path {
-            "/" => get(page),
-            "/healthz" => get(|| async { "ok" }),
-            "/metrics" => get(prometheus),
-            _ => get(stats),
+        use crate::api::jobs;
+        let route = match (spec.method, spec.path) {
+            ("GET", "/") => get(page),
+            ("GET", "/healthz") => get(|| async { "ok" }),
+            ("GET", "/metrics") => get(prometheus),
+            ("GET", "/api/stats") => get(stats),
+            ("POST", "/v1/jobs") => axum::routing::post(jobs::submit::<Ctx>)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_SUBMIT_BYTES)),
+            ("GET", "/v1/jobs") => get(jobs::list::<Ctx>),
+            ("GET", "/v1/jobs/{id}") => get(jobs::get::<Ctx>),
+            (m, p) => unreachable!("ROUTES names {m} {p} without a handler"),
         };
         app = app.route(spec.path, crate::api::auth::guarded(route, spec, &auth));
     }
@@ -192,7 +200,37 @@ pub const ROUTES: &[RouteSpec] = &[
         path: "/api/stats",
         scope: Some(TokenScope::Read),
     },
+    RouteSpec {
+        method: "POST",
+        path: "/v1/jobs",
+        scope: Some(TokenScope::Submit),
+    },
+    RouteSpec {
+        method: "GET",
+        path: "/v1/jobs",
+        scope: Some(TokenScope::Read),
+    },
+    RouteSpec {
+        method: "GET",
+        path: "/v1/jobs/{id}",
+        scope: Some(TokenScope::Read),
+    },
 ];
+
+/// The largest `POST /v1/jobs` body (a bulk request of many envelopes).
+const MAX_SUBMIT_BYTES: usize = 64 << 20;
+
+impl crate::api::jobs::JobsCtx for Ctx {
+    fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+    fn bus(&self) -> &Bus {
+        &self.bus
+    }
+    fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+}
 
 async fn prometheus() -> Response {
     (

@@ -153,3 +153,130 @@ pub async fn attempts(pool: &PgPool, job_id: &str) -> Result<Vec<Attempt>> {
     .fetch_all(pool)
     .await?)
 }
+
+/// A job as the HTTP API shows it.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct JobView {
+    pub id: String,
+    pub category: String,
+    pub status: String,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+    pub review_reason: Option<String>,
+    pub metadata: Option<serde_json::Value>,
+    /// The decision log.
+    pub route_decision: Option<serde_json::Value>,
+    pub output: Option<String>,
+    pub output_json: Option<serde_json::Value>,
+    pub model: Option<String>,
+    pub cost_usd: Option<rust_decimal::Decimal>,
+    pub latency_ms: Option<i64>,
+}
+
+const JOB_VIEW: &str = "SELECT j.id, j.category, j.status, j.created_at::text AS created_at,
+        j.finished_at::text AS finished_at, j.error, j.review_reason,
+        j.envelope->'metadata' AS metadata, j.route_decision,
+        r.output, r.output_json, r.model,
+        COALESCE(r.cost_usd, (SELECT sum(cost_usd) FROM calls c WHERE c.job_id = j.id)) AS cost_usd,
+        r.latency_ms::int8 AS latency_ms
+     FROM jobs j LEFT JOIN results r ON r.job_id = j.id";
+
+/// One job with its result, if any.
+pub async fn job_view(pool: &PgPool, id: &str) -> Result<Option<JobView>> {
+    Ok(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("{JOB_VIEW} WHERE j.id = $1")))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?,
+    )
+}
+
+/// A call of a job, as the HTTP API shows it.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct CallView {
+    pub step: i32,
+    pub attempt: i32,
+    pub provider: String,
+    pub model: String,
+    pub outcome: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_usd: rust_decimal::Decimal,
+    pub latency_ms: Option<i32>,
+    pub batch_id: Option<String>,
+    pub error: Option<String>,
+    pub created_at: String,
+}
+
+/// Every call of a job, by step and attempt.
+pub async fn job_calls(pool: &PgPool, id: &str) -> Result<Vec<CallView>> {
+    Ok(sqlx::query_as(
+        "SELECT step, attempt, provider, model, outcome, input_tokens, output_tokens, cost_usd,
+                latency_ms, batch_id, error, created_at::text AS created_at
+         FROM calls WHERE job_id = $1 ORDER BY step, attempt",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// What `GET /v1/jobs` filters on.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub category: Option<String>,
+    pub status: Option<String>,
+    /// RFC 3339 bounds on `created_at`.
+    pub since: Option<String>,
+    pub until: Option<String>,
+    /// `metadata.KEY=VALUE` pairs, all of which must match.
+    pub metadata: Vec<(String, String)>,
+    /// Continue after this (created_at as Postgres prints it, id).
+    pub after: Option<(String, String)>,
+    pub limit: i64,
+}
+
+/// A page of jobs, newest first, and the key of its last one.
+pub async fn list_jobs(
+    pool: &PgPool,
+    f: &JobFilter,
+) -> Result<(Vec<JobView>, Option<(String, String)>)> {
+    let meta = serde_json::Value::Object(
+        f.metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+    );
+    // Keyset pagination on (created_at, id), newest first: stable under
+    // concurrent inserts (new jobs sort before the cursor).
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT created_at::text, id FROM jobs
+         WHERE ($1::text IS NULL OR category = $1)
+           AND ($2::text IS NULL OR status = $2)
+           AND ($3::timestamptz IS NULL OR created_at >= $3::timestamptz)
+           AND ($4::timestamptz IS NULL OR created_at < $4::timestamptz)
+           AND ($5::jsonb = '{}'::jsonb OR envelope->'metadata' @> $5::jsonb)
+           AND ($6::timestamptz IS NULL OR (created_at, id) < ($6::timestamptz, $7::text))
+         ORDER BY created_at DESC, id DESC LIMIT $8",
+    )
+    .bind(&f.category)
+    .bind(&f.status)
+    .bind(&f.since)
+    .bind(&f.until)
+    .bind(meta)
+    .bind(f.after.as_ref().map(|a| a.0.clone()))
+    .bind(f.after.as_ref().map(|a| a.1.clone()))
+    .bind(f.limit)
+    .fetch_all(pool)
+    .await?;
+    let last = rows.last().cloned();
+    let ids: Vec<String> = rows.into_iter().map(|r| r.1).collect();
+    let mut jobs: Vec<JobView> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{JOB_VIEW} WHERE j.id = ANY($1::text[])"
+    )))
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    jobs.sort_by_key(|j| ids.iter().position(|i| *i == j.id));
+    Ok((jobs, last))
+}

@@ -1,0 +1,277 @@
+//! The jobs API over real HTTP on loopback: submit one job or many, the
+//! same id twice is one job, bad lines are reported by line while the good
+//! ones run, a job reads back with its result and calls, and the list pages
+//! stably while jobs keep arriving.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::TestEnv;
+use serde_json::{json, Value};
+use switchyard::store::tokens::{self, Scope};
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+    submit: String,
+    read: String,
+    _tasks: switchyard::tasks::Tasks,
+}
+
+async fn api(env: &TestEnv) -> Api {
+    let port = switchyard_servers::free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let tasks = switchyard::tasks::Tasks::new();
+    switchyard::ops::dashboard::serve(
+        &listen,
+        env.pool.clone(),
+        env.bus.clone(),
+        &env.config(),
+        &tasks,
+    )
+    .await
+    .unwrap();
+    switchyard::providers::http::install_tls_provider();
+    Api {
+        base: format!("http://{listen}"),
+        http: reqwest::Client::new(),
+        submit: tokens::create(&env.pool, "backend", Scope::Submit)
+            .await
+            .unwrap(),
+        read: tokens::create(&env.pool, "analyst", Scope::Read)
+            .await
+            .unwrap(),
+        _tasks: tasks,
+    }
+}
+
+impl Api {
+    async fn post(&self, body: String, content_type: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/jobs", self.base))
+            .bearer_auth(&self.submit)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.read)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
+    async fn wait_done(&self, ids: &[&str]) {
+        for id in ids {
+            common::wait_until(
+                Duration::from_secs(30),
+                &format!("{id} finished"),
+                || async {
+                    let (_, v) = self.get(&format!("/v1/jobs/{id}")).await;
+                    matches!(
+                        v["status"].as_str(),
+                        Some("succeeded" | "failed" | "needs_review" | "dead")
+                    )
+                },
+            )
+            .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_are_submitted_once_and_read_back_with_their_result() {
+    let env = TestEnv::new(Default::default()).await;
+    let worker = env.start_worker(env.config()).await;
+    let api = api(&env).await;
+
+    let job = json!({"id": "web-1", "category": "support", "prompt": "Where is my parcel?",
+                     "metadata": {"customer": "c-9"}});
+    let (status, v) = api.post(job.to_string(), "application/json").await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["id"], "web-1");
+    assert_eq!(v["status"], "queued");
+    api.wait_done(&["web-1"]).await;
+    // The same id again: its state, never a second job.
+    let (status, v) = api.post(job.to_string(), "application/json").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "exists");
+    assert_eq!(v["job_status"], "succeeded");
+    assert_eq!(env.count("SELECT count(*) FROM jobs").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM results").await, 1);
+
+    let (status, v) = api.get("/v1/jobs/web-1").await;
+    assert_eq!(status, 200);
+    assert_eq!(v["status"], "succeeded");
+    assert!(!v["output"].as_str().unwrap().is_empty());
+    assert!(v["model"].is_string());
+    let cost: rust_decimal::Decimal = v["cost_usd"].as_str().unwrap().parse().unwrap();
+    assert!(cost > rust_decimal::Decimal::ZERO);
+    assert_eq!(v["metadata"]["customer"], "c-9");
+    assert!(
+        v["route_decision"]["kind"].is_string(),
+        "the decision log: {v}"
+    );
+    assert!(!v["calls"].as_array().unwrap().is_empty());
+    assert_eq!(api.get("/v1/jobs/nobody").await.0, 404);
+
+    // A job without an id gets one, and says which.
+    let (status, v) = api
+        .post(
+            json!({"category": "support", "prompt": "Hello"}).to_string(),
+            "application/json",
+        )
+        .await;
+    assert_eq!(status, 202);
+    let made = v["id"].as_str().unwrap().to_string();
+    api.wait_done(&[made.as_str()]).await;
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_request_reports_bad_lines_and_runs_the_good_ones() {
+    let env = TestEnv::new(Default::default()).await;
+    let worker = env.start_worker(env.config()).await;
+    let api = api(&env).await;
+    let lines = [
+        json!({"id": "bulk-1", "category": "support", "prompt": "one"}).to_string(),
+        "{not json".to_string(),
+        json!({"id": "bulk-3", "category": "nowhere", "prompt": "three"}).to_string(),
+        json!({"id": "bulk-4", "category": "support", "prompt": ""}).to_string(),
+        json!({"id": "bulk-5", "prompt": "no category"}).to_string(),
+        json!({"id": "bulk-6", "category": "sales", "promt": "typo"}).to_string(),
+        json!({"id": "bulk-7", "category": "sales", "prompt": "seven"}).to_string(),
+    ];
+    let (status, v) = api.post(lines.join("\n"), "application/x-ndjson").await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["accepted"], 2);
+    assert_eq!(v["rejected"], 5);
+    let by_line = |n: u64| {
+        v["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["line"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_line(1)["status"], "queued");
+    assert!(by_line(2)["reason"].as_str().unwrap().contains("not JSON"));
+    assert!(by_line(3)["reason"]
+        .as_str()
+        .unwrap()
+        .contains("unknown category `nowhere`"));
+    assert!(by_line(4)["reason"]
+        .as_str()
+        .unwrap()
+        .contains("empty input"));
+    assert!(by_line(5)["reason"]
+        .as_str()
+        .unwrap()
+        .contains("`category` is required"));
+    assert!(by_line(6)["reason"].as_str().unwrap().contains("promt"));
+    assert_eq!(by_line(7)["status"], "queued");
+    api.wait_done(&["bulk-1", "bulk-7"]).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+            .await,
+        2
+    );
+    // A JSON array works the same way.
+    let (status, v) = api
+        .post(
+            json!([{"id": "arr-1", "category": "support", "prompt": "a"},
+                   {"id": "arr-2", "category": "support", "prompt": "b"}])
+            .to_string(),
+            "application/json",
+        )
+        .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["accepted"], 2);
+    api.wait_done(&["arr-1", "arr-2"]).await;
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_list_filters_and_pages_stably_while_jobs_arrive() {
+    let env = TestEnv::new(Default::default()).await;
+    let worker = env.start_worker(env.config()).await;
+    let api = api(&env).await;
+    let batch = |from: usize, n: usize, tag: &str| {
+        (from..from + n)
+            .map(|i| {
+                json!({"id": format!("list-{i:03}"), "category": if i % 2 == 0 { "support" } else { "sales" },
+                       "prompt": format!("question {i}"), "metadata": {"batch": tag}})
+                .to_string()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        api.post(batch(0, 25, "a"), "application/x-ndjson").await.0,
+        202
+    );
+    common::wait_until(Duration::from_secs(30), "25 jobs stored", || async {
+        env.count("SELECT count(*) FROM jobs").await == 25
+    })
+    .await;
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/jobs?limit=10&metadata.batch=a&cursor={c}"),
+            None => "/v1/jobs?limit=10&metadata.batch=a".to_string(),
+        };
+        let (status, v) = api.get(&path).await;
+        assert_eq!(status, 200, "{v}");
+        pages += 1;
+        if pages == 1 {
+            // Jobs arriving meanwhile sort before the cursor: no page shifts.
+            assert_eq!(
+                api.post(batch(100, 10, "a"), "application/x-ndjson")
+                    .await
+                    .0,
+                202
+            );
+        }
+        for j in v["jobs"].as_array().unwrap() {
+            seen.push(j["id"].as_str().unwrap().to_string());
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    let first: HashSet<String> = (0..25).map(|i| format!("list-{i:03}")).collect();
+    let unique: HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "no job twice: {seen:?}");
+    assert!(
+        first.iter().all(|id| unique.contains(id)),
+        "no job skipped: {seen:?}"
+    );
+
+    let (_, v) = api.get("/v1/jobs?category=sales&limit=500").await;
+    let sales = v["jobs"].as_array().unwrap();
+    assert!(!sales.is_empty() && sales.iter().all(|j| j["category"] == "sales"));
+    assert_eq!(api.get("/v1/jobs?status=bogus").await.0, 400);
+    assert_eq!(api.get("/v1/jobs?limit=0").await.0, 400);
+    assert_eq!(api.get("/v1/jobs?cursor=%%%").await.0, 400);
+    assert_eq!(api.get("/v1/jobs?colour=red").await.0, 400);
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

@@ -712,6 +712,26 @@ impl Config {
         Some((cc, scope))
     }
 
+    /// Why a job of `category` asking for `rf` cannot be answered, if it
+    /// cannot: a model of the category's routes (variant included) whose
+    /// answer may become the job's cannot honour the format.
+    pub fn format_unanswerable(
+        &self,
+        category: &str,
+        rf: &crate::structured::ResponseFormat,
+    ) -> Option<String> {
+        let cat = self.categories.get(category)?;
+        let mut routes = vec![&cat.route];
+        routes.extend(cat.variant.as_ref().map(|v| &v.route));
+        routes
+            .into_iter()
+            .flat_map(RouteConfig::answer_models)
+            .find_map(|m| {
+                self.structured_unsupported(rf, m)
+                    .map(|why| format!("model `{m}` of category `{category}`: {why}"))
+            })
+    }
+
     /// The answer format of a job of `category` that set `own` (or none).
     pub fn response_format<'a>(
         &'a self,

@@ -165,18 +165,12 @@ async fn submit_one<C: JobsCtx>(ctx: &C, line: usize, item: Result<Value, String
         Parsed::Valid(job) => job,
         Parsed::Rejected { id, reason, .. } => return rejected(id, reason.to_string()),
     };
-    if let Some(why) = job.envelope.response_format.as_ref().and_then(|rf| {
-        let cat = cfg.categories.get(&job.category)?;
-        let mut routes = vec![&cat.route];
-        routes.extend(cat.variant.as_ref().map(|v| &v.route));
-        routes
-            .into_iter()
-            .flat_map(crate::config::RouteConfig::answer_models)
-            .find_map(|m| {
-                cfg.structured_unsupported(rf, m)
-                    .map(|w| format!("model `{m}`: {w}"))
-            })
-    }) {
+    if let Some(why) = job
+        .envelope
+        .response_format
+        .as_ref()
+        .and_then(|rf| cfg.format_unanswerable(&job.category, rf))
+    {
         return rejected(Some(job.id), format!("invalid response_format: {why}"));
     }
     match jobs::job_status(ctx.pool(), &job.id).await {

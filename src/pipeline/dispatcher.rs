@@ -199,20 +199,9 @@ impl Dispatcher {
             return Some(Rejection::BadImage(why));
         }
         let rf = job.envelope.response_format.as_ref()?;
-        let cat = self.cfg.categories.get(&job.category)?;
-        let mut routes = vec![&cat.route];
-        routes.extend(cat.variant.as_ref().map(|v| &v.route));
-        routes
-            .into_iter()
-            .flat_map(crate::config::RouteConfig::answer_models)
-            .find_map(|m| {
-                self.cfg.structured_unsupported(rf, m).map(|why| {
-                    Rejection::BadResponseFormat(format!(
-                        "model `{m}` of category `{}`: {why}",
-                        job.category
-                    ))
-                })
-            })
+        self.cfg
+            .format_unanswerable(&job.category, rf)
+            .map(Rejection::BadResponseFormat)
     }
 
     /// What a valid job comes to: its row (and park), and its first calls

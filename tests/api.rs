@@ -20,19 +20,13 @@ struct Api {
     _tasks: switchyard::tasks::Tasks,
 }
 
-async fn api(env: &TestEnv) -> Api {
+async fn api(env: &TestEnv, cfg: &switchyard::config::Config) -> Api {
     let port = switchyard_servers::free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
     let tasks = switchyard::tasks::Tasks::new();
-    switchyard::ops::dashboard::serve(
-        &listen,
-        env.pool.clone(),
-        env.bus.clone(),
-        &env.config(),
-        &tasks,
-    )
-    .await
-    .unwrap();
+    switchyard::ops::dashboard::serve(&listen, env.pool.clone(), env.bus.clone(), cfg, &tasks)
+        .await
+        .unwrap();
     switchyard::providers::http::install_tls_provider();
     Api {
         base: format!("http://{listen}"),
@@ -94,7 +88,7 @@ impl Api {
 async fn jobs_are_submitted_once_and_read_back_with_their_result() {
     let env = TestEnv::new(Default::default()).await;
     let worker = env.start_worker(env.config()).await;
-    let api = api(&env).await;
+    let api = api(&env, &env.config()).await;
 
     let job = json!({"id": "web-1", "category": "support", "prompt": "Where is my parcel?",
                      "metadata": {"customer": "c-9"}});
@@ -144,7 +138,7 @@ async fn jobs_are_submitted_once_and_read_back_with_their_result() {
 async fn a_bulk_request_reports_bad_lines_and_runs_the_good_ones() {
     let env = TestEnv::new(Default::default()).await;
     let worker = env.start_worker(env.config()).await;
-    let api = api(&env).await;
+    let api = api(&env, &env.config()).await;
     let lines = [
         json!({"id": "bulk-1", "category": "support", "prompt": "one"}).to_string(),
         "{not json".to_string(),
@@ -209,7 +203,7 @@ async fn a_bulk_request_reports_bad_lines_and_runs_the_good_ones() {
 async fn the_list_filters_and_pages_stably_while_jobs_arrive() {
     let env = TestEnv::new(Default::default()).await;
     let worker = env.start_worker(env.config()).await;
-    let api = api(&env).await;
+    let api = api(&env, &env.config()).await;
     let batch = |from: usize, n: usize, tag: &str| {
         (from..from + n)
             .map(|i| {
@@ -272,6 +266,168 @@ async fn the_list_filters_and_pages_stably_while_jobs_arrive() {
     assert_eq!(api.get("/v1/jobs?limit=0").await.0, 400);
     assert_eq!(api.get("/v1/jobs?cursor=%%%").await.0, 400);
     assert_eq!(api.get("/v1/jobs?colour=red").await.0, 400);
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}
+
+/// Cancelling: a running multi-step job stops at its next step (the call
+/// under way is recorded), queued jobs cancelled by a filter never call a
+/// provider, a finished job says so and stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_jobs_stop_at_the_next_step_and_queued_ones_never_call() {
+    let env = TestEnv::new(switchyard::sim::SimProfile {
+        latency_ms: 1200,
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = env.config_from(&format!(
+        "{}\n[categories.slow]\nroute = {{ kind = \"single\", target = \"gpt-4o-mini\" }}\n\
+         [categories.steps]\nroute = {{ kind = \"pipeline\", stages = [\
+           {{ name = \"a\", target = \"claude-haiku-4-5\" }}, {{ name = \"b\", target = \"claude-haiku-4-5\" }}] }}\n",
+        common::SHIPPED_CONFIG
+    ));
+    cfg.providers.get_mut("openai").unwrap().max_concurrency = 1;
+    let worker = env.start_worker(cfg.clone()).await;
+    let api = api(&env, &cfg).await;
+    let admin = tokens::create(&env.pool, "ops", Scope::Admin)
+        .await
+        .unwrap();
+    let post = |path: String, body: String| {
+        let r = api
+            .http
+            .post(format!("{}{path}", api.base))
+            .bearer_auth(&admin)
+            .header("content-type", "application/json")
+            .body(body);
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let calls_of = |id: &'static str| {
+        let ledger = env.sim.ledger();
+        ledger
+            .iter()
+            .filter(|e| e.call.as_ref().is_some_and(|t| t.job_id == id))
+            .count()
+    };
+
+    // A running two-stage job: cancelled while its first stage is called.
+    let job = json!({"id": "two-steps", "category": "steps", "prompt": "draft then polish"});
+    let (status, v) = api.post(job.to_string(), "application/json").await;
+    assert_eq!(status, 202, "{v}");
+    common::wait_until(
+        Duration::from_secs(20),
+        "the first stage under way",
+        || async {
+            env.count(
+                "SELECT count(*) FROM calls WHERE job_id = 'two-steps' AND outcome = 'unknown'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    let (status, v) = post("/v1/jobs/two-steps/cancel".into(), String::new()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "cancelled");
+
+    // Queued jobs behind one running call (the lane takes one at a time),
+    // cancelled by their metadata.
+    let line = |i: usize| {
+        json!({"id": format!("q-{i}"), "category": "slow", "prompt": format!("question {i}"),
+               "metadata": {"wave": if i == 0 { "first" } else { "rest" }}})
+        .to_string()
+    };
+    assert_eq!(api.post(line(0), "application/json").await.0, 202);
+    common::wait_until(Duration::from_secs(20), "q-0 under way", || async {
+        env.count("SELECT count(*) FROM calls WHERE job_id = 'q-0' AND outcome = 'unknown'")
+            .await
+            == 1
+    })
+    .await;
+    let lines: Vec<String> = (1..5).map(line).collect();
+    assert_eq!(
+        api.post(lines.join("\n"), "application/x-ndjson").await.0,
+        202
+    );
+    common::wait_until(Duration::from_secs(20), "five jobs stored", || async {
+        env.count("SELECT count(*) FROM jobs WHERE id LIKE 'q-%'")
+            .await
+            == 5
+    })
+    .await;
+    let (status, v) = post(
+        "/v1/jobs/cancel".into(),
+        json!({"category": "slow", "metadata": {"wave": "rest"}}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["cancelled"], 4);
+
+    // Everything settles: the first stage's call recorded, nothing else called.
+    api.wait_done(&["q-0"]).await;
+    common::wait_until(
+        Duration::from_secs(20),
+        "the stage under way recorded",
+        || async {
+            env.count("SELECT count(*) FROM calls WHERE job_id = 'two-steps' AND outcome = 'ok'")
+                .await
+                == 1
+        },
+    )
+    .await;
+    common::wait_until(Duration::from_secs(20), "the lanes drained", || async {
+        let d = env
+            .bus
+            .queue_depths(&["openai".into(), "anthropic".into()])
+            .await
+            .unwrap();
+        d.lanes.values().all(|n| *n == 0)
+    })
+    .await;
+    assert_eq!(
+        calls_of("two-steps"),
+        1,
+        "the second stage was never called"
+    );
+    for i in 1..5 {
+        let id = format!("q-{i}");
+        assert!(
+            !env.sim
+                .ledger()
+                .iter()
+                .any(|e| e.call.as_ref().is_some_and(|t| t.job_id == id)),
+            "{id} never called a provider"
+        );
+    }
+    let statuses: Vec<(String, String)> = sqlx::query_as("SELECT id, status FROM jobs ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    for (id, status) in &statuses {
+        let want = if id == "q-0" {
+            "succeeded"
+        } else {
+            "cancelled"
+        };
+        assert_eq!(status, want, "{id}");
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM results WHERE job_id <> 'q-0'")
+            .await,
+        0,
+        "a cancelled job keeps no result"
+    );
+    // A finished job: 409, unchanged.
+    let (status, v) = post("/v1/jobs/q-0/cancel".into(), String::new()).await;
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(v["status"], "succeeded");
+    assert_eq!(
+        post("/v1/jobs/nobody/cancel".into(), String::new()).await.0,
+        404
+    );
+    assert_eq!(post("/v1/jobs/cancel".into(), "{}".into()).await.0, 400);
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }

@@ -64,7 +64,15 @@ async fn every_route_needs_a_token_of_its_scope() {
         .unwrap();
     assert!(revoke.status.success());
 
-    let call = |method: &str, path: &str, token: Option<&str>| {
+    // Each route is tried from its own loopback address (127.0.1.N), so
+    // the bad-token limiter of one does not answer for the next.
+    let client_from = |n: u8| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from([127, 0, 1, n]))
+            .build()
+            .unwrap()
+    };
+    let send = |http: &reqwest::Client, method: &str, path: &str, token: Option<&str>| {
         let url = format!("{base}{}", path.replace("{id}", "no-such-job"));
         let mut r = if method == "POST" {
             http.post(url)
@@ -78,10 +86,13 @@ async fn every_route_needs_a_token_of_its_scope() {
         }
         async move { r.send().await.unwrap() }
     };
+    let call = |method: &str, path: &str, token: Option<&str>| send(&http, method, path, token);
     let guarded: Vec<_> = ROUTES.iter().filter(|r| r.scope.is_some()).collect();
     assert!(guarded.len() >= 5, "the table lists the guarded routes");
-    for spec in guarded {
+    for (i, spec) in guarded.into_iter().enumerate() {
         let (m, p) = (spec.method, spec.path);
+        let from = client_from(u8::try_from(i + 1).unwrap());
+        let call = |method: &str, path: &str, token: Option<&str>| send(&from, method, path, token);
         let none = call(m, p, None).await;
         assert_eq!(none.status(), 401, "{m} {p} without a token");
         assert_eq!(none.headers()["www-authenticate"], "Bearer");
@@ -97,7 +108,8 @@ async fn every_route_needs_a_token_of_its_scope() {
         );
         let (right, wrong) = match spec.scope {
             Some(Scope::Read) => (&read, &submit),
-            _ => (&submit, &read),
+            Some(Scope::Submit) => (&submit, &read),
+            _ => (&admin, &read),
         };
         assert_eq!(
             call(m, p, Some(wrong)).await.status(),

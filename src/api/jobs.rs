@@ -312,3 +312,89 @@ pub async fn list<C: JobsCtx>(
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
     }
 }
+
+/// Announce a cancelled job on `<prefix>.done.<category>` (best effort, as
+/// every job's end is).
+async fn announce_cancelled<C: JobsCtx>(ctx: &C, id: &str, category: &str) {
+    let ev = crate::bus::DoneEvent {
+        job_id: id.to_string(),
+        category: category.to_string(),
+        status: crate::store::JobStatus::Cancelled,
+    };
+    if let Ok(body) = serde_json::to_vec(&ev) {
+        let subject = ctx.bus().names.done_subject(category);
+        let _ = ctx.bus().client.publish(subject, body.into()).await;
+    }
+}
+
+/// `POST /v1/jobs/{id}/cancel` (scope `admin`): a queued job never calls a
+/// provider; a running one stops at its next step (calls under way are
+/// recorded); a job that ended already stays as it is (409).
+pub async fn cancel<C: JobsCtx>(
+    State(ctx): State<std::sync::Arc<C>>,
+    Path(id): Path<String>,
+) -> Response {
+    match jobs::cancel(ctx.pool(), &id).await {
+        Ok(jobs::Cancelled::Now { category }) => {
+            announce_cancelled(&*ctx, &id, &category).await;
+            Json(json!({"id": id, "status": "cancelled"})).into_response()
+        }
+        Ok(jobs::Cancelled::AlreadyEnded(s)) => (
+            StatusCode::CONFLICT,
+            Json(json!({"id": id, "status": s.as_str(),
+                        "error": format!("the job had ended already ({s}); nothing changed")})),
+        )
+            .into_response(),
+        Ok(jobs::Cancelled::NotFound) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
+    }
+}
+
+/// `POST /v1/jobs/cancel` (scope `admin`) with `{"category", "metadata":
+/// {…}, "created_before"}` (at least one): cancel every unfinished job that
+/// matches.
+pub async fn cancel_where<C: JobsCtx>(
+    State(ctx): State<std::sync::Arc<C>>,
+    body: Bytes,
+) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Filter {
+        #[serde(default)]
+        category: Option<String>,
+        #[serde(default)]
+        metadata: std::collections::BTreeMap<String, String>,
+        #[serde(default)]
+        created_before: Option<String>,
+    }
+    let f: Filter = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the filter: {e}")),
+    };
+    if f.category.is_none() && f.metadata.is_empty() && f.created_before.is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "give at least one of category, metadata, created_before",
+        );
+    }
+    if let Some(t) = &f.created_before {
+        if crate::envelope::parse_deadline(t).is_none() {
+            return error(StatusCode::BAD_REQUEST, "created_before: an RFC 3339 time");
+        }
+    }
+    let filter = jobs::CancelFilter {
+        category: f.category,
+        metadata: f.metadata.into_iter().collect(),
+        created_before: f.created_before,
+    };
+    match jobs::cancel_where(ctx.pool(), &filter).await {
+        Ok(done) => {
+            for (id, category) in &done {
+                announce_cancelled(&*ctx, id, category).await;
+            }
+            let ids: Vec<&String> = done.iter().map(|(id, _)| id).collect();
+            Json(json!({"cancelled": ids.len(), "ids": ids})).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
+    }
+}

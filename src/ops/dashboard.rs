@@ -160,6 +160,8 @@ pub async fn serve(
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_SUBMIT_BYTES)),
             ("GET", "/v1/jobs") => get(jobs::list::<Ctx>),
             ("GET", "/v1/jobs/{id}") => get(jobs::get::<Ctx>),
+            ("POST", "/v1/jobs/{id}/cancel") => axum::routing::post(jobs::cancel::<Ctx>),
+            ("POST", "/v1/jobs/cancel") => axum::routing::post(jobs::cancel_where::<Ctx>),
             (m, p) => unreachable!("ROUTES names {m} {p} without a handler"),
         };
         app = app.route(spec.path, crate::api::auth::guarded(route, spec, &auth));
@@ -214,6 +216,16 @@ pub const ROUTES: &[RouteSpec] = &[
         method: "GET",
         path: "/v1/jobs/{id}",
         scope: Some(TokenScope::Read),
+    },
+    RouteSpec {
+        method: "POST",
+        path: "/v1/jobs/{id}/cancel",
+        scope: Some(TokenScope::Admin),
+    },
+    RouteSpec {
+        method: "POST",
+        path: "/v1/jobs/cancel",
+        scope: Some(TokenScope::Admin),
     },
 ];
 

@@ -280,3 +280,71 @@ pub async fn list_jobs(
     jobs.sort_by_key(|j| ids.iter().position(|i| *i == j.id));
     Ok((jobs, last))
 }
+
+/// What cancelling one job came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancelled {
+    /// It was queued or running (or parked): now `cancelled`; its category.
+    Now {
+        category: String,
+    },
+    /// It had ended already: nothing changed.
+    AlreadyEnded(JobStatus),
+    NotFound,
+}
+
+/// Cancel job `id` unless it has ended. A parked job is let go of too.
+pub async fn cancel(pool: &PgPool, id: &str) -> Result<Cancelled> {
+    let row: Option<String> = sqlx::query_scalar(
+        "UPDATE jobs SET status = $2, finished_at = now(), parked_at = NULL,
+                error = COALESCE(error, 'cancelled')
+         WHERE id = $1 AND NOT (status = ANY($3::text[])) RETURNING category",
+    )
+    .bind(id)
+    .bind(JobStatus::Cancelled.as_str())
+    .bind(JobStatus::terminal_names())
+    .fetch_optional(pool)
+    .await?;
+    if let Some(category) = row {
+        return Ok(Cancelled::Now { category });
+    }
+    Ok(match job_status(pool, id).await? {
+        Some(s) => Cancelled::AlreadyEnded(s),
+        None => Cancelled::NotFound,
+    })
+}
+
+/// Which unfinished jobs `cancel_where` cancels; at least one is set.
+#[derive(Debug, Clone, Default)]
+pub struct CancelFilter {
+    pub category: Option<String>,
+    pub metadata: Vec<(String, String)>,
+    /// RFC 3339: jobs created before it.
+    pub created_before: Option<String>,
+}
+
+/// Cancel every unfinished job matching `f`; (id, category) of each.
+pub async fn cancel_where(pool: &PgPool, f: &CancelFilter) -> Result<Vec<(String, String)>> {
+    let meta = serde_json::Value::Object(
+        f.metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+    );
+    Ok(sqlx::query_as(
+        "UPDATE jobs SET status = $1, finished_at = now(), parked_at = NULL,
+                error = COALESCE(error, 'cancelled')
+         WHERE NOT (status = ANY($2::text[]))
+           AND ($3::text IS NULL OR category = $3)
+           AND ($4::jsonb = '{}'::jsonb OR envelope->'metadata' @> $4::jsonb)
+           AND ($5::timestamptz IS NULL OR created_at < $5::timestamptz)
+         RETURNING id, category",
+    )
+    .bind(JobStatus::Cancelled.as_str())
+    .bind(JobStatus::terminal_names())
+    .bind(&f.category)
+    .bind(meta)
+    .bind(&f.created_before)
+    .fetch_all(pool)
+    .await?)
+}

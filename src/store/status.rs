@@ -15,17 +15,20 @@ pub enum JobStatus {
     Failed,
     NeedsReview,
     Dead,
+    /// Cancelled by a person or a client before it ended.
+    Cancelled,
 }
 
 impl JobStatus {
     /// Every status, in the order a job may pass through them.
-    pub const ALL: [JobStatus; 6] = [
+    pub const ALL: [JobStatus; 7] = [
         JobStatus::Queued,
         JobStatus::Running,
         JobStatus::Succeeded,
         JobStatus::Failed,
         JobStatus::NeedsReview,
         JobStatus::Dead,
+        JobStatus::Cancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -36,6 +39,7 @@ impl JobStatus {
             JobStatus::Failed => "failed",
             JobStatus::NeedsReview => "needs_review",
             JobStatus::Dead => "dead",
+            JobStatus::Cancelled => "cancelled",
         }
     }
 

@@ -649,6 +649,8 @@ async fn insert_results(tx: &mut Transaction<'_, Postgres>, results: &[&ResultRo
                     sum(output_tokens)::int8 AS outp
              FROM calls WHERE calls.job_id = r.job_id
          ) c ON true
+         -- A cancelled job keeps no result (its last call is recorded).
+         WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = r.job_id AND j.status = $9)
          ON CONFLICT (job_id) DO NOTHING",
     )
     .bind(results.iter().map(|r| r.job_id.clone()).collect::<Vec<_>>())
@@ -674,6 +676,7 @@ async fn insert_results(tx: &mut Transaction<'_, Postgres>, results: &[&ResultRo
             .map(|r| r.output_json.as_ref().map(ToString::to_string))
             .collect::<Vec<_>>(),
     )
+    .bind(JobStatus::Cancelled.as_str())
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -1209,14 +1209,17 @@ fn check_token(key: &str, name: &str) -> Result<(), ConfigError> {
 
 /// Apply `SWITCHYARD_A__B__C=value` as `a.b.c = value`. The value is parsed
 /// as a TOML value when it is one (numbers, booleans, inline tables), else
-/// taken as a string. `SWITCHYARD_CONFIG` names the file and is skipped.
+/// taken as a string. `SWITCHYARD_CONFIG` (the file), `SWITCHYARD_TOKEN`
+/// and `SWITCHYARD_URL` (the HTTP client's) are not overrides.
+const NOT_OVERRIDES: &[&str] = &["SWITCHYARD_CONFIG", "SWITCHYARD_TOKEN", "SWITCHYARD_URL"];
+
 fn apply_env_overrides(
     root: &mut toml::Table,
     env: &[(String, String)],
 ) -> Result<(), ConfigError> {
     let mut vars: Vec<&(String, String)> = env
         .iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "SWITCHYARD_CONFIG")
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !NOT_OVERRIDES.contains(&k.as_str()))
         .collect();
     vars.sort();
     for (key, raw) in vars {
@@ -1284,6 +1287,7 @@ mod tests {
             ("SWITCHYARD_NATS__PREFIX".to_string(), "test1".to_string()),
             ("SWITCHYARD_PROVIDERS__OPENAI__RPM".into(), "42".into()),
             ("SWITCHYARD_CONFIG".into(), "ignored.toml".into()),
+            ("SWITCHYARD_TOKEN".into(), "sy_client_token".into()),
             ("OTHER".into(), "x".into()),
         ];
         let cfg = Config::from_toml_with_env(SHIPPED, &env).unwrap();

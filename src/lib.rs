@@ -32,6 +32,7 @@ pub mod api;
 pub mod bucket;
 pub mod bus;
 pub mod cli;
+pub mod client;
 pub(crate) mod clock;
 pub mod config;
 pub mod demo;

@@ -431,3 +431,70 @@ async fn cancelled_jobs_stop_at_the_next_step_and_queued_ones_never_call() {
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }
+
+/// A submit token reads back the jobs it submitted and no other; the Rust
+/// client and the Python example (`examples/submit_and_wait.py`, with httpx
+/// from the SDK environment `scripts/test.sh` installs) do a whole round
+/// trip with one submit token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_tokens_read_their_own_jobs_and_the_clients_round_trip() {
+    let env = TestEnv::new(Default::default()).await;
+    let worker = env.start_worker(env.config()).await;
+    let api = api(&env, &env.config()).await;
+    let other = tokens::create(&env.pool, "other-team", Scope::Submit)
+        .await
+        .unwrap();
+
+    let client = switchyard::client::Client::new(&api.base, &api.submit).unwrap();
+    let id = client
+        .submit(&json!({"id": "mine-1", "category": "support", "prompt": "Is it raining?"}))
+        .await
+        .unwrap();
+    assert_eq!(id, "mine-1");
+    let job = client.wait(&id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert!(!job["output"].as_str().unwrap().is_empty());
+    // Another submit token does not see it; a read token does.
+    let theirs = switchyard::client::Client::new(&api.base, &other).unwrap();
+    assert!(theirs.get("mine-1").await.unwrap().is_none());
+    assert_eq!(api.get("/v1/jobs/mine-1").await.0, 200);
+    // The same id again is the same job.
+    assert_eq!(
+        client
+            .submit(&json!({"id": "mine-1", "category": "support", "prompt": "Is it raining?"}))
+            .await
+            .unwrap(),
+        "mine-1"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM jobs").await, 1);
+
+    let python = std::env::var("PROVIDER_SDK_PYTHON")
+        .unwrap_or_else(|_| format!("{}/target/sdk-venv/bin/python", env!("CARGO_MANIFEST_DIR")));
+    if common::have(
+        "Python with httpx (./scripts/test.sh installs it in target/sdk-venv)",
+        std::path::Path::new(&python).exists(),
+    ) {
+        let out = tokio::process::Command::new(&python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/submit_and_wait.py"
+            ))
+            .args(["support", "Where", "is", "my", "parcel?"])
+            .env("SWITCHYARD_URL", &api.base)
+            .env("SWITCHYARD_TOKEN", &api.submit)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["status"], "succeeded", "{v}");
+        assert!(v["model"].is_string() && v["cost_usd"].is_string());
+        assert_eq!(env.count("SELECT count(*) FROM jobs").await, 2);
+    }
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

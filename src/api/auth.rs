@@ -25,13 +25,25 @@ use tracing::warn;
 pub use crate::store::tokens::Scope;
 
 /// One HTTP route: method, path, and the scope it needs (`None`: open,
-/// for the health check and the login page only).
+/// for the health check and the login page only). With `own`, a `submit`
+/// token may use a `read` route for the jobs it submitted (the handler
+/// checks, given [`OwnJobsOnly`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RouteSpec {
     pub method: &'static str,
     pub path: &'static str,
     pub scope: Option<Scope>,
+    pub own: bool,
 }
+
+/// The name of the token a request came with (set on every guarded route).
+#[derive(Debug, Clone)]
+pub struct Caller(pub String);
+
+/// Set on a request a `submit` token makes to an `own` route: the handler
+/// serves only the jobs this token (by name) submitted.
+#[derive(Debug, Clone)]
+pub struct OwnJobsOnly(pub String);
 
 /// How long a valid token's hash is trusted without asking Postgres.
 const KNOWN_FOR: Duration = Duration::from_secs(10);
@@ -108,6 +120,21 @@ impl Authenticator {
         from: IpAddr,
         need: Scope,
     ) -> Result<(String, Scope), Refusal> {
+        let (name, scope) = self.identify(headers, from).await?;
+        if scope.allows(need) {
+            Ok((name, scope))
+        } else {
+            warn!(%from, token_name = %name, need = need.as_str(), "token refused: scope");
+            Err(Refusal::Forbidden)
+        }
+    }
+
+    /// The name and scope of the live token `headers` carry.
+    pub async fn identify(
+        &self,
+        headers: &HeaderMap,
+        from: IpAddr,
+    ) -> Result<(String, Scope), Refusal> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -144,14 +171,7 @@ impl Authenticator {
                 f
             }
         };
-        match found {
-            None => Err(self.bad_attempt(from, Refusal::Invalid)),
-            Some((name, scope)) if !scope.allows(need) => {
-                warn!(%from, token_name = %name, need = need.as_str(), "token refused: scope");
-                Err(Refusal::Forbidden)
-            }
-            Some(ok) => Ok(ok),
-        }
+        found.ok_or_else(|| self.bad_attempt(from, Refusal::Invalid))
     }
 
     /// Count a bad attempt from `from`; `why`, or `Limited` once it made
@@ -178,17 +198,28 @@ impl Authenticator {
 }
 
 /// Middleware: let the request through if it carries a token allowing
-/// `need`.
+/// `need` (or, on an `own` route, a `submit` token, marked [`OwnJobsOnly`]).
 pub async fn guard(
-    State((auth, need)): State<(Arc<Authenticator>, Scope)>,
+    State((auth, need, own)): State<(Arc<Authenticator>, Scope, bool)>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
-    match auth.check(req.headers(), addr.ip(), need).await {
-        Ok(_) => next.run(req).await,
-        Err(r) => r.into_response(),
+    let (name, scope) = match auth.identify(req.headers(), addr.ip()).await {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
+    };
+    if scope.allows(need) {
+        req.extensions_mut().insert(Caller(name));
+        return next.run(req).await;
     }
+    if own && scope == Scope::Submit {
+        req.extensions_mut().insert(Caller(name.clone()));
+        req.extensions_mut().insert(OwnJobsOnly(name));
+        return next.run(req).await;
+    }
+    warn!(%addr, token_name = %name, need = need.as_str(), "token refused: scope");
+    Refusal::Forbidden.into_response()
 }
 
 /// `route`, guarded by `spec`'s scope (open when it has none).
@@ -200,7 +231,7 @@ pub fn guarded<S: Clone + Send + Sync + 'static>(
     match spec.scope {
         None => route,
         Some(need) => route.route_layer(axum::middleware::from_fn_with_state(
-            (auth.clone(), need),
+            (auth.clone(), need, spec.own),
             guard,
         )),
     }

@@ -83,9 +83,11 @@ fn envelopes(
 /// `POST /v1/jobs`.
 pub async fn submit<C: JobsCtx>(
     State(ctx): State<std::sync::Arc<C>>,
+    caller: Option<axum::Extension<crate::api::auth::Caller>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let caller = caller.map(|c| c.0 .0);
     let (items, bulk) = match envelopes(&headers, &body) {
         Ok(x) => x,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
@@ -95,7 +97,7 @@ pub async fn submit<C: JobsCtx>(
     }
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
-        out.push(submit_one(&*ctx, i + 1, item).await);
+        out.push(submit_one(&*ctx, caller.as_deref(), i + 1, item).await);
     }
     let rejected = out.iter().filter(|s| s.status == "rejected").count();
     let failed = out.iter().any(|s| s.status == "unavailable");
@@ -120,7 +122,12 @@ pub async fn submit<C: JobsCtx>(
     }
 }
 
-async fn submit_one<C: JobsCtx>(ctx: &C, line: usize, item: Result<Value, String>) -> Submitted {
+async fn submit_one<C: JobsCtx>(
+    ctx: &C,
+    caller: Option<&str>,
+    line: usize,
+    item: Result<Value, String>,
+) -> Submitted {
     let rejected = |id: Option<String>, reason: String| Submitted {
         line,
         id,
@@ -194,6 +201,19 @@ async fn submit_one<C: JobsCtx>(ctx: &C, line: usize, item: Result<Value, String
             }
         }
     }
+    // Who submitted it, so a submit token can read it back (before the
+    // job exists: a later read never misses it).
+    if let Some(name) = caller {
+        if let Err(e) = crate::store::tokens::record_submission(ctx.pool(), &job.id, name).await {
+            return Submitted {
+                line,
+                id: Some(job.id),
+                status: "unavailable",
+                job_status: None,
+                reason: Some(format!("cannot record the submission: {e:#}")),
+            };
+        }
+    }
     let subject = ctx.bus().names.job_subject(&job.category);
     match ctx
         .bus()
@@ -217,14 +237,30 @@ async fn submit_one<C: JobsCtx>(ctx: &C, line: usize, item: Result<Value, String
     }
 }
 
-/// `GET /v1/jobs/{id}`.
+/// `GET /v1/jobs/{id}`: a `submit` token sees only the jobs it submitted
+/// (any other id is "not found" to it).
 pub async fn get<C: JobsCtx>(
     State(ctx): State<std::sync::Arc<C>>,
+    own: Option<axum::Extension<crate::api::auth::OwnJobsOnly>>,
     Path(id): Path<String>,
 ) -> Response {
+    if let Some(axum::Extension(crate::api::auth::OwnJobsOnly(name))) = own {
+        match crate::store::tokens::submitted_by(ctx.pool(), &id, &name).await {
+            Ok(true) => {}
+            Ok(false) => return error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
+        }
+    }
     let job = match jobs::job_view(ctx.pool(), &id).await {
         Ok(Some(j)) => j,
-        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
+        // Accepted over HTTP, not yet taken by a dispatcher: queued.
+        Ok(None) => {
+            return match crate::store::tokens::was_submitted(ctx.pool(), &id).await {
+                Ok(true) => Json(json!({"id": id, "status": "queued"})).into_response(),
+                Ok(false) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
+            }
+        }
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
     };
     let calls = match jobs::job_calls(ctx.pool(), &id).await {

@@ -186,46 +186,55 @@ pub const ROUTES: &[RouteSpec] = &[
         method: "GET",
         path: "/",
         scope: None,
+        own: false,
     },
     RouteSpec {
         method: "GET",
         path: "/healthz",
         scope: None,
+        own: false,
     },
     RouteSpec {
         method: "GET",
         path: "/metrics",
         scope: Some(TokenScope::Read),
+        own: false,
     },
     RouteSpec {
         method: "GET",
         path: "/api/stats",
         scope: Some(TokenScope::Read),
+        own: false,
     },
     RouteSpec {
         method: "POST",
         path: "/v1/jobs",
         scope: Some(TokenScope::Submit),
+        own: false,
     },
     RouteSpec {
         method: "GET",
         path: "/v1/jobs",
         scope: Some(TokenScope::Read),
+        own: false,
     },
     RouteSpec {
         method: "GET",
         path: "/v1/jobs/{id}",
         scope: Some(TokenScope::Read),
+        own: true,
     },
     RouteSpec {
         method: "POST",
         path: "/v1/jobs/{id}/cancel",
         scope: Some(TokenScope::Admin),
+        own: false,
     },
     RouteSpec {
         method: "POST",
         path: "/v1/jobs/cancel",
         scope: Some(TokenScope::Admin),
+        own: false,
     },
 ];
 

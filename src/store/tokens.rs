@@ -124,6 +124,40 @@ pub async fn find(pool: &PgPool, hash: &str) -> Result<Option<(String, Scope)>> 
     Ok(row.and_then(|(n, s)| Scope::parse(&s).map(|s| (n, s))))
 }
 
+/// Record that token `token_name` submitted job `job_id` (first one wins).
+pub async fn record_submission(pool: &PgPool, job_id: &str, token_name: &str) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO api_submissions (job_id, token_name) VALUES ($1, $2)
+         ON CONFLICT (job_id) DO NOTHING",
+    )
+    .bind(job_id)
+    .bind(token_name)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Whether job `job_id` was submitted over HTTP (by any token).
+pub async fn was_submitted(pool: &PgPool, job_id: &str) -> Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_submissions WHERE job_id = $1)")
+            .bind(job_id)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Whether token `token_name` submitted job `job_id`.
+pub async fn submitted_by(pool: &PgPool, job_id: &str, token_name: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM api_submissions WHERE job_id = $1 AND token_name = $2)",
+    )
+    .bind(job_id)
+    .bind(token_name)
+    .fetch_one(pool)
+    .await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,7 +86,7 @@ mod tests {
         assert_eq!(JobStatus::parse("done"), None);
         assert_eq!(
             JobStatus::terminal_names(),
-            ["succeeded", "failed", "needs_review", "dead"]
+            ["succeeded", "failed", "needs_review", "dead", "cancelled"]
         );
     }
 }

@@ -498,3 +498,114 @@ async fn submit_tokens_read_their_own_jobs_and_the_clients_round_trip() {
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }
+
+/// Dead letters and the review queue over HTTP, as the CLI has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_and_reviews_are_served_and_acted_on() {
+    let mut profile = switchyard::sim::SimProfile::default();
+    profile.model_errors.insert("gpt-4o-mini".into(), 1.0);
+    let env = TestEnv::new(profile).await;
+    let cfg = env.config_from(&format!(
+        "{}\n[categories.esc]\nroute = {{ kind = \"fallback\", targets = [\"gpt-4o-mini\"] }}\n",
+        common::SHIPPED_CONFIG
+    ));
+    let worker = env.start_worker(cfg.clone()).await;
+    let api = api(&env, &cfg).await;
+    let admin = tokens::create(&env.pool, "ops", Scope::Admin)
+        .await
+        .unwrap();
+    let post = |path: &str, body: Value| {
+        let r = api
+            .http
+            .post(format!("{}{path}", api.base))
+            .bearer_auth(&admin)
+            .json(&body);
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+
+    // A message that is not a job: dead-lettered, listed, shown, replayed once.
+    env.bus
+        .publish_durable(
+            env.bus.names.job_subject("support"),
+            "junk-1",
+            "not json".into(),
+        )
+        .await
+        .unwrap();
+    common::wait_until(Duration::from_secs(20), "a dead letter", || async {
+        env.count("SELECT count(*) FROM dead_letters").await == 1
+    })
+    .await;
+    let (status, v) = api.get("/v1/dead-letters").await;
+    assert_eq!(status, 200);
+    let d = &v["dead_letters"][0];
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid job envelope"),
+        "{d}"
+    );
+    let id = d["id"].as_i64().unwrap();
+    let (status, v) = api.get(&format!("/v1/dead-letters/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["payload"], "not json");
+    let (status, v) = post("/v1/dead-letters/replay", json!({"ids": [id]})).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["replays"][0].get("Replayed").is_some(), "{v}");
+    let (_, v) = post("/v1/dead-letters/replay", json!({"ids": [id]})).await;
+    assert!(
+        v["replays"][0].get("AlreadyReplayed").is_some(),
+        "replayed once: {v}"
+    );
+    assert_eq!(post("/v1/dead-letters/replay", json!({})).await.0, 400);
+
+    // A job whose every target failed waits for a person; one resolves it.
+    assert_eq!(
+        api.post(
+            json!({"id": "hard-1", "category": "esc", "prompt": "A hard one"}).to_string(),
+            "application/json"
+        )
+        .await
+        .0,
+        202
+    );
+    api.wait_done(&["hard-1"]).await;
+    let (_, v) = api.get("/v1/reviews").await;
+    assert_eq!(v["reviews"][0]["job_id"], "hard-1", "{v}");
+    let (status, v) = api.get("/v1/reviews/hard-1").await;
+    assert_eq!(status, 200);
+    assert_eq!(v["status"], "needs_review");
+    assert!(!v["steps"].as_array().unwrap().is_empty());
+    let (status, v) = post(
+        "/v1/reviews/hard-1/resolve",
+        json!({"output": "Done by hand."}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "succeeded");
+    let (_, job) = api.get("/v1/jobs/hard-1").await;
+    assert_eq!(job["output"], "Done by hand.");
+    assert_eq!(job["model"], "human");
+    assert!(
+        job["route_decision"].to_string().contains("api:ops"),
+        "{job}"
+    );
+    assert_eq!(
+        post("/v1/reviews/hard-1/resolve", json!({"output": "again"}))
+            .await
+            .0,
+        409
+    );
+    assert_eq!(
+        post("/v1/reviews/nobody/resolve", json!({"reject": "x"}))
+            .await
+            .0,
+        404
+    );
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

@@ -150,7 +150,7 @@ pub async fn serve(
     let auth = crate::api::auth::Authenticator::new(ctx.pool.clone());
     let mut app = Router::new();
     for spec in ROUTES {
-        use crate::api::jobs;
+        use crate::api::{jobs, ops};
         let route = match (spec.method, spec.path) {
             ("GET", "/") => get(page),
             ("GET", "/healthz") => get(|| async { "ok" }),
@@ -162,6 +162,12 @@ pub async fn serve(
             ("GET", "/v1/jobs/{id}") => get(jobs::get::<Ctx>),
             ("POST", "/v1/jobs/{id}/cancel") => axum::routing::post(jobs::cancel::<Ctx>),
             ("POST", "/v1/jobs/cancel") => axum::routing::post(jobs::cancel_where::<Ctx>),
+            ("GET", "/v1/dead-letters") => get(ops::dead_letters::<Ctx>),
+            ("GET", "/v1/dead-letters/{id}") => get(ops::dead_letter::<Ctx>),
+            ("POST", "/v1/dead-letters/replay") => axum::routing::post(ops::replay::<Ctx>),
+            ("GET", "/v1/reviews") => get(ops::reviews::<Ctx>),
+            ("GET", "/v1/reviews/{id}") => get(ops::review_one::<Ctx>),
+            ("POST", "/v1/reviews/{id}/resolve") => axum::routing::post(ops::resolve::<Ctx>),
             (m, p) => unreachable!("ROUTES names {m} {p} without a handler"),
         };
         app = app.route(spec.path, crate::api::auth::guarded(route, spec, &auth));
@@ -233,6 +239,42 @@ pub const ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: "POST",
         path: "/v1/jobs/cancel",
+        scope: Some(TokenScope::Admin),
+        own: false,
+    },
+    RouteSpec {
+        method: "GET",
+        path: "/v1/dead-letters",
+        scope: Some(TokenScope::Read),
+        own: false,
+    },
+    RouteSpec {
+        method: "GET",
+        path: "/v1/dead-letters/{id}",
+        scope: Some(TokenScope::Read),
+        own: false,
+    },
+    RouteSpec {
+        method: "POST",
+        path: "/v1/dead-letters/replay",
+        scope: Some(TokenScope::Admin),
+        own: false,
+    },
+    RouteSpec {
+        method: "GET",
+        path: "/v1/reviews",
+        scope: Some(TokenScope::Read),
+        own: false,
+    },
+    RouteSpec {
+        method: "GET",
+        path: "/v1/reviews/{id}",
+        scope: Some(TokenScope::Read),
+        own: false,
+    },
+    RouteSpec {
+        method: "POST",
+        path: "/v1/reviews/{id}/resolve",
         scope: Some(TokenScope::Admin),
         own: false,
     },

@@ -125,6 +125,36 @@ async fn every_route_needs_a_token_of_its_scope() {
             assert!(s != 401 && s != 403 && !s.is_server_error(), "{m} {p}: {s}");
         }
     }
+    // The OpenAPI document describes every route of the table, and each
+    // operation it describes is served.
+    let doc: serde_json::Value = call("GET", "/openapi.json", Some(&read))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let mut described = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            described += 1;
+            let spec = ROUTES
+                .iter()
+                .find(|r| r.path == path && r.method.eq_ignore_ascii_case(method))
+                .unwrap_or_else(|| panic!("{method} {path} is described but not in the table"));
+            assert_eq!(op["summary"], spec.summary);
+            if let Some(scope) = spec.scope {
+                assert_eq!(op["x-switchyard-scope"], scope.as_str(), "{method} {path}");
+            }
+            let r = call(&method.to_uppercase(), path, Some(&admin)).await;
+            let status = r.status();
+            let body = r.text().await.unwrap();
+            assert!(
+                status != 405 && !(status == 404 && body.is_empty()),
+                "{method} {path} is not served: {status}"
+            );
+        }
+    }
+    assert_eq!(described, ROUTES.len(), "every route is described");
+
     // The open routes reveal nothing.
     let health = call("GET", "/healthz", None).await;
     assert_eq!(health.status(), 200);

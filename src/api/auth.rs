@@ -34,6 +34,8 @@ pub struct RouteSpec {
     pub path: &'static str,
     pub scope: Option<Scope>,
     pub own: bool,
+    /// One line for the OpenAPI document.
+    pub summary: &'static str,
 }
 
 /// The name of the token a request came with (set on every guarded route).

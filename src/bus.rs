@@ -130,6 +130,10 @@ pub struct CallMsg {
     /// The job's own `response_format` (else its category's applies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_format: Option<crate::structured::ResponseFormat>,
+    /// The job's `expires_at`, in Unix milliseconds: a job with no call
+    /// made by then ends `expired`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<i64>,
 }
 
 /// One batch item's result, carried to the provider's lane.

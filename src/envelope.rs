@@ -46,6 +46,14 @@ pub struct JobEnvelope {
     /// "json_schema", "name", "schema", "strict"}` (replaces the category's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_format: Option<crate::structured::ResponseFormat>,
+    /// Not before this RFC 3339 time: the job waits in Postgres (holding no
+    /// NATS delivery) until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    /// A job not started by this RFC 3339 time ends `expired`, with no
+    /// provider call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 /// One chat turn. `content` is a string, or a list of parts (text and
@@ -216,6 +224,8 @@ pub enum Rejection {
     BadResponseFormat(String),
     #[error("invalid image: {0}")]
     BadImage(String),
+    #[error("invalid {field} `{value}`: expected an RFC 3339 time such as 2026-11-30T06:00:00Z")]
+    BadTime { field: &'static str, value: String },
 }
 
 /// Image media types every provider takes.
@@ -299,6 +309,9 @@ pub struct ValidJob {
     pub envelope: JobEnvelope,
     /// The envelope's `deadline`, in milliseconds since the Unix epoch.
     pub deadline_ms: Option<i64>,
+    /// `not_before` and `expires_at`, in milliseconds since the Unix epoch.
+    pub not_before_ms: Option<i64>,
+    pub expires_at_ms: Option<i64>,
 }
 
 /// An RFC 3339 time (`2026-11-30T06:00:00Z`, `2026-11-30T07:00:00+01:00`)
@@ -456,11 +469,28 @@ pub fn parse_job(
             Some(ms) => Some(ms),
         },
     };
+    let time = |field: &'static str, v: &Option<String>| match v {
+        None => Ok(None),
+        Some(t) => parse_deadline(t).map(Some).ok_or(Rejection::BadTime {
+            field,
+            value: t.clone(),
+        }),
+    };
+    let not_before_ms = match time("not_before", &env.not_before) {
+        Ok(t) => t,
+        Err(r) => return reject(r),
+    };
+    let expires_at_ms = match time("expires_at", &env.expires_at) {
+        Ok(t) => t,
+        Err(r) => return reject(r),
+    };
     Parsed::Valid(Box::new(ValidJob {
         id,
         category,
         envelope: env,
         deadline_ms,
+        not_before_ms,
+        expires_at_ms,
     }))
 }
 
@@ -498,6 +528,8 @@ impl JobEnvelope {
             metadata: BTreeMap::new(),
             deadline: None,
             response_format: None,
+            not_before: None,
+            expires_at: None,
         }
     }
 

@@ -149,6 +149,7 @@ fn single_call(job_id: &str) -> Vec<u8> {
         batch: false,
         batch_result: None,
         response_format: None,
+        expires_at_ms: None,
     })
     .unwrap()
 }

@@ -209,6 +209,45 @@ impl Dispatcher {
     async fn accept(&self, job: ValidJob, published: i64) -> Result<(Settlement, Option<String>)> {
         let (cfg, routes) = (&self.cfg, &*self.routes);
         let env = &job.envelope;
+        // Job control: expired before it started, or not yet due.
+        let now = crate::clock::now_ms();
+        let waiting = |error: Option<String>| JobRow {
+            id: job.id.clone(),
+            category: job.category.clone(),
+            status: JobStatus::Queued,
+            envelope: serde_json::to_value(env).ok(),
+            route_decision: None,
+            error,
+            enqueued_at_ms: published,
+            variant: None,
+        };
+        if job.expires_at_ms.is_some_and(|t| t <= now) {
+            let why = format!(
+                "not started by its expires_at ({})",
+                env.expires_at.as_deref().unwrap_or("")
+            );
+            let rows = vec![
+                Row::Job(waiting(None)),
+                Row::Status(crate::store::StatusRow {
+                    job_id: job.id.clone(),
+                    status: JobStatus::Expired,
+                    error: Some(why),
+                    ..Default::default()
+                }),
+            ];
+            return Ok((Settlement::rows(rows), Some(job.category.clone())));
+        }
+        if let Some(not_before_ms) = job.not_before_ms.filter(|t| *t > now) {
+            // Stored and acked: the worker's scheduler publishes it again when due.
+            let rows = vec![
+                Row::Job(waiting(None)),
+                Row::Schedule {
+                    job_id: job.id.clone(),
+                    not_before_ms,
+                },
+            ];
+            return Ok((Settlement::rows(rows), None));
+        }
         let raw_conv = env.conversation(None);
         let params = flow::JobParams {
             job_max_tokens: env.params.max_tokens,
@@ -216,6 +255,7 @@ impl Dispatcher {
             enqueued_at_ms: published,
             deadline_ms: job.deadline_ms,
             response_format: env.response_format.clone(),
+            expires_at_ms: job.expires_at_ms,
         };
         let start = |category: &str, classifier: Option<serde_json::Value>| {
             flow::start(
@@ -256,6 +296,7 @@ impl Dispatcher {
                             enqueued_at_ms: published,
                             deadline_ms: params.deadline_ms,
                             response_format: params.response_format.clone(),
+                            expires_at_ms: params.expires_at_ms,
                         };
                         (ctx, log, None)
                     }
@@ -286,6 +327,13 @@ impl Dispatcher {
                     parked: park,
                 });
             }
+        }
+        if job.not_before_ms.is_some() && !rows.iter().any(|r| matches!(r, Row::Park { .. })) {
+            // A scheduled job that is due: no longer parked.
+            rows.push(Row::Park {
+                job_id: job.id.clone(),
+                parked: false,
+            });
         }
         let row = JobRow {
             id: job.id.clone(),

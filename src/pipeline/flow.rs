@@ -30,6 +30,8 @@ pub struct JobCtx {
     pub deadline_ms: Option<i64>,
     /// The job's own `response_format` (else its category's applies).
     pub response_format: Option<ResponseFormat>,
+    /// The job's `expires_at`, in Unix milliseconds.
+    pub expires_at_ms: Option<i64>,
 }
 
 /// Whether a call of a `category` job to `provider` goes through the
@@ -183,6 +185,7 @@ pub fn effects_budgeted(
                     batch: batched(cfg, &ctx.category, &c.target.provider, ctx.deadline_ms),
                     batch_result: None,
                     response_format: ctx.response_format.clone(),
+                    expires_at_ms: ctx.expires_at_ms,
                 });
             }
         }
@@ -257,6 +260,7 @@ pub fn effects_budgeted(
                     enqueued_at_ms: ctx.enqueued_at_ms,
                     deadline_ms: ctx.deadline_ms,
                     response_format: ctx.response_format.clone(),
+                    expires_at_ms: ctx.expires_at_ms,
                 },
                 Some(classifier),
             ) {
@@ -332,6 +336,7 @@ pub fn start(
         enqueued_at_ms,
         deadline_ms,
         response_format,
+        expires_at_ms,
     } = params;
     let cat = cfg.categories.get(category)?;
     let (plan, variant) = routes.plan_for(category, job_id)?;
@@ -361,6 +366,7 @@ pub fn start(
             enqueued_at_ms,
             deadline_ms,
             response_format,
+            expires_at_ms,
         },
         log,
         variant,
@@ -375,6 +381,7 @@ pub struct JobParams {
     pub enqueued_at_ms: i64,
     pub deadline_ms: Option<i64>,
     pub response_format: Option<ResponseFormat>,
+    pub expires_at_ms: Option<i64>,
 }
 
 impl JobCtx {
@@ -390,6 +397,7 @@ impl JobCtx {
             enqueued_at_ms: c.enqueued_at_ms,
             deadline_ms: c.deadline_ms,
             response_format: c.response_format.clone(),
+            expires_at_ms: c.expires_at_ms,
         }
     }
 }

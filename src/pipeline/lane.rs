@@ -344,6 +344,9 @@ impl LaneStep {
         if let Some(s) = self.done_already(hold, &call).await {
             return s;
         }
+        if let Some(s) = self.expired(&call).await {
+            return s;
+        }
         let Some(model) = self.cfg.models.get(&call.model) else {
             let record = StepRecord {
                 step: call.step,
@@ -548,6 +551,33 @@ impl LaneStep {
         if let Some((key, _)) = cache {
             if let Err(e) = store::cache::release(&self.pool, key, cache_owner()).await {
                 debug!(error = %format!("{e:#}"), "could not release a response cache claim");
+            }
+        }
+    }
+
+    /// A job past its `expires_at` with no call made yet ends `expired`
+    /// here, before any provider is called; a started one goes on.
+    async fn expired(&self, call: &CallMsg) -> Option<Settlement> {
+        let at = call
+            .expires_at_ms
+            .filter(|t| *t <= crate::clock::now_ms())?;
+        match store::jobs::has_calls(&self.pool, &call.job_id).await {
+            Ok(true) => None,
+            Ok(false) => {
+                let when = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(at).unwrap_or(0)),
+                );
+                debug!("the job expired before it started");
+                Some(Settlement::rows(vec![Row::Status(StatusRow {
+                    job_id: call.job_id.clone(),
+                    status: JobStatus::Expired,
+                    error: Some(format!("not started by its expires_at ({when})")),
+                    ..Default::default()
+                })]))
+            }
+            Err(e) => {
+                self.writer.report_failure(&e);
+                Some(Settlement::failed(&e))
             }
         }
     }
@@ -858,6 +888,11 @@ impl LaneStep {
                 }
             };
             drop(ticket.take()); // admitted: no longer waiting
+                                 // It may have waited here past its job's `expires_at`.
+            if let Some(s) = self.expired(call).await {
+                self.limiter.settle(admission, Some((0, 0))).await;
+                return Err(s);
+            }
 
             // Record the intent first: if this process dies while the provider
             // answers, the call is still in `calls` (outcome `unknown`, at the

@@ -193,6 +193,8 @@ pub async fn start(
             book.clone(),
             token.clone(),
         ));
+        // Scheduled jobs (`not_before`) go out when they are due.
+        tracker.spawn(resume_scheduled(pool.clone(), bus.clone(), token.clone()));
         let consumer = d.consumer().await?;
         let in_flight = cfg.dispatcher.concurrency;
         tracker.spawn(consume(
@@ -411,6 +413,52 @@ async fn resume_parked(
         tokio::select! {
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Every second, publish the scheduled jobs that are due again under a
+/// fresh message id (the dispatcher runs them); one whose `expires_at`
+/// passed while it waited ends `expired` here.
+async fn resume_scheduled(pool: PgPool, bus: Bus, token: CancellationToken) {
+    loop {
+        match crate::store::jobs::take_scheduled(&pool, RESUME_IDLE, 500).await {
+            Err(e) => warn!(error = %format!("{e:#}"), "reading scheduled jobs failed"),
+            Ok(jobs) => {
+                for (id, category, envelope) in jobs {
+                    let expires = envelope
+                        .as_ref()
+                        .and_then(|e| e.get("expires_at"))
+                        .and_then(|d| d.as_str())
+                        .map(|d| (d.to_string(), crate::envelope::parse_deadline(d)));
+                    if let Some((at, Some(ms))) = &expires {
+                        if *ms <= crate::clock::now_ms() {
+                            let why = format!("not started by its expires_at ({at})");
+                            if let Err(e) =
+                                crate::store::jobs::expire_parked(&pool, &id, &why).await
+                            {
+                                warn!(job_id = %id, error = %format!("{e:#}"), "expiring a scheduled job failed");
+                            }
+                            continue;
+                        }
+                    }
+                    let Some(body) = envelope.and_then(|e| serde_json::to_vec(&e).ok()) else {
+                        continue;
+                    };
+                    let msg_id = format!("scheduled-{id}-{}", crate::clock::now_ms());
+                    if let Err(e) = bus
+                        .publish_durable(bus.names.job_subject(&category), &msg_id, body.into())
+                        .await
+                    {
+                        // Still parked: taken again after RESUME_IDLE.
+                        warn!(job_id = %id, error = %format!("{e:#}"), "publishing a scheduled job failed");
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }

@@ -348,3 +348,52 @@ pub async fn cancel_where(pool: &PgPool, f: &CancelFilter) -> Result<Vec<(String
     .fetch_all(pool)
     .await?)
 }
+
+/// Whether any provider call of job `id` is recorded (it has started).
+pub async fn has_calls(pool: &PgPool, id: &str) -> Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM calls WHERE job_id = $1)")
+            .bind(id)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Take up to `limit` scheduled jobs that are due (their `not_before`
+/// passed) to publish again, as [`take_parked`] does: not yet taken since
+/// they became due, or taken more than `idle` ago (the taker died).
+pub async fn take_scheduled(
+    pool: &PgPool,
+    idle: Duration,
+    limit: i64,
+) -> Result<Vec<(String, String, Option<serde_json::Value>)>> {
+    Ok(sqlx::query_as(
+        "UPDATE jobs SET parked_at = now()
+         WHERE id IN (SELECT id FROM jobs
+                      WHERE status = $1 AND parked_at IS NOT NULL AND not_before IS NOT NULL
+                        AND not_before <= now()
+                        AND (parked_at <= not_before OR parked_at < now() - make_interval(secs => $2))
+                      ORDER BY not_before LIMIT $3 FOR UPDATE SKIP LOCKED)
+         RETURNING id, category, envelope",
+    )
+    .bind(JobStatus::Queued.as_str())
+    .bind(idle.as_secs_f64())
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// End a waiting (parked) job as expired with `reason`; true if it was.
+pub async fn expire_parked(pool: &PgPool, job_id: &str, reason: &str) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE jobs SET status = $3, error = $2, finished_at = now(), parked_at = NULL
+         WHERE id = $1 AND status = $4 AND parked_at IS NOT NULL",
+    )
+    .bind(job_id)
+    .bind(reason)
+    .bind(JobStatus::Expired.as_str())
+    .bind(JobStatus::Queued.as_str())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}

@@ -159,6 +159,11 @@ pub enum Row {
         job_id: String,
         parked: bool,
     },
+    /// Park a queued job until `not_before_ms` (Unix milliseconds).
+    Schedule {
+        job_id: String,
+        not_before_ms: i64,
+    },
     Result(ResultRow),
     Status(StatusRow),
     Step(StepRow),

@@ -17,11 +17,13 @@ pub enum JobStatus {
     Dead,
     /// Cancelled by a person or a client before it ended.
     Cancelled,
+    /// Not started by its `expires_at`: ended without a provider call.
+    Expired,
 }
 
 impl JobStatus {
     /// Every status, in the order a job may pass through them.
-    pub const ALL: [JobStatus; 7] = [
+    pub const ALL: [JobStatus; 8] = [
         JobStatus::Queued,
         JobStatus::Running,
         JobStatus::Succeeded,
@@ -29,6 +31,7 @@ impl JobStatus {
         JobStatus::NeedsReview,
         JobStatus::Dead,
         JobStatus::Cancelled,
+        JobStatus::Expired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -40,6 +43,7 @@ impl JobStatus {
             JobStatus::NeedsReview => "needs_review",
             JobStatus::Dead => "dead",
             JobStatus::Cancelled => "cancelled",
+            JobStatus::Expired => "expired",
         }
     }
 
@@ -86,7 +90,14 @@ mod tests {
         assert_eq!(JobStatus::parse("done"), None);
         assert_eq!(
             JobStatus::terminal_names(),
-            ["succeeded", "failed", "needs_review", "dead", "cancelled"]
+            [
+                "succeeded",
+                "failed",
+                "needs_review",
+                "dead",
+                "cancelled",
+                "expired"
+            ]
         );
     }
 }

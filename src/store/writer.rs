@@ -306,6 +306,7 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
     let (mut dead, mut results, mut statuses) = (vec![], vec![], vec![]);
     let (mut steps, mut reclass, mut intents) = (vec![], vec![], vec![]);
     let mut parks: Vec<(String, bool)> = vec![];
+    let mut schedules: Vec<(String, i64)> = vec![];
     // One final row per attempt: an upsert may not touch a row twice.
     let mut calls_by_key: HashMap<(&str, i32, i32), &CallRow> = HashMap::new();
     for r in rows {
@@ -317,6 +318,10 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
             }
             Row::Intent { row, busy_for } => intents.push((row, busy_for)),
             Row::Park { job_id, parked } => parks.push((job_id.clone(), *parked)),
+            Row::Schedule {
+                job_id,
+                not_before_ms,
+            } => schedules.push((job_id.clone(), *not_before_ms)),
             Row::Result(x) => results.push(x),
             Row::Status(st) => statuses.push(st),
             Row::Step(st) => steps.push(st),
@@ -377,6 +382,19 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
         )
         .bind(parks.iter().map(|(j, _)| j.clone()).collect::<Vec<_>>())
         .bind(parks.iter().map(|(_, p)| *p).collect::<Vec<_>>())
+        .bind(JobStatus::Queued.as_str())
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !schedules.is_empty() {
+        sqlx::query(
+            "UPDATE jobs SET parked_at = COALESCE(jobs.parked_at, now()),
+                    not_before = to_timestamp(u.ms / 1000.0)
+             FROM UNNEST($1::text[], $2::int8[]) AS u(id, ms)
+             WHERE jobs.id = u.id AND jobs.status = $3",
+        )
+        .bind(schedules.iter().map(|(j, _)| j.clone()).collect::<Vec<_>>())
+        .bind(schedules.iter().map(|(_, t)| *t).collect::<Vec<_>>())
         .bind(JobStatus::Queued.as_str())
         .execute(&mut *tx)
         .await?;

@@ -44,6 +44,7 @@ pub async fn take_parked(
          WHERE id IN (SELECT id FROM jobs
                       WHERE category = $1 AND status = $2 AND parked_at IS NOT NULL
                         AND parked_at < now() - make_interval(secs => $3)
+                        AND (not_before IS NULL OR not_before <= now())
                       ORDER BY created_at LIMIT $4 FOR UPDATE SKIP LOCKED)
          RETURNING id, envelope",
     )

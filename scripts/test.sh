@@ -12,11 +12,12 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
     || echo "[test] could not install chromium" >&2
 fi
 # The simulator's batch endpoints are driven by the providers' official
-# Python SDKs (tests/sdk/batch_sdks.py): a virtual environment of their own,
-# pinned; without it that test says SKIPPED (and fails under CI).
+# Python SDKs (tests/sdk/batch_sdks.py), and examples/submit_and_wait.py by
+# httpx: a virtual environment of their own, pinned; without it those tests
+# say SKIPPED (and fail under CI).
 SDK_VENV=target/sdk-venv
-SDK_PINS="openai==3.57.0 anthropic==2.14.0 google-genai==3.6.1"
-if [ ! -x "$SDK_VENV/bin/python" ] || ! "$SDK_VENV/bin/python" -c 'import openai, anthropic, google.genai' 2>/dev/null; then
+SDK_PINS="openai==3.57.0 anthropic==2.14.0 google-genai==3.6.1 httpx==0.28.1"
+if [ ! -x "$SDK_VENV/bin/python" ] || ! "$SDK_VENV/bin/python" -c 'import openai, anthropic, google.genai, httpx' 2>/dev/null; then
   if command -v python3 >/dev/null 2>&1; then
     echo "[test] installing the providers' Python SDKs in $SDK_VENV" >&2
     mkdir -p target

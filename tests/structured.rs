@@ -46,7 +46,15 @@ delivery = "batch"
 batch = {{ flush_after = "300ms" }}
 
 [categories.rate_fallback]
-route = {{ kind = "fallback", targets = ["gpt-4o-mini", "claude-haiku-4-5"] }}
+route = {{ kind = "fallback", targets = ["gpt-4o-mini", "claude-sonnet-4-5"] }}
+response_format = {rf}
+
+[categories.rate_fallback_anthropic]
+route = {{ kind = "fallback", targets = ["claude-haiku-4-5", "gemini-2.5-flash"] }}
+response_format = {rf}
+
+[categories.rate_fallback_gemini]
+route = {{ kind = "fallback", targets = ["gemini-2.5-flash-lite", "gpt-4.1"] }}
 response_format = {rf}
 
 [categories.plain]
@@ -161,44 +169,61 @@ async fn each_provider_answers_in_json_that_lands_in_output_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_that_breaks_the_schema_falls_back_and_the_log_says_why() {
+    // Each provider's first target breaks the schema every time.
     let mut profile = SimProfile::default();
-    profile.model_invalid_json.insert("gpt-4o-mini".into(), 1.0);
+    for m in ["gpt-4o-mini", "claude-haiku-4-5", "gemini-2.5-flash-lite"] {
+        profile.model_invalid_json.insert(m.into(), 1.0);
+    }
     let env = TestEnv::new(profile).await;
     let worker = env.start_worker(config(&env)).await;
-    let jobs: Vec<JobEnvelope> = (0..3)
-        .map(|i| job(&format!("fb-{i}"), "rate_fallback"))
+    let cases = [
+        ("rate_fallback", "gpt-4o-mini", "claude-sonnet-4-5"),
+        (
+            "rate_fallback_anthropic",
+            "claude-haiku-4-5",
+            "gemini-2.5-flash",
+        ),
+        ("rate_fallback_gemini", "gemini-2.5-flash-lite", "gpt-4.1"),
+    ];
+    let jobs: Vec<JobEnvelope> = cases
+        .iter()
+        .flat_map(|(c, _, _)| (0..2).map(move |i| job(&format!("fb-{c}-{i}"), c)))
         .collect();
     run(&env, &jobs).await;
-    let rows: Vec<(String, String, Value, Value)> = sqlx::query_as(
-        "SELECT j.status, r.model, r.output_json, j.route_decision
-         FROM jobs j JOIN results r ON r.job_id = j.id ORDER BY j.id",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
-    assert_eq!(rows.len(), 3);
-    for (status, model, json, log) in rows {
-        assert_eq!(status, "succeeded");
-        assert_eq!(model, "claude-haiku-4-5", "the second target answered");
-        assert!(switchyard::structured::validate(&schema(), &json).is_ok());
-        let first = &log["tried"][0];
-        assert_eq!(first["model"], "gpt-4o-mini");
-        assert_eq!(first["outcome"], "failed");
-        let why = first["reason"].as_str().unwrap();
-        assert!(
-            why.starts_with("invalid output:") && why.contains("sentiment"),
-            "{why}"
+    for (cat, broken, answered) in cases {
+        let rows: Vec<(String, String, Value, Value)> = sqlx::query_as(
+            "SELECT j.status, r.model, r.output_json, j.route_decision
+             FROM jobs j JOIN results r ON r.job_id = j.id WHERE j.category = $1",
+        )
+        .bind(cat)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 2, "{cat}");
+        for (status, model, json, log) in rows {
+            assert_eq!(status, "succeeded", "{cat}");
+            assert_eq!(model, answered, "{cat}: the second target answered");
+            assert!(switchyard::structured::validate(&schema(), &json).is_ok());
+            let first = &log["tried"][0];
+            assert_eq!(first["model"], broken, "{cat}");
+            assert_eq!(first["outcome"], "failed");
+            let why = first["reason"].as_str().unwrap();
+            assert!(
+                why.starts_with("invalid output:") && why.contains("sentiment"),
+                "{cat}: {why}"
+            );
+        }
+        // The broken answers were paid for: recorded with the error.
+        assert_eq!(
+            env.count(&format!(
+                "SELECT count(*) FROM calls WHERE category = '{cat}' AND model = '{broken}'
+                   AND outcome = 'ok' AND error LIKE 'invalid output:%' AND cost_usd > 0"
+            ))
+            .await,
+            2,
+            "{cat}"
         );
     }
-    // The broken answers were paid for: recorded with the error.
-    assert_eq!(
-        env.count(
-            "SELECT count(*) FROM calls WHERE model = 'gpt-4o-mini' AND outcome = 'ok'
-               AND error LIKE 'invalid output:%' AND cost_usd > 0"
-        )
-        .await,
-        3
-    );
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }

@@ -424,7 +424,7 @@ async fn pipeline_killed_mid_run_resumes_at_the_first_unfinished_stage() {
         "killed mid-pipeline"
     );
 
-    let _worker = spawn_worker(&vars);
+    let second = spawn_worker(&vars);
     assert!(
         wait_finished(&env.pool, &ids, Duration::from_secs(60), None)
             .await
@@ -449,6 +449,7 @@ async fn pipeline_killed_mid_run_resumes_at_the_first_unfinished_stage() {
         .count();
     assert_eq!(drafts, 3, "the provider was asked for each draft once");
     let _ = std::fs::remove_dir_all(&dir);
+    drop(second); // stopped before its database and streams go
     env.cleanup().await;
 }
 
@@ -500,7 +501,7 @@ async fn sigterm_under_load_drains_and_a_new_worker_finishes_exactly_once() {
             .await,
         0
     );
-    let _worker = spawn_worker(&child_env);
+    let second = spawn_worker(&child_env);
     assert!(
         wait_finished(&env.pool, &ids, Duration::from_secs(120), None)
             .await
@@ -514,5 +515,6 @@ async fn sigterm_under_load_drains_and_a_new_worker_finishes_exactly_once() {
         answered,
         "every answer recorded once"
     );
+    drop(second); // stopped before its database and streams go
     env.cleanup().await;
 }

@@ -59,13 +59,22 @@ pub async fn take_parked(
 /// End a parked job as failed with `reason` (its deadline passed while it
 /// waited); true if it was still parked.
 pub async fn fail_parked(pool: &PgPool, job_id: &str, reason: &str) -> Result<bool> {
+    end_parked(pool, job_id, reason, JobStatus::Failed).await
+}
+
+/// End a waiting (parked) job as expired with `reason`; true if it was.
+pub async fn expire_parked(pool: &PgPool, job_id: &str, reason: &str) -> Result<bool> {
+    end_parked(pool, job_id, reason, JobStatus::Expired).await
+}
+
+async fn end_parked(pool: &PgPool, job_id: &str, reason: &str, status: JobStatus) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE jobs SET status = $3, error = $2, finished_at = now(), parked_at = NULL
          WHERE id = $1 AND status = $4 AND parked_at IS NOT NULL",
     )
     .bind(job_id)
     .bind(reason)
-    .bind(JobStatus::Failed.as_str())
+    .bind(status.as_str())
     .bind(JobStatus::Queued.as_str())
     .execute(pool)
     .await?;
@@ -382,19 +391,4 @@ pub async fn take_scheduled(
     .bind(limit)
     .fetch_all(pool)
     .await?)
-}
-
-/// End a waiting (parked) job as expired with `reason`; true if it was.
-pub async fn expire_parked(pool: &PgPool, job_id: &str, reason: &str) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE jobs SET status = $3, error = $2, finished_at = now(), parked_at = NULL
-         WHERE id = $1 AND status = $4 AND parked_at IS NOT NULL",
-    )
-    .bind(job_id)
-    .bind(reason)
-    .bind(JobStatus::Expired.as_str())
-    .bind(JobStatus::Queued.as_str())
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
 }

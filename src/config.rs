@@ -712,6 +712,13 @@ impl Config {
         Some((cc, scope))
     }
 
+    /// Whether a job may name `category`: a configured one, or `auto`
+    /// when a classifier is configured.
+    pub fn accepts_category(&self, category: &str) -> bool {
+        self.categories.contains_key(category)
+            || (category == AUTO_CATEGORY && self.classifier.is_some())
+    }
+
     /// Why a job of `category` asking for `rf` cannot be answered, if it
     /// cannot: a model of the category's routes (variant included) whose
     /// answer may become the job's cannot honour the format.

@@ -114,23 +114,6 @@ impl Authenticator {
         })
     }
 
-    /// The caller's token name and scope, if `headers` carry a live token
-    /// allowing `need`.
-    pub async fn check(
-        &self,
-        headers: &HeaderMap,
-        from: IpAddr,
-        need: Scope,
-    ) -> Result<(String, Scope), Refusal> {
-        let (name, scope) = self.identify(headers, from).await?;
-        if scope.allows(need) {
-            Ok((name, scope))
-        } else {
-            warn!(%from, token_name = %name, need = need.as_str(), "token refused: scope");
-            Err(Refusal::Forbidden)
-        }
-    }
-
     /// The name and scope of the live token `headers` carry.
     pub async fn identify(
         &self,

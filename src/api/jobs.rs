@@ -52,7 +52,8 @@ pub struct Submitted {
     pub reason: Option<String>,
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+/// A JSON error body `{"error": message}` with `status`.
+pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
 }
 
@@ -128,13 +129,14 @@ async fn submit_one<C: JobsCtx>(
     line: usize,
     item: Result<Value, String>,
 ) -> Submitted {
-    let rejected = |id: Option<String>, reason: String| Submitted {
+    let refused = |status: &'static str, id: Option<String>, reason: String| Submitted {
         line,
         id,
-        status: "rejected",
+        status,
         job_status: None,
         reason: Some(reason),
     };
+    let rejected = |id: Option<String>, reason: String| refused("rejected", id, reason);
     let mut v = match item {
         Ok(v) => v,
         Err(e) => return rejected(None, e),
@@ -162,10 +164,7 @@ async fn submit_one<C: JobsCtx>(
         &category,
         "",
         &cfg.limits,
-        |c| {
-            cfg.categories.contains_key(c)
-                || (c == crate::config::AUTO_CATEGORY && cfg.classifier.is_some())
-        },
+        |c| cfg.accepts_category(c),
         crate::clock::now_ms(),
     );
     let job = match parsed {
@@ -192,26 +191,22 @@ async fn submit_one<C: JobsCtx>(
         }
         Ok(None) => {}
         Err(e) => {
-            return Submitted {
-                line,
-                id: Some(job.id),
-                status: "unavailable",
-                job_status: None,
-                reason: Some(format!("cannot read jobs: {e:#}")),
-            }
+            return refused(
+                "unavailable",
+                Some(job.id),
+                format!("cannot read jobs: {e:#}"),
+            )
         }
     }
     // Who submitted it, so a submit token can read it back (before the
     // job exists: a later read never misses it).
     if let Some(name) = caller {
         if let Err(e) = crate::store::tokens::record_submission(ctx.pool(), &job.id, name).await {
-            return Submitted {
-                line,
-                id: Some(job.id),
-                status: "unavailable",
-                job_status: None,
-                reason: Some(format!("cannot record the submission: {e:#}")),
-            };
+            return refused(
+                "unavailable",
+                Some(job.id),
+                format!("cannot record the submission: {e:#}"),
+            );
         }
     }
     let subject = ctx.bus().names.job_subject(&job.category);
@@ -227,13 +222,7 @@ async fn submit_one<C: JobsCtx>(
             job_status: Some("queued".into()),
             reason: None,
         },
-        Err(e) => Submitted {
-            line,
-            id: Some(job.id),
-            status: "unavailable",
-            job_status: None,
-            reason: Some(format!("{e:#}")),
-        },
+        Err(e) => refused("unavailable", Some(job.id), format!("{e:#}")),
     }
 }
 

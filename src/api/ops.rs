@@ -19,12 +19,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::jobs::JobsCtx;
+use super::jobs::{error, JobsCtx};
 use crate::ops::{dlq, review};
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({"error": message.into()}))).into_response()
-}
 
 fn unavailable(e: &anyhow::Error) -> Response {
     error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))

@@ -37,8 +37,6 @@ struct Ctx {
     pool: PgPool,
     bus: Bus,
     cfg: Config,
-    providers: Vec<String>,
-    categories: Vec<String>,
     baseline: Option<(String, Prices)>,
     depths: tokio::sync::RwLock<QueueDepths>,
     /// The last day's savings and when they were read: they read every job
@@ -96,8 +94,6 @@ pub async fn serve(
         pool,
         bus,
         cfg: cfg.clone(),
-        providers: cfg.providers.keys().cloned().collect(),
-        categories: cfg.subject_categories(),
         baseline: cfg
             .baseline(None)
             .ok()
@@ -110,11 +106,13 @@ pub async fn serve(
     let stop = token.clone();
     tasks.spawn(async move {
         let mut logged = false;
+        let providers: Vec<String> = poll.cfg.providers.keys().cloned().collect();
+        let categories = poll.cfg.subject_categories();
         loop {
-            match poll.bus.queue_depths(&poll.providers).await {
+            match poll.bus.queue_depths(&providers).await {
                 Ok(mut d) => {
                     // Every category has a depth, 0 when nothing waits.
-                    for c in &poll.categories {
+                    for c in &categories {
                         d.jobs.entry(c.clone()).or_insert(0);
                     }
                     let m = metrics::global();

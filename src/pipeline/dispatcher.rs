@@ -84,10 +84,7 @@ impl Dispatcher {
             &category,
             &format!("{stream}-{seq}"),
             &self.cfg.limits,
-            |c| {
-                self.cfg.categories.contains_key(c)
-                    || (c == AUTO_CATEGORY && self.cfg.classifier.is_some())
-            },
+            |c| self.cfg.accepts_category(c),
             crate::clock::now_ms(),
         );
         let parsed = match parsed {

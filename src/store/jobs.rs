@@ -246,48 +246,45 @@ pub struct JobFilter {
     pub limit: i64,
 }
 
+/// `metadata.KEY=VALUE` pairs as the JSON object `envelope->'metadata'`
+/// must contain (`{}` matches every job).
+fn metadata_filter(pairs: &[(String, String)]) -> serde_json::Value {
+    serde_json::Value::Object(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+    )
+}
+
 /// A page of jobs, newest first, and the key of its last one.
 pub async fn list_jobs(
     pool: &PgPool,
     f: &JobFilter,
 ) -> Result<(Vec<JobView>, Option<(String, String)>)> {
-    let meta = serde_json::Value::Object(
-        f.metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect(),
-    );
     // Keyset pagination on (created_at, id), newest first: stable under
     // concurrent inserts (new jobs sort before the cursor).
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT created_at::text, id FROM jobs
-         WHERE ($1::text IS NULL OR category = $1)
-           AND ($2::text IS NULL OR status = $2)
-           AND ($3::timestamptz IS NULL OR created_at >= $3::timestamptz)
-           AND ($4::timestamptz IS NULL OR created_at < $4::timestamptz)
-           AND ($5::jsonb = '{}'::jsonb OR envelope->'metadata' @> $5::jsonb)
-           AND ($6::timestamptz IS NULL OR (created_at, id) < ($6::timestamptz, $7::text))
-         ORDER BY created_at DESC, id DESC LIMIT $8",
-    )
+    let jobs: Vec<JobView> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{JOB_VIEW}
+         WHERE ($1::text IS NULL OR j.category = $1)
+           AND ($2::text IS NULL OR j.status = $2)
+           AND ($3::timestamptz IS NULL OR j.created_at >= $3::timestamptz)
+           AND ($4::timestamptz IS NULL OR j.created_at < $4::timestamptz)
+           AND ($5::jsonb = '{{}}'::jsonb OR j.envelope->'metadata' @> $5::jsonb)
+           AND ($6::timestamptz IS NULL OR (j.created_at, j.id) < ($6::timestamptz, $7::text))
+         ORDER BY j.created_at DESC, j.id DESC LIMIT $8"
+    )))
     .bind(&f.category)
     .bind(&f.status)
     .bind(&f.since)
     .bind(&f.until)
-    .bind(meta)
+    .bind(metadata_filter(&f.metadata))
     .bind(f.after.as_ref().map(|a| a.0.clone()))
     .bind(f.after.as_ref().map(|a| a.1.clone()))
     .bind(f.limit)
     .fetch_all(pool)
     .await?;
-    let last = rows.last().cloned();
-    let ids: Vec<String> = rows.into_iter().map(|r| r.1).collect();
-    let mut jobs: Vec<JobView> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{JOB_VIEW} WHERE j.id = ANY($1::text[])"
-    )))
-    .bind(&ids)
-    .fetch_all(pool)
-    .await?;
-    jobs.sort_by_key(|j| ids.iter().position(|i| *i == j.id));
+    let last = jobs.last().map(|j| (j.created_at.clone(), j.id.clone()));
     Ok((jobs, last))
 }
 
@@ -335,12 +332,6 @@ pub struct CancelFilter {
 
 /// Cancel every unfinished job matching `f`; (id, category) of each.
 pub async fn cancel_where(pool: &PgPool, f: &CancelFilter) -> Result<Vec<(String, String)>> {
-    let meta = serde_json::Value::Object(
-        f.metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect(),
-    );
     Ok(sqlx::query_as(
         "UPDATE jobs SET status = $1, finished_at = now(), parked_at = NULL,
                 error = COALESCE(error, 'cancelled')
@@ -353,7 +344,7 @@ pub async fn cancel_where(pool: &PgPool, f: &CancelFilter) -> Result<Vec<(String
     .bind(JobStatus::Cancelled.as_str())
     .bind(JobStatus::terminal_names())
     .bind(&f.category)
-    .bind(meta)
+    .bind(metadata_filter(&f.metadata))
     .bind(&f.created_before)
     .fetch_all(pool)
     .await?)

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::envelope::Message;
+use crate::envelope::{Message, Priority};
 use crate::route::{Plan, StepRecord};
 
 /// Subject and stream names for one prefix.
@@ -40,6 +40,15 @@ impl Names {
     pub fn call_subject(&self, provider: &str) -> String {
         format!("{}.calls.{provider}", self.prefix)
     }
+    /// The subject of a provider lane's calls at `priority`: `normal` on
+    /// `<prefix>.calls.<provider>`, the others one token deeper (`.high`,
+    /// `.low`), so the three consumers' filters never overlap.
+    pub fn call_subject_at(&self, provider: &str, priority: Priority) -> String {
+        match priority {
+            Priority::Normal => self.call_subject(provider),
+            p => format!("{}.calls.{provider}.{}", self.prefix, p.as_str()),
+        }
+    }
     /// Calls for a provider's batch API.
     pub fn batch_subject(&self, provider: &str) -> String {
         format!("{}.calls.{provider}.batch", self.prefix)
@@ -49,7 +58,7 @@ impl Names {
         if call.batch && call.batch_result.is_none() {
             self.batch_subject(&call.provider)
         } else {
-            self.call_subject(&call.provider)
+            self.call_subject_at(&call.provider, call.priority)
         }
     }
     pub fn calls_wildcard(&self) -> String {
@@ -66,6 +75,13 @@ impl Names {
     }
     pub fn lane_consumer(&self, provider: &str) -> String {
         format!("lane-{provider}")
+    }
+    /// The lane's consumer of `priority` calls (`lane-<provider>` for normal).
+    pub fn lane_consumer_at(&self, provider: &str, priority: Priority) -> String {
+        match priority {
+            Priority::Normal => self.lane_consumer(provider),
+            p => format!("prio-{}-{provider}", p.as_str()),
+        }
     }
     pub fn batch_consumer(&self, provider: &str) -> String {
         format!("batch-{provider}")
@@ -134,6 +150,9 @@ pub struct CallMsg {
     /// made by then ends `expired`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<i64>,
+    /// The job's priority: which of the lane's subjects the call waits on.
+    #[serde(default, skip_serializing_if = "Priority::is_normal")]
+    pub priority: Priority,
 }
 
 /// One batch item's result, carried to the provider's lane.
@@ -430,10 +449,16 @@ impl Bus {
         }
         let calls = self.js.get_stream(self.names.calls_stream()).await?;
         for p in providers {
-            let n = match calls.consumer_info(self.names.lane_consumer(p)).await {
-                Ok(i) => i.num_pending + i.num_ack_pending as u64,
-                Err(_) => 0, // no worker has run this lane yet
-            };
+            let mut n = 0;
+            for prio in Priority::ALL {
+                n += match calls
+                    .consumer_info(self.names.lane_consumer_at(p, prio))
+                    .await
+                {
+                    Ok(i) => i.num_pending + i.num_ack_pending as u64,
+                    Err(_) => 0, // no worker has run this lane yet
+                };
+            }
             d.lanes.insert(p.clone(), n);
         }
         Ok(d)

@@ -71,6 +71,25 @@ pub struct Config {
     /// The worker's metrics and dashboard endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// How a lane orders `high`, `normal` and `low` priority calls.
+    #[serde(default)]
+    pub priority: PriorityConfig,
+}
+
+/// Job priorities (the envelope's `priority`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PriorityConfig {
+    /// The share of a lane's takes that go to its longest-waiting call
+    /// whatever its priority, so `normal` and `low` work never starves
+    /// behind `high` (0 < share <= 0.5; default 0.05: one take in 20).
+    pub low_share: f64,
+}
+
+impl Default for PriorityConfig {
+    fn default() -> Self {
+        Self { low_share: 0.05 }
+    }
 }
 
 /// The worker's HTTP endpoint: `/metrics`, `/` (dashboard), `/api/stats`.
@@ -811,6 +830,12 @@ impl Config {
             return Err(err(
                 "nats.prefix",
                 format!("`{p}` must be non-empty ASCII letters, digits, `-` or `_`"),
+            ));
+        }
+        if !(self.priority.low_share > 0.0 && self.priority.low_share <= 0.5) {
+            return Err(err(
+                "priority.low_share",
+                "must be more than 0 and at most 0.5",
             ));
         }
         if self.nats.ack_wait_secs == 0 {

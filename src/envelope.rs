@@ -54,6 +54,39 @@ pub struct JobEnvelope {
     /// provider call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// `high`, `normal` (absent) or `low`: the order in which a provider
+    /// lane serves waiting calls.
+    #[serde(default, skip_serializing_if = "Priority::is_normal")]
+    pub priority: Priority,
+}
+
+/// A job's priority: within a provider lane, waiting `high` calls are
+/// served first, then `normal`, then `low` (which keeps a configured share,
+/// `priority.low_share`, so it never starves).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    /// Every priority, the most urgent first.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    pub fn is_normal(&self) -> bool {
+        *self == Priority::Normal
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
 }
 
 /// One chat turn. `content` is a string, or a list of parts (text and
@@ -530,6 +563,7 @@ impl JobEnvelope {
             response_format: None,
             not_before: None,
             expires_at: None,
+            priority: Priority::Normal,
         }
     }
 

@@ -270,6 +270,7 @@ async fn a_call_message_with_a_malformed_plan_is_dead_lettered_before_any_provid
             batch_result: None,
             response_format: None,
             expires_at_ms: None,
+            priority: Default::default(),
         };
         env.bus
             .publish_durable(

@@ -150,6 +150,7 @@ fn single_call(job_id: &str) -> Vec<u8> {
         batch_result: None,
         response_format: None,
         expires_at_ms: None,
+        priority: Default::default(),
     })
     .unwrap()
 }

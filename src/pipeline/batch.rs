@@ -559,11 +559,7 @@ impl BatchLane {
     async fn publish_to_lane(&self, call: &CallMsg) -> Result<()> {
         let body = serde_json::to_vec(call)?;
         self.bus
-            .publish_durable(
-                self.bus.names.call_subject(&self.name),
-                &call.msg_id(),
-                body.into(),
-            )
+            .publish_durable(self.bus.names.subject_of(call), &call.msg_id(), body.into())
             .await?;
         Ok(())
     }

@@ -253,6 +253,7 @@ impl Dispatcher {
             deadline_ms: job.deadline_ms,
             response_format: env.response_format.clone(),
             expires_at_ms: job.expires_at_ms,
+            priority: env.priority,
         };
         let start = |category: &str, classifier: Option<serde_json::Value>| {
             flow::start(
@@ -294,6 +295,7 @@ impl Dispatcher {
                             deadline_ms: params.deadline_ms,
                             response_format: params.response_format.clone(),
                             expires_at_ms: params.expires_at_ms,
+                            priority: params.priority,
                         };
                         (ctx, log, None)
                     }

@@ -7,6 +7,7 @@ use serde_json::json;
 use crate::bus::{CallMsg, DoneEvent, ReviewEvent};
 use crate::clock::now_ms;
 use crate::config::Config;
+use crate::envelope::Priority;
 use crate::envelope::{Message, Role};
 use crate::route::{self, Decision, Plan, Routes, StepRecord, Verdict, CLASSIFY_STEP};
 use crate::store::{JobStatus, ReclassRow, ResultRow, Row, StatusRow};
@@ -32,6 +33,7 @@ pub struct JobCtx {
     pub response_format: Option<ResponseFormat>,
     /// The job's `expires_at`, in Unix milliseconds.
     pub expires_at_ms: Option<i64>,
+    pub priority: Priority,
 }
 
 /// Whether a call of a `category` job to `provider` goes through the
@@ -186,6 +188,7 @@ pub fn effects_budgeted(
                     batch_result: None,
                     response_format: ctx.response_format.clone(),
                     expires_at_ms: ctx.expires_at_ms,
+                    priority: ctx.priority,
                 });
             }
         }
@@ -261,6 +264,7 @@ pub fn effects_budgeted(
                     deadline_ms: ctx.deadline_ms,
                     response_format: ctx.response_format.clone(),
                     expires_at_ms: ctx.expires_at_ms,
+                    priority: ctx.priority,
                 },
                 Some(classifier),
             ) {
@@ -337,6 +341,7 @@ pub fn start(
         deadline_ms,
         response_format,
         expires_at_ms,
+        priority,
     } = params;
     let cat = cfg.categories.get(category)?;
     let (plan, variant) = routes.plan_for(category, job_id)?;
@@ -367,6 +372,7 @@ pub fn start(
             deadline_ms,
             response_format,
             expires_at_ms,
+            priority,
         },
         log,
         variant,
@@ -382,6 +388,7 @@ pub struct JobParams {
     pub deadline_ms: Option<i64>,
     pub response_format: Option<ResponseFormat>,
     pub expires_at_ms: Option<i64>,
+    pub priority: Priority,
 }
 
 impl JobCtx {
@@ -398,6 +405,7 @@ impl JobCtx {
             deadline_ms: c.deadline_ms,
             response_format: c.response_format.clone(),
             expires_at_ms: c.expires_at_ms,
+            priority: c.priority,
         }
     }
 }

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::Message;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -161,19 +160,33 @@ impl Lane {
         i64::from(self.step.cfg.retry.max_attempts) + 3
     }
 
-    pub async fn consumer(&self) -> Result<PullConsumer> {
+    /// The lane's consumers, most urgent first: one per priority, each on
+    /// its own subject (see `pipeline::pull`).
+    pub async fn consumers(&self) -> Result<Vec<crate::pipeline::pull::Source>> {
         let bus = &self.settler.bus;
         let n = &bus.names;
         let cfg = &self.step.cfg;
-        bus.pull_consumer(
-            &n.calls_stream(),
-            &n.lane_consumer(&self.step.name),
-            &n.call_subject(&self.step.name),
-            cfg.ack_wait(),
-            self.max_deliver(),
-            (self.max_in_flight() + cfg.writer.batch_size) as i64,
-        )
-        .await
+        let mut out = Vec::new();
+        for prio in crate::envelope::Priority::ALL {
+            let consumer = bus
+                .pull_consumer(
+                    &n.calls_stream(),
+                    &n.lane_consumer_at(&self.step.name, prio),
+                    &n.call_subject_at(&self.step.name, prio),
+                    cfg.ack_wait(),
+                    self.max_deliver(),
+                    (self.max_in_flight() + cfg.writer.batch_size) as i64,
+                )
+                .await?;
+            // The urgent and the low queues deliver a few at a time: what
+            // they deliver waits its turn here.
+            let batch = match prio {
+                crate::envelope::Priority::Normal => self.pull_batch(),
+                _ => self.pull_batch().min(8),
+            };
+            out.push(crate::pipeline::pull::Source { consumer, batch });
+        }
+        Ok(out)
     }
 
     /// Handle one call message: its step, then its settlement.

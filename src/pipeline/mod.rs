@@ -13,5 +13,6 @@ pub(crate) mod dispatcher;
 pub(crate) mod flow;
 pub mod lane;
 pub(crate) mod poison;
+pub mod pull;
 pub mod settle;
 pub mod worker;

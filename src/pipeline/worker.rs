@@ -6,11 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::Message;
-use futures::StreamExt;
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -19,6 +15,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::pipeline::dispatcher::Dispatcher;
 use crate::pipeline::lane::Lane;
+use crate::pipeline::pull::{consume, Pull, Source};
 use crate::route::Routes;
 use crate::store::prices::ModelPrices;
 use crate::store::Writer;
@@ -199,10 +196,14 @@ pub async fn start(
         let in_flight = cfg.dispatcher.concurrency;
         tracker.spawn(consume(
             "dispatcher".into(),
-            consumer,
+            vec![Source {
+                consumer,
+                batch: in_flight,
+            }],
             Pull {
                 max_in_flight: in_flight,
-                batch: in_flight,
+                share: 0.0,
+                ack_wait: cfg.ack_wait(),
             },
             token.clone(),
             tracker.clone(),
@@ -232,17 +233,17 @@ pub async fn start(
             )
             .with_context(|| format!("building lane `{name}`"))?,
         );
-        let consumer = lane.consumer().await?;
+        let consumers = lane.consumers().await?;
         let in_flight = lane.max_in_flight();
-        let batch = lane.pull_batch();
         let gate = lane.clone();
         let db = writer.clone();
         tracker.spawn(consume(
             format!("lane-{name}"),
-            consumer,
+            consumers,
             Pull {
                 max_in_flight: in_flight,
-                batch,
+                share: cfg.priority.low_share,
+                ack_wait: cfg.ack_wait(),
             },
             token.clone(),
             tracker.clone(),
@@ -284,10 +285,14 @@ pub async fn start(
         let collector = lane.clone();
         tracker.spawn(consume(
             format!("batch-{name}"),
-            consumer,
+            vec![Source {
+                consumer,
+                batch: 64,
+            }],
             Pull {
                 max_in_flight: 64,
-                batch: 64,
+                share: 0.0,
+                ack_wait: cfg.ack_wait(),
             },
             token.clone(),
             tracker.clone(),
@@ -461,86 +466,4 @@ async fn resume_scheduled(pool: PgPool, bus: Bus, token: CancellationToken) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
-}
-
-/// How many messages a consumer handles at once and requests at a time.
-struct Pull {
-    max_in_flight: usize,
-    batch: usize,
-}
-
-/// Pull messages and run `handler` on each in a tracked task, with at most
-/// `max_in_flight` at once, and only when `ready` says there is room (a
-/// lane without budget takes nothing: its messages stay in NATS), pulling
-/// `batch` messages at a time. One continuous pull stream per consumer (with
-/// heartbeats) keeps at most a batch of `max_in_flight` messages buffered;
-/// a message is taken from it only when a slot is free. (Short fetches with
-/// an expiry were tried first: a message the server delivered just as a
-/// fetch expired could be dropped unread, stalling it until `ack_wait`.)
-async fn consume<R, RFut, T, F, Fut>(
-    name: String,
-    consumer: PullConsumer,
-    Pull {
-        max_in_flight,
-        batch,
-    }: Pull,
-    token: CancellationToken,
-    tracker: TaskTracker,
-    ready: R,
-    handler: F,
-) where
-    R: Fn() -> RFut,
-    RFut: Future<Output = T>,
-    F: Fn(Message, T) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let slots = Arc::new(Semaphore::new(max_in_flight));
-    'outer: while !token.is_cancelled() {
-        let stream = consumer
-            .stream()
-            .max_messages_per_batch(batch.clamp(1, max_in_flight.max(1)))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await;
-        let mut messages = match stream {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(consumer = %name, error = %e, "pull failed; retrying");
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                }
-            }
-        };
-        loop {
-            let permit = tokio::select! {
-                _ = token.cancelled() => break 'outer,
-                p = slots.clone().acquire_owned() => p.expect("never closed"),
-            };
-            let ticket = tokio::select! {
-                _ = token.cancelled() => break 'outer,
-                t = ready() => t,
-            };
-            let next = tokio::select! {
-                _ = token.cancelled() => break 'outer,
-                n = messages.next() => n,
-            };
-            match next {
-                Some(Ok(msg)) => {
-                    let fut = handler(msg, ticket);
-                    tracker.spawn(async move {
-                        fut.await;
-                        drop(permit);
-                    });
-                }
-                Some(Err(e)) => {
-                    warn!(consumer = %name, error = %e, "pull interrupted; pulling again");
-                    continue 'outer;
-                }
-                None => continue 'outer,
-            }
-        }
-    }
-    info!(consumer = %name, "stopped fetching");
 }

@@ -9,35 +9,220 @@ use std::time::Duration;
 
 use common::{have, TestEnv};
 
+/// The first of `candidates` that runs.
+fn installed(candidates: &[&'static str]) -> Option<&'static str> {
+    candidates.iter().copied().find(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
 fn chromium() -> Option<&'static str> {
-    ["chromium", "chromium-browser", "/usr/bin/chromium"]
-        .into_iter()
-        .find(|c| {
-            Command::new(c)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
+    installed(&["chromium", "chromium-browser", "/usr/bin/chromium"])
+}
+
+fn chromedriver() -> Option<&'static str> {
+    installed(&["chromedriver", "/usr/bin/chromedriver"])
+}
+
+/// `exe` as an absolute path (ChromeDriver wants one), looked up on PATH.
+fn absolute(exe: &str) -> String {
+    if exe.starts_with('/') {
+        return exe.to_string();
+    }
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(exe))
+                .find(|f| f.is_file())
         })
+        .map_or_else(|| exe.to_string(), |f| f.display().to_string())
 }
 
 /// Headless Chromium with the flags this machine's closed network needs.
-fn headless(exe: &str, profile: &std::path::Path) -> Command {
-    let mut c = Command::new(exe);
-    c.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        "--window-size=1000,1100",
-        "--virtual-time-budget=6000",
-    ])
-    .arg(format!("--user-data-dir={}", profile.display()));
-    c
+const CHROMIUM_ARGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1000,1100",
+];
+
+/// A ChromeDriver process and one browser session, over the W3C WebDriver
+/// protocol (plain HTTP and JSON).
+struct WebDriver {
+    _driver: common::Worker,
+    http: reqwest::Client,
+    session: String,
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl WebDriver {
+    async fn start(driver: &str, chromium: &str) -> Self {
+        let port = switchyard_servers::free_port().unwrap();
+        let child = common::Worker(
+            Command::new(driver)
+                .arg(format!("--port={port}"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}");
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {"binary": absolute(chromium), "args": CHROMIUM_ARGS},
+        }}});
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let session = loop {
+            match http.post(format!("{url}/session")).json(&caps).send().await {
+                Ok(r) if r.status().is_success() => {
+                    let v: serde_json::Value = r.json().await.unwrap();
+                    break v["value"]["sessionId"].as_str().unwrap().to_string();
+                }
+                Ok(r) => panic!("no session: {}", r.text().await.unwrap_or_default()),
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "chromedriver: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        Self {
+            _driver: child,
+            http,
+            session: format!("{url}/session/{session}"),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let r = self
+            .http
+            .request(method, format!("{}{path}", self.session))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let ok = r.status().is_success();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert!(ok, "WebDriver {path}: {v}");
+        v["value"].clone()
+    }
+
+    async fn go(&self, url: &str) {
+        self.call(
+            reqwest::Method::POST,
+            "/url",
+            serde_json::json!({ "url": url }),
+        )
+        .await;
+    }
+
+    async fn js(&self, script: &str) -> serde_json::Value {
+        self.call(
+            reqwest::Method::POST,
+            "/execute/sync",
+            serde_json::json!({"script": script, "args": []}),
+        )
+        .await
+    }
+
+    async fn text(&self, id: &str) -> String {
+        let v = self
+            .js(&format!(
+                "return document.getElementById('{id}').textContent"
+            ))
+            .await;
+        v.as_str().unwrap_or_default().to_string()
+    }
+
+    async fn element(&self, css: &str) -> String {
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                "/element",
+                serde_json::json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        v[ELEMENT].as_str().unwrap().to_string()
+    }
+
+    async fn click(&self, css: &str) {
+        let e = self.element(css).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{e}/click"),
+            serde_json::json!({}),
+        )
+        .await;
+    }
+
+    /// Type `token` into the login form and submit it, as a person would.
+    async fn sign_in(&self, token: &str) {
+        let field = self.element("#token").await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{field}/clear"),
+            serde_json::json!({}),
+        )
+        .await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{field}/value"),
+            serde_json::json!({ "text": token }),
+        )
+        .await;
+        self.click("#login button[type=submit]").await;
+    }
+
+    async fn wait_for(&self, what: &str, script: &str, ok: impl Fn(&str) -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = self.js(script).await;
+            let s = v.as_str().unwrap_or_default();
+            if ok(s) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waiting for {what}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn screenshot(&self) -> Vec<u8> {
+        use base64::Engine;
+        let v = self
+            .http
+            .get(format!("{}/screenshot", self.session))
+            .send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap();
+        base64::engine::general_purpose::STANDARD
+            .decode(v["value"].as_str().unwrap())
+            .unwrap()
+    }
+
+    async fn quit(self) {
+        let _ = self.http.delete(&self.session).send().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,50 +407,98 @@ async fn metrics_and_the_dashboard_show_real_figures() {
         dec(&baseline)
     );
 
-    // The page, rendered by a real browser without a token: the login
-    // form, and no figure (the figures need the token the form keeps in the
-    // tab's session; logging in through the form in Chromium is not driven
-    // here: `--dump-dom` cannot type).
-    if have("chromium (apt install chromium)", chromium().is_some()) {
-        let exe = chromium().unwrap();
-        let dir = std::env::temp_dir().join(format!("{}-chromium", env.name));
-        let dom = headless(exe, &dir)
-            .arg("--dump-dom")
-            .arg(format!("{base}/"))
-            .output()
-            .unwrap();
-        let dom = String::from_utf8_lossy(&dom.stdout);
+    // The page in a real browser (headless Chromium driven by
+    // ChromeDriver over WebDriver): without a token the login form and no
+    // figure; a wrong token is refused; the right one, typed into the form,
+    // shows the real figures, and the token never appears in the URL.
+    let driver = chromedriver();
+    if have(
+        "chromium and chromedriver (apt install chromium chromium-driver)",
+        chromium().is_some() && driver.is_some(),
+    ) {
+        let wd = WebDriver::start(driver.unwrap(), chromium().unwrap()).await;
+        wd.go(&format!("{base}/")).await;
         assert!(
-            dom.contains("<form id=\"login\">"),
-            "the login form shows: {dom}"
-        );
-        assert!(dom.contains("<div id=\"board\" hidden=\"\">"), "{dom}");
-        assert!(
-            dom.contains("<b id=\"jobs-today\">–</b>"),
-            "no figure: {dom}"
+            wd.js("return !document.getElementById('login').hidden")
+                .await
+                == true
         );
         assert!(
-            dom.contains("<div id=\"status\">loading…</div>"),
-            "nothing fetched: {dom}"
+            wd.js("return document.getElementById('board').hidden")
+                .await
+                == true
         );
-        let shot = dir.join("dashboard.png");
-        let out = headless(exe, &dir)
-            .arg(format!("--screenshot={}", shot.display()))
-            .arg(format!("{base}/"))
-            .output()
-            .unwrap();
-        let png = std::fs::read(&shot).unwrap_or_else(|e| {
-            panic!(
-                "no screenshot ({e}): {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
+        assert_eq!(
+            wd.text("jobs-today").await,
+            "–",
+            "no figure before signing in"
+        );
+
+        wd.sign_in("sy_not-a-token").await;
+        wd.wait_for(
+            "the refusal",
+            "return document.getElementById('login-error').textContent",
+            |v| v == "the token was refused",
+        )
+        .await;
+        assert_eq!(wd.text("jobs-today").await, "–");
+
+        wd.sign_in(&token).await;
+        wd.wait_for(
+            "the figures",
+            "return document.getElementById('jobs-today').textContent",
+            |v| v == n.to_string().as_str(),
+        )
+        .await;
+        assert!(
+            wd.js("return document.getElementById('login').hidden")
+                .await
+                == true
+        );
+        let shown = wd.text("cost-today").await;
+        assert_eq!(
+            dec(shown.trim_start_matches('$')),
+            cost,
+            "spent today: {shown}"
+        );
+        let url = wd.js("return location.href").await;
+        assert!(!url.as_str().unwrap().contains(&token), "{url}");
+        assert!(
+            wd.js("return sessionStorage.getItem('switchyard.token')")
+                .await
+                == token.as_str(),
+            "kept in the tab's session"
+        );
+        // A reload keeps the session; signing out forgets it.
+        wd.go(&format!("{base}/")).await;
+        wd.wait_for(
+            "the figures after a reload",
+            "return document.getElementById('jobs-today').textContent",
+            |v| v == n.to_string().as_str(),
+        )
+        .await;
+        let png = wd.screenshot().await;
         assert!(
             png.starts_with(b"\x89PNG") && png.len() > 10_000,
             "{} bytes",
             png.len()
         );
-        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::write(
+            std::env::temp_dir().join(format!("{}-dashboard.png", env.name)),
+            &png,
+        )
+        .unwrap();
+        wd.click("#logout").await;
+        assert!(wd
+            .js("return sessionStorage.getItem('switchyard.token')")
+            .await
+            .is_null());
+        assert!(
+            wd.js("return !document.getElementById('login').hidden")
+                .await
+                == true
+        );
+        wd.quit().await;
     }
     env.cleanup().await;
 }

@@ -474,7 +474,7 @@ async function tick(){
   const top=Math.max(1e-12,...s.spend_today.map(m=>Number(m.cost_usd)));
   fill('spend',['model','calls','USD',''],s.spend_today.map(m=>[m.model,m.calls,'$'+m.cost_usd,bar(Number(m.cost_usd)/top)]));
   document.getElementById('savings-title').textContent='Savings, jobs of the last 24 hours'+(s.baseline_model?', against one '+s.baseline_model+' call per answered job':'');
-  const opt=v=>v==null?'-':'$'+v;
+  const opt=v=>v==null?'-':String(v).startsWith('-')?'−$'+String(v).slice(1):'$'+v;
   fill('savings',['category','answered jobs','actual','baseline','saved','cost ×','overhead','no result','spent on them'],s.savings_last_24h.map(l=>[l.category,l.jobs,'$'+l.actual_cost_usd,opt(l.baseline_cost_usd),opt(l.savings_usd),l.cost_ratio==null?'-':Number(l.cost_ratio).toFixed(2),'$'+l.overhead_cost_usd,l.no_result_jobs,'$'+l.no_result_cost_usd]));
   fill('errors',['model','calls','errors','error rate'],s.errors_last_hour.map(m=>[m.model,m.calls,m.errors,(100*m.error_rate).toFixed(1)+'%']));
   document.getElementById('status').textContent='updated '+new Date().toLocaleTimeString();

@@ -69,8 +69,9 @@ pub enum Command {
         #[arg(long)]
         metrics_listen: Option<String>,
     },
-    /// Serve only the dashboard (/), /api/stats and /metrics, without
-    /// taking work (the worker serves them too with --metrics-listen).
+    /// Serve the HTTP API (/v1/...), the dashboard (/), /api/stats and
+    /// /metrics, without taking work (the worker serves them too with
+    /// --metrics-listen).
     Serve {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:9187")]
@@ -177,6 +178,22 @@ pub enum Command {
     Batch {
         #[command(subcommand)]
         action: BatchAction,
+    },
+    /// Cancel jobs: by id, or every unfinished job matching a filter. A
+    /// queued job never calls a provider; a running one stops at its next
+    /// step; a job that ended already is left as it is.
+    Cancel {
+        /// Job ids.
+        ids: Vec<String>,
+        /// Every unfinished job of this category ...
+        #[arg(long)]
+        category: Option<String>,
+        /// ... with this metadata (`KEY=VALUE`, repeatable) ...
+        #[arg(long = "metadata", value_name = "KEY=VALUE")]
+        metadata: Vec<String>,
+        /// ... created before this RFC 3339 time.
+        #[arg(long)]
+        created_before: Option<String>,
     },
     /// API tokens for the HTTP endpoints: create, list, revoke.
     Token {
@@ -528,6 +545,72 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             .await
             .context("demo failed")?;
             Ok(if demo::print(&outcome, jobs) { 0 } else { 1 })
+        }
+        Command::Cancel {
+            ids,
+            category,
+            metadata,
+            created_before,
+        } => {
+            let by_filter = category.is_some() || !metadata.is_empty() || created_before.is_some();
+            anyhow::ensure!(
+                ids.is_empty() == by_filter,
+                "give job ids, or a filter (--category, --metadata, --created-before), not both"
+            );
+            let metadata = metadata
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| anyhow::anyhow!("--metadata `{kv}`: write KEY=VALUE"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if let Some(t) = &created_before {
+                anyhow::ensure!(
+                    crate::envelope::parse_deadline(t).is_some(),
+                    "--created-before `{t}`: an RFC 3339 time (2026-11-30T06:00:00Z)"
+                );
+            }
+            let cfg = load()?;
+            let pool = store::connect_and_migrate(&g.database_url, 2).await?;
+            let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
+            let announce = |id: &str, category: &str| crate::bus::DoneEvent {
+                job_id: id.to_string(),
+                category: category.to_string(),
+                status: store::JobStatus::Cancelled,
+            };
+            let mut missing = 0;
+            if by_filter {
+                let filter = store::jobs::CancelFilter {
+                    category,
+                    metadata,
+                    created_before,
+                };
+                let done = store::jobs::cancel_where(&pool, &filter).await?;
+                for (id, category) in &done {
+                    bus.publish_done(&announce(id, category)).await;
+                    println!("{id}\tcancelled");
+                }
+                eprintln!("{} job(s) cancelled", done.len());
+            } else {
+                for id in &ids {
+                    match store::jobs::cancel(&pool, id).await? {
+                        store::jobs::Cancelled::Now { category } => {
+                            bus.publish_done(&announce(id, &category)).await;
+                            println!("{id}\tcancelled");
+                        }
+                        store::jobs::Cancelled::AlreadyEnded(s) => {
+                            println!("{id}\talready ended ({s}); nothing changed")
+                        }
+                        store::jobs::Cancelled::NotFound => {
+                            missing += 1;
+                            println!("{id}\tno such job")
+                        }
+                    }
+                }
+            }
+            bus.flush().await;
+            Ok(if missing > 0 { 1 } else { 0 })
         }
         Command::Token { action } => {
             let pool = store::connect_and_migrate(&g.database_url, 2).await?;

@@ -176,3 +176,75 @@ async fn jobs_not_started_by_expires_at_end_expired_without_a_call() {
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }
+
+/// `switchyard cancel`: by id or by filter, a scheduled job is cancelled
+/// while it waits and never runs when its time comes; a second cancel says
+/// it had ended; an unknown id fails the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_cancels_scheduled_jobs_by_id_and_by_filter() {
+    let env = TestEnv::new(SimProfile::default()).await;
+    let worker = env.start_worker(env.config()).await;
+    let when = at(3000);
+    let mut tagged = JobEnvelope::prompt("later-m", "support", "Question later-m");
+    tagged.not_before = Some(when.clone());
+    tagged.metadata.insert("team".into(), "payments".into());
+    publish_jobs(
+        &env.bus,
+        &[
+            job("later-c", "support", Some(when.clone()), None),
+            Outgoing::from_envelope(&tagged).unwrap(),
+            job("later-ok", "support", Some(when), None),
+        ],
+        None,
+    )
+    .await
+    .unwrap();
+    common::wait_until(Duration::from_secs(10), "three jobs parked", || async {
+        env.count("SELECT count(*) FROM jobs WHERE parked_at IS NOT NULL")
+            .await
+            == 3
+    })
+    .await;
+    let cli = |args: &[&str]| {
+        let out = common::switchyard(&env.child_env())
+            .arg("cancel")
+            .args(args)
+            .output()
+            .unwrap();
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    assert_eq!(cli(&["later-c"]), (Some(0), "later-c\tcancelled\n".into()));
+    let (code, out) = cli(&["later-c", "nobody"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("later-c\talready ended (cancelled)"), "{out}");
+    assert!(out.contains("nobody\tno such job"), "{out}");
+    assert_eq!(
+        cli(&["--metadata", "team=payments"]),
+        (Some(0), "later-m\tcancelled\n".into())
+    );
+    assert_eq!(
+        cli(&["--metadata", "team"]).0,
+        Some(1),
+        "KEY=VALUE required"
+    );
+    // When their time comes, only the job left scheduled runs.
+    assert!(wait_finished(
+        &env.pool,
+        &["later-ok".to_string()],
+        Duration::from_secs(30),
+        None
+    )
+    .await
+    .unwrap());
+    assert_eq!(status(&env, "later-ok").await, "succeeded");
+    for id in ["later-c", "later-m"] {
+        assert_eq!(status(&env, id).await, "cancelled", "{id}");
+        assert!(!called(&env, id), "{id} never called a provider");
+    }
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

@@ -341,15 +341,13 @@ pub async fn list<C: JobsCtx>(
 /// Announce a cancelled job on `<prefix>.done.<category>` (best effort, as
 /// every job's end is).
 async fn announce_cancelled<C: JobsCtx>(ctx: &C, id: &str, category: &str) {
-    let ev = crate::bus::DoneEvent {
-        job_id: id.to_string(),
-        category: category.to_string(),
-        status: crate::store::JobStatus::Cancelled,
-    };
-    if let Ok(body) = serde_json::to_vec(&ev) {
-        let subject = ctx.bus().names.done_subject(category);
-        let _ = ctx.bus().client.publish(subject, body.into()).await;
-    }
+    ctx.bus()
+        .publish_done(&crate::bus::DoneEvent {
+            job_id: id.to_string(),
+            category: category.to_string(),
+            status: crate::store::JobStatus::Cancelled,
+        })
+        .await;
 }
 
 /// `POST /v1/jobs/{id}/cancel` (scope `admin`): a queued job never calls a

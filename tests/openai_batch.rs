@@ -616,3 +616,58 @@ async fn a_finished_batch_gets_one_output_file_however_many_read_it_at_once() {
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_create_with_its_idempotency_key_is_one_batch_and_one_job_per_line() {
+    let env = TestEnv::new(Default::default()).await;
+    let cfg = cancel_config(&env);
+    let api = front(&env, &cfg).await;
+    let content = [line("a", "fast"), line("b", "slow")].join("\n");
+    let (_, f) = api.upload("batch", content.as_bytes()).await;
+    let create = || {
+        let r = api
+            .http
+            .post(format!("{}/v1/batches", api.base))
+            .header("content-type", "application/json")
+            .header("idempotency-key", "nightly-2026-11-29")
+            .body(
+                json!({"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
+                       "completion_window": "24h"})
+                .to_string(),
+            );
+        api.send(r, &api.submit)
+    };
+    let (s1, b1) = create().await;
+    let (s2, b2) = create().await;
+    assert_eq!((s1, s2), (200, 200), "{b1} {b2}");
+    assert_eq!(b1["id"], b2["id"]);
+    assert_eq!(env.count("SELECT count(*) FROM client_batches").await, 1);
+    // One message per line on the jobs stream: nothing was published twice.
+    let depths = env.bus.queue_depths(&[]).await.unwrap();
+    assert_eq!(depths.jobs.values().sum::<u64>(), 2, "{depths:?}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_past_its_window_expires_and_its_unfinished_lines_say_so() {
+    let env = TestEnv::new(Default::default()).await;
+    let cfg = cancel_config(&env);
+    let api = front(&env, &cfg).await;
+    let b = api.batch(&[line("a", "fast"), line("b", "slow")]).await;
+    let id = b["id"].as_str().unwrap();
+    // 24 hours later (no worker ran).
+    sqlx::query("UPDATE client_batches SET expires_at = now() - interval '1 second'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let b = api.until(id, "expired").await;
+    assert!(b["expired_at"].is_i64());
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 2, "completed": 0, "failed": 2})
+    );
+    let errors = api.content(&b["error_file_id"]).await;
+    assert_eq!(errors.len(), 2);
+    assert!(errors.iter().all(|l| l["error"]["code"] == "batch_expired"));
+    env.cleanup().await;
+}

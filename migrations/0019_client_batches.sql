@@ -64,3 +64,13 @@ CREATE TABLE IF NOT EXISTS client_batch_lines (
     PRIMARY KEY (batch_id, line)
 );
 CREATE INDEX IF NOT EXISTS client_batch_lines_job_idx ON client_batch_lines (job_id);
+
+-- Analysts see the batches and their lines (which job each line became);
+-- not the files, which hold the clients' prompts and answers as uploaded.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'switchyard_analyst') THEN
+        GRANT SELECT ON client_batches, client_batch_lines TO switchyard_analyst;
+    END IF;
+END
+$$;

@@ -490,7 +490,7 @@ pub async fn upload<C: JobsCtx>(
                 }
             }
             // OpenAI's optional fields (`expires_after[…]`): files here
-            // live until pruned.
+            // do not expire.
             _ => {}
         }
     }
@@ -583,7 +583,7 @@ struct CreateBatch {
     completion_window: String,
     #[serde(default)]
     metadata: Option<BTreeMap<String, String>>,
-    /// Accepted, not applied: files live until pruned.
+    /// Accepted, not applied: files do not expire.
     #[serde(default)]
     #[allow(dead_code)]
     output_expires_after: Option<Value>,

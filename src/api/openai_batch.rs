@@ -849,6 +849,10 @@ async fn refresh<C: JobsCtx>(ctx: &C, row: BatchRow) -> anyhow::Result<BatchRow>
     {
         end_jobs(ctx, &row.id, "its batch expired").await?;
     }
+    if row.status == "cancelling" {
+        // Again, in case the cancel was cut short (each step is idempotent).
+        end_jobs(ctx, &row.id, "cancelled with its batch").await?;
+    }
     if store::claim_finalize(pool, &row.id, FINALIZE_LEASE).await? {
         finalize(ctx, &row.id, row.token_name.as_deref()).await?;
     }

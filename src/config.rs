@@ -74,6 +74,9 @@ pub struct Config {
     /// How a lane orders `high`, `normal` and `low` priority calls.
     #[serde(default)]
     pub priority: PriorityConfig,
+    /// The OpenAI Batch-compatible front door (`/v1/files`, `/v1/batches`).
+    #[serde(default)]
+    pub openai_batch: OpenAiBatchConfig,
 }
 
 /// Job priorities (the envelope's `priority`).
@@ -90,6 +93,24 @@ impl Default for PriorityConfig {
     fn default() -> Self {
         Self { low_share: 0.05 }
     }
+}
+
+/// The OpenAI Batch-compatible front door: which category serves the
+/// jobs of a batch line, by the `model` its body names.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiBatchConfig {
+    /// `body.model` of an input line → the category its job runs in (a
+    /// category of `categories`, or `auto` with a classifier). A line
+    /// naming a model not listed goes to the batch's error file.
+    #[serde(default)]
+    pub models: BTreeMap<String, String>,
+}
+
+impl OpenAiBatchConfig {
+    /// The batch metadata key that names one category for every line of a
+    /// batch, instead of each line's model.
+    pub const CATEGORY_KEY: &'static str = "switchyard_category";
 }
 
 /// The worker's HTTP endpoint: `/metrics`, `/` (dashboard), `/api/stats`.
@@ -1070,6 +1091,14 @@ impl Config {
                 _ => {}
             }
         }
+        for (model, category) in &self.openai_batch.models {
+            if !self.accepts_category(category) {
+                return Err(err(
+                    format!("openai_batch.models.{model}"),
+                    format!("unknown category `{category}`"),
+                ));
+            }
+        }
         if let Some(b) = &self.report.baseline_model {
             if !self.models.contains_key(b) {
                 return Err(err(
@@ -1310,6 +1339,30 @@ mod tests {
         assert_eq!(
             m.prices().input_per_mtok,
             Decimal::from_str("0.10").unwrap()
+        );
+    }
+
+    #[test]
+    fn the_shipped_config_maps_every_model_for_openai_batches() {
+        let cfg = Config::from_toml(SHIPPED).unwrap();
+        for model in cfg.models.keys() {
+            assert!(
+                cfg.openai_batch.models.contains_key(model),
+                "openai_batch.models lacks `{model}`"
+            );
+        }
+    }
+
+    #[test]
+    fn an_openai_batch_mapping_to_an_unknown_category_is_named() {
+        let text = format!(
+            "{}\n[openai_batch]\nmodels = {{ \"gpt-4o\" = \"nowhere\" }}\n",
+            SHIPPED.split("[openai_batch]").next().unwrap()
+        );
+        let e = Config::from_toml(&text).unwrap_err().0;
+        assert!(
+            e.contains("openai_batch.models.gpt-4o") && e.contains("nowhere"),
+            "{e}"
         );
     }
 

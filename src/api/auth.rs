@@ -194,6 +194,8 @@ pub async fn guard(
         Ok(t) => t,
         Err(r) => return r.into_response(),
     };
+    // The token's own scope too, for handlers whose answer depends on it.
+    req.extensions_mut().insert(scope);
     if scope.allows(need) {
         req.extensions_mut().insert(Caller(name));
         return next.run(req).await;

@@ -123,7 +123,9 @@ pub async fn submit<C: JobsCtx>(
     }
 }
 
-async fn submit_one<C: JobsCtx>(
+/// Validate and publish one envelope as `POST /v1/jobs` does (the
+/// OpenAI batch front door submits its lines through here too).
+pub(crate) async fn submit_one<C: JobsCtx>(
     ctx: &C,
     caller: Option<&str>,
     line: usize,
@@ -350,6 +352,16 @@ async fn announce_cancelled<C: JobsCtx>(ctx: &C, id: &str, category: &str) {
         .await;
 }
 
+/// Cancel job `id` unless it has ended, and announce it if it was
+/// cancelled now.
+pub(crate) async fn cancel_job<C: JobsCtx>(ctx: &C, id: &str) -> anyhow::Result<jobs::Cancelled> {
+    let c = jobs::cancel(ctx.pool(), id).await?;
+    if let jobs::Cancelled::Now { category } = &c {
+        announce_cancelled(ctx, id, category).await;
+    }
+    Ok(c)
+}
+
 /// `POST /v1/jobs/{id}/cancel` (scope `admin`): a queued job never calls a
 /// provider; a running one stops at its next step (calls under way are
 /// recorded); a job that ended already stays as it is (409).
@@ -357,9 +369,8 @@ pub async fn cancel<C: JobsCtx>(
     State(ctx): State<std::sync::Arc<C>>,
     Path(id): Path<String>,
 ) -> Response {
-    match jobs::cancel(ctx.pool(), &id).await {
-        Ok(jobs::Cancelled::Now { category }) => {
-            announce_cancelled(&*ctx, &id, &category).await;
+    match cancel_job(&*ctx, &id).await {
+        Ok(jobs::Cancelled::Now { .. }) => {
             Json(json!({"id": id, "status": "cancelled"})).into_response()
         }
         Ok(jobs::Cancelled::AlreadyEnded(s)) => (

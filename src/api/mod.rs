@@ -1,8 +1,10 @@
 //! HTTP: bearer-token authentication shared by every HTTP route the worker
-//! serves (see [`auth`]), and the jobs API ([`jobs`]).
+//! serves (see [`auth`]), the jobs API ([`jobs`]), and the OpenAI
+//! Batch-compatible front door ([`openai_batch`]).
 
 pub mod auth;
 pub mod jobs;
+pub mod openai_batch;
 pub mod ops;
 
 use serde_json::{json, Map, Value};
@@ -32,7 +34,13 @@ pub fn openapi(routes: &[auth::RouteSpec]) -> Value {
             responses["429"] = json!({"description": "too many bad tokens from this address"});
         }
         if r.method == "POST" {
-            op["requestBody"] = json!({"content": {"application/json": {"schema": {}}}});
+            // File uploads are multipart (OpenAI's `POST /v1/files`).
+            let content = if r.path == "/v1/files" {
+                "multipart/form-data"
+            } else {
+                "application/json"
+            };
+            op["requestBody"] = json!({"content": {content: {"schema": {}}}});
             responses["400"] =
                 json!({"description": "the request is not valid; the body says why"});
         }

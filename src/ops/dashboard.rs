@@ -148,7 +148,7 @@ pub async fn serve(
     let auth = crate::api::auth::Authenticator::new(ctx.pool.clone());
     let mut app = Router::new();
     for spec in ROUTES {
-        use crate::api::{jobs, ops};
+        use crate::api::{jobs, openai_batch, ops};
         let route = match (spec.method, spec.path) {
             ("GET", "/") => get(page),
             ("GET", "/healthz") => get(|| async { "ok" }),
@@ -166,6 +166,15 @@ pub async fn serve(
             ("GET", "/v1/reviews") => get(ops::reviews::<Ctx>),
             ("GET", "/v1/reviews/{id}") => get(ops::review_one::<Ctx>),
             ("POST", "/v1/reviews/{id}/resolve") => axum::routing::post(ops::resolve::<Ctx>),
+            ("POST", "/v1/files") => axum::routing::post(openai_batch::upload::<Ctx>).layer(
+                axum::extract::DefaultBodyLimit::max(openai_batch::MAX_FILE_BYTES + (1 << 20)),
+            ),
+            ("GET", "/v1/files/{id}") => get(openai_batch::get_file::<Ctx>),
+            ("GET", "/v1/files/{id}/content") => get(openai_batch::file_content::<Ctx>),
+            ("POST", "/v1/batches") => axum::routing::post(openai_batch::create::<Ctx>),
+            ("GET", "/v1/batches") => get(openai_batch::list::<Ctx>),
+            ("GET", "/v1/batches/{id}") => get(openai_batch::get::<Ctx>),
+            ("POST", "/v1/batches/{id}/cancel") => axum::routing::post(openai_batch::cancel::<Ctx>),
             ("GET", "/openapi.json") => get(|| async { Json(crate::api::openapi(ROUTES)) }),
             (m, p) => unreachable!("ROUTES names {m} {p} without a handler"),
         };
@@ -291,6 +300,55 @@ pub const ROUTES: &[RouteSpec] = &[
         scope: Some(TokenScope::Admin),
         own: false,
         summary: "Resolve a job waiting for review",
+    },
+    RouteSpec {
+        method: "POST",
+        path: "/v1/files",
+        scope: Some(TokenScope::Submit),
+        own: false,
+        summary: "OpenAI Batch: upload a JSONL input file (multipart, purpose=batch)",
+    },
+    RouteSpec {
+        method: "GET",
+        path: "/v1/files/{id}",
+        scope: Some(TokenScope::Read),
+        own: true,
+        summary: "OpenAI Batch: a file object",
+    },
+    RouteSpec {
+        method: "GET",
+        path: "/v1/files/{id}/content",
+        scope: Some(TokenScope::Read),
+        own: true,
+        summary: "OpenAI Batch: a file's content (input, output or error JSONL)",
+    },
+    RouteSpec {
+        method: "POST",
+        path: "/v1/batches",
+        scope: Some(TokenScope::Submit),
+        own: false,
+        summary: "OpenAI Batch: create a batch; each input line becomes a job",
+    },
+    RouteSpec {
+        method: "GET",
+        path: "/v1/batches",
+        scope: Some(TokenScope::Read),
+        own: true,
+        summary: "OpenAI Batch: batches newest first (after, limit)",
+    },
+    RouteSpec {
+        method: "GET",
+        path: "/v1/batches/{id}",
+        scope: Some(TokenScope::Read),
+        own: true,
+        summary: "OpenAI Batch: a batch, its status and request counts (finalizes it once every job ended)",
+    },
+    RouteSpec {
+        method: "POST",
+        path: "/v1/batches/{id}/cancel",
+        scope: Some(TokenScope::Admin),
+        own: true,
+        summary: "OpenAI Batch: cancel a batch's unfinished jobs (admin, or the submit token that created it)",
     },
     RouteSpec {
         method: "GET",

@@ -13,6 +13,8 @@
 //! - [`stats`]: the dashboard's figures.
 //! - [`prices`]: the configured models' prices, for the savings views.
 //! - [`batches`]: provider batches, their leases and items.
+//! - [`client_batches`]: the OpenAI Batch-compatible front door's files,
+//!   batches and lines (not provider batches).
 //! - [`spend`]: category spend for budgets.
 //! - [`feedback`]: ratings of results.
 //! - [`retention`]: what `prune` counts and deletes.
@@ -21,6 +23,7 @@
 
 pub mod batches;
 pub mod cache;
+pub mod client_batches;
 pub mod dlq;
 mod error;
 pub mod feedback;

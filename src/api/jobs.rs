@@ -166,6 +166,7 @@ async fn submit_one<C: JobsCtx>(
         &cfg.limits,
         |c| cfg.accepts_category(c),
         crate::clock::now_ms(),
+        &cfg.webhooks.allow_hosts,
     );
     let job = match parsed {
         Parsed::Valid(job) => job,

@@ -1,9 +1,11 @@
 //! HTTP: bearer-token authentication shared by every HTTP route the worker
-//! serves (see [`auth`]), and the jobs API ([`jobs`]).
+//! serves (see [`auth`]), the jobs API ([`jobs`]), dead letters and reviews
+//! ([`ops`]) and completion webhooks' deliveries ([`webhooks`]).
 
 pub mod auth;
 pub mod jobs;
 pub mod ops;
+pub mod webhooks;
 
 use serde_json::{json, Map, Value};
 

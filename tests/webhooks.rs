@@ -522,31 +522,54 @@ async fn an_address_off_the_allowlist_is_refused_and_recorded() {
 
     // A category default allowed when the job ended, no longer allowed when
     // its attempt is due (the config changed): refused, recorded, not sent.
-    run(&env, &[job("default-hook", "support", None)]).await;
-    let stored: Option<String> =
-        sqlx::query_scalar("SELECT callback_url FROM jobs WHERE id = 'default-hook'")
+    // An `auto` job the classifier model places takes its new category's.
+    run(
+        &env,
+        &[
+            job("default-hook", "support", None),
+            job("auto-hook", "auto", None),
+        ],
+    )
+    .await;
+    for id in ["default-hook", "auto-hook"] {
+        let (category, stored): (String, Option<String>) =
+            sqlx::query_as("SELECT category, callback_url FROM jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        assert_ne!(category, "auto");
+        if id == "auto-hook" {
+            // Placed by the classifier model (no rule matches), as a reclassification.
+            let by: Option<String> = sqlx::query_scalar(
+                "SELECT route_decision->'classifier'->>'by' FROM jobs WHERE id = $1",
+            )
+            .bind(id)
             .fetch_one(&env.pool)
             .await
             .unwrap();
-    assert_eq!(
-        stored,
-        Some(rx.url()),
-        "the category's default is the job's"
-    );
-    assert_eq!(
-        attempts(&env, "default-hook").await,
-        [att(1, "pending", None, None)]
-    );
+            assert_ne!(by.as_deref(), Some("rule"));
+            assert!(by.is_some());
+        }
+        assert_eq!(
+            stored,
+            Some(rx.url()),
+            "{id}: the category's default is the job's"
+        );
+        assert_eq!(attempts(&env, id).await, [att(1, "pending", None, None)]);
+    }
     let later = config(&env, &["hooks.example.com".to_string()], &[]);
     let deliverer = Tasks::new();
     switchyard::webhooks::deliver::spawn(Arc::new(later), env.pool.clone(), &deliverer).unwrap();
-    wait_state(&env, "default-hook", "refused").await;
-    let a = attempts(&env, "default-hook").await;
-    assert_eq!(a.len(), 1, "refused once, never retried: {a:?}");
-    assert_eq!(
-        a[0].3.as_deref(),
-        Some(format!("host `{}` is not on webhooks.allow_hosts", rx.host()).as_str())
-    );
+    for id in ["default-hook", "auto-hook"] {
+        wait_state(&env, id, "refused").await;
+        let a = attempts(&env, id).await;
+        assert_eq!(a.len(), 1, "refused once, never retried: {a:?}");
+        assert_eq!(
+            a[0].3.as_deref(),
+            Some(format!("host `{}` is not on webhooks.allow_hosts", rx.host()).as_str())
+        );
+    }
     assert!(rx.got().is_empty(), "no request reached the receiver");
     // The dead-lettered job had no valid callback: nothing for it.
     assert!(attempts(&env, "bad-hook").await.is_empty());

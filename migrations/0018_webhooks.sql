@@ -33,8 +33,9 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
     created_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
     UNIQUE (series, attempt)
 );
-CREATE INDEX IF NOT EXISTS webhook_deliveries_due_idx ON webhook_deliveries (due_at)
-    WHERE state = 'pending';
+-- The deliverers' claim (`state = $1 AND due_at <= now()`; not a partial
+-- index: the state is a bound parameter).
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due_idx ON webhook_deliveries (state, due_at);
 CREATE INDEX IF NOT EXISTS webhook_deliveries_job_idx ON webhook_deliveries (job_id, id);
 
 -- The final statuses: `store::JobStatus::is_final` (a test checks that

@@ -1366,7 +1366,12 @@ fn apply_env_overrides(
                 "environment variable {key}: empty path segment"
             )));
         }
-        let value = parse_env_value(raw);
+        // A secret is text as given: `0x1f…` or `12345` must not become a number.
+        let value = if path.last().is_some_and(|s| s == "secret") {
+            toml::Value::String(raw.clone())
+        } else {
+            parse_env_value(raw)
+        };
         let dotted = path.join(".");
         let mut table = &mut *root;
         for seg in &path[..path.len() - 1] {
@@ -1463,6 +1468,9 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cfg.webhooks.secret.as_ref().unwrap().expose(), "s3cret");
+        // A secret that reads as a TOML number stays the text given.
+        let numeric = with(&[hosts, ("SWITCHYARD_WEBHOOKS__SECRET", "0x1234")]).unwrap();
+        assert_eq!(numeric.webhooks.secret.unwrap().expose(), "0x1234");
         assert!(
             !format!("{cfg:?}").contains("s3cret"),
             "Debug shows the secret"

@@ -28,6 +28,8 @@ const SECRET: &str = "whsec-test-3f9a";
 #[derive(Clone, Copy, Debug)]
 enum Answer {
     Status(u16),
+    /// 307 to this same receiver's `/hook`.
+    Redirect,
     /// Answer 200 after this long (or when the receiver stops).
     Slow(Duration),
 }
@@ -114,7 +116,8 @@ async fn receive(
     State((book, stop)): State<ReceiverState>,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let header = |n: &str| {
         headers
             .get(n)
@@ -130,6 +133,7 @@ async fn receive(
         .unwrap_or(Answer::Status(200));
     let status = match answer {
         Answer::Status(s) => s,
+        Answer::Redirect => 307,
         Answer::Slow(_) => 200,
     };
     book.lock().unwrap().got.push(Got {
@@ -145,7 +149,11 @@ async fn receive(
         }
     }
     book.lock().unwrap().answered += 1;
-    StatusCode::from_u16(status).unwrap()
+    let status = StatusCode::from_u16(status).unwrap();
+    match answer {
+        Answer::Redirect => (status, [(axum::http::header::LOCATION, "/hook")]).into_response(),
+        _ => status.into_response(),
+    }
 }
 
 fn body_json(g: &Got) -> Value {
@@ -444,6 +452,27 @@ async fn a_receiver_failing_twice_gets_one_accepted_delivery_after_retries_and_a
 
     assert!(worker.shutdown().await);
     api_tasks.stop(Duration::from_secs(5)).await;
+    rx.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_a_failed_attempt_never_followed() {
+    let env = TestEnv::new(Default::default()).await;
+    let rx = Receiver::start(&[Answer::Redirect]).await;
+    let worker = env.start_worker(config(&env, &[rx.host()], &[])).await;
+    run(&env, &[job("moved-1", "lookup", Some(rx.url()))]).await;
+    wait_state(&env, "moved-1", "ok").await;
+    // Followed, the first attempt would have succeeded on its second request.
+    assert_eq!(
+        attempts(&env, "moved-1").await,
+        [
+            att(1, "failed", Some(307), Some("HTTP 307 Temporary Redirect")),
+            att(2, "ok", Some(200), None),
+        ]
+    );
+    assert_eq!(rx.got().len(), 2);
+    assert!(worker.shutdown().await);
     rx.stop().await;
     env.cleanup().await;
 }

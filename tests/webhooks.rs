@@ -419,6 +419,28 @@ async fn a_receiver_failing_twice_gets_one_accepted_delivery_after_retries_and_a
     assert_eq!(rows[0]["replay_of"], first);
     assert_eq!(rows[0]["state"], "ok");
 
+    // Counted by outcome (other tests of this binary count too: at least).
+    let metrics = http
+        .get(format!("http://{listen}/metrics"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted = |outcome: &str| -> f64 {
+        let prefix = format!("switchyard_webhook_deliveries_total{{outcome=\"{outcome}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str())?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        counted("failed") >= 2.0 && counted("ok") >= 2.0,
+        "{metrics}"
+    );
+
     // And from the CLI, by job id: a third.
     let out = common::switchyard(&env.child_env())
         .args(["webhooks", "replay", "retry-1"])

@@ -68,6 +68,10 @@ pub enum Command {
         /// 127.0.0.1:9187 (default: `metrics.listen`; none: off).
         #[arg(long)]
         metrics_listen: Option<String>,
+        /// Do not deliver completion webhooks from this process (another
+        /// worker does).
+        #[arg(long)]
+        no_webhooks: bool,
     },
     /// Serve the HTTP API (/v1/...), the dashboard (/), /api/stats and
     /// /metrics, without taking work (the worker serves them too with
@@ -206,6 +210,31 @@ pub enum Command {
         #[command(subcommand)]
         action: CacheAction,
     },
+    /// Completion webhooks: list delivery attempts, replay a delivery.
+    Webhooks {
+        #[command(subcommand)]
+        action: WebhooksAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksAction {
+    /// Delivery attempts, newest first: one line per attempt.
+    List {
+        /// Only this job's.
+        #[arg(long)]
+        job: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deliver a job's webhook again, as a new series of attempts (a worker
+    /// sends it). ID is a delivery id (from `webhooks list`) or, when no
+    /// delivery has that id, a job id.
+    Replay { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -392,6 +421,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             lanes,
             drain_secs,
             metrics_listen,
+            no_webhooks,
         } => {
             let cfg = Arc::new(load()?);
             let pool =
@@ -407,6 +437,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     lanes,
                     drain_timeout: Duration::from_secs(drain_secs),
                     metrics_listen,
+                    webhooks: !no_webhooks,
                 },
             )
             .await?;
@@ -659,6 +690,61 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(0)
         }
+        Command::Webhooks { action } => {
+            let pool = store::connect_and_migrate(&g.database_url, 2).await?;
+            match action {
+                WebhooksAction::List { job, limit, json } => {
+                    let rows = store::webhooks::list(&pool, job.as_deref(), limit).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&rows)?);
+                    } else {
+                        println!(
+                            "{:>8} {:>8} {:>7}  {:<28} {:<8} {:>6} {:>8}  {:<20}  error",
+                            "id", "series", "attempt", "job", "state", "http", "ms", "attempted"
+                        );
+                        for r in &rows {
+                            println!(
+                                "{:>8} {:>8} {:>7}  {:<28} {:<8} {:>6} {:>8}  {:<20}  {}",
+                                r.id,
+                                r.series,
+                                r.attempt,
+                                r.job_id,
+                                r.state,
+                                r.http_status.map_or("-".into(), |s| s.to_string()),
+                                r.latency_ms.map_or("-".into(), |s| s.to_string()),
+                                r.attempted_at.as_deref().map_or(
+                                    format!("due {}", r.due_at),
+                                    |a| a.chars().take(19).collect()
+                                ),
+                                r.error.as_deref().unwrap_or("")
+                            );
+                        }
+                        eprintln!("{} attempt(s)", rows.len());
+                    }
+                    Ok(0)
+                }
+                WebhooksAction::Replay { id } => {
+                    use store::webhooks::Replay;
+                    match store::webhooks::replay(&pool, &id).await? {
+                        Replay::Started {
+                            series,
+                            job_id,
+                            url,
+                        } => {
+                            println!("delivery {series}: job {job_id} to {url}, due now");
+                            Ok(0)
+                        }
+                        Replay::NotFound => anyhow::bail!("no webhook delivery or job `{id}`"),
+                        Replay::NotEnded { job_id, status } => anyhow::bail!(
+                            "job `{job_id}` has not ended (status `{status}`): its webhook is sent when it does"
+                        ),
+                        Replay::NoCallback { job_id } => anyhow::bail!(
+                            "job `{job_id}` has no callback_url and was never called back"
+                        ),
+                    }
+                }
+            }
+        }
         Command::Cache { action } => {
             let pool = store::connect_and_migrate(&g.database_url, 2).await?;
             match action {
@@ -887,13 +973,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let pool = store::connect_and_migrate(&g.database_url, 2).await?;
             let p = crate::ops::prune::run(&pool, older_than_days, dry_run, batch).await?;
             println!(
-                "{} {} jobs, {} calls, {} steps, {} results, {} ratings, {} dead letters, {} provider batches with {} items (ended more than {older_than_days} days ago), {} expired cache entries",
+                "{} {} jobs, {} calls, {} steps, {} results, {} ratings, {} webhook deliveries, {} dead letters, {} provider batches with {} items (ended more than {older_than_days} days ago), {} expired cache entries",
                 if dry_run { "would delete" } else { "deleted" },
                 p.jobs,
                 p.calls,
                 p.steps,
                 p.results,
                 p.feedback,
+                p.webhook_deliveries,
                 p.dead_letters,
                 p.batches,
                 p.batch_items,

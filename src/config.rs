@@ -77,6 +77,10 @@ pub struct Config {
     /// The OpenAI Batch-compatible front door (`/v1/files`, `/v1/batches`).
     #[serde(default)]
     pub openai_batch: OpenAiBatchConfig,
+    /// Completion webhooks: who may be called back, how they are signed
+    /// and retried.
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
 }
 
 /// Job priorities (the envelope's `priority`).
@@ -111,6 +115,74 @@ impl OpenAiBatchConfig {
     /// The batch metadata key that names one category for every line of a
     /// batch, instead of each line's model.
     pub const CATEGORY_KEY: &'static str = "switchyard_category";
+}
+
+/// Completion webhooks (`callback_url` in a job, or a category's default).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// The only hosts a callback may go to: `hooks.example.com` (that host
+    /// on the scheme's default port) or `127.0.0.1:8080` (that host and
+    /// port). Exact, case-insensitive host match: no wildcards, no
+    /// subdomains. Empty (the default): no callbacks at all.
+    pub allow_hosts: Vec<String>,
+    /// The HMAC-SHA256 key of the `Switchyard-Signature` header. Required
+    /// when `allow_hosts` is set; better given as
+    /// `SWITCHYARD_WEBHOOKS__SECRET` than written in the file. Never logged
+    /// or stored.
+    pub secret: Option<SecretString>,
+    /// Attempts per delivery before it is given up (the first included).
+    pub max_attempts: u32,
+    /// Wait before the second attempt, in milliseconds; doubled for each
+    /// further one, up to `max_delay_ms`.
+    pub base_delay_ms: u64,
+    pub max_delay_ms: u64,
+    /// Seconds an attempt may take (connect, send, answer) before it counts
+    /// as failed.
+    pub timeout_secs: u64,
+    /// Deliveries in flight at once in one process (a slow receiver holds
+    /// at most this many; the pipeline never waits for them).
+    pub concurrency: usize,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            allow_hosts: Vec::new(),
+            secret: None,
+            max_attempts: 8,
+            base_delay_ms: 1000,
+            max_delay_ms: 600_000,
+            timeout_secs: 10,
+            concurrency: 16,
+        }
+    }
+}
+
+impl WebhooksConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+/// A secret read from the config: its `Debug` never shows it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SecretString(String);
+
+impl SecretString {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
 }
 
 /// The worker's HTTP endpoint: `/metrics`, `/` (dashboard), `/api/stats`.
@@ -485,6 +557,10 @@ pub struct CategoryConfig {
     /// "7d", scope = "category" | "global" }`.
     #[serde(default)]
     pub cache: Option<CacheConfig>,
+    /// Where the category's jobs are called back when they end, unless a
+    /// job names its own `callback_url` (its host on `webhooks.allow_hosts`).
+    #[serde(default)]
+    pub callback_url: Option<String>,
 }
 
 /// A category's response cache.
@@ -777,6 +853,16 @@ impl Config {
                 self.structured_unsupported(rf, m)
                     .map(|why| format!("model `{m}` of category `{category}`: {why}"))
             })
+    }
+
+    /// The callback URL of a job of `category` that set `own` (or none):
+    /// its own, else the category's default.
+    pub fn callback_url(&self, category: &str, own: Option<&str>) -> Option<String> {
+        own.map(str::to_string).or_else(|| {
+            self.categories
+                .get(category)
+                .and_then(|c| c.callback_url.clone())
+        })
     }
 
     /// The answer format of a job of `category` that set `own` (or none).
@@ -1099,6 +1185,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_webhooks()?;
         if let Some(b) = &self.report.baseline_model {
             if !self.models.contains_key(b) {
                 return Err(err(
@@ -1139,6 +1226,46 @@ impl Config {
                     regex::Regex::new(re)
                         .map_err(|e| err(format!("classifier.rules[{i}].regex"), e))?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_webhooks(&self) -> Result<(), ConfigError> {
+        let w = &self.webhooks;
+        for (i, h) in w.allow_hosts.iter().enumerate() {
+            crate::webhooks::parse_allowed(h)
+                .map_err(|e| err(format!("webhooks.allow_hosts[{i}]"), e))?;
+        }
+        if !w.allow_hosts.is_empty() && w.secret.as_ref().is_none_or(|s| s.expose().is_empty()) {
+            return Err(err(
+                "webhooks.secret",
+                "required when webhooks.allow_hosts is set (set SWITCHYARD_WEBHOOKS__SECRET)",
+            ));
+        }
+        for (key, v) in [
+            ("max_attempts", u64::from(w.max_attempts)),
+            ("base_delay_ms", w.base_delay_ms),
+            ("timeout_secs", w.timeout_secs),
+            ("concurrency", w.concurrency as u64),
+        ] {
+            if v == 0 {
+                return Err(err(format!("webhooks.{key}"), "must be at least 1"));
+            }
+        }
+        if w.max_delay_ms < w.base_delay_ms {
+            return Err(err(
+                "webhooks.max_delay_ms",
+                format!(
+                    "must be at least webhooks.base_delay_ms ({})",
+                    w.base_delay_ms
+                ),
+            ));
+        }
+        for (name, cat) in &self.categories {
+            if let Some(u) = &cat.callback_url {
+                crate::webhooks::check_url(u, &w.allow_hosts)
+                    .map_err(|e| err(format!("categories.{name}.callback_url"), e))?;
             }
         }
         Ok(())
@@ -1293,7 +1420,12 @@ fn apply_env_overrides(
                 "environment variable {key}: empty path segment"
             )));
         }
-        let value = parse_env_value(raw);
+        // A secret is text as given: `0x1f…` or `12345` must not become a number.
+        let value = if path.last().is_some_and(|s| s == "secret") {
+            toml::Value::String(raw.clone())
+        } else {
+            parse_env_value(raw)
+        };
         let dotted = path.join(".");
         let mut table = &mut *root;
         for seg in &path[..path.len() - 1] {
@@ -1388,6 +1520,78 @@ mod tests {
         )];
         let e = Config::from_toml_with_env(SHIPPED, &env).unwrap_err().0;
         assert!(e.contains("providers.openai.rpm"), "{e}");
+    }
+
+    #[test]
+    fn webhook_settings_are_checked_and_name_their_key() {
+        let with = |pairs: &[(&str, &str)]| {
+            let env: Vec<(String, String)> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Config::from_toml_with_env(SHIPPED, &env)
+        };
+        let hosts = (
+            "SWITCHYARD_WEBHOOKS__ALLOW_HOSTS",
+            r#"["hooks.example.com", "127.0.0.1:8080"]"#,
+        );
+        let secret = ("SWITCHYARD_WEBHOOKS__SECRET", "s3cret");
+        let cfg = with(&[
+            hosts,
+            secret,
+            (
+                "SWITCHYARD_CATEGORIES__SUPPORT__CALLBACK_URL",
+                "https://hooks.example.com/support",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(cfg.webhooks.secret.as_ref().unwrap().expose(), "s3cret");
+        // A secret that reads as a TOML number stays the text given.
+        let numeric = with(&[hosts, ("SWITCHYARD_WEBHOOKS__SECRET", "0x1234")]).unwrap();
+        assert_eq!(numeric.webhooks.secret.unwrap().expose(), "0x1234");
+        assert!(
+            !format!("{cfg:?}").contains("s3cret"),
+            "Debug shows the secret"
+        );
+        assert_eq!(
+            cfg.callback_url("support", None).as_deref(),
+            Some("https://hooks.example.com/support")
+        );
+        assert_eq!(
+            cfg.callback_url("support", Some("http://127.0.0.1:8080/x"))
+                .as_deref(),
+            Some("http://127.0.0.1:8080/x")
+        );
+        assert_eq!(cfg.callback_url("sales", None), None);
+        for (pairs, key) in [
+            (vec![hosts], "`webhooks.secret`"),
+            (
+                vec![
+                    ("SWITCHYARD_WEBHOOKS__ALLOW_HOSTS", r#"["https://x.com"]"#),
+                    secret,
+                ],
+                "`webhooks.allow_hosts[0]`",
+            ),
+            (
+                vec![
+                    hosts,
+                    secret,
+                    (
+                        "SWITCHYARD_CATEGORIES__SALES__CALLBACK_URL",
+                        "http://10.0.0.1/x",
+                    ),
+                ],
+                "`categories.sales.callback_url`",
+            ),
+            (
+                vec![("SWITCHYARD_WEBHOOKS__MAX_ATTEMPTS", "0")],
+                "`webhooks.max_attempts`",
+            ),
+            (vec![("SWITCHYARD_WEBHOOKS__RETRIES", "3")], "webhooks"),
+        ] {
+            let e = with(&pairs).unwrap_err().0;
+            assert!(e.contains(key), "{pairs:?}: {e}");
+        }
     }
 
     #[test]

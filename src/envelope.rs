@@ -54,6 +54,11 @@ pub struct JobEnvelope {
     /// provider call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// Where to POST the signed result when the job ends (an http(s) URL
+    /// whose host is on `webhooks.allow_hosts`); replaces the category's
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
     /// `high`, `normal` (absent) or `low`: the order in which a provider
     /// lane serves waiting calls.
     #[serde(default, skip_serializing_if = "Priority::is_normal")]
@@ -259,6 +264,8 @@ pub enum Rejection {
     BadImage(String),
     #[error("invalid {field} `{value}`: expected an RFC 3339 time such as 2026-11-30T06:00:00Z")]
     BadTime { field: &'static str, value: String },
+    #[error("invalid callback_url: {0}")]
+    BadCallback(String),
 }
 
 /// Image media types every provider takes.
@@ -389,6 +396,8 @@ pub enum Parsed {
 ///   stream sequence, so a redelivery keeps it).
 /// * `known_category`: whether a category exists in config.
 /// * `now_ms`: the time of arrival (a passed deadline is rejected).
+/// * `allow_hosts`: `webhooks.allow_hosts`, the only hosts a `callback_url`
+///   may name.
 pub fn parse_job(
     payload: &[u8],
     subject_category: &str,
@@ -396,6 +405,7 @@ pub fn parse_job(
     limits: &crate::config::LimitsConfig,
     known_category: impl Fn(&str) -> bool,
     now_ms: i64,
+    allow_hosts: &[String],
 ) -> Parsed {
     let max_payload_bytes = limits.max_payload_bytes;
     if payload.len() > max_payload_bytes {
@@ -517,6 +527,11 @@ pub fn parse_job(
         Ok(t) => t,
         Err(r) => return reject(r),
     };
+    if let Some(u) = &env.callback_url {
+        if let Err(e) = crate::webhooks::check_url(u, allow_hosts) {
+            return reject(Rejection::BadCallback(e));
+        }
+    }
     Parsed::Valid(Box::new(ValidJob {
         id,
         category,
@@ -564,6 +579,7 @@ impl JobEnvelope {
             not_before: None,
             expires_at: None,
             priority: Priority::Normal,
+            callback_url: None,
         }
     }
 
@@ -652,6 +668,7 @@ mod tests {
             &limits,
             |c| matches!(c, "support" | "sales"),
             NOW_MS,
+            &["hooks.example.com".to_string()],
         )
     }
 
@@ -802,6 +819,35 @@ mod tests {
         assert!(matches!(
             reason(parse(&big, "support")),
             Rejection::Oversize { limit: 1024, .. }
+        ));
+    }
+
+    #[test]
+    fn a_callback_url_must_be_on_the_allowlist() {
+        let Parsed::Valid(v) = parse(
+            r#"{"id":"c1","prompt":"hi","callback_url":"https://hooks.example.com/done"}"#,
+            "support",
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            v.envelope.callback_url.as_deref(),
+            Some("https://hooks.example.com/done")
+        );
+        let r = reason(parse(
+            r#"{"id":"c2","prompt":"hi","callback_url":"http://169.254.169.254/latest"}"#,
+            "support",
+        ));
+        assert_eq!(
+            r.to_string(),
+            "invalid callback_url: host `169.254.169.254` is not on webhooks.allow_hosts"
+        );
+        assert!(matches!(
+            reason(parse(
+                r#"{"id":"c3","prompt":"hi","callback_url":"file:///etc/passwd"}"#,
+                "support"
+            )),
+            Rejection::BadCallback(_)
         ));
     }
 

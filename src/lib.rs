@@ -22,6 +22,8 @@
 //! - [`bus`]: NATS names, streams, consumers, message shapes.
 //! - [`ops`]: operator and analyst commands (review, dead letters, report,
 //!   feedback, retention, dashboard).
+//! - [`webhooks`]: completion webhooks: the allowlist, the signature and
+//!   the backoff (pure), and the deliverer task beside the pipeline.
 //! - [`sim`]: the provider simulator; [`enqueue`]: publishing jobs;
 //!   [`demo`]; [`cli`]: the commands of the `switchyard` binary.
 //!
@@ -51,6 +53,7 @@ pub mod store;
 pub mod structured;
 pub mod tasks;
 pub(crate) mod template;
+pub mod webhooks;
 
 /// Install a stderr logger honouring `RUST_LOG` (default `info`, quieter for dependencies).
 pub fn init_logging() {

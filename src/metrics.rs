@@ -60,6 +60,11 @@ const METRICS: &[(&str, &str, &str)] = &[
         "1 while Postgres answers this process, else 0.",
     ),
     (
+        "switchyard_webhook_deliveries_total",
+        "counter",
+        "Completion webhook attempts, by outcome (ok, failed, refused).",
+    ),
+    (
         "switchyard_limits_unavailable",
         "gauge",
         "1 while a fleet provider's shared limits document cannot be read or written (its calls wait), by provider.",

@@ -227,6 +227,7 @@ async fn a_finished_job_is_acked_without_a_provider_call() {
             error: None,
             enqueued_at_ms: 0,
             variant: None,
+            callback_url: None,
         })])
         .await
         .unwrap();

@@ -168,6 +168,7 @@ pub(crate) async fn submit_one<C: JobsCtx>(
         &cfg.limits,
         |c| cfg.accepts_category(c),
         crate::clock::now_ms(),
+        &cfg.webhooks.allow_hosts,
     );
     let job = match parsed {
         Parsed::Valid(job) => job,

@@ -1,11 +1,13 @@
 //! HTTP: bearer-token authentication shared by every HTTP route the worker
-//! serves (see [`auth`]), the jobs API ([`jobs`]), and the OpenAI
+//! serves (see [`auth`]), the jobs API ([`jobs`]), dead letters and reviews
+//! ([`ops`]), completion webhooks' deliveries ([`webhooks`]) and the OpenAI
 //! Batch-compatible front door ([`openai_batch`]).
 
 pub mod auth;
 pub mod jobs;
 pub mod openai_batch;
 pub mod ops;
+pub mod webhooks;
 
 use serde_json::{json, Map, Value};
 

@@ -148,7 +148,7 @@ pub async fn serve(
     let auth = crate::api::auth::Authenticator::new(ctx.pool.clone());
     let mut app = Router::new();
     for spec in ROUTES {
-        use crate::api::{jobs, openai_batch, ops};
+        use crate::api::{jobs, openai_batch, ops, webhooks};
         let route = match (spec.method, spec.path) {
             ("GET", "/") => get(page),
             ("GET", "/healthz") => get(|| async { "ok" }),
@@ -175,6 +175,8 @@ pub async fn serve(
             ("GET", "/v1/batches") => get(openai_batch::list::<Ctx>),
             ("GET", "/v1/batches/{id}") => get(openai_batch::get::<Ctx>),
             ("POST", "/v1/batches/{id}/cancel") => axum::routing::post(openai_batch::cancel::<Ctx>),
+            ("GET", "/v1/webhooks") => get(webhooks::list::<Ctx>),
+            ("POST", "/v1/webhooks/{id}/replay") => axum::routing::post(webhooks::replay::<Ctx>),
             ("GET", "/openapi.json") => get(|| async { Json(crate::api::openapi(ROUTES)) }),
             (m, p) => unreachable!("ROUTES names {m} {p} without a handler"),
         };
@@ -349,6 +351,20 @@ pub const ROUTES: &[RouteSpec] = &[
         scope: Some(TokenScope::Admin),
         own: true,
         summary: "OpenAI Batch: cancel a batch's unfinished jobs (admin, or the submit token that created it)",
+    },
+    RouteSpec {
+        method: "GET",
+        path: "/v1/webhooks",
+        scope: Some(TokenScope::Read),
+        own: false,
+        summary: "Completion webhook attempts, newest first (`job_id` filters)",
+    },
+    RouteSpec {
+        method: "POST",
+        path: "/v1/webhooks/{id}/replay",
+        scope: Some(TokenScope::Admin),
+        own: false,
+        summary: "Deliver a job's webhook again (by delivery id or job id)",
     },
     RouteSpec {
         method: "GET",

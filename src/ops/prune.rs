@@ -24,6 +24,7 @@ pub async fn run(pool: &PgPool, days: u32, dry_run: bool, batch: i64) -> Result<
         total.steps += b.steps;
         total.results += b.results;
         total.feedback += b.feedback;
+        total.webhook_deliveries += b.webhook_deliveries;
         if b.jobs == 0 {
             break;
         }

@@ -86,6 +86,7 @@ impl Dispatcher {
             &self.cfg.limits,
             |c| self.cfg.accepts_category(c),
             crate::clock::now_ms(),
+            &self.cfg.webhooks.allow_hosts,
         );
         let parsed = match parsed {
             Parsed::Valid(job) => match self.unanswerable(&job) {
@@ -150,6 +151,8 @@ impl Dispatcher {
                             error: Some(reason.to_string()),
                             enqueued_at_ms: published,
                             variant: None,
+                            // Its envelope, callback included, was not valid.
+                            callback_url: None,
                         }));
                     }
                     let settled = self.settler.settle(&msg, Settlement::rows(rows)).await;
@@ -217,6 +220,7 @@ impl Dispatcher {
             error,
             enqueued_at_ms: published,
             variant: None,
+            callback_url: cfg.callback_url(&job.category, env.callback_url.as_deref()),
         };
         if job.expires_at_ms.is_some_and(|t| t <= now) {
             let why = format!(
@@ -343,6 +347,7 @@ impl Dispatcher {
             error: None,
             enqueued_at_ms: published,
             variant,
+            callback_url: cfg.callback_url(&ctx.category, env.callback_url.as_deref()),
         };
         let parked = rows
             .iter()

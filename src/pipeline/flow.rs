@@ -276,6 +276,7 @@ pub fn effects_budgeted(
                         category: category.clone(),
                         variant,
                         route_decision: decision_log,
+                        callback_default: cfg.callback_url(&category, None),
                     }));
                     if park {
                         // Waits, as its category, until the budget allows.

@@ -32,6 +32,9 @@ pub struct WorkerOptions {
     pub drain_timeout: Duration,
     /// Serve `/metrics` and the dashboard here (overrides `metrics.listen`).
     pub metrics_listen: Option<String>,
+    /// Run the webhook deliverer (completion callbacks waiting in
+    /// `webhook_deliveries`).
+    pub webhooks: bool,
 }
 
 impl Default for WorkerOptions {
@@ -41,6 +44,7 @@ impl Default for WorkerOptions {
             lanes: None,
             drain_timeout: Duration::from_secs(30),
             metrics_listen: None,
+            webhooks: true,
         }
     }
 }
@@ -303,6 +307,15 @@ pub async fn start(
             },
         ));
         tracker.spawn(lane.run());
+    }
+    if opts.webhooks {
+        // Completion webhooks, beside the pipeline: their receivers never
+        // hold a job or a message; any number of workers share the attempts.
+        crate::webhooks::deliver::spawn(
+            cfg.clone(),
+            pool.clone(),
+            &Tasks::from_parts(tracker.clone(), token.clone()),
+        )?;
     }
     if let Some(listen) = opts.metrics_listen.as_ref().or(cfg.metrics.listen.as_ref()) {
         crate::ops::dashboard::serve(

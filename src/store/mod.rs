@@ -18,6 +18,8 @@
 //! - [`spend`]: category spend for budgets.
 //! - [`feedback`]: ratings of results.
 //! - [`retention`]: what `prune` counts and deletes.
+//! - [`webhooks`]: completion webhooks' attempts (`webhook_deliveries`):
+//!   claim, record, list, replay.
 //!
 //! Job statuses are [`JobStatus`]; SQL receives them as bound parameters.
 
@@ -37,6 +39,7 @@ pub mod spend;
 pub mod stats;
 mod status;
 pub mod tokens;
+pub mod webhooks;
 mod writer;
 pub use error::StoreError;
 pub use jobs::{count_finished, count_finished_prefix, job_status, load_steps, take_parked};

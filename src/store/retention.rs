@@ -1,6 +1,6 @@
 //! Retention: what `switchyard prune` counts and deletes. Jobs that ended
 //! (a terminal status) before a cut-off go with every row that names them
-//! (calls, steps, results, feedback); dead letters and ended provider
+//! (calls, steps, results, feedback, webhook deliveries); dead letters and ended provider
 //! batches (with their items) go by their own age.
 //! Deletes run one batch per statement, so each transaction stays short.
 
@@ -24,6 +24,8 @@ pub struct Pruned {
     pub batch_items: i64,
     /// Expired response cache entries (whatever `days`).
     pub cache_entries: i64,
+    /// Webhook delivery attempts of the pruned jobs.
+    pub webhook_deliveries: i64,
 }
 
 /// `days` as the `int` that `make_interval` takes.
@@ -33,10 +35,20 @@ fn days_param(days: u32) -> i32 {
 
 /// What a prune of everything older than `days` would delete.
 pub async fn count_older_than(pool: &PgPool, days: u32) -> Result<Pruned> {
-    type Counts = (i64, i64, i64, i64, i64, i64, i64, i64, i64);
-    let (jobs, calls, steps, results, feedback, dead_letters, batches, batch_items, cache_entries): Counts =
-        sqlx::query_as(
-            "WITH v AS (SELECT id FROM jobs WHERE status = ANY($2::text[])
+    type Counts = (i64, i64, i64, i64, i64, i64, i64, i64, i64, i64);
+    let (
+        jobs,
+        calls,
+        steps,
+        results,
+        feedback,
+        dead_letters,
+        batches,
+        batch_items,
+        cache_entries,
+        webhook_deliveries,
+    ): Counts = sqlx::query_as(
+        "WITH v AS (SELECT id FROM jobs WHERE status = ANY($2::text[])
                         AND finished_at < now() - make_interval(days => $1::int))
              SELECT (SELECT count(*) FROM v),
                     (SELECT count(*) FROM calls WHERE job_id IN (SELECT id FROM v)),
@@ -50,12 +62,13 @@ pub async fn count_older_than(pool: &PgPool, days: u32) -> Result<Pruned> {
                     (SELECT count(*) FROM batch_items WHERE batch_id IN (
                        SELECT id FROM provider_batches WHERE state = 'ended'
                         AND ended_at < now() - make_interval(days => $1::int))),
-                    (SELECT count(*) FROM response_cache WHERE expires_at <= now())",
-        )
-        .bind(days_param(days))
-        .bind(JobStatus::terminal_names())
-        .fetch_one(pool)
-        .await?;
+                    (SELECT count(*) FROM response_cache WHERE expires_at <= now()),
+                    (SELECT count(*) FROM webhook_deliveries WHERE job_id IN (SELECT id FROM v))",
+    )
+    .bind(days_param(days))
+    .bind(JobStatus::terminal_names())
+    .fetch_one(pool)
+    .await?;
     Ok(Pruned {
         jobs,
         calls,
@@ -66,16 +79,24 @@ pub async fn count_older_than(pool: &PgPool, days: u32) -> Result<Pruned> {
         batches,
         batch_items,
         cache_entries,
+        webhook_deliveries,
     })
 }
 
 /// Delete up to `batch` jobs that ended more than `days` ago, with their
-/// calls, steps, results and feedback; returns what went (`dead_letters`
+/// calls, steps, results, feedback and webhook deliveries; returns what went (`dead_letters`
 /// is 0). Jobs locked by someone else are skipped this time.
 pub async fn delete_jobs_older_than(pool: &PgPool, days: u32, batch: i64) -> Result<Pruned> {
     // One statement per batch: the foreign keys are checked at its end,
     // when the job and the rows that name it are gone together.
-    let (jobs, calls, steps, results, feedback): (i64, i64, i64, i64, i64) = sqlx::query_as(
+    let (jobs, calls, steps, results, feedback, webhook_deliveries): (
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+    ) = sqlx::query_as(
         "WITH v AS (SELECT id FROM jobs WHERE status = ANY($3::text[])
                     AND finished_at < now() - make_interval(days => $1::int)
                     LIMIT $2 FOR UPDATE SKIP LOCKED),
@@ -83,9 +104,10 @@ pub async fn delete_jobs_older_than(pool: &PgPool, days: u32, batch: i64) -> Res
               c AS (DELETE FROM calls WHERE job_id IN (SELECT id FROM v) RETURNING 1),
               s AS (DELETE FROM steps WHERE job_id IN (SELECT id FROM v) RETURNING 1),
               r AS (DELETE FROM results WHERE job_id IN (SELECT id FROM v) RETURNING 1),
+              w AS (DELETE FROM webhook_deliveries WHERE job_id IN (SELECT id FROM v) RETURNING 1),
               j AS (DELETE FROM jobs WHERE id IN (SELECT id FROM v) RETURNING 1)
          SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM c), (SELECT count(*) FROM s),
-                (SELECT count(*) FROM r), (SELECT count(*) FROM f)",
+                (SELECT count(*) FROM r), (SELECT count(*) FROM f), (SELECT count(*) FROM w)",
     )
     .bind(days_param(days))
     .bind(batch)
@@ -98,6 +120,7 @@ pub async fn delete_jobs_older_than(pool: &PgPool, days: u32, batch: i64) -> Res
         steps,
         results,
         feedback,
+        webhook_deliveries,
         ..Default::default()
     })
 }

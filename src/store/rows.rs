@@ -21,6 +21,9 @@ pub struct JobRow {
     pub enqueued_at_ms: i64,
     /// The A/B variant the job took.
     pub variant: Option<String>,
+    /// Where the job is called back when it ends: its envelope's
+    /// `callback_url`, else its category's default.
+    pub callback_url: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +127,9 @@ pub struct ReclassRow {
     pub category: String,
     pub variant: Option<String>,
     pub route_decision: serde_json::Value,
+    /// The new category's default callback URL: the job's unless its
+    /// envelope names its own.
+    pub callback_default: Option<String>,
 }
 
 /// One row to write.

@@ -58,6 +58,14 @@ impl JobStatus {
         !matches!(self, JobStatus::Queued | JobStatus::Running)
     }
 
+    /// Whether the job has ended for good: terminal, and not waiting for a
+    /// person (a review's resolve ends a `needs_review` job, as succeeded or
+    /// failed). A completion webhook reports these; migration 0018's
+    /// trigger lists them (`tests/webhooks.rs` checks that they agree).
+    pub fn is_final(self) -> bool {
+        self.is_terminal() && self != JobStatus::NeedsReview
+    }
+
     /// The terminal statuses' names, to bind as `$n::text[]`.
     pub fn terminal_names() -> Vec<&'static str> {
         Self::ALL

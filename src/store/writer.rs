@@ -405,18 +405,20 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
 
 async fn insert_jobs(tx: &mut Transaction<'_, Postgres>, jobs: &[&JobRow]) -> Result<()> {
     sqlx::query(
-        "INSERT INTO jobs (id, category, status, envelope, route_decision, error, enqueued_at, finished_at, variant)
+        "INSERT INTO jobs (id, category, status, envelope, route_decision, error, enqueued_at, finished_at, variant,
+                          callback_url)
          SELECT u.id, u.category, u.status, u.envelope, u.route_decision, u.error,
                 to_timestamp(u.enqueued_ms / 1000.0),
                 CASE WHEN u.status = ANY($9::text[]) THEN now() END,
-                u.variant
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::text[], $7::int8[], $8::text[])
-              AS u(id, category, status, envelope, route_decision, error, enqueued_ms, variant)
+                u.variant, u.callback_url
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::text[], $7::int8[], $8::text[],
+                     $11::text[])
+              AS u(id, category, status, envelope, route_decision, error, enqueued_ms, variant, callback_url)
          ON CONFLICT (id) DO UPDATE
              SET category = EXCLUDED.category, status = EXCLUDED.status,
                  envelope = EXCLUDED.envelope, route_decision = EXCLUDED.route_decision,
                  error = NULL, enqueued_at = EXCLUDED.enqueued_at, finished_at = NULL,
-                 variant = EXCLUDED.variant
+                 variant = EXCLUDED.variant, callback_url = EXCLUDED.callback_url
              -- A job first seen malformed may be published again, fixed, under its id.
              WHERE jobs.status = $10 AND EXCLUDED.status <> $10",
     )
@@ -430,6 +432,7 @@ async fn insert_jobs(tx: &mut Transaction<'_, Postgres>, jobs: &[&JobRow]) -> Re
     .bind(jobs.iter().map(|j| j.variant.clone()).collect::<Vec<_>>())
     .bind(JobStatus::terminal_names())
     .bind(JobStatus::Dead.as_str())
+    .bind(jobs.iter().map(|j| j.callback_url.clone()).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -744,8 +747,10 @@ async fn insert_steps(tx: &mut Transaction<'_, Postgres>, rows: &[&StepRow]) -> 
 
 async fn update_reclass(tx: &mut Transaction<'_, Postgres>, rows: &[&ReclassRow]) -> Result<()> {
     sqlx::query(
-        "UPDATE jobs SET category = u.category, variant = u.variant, route_decision = u.route_decision
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[]) AS u(id, category, variant, route_decision)
+        "UPDATE jobs SET category = u.category, variant = u.variant, route_decision = u.route_decision,
+                callback_url = COALESCE(jobs.envelope->>'callback_url', u.callback_default)
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[], $6::text[])
+              AS u(id, category, variant, route_decision, callback_default)
          WHERE jobs.id = u.id AND jobs.status <> ALL($5::text[])",
     )
     .bind(rows.iter().map(|r| r.job_id.clone()).collect::<Vec<_>>())
@@ -753,6 +758,7 @@ async fn update_reclass(tx: &mut Transaction<'_, Postgres>, rows: &[&ReclassRow]
     .bind(rows.iter().map(|r| r.variant.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.route_decision.clone()).collect::<Vec<_>>())
     .bind(JobStatus::terminal_names())
+    .bind(rows.iter().map(|r| r.callback_default.clone()).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -100,11 +100,23 @@ pub struct Bus {
     pub names: Names,
 }
 
+/// The format of the call messages this build writes. A worker that meets
+/// a newer one leaves it for an upgraded worker (see [`CallMsg::newer_format`]).
+pub const CALL_FORMAT: u32 = 1;
+
+fn call_format_1() -> u32 {
+    1
+}
+
 /// The internal message sent to a provider lane for one step of a job:
 /// everything the lane needs to make the call, write its rows and decide what
 /// follows, so a lane reads Postgres only for consensus votes and redeliveries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallMsg {
+    /// The message's format ([`CALL_FORMAT`] when this build writes it;
+    /// absent in messages of builds before formats were numbered: 1).
+    #[serde(default = "call_format_1")]
+    pub format: u32,
     pub job_id: String,
     pub category: String,
     pub provider: String,
@@ -194,6 +206,22 @@ fn is_zero(n: &u32) -> bool {
 }
 
 impl CallMsg {
+    /// The format of `payload` when it is newer than this build reads: the
+    /// message must not be read as this build's (a field it does not know
+    /// could change its meaning). Anything unreadable is left to the full
+    /// parse, which says why.
+    pub fn newer_format(payload: &[u8]) -> Option<u32> {
+        #[derive(Deserialize)]
+        struct Head {
+            #[serde(default = "call_format_1")]
+            format: u32,
+        }
+        serde_json::from_slice::<Head>(payload)
+            .ok()
+            .map(|h| h.format)
+            .filter(|f| *f > CALL_FORMAT)
+    }
+
     /// Why this message cannot be worked on, if it cannot. A call message
     /// comes from outside the process (anyone may publish on the calls
     /// subject), so the lane checks it before spending money on it.

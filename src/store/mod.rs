@@ -54,7 +54,13 @@ use anyhow::{Context, Result};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The migrations. A database migrated by a newer build (migrations this
+/// build does not have) is accepted: they are additive, so an old worker
+/// keeps running beside new ones during a rolling upgrade.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate::Migrator {
+    ignore_missing: true,
+    ..sqlx::migrate!("./migrations")
+};
 
 /// Connect to `url`, creating the database when it is missing, and apply the
 /// migrations (idempotent; an advisory lock makes concurrent starts safe).

@@ -8,6 +8,8 @@
 //!   the provider's ledger reconciled with `calls` (`switchyard-bench chaos`).
 //! - [`batch`]: jobs through the providers' batch APIs, reconciled, with the
 //!   saving and the worker's peak memory (`switchyard-bench batch`).
+//! - [`latency`]: the latency Switchyard adds at a steady offered load
+//!   (`switchyard-bench latency`).
 //!
 //! Each mode starts its own simulator and publishes on a subject prefix of
 //! its own, so it never touches jobs it did not publish.
@@ -16,6 +18,7 @@ pub mod batch;
 pub mod cache;
 pub mod chaos;
 pub mod ingest;
+pub mod latency;
 pub mod limits;
 pub mod throughput;
 

@@ -580,6 +580,19 @@ async fn the_binary_reads_secret_files_and_prints_no_password() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(!err.contains(APP_PW), "the password is in the logs");
+    // It migrated the database of the file's URL, on the private server.
+    let check =
+        switchyard::store::connect_and_migrate(&format!("{}?sslmode=require", pg.url("sy_bin")), 2)
+            .await
+            .unwrap();
+    let owner: String = sqlx::query_scalar(
+        "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'sy_bin'",
+    )
+    .fetch_one(&check)
+    .await
+    .unwrap();
+    assert_eq!(owner, "app", "created by the file's user");
+    check.close().await;
 
     // The wrong password from the file: refused, the URL shown redacted.
     let bad_file = write(

@@ -1,6 +1,9 @@
 //! NATS JetStream: connection, subjects, streams, consumers and the message
 //! shapes that travel between the dispatcher and the lanes. The only module
-//! (with `bench`'s raw ceiling measurement) that talks to NATS.
+//! (with `bench`'s raw ceiling measurement) that talks to NATS. How a
+//! process connects (URLs, TLS, credentials) is [`connect`].
+
+pub mod connect;
 
 use std::time::Duration;
 
@@ -301,13 +304,29 @@ pub struct DoneEvent {
 }
 
 impl Bus {
+    /// Connect to `url` (one URL or several separated by commas) with the
+    /// TLS settings and credentials of the environment (`NATS_CA_FILE`,
+    /// `NATS_CREDS_FILE`, …; see [`connect::NatsSecurity::load`]) and any in
+    /// the URL.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
-        let client = async_nats::ConnectOptions::new()
-            .name("switchyard")
-            .connection_timeout(Duration::from_secs(5))
-            .connect(url)
-            .await
-            .with_context(|| format!("connecting to NATS at {url}"))?;
+        let sec = connect::NatsSecurity::from_process_env(&crate::config::NatsConfig::default())?;
+        Self::connect_with(url, prefix, &sec).await
+    }
+
+    /// [`Bus::connect`] honouring the config's `nats.tls_*` and
+    /// `nats.creds_file` keys too (the environment wins), on its prefix.
+    pub async fn connect_configured(url: &str, nats: &crate::config::NatsConfig) -> Result<Self> {
+        let sec = connect::NatsSecurity::from_process_env(nats)?;
+        Self::connect_with(url, &nats.prefix, &sec).await
+    }
+
+    /// Connect with explicit security settings.
+    pub async fn connect_with(
+        url: &str,
+        prefix: &str,
+        sec: &connect::NatsSecurity,
+    ) -> Result<Self> {
+        let client = connect::connect(url, sec).await?;
         let js = jetstream::new(client.clone());
         Ok(Self {
             client,

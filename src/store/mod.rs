@@ -71,22 +71,24 @@ pub fn with_database(url: &str, db: &str) -> Result<String> {
     Ok(u.into())
 }
 
+/// TLS follows the URL's `sslmode` (`disable`, `prefer` — the default —,
+/// `require`, `verify-ca`, `verify-full`) and `sslrootcert` (the CA file),
+/// as with libpq. Errors show the URL without its password.
 pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPool> {
+    // sqlx brings its own ring provider; this keeps every TLS client of the
+    // process on the same one.
+    crate::providers::http::install_tls_provider();
+    let shown = crate::secrets::redact_url(url);
     let opts = PgConnectOptions::from_str(url)
-        .with_context(|| "invalid DATABASE_URL".to_string())?
+        .map_err(|e| anyhow::anyhow!("invalid DATABASE_URL {shown}: {e}"))?
         .log_statements(tracing::log::LevelFilter::Trace);
-    create_database_if_missing(&opts).await?;
+    create_database_if_missing(&opts, &shown).await?;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(30))
         .connect_with(opts.clone())
         .await
-        .with_context(|| {
-            format!(
-                "connecting to Postgres database `{}`",
-                opts.get_database().unwrap_or("?")
-            )
-        })?;
+        .with_context(|| format!("connecting to Postgres at {shown}"))?;
     MIGRATOR
         .run(&pool)
         .await
@@ -94,7 +96,7 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPo
     Ok(pool)
 }
 
-async fn create_database_if_missing(opts: &PgConnectOptions) -> Result<()> {
+async fn create_database_if_missing(opts: &PgConnectOptions, shown: &str) -> Result<()> {
     let Some(db) = opts.get_database().map(str::to_string) else {
         return Ok(());
     };
@@ -104,15 +106,7 @@ async fn create_database_if_missing(opts: &PgConnectOptions) -> Result<()> {
             return Ok(());
         }
         Err(e) if db_code(&e).as_deref() == Some("3D000") => {}
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "connecting to Postgres at {}:{}",
-                    opts.get_host(),
-                    opts.get_port()
-                )
-            })
-        }
+        Err(e) => return Err(e).with_context(|| format!("connecting to Postgres at {shown}")),
     }
     let mut admin = opts
         .clone()

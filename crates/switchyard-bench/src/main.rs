@@ -174,7 +174,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<u8> {
-    let g = &cli.global;
+    let global = cli.global.clone().with_secret_files()?;
+    let g = &global;
     let load = || Config::load(g.config.as_deref());
     match cli {
         Cli {

@@ -191,7 +191,7 @@ pub(crate) async fn run_pipeline(
     jobs: &[Outgoing],
     run_prefix: &str,
 ) -> Result<f64> {
-    let bus = Bus::connect(nats_url, &cfg.nats.prefix).await?;
+    let bus = Bus::connect_configured(nats_url, &cfg.nats).await?;
     bus.delete_streams().await;
     let cfg = Arc::new(cfg);
     let handle = worker::start(
@@ -225,9 +225,9 @@ async fn jetstream_ceiling(
     n: usize,
     size: usize,
 ) -> Result<f64> {
-    let client = async_nats::connect(nats_url)
-        .await
-        .context("connecting to NATS")?;
+    // The same URLs, TLS and credentials as every other connection.
+    let sec = switchyard::bus::connect::NatsSecurity::from_process_env(&Default::default())?;
+    let client = switchyard::bus::connect::connect(nats_url, &sec).await?;
     let js = jetstream::new(client);
     let _ = js.delete_stream(stream_name).await;
     let subject = format!("{}.x", stream_name.to_ascii_lowercase());

@@ -232,9 +232,20 @@ async fn a_finished_job_is_acked_without_a_provider_call() {
         })])
         .await
         .unwrap();
-    let s = env.run(&single_call("step-done"), 2).await;
-    assert!(matches!(s, Settlement::Ack), "{s:?}");
+    // A redelivery reads the job first; a first delivery (a cancelled job,
+    // or a NATS server that forgot an ack) is refused by the intent's
+    // insert, which checks the job in the same statement.
+    for delivered in [2, 1] {
+        let s = env.run(&single_call("step-done"), delivered).await;
+        assert!(matches!(s, Settlement::Ack), "delivery {delivered}: {s:?}");
+    }
     assert!(env.sim.ledger().is_empty());
+    assert_eq!(
+        env.count("SELECT count(*) FROM calls WHERE job_id = 'step-done'")
+            .await,
+        0,
+        "no intent recorded"
+    );
     env.cleanup().await;
 }
 

@@ -389,8 +389,18 @@ impl LaneStep {
         if let Some(result) = &call.batch_result {
             return self.batch_result(hold, &call, result).await;
         }
-        if let Some(s) = self.done_already(hold, &call).await {
-            return s;
+        // Whether the job is finished or the step recorded is read first,
+        // except on a single-call job's first delivery without a response
+        // cache: there the intent row's insert checks both atomically (and
+        // a refused intent is looked into at once), which saves a read per
+        // job. A multi-step job needs its steps; a redelivery or a cache
+        // look-up must not act for a finished job.
+        let look_first =
+            attempt > 1 || call.plan.records_steps() || self.cfg.cache_of(&call.category).is_some();
+        if look_first {
+            if let Some(s) = self.done_already(hold, &call).await {
+                return s;
+            }
         }
         if let Some(s) = self.expired(&call).await {
             return s;
@@ -969,20 +979,20 @@ impl LaneStep {
                     return Err(Settlement::failed(&e));
                 }
             }
-            // The step is answered, or another worker is calling it right
-            // now (this message's ack wait ran out while it waited here, and
-            // JetStream delivered it again): hold it until that call is
-            // recorded (or its intent is too old to be alive), then look
-            // again.
-            debug!("step answered or being called elsewhere; holding the message");
+            // The job ended or the step is answered (settled at once), or
+            // another worker is calling it right now (this message's ack
+            // wait ran out while it waited here, and JetStream delivered it
+            // again): hold it until that call is recorded (or its intent is
+            // too old to be alive), then look again.
             self.limiter.settle(admission, Some((0, 0))).await;
+            if let Some(s) = self.done_already(hold, call).await {
+                return Err(s);
+            }
+            debug!("step being called elsewhere; holding the message");
             hold.progress().await;
             tokio::select! {
                 _ = self.token.cancelled() => return Err(Settlement::Nak(None)),
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-            if let Some(s) = self.done_already(hold, call).await {
-                return Err(s);
             }
         }
     }

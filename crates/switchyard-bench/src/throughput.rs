@@ -58,8 +58,9 @@ pub struct CpuSplit {
 impl CpuSplit {
     /// CPU seconds used so far by this process, by every `nats-server` and
     /// by every `postgres` process on the machine (utime + stime from
-    /// `/proc/<pid>/stat`). Processes that exit between two readings lose
-    /// their share: the bench's pool keeps its connections.
+    /// `/proc/<pid>/stat`, with the children each has waited for, so an
+    /// exited postgres backend stays counted in its postmaster). Run it on
+    /// a quiet machine: every postgres and nats-server process counts.
     pub fn now() -> Self {
         let ticks = 100.0; // USER_HZ on Linux
         let me = std::process::id().to_string();
@@ -81,14 +82,16 @@ impl CpuSplit {
             };
             let comm = head.split_once('(').map_or("", |(_, c)| c);
             let fields: Vec<&str> = rest.split_whitespace().collect();
-            // After `)`: state is field 0; utime and stime are fields 11 and 12.
+            // After `)`: state is field 0; utime and stime are fields 11
+            // and 12, cutime and cstime (children waited for: a postgres
+            // backend that exited counts in its postmaster's) 13 and 14.
             let cpu = |i: usize| {
                 fields
                     .get(i)
                     .and_then(|v| v.parse::<f64>().ok())
                     .unwrap_or(0.0)
             };
-            let secs = (cpu(11) + cpu(12)) / ticks;
+            let secs = (cpu(11) + cpu(12) + cpu(13) + cpu(14)) / ticks;
             if pid == me {
                 out.switchyard += secs;
             } else if comm == "nats-server" {

@@ -1,6 +1,9 @@
 //! NATS JetStream: connection, subjects, streams, consumers and the message
 //! shapes that travel between the dispatcher and the lanes. The only module
-//! (with `bench`'s raw ceiling measurement) that talks to NATS.
+//! (with `bench`'s raw ceiling measurement) that talks to NATS. How a
+//! process connects (URLs, TLS, credentials) is [`connect`].
+
+pub mod connect;
 
 use std::time::Duration;
 
@@ -100,11 +103,23 @@ pub struct Bus {
     pub names: Names,
 }
 
+/// The format of the call messages this build writes. A worker that meets
+/// a newer one leaves it for an upgraded worker (see [`CallMsg::newer_format`]).
+pub const CALL_FORMAT: u32 = 1;
+
+fn call_format_1() -> u32 {
+    1
+}
+
 /// The internal message sent to a provider lane for one step of a job:
 /// everything the lane needs to make the call, write its rows and decide what
 /// follows, so a lane reads Postgres only for consensus votes and redeliveries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallMsg {
+    /// The message's format ([`CALL_FORMAT`] when this build writes it;
+    /// absent in messages of builds before formats were numbered: 1).
+    #[serde(default = "call_format_1")]
+    pub format: u32,
     pub job_id: String,
     pub category: String,
     pub provider: String,
@@ -194,6 +209,22 @@ fn is_zero(n: &u32) -> bool {
 }
 
 impl CallMsg {
+    /// The format of `payload` when it is newer than this build reads: the
+    /// message must not be read as this build's (a field it does not know
+    /// could change its meaning). Anything unreadable is left to the full
+    /// parse, which says why.
+    pub fn newer_format(payload: &[u8]) -> Option<u32> {
+        #[derive(Deserialize)]
+        struct Head {
+            #[serde(default = "call_format_1")]
+            format: u32,
+        }
+        serde_json::from_slice::<Head>(payload)
+            .ok()
+            .map(|h| h.format)
+            .filter(|f| *f > CALL_FORMAT)
+    }
+
     /// Why this message cannot be worked on, if it cannot. A call message
     /// comes from outside the process (anyone may publish on the calls
     /// subject), so the lane checks it before spending money on it.
@@ -273,20 +304,29 @@ pub struct DoneEvent {
 }
 
 impl Bus {
-    /// Connect to `url`: one server, or several separated by commas (the
-    /// nodes of a cluster). The first is tried first and the others are
-    /// fallbacks, in the order given (so workers given the same nodes in
-    /// different orders spread over the cluster); the client also learns the
-    /// cluster's other nodes from the server and reconnects to any of them.
+    /// Connect to `url` (one URL or several separated by commas) with the
+    /// TLS settings and credentials of the environment (`NATS_CA_FILE`,
+    /// `NATS_CREDS_FILE`, …; see [`connect::NatsSecurity::load`]) and any in
+    /// the URL.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
-        let addrs = server_addrs(url)?;
-        let client = async_nats::ConnectOptions::new()
-            .name("switchyard")
-            .connection_timeout(Duration::from_secs(5))
-            .retain_servers_order()
-            .connect(addrs)
-            .await
-            .with_context(|| format!("connecting to NATS at {url}"))?;
+        let sec = connect::NatsSecurity::from_process_env(&crate::config::NatsConfig::default())?;
+        Self::connect_with(url, prefix, &sec).await
+    }
+
+    /// [`Bus::connect`] honouring the config's `nats.tls_*` and
+    /// `nats.creds_file` keys too (the environment wins), on its prefix.
+    pub async fn connect_configured(url: &str, nats: &crate::config::NatsConfig) -> Result<Self> {
+        let sec = connect::NatsSecurity::from_process_env(nats)?;
+        Self::connect_with(url, &nats.prefix, &sec).await
+    }
+
+    /// Connect with explicit security settings.
+    pub async fn connect_with(
+        url: &str,
+        prefix: &str,
+        sec: &connect::NatsSecurity,
+    ) -> Result<Self> {
+        let client = connect::connect(url, sec).await?;
         let js = jetstream::new(client.clone());
         Ok(Self {
             client,
@@ -537,21 +577,6 @@ fn transient(e: &jetstream::context::PublishError) -> bool {
             || s.contains("not currently available")
             || s.contains("no responders")
     })
-}
-
-/// The server addresses in `url`: one, or several separated by commas.
-pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>> {
-    let addrs: Vec<async_nats::ServerAddr> = url
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(|u| {
-            u.parse::<async_nats::ServerAddr>()
-                .map_err(|e| anyhow::anyhow!("a NATS URL that does not parse ({e})"))
-        })
-        .collect::<Result<_>>()?;
-    anyhow::ensure!(!addrs.is_empty(), "no NATS URL given");
-    Ok(addrs)
 }
 
 /// `major.minor` of a server version such as `2.15.1` or `2.9.10`.

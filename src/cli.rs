@@ -31,19 +31,63 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Args)]
+#[derive(Clone, Args)]
 pub struct Global {
     /// Config file (TOML). `SWITCHYARD_*` variables override its keys.
     /// Default: `config/switchyard.toml`, or the shipped config built into
     /// the binary when that file is absent.
     #[arg(long, global = true, env = "SWITCHYARD_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Postgres URL; the database is created when missing.
+    /// Postgres URL; the database is created when missing. TLS with
+    /// `?sslmode=require|verify-ca|verify-full&sslrootcert=CA.pem`. Or the
+    /// URL in a file named by `DATABASE_URL_FILE`.
     #[arg(long, global = true, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
-    /// NATS server URL (JetStream must be enabled).
-    #[arg(long, global = true, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
+    /// NATS server URL(s), comma-separated for fallbacks (JetStream must be
+    /// enabled); `tls://` for TLS, `nats://user:pass@host` or
+    /// `nats://token@host` for credentials. Or the URL in a file named by
+    /// `NATS_URL_FILE`. TLS files and other credentials: `NATS_CA_FILE`,
+    /// `NATS_CREDS_FILE`, … (docs/configuration.md).
+    #[arg(long, global = true, env = "NATS_URL", default_value = DEFAULT_NATS_URL, hide_env_values = true)]
     pub nats_url: String,
+}
+
+impl std::fmt::Debug for Global {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Global")
+            .field("config", &self.config)
+            .field(
+                "database_url",
+                &crate::secrets::redact_url(&self.database_url),
+            )
+            .field("nats_url", &crate::secrets::redact_url(&self.nats_url))
+            .finish()
+    }
+}
+
+impl Global {
+    /// The URLs from `DATABASE_URL_FILE` and `NATS_URL_FILE` of the process
+    /// environment, where neither the flag nor the variable gives them.
+    pub fn with_secret_files(self) -> Result<Self> {
+        self.with_secret_files_from(&crate::secrets::process_env)
+    }
+
+    fn with_secret_files_from(mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
+        for (var, value, default) in [
+            ("DATABASE_URL", &mut self.database_url, DEFAULT_DATABASE_URL),
+            ("NATS_URL", &mut self.nats_url, DEFAULT_NATS_URL),
+        ] {
+            // Errors when both `VAR` and `VAR_FILE` are set.
+            let Some(url) = crate::secrets::var_or_file(var, env)? else {
+                continue;
+            };
+            // From the file, and no flag given (a flag beats the environment).
+            if env(var).filter(|v| !v.is_empty()).is_none() && value == default {
+                *value = url;
+            }
+        }
+        Ok(self)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -407,7 +451,8 @@ pub fn cancel_on_signal(token: CancellationToken) {
 pub type ExitCode = u8;
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
-    let g = &cli.global;
+    let global = cli.global.with_secret_files()?;
+    let g = &global;
     let load = || Config::load(g.config.as_deref());
     match cli.command {
         Command::Migrate => {
@@ -426,7 +471,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = Arc::new(load()?);
             let pool =
                 store::connect_and_migrate(&g.database_url, cfg.database.max_connections).await?;
-            let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
+            let bus = Bus::connect_configured(&g.nats_url, &cfg.nats).await?;
             let lanes = lanes.map(|l| l.into_iter().filter(|n| n != "none").collect());
             let handle = worker::start(
                 cfg,
@@ -448,7 +493,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve { listen } => {
             let cfg = load()?;
             let pool = store::connect_and_migrate(&g.database_url, 4).await?;
-            let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
+            let bus = Bus::connect_configured(&g.nats_url, &cfg.nats).await?;
             let tasks = crate::tasks::Tasks::new();
             crate::ops::dashboard::serve(&listen, pool, bus, &cfg, &tasks).await?;
             cancel_on_signal(tasks.token().clone());
@@ -485,7 +530,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             for e in &errors {
                 eprintln!("{}: {e}", file.display());
             }
-            let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
+            let bus = Bus::connect_configured(&g.nats_url, &cfg.nats).await?;
             bus.ensure_streams(&cfg).await?;
             let pb = enqueue::progress_bar(jobs.len() as u64, "published");
             let fresh = enqueue::publish_jobs(&bus, &jobs, Some(&pb)).await?;
@@ -604,7 +649,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
             let cfg = load()?;
             let pool = store::connect_and_migrate(&g.database_url, 2).await?;
-            let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
+            let bus = Bus::connect_configured(&g.nats_url, &cfg.nats).await?;
             let announce = |id: &str, category: &str| crate::bus::DoneEvent {
                 job_id: id.to_string(),
                 category: category.to_string(),
@@ -935,7 +980,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 DlqAction::Replay { ids, all, reason } => {
                     anyhow::ensure!(all || !ids.is_empty(), "name dead letter ids, or --all");
                     let cfg = load()?;
-                    let bus = Bus::connect(&g.nats_url, &cfg.nats.prefix).await?;
+                    let bus = Bus::connect_configured(&g.nats_url, &cfg.nats).await?;
                     bus.ensure_streams(&cfg).await?;
                     let select = if all {
                         crate::ops::dlq::Select::All { reason }
@@ -1048,7 +1093,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     };
                     let category = review::resolve(&pool, &id, how, &by).await?;
                     // The done event is best effort: the database already holds the outcome.
-                    if let Ok(bus) = Bus::connect(&g.nats_url, &cfg.nats.prefix).await {
+                    if let Ok(bus) = Bus::connect_configured(&g.nats_url, &cfg.nats).await {
                         bus.publish_done(&crate::bus::DoneEvent {
                             job_id: id.clone(),
                             category,
@@ -1062,5 +1107,52 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn global(database_url: &str) -> Global {
+        Global {
+            config: None,
+            database_url: database_url.into(),
+            nats_url: DEFAULT_NATS_URL.into(),
+        }
+    }
+
+    #[test]
+    fn url_files_apply_unless_the_flag_or_the_variable_gives_the_url() {
+        let dir = std::env::temp_dir().join(format!("sy-cli-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("url");
+        std::fs::write(&file, "postgres://app:pw@db/sy\n").unwrap();
+        let path = file.display().to_string();
+        let only_file = |k: &str| (k == "DATABASE_URL_FILE").then(|| path.clone());
+
+        let g = global(DEFAULT_DATABASE_URL)
+            .with_secret_files_from(&only_file)
+            .unwrap();
+        assert_eq!(g.database_url, "postgres://app:pw@db/sy");
+        assert_eq!(g.nats_url, DEFAULT_NATS_URL);
+        assert!(!format!("{g:?}").contains(":pw@"), "{g:?}");
+
+        // A flag beats the file.
+        let g = global("postgres://flag@db/sy")
+            .with_secret_files_from(&only_file)
+            .unwrap();
+        assert_eq!(g.database_url, "postgres://flag@db/sy");
+
+        // The variable and its file: an error.
+        let both = |k: &str| match k {
+            "DATABASE_URL_FILE" => Some(path.clone()),
+            "DATABASE_URL" => Some("postgres://env@db/sy".into()),
+            _ => None,
+        };
+        assert!(global("postgres://env@db/sy")
+            .with_secret_files_from(&both)
+            .is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -165,8 +165,8 @@ impl WebhooksConfig {
     }
 }
 
-/// A secret read from the config: its `Debug` never shows it.
-#[derive(Clone, Deserialize)]
+/// A secret (from the config or the environment): its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct SecretString(String);
 
@@ -252,6 +252,20 @@ pub struct NatsConfig {
     pub ack_wait_secs: u64,
     /// JetStream duplicate window for `Nats-Msg-Id`, in seconds.
     pub duplicate_window_secs: u64,
+    /// PEM file of the CA(s) that signed the NATS servers' certificates
+    /// (instead of the system's roots); `NATS_CA_FILE` overrides it.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients
+    /// (`NATS_CERT_FILE` overrides it); needs `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file` (`NATS_KEY_FILE` overrides it).
+    pub tls_key_file: Option<PathBuf>,
+    /// Use TLS even with `nats://` URLs (a `tls://` URL always does).
+    pub tls_required: bool,
+    /// A JWT credentials file (`.creds`, from `nsc`); `NATS_CREDS_FILE`
+    /// overrides it. Passwords, tokens and seeds come from the environment
+    /// only, never from config.
+    pub creds_file: Option<PathBuf>,
     /// Copies JetStream keeps of the jobs and calls streams and of the
     /// limits KV bucket: 1 (a single server) or 3 (a cluster of at least
     /// three servers; the streams survive the loss of one).
@@ -264,6 +278,11 @@ impl Default for NatsConfig {
             prefix: "switchyard".into(),
             ack_wait_secs: 120,
             duplicate_window_secs: 300,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_required: false,
+            creds_file: None,
             replicas: 1,
         }
     }

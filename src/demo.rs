@@ -171,7 +171,7 @@ pub async fn run(
 ) -> Result<DemoOutcome> {
     let run_id = format!("demo-{}", &crate::ids::new_job_id()[..8]);
     cfg.nats.prefix = run_id.replace('-', "_");
-    let bus = Bus::connect(nats_url, &cfg.nats.prefix).await?;
+    let bus = Bus::connect_configured(nats_url, &cfg.nats).await?;
     let sim = SimServer::start("127.0.0.1:0", profile).await?;
     on_simulator(&mut cfg, &sim.base_url());
     let cfg = Arc::new(cfg);

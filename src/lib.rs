@@ -48,6 +48,7 @@ pub mod pipeline;
 pub mod pricing;
 pub mod providers;
 pub mod route;
+pub mod secrets;
 pub mod sim;
 pub mod store;
 pub mod structured;

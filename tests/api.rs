@@ -21,15 +21,9 @@ struct Api {
 }
 
 async fn api(env: &TestEnv, cfg: &switchyard::config::Config) -> Api {
-    let port = switchyard_servers::free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let tasks = switchyard::tasks::Tasks::new();
-    switchyard::ops::dashboard::serve(&listen, env.pool.clone(), env.bus.clone(), cfg, &tasks)
-        .await
-        .unwrap();
-    switchyard::providers::http::install_tls_provider();
+    let (base, tasks) = env.serve_http(cfg).await;
     Api {
-        base: format!("http://{listen}"),
+        base,
         http: reqwest::Client::new(),
         submit: tokens::create(&env.pool, "backend", Scope::Submit)
             .await

@@ -251,6 +251,7 @@ async fn a_call_message_with_a_malformed_plan_is_dead_lettered_before_any_provid
     ];
     for (id, plan, step, _) in &bad {
         let call = CallMsg {
+            format: switchyard::bus::CALL_FORMAT,
             job_id: id.to_string(),
             category: "support".into(),
             provider: provider.clone(),

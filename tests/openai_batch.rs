@@ -24,15 +24,9 @@ struct Front {
 
 async fn front(env: &TestEnv, cfg: &switchyard::config::Config) -> Front {
     env.bus.ensure_streams(cfg).await.unwrap();
-    let port = switchyard_servers::free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let tasks = switchyard::tasks::Tasks::new();
-    switchyard::ops::dashboard::serve(&listen, env.pool.clone(), env.bus.clone(), cfg, &tasks)
-        .await
-        .unwrap();
-    switchyard::providers::http::install_tls_provider();
+    let (base, tasks) = env.serve_http(cfg).await;
     Front {
-        base: format!("http://{listen}"),
+        base,
         http: reqwest::Client::new(),
         submit: tokens::create(&env.pool, "catalogue", Scope::Submit)
             .await

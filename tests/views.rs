@@ -552,7 +552,8 @@ async fn prune_deletes_old_finished_jobs_with_their_rows() {
         );
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    let expected = "3 jobs, 5 calls, 2 steps, 2 results, 3 ratings, 1 dead letters, \
+    let expected =
+        "3 jobs, 5 calls, 2 steps, 2 results, 3 ratings, 0 webhook deliveries, 1 dead letters, \
                     1 provider batches with 2 items";
     let dry = run(true);
     assert!(dry.contains(&format!("would delete {expected}")), "{dry}");

@@ -367,13 +367,8 @@ async fn a_receiver_failing_twice_gets_one_accepted_delivery_after_retries_and_a
     );
 
     // Replay over HTTP (admin), by the delivery id: a second accepted delivery.
-    let port = switchyard_servers::free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let api_tasks = Tasks::new();
     let cfg = config(&env, &[rx.host()], &[]);
-    switchyard::ops::dashboard::serve(&listen, env.pool.clone(), env.bus.clone(), &cfg, &api_tasks)
-        .await
-        .unwrap();
+    let (base, api_tasks) = env.serve_http(&cfg).await;
     let admin = switchyard::store::tokens::create(
         &env.pool,
         "ops",
@@ -384,7 +379,7 @@ async fn a_receiver_failing_twice_gets_one_accepted_delivery_after_retries_and_a
     let http = reqwest::Client::new();
     let first: i64 = got[0].delivery.parse().unwrap();
     let r = http
-        .post(format!("http://{listen}/v1/webhooks/{first}/replay"))
+        .post(format!("{base}/v1/webhooks/{first}/replay"))
         .bearer_auth(&admin)
         .send()
         .await
@@ -406,7 +401,7 @@ async fn a_receiver_failing_twice_gets_one_accepted_delivery_after_retries_and_a
     ));
     // The list over HTTP shows the four attempts, the replay's first.
     let v: Value = http
-        .get(format!("http://{listen}/v1/webhooks?job_id=retry-1"))
+        .get(format!("{base}/v1/webhooks?job_id=retry-1"))
         .bearer_auth(&admin)
         .send()
         .await
@@ -421,7 +416,7 @@ async fn a_receiver_failing_twice_gets_one_accepted_delivery_after_retries_and_a
 
     // Counted by outcome (other tests of this binary count too: at least).
     let metrics = http
-        .get(format!("http://{listen}/metrics"))
+        .get(format!("{base}/metrics"))
         .bearer_auth(&admin)
         .send()
         .await
@@ -537,12 +532,7 @@ async fn an_address_off_the_allowlist_is_refused_and_recorded() {
         "invalid callback_url: host `169.254.169.254` is not on webhooks.allow_hosts"
     );
 
-    let port = switchyard_servers::free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let api_tasks = Tasks::new();
-    switchyard::ops::dashboard::serve(&listen, env.pool.clone(), env.bus.clone(), &cfg, &api_tasks)
-        .await
-        .unwrap();
+    let (base, api_tasks) = env.serve_http(&cfg).await;
     let submit = switchyard::store::tokens::create(
         &env.pool,
         "backend",
@@ -551,7 +541,7 @@ async fn an_address_off_the_allowlist_is_refused_and_recorded() {
     .await
     .unwrap();
     let r = reqwest::Client::new()
-        .post(format!("http://{listen}/v1/jobs"))
+        .post(format!("{base}/v1/jobs"))
         .bearer_auth(&submit)
         .header("content-type", "application/json")
         .body(

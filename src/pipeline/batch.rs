@@ -149,6 +149,15 @@ impl BatchLane {
 
     /// Collect one batch call message into its open batch.
     pub async fn collect(&self, msg: Message) {
+        // A newer format is the real-time lane's to judge (it waits for an
+        // upgraded worker, or dead-letters with the reason).
+        if let Some(format) = CallMsg::newer_format(&msg.payload) {
+            warn!(lane = %self.name, format, "batch call message of a newer format; leaving it for an upgraded worker");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(15))))
+                .await;
+            return;
+        }
         let call = match serde_json::from_slice::<CallMsg>(&msg.payload)
             .map_err(|e| e.to_string())
             .and_then(|c| c.validate().map(|()| c))

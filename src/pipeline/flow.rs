@@ -156,6 +156,7 @@ pub fn effects_budgeted(
             });
             for c in calls {
                 fx.calls.push(CallMsg {
+                    format: crate::bus::CALL_FORMAT,
                     job_id: ctx.job_id.clone(),
                     category: ctx.category.clone(),
                     provider: c.target.provider.clone(),

@@ -34,6 +34,9 @@ use crate::store::{
 /// An `unknown` call row younger than the provider's timeout plus this is
 /// taken for a call under way in another worker.
 const BUSY_MARGIN: Duration = Duration::from_secs(10);
+/// How soon a call message of a newer format comes back (to this worker or
+/// an upgraded one).
+const NEWER_FORMAT_RETRY: Duration = Duration::from_secs(15);
 
 /// What looking up the response cache came to.
 enum Looked {
@@ -154,10 +157,9 @@ impl Lane {
         self.step.ready().await
     }
 
-    /// JetStream delivers a call at most this often: the retry budget plus
-    /// room for redeliveries after crashes.
+    /// See [`LaneStep::max_deliver`].
     pub fn max_deliver(&self) -> i64 {
-        i64::from(self.step.cfg.retry.max_attempts) + 3
+        self.step.max_deliver()
     }
 
     /// The lane's consumers, most urgent first: one per priority, each on
@@ -265,6 +267,12 @@ impl LaneStep {
         self.cfg.providers[&self.name].max_concurrency * 2 + 16
     }
 
+    /// JetStream delivers a call at most this often: the retry budget plus
+    /// room for redeliveries after crashes.
+    pub fn max_deliver(&self) -> i64 {
+        i64::from(self.cfg.retry.max_attempts) + 3
+    }
+
     /// See [`Lane::ready`].
     pub async fn ready(&self) -> crate::limits::lane::Ticket {
         self.limiter.ready().await
@@ -282,6 +290,33 @@ impl LaneStep {
         hold: &H,
         ticket: crate::limits::lane::Ticket,
     ) -> Settlement {
+        // A message of a newer format (a rolling upgrade: a newer worker
+        // wrote it) is left for an upgraded worker; when none took it
+        // before the last delivery, it becomes a dead letter saying so
+        // (replay it once the fleet is upgraded).
+        if let Some(format) = CallMsg::newer_format(payload) {
+            let reason = format!(
+                "call message format {format} is newer than this worker's {}: upgrade this worker, then replay it",
+                crate::bus::CALL_FORMAT
+            );
+            crate::metrics::global().inc(
+                "switchyard_newer_format_messages_total",
+                &[("lane", &self.name)],
+                1.0,
+            );
+            if d.delivered < self.max_deliver() {
+                warn!(lane = %self.name, %reason, "leaving a call message for an upgraded worker");
+                return Settlement::Nak(Some(NEWER_FORMAT_RETRY));
+            }
+            warn!(lane = %self.name, %reason, "dead-lettering a call message");
+            return Settlement::rows(vec![Row::DeadLetter(DeadLetterRow {
+                source: format!("{}:{}", d.stream, d.seq),
+                subject: d.subject.clone(),
+                job_id: None,
+                payload: payload.to_vec(),
+                reason,
+            })]);
+        }
         // A message that parses but cannot be worked on (a malformed plan,
         // a step its plan lacks) ends its job as `dead`, with the reason.
         let parsed = match serde_json::from_slice::<CallMsg>(payload) {
@@ -354,8 +389,18 @@ impl LaneStep {
         if let Some(result) = &call.batch_result {
             return self.batch_result(hold, &call, result).await;
         }
-        if let Some(s) = self.done_already(hold, &call).await {
-            return s;
+        // Whether the job is finished or the step recorded is read first,
+        // except on a single-call job's first delivery without a response
+        // cache: there the intent row's insert checks both atomically (and
+        // a refused intent is looked into at once), which saves a read per
+        // job. A multi-step job needs its steps; a redelivery or a cache
+        // look-up must not act for a finished job.
+        let look_first =
+            attempt > 1 || call.plan.records_steps() || self.cfg.cache_of(&call.category).is_some();
+        if look_first {
+            if let Some(s) = self.done_already(hold, &call).await {
+                return s;
+            }
         }
         if let Some(s) = self.expired(&call).await {
             return s;
@@ -934,20 +979,20 @@ impl LaneStep {
                     return Err(Settlement::failed(&e));
                 }
             }
-            // The step is answered, or another worker is calling it right
-            // now (this message's ack wait ran out while it waited here, and
-            // JetStream delivered it again): hold it until that call is
-            // recorded (or its intent is too old to be alive), then look
-            // again.
-            debug!("step answered or being called elsewhere; holding the message");
+            // The job ended or the step is answered (settled at once), or
+            // another worker is calling it right now (this message's ack
+            // wait ran out while it waited here, and JetStream delivered it
+            // again): hold it until that call is recorded (or its intent is
+            // too old to be alive), then look again.
             self.limiter.settle(admission, Some((0, 0))).await;
+            if let Some(s) = self.done_already(hold, call).await {
+                return Err(s);
+            }
+            debug!("step being called elsewhere; holding the message");
             hold.progress().await;
             tokio::select! {
                 _ = self.token.cancelled() => return Err(Settlement::Nak(None)),
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-            if let Some(s) = self.done_already(hold, call).await {
-                return Err(s);
             }
         }
     }

@@ -54,7 +54,13 @@ use anyhow::{Context, Result};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The migrations. A database migrated by a newer build (migrations this
+/// build does not have) is accepted: they are additive, so an old worker
+/// keeps running beside new ones during a rolling upgrade.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate::Migrator {
+    ignore_missing: true,
+    ..sqlx::migrate!("./migrations")
+};
 
 /// Connect to `url`, creating the database when it is missing, and apply the
 /// migrations (idempotent; an advisory lock makes concurrent starts safe).
@@ -65,22 +71,27 @@ pub fn with_database(url: &str, db: &str) -> Result<String> {
     Ok(u.into())
 }
 
+/// TLS follows the URL's `sslmode` (`disable`, `prefer` — the default —,
+/// `require`, `verify-ca`, `verify-full`) and `sslrootcert` (the CA file),
+/// as with libpq. Errors show the URL without its password.
 pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPool> {
-    let opts = PgConnectOptions::from_str(url)
-        .with_context(|| "invalid DATABASE_URL".to_string())?
+    // sqlx brings its own ring provider; this keeps every TLS client of the
+    // process on the same one.
+    crate::providers::http::install_tls_provider();
+    let shown = crate::secrets::redact_url(url);
+    let mut opts = PgConnectOptions::from_str(url)
+        .map_err(|e| anyhow::anyhow!("invalid DATABASE_URL {shown}: {e}"))?
         .log_statements(tracing::log::LevelFilter::Trace);
-    create_database_if_missing(&opts).await?;
+    if plain_on_loopback(url, std::env::var_os("PGSSLMODE").is_some()) {
+        opts = opts.ssl_mode(sqlx::postgres::PgSslMode::Disable);
+    }
+    create_database_if_missing(&opts, &shown).await?;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(30))
         .connect_with(opts.clone())
         .await
-        .with_context(|| {
-            format!(
-                "connecting to Postgres database `{}`",
-                opts.get_database().unwrap_or("?")
-            )
-        })?;
+        .with_context(|| format!("connecting to Postgres at {shown}"))?;
     MIGRATOR
         .run(&pool)
         .await
@@ -88,7 +99,44 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPo
     Ok(pool)
 }
 
-async fn create_database_if_missing(opts: &PgConnectOptions) -> Result<()> {
+/// Whether to talk to Postgres without TLS although the URL does not say
+/// so: no `sslmode` in the URL (nor `PGSSLMODE`) and the server on this
+/// machine (a loopback address, `localhost` or a socket). sqlx's default,
+/// `prefer`, would negotiate TLS with a local server that has `ssl = on`
+/// (Debian's default) and cost a quarter of the pipeline's throughput for
+/// traffic that never leaves the machine (docs/benchmarks.md). A remote
+/// server keeps `prefer`; say `sslmode=require` (or `verify-full`) to insist.
+fn plain_on_loopback(url: &str, env_says: bool) -> bool {
+    let Ok(u) = url::Url::parse(url) else {
+        return false;
+    };
+    if env_says
+        || u.query_pairs()
+            .any(|(k, _)| k == "sslmode" || k == "ssl-mode")
+    {
+        return false;
+    }
+    let socket = u
+        .query_pairs()
+        .any(|(k, v)| k == "host" && v.starts_with('/'));
+    socket
+        || match u.host() {
+            None => true,
+            // A `postgres:` URL's host is opaque to the url crate: an
+            // address arrives as a name.
+            Some(url::Host::Domain(d)) => {
+                d == "localhost"
+                    || d.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|a| a.is_loopback())
+            }
+            Some(url::Host::Ipv4(a)) => a.is_loopback(),
+            Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        }
+}
+
+async fn create_database_if_missing(opts: &PgConnectOptions, shown: &str) -> Result<()> {
     let Some(db) = opts.get_database().map(str::to_string) else {
         return Ok(());
     };
@@ -98,15 +146,7 @@ async fn create_database_if_missing(opts: &PgConnectOptions) -> Result<()> {
             return Ok(());
         }
         Err(e) if db_code(&e).as_deref() == Some("3D000") => {}
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "connecting to Postgres at {}:{}",
-                    opts.get_host(),
-                    opts.get_port()
-                )
-            })
-        }
+        Err(e) => return Err(e).with_context(|| format!("connecting to Postgres at {shown}")),
     }
     let mut admin = opts
         .clone()
@@ -159,6 +199,23 @@ fn db_code(e: &sqlx::Error) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_an_unspecified_sslmode_to_this_machine_goes_without_tls() {
+        use super::plain_on_loopback as plain;
+        assert!(plain("postgres://u@127.0.0.1:5432/db", false));
+        assert!(plain("postgres://u@localhost/db", false));
+        assert!(plain("postgres://u@[::1]/db", false));
+        assert!(plain("postgres:///db?host=/var/run/postgresql", false));
+        assert!(!plain("postgres://u@127.0.0.1/db?sslmode=require", false));
+        assert!(
+            !plain("postgres://u@127.0.0.1/db", true),
+            "PGSSLMODE decides"
+        );
+        assert!(!plain("postgres://u@db.example.com/db", false));
+        assert!(!plain("postgres://u@10.0.0.5/db", false));
+    }
+
     use super::*;
 
     #[test]

@@ -132,6 +132,26 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
+    /// The HTTP API (`switchyard serve`'s routes) on a free loopback port:
+    /// its base URL, and the tasks serving it (dropped: still served until
+    /// stopped; `stop` them to end it).
+    pub async fn serve_http(&self, cfg: &Config) -> (String, switchyard::tasks::Tasks) {
+        let port = switchyard_servers::free_port().unwrap();
+        let listen = format!("127.0.0.1:{port}");
+        let tasks = switchyard::tasks::Tasks::new();
+        switchyard::ops::dashboard::serve(
+            &listen,
+            self.pool.clone(),
+            self.bus.clone(),
+            cfg,
+            &tasks,
+        )
+        .await
+        .unwrap();
+        switchyard::providers::http::install_tls_provider();
+        (format!("http://{listen}"), tasks)
+    }
+
     /// Drop the database and the streams.
     pub async fn cleanup(self) {
         self.sim.stop();

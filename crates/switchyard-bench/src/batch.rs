@@ -189,7 +189,7 @@ pub async fn run(
         })
         .collect::<Result<_>>()?;
 
-    let bus = Bus::connect(nats_url, &cfg.nats.prefix).await?;
+    let bus = Bus::connect_configured(nats_url, &cfg.nats).await?;
     let cfg = std::sync::Arc::new(cfg);
     let handle = worker::start(
         cfg.clone(),

@@ -117,6 +117,10 @@ pub fn sim_worker_env(
     let mut env: Vec<(String, String)> = vec![
         ("DATABASE_URL".into(), database_url.into()),
         ("NATS_URL".into(), nats_url.into()),
+        // These URLs, not files the bench itself was given (empty is unset;
+        // both set would be an error).
+        ("DATABASE_URL_FILE".into(), String::new()),
+        ("NATS_URL_FILE".into(), String::new()),
         ("SWITCHYARD_NATS__PREFIX".into(), prefix.into()),
         ("RUST_LOG".into(), "warn".into()),
     ];

@@ -11,6 +11,8 @@
 //!   (`switchyard-bench cluster`).
 //! - [`batch`]: jobs through the providers' batch APIs, reconciled, with the
 //!   saving and the worker's peak memory (`switchyard-bench batch`).
+//! - [`latency`]: the latency Switchyard adds at a steady offered load
+//!   (`switchyard-bench latency`).
 //!
 //! Each mode starts its own simulator and publishes on a subject prefix of
 //! its own, so it never touches jobs it did not publish.
@@ -20,6 +22,7 @@ pub mod cache;
 pub mod chaos;
 pub mod cluster;
 pub mod ingest;
+pub mod latency;
 pub mod limits;
 pub mod throughput;
 

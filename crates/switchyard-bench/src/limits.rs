@@ -139,9 +139,9 @@ pub async fn run(
         }
     }
 
-    let bus = Bus::connect(nats_url, &prefix).await?;
     let mut run_cfg = cfg.clone();
     run_cfg.nats.prefix = prefix.clone();
+    let bus = Bus::connect_configured(nats_url, &run_cfg.nats).await?;
     run_cfg.classifier = None; // no `auto` jobs
     bus.ensure_streams(&run_cfg).await?;
 

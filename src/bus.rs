@@ -335,25 +335,38 @@ impl Bus {
         })
     }
 
+    /// The connected server's version (major, minor), if it says.
+    pub fn server_version(&self) -> Option<(u32, u32)> {
+        parse_version(&self.client.server_info().version)
+    }
+
     /// Create (or reuse) the jobs and calls streams: WorkQueue retention, file
-    /// storage, de-duplication by `Nats-Msg-Id`.
+    /// storage, de-duplication by `Nats-Msg-Id`, `nats.replicas` copies (an
+    /// existing stream with another count is updated to it).
     pub async fn ensure_streams(&self, cfg: &Config) -> Result<()> {
         let dup = Duration::from_secs(cfg.nats.duplicate_window_secs);
+        let replicas = cfg.nats.replicas;
         for (name, subject) in [
             (self.names.jobs_stream(), self.names.jobs_wildcard()),
             (self.names.calls_stream(), self.names.calls_wildcard()),
         ] {
-            self.js
+            let stream = self
+                .js
                 .get_or_create_stream(stream::Config {
                     name: name.clone(),
                     subjects: vec![subject],
                     retention: stream::RetentionPolicy::WorkQueue,
                     storage: stream::StorageType::File,
                     duplicate_window: dup,
+                    num_replicas: replicas,
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| anyhow::anyhow!("creating stream {name}: {e}"))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("creating stream {name}: {}", replicas_hint(e, replicas))
+                })?;
+            let config = stream.cached_info().config.clone();
+            ensure_replicas(&self.js, config, replicas).await?;
         }
         Ok(())
     }
@@ -395,31 +408,49 @@ impl Bus {
 
     /// Publish with `Nats-Msg-Id` and wait for JetStream's ack.
     /// Returns false when JetStream reports the message as a duplicate.
+    ///
+    /// While a cluster elects a new stream leader (a node died) or the
+    /// client reconnects to another node, a publication meets "no
+    /// responders" or no ack in time: it is sent again with the same id
+    /// (JetStream drops a second copy) for up to [`PUBLISH_RETRY_FOR`].
     pub async fn publish_durable(
         &self,
         subject: String,
         msg_id: &str,
         payload: Bytes,
     ) -> Result<bool> {
-        let ack = self
-            .js
-            .send_publish(
-                subject.clone(),
-                jetstream::message::PublishMessage::build()
-                    .payload(payload)
-                    .message_id(msg_id),
-            )
-            .await
-            .with_context(|| format!("publishing to {subject}"))?
-            .await
-            .with_context(|| {
-                format!(
-                    "no acknowledgement from JetStream for message {msg_id} on {subject}: it may or \
-                     may not be stored; publishing it again with the same id is safe (duplicates \
-                     are dropped)"
+        let deadline = tokio::time::Instant::now() + PUBLISH_RETRY_FOR;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let sent = self
+                .js
+                .send_publish(
+                    subject.clone(),
+                    jetstream::message::PublishMessage::build()
+                        .payload(payload.clone())
+                        .message_id(msg_id),
                 )
-            })?;
-        Ok(!ack.duplicate)
+                .await;
+            let acked = match sent {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match acked {
+                Ok(ack) => return Ok(!ack.duplicate),
+                Err(e) if transient(&e) && tokio::time::Instant::now() + pause < deadline => {
+                    tracing::debug!(%subject, msg_id, error = %e, "publication not acknowledged; sending it again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "no acknowledgement from JetStream for message {msg_id} on {subject}: it may or \
+                         may not be stored; publishing it again with the same id is safe (duplicates \
+                         are dropped)"
+                    )))
+                }
+            }
+        }
     }
 
     /// Best-effort core-NATS event; losing one never loses a job.
@@ -521,6 +552,76 @@ impl Bus {
         );
         let _ = self.js.delete_stream(kv).await;
     }
+}
+
+/// How long [`Bus::publish_durable`] keeps sending a publication that is
+/// not acknowledged: a cluster elects a new stream leader within a few
+/// seconds of losing one.
+pub const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(15);
+
+/// Whether a publication failed in a way a retry with the same id may mend:
+/// no ack in time, the connection lost, nobody answering (a stream without
+/// a leader for a moment, or mid-reconnect), JetStream unavailable (503), or
+/// a clustered stream still replicating another copy of the same id
+/// (10158, "duplicate message id is in process": the retry is then
+/// answered as a duplicate).
+fn transient(e: &jetstream::context::PublishError) -> bool {
+    use jetstream::context::PublishErrorKind as K;
+    matches!(
+        e.kind(),
+        K::TimedOut | K::BrokenPipe | K::StreamNotFound | K::MaxAckPending
+    ) || (matches!(e.kind(), K::Other) && {
+        let s = e.to_string();
+        s.contains("503")
+            || s.contains("10158")
+            || s.contains("not currently available")
+            || s.contains("no responders")
+    })
+}
+
+/// `major.minor` of a server version such as `2.15.1` or `2.9.10`.
+pub fn parse_version(v: &str) -> Option<(u32, u32)> {
+    let mut parts = v.trim_start_matches('v').split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.split('-').next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// A stream config error, with what `nats.replicas` needs when it says so.
+fn replicas_hint(e: impl std::fmt::Display, replicas: usize) -> String {
+    let s = e.to_string();
+    if replicas > 1 && (s.contains("replicas") || s.contains("peers") || s.contains("clustered")) {
+        format!(
+            "{s} (nats.replicas = {replicas} needs a NATS cluster of at least {replicas} \
+             JetStream servers; use 1 with a single server)"
+        )
+    } else {
+        s
+    }
+}
+
+/// Give the existing stream of `config` `replicas` copies, if it has
+/// another count: JetStream moves a stream between 1 and 3 replicas in
+/// place, keeping its messages and consumers.
+pub async fn ensure_replicas(
+    js: &jetstream::Context,
+    mut config: stream::Config,
+    replicas: usize,
+) -> Result<()> {
+    if config.num_replicas.max(1) == replicas {
+        return Ok(());
+    }
+    let name = config.name.clone();
+    let from = config.num_replicas.max(1);
+    config.num_replicas = replicas;
+    js.update_stream(config).await.map_err(|e| {
+        anyhow::anyhow!(
+            "stream {name} has {from} replicas; changing it to {replicas} (nats.replicas): {}",
+            replicas_hint(e, replicas)
+        )
+    })?;
+    tracing::info!(stream = %name, from, to = replicas, "stream replicas changed (nats.replicas)");
+    Ok(())
 }
 
 /// See [`Bus::queue_depths`].

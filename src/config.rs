@@ -266,6 +266,10 @@ pub struct NatsConfig {
     /// overrides it. Passwords, tokens and seeds come from the environment
     /// only, never from config.
     pub creds_file: Option<PathBuf>,
+    /// Copies JetStream keeps of the jobs and calls streams and of the
+    /// limits KV bucket: 1 (a single server) or 3 (a cluster of at least
+    /// three servers; the streams survive the loss of one).
+    pub replicas: usize,
 }
 
 impl Default for NatsConfig {
@@ -279,6 +283,7 @@ impl Default for NatsConfig {
             tls_key_file: None,
             tls_required: false,
             creds_file: None,
+            replicas: 1,
         }
     }
 }
@@ -964,6 +969,15 @@ impl Config {
                 "must be more than 0 and at most 0.5",
             ));
         }
+        if !matches!(self.nats.replicas, 1 | 3) {
+            return Err(err(
+                "nats.replicas",
+                format!(
+                    "`{}` must be 1 (one server) or 3 (a cluster of three or more)",
+                    self.nats.replicas
+                ),
+            ));
+        }
         if self.nats.ack_wait_secs == 0 {
             return Err(err("nats.ack_wait_secs", "must be at least 1"));
         }
@@ -1515,6 +1529,24 @@ mod tests {
             e.contains("openai_batch.models.gpt-4o") && e.contains("nowhere"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn nats_replicas_is_one_or_three_and_a_bad_count_names_the_key() {
+        assert_eq!(Config::from_toml(SHIPPED).unwrap().nats.replicas, 1);
+        let three = vec![("SWITCHYARD_NATS__REPLICAS".to_string(), "3".to_string())];
+        assert_eq!(
+            Config::from_toml_with_env(SHIPPED, &three)
+                .unwrap()
+                .nats
+                .replicas,
+            3
+        );
+        for bad in ["0", "2", "5"] {
+            let env = vec![("SWITCHYARD_NATS__REPLICAS".to_string(), bad.to_string())];
+            let e = Config::from_toml_with_env(SHIPPED, &env).unwrap_err().0;
+            assert!(e.contains("nats.replicas") && e.contains(bad), "{e}");
+        }
     }
 
     #[test]

@@ -269,9 +269,14 @@ pub async fn connect(urls: &str, sec: &NatsSecurity) -> Result<async_nats::Clien
             sec.auth_source
         ),
     };
+    // Several URLs are the nodes of a cluster: the first is tried first and
+    // the others are fallbacks in the order given (async-nats would shuffle
+    // them), so workers listing the nodes in different orders spread over
+    // the cluster; the client also learns the other nodes from the server.
     let mut opts = async_nats::ConnectOptions::new()
         .name("switchyard")
-        .connection_timeout(Duration::from_secs(5));
+        .connection_timeout(Duration::from_secs(5))
+        .retain_servers_order();
     if sec.tls_required {
         opts = opts.require_tls(true);
     }

@@ -43,8 +43,10 @@
 //!
 //! All arithmetic is on explicit Unix-millisecond times and is tested
 //! without a clock. NATS 2.9: async-nats 0.51's `create_key_value` fails
-//! against 2.9, so the KV's backing stream is created by hand (see
-//! DESIGN.md) and then opened with `get_key_value`.
+//! against 2.9, so there the KV's backing stream is created by hand (see
+//! DESIGN.md) and then opened with `get_key_value`; 2.10 and later get the
+//! client's `create_key_value` ([`open_store_with`] asks the server its
+//! version). The bucket has `nats.replicas` copies.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -669,10 +671,65 @@ impl ScopeLimits {
     }
 }
 
-/// Open (creating if needed) the KV bucket `<PREFIX>_LIMITS`.
+/// Open (creating if needed, with one replica) the KV bucket `<PREFIX>_LIMITS`.
 pub async fn open_store(js: &jetstream::Context, prefix: &str) -> Result<kv::Store> {
+    open_store_with(js, prefix, None).await
+}
+
+/// Open the KV bucket `<PREFIX>_LIMITS`, creating it with `replicas` copies
+/// (`nats.replicas`; `None`: 1) or, when it exists with another count,
+/// moving it to `replicas` (`None`: as it is).
+///
+/// A server of 2.10 or later gets the bucket from the client's own
+/// `create_key_value`; 2.9 gets the backing stream made by hand (see the
+/// module doc). Both make the same stream, so a fleet keeps its bucket
+/// across a server upgrade.
+pub async fn open_store_with(
+    js: &jetstream::Context,
+    prefix: &str,
+    replicas: Option<usize>,
+) -> Result<kv::Store> {
     let bucket = format!("{}_LIMITS", prefix.to_ascii_uppercase().replace('-', "_"));
     let name = format!("KV_{bucket}");
+    if let Ok(store) = js.get_key_value(&bucket).await {
+        if let Some(r) = replicas {
+            let mut stream = js
+                .get_stream(&name)
+                .await
+                .map_err(|e| anyhow::anyhow!("reading KV stream {name}: {e}"))?;
+            let config = stream
+                .info()
+                .await
+                .map_err(|e| anyhow::anyhow!("reading KV stream {name}: {e}"))?
+                .config
+                .clone();
+            crate::bus::ensure_replicas(js, config, r).await?;
+        }
+        return Ok(store);
+    }
+    let num_replicas = replicas.unwrap_or(1);
+    let version = crate::bus::parse_version(&js.client().server_info().version);
+    if version.is_some_and(|v| v >= (2, 10)) {
+        let made = js
+            .create_key_value(kv::Config {
+                bucket: bucket.clone(),
+                history: 1,
+                storage: stream::StorageType::File,
+                num_replicas,
+                ..Default::default()
+            })
+            .await;
+        return match made {
+            Ok(store) => Ok(store),
+            // Another worker made it first.
+            Err(e) => js.get_key_value(&bucket).await.map_err(|_| {
+                anyhow::anyhow!(
+                    "creating KV bucket {bucket}: {e}{}",
+                    replicas_note(num_replicas)
+                )
+            }),
+        };
+    }
     js.get_or_create_stream(stream::Config {
         name: name.clone(),
         subjects: vec![format!("$KV.{bucket}.>")],
@@ -682,13 +739,29 @@ pub async fn open_store(js: &jetstream::Context, prefix: &str) -> Result<kv::Sto
         deny_delete: true,
         discard: stream::DiscardPolicy::New,
         storage: stream::StorageType::File,
+        num_replicas,
         ..Default::default()
     })
     .await
-    .map_err(|e| anyhow::anyhow!("creating KV stream {name}: {e}"))?;
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "creating KV stream {name}: {e}{}",
+            replicas_note(num_replicas)
+        )
+    })?;
     js.get_key_value(&bucket)
         .await
         .map_err(|e| anyhow::anyhow!("opening KV bucket {bucket}: {e}"))
+}
+
+fn replicas_note(replicas: usize) -> String {
+    if replicas > 1 {
+        format!(
+            " (nats.replicas = {replicas} needs a NATS cluster of at least {replicas} JetStream servers)"
+        )
+    } else {
+        String::new()
+    }
 }
 
 enum Backend {
@@ -981,16 +1054,24 @@ fn new_holder() -> String {
 /// The document and its revision (`None`: no document yet). Fails closed:
 /// a document that cannot be parsed, or has a newer format than this build
 /// knows, is an error (the lanes wait) — never replaced by full buckets.
+///
+/// The read goes to the stream's leader (`STREAM.MSG.GET`), not to KV's
+/// direct get: with replicas a direct get may be answered by a follower
+/// that has not yet applied the last write, and every compare-and-set on
+/// that stale revision would fail.
 async fn read_doc(store: &kv::Store, key: &str) -> Result<(Doc, Option<u64>)> {
-    let entry = store
-        .entry(key)
-        .await
-        .with_context(|| format!("reading the limits of {key}"))?;
-    let doc = match entry.as_ref().filter(|e| !e.value.is_empty()) {
-        None => Doc::default(),
-        Some(e) => parse_doc(&e.value).with_context(|| format!("the limits of {key}"))?,
+    use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+    let subject = format!("{}{key}", store.prefix);
+    let entry = match store.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => Some(m),
+        Err(e) if matches!(e.kind(), K::NoMessageFound) => None,
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("reading the limits of {key}"))),
     };
-    Ok((doc, entry.map(|e| e.revision)))
+    let doc = match entry.as_ref().filter(|e| !e.payload.is_empty()) {
+        None => Doc::default(),
+        Some(e) => parse_doc(&e.payload).with_context(|| format!("the limits of {key}"))?,
+    };
+    Ok((doc, entry.map(|e| e.sequence)))
 }
 
 /// A stored document, if this build can read it (pure).
@@ -1012,28 +1093,31 @@ async fn write_doc(store: &kv::Store, key: &str, doc: &Doc, revision: Option<u64
         ..doc.clone()
     };
     let body: bytes::Bytes = serde_json::to_vec(&doc)?.into();
-    let written = match revision {
-        Some(r) => store
-            .update(key, body, r)
-            .await
-            .map(|_| ())
-            .map_err(anyhow::Error::from),
-        None => store
-            .create(key, body)
-            .await
-            .map(|_| ())
-            .map_err(anyhow::Error::from),
+    // A conflict is the revision having moved (another process wrote
+    // first): read again and retry. Any other failure may or may not have
+    // written: the revision tells.
+    let written: Result<(), anyhow::Error> = match revision {
+        Some(r) => match store.update(key, body, r).await {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(e.kind(), kv::UpdateErrorKind::WrongLastRevision) || conflict(&e) =>
+            {
+                return Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        },
+        None => match store.create(key, body).await {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.kind(), kv::CreateErrorKind::AlreadyExists) || conflict(&e) => {
+                return Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        },
     };
     match written {
         Ok(()) => Ok(true),
         Err(e) => {
-            // Another process wrote first (the revision moved), or the
-            // write itself failed.
-            let now_rev = store
-                .entry(key)
-                .await
-                .with_context(|| format!("reading the limits of {key}"))?
-                .map(|e| e.revision);
+            let (_, now_rev) = read_doc(store, key).await?;
             if now_rev == revision {
                 Err(e.context(format!("writing the limits of {key}")))
             } else {
@@ -1041,6 +1125,22 @@ async fn write_doc(store: &kv::Store, key: &str, doc: &Doc, revision: Option<u64
             }
         }
     }
+}
+
+/// Whether a failed write says the key's last revision was not the one
+/// expected: 10071, or 10164, which a clustered stream's leader answers
+/// while an earlier write to the same key is still being replicated (the
+/// client reports that one as "other"). Either way: read again, retry.
+fn conflict(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if s.contains("wrong last sequence") || s.contains("10071") || s.contains("10164") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 struct Batcher {

@@ -31,6 +31,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+/// The pull streams' idle heartbeat: a pull whose consumer leader died
+/// (a cluster node lost) is noticed after two missed heartbeats and made
+/// again, on the consumer's new leader.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// The pause before pulling again after a failure, doubling with each
+/// failure in a row up to the most.
+const MIN_PULL_PAUSE: Duration = Duration::from_millis(50);
+const MAX_PULL_PAUSE: Duration = Duration::from_secs(2);
+
 /// One consumer the loop takes from, most urgent first.
 pub struct Source {
     pub consumer: PullConsumer,
@@ -59,24 +68,48 @@ struct Open {
     hold: usize,
     stream: Option<pull::Stream>,
     held: VecDeque<(Message, Instant)>,
+    /// Pulls failed in a row (0 once a message arrives) and when to pull
+    /// again: a consumer whose leader is being elected (a cluster node
+    /// died) answers "no responders" at once, for seconds.
+    failures: u32,
+    retry_at: Option<Instant>,
 }
 
 impl Open {
     async fn ensure_stream(&mut self) {
-        if self.stream.is_some() {
+        if self.stream.is_some() || self.retry_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
         match self
             .consumer
             .stream()
             .max_messages_per_batch(self.batch.max(1))
-            .heartbeat(Duration::from_secs(5))
+            .heartbeat(HEARTBEAT)
             .expires(Duration::from_secs(30))
             .messages()
             .await
         {
-            Ok(s) => self.stream = Some(s),
-            Err(e) => warn!(consumer = %self.name, error = %e, "pull failed; retrying"),
+            Ok(s) => {
+                self.stream = Some(s);
+                self.retry_at = None;
+            }
+            Err(e) => self.failed("pull failed; retrying", &e),
+        }
+    }
+
+    /// A pull failed: pull again after a pause that grows with the failures
+    /// in a row (up to [`MAX_PULL_PAUSE`]); say so once per run of failures.
+    fn failed(&mut self, what: &str, e: &dyn std::fmt::Display) {
+        self.stream = None;
+        self.failures += 1;
+        let pause = MIN_PULL_PAUSE
+            .saturating_mul(1 << self.failures.min(6))
+            .min(MAX_PULL_PAUSE);
+        self.retry_at = Some(Instant::now() + pause);
+        if self.failures == 1 {
+            warn!(consumer = %self.name, error = %e, "{what}");
+        } else {
+            tracing::debug!(consumer = %self.name, error = %e, failures = self.failures, "{what}");
         }
     }
 
@@ -95,12 +128,23 @@ impl Open {
 
     fn accept(&mut self, item: Option<Result<Message, pull::MessagesError>>) {
         match item {
-            Some(Ok(m)) => self.held.push_back((m, Instant::now())),
-            Some(Err(e)) => {
-                warn!(consumer = %self.name, error = %e, "pull interrupted; pulling again");
-                self.stream = None;
+            Some(Ok(m)) => {
+                if self.failures > 0 {
+                    info!(consumer = %self.name, failures = self.failures, "pulling again");
+                }
+                self.failures = 0;
+                self.held.push_back((m, Instant::now()));
             }
+            Some(Err(e)) => self.failed("pull interrupted; pulling again", &e),
             None => self.stream = None,
+        }
+    }
+
+    /// When a closed stream is due to be opened again.
+    fn reopen_at(&self) -> Option<Instant> {
+        match self.stream {
+            Some(_) => None,
+            None => Some(self.retry_at.unwrap_or_else(Instant::now)),
         }
     }
 }
@@ -189,6 +233,8 @@ pub async fn consume<R, RFut, T, F, Fut>(
             hold: if single { 1 } else { s.batch.max(1) },
             stream: None,
             held: VecDeque::new(),
+            failures: 0,
+            retry_at: None,
         })
         .collect();
     let period = if single { 0 } else { period(pull.share) };
@@ -218,6 +264,9 @@ pub async fn consume<R, RFut, T, F, Fut>(
                 takes += 1;
                 break sources[i].held.pop_front().map(|(m, _)| m);
             }
+            // A closed stream is opened again when due, even while the
+            // others wait.
+            let reopen = sources.iter().filter_map(Open::reopen_at).min();
             // Nothing waiting anywhere: wait for the first message of any
             // source (a `next` future dropped unfinished loses nothing).
             let mut nexts: Vec<_> = sources
@@ -226,17 +275,19 @@ pub async fn consume<R, RFut, T, F, Fut>(
                 .filter_map(|(i, s)| s.stream.as_mut().map(|st| st.next().map(move |n| (i, n))))
                 .collect();
             if nexts.is_empty() {
-                // No stream could be opened: try again shortly.
                 drop(nexts);
+                let at = reopen.unwrap_or_else(|| Instant::now() + MIN_PULL_PAUSE);
                 tokio::select! {
                     _ = token.cancelled() => break 'outer,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    _ = tokio::time::sleep_until(at.max(Instant::now() + Duration::from_millis(10))) => continue,
                 }
             }
+            let wake = Instant::now() + every;
             let got = tokio::select! {
                 _ = token.cancelled() => break 'outer,
                 (got, _, _) = futures::future::select_all(nexts.iter_mut()) => Some(got),
-                _ = tokio::time::sleep(every) => None,
+                _ = tokio::time::sleep_until(wake) => None,
+                _ = tokio::time::sleep_until(reopen.unwrap_or(wake).max(Instant::now() + Duration::from_millis(10))), if reopen.is_some() => continue,
             };
             drop(nexts);
             match got {

@@ -161,7 +161,14 @@ pub async fn start(
 
     // Fleet-wide limits live in one KV bucket per prefix.
     let fleet_store = if lane_names.iter().any(|n| cfg.providers[n].is_fleet()) {
-        Some(crate::limits::fleet::open_store(&bus.js, &bus.names.prefix).await?)
+        Some(
+            crate::limits::fleet::open_store_with(
+                &bus.js,
+                &bus.names.prefix,
+                Some(cfg.nats.replicas),
+            )
+            .await?,
+        )
     } else {
         None
     };

@@ -139,18 +139,20 @@ pub fn sim_worker_env(
 }
 
 /// Worker processes; killed on drop.
-struct Fleet {
-    exe: PathBuf,
+pub(crate) struct Fleet {
+    pub(crate) exe: PathBuf,
     /// The config file given to the bench, if any (else the workers use the
     /// default or the shipped one, like the bench did).
-    config: Option<PathBuf>,
-    env: Vec<(String, String)>,
-    logs: PathBuf,
-    children: Vec<Child>,
+    pub(crate) config: Option<PathBuf>,
+    pub(crate) env: Vec<(String, String)>,
+    /// Worker `i`'s own variables, on top of `env` (may be shorter).
+    pub(crate) own_env: Vec<Vec<(String, String)>>,
+    pub(crate) logs: PathBuf,
+    pub(crate) children: Vec<Child>,
 }
 
 impl Fleet {
-    fn spawn(&self, i: usize) -> Result<Child> {
+    pub(crate) fn spawn(&self, i: usize) -> Result<Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -162,6 +164,13 @@ impl Fleet {
         }
         cmd.arg("worker")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(
+                self.own_env
+                    .get(i)
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -177,7 +186,7 @@ impl Fleet {
     }
 
     /// Restart workers that exited by themselves; returns how many.
-    fn revive(&mut self) -> Result<usize> {
+    pub(crate) fn revive(&mut self) -> Result<usize> {
         let mut n = 0;
         for i in 0..self.children.len() {
             if self.children[i].try_wait()?.is_some() {
@@ -189,7 +198,7 @@ impl Fleet {
     }
 
     /// SIGTERM every worker and wait for them to drain (SIGKILL after `grace`).
-    fn stop(&mut self, grace: Duration) {
+    pub(crate) fn stop(&mut self, grace: Duration) {
         for c in &self.children {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
@@ -218,7 +227,12 @@ impl Drop for Fleet {
 /// Publish `jobs` at `rate` per second (all at once if None), retrying a
 /// chunk whose publication failed (NATS down): the same ids are dropped as
 /// duplicates, so a retry never doubles a job.
-async fn publish_paced(bus: Bus, jobs: Vec<Outgoing>, rate: Option<f64>, done: Arc<AtomicUsize>) {
+pub(crate) async fn publish_paced(
+    bus: Bus,
+    jobs: Vec<Outgoing>,
+    rate: Option<f64>,
+    done: Arc<AtomicUsize>,
+) {
     let chunk = match rate {
         Some(r) => ((r / 10.0).ceil() as usize).max(1),
         None => 1000,
@@ -242,7 +256,7 @@ async fn publish_paced(bus: Bus, jobs: Vec<Outgoing>, rate: Option<f64>, done: A
     }
 }
 
-async fn count_terminal(pool: &PgPool) -> Option<usize> {
+pub(crate) async fn count_terminal(pool: &PgPool) -> Option<usize> {
     sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE status = ANY($1::text[])")
         .bind(switchyard::store::JobStatus::terminal_names())
         .fetch_one(pool)
@@ -316,6 +330,7 @@ pub async fn run(
         exe: opts.worker_exe.clone(),
         config: config_path.map(Path::to_path_buf),
         env,
+        own_env: Vec::new(),
         logs: logs.clone(),
         children: Vec::new(),
     };
@@ -409,23 +424,45 @@ pub async fn run(
     // Let the workers drain: in-flight calls finish and are recorded.
     tokio::task::block_in_place(|| fleet.stop(Duration::from_secs(30)));
 
-    // Reconcile.
+    reconcile_into(&pool, &sim, &mut figures).await?;
+    figures.elapsed_s = elapsed.as_secs_f64();
+    figures.jobs_per_sec = figures.terminal as f64 / elapsed.as_secs_f64().max(1e-9);
+
+    pool.close().await;
+    sim.stop();
+    drop(fleet);
+    drop(nats);
+    drop(pg);
+    if figures.passed() && std::env::var_os("CHAOS_WORKER_LOG").is_none() {
+        let _ = std::fs::remove_dir_all(&logs);
+    }
+    Ok(figures)
+}
+
+/// Fill in `f` (whose `published` is set) from the database and the
+/// simulator's ledger: how the jobs ended, and every answered request
+/// against its `calls` row.
+pub(crate) async fn reconcile_into(
+    pool: &PgPool,
+    sim: &SimServer,
+    f: &mut ChaosFigures,
+) -> Result<()> {
     let status: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
-            .fetch_all(&pool)
+            .fetch_all(pool)
             .await?;
     for (s, n) in status {
         let n = n as usize;
         match JobStatus::parse(&s) {
-            Some(JobStatus::Succeeded) => figures.succeeded = n,
-            Some(JobStatus::Failed) => figures.failed = n,
-            Some(JobStatus::NeedsReview) => figures.needs_review = n,
-            Some(JobStatus::Dead) => figures.dead = n,
+            Some(JobStatus::Succeeded) => f.succeeded = n,
+            Some(JobStatus::Failed) => f.failed = n,
+            Some(JobStatus::NeedsReview) => f.needs_review = n,
+            Some(JobStatus::Dead) => f.dead = n,
             _ => {}
         }
     }
-    figures.terminal = figures.succeeded + figures.failed + figures.needs_review + figures.dead;
-    figures.lost = published.saturating_sub(figures.terminal);
+    f.terminal = f.succeeded + f.failed + f.needs_review + f.dead;
+    f.lost = f.published.saturating_sub(f.terminal);
     // A job ends once: a result (succeeded), a dead letter (dead), or its
     // status with the reason (failed, needs_review).
     let (twice, never): (i64, i64) = sqlx::query_as(
@@ -439,44 +476,44 @@ pub async fn run(
     )
     .bind([JobStatus::Failed.as_str(), JobStatus::NeedsReview.as_str()])
     .bind(JobStatus::terminal_names())
-    .fetch_one(&pool)
+    .fetch_one(pool)
     .await?;
-    figures.duplicated_results = twice as usize;
-    figures.inconsistent = never as usize;
+    f.duplicated_results = twice as usize;
+    f.inconsistent = never as usize;
     // Real-time calls against the real-time requests; batch items apart.
     let rows: Vec<(String, i32, i32, String)> =
         sqlx::query_as("SELECT job_id, step, attempt, outcome FROM calls WHERE batch_id IS NULL")
-            .fetch_all(&pool)
+            .fetch_all(pool)
             .await?;
     let (unknown, unknown_cost, total_cost): (i64, Option<Decimal>, Option<Decimal>) =
         sqlx::query_as(
             "SELECT count(*) FILTER (WHERE outcome = 'unknown'),
                     sum(cost_usd) FILTER (WHERE outcome = 'unknown'), sum(cost_usd) FROM calls",
         )
-        .fetch_one(&pool)
+        .fetch_one(pool)
         .await?;
     let ledger = sim.ledger();
     let (batch_ledger, ledger): (Vec<_>, Vec<_>) =
         ledger.into_iter().partition(|e| e.batch.is_some());
     let rec = reconcile(&ledger, &rows);
     let (items, unrecorded, phantom) =
-        crate::batch::reconcile_batches(&pool, &batch_ledger, "%").await?;
-    figures.batch_items = items;
-    figures.batch_unrecorded = unrecorded;
-    figures.batch_phantom = phantom;
-    figures.batches = sqlx::query_scalar::<_, i64>(
+        crate::batch::reconcile_batches(pool, &batch_ledger, "%").await?;
+    f.batch_items = items;
+    f.batch_unrecorded = unrecorded;
+    f.batch_phantom = phantom;
+    f.batches = sqlx::query_scalar::<_, i64>(
         "SELECT count(*) FROM provider_batches WHERE provider_batch_id IS NOT NULL",
     )
-    .fetch_one(&pool)
+    .fetch_one(pool)
     .await? as usize;
-    figures.answered = rec.answered;
-    figures.unrecorded_calls = rec.unrecorded;
-    figures.phantom_calls = rec.phantom;
-    figures.duplicate_answers = rec.duplicate_answers;
-    figures.calls_rows = rows.len();
-    figures.unknown_calls = unknown as usize;
-    figures.unknown_cost_usd = unknown_cost.unwrap_or_default();
-    figures.total_cost_usd = total_cost.unwrap_or_default();
+    f.answered = rec.answered;
+    f.unrecorded_calls = rec.unrecorded;
+    f.phantom_calls = rec.phantom;
+    f.duplicate_answers = rec.duplicate_answers;
+    f.calls_rows = rows.len();
+    f.unknown_calls = unknown as usize;
+    f.unknown_cost_usd = unknown_cost.unwrap_or_default();
+    f.total_cost_usd = total_cost.unwrap_or_default();
     if rec.duplicate_answers > 0 {
         // Show how the twice-answered steps came about.
         let twice: Vec<(String, i32, i32, String, String, i32)> = sqlx::query_as(
@@ -487,7 +524,7 @@ pub async fn run(
                ON d.job_id = c.job_id AND d.step = c.step
              ORDER BY c.job_id, c.step, c.attempt",
         )
-        .fetch_all(&pool)
+        .fetch_all(pool)
         .await?;
         for (job, step, attempt, provider, at, latency) in twice {
             eprintln!(
@@ -495,18 +532,7 @@ pub async fn run(
             );
         }
     }
-    figures.elapsed_s = elapsed.as_secs_f64();
-    figures.jobs_per_sec = figures.terminal as f64 / elapsed.as_secs_f64().max(1e-9);
-
-    pool.close().await;
-    sim.stop();
-    drop(fleet);
-    drop(nats);
-    drop(pg);
-    if figures.passed() && std::env::var_os("CHAOS_WORKER_LOG").is_none() {
-        let _ = std::fs::remove_dir_all(&logs);
-    }
-    Ok(figures)
+    Ok(())
 }
 
 impl ChaosFigures {

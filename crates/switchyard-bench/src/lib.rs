@@ -6,6 +6,9 @@
 //!   (`switchyard-bench limits`).
 //! - [`chaos`]: workers killed, NATS and PostgreSQL restarted under load, then
 //!   the provider's ledger reconciled with `calls` (`switchyard-bench chaos`).
+//! - [`cluster`]: workers on a three-node NATS cluster (R3 streams and
+//!   KV) while the jobs stream's leader is killed, reconciled like chaos
+//!   (`switchyard-bench cluster`).
 //! - [`batch`]: jobs through the providers' batch APIs, reconciled, with the
 //!   saving and the worker's peak memory (`switchyard-bench batch`).
 //! - [`latency`]: the latency Switchyard adds at a steady offered load
@@ -17,6 +20,7 @@
 pub mod batch;
 pub mod cache;
 pub mod chaos;
+pub mod cluster;
 pub mod ingest;
 pub mod latency;
 pub mod limits;

@@ -1,8 +1,9 @@
 //! `switchyard-bench`: throughput against the JetStream ceiling (no mode),
 //! `latency` (added latency at a steady load),
 //! `limits` (worker processes sharing one rate-limited provider), `batch`,
-//! `ingest` (the memory a large batch result file costs) and `chaos`
-//! (kills and restarts under load, then a reconciliation). Each prints a
+//! `ingest` (the memory a large batch result file costs), `chaos`
+//! (kills and restarts under load, then a reconciliation) and `cluster`
+//! (a three-node NATS cluster losing its jobs stream's leader under load). Each prints a
 //! readable summary and, with `--json`, one JSON object on the last line.
 
 use std::time::Duration;
@@ -152,6 +153,38 @@ enum Mode {
         /// submission, polling and ingest.
         #[arg(long)]
         batch: bool,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 1800)]
+        timeout_secs: u64,
+        /// End with one JSON object of the figures on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Three worker processes on a three-node NATS cluster on loopback (R3
+    /// streams and KV; each worker on a different node, the others as
+    /// fallbacks); the jobs stream's leader is killed (SIGKILL) mid-run and
+    /// restarted; then a reconciliation and the throughput dip. Exits 1 if a
+    /// target is missed.
+    Cluster {
+        /// Jobs to publish.
+        #[arg(long, default_value_t = 5_000)]
+        jobs: usize,
+        /// Jobs published per second.
+        #[arg(long, default_value_t = 100.0)]
+        publish_rate: f64,
+        /// Kill the leader once this share of the jobs is terminal.
+        #[arg(long, default_value_t = 0.35)]
+        kill_at: f64,
+        /// Seconds the killed node stays down.
+        #[arg(long, default_value_t = 10.0)]
+        down_secs: f64,
+        /// The workers' ack wait: how soon messages a worker lost come back.
+        #[arg(long, default_value_t = 10)]
+        ack_wait_secs: u64,
+        /// The nats-server binary (default: `NATS_SERVER_BIN`, else
+        /// `nats-server` on PATH, else /usr/sbin/nats-server).
+        #[arg(long)]
+        nats_server: Option<std::path::PathBuf>,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 1800)]
         timeout_secs: u64,
@@ -343,6 +376,56 @@ async fn run(cli: Cli) -> Result<u8> {
                     timeout: Duration::from_secs(timeout_secs),
                     worker_exe: switchyard_bench::switchyard_exe()?,
                     batch,
+                },
+            )
+            .await?;
+            println!("{}", figures.summary());
+            if json {
+                println!("{}", serde_json::to_string(&figures)?);
+            }
+            Ok(if figures.passed() { 0 } else { 1 })
+        }
+        Cli {
+            mode:
+                Some(Mode::Cluster {
+                    jobs,
+                    publish_rate,
+                    kill_at,
+                    down_secs,
+                    ack_wait_secs,
+                    nats_server,
+                    timeout_secs,
+                    json,
+                }),
+            ..
+        } => {
+            anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
+            anyhow::ensure!(
+                publish_rate.is_finite() && publish_rate > 0.0,
+                "--publish-rate must be above 0"
+            );
+            anyhow::ensure!(
+                (0.0..1.0).contains(&kill_at),
+                "--kill-at must be at least 0 and below 1"
+            );
+            anyhow::ensure!(
+                down_secs.is_finite() && down_secs >= 0.0,
+                "--down-secs must be 0 or more"
+            );
+            anyhow::ensure!(ack_wait_secs > 0, "--ack-wait-secs must be at least 1");
+            let cfg = load()?;
+            let figures = switchyard_bench::cluster::run(
+                cfg,
+                g.config.as_deref(),
+                &switchyard_bench::cluster::ClusterOptions {
+                    jobs,
+                    publish_rate,
+                    kill_at,
+                    down: Duration::from_secs_f64(down_secs),
+                    ack_wait_secs,
+                    timeout: Duration::from_secs(timeout_secs),
+                    worker_exe: switchyard_bench::switchyard_exe()?,
+                    nats_server,
                 },
             )
             .await?;

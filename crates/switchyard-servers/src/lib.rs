@@ -71,11 +71,24 @@ pub fn pg_bin() -> Option<PathBuf> {
     })
 }
 
-/// The nats-server binary: on `PATH`, else where Debian's package puts it.
-pub fn nats_server_bin() -> Option<&'static str> {
-    ["nats-server", "/usr/sbin/nats-server"]
+/// The nats-server binary: `NATS_SERVER_BIN` if set (how a test run picks
+/// a server generation), else `nats-server` on `PATH`, else where Debian's
+/// package puts it.
+pub fn nats_server_bin() -> Option<PathBuf> {
+    let chosen = std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from);
+    chosen
         .into_iter()
+        .chain(["nats-server", "/usr/sbin/nats-server"].map(PathBuf::from))
         .find(|exe| Command::new(exe).arg("--version").output().is_ok())
+}
+
+/// The version a nats-server binary reports (`2.15.1`), if it runs.
+pub fn nats_server_version(exe: &std::path::Path) -> Option<String> {
+    let out = Command::new(exe).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .last()
+        .map(|v| v.trim_start_matches('v').to_string())
 }
 
 /// A private PostgreSQL cluster (trust auth, user `postgres`, fsync off),
@@ -207,16 +220,45 @@ impl Drop for PrivatePg {
     }
 }
 
+/// How a [`PrivateNats`] runs: which binary, and (for a cluster node) its
+/// name and routes. The default: the binary of [`nats_server_bin`], alone.
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    /// The nats-server binary (default: [`nats_server_bin`]).
+    pub exe: Option<PathBuf>,
+    /// `--server_name` (a cluster needs one per node).
+    pub server_name: Option<String>,
+    /// Make the server a node of a cluster.
+    pub cluster: Option<ClusterNode>,
+}
+
+/// A node's place in a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    /// `--cluster_name`, the same on every node.
+    pub name: String,
+    /// The port this node listens on for routes.
+    pub port: u16,
+    /// The other nodes' route ports.
+    pub routes: Vec<u16>,
+}
+
 /// A private nats-server with JetStream and its own store; killed on drop.
 pub struct PrivateNats {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
     port: u16,
+    opts: NatsOptions,
     child: Option<Child>,
 }
 
 impl PrivateNats {
     pub fn start() -> Result<Self> {
+        Self::start_with(NatsOptions::default())
+    }
+
+    /// Start a server run as `opts` says.
+    pub fn start_with(opts: NatsOptions) -> Result<Self> {
         let port = free_port()?;
         let tmp = tempfile::Builder::new()
             .prefix("switchyard_nats_")
@@ -226,40 +268,83 @@ impl PrivateNats {
             dir: tmp.path().join("store"),
             _tmp: tmp,
             port,
+            opts,
             child: None,
         };
         me.run()?;
         Ok(me)
     }
 
-    /// Start the server (again, on the same store) and wait until it listens.
+    /// Start the server (again, on the same store and ports) and wait until
+    /// it listens.
     pub fn run(&mut self) -> Result<()> {
-        let exe = nats_server_bin()
-            .context("nats-server is not installed (Debian: apt install nats-server)")?;
-        let child = Command::new(exe)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&self.dir)
+        let exe = match &self.opts.exe {
+            Some(e) => e.clone(),
+            None => nats_server_bin()
+                .context("nats-server is not installed (Debian: apt install nats-server)")?,
+        };
+        let mut cmd = Command::new(&exe);
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(&self.dir);
+        if let Some(n) = &self.opts.server_name {
+            cmd.args(["--server_name", n]);
+        }
+        if let Some(c) = &self.opts.cluster {
+            let routes: Vec<String> = c
+                .routes
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            cmd.args(["--cluster_name", &c.name])
+                .args(["--cluster", &format!("nats://127.0.0.1:{}", c.port)])
+                .args(["--routes", &routes.join(",")]);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self._tmp.path().join("server.log"))
+            .context("opening the nats-server log")?;
+        let child = cmd
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
-            .context("starting nats-server")?;
+            .with_context(|| format!("starting {}", exe.display()))?;
         self.child = Some(child);
         wait_listening(self.port, "nats-server", Duration::from_secs(10))
     }
 
-    /// SIGKILL: no goodbye to the clients, no flush.
+    /// SIGKILL: no goodbye to the clients or the other nodes, no flush.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Whether the server process runs.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's `--server_name`, if it has one.
+    pub fn server_name(&self) -> Option<&str> {
+        self.opts.server_name.as_deref()
+    }
+
+    /// What the server wrote to stderr (its log), for a failed run.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._tmp.path().join("server.log")).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
@@ -270,6 +355,58 @@ impl PrivateNats {
 impl Drop for PrivateNats {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A JetStream cluster of private nats-servers on loopback (`n1`, `n2`,
+/// ...), each with its own ports and store; killed on drop.
+pub struct NatsCluster {
+    pub nodes: Vec<PrivateNats>,
+}
+
+impl NatsCluster {
+    /// Start `n` nodes of `exe` (default: [`nats_server_bin`]) routed to
+    /// each other. They listen when this returns; JetStream needs a moment
+    /// more to elect its meta leader (retry the first stream creation).
+    pub fn start(n: usize, exe: Option<PathBuf>) -> Result<Self> {
+        let name = format!("sy_{}", free_port()?);
+        let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
+        let mut nodes = Vec::with_capacity(n);
+        for i in 0..n {
+            let routes = route_ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| *p)
+                .collect();
+            nodes.push(PrivateNats::start_with(NatsOptions {
+                exe: exe.clone(),
+                server_name: Some(format!("n{}", i + 1)),
+                cluster: Some(ClusterNode {
+                    name: name.clone(),
+                    port: route_ports[i],
+                    routes,
+                }),
+            })?);
+        }
+        Ok(Self { nodes })
+    }
+
+    /// Every node's URL, node `first` first: a client given this prefers
+    /// that node and falls back to the others.
+    pub fn urls_from(&self, first: usize) -> String {
+        let n = self.nodes.len();
+        (0..n)
+            .map(|k| self.nodes[(first + k) % n].url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node named `name` (`n1`, ...).
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.server_name() == Some(name))
     }
 }
 

@@ -185,7 +185,7 @@ impl ConfiguredNats {
             ),
         )?;
         // A bad configuration makes the server exit at once: say why.
-        let check = Command::new(exe).arg("-t").arg("-c").arg(&conf).output();
+        let check = Command::new(&exe).arg("-t").arg("-c").arg(&conf).output();
         if let Ok(out) = check {
             if !out.status.success() {
                 bail!(
@@ -196,7 +196,7 @@ impl ConfiguredNats {
             }
         }
         let log = std::fs::File::create(tmp.path().join("log"))?;
-        let child = Command::new(exe)
+        let child = Command::new(&exe)
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())

@@ -26,6 +26,15 @@ pub fn free_port() -> Result<u16> {
         .port())
 }
 
+/// `n` distinct free loopback ports (all held until every one is found, so
+/// none is handed out twice).
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()?;
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
 fn wait_listening(port: u16, what: &str, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -230,6 +239,8 @@ pub struct NatsOptions {
     pub server_name: Option<String>,
     /// Make the server a node of a cluster.
     pub cluster: Option<ClusterNode>,
+    /// The client port (default: a free one).
+    pub port: Option<u16>,
 }
 
 /// A node's place in a cluster.
@@ -259,7 +270,10 @@ impl PrivateNats {
 
     /// Start a server run as `opts` says.
     pub fn start_with(opts: NatsOptions) -> Result<Self> {
-        let port = free_port()?;
+        let port = match opts.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
         let tmp = tempfile::Builder::new()
             .prefix("switchyard_nats_")
             .tempdir()
@@ -369,8 +383,23 @@ impl NatsCluster {
     /// each other. They listen when this returns; JetStream needs a moment
     /// more to elect its meta leader (retry the first stream creation).
     pub fn start(n: usize, exe: Option<PathBuf>) -> Result<Self> {
-        let name = format!("sy_{}", free_port()?);
-        let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
+        // Another process may take a port between its choice and the
+        // node's bind: try again with fresh ones.
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::try_start(n, exe.clone()) {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried at least once"))
+    }
+
+    fn try_start(n: usize, exe: Option<PathBuf>) -> Result<Self> {
+        // Every node's client and route ports at once, all distinct.
+        let ports = free_ports(2 * n)?;
+        let (client_ports, route_ports) = ports.split_at(n);
+        let name = format!("sy_{}", client_ports[0]);
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
             let routes = route_ports
@@ -387,6 +416,7 @@ impl NatsCluster {
                     port: route_ports[i],
                     routes,
                 }),
+                port: Some(client_ports[i]),
             })?);
         }
         Ok(Self { nodes })

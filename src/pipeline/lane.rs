@@ -294,7 +294,14 @@ impl LaneStep {
         // wrote it) is left for an upgraded worker; when none took it
         // before the last delivery, it becomes a dead letter saying so
         // (replay it once the fleet is upgraded).
-        if let Some(format) = CallMsg::newer_format(payload) {
+        // One parse on the common path; only a message that does not parse
+        // as this build's is read again for its format alone.
+        let read = serde_json::from_slice::<CallMsg>(payload);
+        let newer = match &read {
+            Ok(c) => Some(c.format).filter(|f| *f > crate::bus::CALL_FORMAT),
+            Err(_) => CallMsg::newer_format(payload),
+        };
+        if let Some(format) = newer {
             let reason = format!(
                 "call message format {format} is newer than this worker's {}: upgrade this worker, then replay it",
                 crate::bus::CALL_FORMAT
@@ -319,7 +326,7 @@ impl LaneStep {
         }
         // A message that parses but cannot be worked on (a malformed plan,
         // a step its plan lacks) ends its job as `dead`, with the reason.
-        let parsed = match serde_json::from_slice::<CallMsg>(payload) {
+        let parsed = match read {
             Ok(c) => match c.validate() {
                 Ok(()) => Ok(c),
                 Err(why) => Err((Some(c.job_id), format!("not a valid call message: {why}"))),

@@ -107,6 +107,30 @@ pub struct ChaosFigures {
 
 /// The environment that points a worker process at these servers, this
 /// prefix and the simulator, with no API keys.
+/// What the worker processes of a chaos or cluster run get beside
+/// [`sim_worker_env`]: `CHAOS_WORKER_LOG` as their `RUST_LOG`, the run's ack
+/// wait, and `provider` (`KEY`, value) overrides for every provider.
+pub fn killable_workers(
+    env: &mut Vec<(String, String)>,
+    cfg: &Config,
+    ack_wait_secs: u64,
+    provider: &[(&str, &str)],
+) {
+    if let Ok(level) = std::env::var("CHAOS_WORKER_LOG") {
+        env.push(("RUST_LOG".into(), level));
+    }
+    env.push((
+        "SWITCHYARD_NATS__ACK_WAIT_SECS".into(),
+        ack_wait_secs.to_string(),
+    ));
+    for p in cfg.providers.keys() {
+        let up = p.to_uppercase();
+        for (k, v) in provider {
+            env.push((format!("SWITCHYARD_PROVIDERS__{up}__{k}"), v.to_string()));
+        }
+    }
+}
+
 pub fn sim_worker_env(
     cfg: &Config,
     database_url: &str,
@@ -290,19 +314,14 @@ pub async fn run(
     let sim = SimServer::start("127.0.0.1:0", profile).await?;
     let prefix = "chaos";
     let mut env = sim_worker_env(&cfg, &database_url, &nats.url(), prefix, &sim.base_url());
-    if let Ok(level) = std::env::var("CHAOS_WORKER_LOG") {
-        env.push(("RUST_LOG".into(), level));
-    }
-    env.push((
-        "SWITCHYARD_NATS__ACK_WAIT_SECS".into(),
-        opts.ack_wait_secs.to_string(),
-    ));
     // The configured limits would make this a rate-limit test: lift them.
     // A short provider timeout: a killed worker's call counts as under way
     // (and holds its step) for that long plus a margin.
-    for p in cfg.providers.keys() {
-        let up = p.to_uppercase();
-        for (k, v) in [
+    killable_workers(
+        &mut env,
+        &cfg,
+        opts.ack_wait_secs,
+        &[
             ("TIMEOUT_SECS", "10"),
             // A killed worker's batch passes on after 10 s.
             ("BATCH_LEASE_SECS", "10"),
@@ -310,10 +329,8 @@ pub async fn run(
             ("TPM", "1000000000"),
             ("INPUT_TPM", "1000000000"),
             ("OUTPUT_TPM", "1000000000"),
-        ] {
-            env.push((format!("SWITCHYARD_PROVIDERS__{up}__{k}"), v.into()));
-        }
-    }
+        ],
+    );
 
     let bus = Bus::connect(&nats.url(), prefix).await?;
     let mut run_cfg = cfg.clone();

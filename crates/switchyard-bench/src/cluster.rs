@@ -285,29 +285,22 @@ pub async fn run(
 
     let mut env = sim_worker_env(&cfg, &database_url, "", prefix, &sim.base_url());
     env.retain(|(k, _)| k != "NATS_URL");
-    if let Ok(level) = std::env::var("CHAOS_WORKER_LOG") {
-        env.push(("RUST_LOG".into(), level));
-    }
     env.push(("SWITCHYARD_NATS__REPLICAS".into(), "3".into()));
-    env.push((
-        "SWITCHYARD_NATS__ACK_WAIT_SECS".into(),
-        opts.ack_wait_secs.to_string(),
-    ));
     // Shared (fleet) limits in the R3 bucket, below the simulator's: a
     // 429 means the fleet lost count. A short provider timeout, as in chaos.
-    for p in cfg.providers.keys() {
-        let up = p.to_uppercase();
-        for (k, v) in [
+    crate::chaos::killable_workers(
+        &mut env,
+        &cfg,
+        opts.ack_wait_secs,
+        &[
             ("FLEET", "true"),
             ("TIMEOUT_SECS", "10"),
             ("RPM", "12000"),
             ("TPM", "1000000000"),
             ("INPUT_TPM", "1000000000"),
             ("OUTPUT_TPM", "1000000000"),
-        ] {
-            env.push((format!("SWITCHYARD_PROVIDERS__{up}__{k}"), v.into()));
-        }
-    }
+        ],
+    );
     let logs = tempfile::Builder::new()
         .prefix("switchyard-cluster-")
         .tempdir()

@@ -332,15 +332,20 @@ impl Default for LimitsConfig {
 pub struct WriterConfig {
     /// Most messages committed in one transaction.
     pub batch_size: usize,
-    /// Longest wait to fill a batch, in milliseconds.
+    /// How long a batch waits for more rows once it could be committed,
+    /// in milliseconds (0: commit as soon as a commit slot is free).
     pub flush_interval_ms: u64,
+    /// Transactions the writer commits at once; rows that arrive while
+    /// they all run go into the next one (group commit).
+    pub commits_in_flight: usize,
 }
 
 impl Default for WriterConfig {
     fn default() -> Self {
         Self {
             batch_size: 512,
-            flush_interval_ms: 10,
+            flush_interval_ms: 0,
+            commits_in_flight: 2,
         }
     }
 }
@@ -983,6 +988,9 @@ impl Config {
         }
         if self.writer.batch_size == 0 {
             return Err(err("writer.batch_size", "must be at least 1"));
+        }
+        if !(1..=16).contains(&self.writer.commits_in_flight) {
+            return Err(err("writer.commits_in_flight", "must be between 1 and 16"));
         }
         if self.dispatcher.concurrency == 0 {
             return Err(err("dispatcher.concurrency", "must be at least 1"));

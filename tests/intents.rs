@@ -49,8 +49,8 @@ async fn two_workers_claiming_one_step_at_once_get_one_claim() {
     let other = switchyard::store::connect_and_migrate(&env.db_url, 4)
         .await
         .unwrap();
-    let a = Writer::spawn(env.pool.clone(), 64, Duration::from_millis(1), &tasks);
-    let b = Writer::spawn(other.clone(), 64, Duration::from_millis(1), &tasks);
+    let a = Writer::spawn(env.pool.clone(), 64, Duration::ZERO, 2, &tasks);
+    let b = Writer::spawn(other.clone(), 64, Duration::ZERO, 2, &tasks);
     let rounds = 200;
     let mut both = 0;
     for i in 0..rounds {
@@ -94,4 +94,46 @@ async fn two_workers_claiming_one_step_at_once_get_one_claim() {
     );
     other.close().await;
     env.cleanup().await;
+}
+
+/// Group commit: rows that arrive while a commit runs join the next one, so
+/// under load a transaction carries many messages' rows with no timer
+/// (`writer.flush_interval_ms = 0`), and every write still commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_arriving_during_a_commit_share_the_next_one() {
+    let env = common::TestEnv::new(Default::default()).await;
+    let tasks = switchyard::tasks::Tasks::new();
+    let w = Writer::spawn(env.pool.clone(), 512, Duration::ZERO, 1, &tasks);
+    let n = 300;
+    let writes = (0..n).map(|i| {
+        let w = w.clone();
+        async move {
+            w.write(vec![Row::Job(switchyard::store::JobRow {
+                id: format!("group-{i}"),
+                category: "support".into(),
+                status: switchyard::store::JobStatus::Running,
+                envelope: None,
+                route_decision: None,
+                error: None,
+                enqueued_at_ms: 0,
+                variant: None,
+                callback_url: None,
+            })])
+            .await
+        }
+    });
+    let results = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(writes))
+        .await
+        .expect("every write commits");
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert_eq!(env.count("SELECT count(*) FROM jobs").await, n);
+    // Each transaction stamps its rows with its own id.
+    let transactions = env
+        .count("SELECT count(DISTINCT xmin::text) FROM jobs")
+        .await;
+    assert!(
+        transactions <= 30,
+        "{n} concurrent writes took {transactions} transactions: rows queued during a commit \
+         should have joined the next one"
+    );
 }

@@ -58,7 +58,7 @@ async fn env() -> Env {
     .unwrap();
     let cfg = Arc::new(cfg);
     let tasks = Tasks::new();
-    let writer = Writer::spawn(pool.clone(), 64, Duration::from_millis(1), &tasks);
+    let writer = Writer::spawn(pool.clone(), 64, Duration::ZERO, 2, &tasks);
     let shared = LaneShared {
         fleet_store: None,
         budget: Arc::new(Book::new(&cfg, pool.clone())),

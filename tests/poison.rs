@@ -181,8 +181,7 @@ async fn dead_letters_filter_by_reason_text_literally() {
     use switchyard::store::{dlq, DeadLetterRow, Row};
     let env = TestEnv::new(SimProfile::default()).await;
     let tasks = switchyard::tasks::Tasks::new();
-    let writer =
-        switchyard::store::Writer::spawn(env.pool.clone(), 16, Duration::from_millis(1), &tasks);
+    let writer = switchyard::store::Writer::spawn(env.pool.clone(), 16, Duration::ZERO, 2, &tasks);
     let reasons = [
         "amount 100% wrong",
         "Amount 1000 wrong",

@@ -142,6 +142,7 @@ pub async fn start(
         pool.clone(),
         cfg.writer.batch_size,
         Duration::from_millis(cfg.writer.flush_interval_ms),
+        cfg.writer.commits_in_flight,
         &services,
     );
 

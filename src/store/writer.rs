@@ -29,7 +29,8 @@ struct Written {
 }
 
 struct WriteReq {
-    rows: Vec<Row>,
+    /// Shared with a caller that may have to send the same rows again.
+    rows: Arc<Vec<Row>>,
     reply: oneshot::Sender<Result<Committed, StoreError>>,
 }
 
@@ -94,7 +95,8 @@ impl Writer {
     pub fn spawn(
         pool: PgPool,
         batch_size: usize,
-        flush_interval: Duration,
+        linger: Duration,
+        slots: usize,
         tasks: &crate::tasks::Tasks,
     ) -> Self {
         let (tx, rx) = mpsc::channel(batch_size * 4);
@@ -105,7 +107,7 @@ impl Writer {
             back: Notify::new(),
             tasks: tasks.clone(),
         });
-        tasks.spawn(writer_loop(pool, rx, batch_size, flush_interval));
+        tasks.spawn(writer_loop(pool, rx, batch_size, linger, slots));
         Self { tx, health }
     }
 
@@ -149,8 +151,9 @@ impl Writer {
         K: FnMut() -> KF,
         KF: std::future::Future<Output = ()>,
     {
+        let rows = Arc::new(rows);
         loop {
-            match self.write(rows.clone()).await {
+            match self.send(rows.clone()).await {
                 Ok(c) => return Ok(c),
                 Err(e) if stop.is_cancelled() => return Err(e.into()),
                 // Refused rows, or a writer that stopped: holding won't help.
@@ -178,6 +181,10 @@ impl Writer {
 
     /// Queue rows and wait until they are committed.
     pub async fn write(&self, rows: Vec<Row>) -> Result<Committed, StoreError> {
+        self.send(Arc::new(rows)).await
+    }
+
+    async fn send(&self, rows: Arc<Vec<Row>>) -> Result<Committed, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(WriteReq { rows, reply })
@@ -191,32 +198,60 @@ impl Writer {
     }
 }
 
+/// Group commit: a batch is committed as soon as a commit slot is free
+/// (after lingering up to `linger` for more rows; none by default); while
+/// `slots` commits are in flight, requests queue and the next commit takes
+/// them all (up to `batch_size` messages). Under light load a message waits
+/// for one commit; under heavy load batches grow by themselves.
 async fn writer_loop(
     pool: PgPool,
     mut rx: mpsc::Receiver<WriteReq>,
     batch_size: usize,
-    flush_interval: Duration,
+    linger: Duration,
+    slots: usize,
 ) {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let slots = slots.max(1);
     let mut batch: Vec<WriteReq> = Vec::with_capacity(batch_size);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + flush_interval;
-        while batch.len() < batch_size {
-            // Take whatever is already queued without waiting.
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    // When the batch being filled is committed at the latest.
+    let mut due: Option<tokio::time::Instant> = None;
+    loop {
+        // Take whatever is already queued without waiting.
+        while open && batch.len() < batch_size {
             match rx.try_recv() {
-                Ok(r) => {
-                    batch.push(r);
-                    continue;
-                }
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {}
-            }
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(r)) => batch.push(r),
-                _ => break,
+                Ok(r) => batch.push(r),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
         }
-        commit_batch(&pool, std::mem::take(&mut batch)).await;
+        if batch.is_empty() {
+            due = None;
+        } else {
+            let now = tokio::time::Instant::now();
+            let at = *due.get_or_insert(now + linger);
+            let full = batch.len() >= batch_size || !open || at <= now;
+            if full && in_flight.len() < slots {
+                let take = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
+                in_flight.push(commit_batch(&pool, take));
+                due = None;
+                continue;
+            }
+        }
+        if !open && batch.is_empty() && in_flight.is_empty() {
+            break;
+        }
+        let lingering = due.filter(|_| in_flight.len() < slots);
+        tokio::select! {
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            r = rx.recv(), if open && batch.len() < batch_size => match r {
+                Some(r) => batch.push(r),
+                None => open = false,
+            },
+            _ = tokio::time::sleep_until(lingering.unwrap_or_else(tokio::time::Instant::now)),
+                if lingering.is_some() => {}
+        }
     }
     debug!("writer stopped");
 }

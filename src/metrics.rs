@@ -1,9 +1,10 @@
 //! Prometheus metrics of this process: counters, gauges and histograms kept
 //! in one registry and rendered in the text exposition format on the
 //! worker's `/metrics` (see `ops::dashboard`). Recording is a short
-//! mutex-guarded map update; nothing here does I/O.
+//! mutex-guarded map update that allocates only for a new series; nothing
+//! here does I/O.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Mutex, OnceLock};
 
@@ -83,10 +84,91 @@ struct Hist {
     count: u64,
 }
 
+/// Series keyed by name and labels, found without allocating (a hash of
+/// the borrowed name and labels, then an equality check); a series' owned
+/// labels are made only the first time it is recorded.
+struct Series<T> {
+    by_hash: HashMap<u64, Vec<(Key, T)>>,
+}
+
+/// A series' name and labels.
+type Key = (&'static str, Labels);
+
+impl<T> Default for Series<T> {
+    fn default() -> Self {
+        Self {
+            by_hash: HashMap::new(),
+        }
+    }
+}
+
+fn key_hash(name: &str, l: &[(&'static str, &str)]) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    static STATE: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+    let mut h = STATE.get_or_init(Default::default).build_hasher();
+    name.hash(&mut h);
+    for (k, v) in l {
+        k.hash(&mut h);
+        v.hash(&mut h);
+    }
+    h.finish()
+}
+
+impl<T: Default> Series<T> {
+    fn entry(&mut self, name: &'static str, l: &[(&'static str, &str)]) -> &mut T {
+        let bucket = self.by_hash.entry(key_hash(name, l)).or_default();
+        let same = |(n, ls): &Key| {
+            *n == name
+                && ls.len() == l.len()
+                && ls
+                    .iter()
+                    .zip(l)
+                    .all(|((k, v), (k2, v2))| k == k2 && v == v2)
+        };
+        let i = match bucket.iter().position(|(key, _)| same(key)) {
+            Some(i) => i,
+            None => {
+                bucket.push(((name, labels(l)), T::default()));
+                bucket.len() - 1
+            }
+        };
+        &mut bucket[i].1
+    }
+
+    #[cfg(test)]
+    fn get(&self, name: &'static str, l: &[(&'static str, &str)]) -> Option<&T> {
+        self.by_hash
+            .get(&key_hash(name, l))?
+            .iter()
+            .find_map(|((n, ls), t)| {
+                (*n == name
+                    && ls.len() == l.len()
+                    && ls
+                        .iter()
+                        .zip(l)
+                        .all(|((k, v), (k2, v2))| k == k2 && v == v2))
+                .then_some(t)
+            })
+    }
+
+    /// The series of `name`, in label order.
+    fn of(&self, name: &str) -> Vec<(&Labels, &T)> {
+        let mut v: Vec<(&Labels, &T)> = self
+            .by_hash
+            .values()
+            .flatten()
+            .filter(|((n, _), _)| *n == name)
+            .map(|((_, l), t)| (l, t))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v
+    }
+}
+
 #[derive(Default)]
 struct Inner {
-    values: BTreeMap<(&'static str, Labels), f64>,
-    hists: BTreeMap<(&'static str, Labels), Hist>,
+    values: Series<f64>,
+    hists: Series<Hist>,
 }
 
 /// The process's metrics.
@@ -130,21 +212,21 @@ impl Registry {
     /// Add `v` to a counter.
     pub fn inc(&self, name: &'static str, l: &[(&'static str, &str)], v: f64) {
         if let Ok(mut i) = self.inner.lock() {
-            *i.values.entry((name, labels(l))).or_default() += v;
+            *i.values.entry(name, l) += v;
         }
     }
 
     /// Set a gauge.
     pub fn set(&self, name: &'static str, l: &[(&'static str, &str)], v: f64) {
         if let Ok(mut i) = self.inner.lock() {
-            i.values.insert((name, labels(l)), v);
+            *i.values.entry(name, l) = v;
         }
     }
 
     /// Record one observation (seconds) in a histogram.
     pub fn observe(&self, name: &'static str, l: &[(&'static str, &str)], secs: f64) {
         if let Ok(mut i) = self.inner.lock() {
-            let h = i.hists.entry((name, labels(l))).or_default();
+            let h = i.hists.entry(name, l);
             for (b, c) in BUCKETS.iter().zip(h.counts.iter_mut()) {
                 if secs <= *b {
                     *c += 1;
@@ -161,7 +243,7 @@ impl Registry {
         self.inner
             .lock()
             .ok()
-            .and_then(|i| i.values.get(&(name, labels(l))).copied())
+            .and_then(|i| i.values.get(name, l).copied())
             .unwrap_or(0.0)
     }
 
@@ -174,7 +256,8 @@ impl Registry {
         for (name, kind, help) in METRICS {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             if *kind == "histogram" {
-                for ((n, l), h) in i.hists.iter().filter(|((n, _), _)| n == name) {
+                for (l, h) in i.hists.of(name) {
+                    let n = name;
                     for (b, c) in BUCKETS.iter().zip(h.counts.iter()) {
                         let le = b.to_string();
                         let _ = writeln!(
@@ -198,8 +281,8 @@ impl Registry {
                     );
                 }
             } else {
-                for ((n, l), v) in i.values.iter().filter(|((n, _), _)| n == name) {
-                    let _ = writeln!(out, "{} {v}", series(n, l, None));
+                for (l, v) in i.values.of(name) {
+                    let _ = writeln!(out, "{} {v}", series(name, l, None));
                 }
             }
         }

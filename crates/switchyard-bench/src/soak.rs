@@ -923,7 +923,7 @@ impl SoakFigures {
             self.pg_bytes as f64 / 1048576.0
         );
         let mut by: Vec<_> = self.pg_bytes_by_table.iter().collect();
-        by.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes));
+        by.sort_by_key(|b| std::cmp::Reverse(b.1.bytes));
         for (t, b) in by {
             s += &format!(" {t} {:.0}", b.bytes_per_job);
         }

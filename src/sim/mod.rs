@@ -630,6 +630,13 @@ impl SimServer {
         self.state.started.elapsed().as_millis() as u64
     }
 
+    /// Requests being served right now (answered or not yet).
+    pub fn in_flight(&self) -> u64 {
+        self.state
+            .in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// A copy of the ledger.
     pub fn ledger(&self) -> Vec<LedgerEntry> {
         self.state

@@ -13,6 +13,9 @@
 //!   saving and the worker's peak memory (`switchyard-bench batch`).
 //! - [`latency`]: the latency Switchyard adds at a steady offered load
 //!   (`switchyard-bench latency`).
+//! - [`soak`]: the million-job night through worker processes and the
+//!   simulator (`switchyard-bench soak`), and one worker's memory with
+//!   1,000 calls in flight (`switchyard-bench rss`).
 //!
 //! Each mode starts its own simulator and publishes on a subject prefix of
 //! its own, so it never touches jobs it did not publish.
@@ -24,6 +27,7 @@ pub mod cluster;
 pub mod ingest;
 pub mod latency;
 pub mod limits;
+pub mod soak;
 pub mod throughput;
 
 use std::path::PathBuf;

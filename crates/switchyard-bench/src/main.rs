@@ -1,6 +1,8 @@
 //! `switchyard-bench`: throughput against the JetStream ceiling (no mode),
 //! `latency` (added latency at a steady load),
 //! `limits` (worker processes sharing one rate-limited provider), `batch`,
+//! `soak` (the million-job night) and `rss` (a worker's memory with 1,000
+//! calls in flight),
 //! `ingest` (the memory a large batch result file costs), `chaos`
 //! (kills and restarts under load, then a reconciliation) and `cluster`
 //! (a three-node NATS cluster losing its jobs stream's leader under load). Each prints a
@@ -156,6 +158,59 @@ enum Mode {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 1800)]
         timeout_secs: u64,
+        /// End with one JSON object of the figures on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The million-job night: single-call jobs through worker processes to
+    /// the HTTP simulator with a realistic latency; jobs/s per tenth of the
+    /// jobs, each worker's RSS at 10% and 90% done, Postgres bytes per job,
+    /// NATS storage after the run and a reconciliation (nothing lost or
+    /// doubled). Its own database (dropped after) and subject prefix. Exits
+    /// 1 if a target is missed.
+    Soak {
+        /// Jobs to publish.
+        #[arg(long, default_value_t = 1_000_000)]
+        jobs: usize,
+        /// Worker processes.
+        #[arg(long, default_value_t = 3)]
+        workers: usize,
+        /// The simulator's latency per call, in milliseconds ...
+        #[arg(long, default_value_t = 200)]
+        latency_ms: u64,
+        /// ... plus a uniform random 0..=jitter.
+        #[arg(long, default_value_t = 200)]
+        jitter_ms: u64,
+        /// Most jobs published and not yet done (0: publish without bound).
+        #[arg(long, default_value_t = 20_000)]
+        backlog: usize,
+        /// Most jobs published per second (default: as the backlog allows).
+        #[arg(long)]
+        publish_rate: Option<f64>,
+        /// Every provider lane's max_concurrency (held across the workers).
+        #[arg(long, default_value_t = 1000)]
+        max_concurrency: usize,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout_secs: u64,
+        /// End with one JSON object of the figures on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One worker process holding `--in-flight` calls at once (one
+    /// category, one lane, a long simulator latency): its peak RSS against
+    /// the 64 MB target, and the soak's reconciliation. Exits 1 if a target
+    /// is missed.
+    Rss {
+        /// Calls the worker holds in flight (its lane's max_concurrency).
+        #[arg(long, default_value_t = 1000)]
+        in_flight: usize,
+        /// Jobs to publish (default: 5 per call in flight).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// The simulator's latency per call, in milliseconds.
+        #[arg(long, default_value_t = 4000)]
+        latency_ms: u64,
         /// End with one JSON object of the figures on the last line.
         #[arg(long)]
         json: bool,
@@ -379,6 +434,65 @@ async fn run(cli: Cli) -> Result<u8> {
                 },
             )
             .await?;
+            println!("{}", figures.summary());
+            if json {
+                println!("{}", serde_json::to_string(&figures)?);
+            }
+            Ok(if figures.passed() { 0 } else { 1 })
+        }
+        Cli {
+            mode:
+                Some(Mode::Soak {
+                    jobs,
+                    workers,
+                    latency_ms,
+                    jitter_ms,
+                    backlog,
+                    publish_rate,
+                    max_concurrency,
+                    timeout_secs,
+                    json,
+                }),
+            ..
+        } => {
+            if let Some(r) = publish_rate {
+                anyhow::ensure!(r.is_finite() && r > 0.0, "--publish-rate must be above 0");
+            }
+            let opts = switchyard_bench::soak::SoakOptions {
+                workers,
+                latency_ms,
+                jitter_ms,
+                backlog,
+                publish_rate,
+                max_concurrency,
+                timeout: Duration::from_secs(timeout_secs),
+                ..switchyard_bench::soak::SoakOptions::soak(jobs, &g.database_url, &g.nats_url)?
+            };
+            let figures = switchyard_bench::soak::run(load()?, g.config.as_deref(), &opts).await?;
+            println!("{}", figures.summary());
+            if json {
+                println!("{}", serde_json::to_string(&figures)?);
+            }
+            Ok(if figures.passed() { 0 } else { 1 })
+        }
+        Cli {
+            mode:
+                Some(Mode::Rss {
+                    in_flight,
+                    jobs,
+                    latency_ms,
+                    json,
+                }),
+            ..
+        } => {
+            anyhow::ensure!(in_flight > 0, "--in-flight must be at least 1");
+            let mut opts =
+                switchyard_bench::soak::SoakOptions::rss(in_flight, &g.database_url, &g.nats_url)?;
+            opts.latency_ms = latency_ms;
+            if let Some(j) = jobs {
+                opts.jobs = j;
+            }
+            let figures = switchyard_bench::soak::run(load()?, g.config.as_deref(), &opts).await?;
             println!("{}", figures.summary());
             if json {
                 println!("{}", serde_json::to_string(&figures)?);

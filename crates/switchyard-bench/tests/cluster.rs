@@ -37,8 +37,10 @@ async fn killing_the_jobs_streams_leader_loses_doubles_and_leaves_unrecorded_not
     eprintln!("{}", f.summary());
     assert_eq!(f.replicas, [3, 3, 3], "R3 streams and KV bucket");
     assert_eq!(f.node_kills, 1);
-    assert!(!f.new_leader.is_empty(), "a new leader was elected");
-    assert_ne!(f.new_leader, f.killed_node);
+    // No assertion on who leads afterwards: when the survivors' raft
+    // election timeout (random; 4–9 s seen) outlasts the 3 s the node is
+    // down, the restarted node may win the election again, and no other
+    // leader is ever seen (CI saw it under load). What matters is below.
     assert_eq!(f.published, 600);
     assert_eq!(f.terminal, 600, "every job ended");
     assert_eq!(f.lost, 0);

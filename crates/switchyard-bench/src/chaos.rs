@@ -176,6 +176,38 @@ pub(crate) struct Fleet {
 }
 
 impl Fleet {
+    /// Start `n` workers of `exe` (with `config`, if any), each with `env`
+    /// and its own variables from `own_env`, logging to a fresh directory
+    /// (random name under `$TMPDIR` starting with `log_prefix`, mode 0700,
+    /// kept after the run).
+    pub(crate) fn start(
+        exe: PathBuf,
+        config: Option<&Path>,
+        env: Vec<(String, String)>,
+        own_env: Vec<Vec<(String, String)>>,
+        log_prefix: &str,
+        n: usize,
+    ) -> Result<Self> {
+        let logs = tempfile::Builder::new()
+            .prefix(log_prefix)
+            .tempdir()
+            .context("creating the worker log directory")?
+            .keep();
+        let mut fleet = Fleet {
+            exe,
+            config: config.map(Path::to_path_buf),
+            env,
+            own_env,
+            logs,
+            children: Vec::new(),
+        };
+        for i in 0..n {
+            let c = fleet.spawn(i)?;
+            fleet.children.push(c);
+        }
+        Ok(fleet)
+    }
+
     pub(crate) fn spawn(&self, i: usize) -> Result<Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -337,24 +369,15 @@ pub async fn run(
     run_cfg.nats.prefix = prefix.into();
     bus.ensure_streams(&run_cfg).await?;
 
-    // A fresh directory (random name, mode 0700), kept after a failed run.
-    let logs = tempfile::Builder::new()
-        .prefix("switchyard-chaos-")
-        .tempdir()
-        .context("creating the worker log directory")?
-        .keep();
-    let mut fleet = Fleet {
-        exe: opts.worker_exe.clone(),
-        config: config_path.map(Path::to_path_buf),
+    let mut fleet = Fleet::start(
+        opts.worker_exe.clone(),
+        config_path,
         env,
-        own_env: Vec::new(),
-        logs: logs.clone(),
-        children: Vec::new(),
-    };
-    for i in 0..opts.processes {
-        let c = fleet.spawn(i)?;
-        fleet.children.push(c);
-    }
+        Vec::new(),
+        "switchyard-chaos-",
+        opts.processes,
+    )?;
+    let logs = fleet.logs.clone();
 
     let jobs = sample_jobs_with(&run_cfg, "chaos", opts.jobs, opts.batch)?;
     let published = jobs.len();

@@ -301,25 +301,18 @@ pub async fn run(
             ("OUTPUT_TPM", "1000000000"),
         ],
     );
-    let logs = tempfile::Builder::new()
-        .prefix("switchyard-cluster-")
-        .tempdir()
-        .context("creating the worker log directory")?
-        .keep();
-    let mut fleet = Fleet {
-        exe: opts.worker_exe.clone(),
-        config: config_path.map(Path::to_path_buf),
+    let own_env = (0..3)
+        .map(|i| vec![("NATS_URL".to_string(), cluster.urls_from(i))])
+        .collect();
+    let mut fleet = Fleet::start(
+        opts.worker_exe.clone(),
+        config_path,
         env,
-        own_env: (0..3)
-            .map(|i| vec![("NATS_URL".to_string(), cluster.urls_from(i))])
-            .collect(),
-        logs: logs.clone(),
-        children: Vec::new(),
-    };
-    for i in 0..3 {
-        let c = fleet.spawn(i)?;
-        fleet.children.push(c);
-    }
+        own_env,
+        "switchyard-cluster-",
+        3,
+    )?;
+    let logs = fleet.logs.clone();
 
     let jobs = sample_jobs_with(&run_cfg, "cluster", opts.jobs, false)?;
     let published = jobs.len();

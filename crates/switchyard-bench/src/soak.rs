@@ -491,23 +491,15 @@ async fn run_in(
 
     let mut env = sim_worker_env(cfg, database_url, &opts.nats_url, prefix, &sim.base_url());
     worker_overrides(cfg, opts, &mut env);
-    let logs = tempfile::Builder::new()
-        .prefix("switchyard-soak-")
-        .tempdir()
-        .context("creating the worker log directory")?
-        .keep();
-    let mut fleet = Fleet {
-        exe: opts.worker_exe.clone(),
-        config: config_path.map(Path::to_path_buf),
+    let mut fleet = Fleet::start(
+        opts.worker_exe.clone(),
+        config_path,
         env,
-        own_env: Vec::new(),
-        logs: logs.clone(),
-        children: Vec::new(),
-    };
-    for i in 0..opts.workers {
-        let c = fleet.spawn(i)?;
-        fleet.children.push(c);
-    }
+        Vec::new(),
+        "switchyard-soak-",
+        opts.workers,
+    )?;
+    let logs = fleet.logs.clone();
     eprintln!(
         "bench {}: {n} jobs ({}), {} worker processes, simulator {}+0..{} ms, backlog {}, \
          publish rate {}, max_concurrency {}; worker logs in {}",

@@ -198,8 +198,25 @@ async fn latency_percentiles_and_satisfaction() {
     .fetch_all(p)
     .await
     .unwrap();
+    // From the rollups' histograms (migration 0023): each percentile is
+    // the representative latency of its bucket, within 9% of the call's
+    // own (150, 300 and 50 ms).
     assert_eq!(
         by_model,
+        vec![
+            ("claude-haiku-4-5".into(), 1, 138.6, 138.6, 138.6),
+            ("claude-sonnet-4-5".into(), 1, 278.2, 278.2, 278.2),
+            ("gpt-4o-mini".into(), 1, 48.4, 48.4, 48.4),
+        ]
+    );
+    let exact: Vec<(String, i64, f64, f64, f64)> = sqlx::query_as(
+        "SELECT model, calls, p50_ms, p95_ms, p99_ms FROM latency_by_model_exact ORDER BY model",
+    )
+    .fetch_all(p)
+    .await
+    .unwrap();
+    assert_eq!(
+        exact,
         vec![
             ("claude-haiku-4-5".into(), 1, 150.0, 150.0, 150.0),
             ("claude-sonnet-4-5".into(), 1, 300.0, 300.0, 300.0),
@@ -214,13 +231,14 @@ async fn latency_percentiles_and_satisfaction() {
     .fetch_all(p)
     .await
     .unwrap();
-    // Support's answered calls took 150 and 300 ms (interpolated
-    // percentiles); its results 500 and 1000 ms end to end.
+    // Support's answered calls took 150 and 300 ms (percentiles from the
+    // rollups' histograms: the buckets of 150 and 300 ms); its results 500
+    // and 1000 ms end to end (exact, interpolated).
     assert_eq!(
         by_cat,
         vec![
-            ("sales".into(), 50.0, 50.0, 1, 200.0, 200.0),
-            ("support".into(), 225.0, 292.5, 2, 750.0, 995.0),
+            ("sales".into(), 48.4, 48.4, 1, 200.0, 200.0),
+            ("support".into(), 138.6, 278.2, 2, 750.0, 995.0),
         ]
     );
 
@@ -506,7 +524,8 @@ async fn the_html_report_is_self_contained_with_its_charts() {
     }
     // Usage shares and latency percentiles.
     assert!(html.contains("<title>support claude-haiku-4-5: 1 results (50.0%)</title>"));
-    assert!(html.contains("<title>claude-sonnet-4-5 p95: 300 ms</title>"));
+    // (300 ms, read from the rollups' histogram bucket: 278 ms)
+    assert!(html.contains("<title>claude-sonnet-4-5 p95: 278 ms</title>"));
     // Savings against the baseline, and the total spent.
     assert!(html.contains("Savings against one gpt-4o call per answered job"));
     assert!(html.contains("What if one model alone had served each category"));

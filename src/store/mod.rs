@@ -34,6 +34,7 @@ pub mod prices;
 pub mod report;
 pub mod retention;
 pub mod review;
+pub mod rollups;
 mod rows;
 pub mod spend;
 pub mod stats;

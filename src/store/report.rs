@@ -130,9 +130,70 @@ fn cond(id: &str, time: &str, category: &str) -> String {
     )
 }
 
-/// [`cond`] on `calls`.
-fn on_calls() -> String {
-    cond("job_id", "created_at", "category")
+/// The scope's calls as rollup rows (migration 0022), from `$1`-`$6`:
+/// `call_rollups` for the whole UTC hours inside the window, and `calls`
+/// aggregated the same way for the rest (the partial hours at its ends, or
+/// everything when a job prefix is given: rollups know no job ids). So
+/// every sum and count is exact, and a window of any length reads at most
+/// two hours of raw calls. Columns: `hour`, `category`, `provider`,
+/// `model`, `batched`, `calls`, `ok_calls`, `retryable_calls`,
+/// `terminal_calls`, `cached_calls`, `input_tokens`, `output_tokens`,
+/// `cached_input_tokens`, `cache_write_input_tokens`, `reasoning_tokens`,
+/// `cost_usd`, `saved_usd`, `latency_hist` (NULL unless `hist`).
+fn calls_src(hist: bool) -> String {
+    let (hist_r, hist_c) = if hist {
+        (
+            "r.latency_hist",
+            "latency_hist(CASE WHEN c.outcome = 'ok' THEN latency_bucket(c.latency_ms) END, 1)",
+        )
+    } else {
+        ("NULL::int8[]", "NULL::int8[]")
+    };
+    let raw = |range: &str| {
+        format!(
+            "SELECT rollup_hour(c.created_at), c.category, c.provider, c.model,
+                    c.batch_id IS NOT NULL, count(*),
+                    count(*) FILTER (WHERE c.outcome = 'ok'),
+                    count(*) FILTER (WHERE c.outcome = 'retryable_error'),
+                    count(*) FILTER (WHERE c.outcome = 'terminal_error'),
+                    count(*) FILTER (WHERE c.outcome = 'cached'),
+                    sum(c.input_tokens), sum(c.output_tokens), sum(c.cached_input_tokens),
+                    sum(c.cache_write_input_tokens), sum(c.reasoning_tokens),
+                    sum(c.cost_usd), COALESCE(sum(c.saved_usd), 0), {hist_c}
+             FROM calls c
+             WHERE c.job_id LIKE $1 AND {range}
+               AND ($6::text IS NULL OR c.category = $6)
+             GROUP BY 1, 2, 3, 4, 5"
+        )
+    };
+    format!(
+        "(WITH b AS (
+             SELECT s, u,
+                    CASE WHEN $1 <> '%' THEN 'infinity'::timestamptz
+                         WHEN rollup_hour(s) = s THEN s
+                         ELSE rollup_hour(s) + interval '1 hour' END AS lo,
+                    CASE WHEN $1 <> '%' THEN 'infinity'::timestamptz
+                         ELSE rollup_hour(u) END AS hi
+             FROM (SELECT COALESCE($2::timestamptz, now() - $3::interval,
+                                   '-infinity'::timestamptz) AS s,
+                          COALESCE($4::timestamptz, now() - $5::interval,
+                                   'infinity'::timestamptz) AS u) t)
+         SELECT r.hour, r.category, r.provider, r.model, r.batched, r.calls, r.ok_calls,
+                r.retryable_calls, r.terminal_calls, r.cached_calls,
+                r.input_tokens::numeric, r.output_tokens::numeric,
+                r.cached_input_tokens::numeric, r.cache_write_input_tokens::numeric,
+                r.reasoning_tokens::numeric, r.cost_usd, r.saved_usd, {hist_r}
+         FROM call_rollups r
+         WHERE r.hour >= (SELECT lo FROM b) AND r.hour < (SELECT hi FROM b)
+           AND ($6::text IS NULL OR r.category = $6)
+         UNION ALL {}
+         UNION ALL {}
+        ) AS src(hour, category, provider, model, batched, calls, ok_calls, retryable_calls,
+                 terminal_calls, cached_calls, input_tokens, output_tokens, cached_input_tokens,
+                 cache_write_input_tokens, reasoning_tokens, cost_usd, saved_usd, latency_hist)",
+        raw("c.created_at >= (SELECT s FROM b) AND c.created_at < (SELECT LEAST(lo, u) FROM b)"),
+        raw("c.created_at >= (SELECT GREATEST(hi, lo, s) FROM b) AND c.created_at < (SELECT u FROM b)"),
+    )
 }
 
 macro_rules! bind_scope {
@@ -204,8 +265,8 @@ fn cost_line(t: CostTuple) -> CostLine {
     }
 }
 
-/// The aggregates of a [`CostLine`] after its key.
-const COST_COLUMNS: &str = "count(*)::int8, count(*) FILTER (WHERE outcome = 'ok')::int8,
+/// The aggregates of a [`CostLine`] after its key, over [`calls_src`].
+const COST_COLUMNS: &str = "COALESCE(sum(calls), 0)::int8, COALESCE(sum(ok_calls), 0)::int8,
      COALESCE(sum(input_tokens), 0)::int8, COALESCE(sum(cached_input_tokens), 0)::int8,
      COALESCE(sum(cache_write_input_tokens), 0)::int8,
      COALESCE(sum(output_tokens), 0)::int8, COALESCE(sum(reasoning_tokens), 0)::int8,
@@ -216,9 +277,9 @@ pub async fn costs_by_category(pool: &PgPool, scope: &Scope) -> Result<Vec<CostL
     let p = Params::from(scope);
     let rows: Vec<CostTuple> = bind_scope!(
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT category, {COST_COLUMNS} FROM calls WHERE {}
-             GROUP BY category ORDER BY category",
-            on_calls()
+            "SELECT category, {COST_COLUMNS} FROM {}
+             GROUP BY category HAVING sum(calls) > 0 ORDER BY category",
+            calls_src(false)
         ))),
         p
     )
@@ -232,9 +293,9 @@ pub async fn costs_by_model(pool: &PgPool, scope: &Scope) -> Result<Vec<CostLine
     let p = Params::from(scope);
     let rows: Vec<CostTuple> = bind_scope!(
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT provider || '/' || model, {COST_COLUMNS} FROM calls WHERE {}
-             GROUP BY provider, model ORDER BY provider, model",
-            on_calls()
+            "SELECT provider || '/' || model, {COST_COLUMNS} FROM {}
+             GROUP BY provider, model HAVING sum(calls) > 0 ORDER BY provider, model",
+            calls_src(false)
         ))),
         p
     )
@@ -248,8 +309,8 @@ pub async fn cost_total(pool: &PgPool, scope: &Scope) -> Result<CostLine> {
     let p = Params::from(scope);
     let row: CostTuple = bind_scope!(
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT 'total', {COST_COLUMNS} FROM calls WHERE {}",
-            on_calls()
+            "SELECT 'total', {COST_COLUMNS} FROM {}",
+            calls_src(false)
         ))),
         p
     )
@@ -404,9 +465,9 @@ pub async fn daily_spend(pool: &PgPool, scope: &Scope) -> Result<Vec<DailySpend>
     let p = Params::from(scope);
     let rows: Vec<(String, String, Decimal)> = bind_scope!(
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT ((created_at AT TIME ZONE 'UTC')::date)::text, model, sum(cost_usd)
-             FROM calls WHERE {} GROUP BY 1, 2 ORDER BY 1, 2",
-            on_calls()
+            "SELECT ((hour AT TIME ZONE 'UTC')::date)::text, model, sum(cost_usd)
+             FROM {} GROUP BY 1, 2 HAVING sum(calls) > 0 ORDER BY 1, 2",
+            calls_src(false)
         ))),
         p
     )
@@ -432,17 +493,18 @@ pub struct LatencyLine {
     pub p99_ms: f64,
 }
 
-/// The scope's answered calls' latency percentiles by model.
+/// The scope's answered calls' latency percentiles by model, read from the
+/// rollups' histograms (approximate: the representative value of the
+/// bucket holding each percentile, within about 9%).
 pub async fn latency_by_model(pool: &PgPool, scope: &Scope) -> Result<Vec<LatencyLine>> {
     let p = Params::from(scope);
     let rows: Vec<(String, i64, f64, f64, f64)> = bind_scope!(
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT model, count(*)::int8,
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms),
-                    percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms),
-                    percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms)
-             FROM calls WHERE outcome = 'ok' AND {} GROUP BY model ORDER BY model",
-            on_calls()
+            "SELECT model, calls, latency_hist_quantile(h, 0.5), latency_hist_quantile(h, 0.95),
+                    latency_hist_quantile(h, 0.99)
+             FROM (SELECT model, sum(ok_calls)::int8 AS calls, latency_hist_sum(latency_hist) AS h
+                   FROM {} GROUP BY model HAVING sum(ok_calls) > 0) t ORDER BY model",
+            calls_src(true)
         ))),
         p
     )
@@ -458,6 +520,21 @@ pub async fn latency_by_model(pool: &PgPool, scope: &Scope) -> Result<Vec<Latenc
             p99_ms,
         })
         .collect())
+}
+
+/// The scope's calls and errors (retryable or terminal) by model.
+pub async fn errors_by_model(pool: &PgPool, scope: &Scope) -> Result<Vec<(String, i64, i64)>> {
+    let p = Params::from(scope);
+    Ok(bind_scope!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT model, sum(calls)::int8, sum(retryable_calls + terminal_calls)::int8
+             FROM {} GROUP BY 1 HAVING sum(calls) > 0 ORDER BY 1",
+            calls_src(false)
+        ))),
+        p
+    )
+    .fetch_all(pool)
+    .await?)
 }
 
 /// Where an answered job's money went besides the answer call, by kind.
@@ -641,13 +718,13 @@ pub struct CacheLine {
 pub async fn cache_lines(pool: &PgPool, scope: &Scope) -> Result<Vec<CacheLine>> {
     let p = Params::from(scope);
     let sql = format!(
-        "SELECT category, count(*)::int8 AS calls,
-                count(*) FILTER (WHERE outcome = 'cached')::int8 AS cached_calls,
-                (count(*) FILTER (WHERE outcome = 'cached'))::float8 / count(*) AS cached_share,
+        "SELECT category, sum(calls)::int8 AS calls,
+                sum(cached_calls)::int8 AS cached_calls,
+                sum(cached_calls)::float8 / sum(calls)::float8 AS cached_share,
                 COALESCE(sum(saved_usd), 0) AS saved_usd
-         FROM calls WHERE {} GROUP BY 1
-         HAVING count(*) FILTER (WHERE outcome = 'cached') > 0 ORDER BY 1",
-        on_calls()
+         FROM {} GROUP BY 1
+         HAVING sum(cached_calls) > 0 ORDER BY 1",
+        calls_src(false)
     );
     let rows: Vec<CacheLine> = bind_scope!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), p)
         .fetch_all(pool)
@@ -690,14 +767,16 @@ pub async fn batch_lines(pool: &PgPool, scope: &Scope, by_model: bool) -> Result
     };
     // Batch prices are half the real-time ones (`pricing::BATCH_DISCOUNT`).
     let sql = format!(
-        "SELECT {key} AS key, count(*)::int8 AS calls,
-                count(*) FILTER (WHERE batch_id IS NOT NULL)::int8 AS batched_calls,
-                (count(*) FILTER (WHERE batch_id IS NOT NULL))::float8 / count(*) AS batched_share,
-                COALESCE(sum(cost_usd) FILTER (WHERE batch_id IS NOT NULL), 0) AS batched_cost_usd,
-                COALESCE(sum(cost_usd / $7) FILTER (WHERE batch_id IS NOT NULL), 0) AS realtime_equivalent_usd,
-                COALESCE(sum(cost_usd / $7 - cost_usd) FILTER (WHERE batch_id IS NOT NULL), 0) AS saved_usd
-         FROM calls WHERE {} GROUP BY 1 ORDER BY 1",
-        on_calls()
+        "SELECT {key} AS key, sum(calls)::int8 AS calls,
+                COALESCE(sum(calls) FILTER (WHERE batched), 0)::int8 AS batched_calls,
+                COALESCE(sum(calls) FILTER (WHERE batched), 0)::float8 / sum(calls)::float8
+                    AS batched_share,
+                COALESCE(sum(cost_usd) FILTER (WHERE batched), 0) AS batched_cost_usd,
+                COALESCE(sum(cost_usd) FILTER (WHERE batched), 0) / $7 AS realtime_equivalent_usd,
+                COALESCE(sum(cost_usd) FILTER (WHERE batched), 0) / $7
+                    - COALESCE(sum(cost_usd) FILTER (WHERE batched), 0) AS saved_usd
+         FROM {} GROUP BY 1 HAVING sum(calls) > 0 ORDER BY 1",
+        calls_src(false)
     );
     let rows: Vec<BatchLine> = bind_scope!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), p)
         .bind(crate::pricing::BATCH_DISCOUNT)

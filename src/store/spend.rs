@@ -20,14 +20,15 @@ pub struct Spend {
 /// category missing from the map has spent nothing).
 pub async fn by_category(pool: &PgPool, categories: &[String]) -> Result<HashMap<String, Spend>> {
     let rows: Vec<(String, Decimal, Decimal)> = sqlx::query_as(
+        // From the hourly rollups: UTC days and months are whole hours.
         "SELECT category,
                 COALESCE(sum(cost_usd) FILTER (
-                    WHERE created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'), 0),
+                    WHERE hour >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'), 0),
                 COALESCE(sum(cost_usd), 0)
-         FROM calls
+         FROM call_rollups
          WHERE category = ANY($1)
-           AND created_at >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-         GROUP BY category",
+           AND hour >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+         GROUP BY category HAVING sum(calls) > 0",
     )
     .bind(categories)
     .fetch_all(pool)

@@ -35,7 +35,7 @@ pub async fn jobs_today(pool: &PgPool) -> Result<Vec<(String, i64)>> {
     // Constant SQL: the format! only joins the constant above.
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT status, count(*)::int8 FROM jobs
-         WHERE (created_at AT TIME ZONE 'UTC')::date = {TODAY} GROUP BY 1 ORDER BY 1"
+         WHERE created_at >= {TODAY}::timestamp AT TIME ZONE 'UTC' GROUP BY 1 ORDER BY 1"
     )))
     .fetch_all(pool)
     .await?)
@@ -49,11 +49,13 @@ pub struct ModelSpend {
     pub cost_usd: Decimal,
 }
 
-/// Today's (UTC) calls and USD by model, the most expensive first.
+/// Today's (UTC) calls and USD by model, the most expensive first (from
+/// the hourly rollups: a UTC day is whole hours).
 pub async fn spend_today(pool: &PgPool) -> Result<Vec<ModelSpend>> {
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT model, count(*)::int8 AS calls, sum(cost_usd) AS cost_usd FROM calls
-         WHERE (created_at AT TIME ZONE 'UTC')::date = {TODAY} GROUP BY 1 ORDER BY 3 DESC"
+        "SELECT model, sum(calls)::int8 AS calls, sum(cost_usd) AS cost_usd FROM call_rollups
+         WHERE hour >= {TODAY}::timestamp AT TIME ZONE 'UTC'
+         GROUP BY 1 HAVING sum(calls) > 0 ORDER BY 3 DESC"
     )))
     .fetch_all(pool)
     .await?)
@@ -69,11 +71,17 @@ pub struct ModelCallErrors {
 
 /// The last hour's calls and errors (retryable or terminal) by model.
 pub async fn errors_last_hour(pool: &PgPool) -> Result<Vec<ModelCallErrors>> {
-    Ok(sqlx::query_as(
-        "SELECT model, count(*)::int8 AS calls,
-                count(*) FILTER (WHERE outcome IN ('retryable_error', 'terminal_error'))::int8 AS errors
-         FROM calls WHERE created_at > now() - interval '1 hour' GROUP BY 1 ORDER BY 1",
-    )
-    .fetch_all(pool)
-    .await?)
+    let scope = super::report::Scope {
+        since: super::report::TimeBound::Ago(60, super::report::TimeUnit::Minutes),
+        ..Default::default()
+    };
+    Ok(super::report::errors_by_model(pool, &scope)
+        .await?
+        .into_iter()
+        .map(|(model, calls, errors)| ModelCallErrors {
+            model,
+            calls,
+            errors,
+        })
+        .collect())
 }

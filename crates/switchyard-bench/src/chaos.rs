@@ -73,6 +73,9 @@ pub struct ChaosFigures {
     /// Terminal jobs that ended in no recorded way (succeeded without a
     /// result, dead without a dead letter).
     pub inconsistent: usize,
+    /// Rollup keys where `call_rollups` differs from the calls (each side
+    /// counted), and categories whose job counts differ: 0 when exact.
+    pub rollup_mismatches: usize,
     /// Worker processes killed with SIGKILL (and restarted).
     pub kills: usize,
     /// Worker processes that exited by themselves (say, started while a
@@ -546,6 +549,7 @@ pub(crate) async fn reconcile_into(
     )
     .fetch_one(pool)
     .await? as usize;
+    f.rollup_mismatches = switchyard::store::rollups::mismatches(pool).await?.len();
     f.answered = rec.answered;
     f.unrecorded_calls = rec.unrecorded;
     f.phantom_calls = rec.phantom;
@@ -584,6 +588,7 @@ impl ChaosFigures {
             && self.unrecorded_calls == 0
             && self.phantom_calls == 0
             && self.inconsistent == 0
+            && self.rollup_mismatches == 0
             && self.batch_unrecorded == 0
             && self.batch_phantom == 0
     }

@@ -1,4 +1,3 @@
-++ b/scripts/explain-scale.sh
 #!/usr/bin/env bash
 # The analysts' queries at scale: fill a scratch database with ROWS `calls`
 # rows (90 days, 4 categories, 7 models; ROWS*2/5 jobs, 90% with a result),

@@ -201,14 +201,16 @@ impl Lane {
                     delivered: i.delivered,
                     subject: msg.subject.to_string(),
                 };
-                self.step.step(&d, &msg.payload, &msg, ticket).await
+                // Boxed, like the step's parts below: a task holds only what
+                // its current phase needs (see `LaneStep::step_call`).
+                Box::pin(self.step.step(&d, &msg.payload, &msg, ticket)).await
             }
             Err(e) => {
                 warn!(lane = %self.step.name, error = %e, "call message without JetStream metadata; dropping");
                 Settlement::Ack
             }
         };
-        self.settler.settle(&msg, settlement).await;
+        Box::pin(self.settler.settle(&msg, settlement)).await;
     }
 }
 
@@ -361,11 +363,15 @@ impl LaneStep {
         let span = info_span!("call", job_id = %call.job_id, category = %call.category,
                               provider = %self.name, model = %call.model, delivery = attempt,
                               attempt = tracing::field::Empty);
-        self.step_call(hold, call, attempt, ticket)
-            .instrument(span)
-            .await
+        Box::pin(self.step_call(hold, call, attempt, ticket).instrument(span)).await
     }
 
+    /// The sub-futures awaited here (and in [`Self::claim`]) are boxed: a
+    /// future is as large as its largest state, and a lane holds up to
+    /// `max_in_flight` tasks, half of them waiting for admission, so inline
+    /// they would all carry the provider call's, the commits' and the
+    /// database reads' states (18 KB per task; issue 18's RSS target). Boxed,
+    /// each part is allocated only while it runs.
     async fn step_call<H: Hold>(
         &self,
         hold: &H,
@@ -386,7 +392,7 @@ impl LaneStep {
                 break;
             }
             debug!("this step is already being handled here; the redelivery waits for it");
-            hold.progress().await;
+            Box::pin(hold.progress()).await;
             tokio::select! {
                 _ = self.token.cancelled() => return Settlement::Leave,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -394,7 +400,7 @@ impl LaneStep {
         }
         let _in_hand = InHand(self, key);
         if let Some(result) = &call.batch_result {
-            return self.batch_result(hold, &call, result).await;
+            return Box::pin(self.batch_result(hold, &call, result)).await;
         }
         // Whether the job is finished or the step recorded is read first,
         // except on a single-call job's first delivery without a response
@@ -405,11 +411,11 @@ impl LaneStep {
         let look_first =
             attempt > 1 || call.plan.records_steps() || self.cfg.cache_of(&call.category).is_some();
         if look_first {
-            if let Some(s) = self.done_already(hold, &call).await {
+            if let Some(s) = Box::pin(self.done_already(hold, &call)).await {
                 return s;
             }
         }
-        if let Some(s) = self.expired(&call).await {
+        if let Some(s) = Box::pin(self.expired(&call)).await {
             return s;
         }
         let Some(model) = self.cfg.models.get(&call.model) else {
@@ -420,9 +426,7 @@ impl LaneStep {
                 output: None,
                 reason: Some(format!("model `{}` is not in the config", call.model)),
             };
-            return self
-                .after_step(hold, &call, Some(record), Vec::new(), None)
-                .await;
+            return Box::pin(self.after_step(hold, &call, Some(record), Vec::new(), None)).await;
         };
         let prices = model.prices();
         let mut req = call.request(&self.cfg);
@@ -433,10 +437,9 @@ impl LaneStep {
         let cache = self.cache_key(&call, &req);
         let mut cache_claimed = false;
         if let Some((key, cc)) = &cache {
-            match self.look_up(hold, &call, key, cc).await {
+            match Box::pin(self.look_up(hold, &call, key, cc)).await {
                 Ok(Looked::Hit(entry)) => {
-                    return self
-                        .answer_from_cache(hold, &call, attempt, prices, entry)
+                    return Box::pin(self.answer_from_cache(hold, &call, attempt, prices, entry))
                         .await
                 }
                 Ok(Looked::Call { claimed }) => cache_claimed = claimed,
@@ -449,10 +452,11 @@ impl LaneStep {
         // The call's cost record, filled in as it goes.
         let row = self.cost_row(&call, attempt, prices, None);
         let waiting_since = Instant::now();
-        let (admission, attempt) = match self.claim(hold, &call, estimate, &row, ticket).await {
-            Ok(claimed) => claimed,
-            Err(settled) => return settled,
-        };
+        let (admission, attempt) =
+            match Box::pin(self.claim(hold, &call, estimate, &row, ticket)).await {
+                Ok(claimed) => claimed,
+                Err(settled) => return settled,
+            };
         let m = crate::metrics::global();
         m.observe(
             "switchyard_limiter_wait_seconds",
@@ -463,13 +467,13 @@ impl LaneStep {
         let row = CallRow { attempt, ..row };
         req.tag = Some(crate::ids::call_tag(&call.job_id, call.step, attempt));
 
-        let (mut row, outcome, response) = self.call_provider(&req, row, admission).await;
+        let (mut row, outcome, response) = Box::pin(self.call_provider(&req, row, admission)).await;
         self.count_call(&row, row.http_status == Some(429));
         let record = match route::decide(&self.cfg.retry, attempt as u32, &outcome, fastrand::f64())
         {
             Action::Retry { delay } => {
                 if cache_claimed {
-                    self.release_cache(cache.as_ref()).await;
+                    Box::pin(self.release_cache(cache.as_ref())).await;
                 }
                 let rows = vec![
                     Row::Call(row),
@@ -501,12 +505,11 @@ impl LaneStep {
             },
         };
         if record.outcome == StepOutcome::Ok {
-            self.fill_cache(cache.as_ref(), &call, &record, &row).await;
+            Box::pin(self.fill_cache(cache.as_ref(), &call, &record, &row)).await;
         } else if cache_claimed {
-            self.release_cache(cache.as_ref()).await;
+            Box::pin(self.release_cache(cache.as_ref())).await;
         }
-        self.after_step(hold, &call, Some(record), Vec::new(), Some(row))
-            .await
+        Box::pin(self.after_step(hold, &call, Some(record), Vec::new(), Some(row))).await
     }
 
     /// The cache key of this call and its category's cache settings, when
@@ -913,10 +916,13 @@ impl LaneStep {
                 .plan
                 .max_wait()
                 .filter(|_| call.plan.may_skip(call.step));
-            if let Err(wait) = self
-                .limiter
-                .claim(&call.model, estimate, u64::from(call.max_tokens), max_wait)
-                .await
+            if let Err(wait) = Box::pin(self.limiter.claim(
+                &call.model,
+                estimate,
+                u64::from(call.max_tokens),
+                max_wait,
+            ))
+            .await
             {
                 let record = StepRecord {
                     step: call.step,
@@ -930,32 +936,33 @@ impl LaneStep {
                         max_wait.unwrap_or_default().as_secs_f64()
                     )),
                 };
-                return Err(self
-                    .after_step(hold, call, Some(record), Vec::new(), None)
-                    .await);
+                return Err(
+                    Box::pin(self.after_step(hold, call, Some(record), Vec::new(), None)).await,
+                );
             }
 
             // Wait for the limiter, telling JetStream we are still working, and
             // giving the message back at once if the worker is stopping.
             let admission = {
-                let admit = self
-                    .limiter
-                    .admit(&call.model, estimate, u64::from(call.max_tokens));
-                tokio::pin!(admit);
+                let mut admit = Box::pin(self.limiter.admit(
+                    &call.model,
+                    estimate,
+                    u64::from(call.max_tokens),
+                ));
                 let mut tick = tokio::time::interval(self.cfg.ack_wait() / 3);
                 tick.tick().await;
                 loop {
                     tokio::select! {
                         a = &mut admit => break a,
                         _ = self.token.cancelled() => return Err(Settlement::Nak(None)),
-                        _ = tick.tick() => hold.progress().await,
+                        _ = tick.tick() => Box::pin(hold.progress()).await,
                     }
                 }
             };
             drop(ticket.take()); // admitted: no longer waiting
                                  // It may have waited here past its job's `expires_at`.
-            if let Some(s) = self.expired(call).await {
-                self.limiter.settle(admission, Some((0, 0))).await;
+            if let Some(s) = Box::pin(self.expired(call)).await {
+                Box::pin(self.limiter.settle(admission, Some((0, 0)))).await;
                 return Err(s);
             }
 
@@ -975,14 +982,14 @@ impl LaneStep {
                 },
                 busy_for: self.provider_timeout + BUSY_MARGIN,
             };
-            match self.commit(hold, vec![intent]).await {
+            match Box::pin(self.commit(hold, vec![intent])).await {
                 Ok(c) => {
                     if let Some(a) = c.attempts.get(&(call.job_id.clone(), call.step)) {
                         return Ok((admission, *a));
                     }
                 }
                 Err(e) => {
-                    self.limiter.settle(admission, Some((0, 0))).await;
+                    Box::pin(self.limiter.settle(admission, Some((0, 0)))).await;
                     return Err(Settlement::failed(&e));
                 }
             }
@@ -991,12 +998,12 @@ impl LaneStep {
             // wait ran out while it waited here, and JetStream delivered it
             // again): hold it until that call is recorded (or its intent is
             // too old to be alive), then look again.
-            self.limiter.settle(admission, Some((0, 0))).await;
-            if let Some(s) = self.done_already(hold, call).await {
+            Box::pin(self.limiter.settle(admission, Some((0, 0)))).await;
+            if let Some(s) = Box::pin(self.done_already(hold, call)).await {
                 return Err(s);
             }
             debug!("step being called elsewhere; holding the message");
-            hold.progress().await;
+            Box::pin(hold.progress()).await;
             tokio::select! {
                 _ = self.token.cancelled() => return Err(Settlement::Nak(None)),
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}

@@ -33,10 +33,10 @@ pub mod throughput;
 use std::path::PathBuf;
 
 /// The `switchyard` binary whose `worker` subcommand the multi-process modes
-/// start: `SWITCHYARD_BIN` if set, else the one built beside this program
+/// start: `BENCH_SWITCHYARD_BIN` if set, else the one built beside this program
 /// (for a test binary in `target/<profile>/deps/`, the one a level up).
 pub fn switchyard_exe() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("SWITCHYARD_BIN") {
+    if let Some(p) = std::env::var_os("BENCH_SWITCHYARD_BIN") {
         return Ok(PathBuf::from(p));
     }
     let me = std::env::current_exe()?;
@@ -51,7 +51,7 @@ pub fn switchyard_exe() -> anyhow::Result<PathBuf> {
         return Ok(candidate);
     }
     anyhow::bail!(
-        "cannot find the switchyard binary beside {}: build it (cargo build --release) or set SWITCHYARD_BIN",
+        "cannot find the switchyard binary beside {}: build it (cargo build --release) or set BENCH_SWITCHYARD_BIN",
         me.display()
     )
 }

@@ -42,6 +42,7 @@ pub mod enqueue;
 pub mod envelope;
 pub mod ids;
 pub mod limits;
+pub mod memory;
 pub(crate) mod metrics;
 pub mod ops;
 pub mod pipeline;

@@ -177,6 +177,9 @@ pub async fn start(
     // One view of the budgets' spend for the dispatcher and the lanes.
     let book = Arc::new(crate::limits::budget::Book::new(&cfg, pool.clone()));
 
+    // Freed heap goes back to the system, so a burst's RSS does not stay.
+    tracker.spawn(crate::memory::trim_periodically(token.clone()));
+
     // Messages JetStream gave up on become dead letters.
     tracker.spawn(crate::pipeline::poison::run(
         bus.clone(),

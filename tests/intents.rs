@@ -136,4 +136,10 @@ async fn writes_arriving_during_a_commit_share_the_next_one() {
         "{n} concurrent writes took {transactions} transactions: rows queued during a commit \
          should have joined the next one"
     );
+    drop(w);
+    assert!(
+        tasks.stop(Duration::from_secs(10)).await,
+        "the writer stops"
+    );
+    env.cleanup().await;
 }

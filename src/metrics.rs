@@ -114,18 +114,20 @@ fn key_hash(name: &str, l: &[(&'static str, &str)]) -> u64 {
     h.finish()
 }
 
+/// Whether a stored series' key is `name` with labels `l` (same order).
+fn is_key((n, ls): &Key, name: &str, l: &[(&'static str, &str)]) -> bool {
+    *n == name
+        && ls.len() == l.len()
+        && ls
+            .iter()
+            .zip(l)
+            .all(|((k, v), (k2, v2))| k == k2 && v == v2)
+}
+
 impl<T: Default> Series<T> {
     fn entry(&mut self, name: &'static str, l: &[(&'static str, &str)]) -> &mut T {
         let bucket = self.by_hash.entry(key_hash(name, l)).or_default();
-        let same = |(n, ls): &Key| {
-            *n == name
-                && ls.len() == l.len()
-                && ls
-                    .iter()
-                    .zip(l)
-                    .all(|((k, v), (k2, v2))| k == k2 && v == v2)
-        };
-        let i = match bucket.iter().position(|(key, _)| same(key)) {
+        let i = match bucket.iter().position(|(key, _)| is_key(key, name, l)) {
             Some(i) => i,
             None => {
                 bucket.push(((name, labels(l)), T::default()));
@@ -140,15 +142,7 @@ impl<T: Default> Series<T> {
         self.by_hash
             .get(&key_hash(name, l))?
             .iter()
-            .find_map(|((n, ls), t)| {
-                (*n == name
-                    && ls.len() == l.len()
-                    && ls
-                        .iter()
-                        .zip(l)
-                        .all(|((k, v), (k2, v2))| k == k2 && v == v2))
-                .then_some(t)
-            })
+            .find_map(|(key, t)| is_key(key, name, l).then_some(t))
     }
 
     /// The series of `name`, in label order.

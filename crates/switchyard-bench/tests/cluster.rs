@@ -111,9 +111,26 @@ async fn replicas_move_existing_streams_and_a_single_server_refuses_three() {
         }
     };
     assert_eq!(replicas(bus.names.jobs_stream()).await, (1, 1));
+    // The meta leader took the R1 streams before every peer had joined
+    // it: until the third has, placing three replicas is refused ("no
+    // suitable peers", seen once in CI). Retry until the cluster is whole.
     cfg.nats.replicas = 3;
-    bus.ensure_streams(&cfg).await.unwrap();
-    open_store_with(&bus.js, "rep", Some(3)).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let moved = async {
+            bus.ensure_streams(&cfg).await?;
+            open_store_with(&bus.js, "rep", Some(3)).await
+        }
+        .await;
+        match moved {
+            Ok(_) => break,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "the cluster never took three replicas: {e:#}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     assert_eq!(
         replicas(bus.names.jobs_stream()).await,
         (3, 1),

@@ -6,10 +6,7 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::TestEnv;
-use switchyard::enqueue::{publish_jobs, wait_finished};
 use switchyard::sim::SimProfile;
 use switchyard::store::report::{self, Scope};
 
@@ -63,29 +60,12 @@ async fn assert_exact(env: &TestEnv, when: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollups_equal_the_calls_after_real_jobs_and_a_prune() {
-    let mut profile = SimProfile {
-        error_rate: 0.2,
-        cached_share: 0.3,
+    let extra = SimProfile {
         cache_write_share: 0.1,
         reasoning_tokens: 7,
-        jitter_ms: 20,
-        agreement: 0.7,
         ..Default::default()
     };
-    // Haiku fails a third of its calls for good: support falls back to Sonnet.
-    profile.model_errors.insert("claude-haiku-4-5".into(), 0.3);
-    let env = TestEnv::new(profile).await;
-    let worker = env.start_worker(env.config()).await;
-    let js = common::jobs("ru", 60);
-    publish_jobs(&env.bus, &js, None).await.unwrap();
-    let ids: Vec<String> = js.iter().map(|j| j.id.clone()).collect();
-    assert!(
-        wait_finished(&env.pool, &ids, Duration::from_secs(90), None)
-            .await
-            .unwrap(),
-        "jobs finished"
-    );
-    assert!(worker.shutdown().await);
+    let (env, _) = common::mixed_run("ru", 60, extra).await;
 
     // What ran is what this test is about: retries, fallbacks, several
     // steps per job, answered calls with latency.

@@ -180,6 +180,13 @@ pub async fn start(
     // Freed heap goes back to the system, so a burst's RSS does not stay.
     tracker.spawn(crate::memory::trim_periodically(token.clone()));
 
+    // Settled hours of jobs go into the job rollups (one roller at a time
+    // across the fleet: an advisory lock).
+    tracker.spawn(crate::store::job_rollups::roll_periodically(
+        pool.clone(),
+        token.clone(),
+    ));
+
     // Messages JetStream gave up on become dead letters.
     tracker.spawn(crate::pipeline::poison::run(
         bus.clone(),

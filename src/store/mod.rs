@@ -29,6 +29,7 @@ pub mod client_batches;
 pub mod dlq;
 mod error;
 pub mod feedback;
+pub mod job_rollups;
 pub mod jobs;
 pub mod prices;
 pub mod report;
@@ -82,7 +83,12 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPo
     let shown = crate::secrets::redact_url(url);
     let mut opts = PgConnectOptions::from_str(url)
         .map_err(|e| anyhow::anyhow!("invalid DATABASE_URL {shown}: {e}"))?
-        .log_statements(tracing::log::LevelFilter::Trace);
+        .log_statements(tracing::log::LevelFilter::Trace)
+        // Every query here walks indexes and rollups. Postgres's JIT
+        // (`jit_above_cost`) triggers on cost estimates inflated by empty
+        // or unanalyzed tables (job_rollup_dirty) and spends 100-200 ms
+        // compiling what then runs in a few: off for this pool.
+        .options([("jit", "off")]);
     if plain_on_loopback(url, std::env::var_os("PGSSLMODE").is_some()) {
         opts = opts.ssl_mode(sqlx::postgres::PgSslMode::Disable);
     }

@@ -14,8 +14,8 @@ use sqlx::PgPool;
 use super::{like_pattern, JobStatus, Like};
 use crate::pricing::Prices;
 
-/// Which rows a report covers. Jobs count by their creation time, calls by
-/// theirs, results by theirs.
+/// Which rows a report covers. Jobs (with their results, routes and cost
+/// split) count by the jobs' creation time, calls by theirs.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Scope {
     /// Only jobs whose id starts with this (matched literally).
@@ -196,6 +196,90 @@ fn calls_src(hist: bool) -> String {
     )
 }
 
+/// The per-job sums one [`jobs_src`] row holds, over `job_costs jc LEFT
+/// JOIN results r`, in the order of `job_rollups`' columns (migration 0024).
+const JOB_SUMS: &str = "count(*), count(*) FILTER (WHERE jc.fell_back),
+     count(*) FILTER (WHERE jc.reviewed), sum(jc.calls), sum(jc.cost_usd), sum(jc.answer_cost_usd),
+     sum(jc.retries_cost_usd), sum(jc.classifier_cost_usd), sum(jc.fallback_cost_usd),
+     sum(jc.stages_cost_usd), sum(jc.voters_cost_usd), sum(jc.judge_cost_usd),
+     sum(jc.first_uncached_input_tokens), sum(jc.first_cached_input_tokens),
+     sum(jc.answer_output_tokens), count(r.latency_ms), COALESCE(sum(r.latency_ms), 0)";
+
+/// The scope's jobs (by creation time) as job rollup rows without the hour,
+/// from `$1`-`$6`: `job_rollups` for the whole UTC hours inside the window
+/// that the roller has rolled and nothing has changed since, and
+/// `job_costs` aggregated the same way for the rest (the window's partial
+/// hours, hours not rolled yet, hours marked dirty, or everything when a
+/// job prefix is given). So every figure is exact whatever the roller has
+/// done; see [`super::job_rollups`]. Columns: `category`, `variant`,
+/// `route`, `status`, `outcome`, `answered_by` ('' without a result),
+/// `jobs`, `fell_back`, `reviewed`, `calls`, `cost_usd`,
+/// `answer_cost_usd`, `retries_cost_usd`, `classifier_cost_usd`,
+/// `fallback_cost_usd`, `stages_cost_usd`, `voters_cost_usd`,
+/// `judge_cost_usd`, `first_uncached_input_tokens`,
+/// `first_cached_input_tokens`, `answer_output_tokens`, `latency_jobs`,
+/// `latency_sum_ms`.
+fn jobs_src() -> String {
+    let raw = |from: &str, range: &str| {
+        format!(
+            "SELECT jc.category, jc.variant, jc.route, jc.status, jc.outcome,
+                    COALESCE(jc.answered_by, ''), {JOB_SUMS}
+             FROM {from} LEFT JOIN results r ON r.job_id = jc.job_id
+             WHERE jc.job_id LIKE $1 AND {range}
+               AND ($6::text IS NULL OR jc.category = $6)
+             GROUP BY 1, 2, 3, 4, 5, 6"
+        )
+    };
+    format!(
+        "(WITH b AS (
+             SELECT s, u, lo, hi, LEAST(hi, wm) AS rhi
+             FROM (SELECT s, u,
+                          CASE WHEN $1 <> '%' THEN 'infinity'::timestamptz
+                               WHEN rollup_hour(s) = s THEN s
+                               ELSE rollup_hour(s) + interval '1 hour' END AS lo,
+                          CASE WHEN $1 <> '%' THEN 'infinity'::timestamptz
+                               ELSE rollup_hour(u) END AS hi,
+                          COALESCE((SELECT rolled_until FROM job_rollup_state),
+                                   '-infinity'::timestamptz) AS wm
+                   FROM (SELECT COALESCE($2::timestamptz, now() - $3::interval,
+                                         '-infinity'::timestamptz) AS s,
+                                COALESCE($4::timestamptz, now() - $5::interval,
+                                         'infinity'::timestamptz) AS u) t) t2)
+         SELECT j.category, j.variant, j.route, j.status, j.outcome, j.answered_by, j.jobs,
+                j.fell_back, j.reviewed, j.calls, j.cost_usd, j.answer_cost_usd,
+                j.retries_cost_usd, j.classifier_cost_usd, j.fallback_cost_usd,
+                j.stages_cost_usd, j.voters_cost_usd, j.judge_cost_usd,
+                j.first_uncached_input_tokens, j.first_cached_input_tokens,
+                j.answer_output_tokens, j.latency_jobs, j.latency_sum_ms
+         FROM job_rollups j
+         WHERE j.hour >= (SELECT lo FROM b) AND j.hour < (SELECT rhi FROM b)
+           AND NOT EXISTS (SELECT 1 FROM job_rollup_dirty d WHERE d.hour = j.hour)
+           AND ($6::text IS NULL OR j.category = $6)
+         UNION ALL {}
+         UNION ALL {}
+         UNION ALL {}
+        ) AS jsrc(category, variant, route, status, outcome, answered_by, jobs, fell_back,
+                  reviewed, calls, cost_usd, answer_cost_usd, retries_cost_usd,
+                  classifier_cost_usd, fallback_cost_usd, stages_cost_usd, voters_cost_usd,
+                  judge_cost_usd, first_uncached_input_tokens, first_cached_input_tokens,
+                  answer_output_tokens, latency_jobs, latency_sum_ms)",
+        raw(
+            "job_costs jc",
+            "jc.created_at >= (SELECT s FROM b) AND jc.created_at < (SELECT LEAST(lo, u) FROM b)"
+        ),
+        raw(
+            "job_costs jc",
+            "jc.created_at >= (SELECT GREATEST(rhi, lo, s) FROM b)
+             AND jc.created_at < (SELECT u FROM b)"
+        ),
+        raw(
+            "job_rollup_dirty d JOIN job_costs jc
+                 ON jc.created_at >= d.hour AND jc.created_at < d.hour + interval '1 hour'",
+            "d.hour >= (SELECT lo FROM b) AND d.hour < (SELECT rhi FROM b)"
+        ),
+    )
+}
+
 macro_rules! bind_scope {
     ($q:expr, $p:expr) => {
         $q.bind(&$p.like)
@@ -221,8 +305,8 @@ pub async fn jobs_by_status(pool: &PgPool, scope: &Scope) -> Result<Vec<StatusCo
     // constants and column expressions; input goes in bound parameters.
     let rows: Vec<(String, i64)> = bind_scope!(
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT status, count(*)::int8 FROM jobs WHERE {} GROUP BY status ORDER BY status",
-            cond("id", "created_at", "category")
+            "SELECT status, sum(jobs)::int8 FROM {} GROUP BY status ORDER BY status",
+            jobs_src()
         ))),
         p
     )
@@ -376,26 +460,19 @@ pub async fn routes(pool: &PgPool, scope: &Scope) -> Result<Vec<RouteLine>> {
     );
     let p = Params::from(scope);
     let sql = format!(
-        "SELECT j.category, COALESCE(j.variant, '-'), COALESCE(j.route_decision->>'kind', 'single'),
-                count(*)::int8,
-                count(*) FILTER (WHERE j.status = $7)::int8,
-                count(*) FILTER (WHERE j.status = ANY($8::text[]))::int8,
-                count(*) FILTER (WHERE j.status = $9 OR j.route_decision ? 'review')::int8,
-                count(*) FILTER (WHERE j.route_decision->>'kind' = 'fallback'
-                                   AND EXISTS (SELECT 1 FROM steps s WHERE s.job_id = j.id AND s.step > 0))::int8,
-                COALESCE(round(sum(COALESCE(c.cost, 0)) / count(*), 8), 0),
-                avg(r.latency_ms)::float8
-         FROM jobs j
-         LEFT JOIN results r ON r.job_id = j.id
-         LEFT JOIN LATERAL (SELECT sum(cost_usd) AS cost FROM calls WHERE calls.job_id = j.id) c ON true
-         WHERE {} AND j.status <> $10
-         GROUP BY 1, 2, 3 ORDER BY 1, 2",
-        cond("j.id", "j.created_at", "j.category")
+        "SELECT category, variant, route, sum(jobs)::int8,
+                COALESCE(sum(jobs) FILTER (WHERE status = $7), 0)::int8,
+                COALESCE(sum(jobs) FILTER (WHERE status = ANY($8::text[])), 0)::int8,
+                sum(reviewed)::int8, sum(fell_back)::int8,
+                COALESCE(round(sum(cost_usd) / sum(jobs), 8), 0),
+                (sum(latency_sum_ms) / NULLIF(sum(latency_jobs), 0))::float8
+         FROM {} WHERE status <> $9
+         GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        jobs_src()
     );
     let rows: Vec<RouteTuple> = bind_scope!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), p)
         .bind(JobStatus::Succeeded.as_str())
         .bind(vec![JobStatus::Failed.as_str(), JobStatus::Dead.as_str()])
-        .bind(JobStatus::NeedsReview.as_str())
         .bind(JobStatus::Dead.as_str())
         .fetch_all(pool)
         .await?;
@@ -431,11 +508,10 @@ pub async fn served_by(pool: &PgPool, scope: &Scope) -> Result<Vec<ServedBy>> {
     let p = Params::from(scope);
     let rows: Vec<(String, String, i64, f64)> = bind_scope!(
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT j.category, r.model, count(*)::int8,
-                    (count(*)::float8 / sum(count(*)) OVER (PARTITION BY j.category))::float8
-             FROM results r JOIN jobs j ON j.id = r.job_id
-             WHERE {} GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2",
-            cond("j.id", "r.created_at", "j.category")
+            "SELECT category, answered_by, sum(jobs)::int8,
+                    (sum(jobs)::float8 / sum(sum(jobs)) OVER (PARTITION BY category))::float8
+             FROM {} WHERE outcome <> 'no_result' GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2",
+            jobs_src()
         ))),
         p
     )
@@ -662,22 +738,19 @@ pub async fn job_costs_by_category(pool: &PgPool, scope: &Scope) -> Result<Vec<C
     let answered = "FILTER (WHERE outcome = 'answered')";
     let total = |col: &str, filter: &str| format!("COALESCE(sum({col}) {filter}, 0)");
     let sql = format!(
-        "SELECT category, count(*)::int8 AS jobs,
-                count(*) {answered}::int8 AS answered,
+        "SELECT category, sum(jobs)::int8 AS jobs,
+                {}::int8 AS answered,
                 {} AS actual_cost_usd, {} AS answer_cost_usd,
                 {} AS retries_usd, {} AS classifier_usd, {} AS fallback_usd,
                 {} AS stages_usd, {} AS voters_usd, {} AS judge_usd,
                 {}::int8 AS uncached_input_tokens, {}::int8 AS cached_input_tokens,
                 {}::int8 AS output_tokens,
-                count(*) FILTER (WHERE outcome = 'person')::int8 AS person_jobs,
-                {} AS person_cost_usd,
-                count(*) FILTER (WHERE outcome = 'no_result')::int8 AS no_result_jobs,
-                {} AS no_result_cost_usd,
-                count(*) FILTER (WHERE fell_back)::int8 AS fell_back,
-                count(*) FILTER (WHERE reviewed)::int8 AS reviewed,
-                COALESCE(sum(ratings), 0)::int8 AS ratings,
-                COALESCE(sum(score_sum), 0)::int8 AS score_sum
-         FROM job_costs WHERE {} GROUP BY category ORDER BY category",
+                {}::int8 AS person_jobs, {} AS person_cost_usd,
+                {}::int8 AS no_result_jobs, {} AS no_result_cost_usd,
+                sum(fell_back)::int8 AS fell_back, sum(reviewed)::int8 AS reviewed,
+                0::int8 AS ratings, 0::int8 AS score_sum
+         FROM {} GROUP BY category ORDER BY category",
+        total("jobs", answered),
         total("cost_usd", answered),
         total("answer_cost_usd", answered),
         total("retries_cost_usd", answered),
@@ -689,16 +762,36 @@ pub async fn job_costs_by_category(pool: &PgPool, scope: &Scope) -> Result<Vec<C
         total("first_uncached_input_tokens", answered),
         total("first_cached_input_tokens", answered),
         total("answer_output_tokens", answered),
+        total("jobs", "FILTER (WHERE outcome = 'person')"),
         total("cost_usd", "FILTER (WHERE outcome = 'person')"),
+        total("jobs", "FILTER (WHERE outcome = 'no_result')"),
         total("cost_usd", "FILTER (WHERE outcome = 'no_result')"),
-        cond("job_id", "created_at", "category")
+        jobs_src()
     );
-    Ok(bind_scope!(
+    let mut lines = bind_scope!(
         sqlx::query_as::<_, CategoryCosts>(sqlx::AssertSqlSafe(sql)),
         p
     )
     .fetch_all(pool)
-    .await?)
+    .await?;
+    // Ratings are not rolled up (they come late): counted from `feedback`.
+    let ratings: Vec<(String, i64, i64)> = bind_scope!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT j.category, count(*)::int8, COALESCE(sum(f.score), 0)::int8
+             FROM feedback f JOIN jobs j ON j.id = f.job_id WHERE {} GROUP BY 1",
+            cond("j.id", "j.created_at", "j.category")
+        ))),
+        p
+    )
+    .fetch_all(pool)
+    .await?;
+    for (category, n, score_sum) in ratings {
+        if let Some(l) = lines.iter_mut().find(|l| l.category == category) {
+            l.ratings = n;
+            l.score_sum = score_sum;
+        }
+    }
+    Ok(lines)
 }
 
 /// One category's calls answered from the response cache.

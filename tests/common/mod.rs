@@ -203,6 +203,38 @@ pub fn jobs(tag: &str, n: usize) -> Vec<Outgoing> {
         .collect()
 }
 
+/// A test database after `n` jobs tagged `tag` ran through a worker
+/// against a simulator that fails a fifth of its calls (Haiku a third, for
+/// good, so support falls back to Sonnet), caches and disagrees: retries,
+/// fallbacks, several steps per job. The worker is stopped; returns the
+/// environment and the jobs' ids.
+#[allow(dead_code)]
+pub async fn mixed_run(tag: &str, n: usize, extra: SimProfile) -> (TestEnv, Vec<String>) {
+    let mut profile = SimProfile {
+        error_rate: 0.2,
+        cached_share: 0.3,
+        jitter_ms: 20,
+        agreement: 0.7,
+        ..extra
+    };
+    profile.model_errors.insert("claude-haiku-4-5".into(), 0.3);
+    let env = TestEnv::new(profile).await;
+    let worker = env.start_worker(env.config()).await;
+    let js = jobs(tag, n);
+    switchyard::enqueue::publish_jobs(&env.bus, &js, None)
+        .await
+        .unwrap();
+    let ids: Vec<String> = js.iter().map(|j| j.id.clone()).collect();
+    assert!(
+        switchyard::enqueue::wait_finished(&env.pool, &ids, Duration::from_secs(90), None)
+            .await
+            .unwrap(),
+        "jobs finished"
+    );
+    assert!(worker.shutdown().await);
+    (env, ids)
+}
+
 /// Poll `cond` until it is true or `timeout` passes; panics with `what` on timeout.
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
 where

@@ -1,0 +1,168 @@
+//! Hourly job rollups (migration 0024) against the jobs they summarize:
+//! real jobs through the pipeline (fallbacks, pipelines, consensus, retried
+//! errors, reviews), moved a few hours back and rolled; then late changes
+//! to rolled hours (a status, a late call, a rating, retention) and a
+//! re-roll. After each, the report's per-job sections read through the
+//! rollups must equal the same sections read raw, and every rolled hour
+//! not marked dirty must equal a fresh aggregate.
+
+mod common;
+
+use common::TestEnv;
+use switchyard::sim::SimProfile;
+use switchyard::store::job_rollups;
+use switchyard::store::report::{self, Scope, TimeBound, TimeUnit};
+use tokio_util::sync::CancellationToken;
+
+/// Every per-job section of the report, rolled (no job prefix) and raw
+/// (the `jr-` prefix every job here has), over several windows: equal.
+async fn assert_exact(env: &TestEnv, when: &str) {
+    let diff = job_rollups::mismatches(&env.pool).await.unwrap();
+    assert!(diff.is_empty(), "job rollups differ {when}: {diff:#?}");
+    let windows = [
+        Scope::default(),
+        Scope {
+            since: TimeBound::Ago(4, TimeUnit::Hours),
+            ..Default::default()
+        },
+        Scope {
+            since: TimeBound::Ago(330, TimeUnit::Minutes),
+            until: TimeBound::Ago(150, TimeUnit::Minutes),
+            ..Default::default()
+        },
+        Scope {
+            category: Some("support".into()),
+            ..Default::default()
+        },
+    ];
+    for rolled in windows {
+        let raw = Scope {
+            job_prefix: Some("jr-".into()),
+            ..rolled.clone()
+        };
+        let w = format!("{when}, {rolled:?}");
+        assert_eq!(
+            report::jobs_by_status(&env.pool, &rolled).await.unwrap(),
+            report::jobs_by_status(&env.pool, &raw).await.unwrap(),
+            "jobs by status {w}"
+        );
+        assert_eq!(
+            report::routes(&env.pool, &rolled).await.unwrap(),
+            report::routes(&env.pool, &raw).await.unwrap(),
+            "routes {w}"
+        );
+        assert_eq!(
+            report::served_by(&env.pool, &rolled).await.unwrap(),
+            report::served_by(&env.pool, &raw).await.unwrap(),
+            "served by {w}"
+        );
+        assert_eq!(
+            report::job_costs_by_category(&env.pool, &rolled)
+                .await
+                .unwrap(),
+            report::job_costs_by_category(&env.pool, &raw)
+                .await
+                .unwrap(),
+            "cost split {w}"
+        );
+    }
+}
+
+async fn roll(env: &TestEnv) {
+    job_rollups::roll(&env.pool, 10_000, &CancellationToken::new())
+        .await
+        .unwrap();
+}
+
+/// The roller re-rolls a dirty hour once nothing has touched it for a
+/// minute: here the minute is set back instead of waited for.
+async fn quiet(env: &TestEnv) {
+    sqlx::query("UPDATE job_rollup_dirty SET touched_at = now() - interval '2 minutes'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+}
+
+/// Hours marked dirty.
+async fn dirty(env: &TestEnv) -> i64 {
+    env.count("SELECT count(*) FROM job_rollup_dirty").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_rollups_equal_the_jobs_through_late_changes_and_rerolls() {
+    let (env, ids) = common::mixed_run("jr", 60, SimProfile::default()).await;
+    // Several routes, outcomes and statuses: what the rollup keys split.
+    assert!(
+        env.count("SELECT count(DISTINCT route_decision->>'kind') FROM jobs")
+            .await
+            >= 3
+    );
+    assert!(env.count("SELECT count(*) FROM results").await > 0);
+
+    // Nothing is over an hour old yet: nothing rolls but the empty past.
+    roll(&env).await;
+    assert_eq!(env.count("SELECT count(*) FROM job_rollups").await, 0);
+
+    // The jobs move 3 to 5 hours back, into hours already rolled (empty):
+    // that marks them, and once quiet they are re-rolled.
+    sqlx::query(
+        "UPDATE jobs SET created_at = created_at - (3 + (hashtext(id) & 3) % 3) * interval '1 hour'
+                                                 - (hashtext(id) & 63) * interval '1 minute'",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    assert!(dirty(&env).await > 0, "moving old jobs marks their hours");
+    assert_exact(&env, "with the moved hours dirty").await;
+    quiet(&env).await;
+    roll(&env).await;
+    assert_eq!(dirty(&env).await, 0, "rolled hours are clean");
+    assert!(env.count("SELECT count(*) FROM job_rollups").await > 0);
+    let (until, _, _) = job_rollups::state(&env.pool).await.unwrap();
+    assert!(until.is_some());
+    assert_exact(&env, "after the first roll").await;
+
+    // A late status change, a late call and a rating on rolled jobs: their
+    // hours go dirty and are read raw until re-rolled.
+    sqlx::query(
+        "UPDATE jobs SET status = 'failed' WHERE id = (SELECT min(id) FROM jobs WHERE status = 'succeeded')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO calls (job_id, category, provider, model, step, attempt, input_tokens,
+                            output_tokens, cached_input_tokens, price_input_per_mtok,
+                            price_output_per_mtok, price_cached_input_per_mtok, cost_usd,
+                            latency_ms, outcome)
+         SELECT id, category, 'openai', 'gpt-4o', 7, 1, 100, 10, 0, 2.5, 10, 1.25, 0.00035, 120, 'ok'
+         FROM jobs WHERE id = (SELECT max(id) FROM jobs)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    switchyard::store::feedback::insert(&env.pool, &ids[1], 4, None)
+        .await
+        .unwrap();
+    assert!(dirty(&env).await > 0, "late changes mark their hours");
+    assert_exact(&env, "after late changes").await;
+
+    quiet(&env).await;
+    roll(&env).await;
+    assert_eq!(dirty(&env).await, 0);
+    assert_exact(&env, "after the re-roll").await;
+
+    // Retention deletes ended jobs with their rows: their hours go dirty,
+    // and re-rolled they hold only what is left.
+    let pruned = switchyard::store::retention::delete_jobs_older_than(&env.pool, 0, 25)
+        .await
+        .unwrap();
+    assert!(pruned.jobs > 0, "{pruned:?}");
+    assert!(dirty(&env).await > 0);
+    assert_exact(&env, "after a prune").await;
+    quiet(&env).await;
+    roll(&env).await;
+    assert_eq!(dirty(&env).await, 0);
+    assert_exact(&env, "after the prune's re-roll").await;
+    env.cleanup().await;
+}

@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS job_rollups (
     -- Results' enqueue-to-result latency: how many and their sum.
     latency_jobs                BIGINT NOT NULL,
     latency_sum_ms              NUMERIC NOT NULL,
+    -- Their histogram (migration 0022's buckets), for percentiles.
+    latency_hist                BIGINT[],
     PRIMARY KEY (hour, category, variant, route, status, outcome, answered_by)
 );
 
@@ -83,10 +85,14 @@ $$;
 -- Jobs deleted (retention): statement-level, the deleted rows at hand.
 CREATE OR REPLACE FUNCTION job_rollups_jobs_gone() RETURNS trigger
 LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM job_rollups_mark(ARRAY(
+DECLARE
+    hs TIMESTAMPTZ[] := ARRAY(
         SELECT DISTINCT rollup_hour(created_at) FROM changed
-        WHERE created_at < now() - interval '1 hour'));
+        WHERE created_at < now() - interval '1 hour');
+BEGIN
+    IF cardinality(hs) > 0 THEN
+        PERFORM job_rollups_mark(hs);
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -95,11 +101,15 @@ $$;
 -- the job's hour, if the job is over an hour old.
 CREATE OR REPLACE FUNCTION job_rollups_job_rows() RETURNS trigger
 LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM job_rollups_mark(ARRAY(
+DECLARE
+    hs TIMESTAMPTZ[] := ARRAY(
         SELECT DISTINCT rollup_hour(j.created_at)
         FROM (SELECT DISTINCT job_id FROM changed) c JOIN jobs j ON j.id = c.job_id
-        WHERE j.created_at < now() - interval '1 hour'));
+        WHERE j.created_at < now() - interval '1 hour');
+BEGIN
+    IF cardinality(hs) > 0 THEN
+        PERFORM job_rollups_mark(hs);
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -174,7 +184,8 @@ BEGIN
            sum(jc.classifier_cost_usd), sum(jc.fallback_cost_usd), sum(jc.stages_cost_usd),
            sum(jc.voters_cost_usd), sum(jc.judge_cost_usd), sum(jc.first_uncached_input_tokens),
            sum(jc.first_cached_input_tokens), sum(jc.answer_output_tokens),
-           count(r.latency_ms), COALESCE(sum(r.latency_ms), 0)
+           count(r.latency_ms), COALESCE(sum(r.latency_ms), 0),
+           latency_hist(CASE WHEN r.latency_ms IS NOT NULL THEN latency_bucket(r.latency_ms) END, 1)
     FROM job_costs jc LEFT JOIN results r ON r.job_id = jc.job_id
     WHERE jc.created_at >= h AND jc.created_at < h + interval '1 hour'
     GROUP BY 2, 3, 4, 5, 6, 7;
@@ -234,10 +245,172 @@ BEGIN
 END
 $$;
 
+-- Every job's figures per hour of creation, exact whatever the roller has
+-- done: rolled hours from `job_rollups`, the rest (hours not rolled yet,
+-- hours marked dirty) aggregated from `job_costs`. The views below read it.
+CREATE OR REPLACE VIEW job_figures AS
+WITH s AS (
+    SELECT COALESCE(rolled_until, '-infinity'::timestamptz) AS rolled_until FROM job_rollup_state
+)
+SELECT j.hour, j.category, j.variant, j.route, j.status, j.outcome, j.answered_by, j.jobs,
+       j.fell_back, j.reviewed, j.calls, j.cost_usd, j.answer_cost_usd, j.retries_cost_usd,
+       j.classifier_cost_usd, j.fallback_cost_usd, j.stages_cost_usd, j.voters_cost_usd,
+       j.judge_cost_usd, j.first_uncached_input_tokens, j.first_cached_input_tokens,
+       j.answer_output_tokens, j.latency_jobs, j.latency_sum_ms, j.latency_hist
+FROM job_rollups j
+WHERE j.hour < (SELECT rolled_until FROM s)
+  AND NOT EXISTS (SELECT 1 FROM job_rollup_dirty d WHERE d.hour = j.hour)
+UNION ALL
+SELECT rollup_hour(jc.created_at), jc.category, jc.variant, jc.route, jc.status, jc.outcome,
+       COALESCE(jc.answered_by, ''), count(*), count(*) FILTER (WHERE jc.fell_back),
+       count(*) FILTER (WHERE jc.reviewed), sum(jc.calls), sum(jc.cost_usd),
+       sum(jc.answer_cost_usd), sum(jc.retries_cost_usd), sum(jc.classifier_cost_usd),
+       sum(jc.fallback_cost_usd), sum(jc.stages_cost_usd), sum(jc.voters_cost_usd),
+       sum(jc.judge_cost_usd), sum(jc.first_uncached_input_tokens),
+       sum(jc.first_cached_input_tokens), sum(jc.answer_output_tokens),
+       count(r.latency_ms), COALESCE(sum(r.latency_ms), 0),
+       latency_hist(CASE WHEN r.latency_ms IS NOT NULL THEN latency_bucket(r.latency_ms) END, 1)
+FROM (SELECT jc.* FROM job_costs jc WHERE jc.created_at >= (SELECT rolled_until FROM s)
+      UNION ALL
+      SELECT jc.* FROM job_rollup_dirty d
+      JOIN job_costs jc ON jc.created_at >= d.hour AND jc.created_at < d.hour + interval '1 hour'
+      WHERE d.hour < (SELECT rolled_until FROM s)) jc
+LEFT JOIN results r ON r.job_id = jc.job_id
+GROUP BY 1, 2, 3, 4, 5, 6, 7;
+
+-- The job halves of the analysts' views (migrations 0006, 0008, 0023)
+-- and `model_usage` on `job_figures`: same columns and types, same numbers, except that
+-- `latency_by_category`'s end-to-end percentiles now come from histograms
+-- (the representative value of the bucket, within about 9%, as the call
+-- percentiles already did) instead of sorting every result.
+CREATE OR REPLACE VIEW category_rates AS
+WITH j AS (
+    SELECT category,
+           sum(jobs)::int8 AS jobs,
+           COALESCE(sum(jobs) FILTER (WHERE status = 'succeeded'), 0)::int8 AS succeeded,
+           COALESCE(sum(jobs) FILTER (WHERE status = 'failed'), 0)::int8 AS failed,
+           COALESCE(sum(jobs) FILTER (WHERE status = 'needs_review'), 0)::int8 AS needs_review,
+           COALESCE(sum(jobs) FILTER (WHERE status = 'dead'), 0)::int8 AS dead,
+           COALESCE(sum(jobs) FILTER (WHERE status = 'cancelled'), 0)::int8 AS cancelled,
+           sum(fell_back)::int8 AS fell_back,
+           sum(reviewed)::int8 AS reviewed
+    FROM job_figures GROUP BY category
+), c AS (
+    SELECT category,
+           sum(calls)::int8 AS calls,
+           sum(retry_calls)::int8 AS retries,
+           sum(calls - ok_calls)::int8 AS failed_calls
+    FROM call_rollups GROUP BY category HAVING sum(calls) > 0
+)
+SELECT j.category, j.jobs, j.succeeded, j.failed, j.needs_review, j.dead,
+       COALESCE(c.calls, 0) AS calls,
+       round(j.fell_back::numeric / j.jobs, 4) AS fallback_rate,
+       round(COALESCE(c.retries, 0)::numeric / NULLIF(c.calls, 0), 4) AS retry_rate,
+       round(COALESCE(c.failed_calls, 0)::numeric / NULLIF(c.calls, 0), 4) AS error_rate,
+       round(j.reviewed::numeric / j.jobs, 4) AS review_rate,
+       j.cancelled
+FROM j LEFT JOIN c ON c.category = j.category;
+
+CREATE OR REPLACE VIEW latency_by_category AS
+WITH c AS (
+    SELECT category,
+           latency_hist_quantile(h, 0.5) AS call_p50_ms,
+           latency_hist_quantile(h, 0.95) AS call_p95_ms,
+           latency_hist_quantile(h, 0.99) AS call_p99_ms
+    FROM (SELECT category, latency_hist_sum(latency_hist) AS h
+          FROM call_rollups GROUP BY category HAVING sum(ok_calls) > 0) t
+), r AS (
+    SELECT category, results,
+           latency_hist_quantile(h, 0.5) AS e2e_p50_ms,
+           latency_hist_quantile(h, 0.95) AS e2e_p95_ms,
+           latency_hist_quantile(h, 0.99) AS e2e_p99_ms
+    FROM (SELECT category, sum(latency_jobs)::int8 AS results,
+                 latency_hist_sum(latency_hist) AS h
+          FROM job_figures GROUP BY category HAVING sum(latency_jobs) > 0) t
+)
+SELECT COALESCE(c.category, r.category) AS category,
+       c.call_p50_ms, c.call_p95_ms, c.call_p99_ms,
+       COALESCE(r.results, 0) AS results, r.e2e_p50_ms, r.e2e_p95_ms, r.e2e_p99_ms
+FROM c FULL JOIN r ON r.category = c.category;
+
+CREATE OR REPLACE VIEW savings_by_category AS
+WITH t AS (
+    SELECT category,
+           COALESCE(sum(jobs) FILTER (WHERE outcome = 'answered'), 0)::int8 AS jobs,
+           COALESCE(sum(cost_usd) FILTER (WHERE outcome = 'answered'), 0) AS actual_cost_usd,
+           COALESCE(sum(first_uncached_input_tokens) FILTER (WHERE outcome = 'answered'), 0)::int8
+               AS uncached,
+           COALESCE(sum(first_cached_input_tokens) FILTER (WHERE outcome = 'answered'), 0)::int8
+               AS cached,
+           COALESCE(sum(answer_output_tokens) FILTER (WHERE outcome = 'answered'), 0)::int8
+               AS output,
+           COALESCE(sum(answer_cost_usd) FILTER (WHERE outcome = 'answered'), 0) AS answer_cost_usd,
+           COALESCE(sum(retries_cost_usd) FILTER (WHERE outcome = 'answered'), 0) AS retries_cost_usd,
+           COALESCE(sum(classifier_cost_usd) FILTER (WHERE outcome = 'answered'), 0)
+               AS classifier_cost_usd,
+           COALESCE(sum(fallback_cost_usd) FILTER (WHERE outcome = 'answered'), 0)
+               AS fallback_cost_usd,
+           COALESCE(sum(stages_cost_usd) FILTER (WHERE outcome = 'answered'), 0) AS stages_cost_usd,
+           COALESCE(sum(voters_cost_usd) FILTER (WHERE outcome = 'answered'), 0) AS voters_cost_usd,
+           COALESCE(sum(judge_cost_usd) FILTER (WHERE outcome = 'answered'), 0) AS judge_cost_usd,
+           COALESCE(sum(jobs) FILTER (WHERE outcome = 'person'), 0)::int8 AS person_jobs,
+           COALESCE(sum(cost_usd) FILTER (WHERE outcome = 'person'), 0) AS person_cost_usd,
+           COALESCE(sum(jobs) FILTER (WHERE outcome = 'no_result'), 0)::int8 AS no_result_jobs,
+           COALESCE(sum(cost_usd) FILTER (WHERE outcome = 'no_result'), 0) AS no_result_cost_usd,
+           sum(jobs) AS all_jobs, sum(fell_back) AS fell_back, sum(reviewed) AS reviewed
+    FROM job_figures GROUP BY category
+), fb AS (
+    SELECT j.category, count(*) AS ratings, sum(f.score) AS score_sum
+    FROM feedback f JOIN jobs j ON j.id = f.job_id GROUP BY j.category
+)
+SELECT t.category, b.model AS baseline_model,
+       t.jobs,
+       t.actual_cost_usd,
+       one_call_usd(t.uncached, t.cached, t.output,
+                    b.input_per_mtok, b.cached_input_per_mtok, b.output_per_mtok)
+           AS baseline_cost_usd,
+       one_call_usd(t.uncached, t.cached, t.output,
+                    b.input_per_mtok, b.cached_input_per_mtok, b.output_per_mtok)
+         - t.actual_cost_usd AS savings_usd,
+       t.answer_cost_usd,
+       t.actual_cost_usd - t.answer_cost_usd AS overhead_cost_usd,
+       t.retries_cost_usd, t.classifier_cost_usd, t.fallback_cost_usd, t.stages_cost_usd,
+       t.voters_cost_usd, t.judge_cost_usd,
+       t.person_jobs, t.person_cost_usd, t.no_result_jobs, t.no_result_cost_usd,
+       round(t.fell_back / t.all_jobs, 4) AS fallback_rate,
+       round(t.reviewed / t.all_jobs, 4) AS review_rate,
+       COALESCE(fb.ratings, 0)::numeric AS ratings,
+       round(fb.score_sum::numeric / NULLIF(fb.ratings, 0), 3) AS avg_score
+FROM t
+LEFT JOIN fb ON fb.category = t.category
+LEFT JOIN model_prices b ON b.is_baseline;
+
+CREATE OR REPLACE VIEW model_usage AS
+SELECT category, answered_by AS model,
+       sum(jobs)::int8 AS results,
+       round(sum(jobs) / sum(sum(jobs)) OVER (PARTITION BY category), 4) AS share
+FROM job_figures
+WHERE outcome <> 'no_result'
+GROUP BY category, answered_by;
+
+CREATE OR REPLACE VIEW what_if_by_model AS
+WITH t AS (
+    SELECT category, sum(jobs)::int8 AS jobs, sum(cost_usd) AS actual_cost_usd,
+           sum(first_uncached_input_tokens)::int8 AS uncached,
+           sum(first_cached_input_tokens)::int8 AS cached,
+           sum(answer_output_tokens)::int8 AS output
+    FROM job_figures WHERE outcome = 'answered' GROUP BY category
+)
+SELECT t.category, p.model, p.is_baseline, t.jobs, t.actual_cost_usd,
+       one_call_usd(t.uncached, t.cached, t.output,
+                    p.input_per_mtok, p.cached_input_per_mtok, p.output_per_mtok) AS cost_usd
+FROM t CROSS JOIN model_prices p;
+
 DO $$
 BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'switchyard_analyst') THEN
-        GRANT SELECT ON job_rollups, job_rollup_state, job_rollup_dirty TO switchyard_analyst;
+        GRANT SELECT ON job_rollups, job_rollup_state, job_rollup_dirty, job_figures
+            TO switchyard_analyst;
     END IF;
 END
 $$;

@@ -35,6 +35,17 @@ async fn assert_exact(env: &TestEnv, when: &str) {
             ..Default::default()
         },
     ];
+    // The views on `job_figures`, and the same with nothing rolled (inside
+    // a transaction rolled back): equal.
+    let mut tx = env.pool.begin().await.unwrap();
+    let through_rollups = view_rows(&mut tx).await;
+    assert!(through_rollups.len() >= 5, "{through_rollups:?}");
+    sqlx::query("UPDATE job_rollup_state SET rolled_until = NULL")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(through_rollups, view_rows(&mut tx).await, "views {when}");
+    tx.rollback().await.unwrap();
     for rolled in windows {
         let raw = Scope {
             job_prefix: Some("jr-".into()),
@@ -66,6 +77,26 @@ async fn assert_exact(env: &TestEnv, when: &str) {
             "cost split {w}"
         );
     }
+}
+
+/// Every row of the views on `job_figures`, as text.
+async fn view_rows(tx: &mut sqlx::PgConnection) -> Vec<String> {
+    let mut rows = Vec::new();
+    for v in [
+        "category_rates",
+        "latency_by_category",
+        "model_usage",
+        "savings_by_category",
+        "what_if_by_model",
+    ] {
+        let sql = format!("SELECT format('{v} %s', t.*) FROM {v} t ORDER BY 1");
+        let r: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+        rows.extend(r);
+    }
+    rows
 }
 
 async fn roll(env: &TestEnv) {

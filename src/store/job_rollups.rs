@@ -106,7 +106,7 @@ WITH rolled AS (
            reviewed, calls, cost_usd, answer_cost_usd, retries_cost_usd, classifier_cost_usd,
            fallback_cost_usd, stages_cost_usd, voters_cost_usd, judge_cost_usd,
            first_uncached_input_tokens, first_cached_input_tokens, answer_output_tokens,
-           latency_jobs, latency_sum_ms
+           latency_jobs, latency_sum_ms, latency_hist
     FROM job_rollups j JOIN rolled USING (hour)
 ), c AS (
     SELECT rollup_hour(jc.created_at) AS hour, jc.category, jc.variant, jc.route, jc.status,
@@ -116,7 +116,8 @@ WITH rolled AS (
            sum(jc.fallback_cost_usd), sum(jc.stages_cost_usd), sum(jc.voters_cost_usd),
            sum(jc.judge_cost_usd), sum(jc.first_uncached_input_tokens),
            sum(jc.first_cached_input_tokens), sum(jc.answer_output_tokens),
-           count(r.latency_ms), COALESCE(sum(r.latency_ms), 0)
+           count(r.latency_ms), COALESCE(sum(r.latency_ms), 0),
+           latency_hist(CASE WHEN r.latency_ms IS NOT NULL THEN latency_bucket(r.latency_ms) END, 1)
     FROM job_costs jc LEFT JOIN results r ON r.job_id = jc.job_id
     WHERE rollup_hour(jc.created_at) IN (SELECT hour FROM rolled)
     GROUP BY 1, 2, 3, 4, 5, 6, 7

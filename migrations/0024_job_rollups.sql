@@ -73,11 +73,20 @@ LANGUAGE sql AS $$
 $$;
 
 -- A job row inserted or updated: row-level, and only called (the WHEN
--- clause, evaluated without a function call) for jobs over an hour old.
+-- clause, evaluated without a function call) for jobs over an hour old;
+-- an update that moves a job marks the hour it left too.
 CREATE OR REPLACE FUNCTION job_rollups_job_row() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    hs TIMESTAMPTZ[] := ARRAY[]::TIMESTAMPTZ[];
 BEGIN
-    PERFORM job_rollups_mark(ARRAY[rollup_hour(NEW.created_at)]);
+    IF NEW.created_at < now() - interval '1 hour' THEN
+        hs := hs || rollup_hour(NEW.created_at);
+    END IF;
+    IF TG_OP = 'UPDATE' AND OLD.created_at < now() - interval '1 hour' THEN
+        hs := hs || rollup_hour(OLD.created_at);
+    END IF;
+    PERFORM job_rollups_mark(hs);
     RETURN NULL;
 END
 $$;
@@ -98,14 +107,34 @@ END
 $$;
 
 -- Rows naming a job (calls, results, steps) inserted, updated or deleted:
--- the job's hour, if the job is over an hour old.
+-- the job's hour, if the job is over an hour old. One primary-key probe
+-- per job (a subquery per row: a join's plan, cached for the first
+-- statement's size, may scan `jobs` whole).
 CREATE OR REPLACE FUNCTION job_rollups_job_rows() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     hs TIMESTAMPTZ[] := ARRAY(
-        SELECT DISTINCT rollup_hour(j.created_at)
-        FROM (SELECT DISTINCT job_id FROM changed) c JOIN jobs j ON j.id = c.job_id
-        WHERE j.created_at < now() - interval '1 hour');
+        SELECT DISTINCT rollup_hour(t.created_at)
+        FROM (SELECT (SELECT j.created_at FROM jobs j WHERE j.id = c.job_id) AS created_at
+              FROM (SELECT DISTINCT job_id FROM changed) c) t
+        WHERE t.created_at < now() - interval '1 hour');
+BEGIN
+    IF cardinality(hs) > 0 THEN
+        PERFORM job_rollups_mark(hs);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- The same for updates, which may also move rows to another job.
+CREATE OR REPLACE FUNCTION job_rollups_job_rows_moved() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    hs TIMESTAMPTZ[] := ARRAY(
+        SELECT DISTINCT rollup_hour(t.created_at)
+        FROM (SELECT (SELECT j.created_at FROM jobs j WHERE j.id = c.job_id) AS created_at
+              FROM (SELECT job_id FROM changed UNION SELECT job_id FROM old_changed) c) t
+        WHERE t.created_at < now() - interval '1 hour');
 BEGIN
     IF cardinality(hs) > 0 THEN
         PERFORM job_rollups_mark(hs);
@@ -150,8 +179,8 @@ BEGIN
                             FOR EACH STATEMENT EXECUTE FUNCTION job_rollups_job_rows()', t);
         EXECUTE format('DROP TRIGGER IF EXISTS job_rollups_%1$s_update ON %1$I', t);
         EXECUTE format('CREATE TRIGGER job_rollups_%1$s_update AFTER UPDATE ON %1$I
-                            REFERENCING NEW TABLE AS changed
-                            FOR EACH STATEMENT EXECUTE FUNCTION job_rollups_job_rows()', t);
+                            REFERENCING OLD TABLE AS old_changed NEW TABLE AS changed
+                            FOR EACH STATEMENT EXECUTE FUNCTION job_rollups_job_rows_moved()', t);
         EXECUTE format('DROP TRIGGER IF EXISTS job_rollups_%1$s_delete ON %1$I', t);
         EXECUTE format('CREATE TRIGGER job_rollups_%1$s_delete AFTER DELETE ON %1$I
                             REFERENCING OLD TABLE AS changed
@@ -165,9 +194,47 @@ BEGIN
 END
 $$;
 
--- Roll one hour: its rows replaced by a fresh aggregate of `job_costs`,
--- its dirty mark cleared unless another came meanwhile. Each statement
--- reads its own snapshot, so the mark is read before the jobs are.
+-- The job rollup rows of the jobs created in [lo, hi) (whose id is LIKE
+-- `id_like`, of category `cat` if given), aggregated from `job_costs`:
+-- the one definition of every rolled figure. Planned on each call with
+-- the bounds known, so a short range walks the indexes.
+CREATE OR REPLACE FUNCTION job_figures_raw(lo TIMESTAMPTZ, hi TIMESTAMPTZ,
+                                           id_like TEXT DEFAULT '%', cat TEXT DEFAULT NULL)
+RETURNS TABLE (
+    hour TIMESTAMPTZ, category TEXT, variant TEXT, route TEXT, status TEXT, outcome TEXT,
+    answered_by TEXT, jobs BIGINT, fell_back BIGINT, reviewed BIGINT, calls BIGINT,
+    cost_usd NUMERIC, answer_cost_usd NUMERIC, retries_cost_usd NUMERIC,
+    classifier_cost_usd NUMERIC, fallback_cost_usd NUMERIC, stages_cost_usd NUMERIC,
+    voters_cost_usd NUMERIC, judge_cost_usd NUMERIC, first_uncached_input_tokens NUMERIC,
+    first_cached_input_tokens NUMERIC, answer_output_tokens NUMERIC, latency_jobs BIGINT,
+    latency_sum_ms NUMERIC, latency_hist BIGINT[])
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF lo IS NULL OR hi IS NULL OR lo >= hi THEN
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE
+    'SELECT rollup_hour(jc.created_at), jc.category, jc.variant, jc.route, jc.status, jc.outcome,
+            COALESCE(jc.answered_by, ''''),
+            count(*), count(*) FILTER (WHERE jc.fell_back), count(*) FILTER (WHERE jc.reviewed),
+            sum(jc.calls)::int8, sum(jc.cost_usd), sum(jc.answer_cost_usd),
+            sum(jc.retries_cost_usd), sum(jc.classifier_cost_usd), sum(jc.fallback_cost_usd),
+            sum(jc.stages_cost_usd), sum(jc.voters_cost_usd), sum(jc.judge_cost_usd),
+            sum(jc.first_uncached_input_tokens), sum(jc.first_cached_input_tokens),
+            sum(jc.answer_output_tokens), count(r.latency_ms), COALESCE(sum(r.latency_ms), 0),
+            latency_hist(CASE WHEN r.latency_ms IS NOT NULL
+                              THEN latency_bucket(r.latency_ms) END, 1)
+     FROM job_costs jc LEFT JOIN results r ON r.job_id = jc.job_id
+     WHERE jc.created_at >= $1 AND jc.created_at < $2 AND jc.job_id LIKE $3
+       AND ($4::text IS NULL OR jc.category = $4)
+     GROUP BY 1, 2, 3, 4, 5, 6, 7'
+    USING lo, hi, id_like, cat;
+END
+$$ ROWS 50;
+
+-- Roll one hour: its rows replaced by a fresh aggregate, its dirty mark
+-- cleared unless another came meanwhile. Each statement reads its own
+-- snapshot, so the mark is read before the jobs are.
 CREATE OR REPLACE FUNCTION job_rollups_roll_hour(h TIMESTAMPTZ) RETURNS BIGINT
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -176,19 +243,7 @@ DECLARE
 BEGIN
     SELECT gen INTO g FROM job_rollup_dirty WHERE hour = h;
     DELETE FROM job_rollups WHERE hour = h;
-    INSERT INTO job_rollups
-    SELECT h, jc.category, jc.variant, jc.route, jc.status, jc.outcome,
-           COALESCE(jc.answered_by, ''),
-           count(*), count(*) FILTER (WHERE jc.fell_back), count(*) FILTER (WHERE jc.reviewed),
-           sum(jc.calls), sum(jc.cost_usd), sum(jc.answer_cost_usd), sum(jc.retries_cost_usd),
-           sum(jc.classifier_cost_usd), sum(jc.fallback_cost_usd), sum(jc.stages_cost_usd),
-           sum(jc.voters_cost_usd), sum(jc.judge_cost_usd), sum(jc.first_uncached_input_tokens),
-           sum(jc.first_cached_input_tokens), sum(jc.answer_output_tokens),
-           count(r.latency_ms), COALESCE(sum(r.latency_ms), 0),
-           latency_hist(CASE WHEN r.latency_ms IS NOT NULL THEN latency_bucket(r.latency_ms) END, 1)
-    FROM job_costs jc LEFT JOIN results r ON r.job_id = jc.job_id
-    WHERE jc.created_at >= h AND jc.created_at < h + interval '1 hour'
-    GROUP BY 2, 3, 4, 5, 6, 7;
+    INSERT INTO job_rollups SELECT * FROM job_figures_raw(h, h + interval '1 hour');
     SELECT COALESCE(sum(jobs), 0) INTO n FROM job_rollups WHERE hour = h;
     IF g IS NOT NULL THEN
         DELETE FROM job_rollup_dirty WHERE hour = h AND gen = g;
@@ -252,31 +307,16 @@ CREATE OR REPLACE VIEW job_figures AS
 WITH s AS (
     SELECT COALESCE(rolled_until, '-infinity'::timestamptz) AS rolled_until FROM job_rollup_state
 )
-SELECT j.hour, j.category, j.variant, j.route, j.status, j.outcome, j.answered_by, j.jobs,
-       j.fell_back, j.reviewed, j.calls, j.cost_usd, j.answer_cost_usd, j.retries_cost_usd,
-       j.classifier_cost_usd, j.fallback_cost_usd, j.stages_cost_usd, j.voters_cost_usd,
-       j.judge_cost_usd, j.first_uncached_input_tokens, j.first_cached_input_tokens,
-       j.answer_output_tokens, j.latency_jobs, j.latency_sum_ms, j.latency_hist
+SELECT j.*
 FROM job_rollups j
 WHERE j.hour < (SELECT rolled_until FROM s)
   AND NOT EXISTS (SELECT 1 FROM job_rollup_dirty d WHERE d.hour = j.hour)
 UNION ALL
-SELECT rollup_hour(jc.created_at), jc.category, jc.variant, jc.route, jc.status, jc.outcome,
-       COALESCE(jc.answered_by, ''), count(*), count(*) FILTER (WHERE jc.fell_back),
-       count(*) FILTER (WHERE jc.reviewed), sum(jc.calls), sum(jc.cost_usd),
-       sum(jc.answer_cost_usd), sum(jc.retries_cost_usd), sum(jc.classifier_cost_usd),
-       sum(jc.fallback_cost_usd), sum(jc.stages_cost_usd), sum(jc.voters_cost_usd),
-       sum(jc.judge_cost_usd), sum(jc.first_uncached_input_tokens),
-       sum(jc.first_cached_input_tokens), sum(jc.answer_output_tokens),
-       count(r.latency_ms), COALESCE(sum(r.latency_ms), 0),
-       latency_hist(CASE WHEN r.latency_ms IS NOT NULL THEN latency_bucket(r.latency_ms) END, 1)
-FROM (SELECT jc.* FROM job_costs jc WHERE jc.created_at >= (SELECT rolled_until FROM s)
-      UNION ALL
-      SELECT jc.* FROM job_rollup_dirty d
-      JOIN job_costs jc ON jc.created_at >= d.hour AND jc.created_at < d.hour + interval '1 hour'
-      WHERE d.hour < (SELECT rolled_until FROM s)) jc
-LEFT JOIN results r ON r.job_id = jc.job_id
-GROUP BY 1, 2, 3, 4, 5, 6, 7;
+SELECT f.* FROM s, LATERAL job_figures_raw(s.rolled_until, 'infinity') f
+UNION ALL
+SELECT f.* FROM s, job_rollup_dirty d,
+       LATERAL job_figures_raw(d.hour, d.hour + interval '1 hour') f
+WHERE d.hour < s.rolled_until;
 
 -- The job halves of the analysts' views (migrations 0006, 0008, 0023)
 -- and `model_usage` on `job_figures`: same columns and types, same numbers, except that
@@ -405,6 +445,11 @@ SELECT t.category, p.model, p.is_baseline, t.jobs, t.actual_cost_usd,
        one_call_usd(t.uncached, t.cached, t.output,
                     p.input_per_mtok, p.cached_input_per_mtok, p.output_per_mtok) AS cost_usd
 FROM t CROSS JOIN model_prices p;
+
+-- Statistics for the new, nearly empty tables from the start: without them
+-- the planner guesses thousands of rows, and Postgres's JIT (on by default)
+-- spends hundreds of milliseconds compiling plans that run in a few.
+ANALYZE job_rollups, job_rollup_state, job_rollup_dirty;
 
 DO $$
 BEGIN

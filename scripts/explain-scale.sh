@@ -3,8 +3,9 @@
 # rows (90 days, 4 categories, 7 models; ROWS*2/5 jobs, 90% with a result),
 # through the real schema (rollups rebuilt once after the bulk load, as the
 # migration's backfill does), then time `switchyard report`,
-# the dashboard's queries and the daily views (EXPLAIN ANALYZE execution
-# times; wall time for the report).
+# the dashboard's queries, the job rollups and the daily views (EXPLAIN
+# ANALYZE execution times; wall time for the report). The job roller's
+# backfill runs once after the load and is timed.
 #   ROWS=1000000 ./scripts/explain-scale.sh      # database sy_explain_scale
 #   ROWS=10000000 ./scripts/explain-scale.sh     # about 4 GB, ~10 minutes here
 # Prints one line per query: `<ms> <query>`; drops the database at the end
@@ -104,6 +105,9 @@ run "SELECT (EXTRACT(EPOCH FROM now() - finished_at) / 60)::int4 AS ago, count(*
 run "SELECT model, sum(c)::int8, sum(e)::int8 FROM (SELECT model, calls AS c, retryable_calls + terminal_calls AS e FROM call_rollups WHERE hour >= date_bin('1 hour', now() - interval '1 hour', '2000-01-01Z') + interval '1 hour' UNION ALL SELECT model, count(*), count(*) FILTER (WHERE outcome IN ('retryable_error', 'terminal_error')) FROM calls WHERE created_at >= now() - interval '1 hour' AND created_at < date_bin('1 hour', now() - interval '1 hour', '2000-01-01Z') + interval '1 hour' GROUP BY 1) s GROUP BY 1"
 run "SELECT category, sum(cost_usd) FROM call_rollups WHERE hour >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' GROUP BY 1"
 run "SELECT category, count(*), sum(cost_usd) FROM job_costs WHERE created_at >= now() - interval '1 day' GROUP BY category"
+echo "== job rollups (job_figures: rolled hours + the rest raw)"
+run "SELECT category, sum(jobs), sum(cost_usd) FROM job_figures WHERE hour >= now() - interval '1 day' GROUP BY category"
+run "SELECT category, status, sum(jobs) FROM job_figures GROUP BY 1, 2"
 echo "== views"
 run "SELECT * FROM cost_daily WHERE day = (now() AT TIME ZONE 'UTC')::date - 1"
 run "SELECT day, sum(cost_usd) FROM cost_daily WHERE day >= (now() AT TIME ZONE 'UTC')::date - 7 GROUP BY day"

@@ -1,10 +1,10 @@
 //! Hourly job rollups (migration 0024) against the jobs they summarize:
 //! real jobs through the pipeline (fallbacks, pipelines, consensus, retried
 //! errors, reviews), moved a few hours back and rolled; then late changes
-//! to rolled hours (a status, a late call, a rating, retention) and a
-//! re-roll. After each, the report's per-job sections read through the
-//! rollups must equal the same sections read raw, and every rolled hour
-//! not marked dirty must equal a fresh aggregate.
+//! to rolled hours (a status, a late call, a job moved to another hour, a
+//! rating, retention) and a re-roll. After each, the report's per-job
+//! sections and the views read through the rollups must equal the same
+//! read raw, and every rolled hour not marked dirty a fresh aggregate.
 
 mod common;
 
@@ -172,6 +172,12 @@ async fn job_rollups_equal_the_jobs_through_late_changes_and_rerolls() {
     .execute(&env.pool)
     .await
     .unwrap();
+    // A job moved from one rolled hour to another: both hours change.
+    sqlx::query("UPDATE jobs SET created_at = created_at - interval '1 hour' WHERE id = $1")
+        .bind(&ids[5])
+        .execute(&env.pool)
+        .await
+        .unwrap();
     switchyard::store::feedback::insert(&env.pool, &ids[1], 4, None)
         .await
         .unwrap();

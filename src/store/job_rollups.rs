@@ -90,37 +90,17 @@ pub async fn roll_periodically(pool: PgPool, token: CancellationToken) {
     }
 }
 
-/// The hour rows of `job_rollups` and a fresh aggregate of `job_costs`
+/// The rows of `job_rollups` and a fresh aggregate (`job_figures_raw`)
 /// for every rolled hour that is not marked dirty, compared column by
 /// column; one line per differing row from each side, empty when exact.
 const DIFF: &str = r#"
-WITH rolled AS (
-    SELECT h.hour FROM job_rollup_state s,
-         LATERAL generate_series(
-             (SELECT rollup_hour(min(created_at)) FROM jobs), s.rolled_until - interval '1 hour',
-             interval '1 hour') h(hour)
-    WHERE s.rolled_until IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM job_rollup_dirty d WHERE d.hour = h.hour)
-), r AS (
-    SELECT j.hour, category, variant, route, status, outcome, answered_by, jobs, fell_back,
-           reviewed, calls, cost_usd, answer_cost_usd, retries_cost_usd, classifier_cost_usd,
-           fallback_cost_usd, stages_cost_usd, voters_cost_usd, judge_cost_usd,
-           first_uncached_input_tokens, first_cached_input_tokens, answer_output_tokens,
-           latency_jobs, latency_sum_ms, latency_hist
-    FROM job_rollups j JOIN rolled USING (hour)
+WITH r AS (
+    SELECT j.* FROM job_rollups j, job_rollup_state s
+    WHERE j.hour < s.rolled_until
+      AND NOT EXISTS (SELECT 1 FROM job_rollup_dirty d WHERE d.hour = j.hour)
 ), c AS (
-    SELECT rollup_hour(jc.created_at) AS hour, jc.category, jc.variant, jc.route, jc.status,
-           jc.outcome, COALESCE(jc.answered_by, ''), count(*), count(*) FILTER (WHERE jc.fell_back),
-           count(*) FILTER (WHERE jc.reviewed), sum(jc.calls), sum(jc.cost_usd),
-           sum(jc.answer_cost_usd), sum(jc.retries_cost_usd), sum(jc.classifier_cost_usd),
-           sum(jc.fallback_cost_usd), sum(jc.stages_cost_usd), sum(jc.voters_cost_usd),
-           sum(jc.judge_cost_usd), sum(jc.first_uncached_input_tokens),
-           sum(jc.first_cached_input_tokens), sum(jc.answer_output_tokens),
-           count(r.latency_ms), COALESCE(sum(r.latency_ms), 0),
-           latency_hist(CASE WHEN r.latency_ms IS NOT NULL THEN latency_bucket(r.latency_ms) END, 1)
-    FROM job_costs jc LEFT JOIN results r ON r.job_id = jc.job_id
-    WHERE rollup_hour(jc.created_at) IN (SELECT hour FROM rolled)
-    GROUP BY 1, 2, 3, 4, 5, 6, 7
+    SELECT f.* FROM job_rollup_state s, LATERAL job_figures_raw('-infinity', s.rolled_until) f
+    WHERE NOT EXISTS (SELECT 1 FROM job_rollup_dirty d WHERE d.hour = f.hour)
 )
 SELECT format('rollup %s', x.*) FROM (SELECT * FROM r EXCEPT SELECT * FROM c) x
 UNION ALL

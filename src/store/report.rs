@@ -196,88 +196,43 @@ fn calls_src(hist: bool) -> String {
     )
 }
 
-/// The per-job sums one [`jobs_src`] row holds, over `job_costs jc LEFT
-/// JOIN results r`, in the order of `job_rollups`' columns (migration 0024).
-const JOB_SUMS: &str = "count(*), count(*) FILTER (WHERE jc.fell_back),
-     count(*) FILTER (WHERE jc.reviewed), sum(jc.calls), sum(jc.cost_usd), sum(jc.answer_cost_usd),
-     sum(jc.retries_cost_usd), sum(jc.classifier_cost_usd), sum(jc.fallback_cost_usd),
-     sum(jc.stages_cost_usd), sum(jc.voters_cost_usd), sum(jc.judge_cost_usd),
-     sum(jc.first_uncached_input_tokens), sum(jc.first_cached_input_tokens),
-     sum(jc.answer_output_tokens), count(r.latency_ms), COALESCE(sum(r.latency_ms), 0)";
-
-/// The scope's jobs (by creation time) as job rollup rows without the hour,
-/// from `$1`-`$6`: `job_rollups` for the whole UTC hours inside the window
-/// that the roller has rolled and nothing has changed since, and
-/// `job_costs` aggregated the same way for the rest (the window's partial
-/// hours, hours not rolled yet, hours marked dirty, or everything when a
-/// job prefix is given). So every figure is exact whatever the roller has
-/// done; see [`super::job_rollups`]. Columns: `category`, `variant`,
-/// `route`, `status`, `outcome`, `answered_by` ('' without a result),
-/// `jobs`, `fell_back`, `reviewed`, `calls`, `cost_usd`,
-/// `answer_cost_usd`, `retries_cost_usd`, `classifier_cost_usd`,
-/// `fallback_cost_usd`, `stages_cost_usd`, `voters_cost_usd`,
-/// `judge_cost_usd`, `first_uncached_input_tokens`,
-/// `first_cached_input_tokens`, `answer_output_tokens`, `latency_jobs`,
-/// `latency_sum_ms`.
+/// The scope's jobs (by creation time) as job rollup rows (migration
+/// 0024), from `$1`-`$6`: `job_rollups` for the whole UTC hours inside the
+/// window that the roller has rolled and nothing has changed since, and
+/// `job_figures_raw()` (the same rows aggregated from `job_costs`) for the
+/// rest: the window's partial hours, hours not rolled yet, hours marked
+/// dirty, or everything when a job prefix is given. So every figure is
+/// exact whatever the roller has done; see [`super::job_rollups`]. The
+/// columns are `job_rollups`' (`hour`, `category`, ..., `latency_hist`).
 fn jobs_src() -> String {
-    let raw = |from: &str, range: &str| {
-        format!(
-            "SELECT jc.category, jc.variant, jc.route, jc.status, jc.outcome,
-                    COALESCE(jc.answered_by, ''), {JOB_SUMS}
-             FROM {from} LEFT JOIN results r ON r.job_id = jc.job_id
-             WHERE jc.job_id LIKE $1 AND {range}
-               AND ($6::text IS NULL OR jc.category = $6)
-             GROUP BY 1, 2, 3, 4, 5, 6"
-        )
-    };
-    format!(
-        "(WITH b AS (
-             SELECT s, u, lo, hi, LEAST(hi, wm) AS rhi
-             FROM (SELECT s, u,
-                          CASE WHEN $1 <> '%' THEN 'infinity'::timestamptz
-                               WHEN rollup_hour(s) = s THEN s
-                               ELSE rollup_hour(s) + interval '1 hour' END AS lo,
-                          CASE WHEN $1 <> '%' THEN 'infinity'::timestamptz
-                               ELSE rollup_hour(u) END AS hi,
-                          COALESCE((SELECT rolled_until FROM job_rollup_state),
-                                   '-infinity'::timestamptz) AS wm
-                   FROM (SELECT COALESCE($2::timestamptz, now() - $3::interval,
-                                         '-infinity'::timestamptz) AS s,
-                                COALESCE($4::timestamptz, now() - $5::interval,
-                                         'infinity'::timestamptz) AS u) t) t2)
-         SELECT j.category, j.variant, j.route, j.status, j.outcome, j.answered_by, j.jobs,
-                j.fell_back, j.reviewed, j.calls, j.cost_usd, j.answer_cost_usd,
-                j.retries_cost_usd, j.classifier_cost_usd, j.fallback_cost_usd,
-                j.stages_cost_usd, j.voters_cost_usd, j.judge_cost_usd,
-                j.first_uncached_input_tokens, j.first_cached_input_tokens,
-                j.answer_output_tokens, j.latency_jobs, j.latency_sum_ms
-         FROM job_rollups j
-         WHERE j.hour >= (SELECT lo FROM b) AND j.hour < (SELECT rhi FROM b)
-           AND NOT EXISTS (SELECT 1 FROM job_rollup_dirty d WHERE d.hour = j.hour)
-           AND ($6::text IS NULL OR j.category = $6)
-         UNION ALL {}
-         UNION ALL {}
-         UNION ALL {}
-        ) AS jsrc(category, variant, route, status, outcome, answered_by, jobs, fell_back,
-                  reviewed, calls, cost_usd, answer_cost_usd, retries_cost_usd,
-                  classifier_cost_usd, fallback_cost_usd, stages_cost_usd, voters_cost_usd,
-                  judge_cost_usd, first_uncached_input_tokens, first_cached_input_tokens,
-                  answer_output_tokens, latency_jobs, latency_sum_ms)",
-        raw(
-            "job_costs jc",
-            "jc.created_at >= (SELECT s FROM b) AND jc.created_at < (SELECT LEAST(lo, u) FROM b)"
-        ),
-        raw(
-            "job_costs jc",
-            "jc.created_at >= (SELECT GREATEST(rhi, lo, s) FROM b)
-             AND jc.created_at < (SELECT u FROM b)"
-        ),
-        raw(
-            "job_rollup_dirty d JOIN job_costs jc
-                 ON jc.created_at >= d.hour AND jc.created_at < d.hour + interval '1 hour'",
-            "d.hour >= (SELECT lo FROM b) AND d.hour < (SELECT rhi FROM b)"
-        ),
-    )
+    "(WITH b AS (
+         SELECT s, u, lo, LEAST(hi, wm) AS rhi
+         FROM (SELECT s, u,
+                      CASE WHEN $1 <> '%' THEN 'infinity'::timestamptz
+                           WHEN rollup_hour(s) = s THEN s
+                           ELSE rollup_hour(s) + interval '1 hour' END AS lo,
+                      CASE WHEN $1 <> '%' THEN 'infinity'::timestamptz
+                           ELSE rollup_hour(u) END AS hi,
+                      COALESCE((SELECT rolled_until FROM job_rollup_state),
+                               '-infinity'::timestamptz) AS wm
+               FROM (SELECT COALESCE($2::timestamptz, now() - $3::interval,
+                                     '-infinity'::timestamptz) AS s,
+                            COALESCE($4::timestamptz, now() - $5::interval,
+                                     'infinity'::timestamptz) AS u) t) t2)
+     SELECT j.* FROM job_rollups j
+     WHERE j.hour >= (SELECT lo FROM b) AND j.hour < (SELECT rhi FROM b)
+       AND NOT EXISTS (SELECT 1 FROM job_rollup_dirty d WHERE d.hour = j.hour)
+       AND ($6::text IS NULL OR j.category = $6)
+     UNION ALL
+     SELECT f.* FROM b, LATERAL job_figures_raw(b.s, LEAST(b.lo, b.u), $1, $6) f
+     UNION ALL
+     SELECT f.* FROM b, LATERAL job_figures_raw(GREATEST(b.rhi, b.lo, b.s), b.u, $1, $6) f
+     UNION ALL
+     SELECT f.* FROM b, job_rollup_dirty d,
+            LATERAL job_figures_raw(d.hour, d.hour + interval '1 hour', $1, $6) f
+     WHERE d.hour >= b.lo AND d.hour < b.rhi
+    ) AS jsrc"
+        .to_string()
 }
 
 macro_rules! bind_scope {
@@ -291,6 +246,229 @@ macro_rules! bind_scope {
     };
 }
 
+/// The scope's jobs under one job rollup key (the hour summed away): how
+/// many, and their sums. [`job_figures`] reads them once; the report's
+/// per-job sections are pure functions of them ([`status_counts`],
+/// [`route_lines`], [`served_by_lines`], [`category_costs`]).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct JobFigure {
+    pub category: String,
+    /// The A/B variant, or `-`.
+    pub variant: String,
+    /// Route kind (`single`, `fallback`, `pipeline`, `consensus`).
+    pub route: String,
+    pub status: String,
+    /// `answered`, `person` or `no_result`.
+    pub outcome: String,
+    /// The result's model; empty without a result.
+    pub answered_by: String,
+    pub jobs: i64,
+    pub fell_back: i64,
+    pub reviewed: i64,
+    pub calls: i64,
+    pub cost_usd: Decimal,
+    pub answer_cost_usd: Decimal,
+    #[sqlx(flatten)]
+    pub overhead: Overhead,
+    #[sqlx(flatten)]
+    pub tokens: OneCallTokens,
+    /// Jobs with a result, and the sum of their enqueue-to-result latency.
+    pub latency_jobs: i64,
+    pub latency_sum_ms: Decimal,
+}
+
+/// The scope's jobs by rollup key, in key order (one query over
+/// [`jobs_src`]).
+pub async fn job_figures(pool: &PgPool, scope: &Scope) -> Result<Vec<JobFigure>> {
+    let p = Params::from(scope);
+    let sql = format!(
+        "SELECT category, variant, route, status, outcome, answered_by,
+                sum(jobs)::int8 AS jobs, sum(fell_back)::int8 AS fell_back,
+                sum(reviewed)::int8 AS reviewed, sum(calls)::int8 AS calls,
+                sum(cost_usd) AS cost_usd, sum(answer_cost_usd) AS answer_cost_usd,
+                sum(retries_cost_usd) AS retries_usd, sum(classifier_cost_usd) AS classifier_usd,
+                sum(fallback_cost_usd) AS fallback_usd, sum(stages_cost_usd) AS stages_usd,
+                sum(voters_cost_usd) AS voters_usd, sum(judge_cost_usd) AS judge_usd,
+                sum(first_uncached_input_tokens)::int8 AS uncached_input_tokens,
+                sum(first_cached_input_tokens)::int8 AS cached_input_tokens,
+                sum(answer_output_tokens)::int8 AS output_tokens,
+                sum(latency_jobs)::int8 AS latency_jobs, sum(latency_sum_ms) AS latency_sum_ms
+         FROM {} GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6",
+        jobs_src()
+    );
+    Ok(
+        bind_scope!(sqlx::query_as::<_, JobFigure>(sqlx::AssertSqlSafe(sql)), p)
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// Jobs by status, by status name.
+pub fn status_counts(figures: &[JobFigure]) -> Vec<StatusCount> {
+    let mut by: std::collections::BTreeMap<&str, i64> = Default::default();
+    for f in figures {
+        *by.entry(&f.status).or_default() += f.jobs;
+    }
+    by.into_iter()
+        .map(|(status, jobs)| StatusCount {
+            status: status.to_string(),
+            jobs,
+        })
+        .collect()
+}
+
+/// Jobs (but dead ones) by category, variant and route kind, in that order.
+pub fn route_lines(figures: &[JobFigure]) -> Vec<RouteLine> {
+    #[derive(Default)]
+    struct Acc {
+        jobs: i64,
+        succeeded: i64,
+        failed: i64,
+        reviewed: i64,
+        fell_back: i64,
+        cost: Decimal,
+        latency_jobs: i64,
+        latency_sum: Decimal,
+    }
+    let mut by: std::collections::BTreeMap<(&str, &str, &str), Acc> = Default::default();
+    for f in figures {
+        if f.status == JobStatus::Dead.as_str() {
+            continue;
+        }
+        let a = by.entry((&f.category, &f.variant, &f.route)).or_default();
+        a.jobs += f.jobs;
+        if f.status == JobStatus::Succeeded.as_str() {
+            a.succeeded += f.jobs;
+        }
+        if f.status == JobStatus::Failed.as_str() {
+            a.failed += f.jobs;
+        }
+        a.reviewed += f.reviewed;
+        a.fell_back += f.fell_back;
+        a.cost += f.cost_usd;
+        a.latency_jobs += f.latency_jobs;
+        a.latency_sum += f.latency_sum_ms;
+    }
+    by.into_iter()
+        .filter(|(_, a)| a.jobs > 0)
+        .map(|((category, variant, kind), a)| RouteLine {
+            category: category.to_string(),
+            variant: variant.to_string(),
+            kind: kind.to_string(),
+            jobs: a.jobs,
+            succeeded: a.succeeded,
+            failed: a.failed,
+            reviewed: a.reviewed,
+            fell_back: a.fell_back,
+            // As Postgres's round(x, 8): half away from zero, scale 8.
+            cost_per_job: {
+                let mut c = (a.cost / Decimal::from(a.jobs)).round_dp_with_strategy(
+                    8,
+                    rust_decimal::RoundingStrategy::MidpointAwayFromZero,
+                );
+                c.rescale(8);
+                c
+            },
+            avg_latency_ms: (a.latency_jobs > 0).then(|| {
+                use rust_decimal::prelude::ToPrimitive;
+                a.latency_sum.to_f64().unwrap_or(f64::NAN) / a.latency_jobs as f64
+            }),
+        })
+        .collect()
+}
+
+/// Results by category and model: by category, the most used model first.
+pub fn served_by_lines(figures: &[JobFigure]) -> Vec<ServedBy> {
+    let mut by: std::collections::BTreeMap<&str, std::collections::BTreeMap<&str, i64>> =
+        Default::default();
+    for f in figures.iter().filter(|f| f.outcome != "no_result") {
+        *by.entry(&f.category)
+            .or_default()
+            .entry(&f.answered_by)
+            .or_default() += f.jobs;
+    }
+    let mut out = Vec::new();
+    for (category, models) in by {
+        let total: i64 = models.values().sum();
+        let mut lines: Vec<ServedBy> = models
+            .into_iter()
+            .filter(|(_, jobs)| *jobs > 0)
+            .map(|(model, jobs)| ServedBy {
+                category: category.to_string(),
+                model: model.to_string(),
+                jobs,
+                share: jobs as f64 / total as f64,
+            })
+            .collect();
+        lines.sort_by(|a, b| b.jobs.cmp(&a.jobs).then_with(|| a.model.cmp(&b.model)));
+        out.extend(lines);
+    }
+    out
+}
+
+/// The categories' cost split (what `job_costs` says, summed), by
+/// category; ratings are set apart ([`ratings_by_category`]).
+pub fn category_costs(figures: &[JobFigure]) -> Vec<CategoryCosts> {
+    let mut by: std::collections::BTreeMap<&str, CategoryCosts> = Default::default();
+    for f in figures {
+        let c = by.entry(&f.category).or_insert_with(|| CategoryCosts {
+            category: f.category.clone(),
+            ..Default::default()
+        });
+        c.jobs += f.jobs;
+        c.fell_back += f.fell_back;
+        c.reviewed += f.reviewed;
+        match f.outcome.as_str() {
+            "answered" => {
+                c.answered += f.jobs;
+                c.actual_cost_usd += f.cost_usd;
+                c.answer_cost_usd += f.answer_cost_usd;
+                c.overhead += &f.overhead;
+                c.tokens += f.tokens;
+            }
+            "person" => {
+                c.person_jobs += f.jobs;
+                c.person_cost_usd += f.cost_usd;
+            }
+            _ => {
+                c.no_result_jobs += f.jobs;
+                c.no_result_cost_usd += f.cost_usd;
+            }
+        }
+    }
+    by.into_values().collect()
+}
+
+/// Ratings of the scope's jobs by category: (category, ratings, score sum).
+/// Not rolled up (they come late): read from `feedback`.
+pub async fn ratings_by_category(pool: &PgPool, scope: &Scope) -> Result<Vec<(String, i64, i64)>> {
+    let p = Params::from(scope);
+    Ok(bind_scope!(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT j.category, count(*)::int8, COALESCE(sum(f.score), 0)::int8
+             FROM feedback f JOIN jobs j ON j.id = f.job_id WHERE {} GROUP BY 1",
+            cond("j.id", "j.created_at", "j.category")
+        ))),
+        p
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// [`category_costs`] with the ratings set in.
+pub fn with_ratings(
+    mut costs: Vec<CategoryCosts>,
+    ratings: &[(String, i64, i64)],
+) -> Vec<CategoryCosts> {
+    for (category, n, score_sum) in ratings {
+        if let Some(c) = costs.iter_mut().find(|c| &c.category == category) {
+            c.ratings = *n;
+            c.score_sum = *score_sum;
+        }
+    }
+    costs
+}
+
 /// Jobs in one status.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StatusCount {
@@ -300,22 +478,7 @@ pub struct StatusCount {
 
 /// The scope's jobs by status, by status name.
 pub async fn jobs_by_status(pool: &PgPool, scope: &Scope) -> Result<Vec<StatusCount>> {
-    let p = Params::from(scope);
-    // Constant SQL here and below: the format! only joins this file's
-    // constants and column expressions; input goes in bound parameters.
-    let rows: Vec<(String, i64)> = bind_scope!(
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT status, sum(jobs)::int8 FROM {} GROUP BY status ORDER BY status",
-            jobs_src()
-        ))),
-        p
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(status, jobs)| StatusCount { status, jobs })
-        .collect())
+    Ok(status_counts(&job_figures(pool, scope).await?))
 }
 
 /// Calls, tokens and USD of one category, one model, or all.
@@ -446,51 +609,7 @@ pub struct RouteLine {
 
 /// The scope's jobs (but dead ones) by category, variant and route kind.
 pub async fn routes(pool: &PgPool, scope: &Scope) -> Result<Vec<RouteLine>> {
-    type RouteTuple = (
-        String,
-        String,
-        String,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        Decimal,
-        Option<f64>,
-    );
-    let p = Params::from(scope);
-    let sql = format!(
-        "SELECT category, variant, route, sum(jobs)::int8,
-                COALESCE(sum(jobs) FILTER (WHERE status = $7), 0)::int8,
-                COALESCE(sum(jobs) FILTER (WHERE status = ANY($8::text[])), 0)::int8,
-                sum(reviewed)::int8, sum(fell_back)::int8,
-                COALESCE(round(sum(cost_usd) / sum(jobs), 8), 0),
-                (sum(latency_sum_ms) / NULLIF(sum(latency_jobs), 0))::float8
-         FROM {} WHERE status <> $9
-         GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
-        jobs_src()
-    );
-    let rows: Vec<RouteTuple> = bind_scope!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), p)
-        .bind(JobStatus::Succeeded.as_str())
-        .bind(vec![JobStatus::Failed.as_str(), JobStatus::Dead.as_str()])
-        .bind(JobStatus::Dead.as_str())
-        .fetch_all(pool)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|t| RouteLine {
-            category: t.0,
-            variant: t.1,
-            kind: t.2,
-            jobs: t.3,
-            succeeded: t.4,
-            failed: t.5,
-            reviewed: t.6,
-            fell_back: t.7,
-            cost_per_job: t.8,
-            avg_latency_ms: t.9,
-        })
-        .collect())
+    Ok(route_lines(&job_figures(pool, scope).await?))
 }
 
 /// Which model produced the results of a category.
@@ -505,27 +624,7 @@ pub struct ServedBy {
 
 /// The scope's results by category and model, the most used model first.
 pub async fn served_by(pool: &PgPool, scope: &Scope) -> Result<Vec<ServedBy>> {
-    let p = Params::from(scope);
-    let rows: Vec<(String, String, i64, f64)> = bind_scope!(
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT category, answered_by, sum(jobs)::int8,
-                    (sum(jobs)::float8 / sum(sum(jobs)) OVER (PARTITION BY category))::float8
-             FROM {} WHERE outcome <> 'no_result' GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2",
-            jobs_src()
-        ))),
-        p
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(category, model, jobs, share)| ServedBy {
-            category,
-            model,
-            jobs,
-            share,
-        })
-        .collect())
+    Ok(served_by_lines(&job_figures(pool, scope).await?))
 }
 
 /// What one model cost on one UTC day.
@@ -734,64 +833,11 @@ pub struct CategoryCosts {
 
 /// The scope's jobs (by creation time) by category, from `job_costs`.
 pub async fn job_costs_by_category(pool: &PgPool, scope: &Scope) -> Result<Vec<CategoryCosts>> {
-    let p = Params::from(scope);
-    let answered = "FILTER (WHERE outcome = 'answered')";
-    let total = |col: &str, filter: &str| format!("COALESCE(sum({col}) {filter}, 0)");
-    let sql = format!(
-        "SELECT category, sum(jobs)::int8 AS jobs,
-                {}::int8 AS answered,
-                {} AS actual_cost_usd, {} AS answer_cost_usd,
-                {} AS retries_usd, {} AS classifier_usd, {} AS fallback_usd,
-                {} AS stages_usd, {} AS voters_usd, {} AS judge_usd,
-                {}::int8 AS uncached_input_tokens, {}::int8 AS cached_input_tokens,
-                {}::int8 AS output_tokens,
-                {}::int8 AS person_jobs, {} AS person_cost_usd,
-                {}::int8 AS no_result_jobs, {} AS no_result_cost_usd,
-                sum(fell_back)::int8 AS fell_back, sum(reviewed)::int8 AS reviewed,
-                0::int8 AS ratings, 0::int8 AS score_sum
-         FROM {} GROUP BY category ORDER BY category",
-        total("jobs", answered),
-        total("cost_usd", answered),
-        total("answer_cost_usd", answered),
-        total("retries_cost_usd", answered),
-        total("classifier_cost_usd", answered),
-        total("fallback_cost_usd", answered),
-        total("stages_cost_usd", answered),
-        total("voters_cost_usd", answered),
-        total("judge_cost_usd", answered),
-        total("first_uncached_input_tokens", answered),
-        total("first_cached_input_tokens", answered),
-        total("answer_output_tokens", answered),
-        total("jobs", "FILTER (WHERE outcome = 'person')"),
-        total("cost_usd", "FILTER (WHERE outcome = 'person')"),
-        total("jobs", "FILTER (WHERE outcome = 'no_result')"),
-        total("cost_usd", "FILTER (WHERE outcome = 'no_result')"),
-        jobs_src()
-    );
-    let mut lines = bind_scope!(
-        sqlx::query_as::<_, CategoryCosts>(sqlx::AssertSqlSafe(sql)),
-        p
-    )
-    .fetch_all(pool)
-    .await?;
-    // Ratings are not rolled up (they come late): counted from `feedback`.
-    let ratings: Vec<(String, i64, i64)> = bind_scope!(
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT j.category, count(*)::int8, COALESCE(sum(f.score), 0)::int8
-             FROM feedback f JOIN jobs j ON j.id = f.job_id WHERE {} GROUP BY 1",
-            cond("j.id", "j.created_at", "j.category")
-        ))),
-        p
-    )
-    .fetch_all(pool)
-    .await?;
-    for (category, n, score_sum) in ratings {
-        if let Some(l) = lines.iter_mut().find(|l| l.category == category) {
-            l.ratings = n;
-            l.score_sum = score_sum;
-        }
-    }
-    Ok(lines)
+    let costs = category_costs(&job_figures(pool, scope).await?);
+    Ok(with_ratings(
+        costs,
+        &ratings_by_category(pool, scope).await?,
+    ))
 }
 
 /// One category's calls answered from the response cache.
@@ -884,4 +930,86 @@ pub async fn batch_lines(pool: &PgPool, scope: &Scope, by_model: bool) -> Result
             ..l
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fig(category: &str, status: &str, outcome: &str, model: &str, jobs: i64) -> JobFigure {
+        JobFigure {
+            category: category.into(),
+            variant: "-".into(),
+            route: "fallback".into(),
+            status: status.into(),
+            outcome: outcome.into(),
+            answered_by: model.into(),
+            jobs,
+            fell_back: 1,
+            reviewed: 0,
+            calls: jobs * 2,
+            cost_usd: Decimal::new(jobs, 3),
+            answer_cost_usd: Decimal::new(jobs, 4),
+            overhead: Overhead::default(),
+            tokens: OneCallTokens::default(),
+            latency_jobs: if outcome == "no_result" { 0 } else { jobs },
+            latency_sum_ms: if outcome == "no_result" {
+                Decimal::ZERO
+            } else {
+                Decimal::from(100 * jobs)
+            },
+        }
+    }
+
+    #[test]
+    fn the_job_sections_add_the_figures_up_as_the_report_states_them() {
+        let f = [
+            fig("b", "succeeded", "answered", "m1", 3),
+            fig("b", "succeeded", "answered", "m2", 3),
+            fig("b", "failed", "no_result", "", 2),
+            fig("b", "dead", "no_result", "", 5),
+            fig("a", "succeeded", "person", "human", 1),
+        ];
+        let status: Vec<(String, i64)> = status_counts(&f)
+            .into_iter()
+            .map(|s| (s.status, s.jobs))
+            .collect();
+        assert_eq!(
+            status,
+            [
+                ("dead".into(), 5),
+                ("failed".into(), 2),
+                ("succeeded".into(), 7)
+            ]
+        );
+        // Dead jobs are left out of the routes; cost per job at scale 8.
+        let r = route_lines(&f);
+        assert_eq!((r[0].category.as_str(), r[0].jobs), ("a", 1));
+        assert_eq!((r[1].jobs, r[1].succeeded, r[1].failed), (8, 6, 2));
+        assert_eq!(r[1].cost_per_job.to_string(), "0.00100000");
+        assert_eq!(r[1].avg_latency_ms, Some(100.0));
+        assert_eq!(r[1].fell_back, 3);
+        // Ties by model name; shares of the category's results.
+        let s: Vec<(String, String, i64)> = served_by_lines(&f)
+            .into_iter()
+            .map(|s| (s.category, s.model, s.jobs))
+            .collect();
+        assert_eq!(
+            s,
+            [
+                ("a".into(), "human".into(), 1),
+                ("b".into(), "m1".into(), 3),
+                ("b".into(), "m2".into(), 3)
+            ]
+        );
+        let c = category_costs(&f);
+        assert_eq!((c[1].jobs, c[1].answered, c[1].no_result_jobs), (13, 6, 7));
+        assert_eq!(c[1].actual_cost_usd, Decimal::new(6, 3));
+        assert_eq!(
+            (c[0].person_jobs, c[0].person_cost_usd),
+            (1, Decimal::new(1, 3))
+        );
+        let c = with_ratings(c, &[("b".into(), 2, 9)]);
+        assert_eq!((c[1].ratings, c[1].score_sum, c[0].ratings), (2, 9, 0));
+    }
 }

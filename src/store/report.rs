@@ -2,9 +2,11 @@
 //! a time window, a category), jobs by status, calls and tokens and USD by
 //! category and by model, dead letters, how each route served its jobs,
 //! which models produced the results, daily spend, latency percentiles,
-//! and the answered calls' tokens priced at a baseline model. Each
-//! function is one query returning typed rows; adding them up, the savings
-//! arithmetic and formatting are the caller's (`ops::report`).
+//! and the answered calls' tokens priced at a baseline model. Each async
+//! function is one query returning typed rows, except that the per-job
+//! sections (jobs by status, routes, served-by, the cost split) are pure
+//! functions of one read of the [`JobFigure`]s; the savings arithmetic and
+//! formatting are the caller's (`ops::report`).
 
 use anyhow::Result;
 use rust_decimal::Decimal;

@@ -121,3 +121,6 @@ run "SELECT * FROM cache_savings"
 run "SELECT * FROM batch_savings"
 run "SELECT * FROM savings_by_category"
 run "SELECT category, sum(cost_usd), sum(first_uncached_input_tokens) FROM job_costs WHERE created_at >= now() - interval '1 day' GROUP BY category"
+if [ "${KEEP:-0}" != 1 ]; then
+  "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)"
+fi

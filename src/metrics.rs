@@ -66,6 +66,16 @@ const METRICS: &[(&str, &str, &str)] = &[
         "Completion webhook attempts, by outcome (ok, failed, refused).",
     ),
     (
+        "switchyard_job_rollups_lag_seconds",
+        "gauge",
+        "How far behind now the job rollups' rolled hours end (reports read the rest raw).",
+    ),
+    (
+        "switchyard_job_rollups_dirty_hours",
+        "gauge",
+        "Rolled hours changed since, read raw until the roller re-rolls them.",
+    ),
+    (
         "switchyard_limits_unavailable",
         "gauge",
         "1 while a fleet provider's shared limits document cannot be read or written (its calls wait), by provider.",

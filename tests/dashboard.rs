@@ -284,14 +284,16 @@ async fn metrics_and_the_dashboard_show_real_figures() {
         let r = anonymous.get(format!("{base}{path}")).send().await.unwrap();
         assert_eq!(r.status(), 401, "{path} without a token");
     }
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = || async {
+        http.get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let metrics = scrape().await;
     let sum = |prefix: &str| -> f64 {
         metrics
             .lines()
@@ -312,6 +314,16 @@ async fn metrics_and_the_dashboard_show_real_figures() {
     assert!(sum("switchyard_cost_usd_total{") > 0.0);
     assert!(metrics.contains("# TYPE switchyard_call_latency_seconds histogram"));
     assert!(metrics.contains("switchyard_database_up 1"));
+    // The job roller reports how far behind its rolled hours end (its
+    // first look runs at start; nothing here is old enough to be dirty).
+    common::wait_until(Duration::from_secs(15), "the job rollup gauges", || async {
+        let m = scrape().await;
+        m.lines()
+            .any(|l| l == "switchyard_job_rollups_dirty_hours 0")
+            && m.lines()
+                .any(|l| l.starts_with("switchyard_job_rollups_lag_seconds "))
+    })
+    .await;
     // Queue depths are polled every 2 s: wait for a poll after the drain.
     common::wait_until(Duration::from_secs(15), "queue depths of zero", || async {
         let s: serde_json::Value = http

@@ -182,6 +182,10 @@ async fn job_rollups_equal_the_jobs_through_late_changes_and_rerolls() {
         .await
         .unwrap();
     assert!(dirty(&env).await > 0, "late changes mark their hours");
+    // What the gauges an operator watches are set to says the same.
+    let (lag, marked) = job_rollups::observe(&env.pool).await.unwrap();
+    assert_eq!(marked, dirty(&env).await);
+    assert!(lag.unwrap() >= 3600.0, "{lag:?}");
     assert_exact(&env, "after late changes").await;
 
     quiet(&env).await;

@@ -85,9 +85,31 @@ pub async fn roll_periodically(pool: PgPool, token: CancellationToken) {
                 if let Err(e) = roll(&pool, STEPS_PER_LOOK, &token).await {
                     warn!(error = %format!("{e:#}"), "rolling job figures up failed");
                 }
+                if let Err(e) = observe(&pool).await {
+                    warn!(error = %format!("{e:#}"), "reading the job rollups' state failed");
+                }
             }
         }
     }
+}
+
+/// Set the roller's gauges from the database, and return them: seconds
+/// from the end of the rolled hours to now (`None` before the first roll)
+/// and the hours marked dirty. Every worker sets them, whichever rolled.
+pub async fn observe(pool: &PgPool) -> Result<(Option<f64>, i64)> {
+    let (lag, dirty): (Option<f64>, i64) = sqlx::query_as(
+        "SELECT EXTRACT(EPOCH FROM now() - rolled_until)::float8,
+                (SELECT count(*) FROM job_rollup_dirty)::int8
+         FROM job_rollup_state",
+    )
+    .fetch_one(pool)
+    .await?;
+    let m = crate::metrics::global();
+    if let Some(lag) = lag {
+        m.set("switchyard_job_rollups_lag_seconds", &[], lag);
+    }
+    m.set("switchyard_job_rollups_dirty_hours", &[], dirty as f64);
+    Ok((lag, dirty))
 }
 
 /// The rows of `job_rollups` and a fresh aggregate (`job_figures_raw`)

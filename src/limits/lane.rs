@@ -138,8 +138,15 @@ impl LaneLimiter {
             shared,
             pending: Mutex::new(0),
             waiting: AtomicUsize::new(0),
-            // About a second of requests may wait here; more stay in NATS.
-            queue_cap: (rpm as usize / 60).clamp(2, 4096),
+            // About a second of requests may wait here, and no more than
+            // keeps the concurrency cap busy while the next messages are
+            // fetched (an eighth of it, plus 16): more stay in NATS, where a
+            // more urgent message can still overtake them and they cost this
+            // process nothing (a waiting call is a task holding its message;
+            // issue 18's RSS target).
+            queue_cap: (rpm as usize / 60)
+                .min(max_concurrency / 8 + 16)
+                .clamp(2, 4096),
             freed: Notify::new(),
             claim_turn: tokio::sync::Mutex::new(()),
             counts_max_tokens: false,
@@ -200,7 +207,7 @@ impl LaneLimiter {
     }
 
     /// Wait until the lane can use another message: not paused, and fewer
-    /// than about a second's worth of calls taken and not yet admitted.
+    /// than [`Self::queue_cap`] calls taken and not yet admitted.
     /// Until then the lane takes nothing from NATS (backpressure, not naks).
     /// The ticket counts the message as waiting until it is dropped (at
     /// admission, or when its handling ends otherwise).
@@ -230,7 +237,8 @@ impl LaneLimiter {
     }
 
     /// How many calls may wait for admission before the lane stops taking
-    /// messages (about a second's worth of requests).
+    /// messages (about a second's worth of requests, at most an eighth of
+    /// `max_concurrency` plus 16).
     pub fn queue_cap(&self) -> usize {
         self.queue_cap
     }
@@ -559,5 +567,32 @@ mod tests {
             "{:?}",
             waited.elapsed()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_takes_no_more_waiting_calls_than_keep_its_concurrency_busy() {
+        // A high request rate (a second's worth: 10,000) but 160 calls at
+        // once: 160 / 8 + 16 = 36 may wait for admission; the 37th message
+        // stays in NATS until one is admitted.
+        let l = Arc::new(LaneLimiter::local(600_000, u32::MAX, 160));
+        let mut waiting = Vec::new();
+        for _ in 0..36 {
+            waiting.push(l.ready().await);
+        }
+        let l2 = l.clone();
+        let tasks = crate::tasks::Tasks::new();
+        let next = tasks.spawn(async move {
+            let _ticket = l2.ready().await;
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!next.is_finished(), "a 37th call was taken to wait");
+        drop(waiting.pop());
+        tokio::time::timeout(Duration::from_secs(1), next)
+            .await
+            .expect("a freed place is taken")
+            .unwrap();
+        // A low request rate bounds it too: 600 a minute, 10 may wait.
+        let slow = Arc::new(LaneLimiter::local(600, u32::MAX, 1000));
+        assert_eq!(slow.queue_cap(), 10);
     }
 }

@@ -450,6 +450,22 @@ pub struct ProviderConfig {
     /// submitted until earlier ones end.
     #[serde(default)]
     pub batch_queue_requests: Option<u64>,
+    /// Speak HTTP/2 to this provider: negotiated by ALPN over `https://`
+    /// (HTTP/1.1 if the server does not offer it), with prior knowledge
+    /// (h2c) over `http://`. Many calls share one connection instead of one
+    /// connection per call in flight. Default false, as the providers'
+    /// official SDKs.
+    #[serde(default)]
+    pub http2: bool,
+    /// With `http2`: most calls in flight on one connection; a lane opens
+    /// `max_concurrency / http2_streams_per_connection` connections (rounded
+    /// up), so a server's stream limit does not cap the lane. Default 100.
+    #[serde(default = "default_http2_streams_per_connection")]
+    pub http2_streams_per_connection: usize,
+}
+
+const fn default_http2_streams_per_connection() -> usize {
+    100
 }
 
 const fn default_max_response_bytes() -> usize {
@@ -475,6 +491,16 @@ impl ProviderConfig {
     /// See `fleet`: true unless the provider is in-process.
     pub fn is_fleet(&self) -> bool {
         self.fleet.unwrap_or(self.kind != ProviderKind::Inproc)
+    }
+
+    /// With `http2`, how many HTTP/2 connections carry the lane's calls
+    /// (see `http2_streams_per_connection`); None: HTTP/1.1.
+    pub fn http2_connections(&self) -> Option<usize> {
+        self.http2.then(|| {
+            self.max_concurrency
+                .div_ceil(self.http2_streams_per_connection.max(1))
+                .max(1)
+        })
     }
 
     /// See `tpm_counts_max_tokens`: true unless the provider is Anthropic.
@@ -1037,6 +1063,12 @@ impl Config {
             if prov.max_concurrency == 0 {
                 return Err(err(
                     format!("providers.{name}.max_concurrency"),
+                    "must be at least 1",
+                ));
+            }
+            if prov.http2_streams_per_connection == 0 {
+                return Err(err(
+                    format!("providers.{name}.http2_streams_per_connection"),
                     "must be at least 1",
                 ));
             }

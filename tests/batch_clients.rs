@@ -34,6 +34,7 @@ fn client(sim: &SimServer, kind: Kind) -> BatchClient {
         &sim.base_url(),
         Some(Secret::new("sk-test-key".into())),
         Duration::from_secs(10),
+        None,
     )
     .unwrap();
     BatchClient::new(kind, http)
@@ -228,8 +229,14 @@ async fn expired_and_cancelled_batches_account_for_every_item() {
 
 #[test]
 fn the_key_only_goes_to_the_providers_own_origin() {
-    let http =
-        HttpClient::new("p", "https://api.example.com", None, Duration::from_secs(1)).unwrap();
+    let http = HttpClient::new(
+        "p",
+        "https://api.example.com",
+        None,
+        Duration::from_secs(1),
+        None,
+    )
+    .unwrap();
     assert!(http.same_origin("https://api.example.com/v1/messages/batches/x/results"));
     assert!(!http.same_origin("https://evil.example.net/v1/messages/batches/x/results"));
     assert!(!http.same_origin("http://api.example.com/v1/x"));

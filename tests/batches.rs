@@ -533,6 +533,7 @@ async fn a_dead_submitter_or_ingester_is_taken_over_without_doubling() {
             &env.sim.base_url(),
             None,
             Duration::from_secs(10),
+            None,
         )
         .unwrap();
         let items: Vec<(String, serde_json::Value)> =

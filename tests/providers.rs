@@ -23,6 +23,7 @@ fn adapter(format: Format, base_url: &str, timeout: Duration) -> Provider {
         base_url,
         Some(Secret::new(KEY.to_string())),
         timeout,
+        None,
     )
     .unwrap();
     match format {
@@ -367,7 +368,7 @@ async fn an_oversized_answer_is_a_terminal_error_not_unbounded_memory() {
     for with_length in [true, false] {
         let base = endless_server(4 << 20, with_length).await;
         for format in FORMATS {
-            let http = HttpClient::new("big", &base, None, Duration::from_secs(10))
+            let http = HttpClient::new("big", &base, None, Duration::from_secs(10), None)
                 .unwrap()
                 .with_body_limit(64 * 1024);
             let p = match format {
@@ -384,4 +385,78 @@ async fn an_oversized_answer_is_a_terminal_error_not_unbounded_memory() {
             );
         }
     }
+}
+
+/// `calls` requests at once through a provider built from config (`http2`,
+/// `max_concurrency`, `http2_streams_per_connection = 10`) to a simulator
+/// answering after 300 ms; returns the TCP connections it accepted.
+async fn connections_for(format: Format, http2: bool, calls: usize) -> u64 {
+    let sim = SimServer::start(
+        "127.0.0.1:0",
+        SimProfile {
+            latency_ms: 300,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let kind = match format {
+        Format::Openai => "openai_compatible",
+        Format::Anthropic => "anthropic",
+        Format::Gemini => "gemini",
+    };
+    let cfg: switchyard::config::ProviderConfig = toml::from_str(&format!(
+        "kind = \"{kind}\"\nbase_url = \"{}\"\nrpm = 1000\ntpm = 1000000\n\
+         max_concurrency = {calls}\nhttp2 = {http2}\nhttp2_streams_per_connection = 10\n",
+        sim.base_url()
+    ))
+    .unwrap();
+    let provider = Provider::from_config("p", &cfg).unwrap();
+    let req = request();
+    let answers = futures::future::join_all((0..calls).map(|_| provider.call(&req))).await;
+    for a in answers {
+        a.unwrap_or_else(|e| panic!("{format:?} http2={http2}: {e}"));
+    }
+    assert_eq!(sim.ledger().len(), calls);
+    sim.connections()
+}
+
+#[tokio::test]
+async fn http2_carries_a_lanes_calls_on_a_few_connections() {
+    for format in FORMATS {
+        // HTTP/1.1: a connection per call in flight.
+        let h1 = connections_for(format, false, 40).await;
+        assert!(h1 >= 40, "{format:?}: HTTP/1.1 used {h1} connections");
+        // HTTP/2 (h2c to an http:// server): 40 calls at 10 per connection
+        // share 4 connections.
+        let h2 = connections_for(format, true, 40).await;
+        assert!(
+            (1..=4).contains(&h2),
+            "{format:?}: HTTP/2 used {h2} connections"
+        );
+    }
+}
+
+#[test]
+fn http2_streams_per_connection_of_zero_is_a_config_error_naming_the_key() {
+    let text = std::fs::read_to_string("config/switchyard.toml").unwrap();
+    let provider = text
+        .lines()
+        .find_map(|l| l.strip_prefix("[providers.")?.strip_suffix(']'))
+        .unwrap()
+        .to_string();
+    let env = [(
+        format!(
+            "SWITCHYARD_PROVIDERS__{}__HTTP2_STREAMS_PER_CONNECTION",
+            provider.to_uppercase()
+        ),
+        "0".to_string(),
+    )];
+    let err = switchyard::config::Config::from_toml_with_env(&text, &env).unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "providers.{provider}.http2_streams_per_connection"
+        )),
+        "{err}"
+    );
 }

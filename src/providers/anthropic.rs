@@ -28,17 +28,19 @@ impl AnthropicAdapter {
         Self { http }
     }
 
-    pub async fn call(&self, req: &CallRequest) -> Result<CallResponse, CallError> {
-        self.http
-            .exchange(
-                "/v1/messages",
-                |k| ("x-api-key", k.expose().to_string()),
-                vec![("anthropic-version", API_VERSION.to_string())],
-                &build_request(req),
-                req.tag.as_deref(),
-                interpret,
-            )
-            .await
+    /// The call, its request already encoded (see [`HttpClient::exchange`]).
+    pub fn call(
+        &self,
+        req: &CallRequest,
+    ) -> impl std::future::Future<Output = Result<CallResponse, CallError>> + '_ {
+        self.http.exchange(
+            "/v1/messages",
+            |k| ("x-api-key", k.expose().to_string()),
+            vec![("anthropic-version", API_VERSION.to_string())],
+            &build_request(req),
+            req.tag.as_deref(),
+            interpret,
+        )
     }
 }
 

@@ -151,8 +151,14 @@ impl BatchClient {
             .and_then(|var| std::env::var(var).ok())
             .filter(|k| !k.is_empty())
             .map(super::Secret::new);
-        let http = HttpClient::new(name, &cfg.base_url, key, cfg.timeout())?
-            .with_body_limit(cfg.max_response_bytes);
+        let http = HttpClient::new(
+            name,
+            &cfg.base_url,
+            key,
+            cfg.timeout(),
+            cfg.http2.then_some(1),
+        )?
+        .with_body_limit(cfg.max_response_bytes);
         Ok(Some(Self { kind, http }))
     }
 

@@ -28,17 +28,19 @@ impl GeminiAdapter {
         Self { http }
     }
 
-    pub async fn call(&self, req: &CallRequest) -> Result<CallResponse, CallError> {
-        self.http
-            .exchange(
-                &format!("/v1beta/models/{}:generateContent", req.model),
-                |k| ("x-goog-api-key", k.expose().to_string()),
-                Vec::new(),
-                &build_request(req),
-                req.tag.as_deref(),
-                interpret,
-            )
-            .await
+    /// The call, its request already encoded (see [`HttpClient::exchange`]).
+    pub fn call(
+        &self,
+        req: &CallRequest,
+    ) -> impl std::future::Future<Output = Result<CallResponse, CallError>> + '_ {
+        self.http.exchange(
+            &format!("/v1beta/models/{}:generateContent", req.model),
+            |k| ("x-goog-api-key", k.expose().to_string()),
+            Vec::new(),
+            &build_request(req),
+            req.tag.as_deref(),
+            interpret,
+        )
     }
 }
 

@@ -1,7 +1,20 @@
-//! The HTTP plumbing every adapter shares: one reqwest client per provider,
-//! posting JSON, mapping transport failures to [`CallError`]s, and keeping
-//! the API key out of every error text.
+//! The HTTP plumbing every adapter shares: the reqwest clients of a
+//! provider, posting JSON, mapping transport failures to [`CallError`]s, and
+//! keeping the API key out of every error text.
+//!
+//! Over HTTP/1.1 (the default) one client keeps a pool of connections, one
+//! per call in flight: at 1,000 calls in flight that is 1,000 connections,
+//! each with hyper's read and write buffers, dispatch channel and task
+//! (about 38 KB; see docs/benchmarks.md). With `providers.<name>.http2`
+//! calls are streams on shared connections. hyper's HTTP/2 client keeps one
+//! connection per client and queues streams beyond the server's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS` on it, so a lane holds
+//! `max_concurrency / http2_streams_per_connection` clients (rounded up)
+//! and hands calls to them in turn: each connection carries at most its
+//! share, and a server's stream limit does not cap the lane.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::HeaderMap;
@@ -33,7 +46,9 @@ pub struct RawResponse {
 pub struct HttpClient {
     /// Provider name, for messages.
     pub name: String,
-    client: reqwest::Client,
+    /// One client (HTTP/1.1) or one per HTTP/2 connection, used in turn.
+    clients: Arc<[reqwest::Client]>,
+    next: Arc<AtomicUsize>,
     base_url: String,
     key: Option<Secret>,
     /// Largest response body read; see `providers.<name>.max_response_bytes`.
@@ -44,22 +59,48 @@ pub struct HttpClient {
 pub const DEFAULT_BODY_LIMIT: usize = 8 << 20;
 
 impl HttpClient {
+    /// A provider's client: HTTP/1.1 when `http2_connections` is None, else
+    /// HTTP/2 over that many connections (at least one).
     pub fn new(
         name: &str,
         base_url: &str,
         key: Option<Secret>,
         timeout: Duration,
+        http2_connections: Option<usize>,
     ) -> anyhow::Result<Self> {
         install_tls_provider();
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(256)
-            .build()?;
+        let base_url = base_url.trim_end_matches('/').to_string();
+        let build = |http2: bool| {
+            let b = reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(Duration::from_secs(10))
+                .pool_max_idle_per_host(256);
+            let b = if !http2 {
+                b.http1_only()
+            } else {
+                // A dead connection fails every call on it: find out early.
+                let b = b
+                    .http2_keep_alive_interval(Duration::from_secs(20))
+                    .http2_keep_alive_timeout(Duration::from_secs(10));
+                if base_url.starts_with("https://") {
+                    b
+                } else {
+                    b.http2_prior_knowledge()
+                }
+            };
+            b.build()
+        };
+        let clients: Vec<reqwest::Client> = match http2_connections {
+            None => vec![build(false)?],
+            Some(n) => (0..n.max(1))
+                .map(|_| build(true))
+                .collect::<Result<_, _>>()?,
+        };
         Ok(Self {
             name: name.to_string(),
-            client,
-            base_url: base_url.trim_end_matches('/').to_string(),
+            clients: clients.into(),
+            next: Arc::new(AtomicUsize::new(0)),
+            base_url,
             key,
             body_limit: DEFAULT_BODY_LIMIT,
         })
@@ -70,6 +111,15 @@ impl HttpClient {
     pub fn with_body_limit(mut self, bytes: usize) -> Self {
         self.body_limit = bytes.max(1);
         self
+    }
+
+    /// The next client in turn.
+    fn client(&self) -> &reqwest::Client {
+        let i = match self.clients.len() {
+            1 => 0,
+            n => self.next.fetch_add(1, Ordering::Relaxed) % n,
+        };
+        &self.clients[i]
     }
 
     pub fn key(&self) -> Option<&Secret> {
@@ -97,7 +147,7 @@ impl HttpClient {
         body: &B,
     ) -> Result<RawResponse, CallError> {
         let resp = self
-            .open(self.client.post(self.url(path)).json(body), headers)
+            .open(self.client().post(self.url(path)).json(body), headers)
             .await?;
         self.read_limited(resp).await
     }
@@ -131,7 +181,7 @@ impl HttpClient {
         } else {
             self.url(path)
         };
-        let mut rb = self.client.request(method, url);
+        let mut rb = self.client().request(method, url);
         if let Some((content_type, bytes)) = body {
             rb = rb.header("content-type", content_type).body(bytes);
         }
@@ -203,7 +253,13 @@ impl HttpClient {
 
     /// POST `body` to `path`, sending the key (if any) only in the header
     /// `auth` makes of it, and interpret the answer; errors never carry the key.
-    pub async fn exchange<B: Serialize + ?Sized>(
+    ///
+    /// The request is built (and `body` encoded) before the future is
+    /// returned, so a caller that builds `body` in the call's own statement
+    /// drops it at once instead of holding it for the call's whole flight
+    /// (a thousand calls in flight held 3.6 MiB of request trees; issue 18's
+    /// RSS target).
+    pub fn exchange<B: Serialize + ?Sized>(
         &self,
         path: &str,
         auth: fn(&Secret) -> (&'static str, String),
@@ -211,18 +267,22 @@ impl HttpClient {
         body: &B,
         tag: Option<&str>,
         interpret: Interpret,
-    ) -> Result<CallResponse, CallError> {
+    ) -> impl std::future::Future<Output = Result<CallResponse, CallError>> + '_ {
         if let Some(k) = &self.key {
             headers.push(auth(k));
         }
         if let Some(t) = tag {
             headers.push((crate::ids::CALL_TAG_HEADER, t.to_string()));
         }
-        let raw = self.post_json(path, &headers, body).await?;
-        interpret(&raw, std::time::SystemTime::now()).map_err(|mut e| {
-            e.message = self.redact(&e.message);
-            e
-        })
+        let request = self.client().post(self.url(path)).json(body);
+        async move {
+            let resp = self.open(request, &headers).await?;
+            let raw = self.read_limited(resp).await?;
+            interpret(&raw, std::time::SystemTime::now()).map_err(|mut e| {
+                e.message = self.redact(&e.message);
+                e
+            })
+        }
     }
 
     pub(crate) fn transport_error(&self, e: &reqwest::Error, status: Option<u16>) -> CallError {

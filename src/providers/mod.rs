@@ -190,8 +190,14 @@ impl Provider {
             .filter(|k| !k.is_empty())
             .map(Secret::new);
         let http = || {
-            http::HttpClient::new(name, &cfg.base_url, key.clone(), cfg.timeout())
-                .map(|c| c.with_body_limit(cfg.max_response_bytes))
+            http::HttpClient::new(
+                name,
+                &cfg.base_url,
+                key.clone(),
+                cfg.timeout(),
+                cfg.http2_connections(),
+            )
+            .map(|c| c.with_body_limit(cfg.max_response_bytes))
         };
         Ok(match cfg.kind {
             ProviderKind::Openai | ProviderKind::OpenaiCompatible => {

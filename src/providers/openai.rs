@@ -126,17 +126,19 @@ impl OpenAiAdapter {
         Self { http }
     }
 
-    pub async fn call(&self, req: &CallRequest) -> Result<CallResponse, CallError> {
-        self.http
-            .exchange(
-                "/v1/chat/completions",
-                |k| ("authorization", format!("Bearer {}", k.expose())),
-                Vec::new(),
-                &build_request(req),
-                req.tag.as_deref(),
-                interpret,
-            )
-            .await
+    /// The call, its request already encoded (see [`HttpClient::exchange`]).
+    pub fn call(
+        &self,
+        req: &CallRequest,
+    ) -> impl std::future::Future<Output = Result<CallResponse, CallError>> + '_ {
+        self.http.exchange(
+            "/v1/chat/completions",
+            |k| ("authorization", format!("Bearer {}", k.expose())),
+            Vec::new(),
+            &build_request(req),
+            req.tag.as_deref(),
+            interpret,
+        )
     }
 }
 

@@ -523,6 +523,8 @@ struct SimState {
     buckets: Mutex<HashMap<(Format, String), (Bucket, Bucket)>>,
     forced: Mutex<HashMap<Format, VecDeque<Forced>>>,
     in_flight: std::sync::atomic::AtomicU64,
+    /// TCP connections accepted.
+    connections: Arc<std::sync::atomic::AtomicU64>,
     batches: Mutex<batch::Book>,
 }
 
@@ -558,6 +560,7 @@ impl SimServer {
             buckets: Mutex::new(HashMap::new()),
             forced: Mutex::new(HashMap::new()),
             in_flight: Default::default(),
+            connections: Default::default(),
             batches: Default::default(),
         });
         let app = Router::new()
@@ -612,6 +615,11 @@ impl SimServer {
             .with_state(state.clone());
         let tasks = crate::tasks::Tasks::new();
         let token = tasks.token().clone();
+        let connections = state.connections.clone();
+        // HTTP/1.1, and HTTP/2 with prior knowledge (h2c) on the same port.
+        let listener = axum::serve::ListenerExt::tap_io(listener, move |_| {
+            connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        });
         tasks.spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { token.cancelled().await })
@@ -635,6 +643,14 @@ impl SimServer {
         self.state
             .in_flight
             .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far (one per HTTP/1.1 call in flight; a
+    /// few for many calls over HTTP/2).
+    pub fn connections(&self) -> u64 {
+        self.state
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A copy of the ledger.

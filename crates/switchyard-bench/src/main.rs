@@ -193,6 +193,10 @@ enum Mode {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 3600)]
         timeout_secs: u64,
+        /// Workers speak HTTP/2 (h2c) to the simulator: every provider's
+        /// `http2 = true`, so calls share connections.
+        #[arg(long)]
+        http2: bool,
         /// End with one JSON object of the figures on the last line.
         #[arg(long)]
         json: bool,
@@ -211,6 +215,10 @@ enum Mode {
         /// The simulator's latency per call, in milliseconds.
         #[arg(long, default_value_t = 4000)]
         latency_ms: u64,
+        /// Workers speak HTTP/2 (h2c) to the simulator: every provider's
+        /// `http2 = true`, so calls share connections.
+        #[arg(long)]
+        http2: bool,
         /// End with one JSON object of the figures on the last line.
         #[arg(long)]
         json: bool,
@@ -451,6 +459,7 @@ async fn run(cli: Cli) -> Result<u8> {
                     publish_rate,
                     max_concurrency,
                     timeout_secs,
+                    http2,
                     json,
                 }),
             ..
@@ -466,6 +475,7 @@ async fn run(cli: Cli) -> Result<u8> {
                 publish_rate,
                 max_concurrency,
                 timeout: Duration::from_secs(timeout_secs),
+                http2,
                 ..switchyard_bench::soak::SoakOptions::soak(jobs, &g.database_url, &g.nats_url)?
             };
             let figures = switchyard_bench::soak::run(load()?, g.config.as_deref(), &opts).await?;
@@ -481,6 +491,7 @@ async fn run(cli: Cli) -> Result<u8> {
                     in_flight,
                     jobs,
                     latency_ms,
+                    http2,
                     json,
                 }),
             ..
@@ -489,6 +500,7 @@ async fn run(cli: Cli) -> Result<u8> {
             let mut opts =
                 switchyard_bench::soak::SoakOptions::rss(in_flight, &g.database_url, &g.nats_url)?;
             opts.latency_ms = latency_ms;
+            opts.http2 = http2;
             if let Some(j) = jobs {
                 opts.jobs = j;
             }

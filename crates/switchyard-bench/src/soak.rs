@@ -74,6 +74,8 @@ pub struct SoakOptions {
     pub nats_url: String,
     /// Extra environment for every worker (e.g. `MALLOC_ARENA_MAX`).
     pub worker_env: Vec<(String, String)>,
+    /// Workers speak HTTP/2 to the simulator (every provider's `http2`).
+    pub http2: bool,
     /// A self-test of the reconciliation: jobs 1..=withhold are counted as
     /// published but never sent, so the run must report them lost.
     pub withhold: usize,
@@ -100,6 +102,7 @@ impl SoakOptions {
             database_url: database_url.into(),
             nats_url: nats_url.into(),
             worker_env: Vec::new(),
+            http2: false,
             withhold: 0,
         })
     }
@@ -194,6 +197,10 @@ pub struct SoakFigures {
     pub calls_in_flight_at_90pct: u64,
     /// ... and the most seen at a sample (a sample every 200 ms).
     pub calls_in_flight: u64,
+    /// Whether the workers spoke HTTP/2, and the TCP connections the
+    /// simulator accepted over the run.
+    pub http2: bool,
+    pub sim_connections: u64,
     /// Every table of the run's database with its indexes and TOAST, summed ...
     pub pg_bytes: i64,
     pub pg_bytes_per_job: f64,
@@ -297,6 +304,7 @@ fn worker_overrides(cfg: &Config, opts: &SoakOptions, env: &mut Vec<(String, Str
             ("INPUT_TPM", "4000000000"),
             ("OUTPUT_TPM", "4000000000"),
             ("MAX_CONCURRENCY", &opts.max_concurrency.to_string()),
+            ("HTTP2", if opts.http2 { "true" } else { "false" }),
         ],
     );
     env.extend(opts.worker_env.iter().cloned());
@@ -695,6 +703,8 @@ async fn run_in(
         ..Default::default()
     };
     reconcile_into(pool, &sim, &mut f).await?;
+    figures.http2 = opts.http2;
+    figures.sim_connections = sim.connections();
     sim.stop();
     figures.published = f.published;
     figures.terminal = f.terminal;
@@ -906,11 +916,13 @@ impl SoakFigures {
             );
         }
         s += &format!(
-            "calls in flight           {} at 10%, {} at 90%, {} at most\n\
+            "calls in flight           {} at 10%, {} at 90%, {} at most, over {} connections ({})\n\
              Postgres                  {:.0} bytes/job ({:.1} MiB):",
             self.calls_in_flight_at_10pct,
             self.calls_in_flight_at_90pct,
             self.calls_in_flight,
+            self.sim_connections,
+            if self.http2 { "HTTP/2" } else { "HTTP/1.1" },
             self.pg_bytes_per_job,
             self.pg_bytes as f64 / 1048576.0
         );

@@ -387,10 +387,11 @@ async fn an_oversized_answer_is_a_terminal_error_not_unbounded_memory() {
     }
 }
 
-/// `calls` requests at once through a provider built from config (`http2`,
-/// `max_concurrency`, `http2_streams_per_connection = 10`) to a simulator
-/// answering after 300 ms; returns the TCP connections it accepted.
-async fn connections_for(format: Format, http2: bool, calls: usize) -> u64 {
+/// `waves` rounds of `calls` requests at once through a provider built from
+/// config (`http2`, `max_concurrency = calls`,
+/// `http2_streams_per_connection = 10`) to a simulator answering after
+/// 300 ms; returns the TCP connections it accepted.
+async fn connections_for(format: Format, http2: bool, calls: usize, waves: usize) -> u64 {
     let sim = SimServer::start(
         "127.0.0.1:0",
         SimProfile {
@@ -413,11 +414,17 @@ async fn connections_for(format: Format, http2: bool, calls: usize) -> u64 {
     .unwrap();
     let provider = Provider::from_config("p", &cfg).unwrap();
     let req = request();
-    let answers = futures::future::join_all((0..calls).map(|_| provider.call(&req))).await;
-    for a in answers {
-        a.unwrap_or_else(|e| panic!("{format:?} http2={http2}: {e}"));
+    for wave in 0..waves {
+        if wave > 0 {
+            // The ebb between two waves: no call in flight for a moment.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let answers = futures::future::join_all((0..calls).map(|_| provider.call(&req))).await;
+        for a in answers {
+            a.unwrap_or_else(|e| panic!("{format:?} http2={http2}: {e}"));
+        }
     }
-    assert_eq!(sim.ledger().len(), calls);
+    assert_eq!(sim.ledger().len(), calls * waves);
     sim.connections()
 }
 
@@ -425,16 +432,27 @@ async fn connections_for(format: Format, http2: bool, calls: usize) -> u64 {
 async fn http2_carries_a_lanes_calls_on_a_few_connections() {
     for format in FORMATS {
         // HTTP/1.1: a connection per call in flight.
-        let h1 = connections_for(format, false, 40).await;
+        let h1 = connections_for(format, false, 40, 1).await;
         assert!(h1 >= 40, "{format:?}: HTTP/1.1 used {h1} connections");
         // HTTP/2 (h2c to an http:// server): 40 calls at 10 per connection
         // share 4 connections.
-        let h2 = connections_for(format, true, 40).await;
+        let h2 = connections_for(format, true, 40, 1).await;
         assert!(
             (1..=4).contains(&h2),
             "{format:?}: HTTP/2 used {h2} connections"
         );
     }
+}
+
+#[tokio::test]
+async fn http1_keeps_a_lanes_connections_for_its_next_calls() {
+    // Two waves of 300 calls (more than any fixed idle cap of 256): the
+    // second finds the first's connections idle and opens none.
+    let n = connections_for(Format::Openai, false, 300, 2).await;
+    assert!(
+        (300..=320).contains(&n),
+        "two waves of 300 calls opened {n} connections"
+    );
 }
 
 #[test]

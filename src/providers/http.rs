@@ -59,8 +59,9 @@ pub struct HttpClient {
 pub const DEFAULT_BODY_LIMIT: usize = 8 << 20;
 
 impl HttpClient {
-    /// A provider's client: HTTP/1.1 when `http2_connections` is None, else
-    /// HTTP/2 over that many connections (at least one).
+    /// A client: HTTP/1.1 (keeping up to 256 idle connections) when
+    /// `http2_connections` is None, else HTTP/2 over that many connections
+    /// (at least one).
     pub fn new(
         name: &str,
         base_url: &str,
@@ -68,13 +69,46 @@ impl HttpClient {
         timeout: Duration,
         http2_connections: Option<usize>,
     ) -> anyhow::Result<Self> {
+        Self::build(name, base_url, key, timeout, http2_connections, 256)
+    }
+
+    /// A provider's client as its config says (`http2`, `timeout_secs`,
+    /// `max_response_bytes`). Over HTTP/1.1 it keeps as many idle
+    /// connections as `max_concurrency`: a lane whose calls in flight ebb
+    /// and flow reuses its connections instead of closing the ones over a
+    /// fixed idle cap and opening (for https, handshaking) new ones when
+    /// the calls come back.
+    pub fn for_provider(
+        name: &str,
+        cfg: &crate::config::ProviderConfig,
+        key: Option<Secret>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self::build(
+            name,
+            &cfg.base_url,
+            key,
+            cfg.timeout(),
+            cfg.http2_connections(),
+            cfg.max_concurrency.max(1),
+        )?
+        .with_body_limit(cfg.max_response_bytes))
+    }
+
+    fn build(
+        name: &str,
+        base_url: &str,
+        key: Option<Secret>,
+        timeout: Duration,
+        http2_connections: Option<usize>,
+        max_idle: usize,
+    ) -> anyhow::Result<Self> {
         install_tls_provider();
         let base_url = base_url.trim_end_matches('/').to_string();
         let build = |http2: bool| {
             let b = reqwest::Client::builder()
                 .timeout(timeout)
                 .connect_timeout(Duration::from_secs(10))
-                .pool_max_idle_per_host(256);
+                .pool_max_idle_per_host(max_idle);
             let b = if !http2 {
                 b.http1_only()
             } else {

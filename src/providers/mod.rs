@@ -189,16 +189,7 @@ impl Provider {
             .and_then(|var| std::env::var(var).ok())
             .filter(|k| !k.is_empty())
             .map(Secret::new);
-        let http = || {
-            http::HttpClient::new(
-                name,
-                &cfg.base_url,
-                key.clone(),
-                cfg.timeout(),
-                cfg.http2_connections(),
-            )
-            .map(|c| c.with_body_limit(cfg.max_response_bytes))
-        };
+        let http = || http::HttpClient::for_provider(name, cfg, key.clone());
         Ok(match cfg.kind {
             ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
                 Provider::OpenAi(openai::OpenAiAdapter::new(http()?))

@@ -5,7 +5,7 @@
 //! Over HTTP/1.1 (the default) one client keeps a pool of connections, one
 //! per call in flight: at 1,000 calls in flight that is 1,000 connections,
 //! each with hyper's read and write buffers, dispatch channel and task
-//! (about 38 KB; see docs/benchmarks.md). With `providers.<name>.http2`
+//! (about 15 KiB; see docs/benchmarks.md). With `providers.<name>.http2`
 //! calls are streams on shared connections. hyper's HTTP/2 client keeps one
 //! connection per client and queues streams beyond the server's
 //! `SETTINGS_MAX_CONCURRENT_STREAMS` on it, so a lane holds
@@ -171,19 +171,6 @@ impl HttpClient {
             Some(k) => k.redact(text),
             None => text.to_string(),
         }
-    }
-
-    /// POST `body` as JSON to `path` with `headers`; any status is an `Ok`.
-    pub async fn post_json<B: Serialize + ?Sized>(
-        &self,
-        path: &str,
-        headers: &[(&'static str, String)],
-        body: &B,
-    ) -> Result<RawResponse, CallError> {
-        let resp = self
-            .open(self.client().post(self.url(path)).json(body), headers)
-            .await?;
-        self.read_limited(resp).await
     }
 
     /// `method` on `path` (or on an absolute URL of the provider's that

@@ -524,7 +524,7 @@ struct SimState {
     forced: Mutex<HashMap<Format, VecDeque<Forced>>>,
     in_flight: std::sync::atomic::AtomicU64,
     /// TCP connections accepted.
-    connections: Arc<std::sync::atomic::AtomicU64>,
+    connections: std::sync::atomic::AtomicU64,
     batches: Mutex<batch::Book>,
 }
 
@@ -615,10 +615,12 @@ impl SimServer {
             .with_state(state.clone());
         let tasks = crate::tasks::Tasks::new();
         let token = tasks.token().clone();
-        let connections = state.connections.clone();
+        let counted = state.clone();
         // HTTP/1.1, and HTTP/2 with prior knowledge (h2c) on the same port.
         let listener = axum::serve::ListenerExt::tap_io(listener, move |_| {
-            connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            counted
+                .connections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         });
         tasks.spawn(async move {
             let _ = axum::serve(listener, app)

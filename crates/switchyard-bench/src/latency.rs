@@ -30,6 +30,22 @@ pub struct LatencyFigures {
     pub added_latency_p90_ms: f64,
     pub added_latency_p99_ms: f64,
     pub added_latency_max_ms: f64,
+    /// Where the time goes, per job, p50 and p99 of each stage (ms), from
+    /// the transaction start times Postgres records (`now()`):
+    /// `dispatch` publish → the job row's transaction began;
+    /// `to_intent` → the intent's transaction began (the job row's commit,
+    /// the call's publish and second hop);
+    /// `to_final` → the final rows' transaction began (the intent's commit,
+    /// the provider); `to_done` → the done event arrived (the final commit,
+    /// the ack, the event).
+    pub stages_ms: Vec<Stage>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Stage {
+    pub stage: &'static str,
+    pub p50: f64,
+    pub p99: f64,
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -78,13 +94,14 @@ pub async fn run(
 
     // The receiver: when each job's done event arrived.
     let arrivals = switchyard::tasks::Tasks::new().spawn(async move {
-        let mut at: HashMap<String, Instant> = HashMap::with_capacity(n);
+        let mut at: HashMap<String, (Instant, f64)> = HashMap::with_capacity(n);
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(secs + 60.0);
         while at.len() < n {
             match tokio::time::timeout_at(deadline, done.next()).await {
                 Ok(Some(m)) => {
                     if let Ok(ev) = serde_json::from_slice::<DoneEvent>(&m.payload) {
-                        at.entry(ev.job_id).or_insert_with(Instant::now);
+                        at.entry(ev.job_id)
+                            .or_insert_with(|| (Instant::now(), epoch_ms()));
                     }
                 }
                 _ => break,
@@ -95,14 +112,14 @@ pub async fn run(
 
     // The publisher: one job every 1/rate seconds, each publish in its own
     // task so a slow ack never delays the next.
-    let mut sent: HashMap<String, Instant> = HashMap::with_capacity(n);
+    let mut sent: HashMap<String, (Instant, f64)> = HashMap::with_capacity(n);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let publishes = switchyard::tasks::Tasks::new();
     eprintln!("latency: {n} jobs at {rate} jobs/s through the in-process provider…");
     for job in jobs {
         tick.tick().await;
-        sent.insert(job.id.clone(), Instant::now());
+        sent.insert(job.id.clone(), (Instant::now(), epoch_ms()));
         let bus = bus.clone();
         publishes.spawn(async move {
             let subject = bus.names.job_subject(&job.category);
@@ -126,13 +143,14 @@ pub async fn run(
     .collect();
     let mut added: Vec<f64> = at
         .iter()
-        .filter_map(|(id, arrived)| {
-            let start = sent.get(id)?;
+        .filter_map(|(id, (arrived, _))| {
+            let (start, _) = sent.get(id)?;
             let total = arrived.duration_since(*start).as_secs_f64() * 1000.0;
             Some((total - provider_ms.get(id).copied().unwrap_or(0.0)).max(0.0))
         })
         .collect();
     added.sort_by(|a, b| a.total_cmp(b));
+    let stages_ms = stages(&pool, &run, &sent, &at).await?;
 
     // Leave the database and NATS as we found them.
     for table in ["results", "calls"] {
@@ -157,7 +175,60 @@ pub async fn run(
         added_latency_p90_ms: quantile(&added, 0.90),
         added_latency_p99_ms: quantile(&added, 0.99),
         added_latency_max_ms: added.last().copied().unwrap_or(0.0),
+        stages_ms,
     })
+}
+
+fn epoch_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// Each finished job's stages (see [`LatencyFigures::stages_ms`]), from the
+/// wall clock this process and Postgres share.
+async fn stages(
+    pool: &PgPool,
+    run: &str,
+    sent: &HashMap<String, (Instant, f64)>,
+    at: &HashMap<String, (Instant, f64)>,
+) -> Result<Vec<Stage>> {
+    let rows: Vec<(String, f64, f64, f64)> = sqlx::query_as(
+        "SELECT j.id, extract(epoch FROM j.created_at)::float8 * 1000,
+                extract(epoch FROM c.first)::float8 * 1000,
+                extract(epoch FROM r.created_at)::float8 * 1000
+         FROM jobs j JOIN results r ON r.job_id = j.id
+              JOIN (SELECT job_id, min(created_at) AS first FROM calls
+                    WHERE job_id LIKE $1 GROUP BY job_id) c ON c.job_id = j.id
+         WHERE j.id LIKE $1",
+    )
+    .bind(format!("{run}%"))
+    .fetch_all(pool)
+    .await?;
+    let mut cols: [Vec<f64>; 4] = Default::default();
+    for (id, job, intent, result) in rows {
+        let (Some((_, sent)), Some((_, done))) = (sent.get(&id), at.get(&id)) else {
+            continue;
+        };
+        for (col, d) in
+            cols.iter_mut()
+                .zip([job - sent, intent - job, result - intent, done - result])
+        {
+            col.push(d);
+        }
+    }
+    Ok(["dispatch", "to_intent", "to_final", "to_done"]
+        .into_iter()
+        .zip(cols)
+        .map(|(stage, mut v)| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            Stage {
+                stage,
+                p50: quantile(&v, 0.5),
+                p99: quantile(&v, 0.99),
+            }
+        })
+        .collect())
 }
 
 impl LatencyFigures {
@@ -167,14 +238,20 @@ impl LatencyFigures {
              added latency p50         {:>10.2} ms\n\
              added latency p90         {:>10.2} ms\n\
              added latency p99         {:>10.2} ms\n\
-             added latency max         {:>10.2} ms",
+             added latency max         {:>10.2} ms\n\
+             stages p50 / p99 (ms)     {}",
             self.offered_jobs_per_sec,
             self.jobs,
             self.finished,
             self.added_latency_p50_ms,
             self.added_latency_p90_ms,
             self.added_latency_p99_ms,
-            self.added_latency_max_ms
+            self.added_latency_max_ms,
+            self.stages_ms
+                .iter()
+                .map(|s| format!("{} {:.1} / {:.1}", s.stage, s.p50, s.p99))
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     }
 }

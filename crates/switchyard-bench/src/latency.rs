@@ -92,16 +92,16 @@ pub async fn run(
     )
     .await?;
 
+    let clock = clock_pair();
     // The receiver: when each job's done event arrived.
     let arrivals = switchyard::tasks::Tasks::new().spawn(async move {
-        let mut at: HashMap<String, (Instant, f64)> = HashMap::with_capacity(n);
+        let mut at: HashMap<String, Instant> = HashMap::with_capacity(n);
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(secs + 60.0);
         while at.len() < n {
             match tokio::time::timeout_at(deadline, done.next()).await {
                 Ok(Some(m)) => {
                     if let Ok(ev) = serde_json::from_slice::<DoneEvent>(&m.payload) {
-                        at.entry(ev.job_id)
-                            .or_insert_with(|| (Instant::now(), epoch_ms()));
+                        at.entry(ev.job_id).or_insert_with(Instant::now);
                     }
                 }
                 _ => break,
@@ -112,14 +112,14 @@ pub async fn run(
 
     // The publisher: one job every 1/rate seconds, each publish in its own
     // task so a slow ack never delays the next.
-    let mut sent: HashMap<String, (Instant, f64)> = HashMap::with_capacity(n);
+    let mut sent: HashMap<String, Instant> = HashMap::with_capacity(n);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let publishes = switchyard::tasks::Tasks::new();
     eprintln!("latency: {n} jobs at {rate} jobs/s through the in-process provider…");
     for job in jobs {
         tick.tick().await;
-        sent.insert(job.id.clone(), (Instant::now(), epoch_ms()));
+        sent.insert(job.id.clone(), Instant::now());
         let bus = bus.clone();
         publishes.spawn(async move {
             let subject = bus.names.job_subject(&job.category);
@@ -143,14 +143,14 @@ pub async fn run(
     .collect();
     let mut added: Vec<f64> = at
         .iter()
-        .filter_map(|(id, (arrived, _))| {
-            let (start, _) = sent.get(id)?;
+        .filter_map(|(id, arrived)| {
+            let start = sent.get(id)?;
             let total = arrived.duration_since(*start).as_secs_f64() * 1000.0;
             Some((total - provider_ms.get(id).copied().unwrap_or(0.0)).max(0.0))
         })
         .collect();
     added.sort_by(|a, b| a.total_cmp(b));
-    let stages_ms = stages(&pool, &run, &sent, &at).await?;
+    let stages_ms = stages(&pool, &run, clock, &sent, &at).await?;
 
     // Leave the database and NATS as we found them.
     for table in ["results", "calls"] {
@@ -179,10 +179,13 @@ pub async fn run(
     })
 }
 
-fn epoch_ms() -> f64 {
-    std::time::SystemTime::now()
+/// Now on the monotonic clock and on the wall clock (ms since the epoch),
+/// so that an `Instant` taken later converts to the wall clock Postgres uses.
+fn clock_pair() -> (Instant, f64) {
+    let wall = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    (Instant::now(), wall)
 }
 
 /// Each finished job's stages (see [`LatencyFigures::stages_ms`]), from the
@@ -190,9 +193,11 @@ fn epoch_ms() -> f64 {
 async fn stages(
     pool: &PgPool,
     run: &str,
-    sent: &HashMap<String, (Instant, f64)>,
-    at: &HashMap<String, (Instant, f64)>,
+    (base, base_wall): (Instant, f64),
+    sent: &HashMap<String, Instant>,
+    at: &HashMap<String, Instant>,
 ) -> Result<Vec<Stage>> {
+    let wall = |t: &Instant| base_wall + t.duration_since(base).as_secs_f64() * 1000.0;
     let rows: Vec<(String, f64, f64, f64)> = sqlx::query_as(
         "SELECT j.id, extract(epoch FROM j.created_at)::float8 * 1000,
                 extract(epoch FROM c.first)::float8 * 1000,
@@ -207,7 +212,7 @@ async fn stages(
     .await?;
     let mut cols: [Vec<f64>; 4] = Default::default();
     for (id, job, intent, result) in rows {
-        let (Some((_, sent)), Some((_, done))) = (sent.get(&id), at.get(&id)) else {
+        let (Some(sent), Some(done)) = (sent.get(&id).map(wall), at.get(&id).map(wall)) else {
             continue;
         };
         for (col, d) in

@@ -107,7 +107,13 @@ impl Writer {
             back: Notify::new(),
             tasks: tasks.clone(),
         });
-        tasks.spawn(writer_loop(pool, rx, batch_size, linger, slots));
+        tasks.spawn(writer_loop(
+            write_pool(&pool, slots),
+            rx,
+            batch_size,
+            linger,
+            slots,
+        ));
         Self { tx, health }
     }
 
@@ -198,6 +204,30 @@ impl Writer {
     }
 }
 
+/// The writer's own connections, one per commit slot and one spare, with
+/// settings that make its plans independent of table statistics. Its
+/// statements are prepared once per connection and run thousands of times
+/// a second; Postgres caches a generic plan for each after five runs,
+/// costed on the statistics of that moment. On a new database (or where
+/// autovacuum is off or behind) those say the tables are empty, and the
+/// cached plans scan `calls` and `jobs` sequentially, or build a bitmap of
+/// every finished job, for each batch, ever after: at 1,000 jobs/s the
+/// intent insert alone took 3.8 ms at p50 and grew with the tables
+/// (docs/benchmarks.md, "Where the added latency goes"). Every lookup the
+/// writer makes is by a key, so an index is always right: sequential scans
+/// only where nothing else can do, and one generic plan per statement
+/// (no planning per batch).
+fn write_pool(pool: &PgPool, slots: usize) -> PgPool {
+    let opts = (*pool.connect_options()).clone().options([
+        ("enable_seqscan", "off"),
+        ("plan_cache_mode", "force_generic_plan"),
+    ]);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(u32::try_from(slots.max(1) + 1).unwrap_or(u32::MAX))
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_lazy_with(opts)
+}
+
 /// Group commit: a batch is committed as soon as a commit slot is free
 /// (after lingering up to `linger` for more rows; none by default); while
 /// `slots` commits are in flight, requests queue and the next commit takes
@@ -253,6 +283,7 @@ async fn writer_loop(
                 if lingering.is_some() => {}
         }
     }
+    pool.close().await;
     debug!("writer stopped");
 }
 
@@ -373,13 +404,7 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
         lock_steps(&mut tx, &intents).await?;
     }
     if !jobs.is_empty() {
-        insert_jobs(&mut tx, &jobs).await?;
-        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-        let found: Vec<(String, String)> =
-            sqlx::query_as("SELECT id, status FROM jobs WHERE id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&mut *tx)
-                .await?;
+        let found = insert_jobs(&mut tx, &jobs).await?;
         // The CHECK constraint allows only known statuses.
         status.extend(
             found
@@ -438,9 +463,17 @@ async fn write_rows(pool: &PgPool, rows: &[&Row]) -> Result<Written> {
     Ok(Written { status, attempts })
 }
 
-async fn insert_jobs(tx: &mut Transaction<'_, Postgres>, jobs: &[&JobRow]) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO jobs (id, category, status, envelope, route_decision, error, enqueued_at, finished_at, variant,
+/// Job rows, new or (a dead-lettered job published again, fixed) replacing
+/// a dead one; returns each job's status after the insert: the row written,
+/// else the one already there (the statement's snapshot predates its own
+/// writes, so a row it updated is taken from `ins` alone).
+async fn insert_jobs(
+    tx: &mut Transaction<'_, Postgres>,
+    jobs: &[&JobRow],
+) -> Result<Vec<(String, String)>> {
+    let found = sqlx::query_as(
+        "WITH ins AS (
+         INSERT INTO jobs (id, category, status, envelope, route_decision, error, enqueued_at, finished_at, variant,
                           callback_url)
          SELECT u.id, u.category, u.status, u.envelope, u.route_decision, u.error,
                 to_timestamp(u.enqueued_ms / 1000.0),
@@ -455,7 +488,12 @@ async fn insert_jobs(tx: &mut Transaction<'_, Postgres>, jobs: &[&JobRow]) -> Re
                  error = NULL, enqueued_at = EXCLUDED.enqueued_at, finished_at = NULL,
                  variant = EXCLUDED.variant, callback_url = EXCLUDED.callback_url
              -- A job first seen malformed may be published again, fixed, under its id.
-             WHERE jobs.status = $10 AND EXCLUDED.status <> $10",
+             WHERE jobs.status = $10 AND EXCLUDED.status <> $10
+         RETURNING id, status)
+         SELECT id, status FROM ins
+         UNION ALL
+         SELECT j.id, j.status FROM jobs j
+         WHERE j.id = ANY($1::text[]) AND NOT EXISTS (SELECT 1 FROM ins WHERE ins.id = j.id)",
     )
     .bind(jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>())
     .bind(jobs.iter().map(|j| j.category.clone()).collect::<Vec<_>>())
@@ -468,9 +506,28 @@ async fn insert_jobs(tx: &mut Transaction<'_, Postgres>, jobs: &[&JobRow]) -> Re
     .bind(JobStatus::terminal_names())
     .bind(JobStatus::Dead.as_str())
     .bind(jobs.iter().map(|j| j.callback_url.clone()).collect::<Vec<_>>())
-    .execute(&mut **tx)
+    .fetch_all(&mut **tx)
     .await?;
-    Ok(())
+    let mut found: Vec<(String, String)> = found;
+    // A row another transaction committed after this statement's snapshot
+    // was taken stopped the insert but is not in that snapshot: read it
+    // with a new one (rare: the same job written by two processes at once).
+    if found.len() < jobs.len() {
+        let seen: std::collections::HashSet<&str> =
+            found.iter().map(|(id, _)| id.as_str()).collect();
+        let missing: Vec<String> = jobs
+            .iter()
+            .filter(|j| !seen.contains(j.id.as_str()))
+            .map(|j| j.id.clone())
+            .collect();
+        let more: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, status FROM jobs WHERE id = ANY($1)")
+                .bind(&missing)
+                .fetch_all(&mut **tx)
+                .await?;
+        found.extend(more);
+    }
+    Ok(found)
 }
 
 async fn insert_dead_letters(
@@ -661,14 +718,18 @@ async fn insert_intents(
                 u.cache_write_input_tokens, u.reasoning_tokens, u.price_cache_write_per_mtok,
                 u.batch_id
          FROM {}
+         -- Each check is a lookup by key per row: OFFSET 0 keeps Postgres
+         -- from turning them into joins that scan the tables (see write_pool).
          WHERE NOT EXISTS (SELECT 1 FROM calls c
                            WHERE c.job_id = u.job_id AND c.step = u.step
                              AND (c.outcome IN ('ok', 'cached')
                                   OR (c.outcome = 'unknown'
-                                      AND c.created_at > now() - make_interval(secs => u.busy_secs))))
-           AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.job_id = u.job_id AND s.step = u.step)
+                                      AND c.created_at > now() - make_interval(secs => u.busy_secs)))
+                           OFFSET 0)
+           AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.job_id = u.job_id AND s.step = u.step
+                           OFFSET 0)
            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = u.job_id
-                           AND j.status = ANY($23::text[]))
+                           AND j.status = ANY($23::text[]) OFFSET 0)
          ON CONFLICT (job_id, step, attempt) DO NOTHING
          RETURNING job_id, step, attempt",
         call_unnest((", $22::float8[]", ", busy_secs"))
@@ -706,7 +767,7 @@ async fn insert_results(tx: &mut Transaction<'_, Postgres>, results: &[&ResultRo
              FROM calls WHERE calls.job_id = r.job_id
          ) c ON true
          -- A cancelled job keeps no result (its last call is recorded).
-         WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = r.job_id AND j.status = $9)
+         WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = r.job_id AND j.status = $9 OFFSET 0)
          ON CONFLICT (job_id) DO NOTHING",
     )
     .bind(results.iter().map(|r| r.job_id.clone()).collect::<Vec<_>>())

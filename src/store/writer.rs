@@ -471,7 +471,7 @@ async fn insert_jobs(
     tx: &mut Transaction<'_, Postgres>,
     jobs: &[&JobRow],
 ) -> Result<Vec<(String, String)>> {
-    let found = sqlx::query_as(
+    let mut found: Vec<(String, String)> = sqlx::query_as(
         "WITH ins AS (
          INSERT INTO jobs (id, category, status, envelope, route_decision, error, enqueued_at, finished_at, variant,
                           callback_url)
@@ -508,7 +508,6 @@ async fn insert_jobs(
     .bind(jobs.iter().map(|j| j.callback_url.clone()).collect::<Vec<_>>())
     .fetch_all(&mut **tx)
     .await?;
-    let mut found: Vec<(String, String)> = found;
     // A row another transaction committed after this statement's snapshot
     // was taken stopped the insert but is not in that snapshot: read it
     // with a new one (rare: the same job written by two processes at once).

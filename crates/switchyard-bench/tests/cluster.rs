@@ -98,7 +98,15 @@ async fn replicas_move_existing_streams_and_a_single_server_refuses_three() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let kv = open_store_with(&bus.js, "rep", Some(1)).await.unwrap();
-    kv.put("openai", "{}".into()).await.unwrap();
+    // A bucket just made on a new cluster may not have its stream's leader
+    // yet (nats-server 2.15 answers "stream not found" for a moment).
+    while let Err(e) = kv.put("openai", "{}".into()).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cluster never took a write to the bucket: {e:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     bus.publish_durable(bus.names.job_subject("support"), "j1", "{}".into())
         .await
         .unwrap();

@@ -5,6 +5,8 @@
 //! rating, retention) and a re-roll. After each, the report's per-job
 //! sections and the views read through the rollups must equal the same
 //! read raw, and every rolled hour not marked dirty a fresh aggregate.
+//! The roller also stops inside an hour and adds to it later (migration
+//! 0026), so its raw tail is minutes long.
 
 mod common;
 
@@ -15,8 +17,8 @@ use switchyard::store::report::{self, Scope, TimeBound, TimeUnit};
 use tokio_util::sync::CancellationToken;
 
 /// Every per-job section of the report, rolled (no job prefix) and raw
-/// (the `jr-` prefix every job here has), over several windows: equal.
-async fn assert_exact(env: &TestEnv, when: &str) {
+/// (`prefix`, which every job of the test has), over several windows: equal.
+async fn assert_exact(env: &TestEnv, prefix: &str, when: &str) {
     let diff = job_rollups::mismatches(&env.pool).await.unwrap();
     assert!(diff.is_empty(), "job rollups differ {when}: {diff:#?}");
     let windows = [
@@ -48,7 +50,7 @@ async fn assert_exact(env: &TestEnv, when: &str) {
     tx.rollback().await.unwrap();
     for rolled in windows {
         let raw = Scope {
-            job_prefix: Some("jr-".into()),
+            job_prefix: Some(prefix.into()),
             ..rolled.clone()
         };
         let w = format!("{when}, {rolled:?}");
@@ -130,7 +132,7 @@ async fn job_rollups_equal_the_jobs_through_late_changes_and_rerolls() {
     );
     assert!(env.count("SELECT count(*) FROM results").await > 0);
 
-    // Nothing is over an hour old yet: nothing rolls but the empty past.
+    // Nothing is over five minutes old yet: nothing rolls but the empty past.
     roll(&env).await;
     assert_eq!(env.count("SELECT count(*) FROM job_rollups").await, 0);
 
@@ -144,14 +146,14 @@ async fn job_rollups_equal_the_jobs_through_late_changes_and_rerolls() {
     .await
     .unwrap();
     assert!(dirty(&env).await > 0, "moving old jobs marks their hours");
-    assert_exact(&env, "with the moved hours dirty").await;
+    assert_exact(&env, "jr-", "with the moved hours dirty").await;
     quiet(&env).await;
     roll(&env).await;
     assert_eq!(dirty(&env).await, 0, "rolled hours are clean");
     assert!(env.count("SELECT count(*) FROM job_rollups").await > 0);
     let (until, _, _) = job_rollups::state(&env.pool).await.unwrap();
     assert!(until.is_some());
-    assert_exact(&env, "after the first roll").await;
+    assert_exact(&env, "jr-", "after the first roll").await;
 
     // A late status change, a late call and a rating on rolled jobs: their
     // hours go dirty and are read raw until re-rolled.
@@ -185,13 +187,16 @@ async fn job_rollups_equal_the_jobs_through_late_changes_and_rerolls() {
     // What the gauges an operator watches are set to says the same.
     let (lag, marked) = job_rollups::observe(&env.pool).await.unwrap();
     assert_eq!(marked, dirty(&env).await);
-    assert!(lag.unwrap() >= 3600.0, "{lag:?}");
-    assert_exact(&env, "after late changes").await;
+    // The roller stays five to six minutes behind (minute steps, nothing
+    // else open): the raw tail is minutes of jobs, not hours.
+    let lag = lag.unwrap();
+    assert!((300.0..420.0).contains(&lag), "{lag}");
+    assert_exact(&env, "jr-", "after late changes").await;
 
     quiet(&env).await;
     roll(&env).await;
     assert_eq!(dirty(&env).await, 0);
-    assert_exact(&env, "after the re-roll").await;
+    assert_exact(&env, "jr-", "after the re-roll").await;
 
     // Retention deletes ended jobs with their rows: their hours go dirty,
     // and re-rolled they hold only what is left.
@@ -200,10 +205,137 @@ async fn job_rollups_equal_the_jobs_through_late_changes_and_rerolls() {
         .unwrap();
     assert!(pruned.jobs > 0, "{pruned:?}");
     assert!(dirty(&env).await > 0);
-    assert_exact(&env, "after a prune").await;
+    assert_exact(&env, "jr-", "after a prune").await;
     quiet(&env).await;
     roll(&env).await;
     assert_eq!(dirty(&env).await, 0);
-    assert_exact(&env, "after the prune's re-roll").await;
+    assert_exact(&env, "jr-", "after the prune's re-roll").await;
+    env.cleanup().await;
+}
+
+/// Roller steps (as `job_rollups::roll`) that go no further than `upto`.
+async fn roll_upto(env: &TestEnv, upto: &str) {
+    for _ in 0..10_000 {
+        let r: Option<String> =
+            sqlx::query_scalar("SELECT job_rollups_step($1::timestamptz)::text")
+                .bind(upto)
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        if r.is_none() {
+            return;
+        }
+    }
+    panic!("the roller did not settle");
+}
+
+/// Jobs rolled into hour `h` (text), dirty or not.
+async fn rolled_jobs(env: &TestEnv, h: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COALESCE(sum(jobs), 0)::int8 FROM job_rollups WHERE hour = $1::timestamptz",
+    )
+    .bind(h)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
+/// A late change (to `status`) of one succeeded early job of
+/// `the_roller_stops_inside_an_hour_and_adds_the_rest_later`: its hour is
+/// marked, and the figures stay exact.
+async fn late_change(env: &TestEnv, status: &str, when: &str) {
+    sqlx::query(
+        "UPDATE jobs SET status = $1
+         WHERE id = (SELECT min(id) FROM jobs WHERE status = 'succeeded' AND hashtext(id) & 1 = 0)",
+    )
+    .bind(status)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(dirty(env).await, 1, "{when}");
+    assert_exact(
+        env,
+        "jt-",
+        &format!("{when}, then a late change to {status}"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_roller_stops_inside_an_hour_and_adds_the_rest_later() {
+    let (env, _ids) = common::mixed_run("jt", 40, SimProfile::default()).await;
+    let h: String = sqlx::query_scalar("SELECT rollup_hour(now() - interval '3 hours')::text")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    // Two groups in one hour: minutes 10-17 and 40-47.
+    sqlx::query(
+        "UPDATE jobs SET created_at = $1::timestamptz
+             + CASE WHEN hashtext(id) & 1 = 0 THEN interval '10 minutes' ELSE interval '40 minutes' END
+             + (hashtext(id) >> 1 & 7) * interval '1 minute'",
+    )
+    .bind(&h)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    // As if the roller had never run (the worker's may have rolled the
+    // empty past before the jobs came).
+    for sql in [
+        "UPDATE job_rollup_state SET rolled_until = NULL",
+        "DELETE FROM job_rollups",
+        "DELETE FROM job_rollup_dirty",
+    ] {
+        sqlx::query(sql).execute(&env.pool).await.unwrap();
+    }
+    let early = env
+        .count("SELECT count(*) FROM jobs WHERE hashtext(id) & 1 = 0")
+        .await;
+    let all = env.count("SELECT count(*) FROM jobs").await;
+    assert!(early > 0 && early < all, "{early} of {all}");
+    let half: String = sqlx::query_scalar("SELECT ($1::timestamptz + interval '30 minutes')::text")
+        .bind(&h)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+
+    // Rolled to the half hour: the hour's rows hold the early jobs only,
+    // and the rest of the hour is read raw.
+    roll_upto(&env, &half).await;
+    let (until, _, _) = job_rollups::state(&env.pool).await.unwrap();
+    let at_half: bool = sqlx::query_scalar("SELECT $1::timestamptz = $2::timestamptz")
+        .bind(until.as_deref())
+        .bind(&half)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(at_half, "rolled until {until:?}, not {half}");
+    assert_exact(&env, "jt-", "rolled to the half hour").await;
+    // A late change to an early job marks the hour: read raw up to the
+    // half hour until re-rolled, and re-rolled only up to it.
+    late_change(&env, "cancelled", "rolled to the half hour").await;
+    quiet(&env).await;
+    roll_upto(&env, &half).await;
+    assert_eq!(dirty(&env).await, 0);
+    assert_eq!(rolled_jobs(&env, &h).await, early);
+    assert_exact(&env, "jt-", "re-rolled to the half hour").await;
+
+    // Rolled on: the late jobs are added to the same hour's rows, with no
+    // mark (they were not rolled before), and the roller ends minutes
+    // behind now.
+    roll(&env).await;
+    assert_eq!(dirty(&env).await, 0);
+    assert_eq!(rolled_jobs(&env, &h).await, all);
+    let (lag, _) = job_rollups::observe(&env.pool).await.unwrap();
+    let lag = lag.unwrap();
+    assert!((300.0..420.0).contains(&lag), "{lag}");
+    assert_exact(&env, "jt-", "with the rest added").await;
+
+    // A late change to an early job: the hour is read raw until re-rolled.
+    late_change(&env, "failed", "rolled on").await;
+    quiet(&env).await;
+    roll(&env).await;
+    assert_eq!(dirty(&env).await, 0);
+    assert_eq!(rolled_jobs(&env, &h).await, all);
+    assert_exact(&env, "jt-", "after its re-roll").await;
     env.cleanup().await;
 }

@@ -16,22 +16,34 @@
 //! path several times per job. Instead:
 //!
 //! * **The roller** ([`roll_periodically`], in every worker; an advisory
-//!   lock lets one at a time work) snapshots whole hours once they are over
-//!   an hour old (`job_rollups_step()`, one hour per call and transaction),
-//!   and moves `job_rollup_state.rolled_until` past them.
-//! * **Late changes** (a job over an hour old whose row, calls, results or
-//!   steps change: scheduled jobs, provider batches, reviews, replays,
-//!   retention) mark the job's hour in `job_rollup_dirty` from triggers, in
-//!   the changing transaction. A young job costs its writes only a cheap
-//!   check (a `WHEN` clause on `jobs`; a primary-key lookup per changed row
-//!   of the other tables). Readers read dirty hours raw, and the roller
-//!   re-rolls them once quiet for a minute.
+//!   lock lets one at a time work) adds the jobs created up to five
+//!   minutes ago to their hour's rows (`job_rollups_step()`, at most one
+//!   hour per call and transaction; figures are sums and histograms, so
+//!   the open hour is added to as it goes, migration 0026) and moves
+//!   `job_rollup_state.rolled_until` to the minute past them. The rows of
+//!   the hour holding `rolled_until` cover that hour up to it.
+//! * **Late changes** (a job over five minutes old whose row, calls,
+//!   results or steps change: slow or scheduled jobs, provider batches,
+//!   reviews, replays, retention) mark the job's hour in
+//!   `job_rollup_dirty` from triggers, in the changing transaction. A young
+//!   job costs its writes only a cheap check (a `WHEN` clause on `jobs`; a
+//!   primary-key lookup per changed row of the other tables). Readers read
+//!   dirty hours raw (up to `rolled_until`), and the roller re-rolls them
+//!   once quiet for a minute.
 //! * **No race with the roll**: a change too young to mark was made by a
-//!   transaction that began less than an hour after the job's creation.
-//!   The roller closes hour H only when no transaction that began before
-//!   H + 2 hours is still open (`pg_stat_activity`), so such a change has
-//!   committed and the roll sees it. The roller must see the other
-//!   sessions' `xact_start` (same role, or `pg_read_all_stats`).
+//!   transaction that began less than five minutes after the job's
+//!   creation. The roller rolls jobs created before T only when no
+//!   transaction that began before T + 5 minutes is still open
+//!   (`pg_stat_activity`), so such a change has committed and the roll
+//!   sees it. The roller must see the other sessions' `xact_start` (same
+//!   role, or `pg_read_all_stats`).
+//! * **The raw tail** readers aggregate from `job_costs` is therefore five
+//!   to six minutes of jobs plus up to [`ROLL_EVERY`] (migration 0024 rolled
+//!   whole hours over an hour old: one to two hours of jobs, which grew
+//!   with the fleet's rate and dominated the report at tens of millions of
+//!   calls; see docs/benchmarks.md). Jobs that run longer than five
+//!   minutes mark their hour as they finish, which is read raw until
+//!   quiet: under a backlog the open hour is read raw, as 0024 always did.
 //! * **Ratings** are not rolled: feedback comes late and often, and would
 //!   keep hours dirty. Readers count them from `feedback` directly.
 
@@ -45,13 +57,14 @@ use tracing::{debug, warn};
 /// How often a worker's roller looks for work.
 pub const ROLL_EVERY: Duration = Duration::from_secs(30);
 
-/// Hours rolled per look at most (each its own transaction), so a backfill
-/// of months proceeds in slices and shutdown never waits on more than one.
+/// Steps per look at most (each its own transaction, at most an hour of
+/// jobs), so a backfill of months proceeds in slices and shutdown never
+/// waits on more than one.
 const STEPS_PER_LOOK: usize = 200;
 
-/// One roller step: the hour it rolled (or the new `rolled_until` when it
-/// skipped empty hours), `None` when there was nothing to do or another
-/// roller is at work.
+/// One roller step: the dirty hour it re-rolled or the new
+/// `rolled_until`, `None` when there was nothing to do or another roller
+/// is at work.
 pub async fn step(pool: &PgPool) -> Result<Option<String>> {
     Ok(sqlx::query_scalar("SELECT job_rollups_step()::text")
         .fetch_one(pool)
@@ -65,7 +78,7 @@ pub async fn roll(pool: &PgPool, max: usize, token: &CancellationToken) -> Resul
     while n < max && !token.is_cancelled() {
         match step(pool).await? {
             Some(h) => {
-                debug!(hour = %h, "rolled jobs");
+                debug!(step = %h, "rolled jobs");
                 n += 1;
             }
             None => break,
@@ -94,8 +107,8 @@ pub async fn roll_periodically(pool: PgPool, token: CancellationToken) {
 }
 
 /// Set the roller's gauges from the database, and return them: seconds
-/// from the end of the rolled hours to now (`None` before the first roll)
-/// and the hours marked dirty. Every worker sets them, whichever rolled.
+/// from `rolled_until` to now (`None` before the first roll; five to six
+/// minutes when the roller keeps up) and the hours marked dirty. Every worker sets them, whichever rolled.
 pub async fn observe(pool: &PgPool) -> Result<(Option<f64>, i64)> {
     let (lag, dirty): (Option<f64>, i64) = sqlx::query_as(
         "SELECT EXTRACT(EPOCH FROM now() - rolled_until)::float8,

@@ -200,10 +200,11 @@ fn calls_src(hist: bool) -> String {
 
 /// The scope's jobs (by creation time) as job rollup rows (migration
 /// 0024), from `$1`-`$6`: `job_rollups` for the whole UTC hours inside the
-/// window that the roller has rolled and nothing has changed since, and
-/// `job_figures_raw()` (the same rows aggregated from `job_costs`) for the
-/// rest: the window's partial hours, hours not rolled yet, hours marked
-/// dirty, or everything when a job prefix is given. So every figure is
+/// window that the roller has rolled and nothing has changed since (the
+/// hour holding `rolled_until` up to it), and `job_figures_raw()` (the
+/// same rows aggregated from `job_costs`) for the rest: the window's
+/// partial hours, what is not rolled yet, hours marked dirty (up to
+/// `rolled_until`), or everything when a job prefix is given. So every figure is
 /// exact whatever the roller has done; see [`super::job_rollups`]. The
 /// columns are `job_rollups`' (`hour`, `category`, ..., `latency_hist`).
 fn jobs_src() -> String {
@@ -231,7 +232,7 @@ fn jobs_src() -> String {
      SELECT f.* FROM b, LATERAL job_figures_raw(GREATEST(b.rhi, b.lo, b.s), b.u, $1, $6) f
      UNION ALL
      SELECT f.* FROM b, job_rollup_dirty d,
-            LATERAL job_figures_raw(d.hour, d.hour + interval '1 hour', $1, $6) f
+            LATERAL job_figures_raw(d.hour, LEAST(d.hour + interval '1 hour', b.rhi), $1, $6) f
      WHERE d.hour >= b.lo AND d.hour < b.rhi
     ) AS jsrc"
         .to_string()

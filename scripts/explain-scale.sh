@@ -8,6 +8,7 @@
 # backfill runs once after the load and is timed.
 #   ROWS=1000000 ./scripts/explain-scale.sh      # database sy_explain_scale
 #   ROWS=10000000 ./scripts/explain-scale.sh     # about 4 GB, ~10 minutes here
+#   TAIL='2 hours' SKIP_LOAD=1 KEEP=1 ./scripts/explain-scale.sh   # see TAIL below
 # Prints one line per query: `<ms> <query>`; drops the database at the end
 # unless KEEP=1 (then SKIP_LOAD=1 reruns the timings on it).
 set -euo pipefail
@@ -77,6 +78,19 @@ start=$(date +%s)
 "${PSQL[@]}" -d "$DB" -c "VACUUM ANALYZE job_rollups"
 echo "job rollups rolled in $(( $(date +%s) - start )) s"
 fi
+# The loaded jobs end at the load's start, so the roller has rolled them
+# all; a live fleet's roller trails now by TAIL (five to six minutes since
+# migration 0026, one to two hours before it). Put it there: rolled back
+# to the hour, then rolled on to the newest job minus TAIL.
+"${PSQL[@]}" -d "$DB" <<SQL
+CREATE TEMP TABLE x AS SELECT max(created_at) - interval '${TAIL:-6 minutes}' AS x FROM jobs;
+DELETE FROM job_rollups WHERE hour >= rollup_hour((SELECT x FROM x));
+UPDATE job_rollup_state SET rolled_until = rollup_hour((SELECT x FROM x))
+WHERE rolled_until > rollup_hour((SELECT x FROM x));
+DO \$\$ BEGIN LOOP EXIT WHEN job_rollups_step((SELECT x FROM x)) IS NULL; END LOOP; END \$\$;
+SELECT 'raw tail: ' || count(*) || ' jobs since ' || (SELECT rolled_until FROM job_rollup_state)
+FROM jobs WHERE created_at >= (SELECT rolled_until FROM job_rollup_state);
+SQL
 "${PSQL[@]}" -d "$DB" -c "SELECT (SELECT count(*) FROM calls) AS calls, (SELECT count(*) FROM call_rollups) AS rollup_rows,
   (SELECT count(*) FROM job_rollups) AS job_rollup_rows,
   pg_size_pretty(pg_database_size(current_database())) AS db_size"
@@ -100,7 +114,9 @@ wall report --since 30d
 wall report --since 7d --category sales
 echo "== dashboard (src/store/stats.rs, spend.rs)"
 run "SELECT model, sum(calls)::int8, sum(cost_usd) FROM call_rollups WHERE hour >= (now() AT TIME ZONE 'UTC')::date::timestamp AT TIME ZONE 'UTC' GROUP BY 1 HAVING sum(calls) > 0 ORDER BY 3 DESC"
-run "SELECT status, count(*)::int8 FROM jobs WHERE created_at >= (now() AT TIME ZONE 'UTC')::date::timestamp AT TIME ZONE 'UTC' GROUP BY 1 ORDER BY 1"
+# Jobs today by status: through the job rollups since 0027's build (the
+# report's jobs_by_status from midnight; job_figures is the same split).
+run "SELECT status, sum(jobs)::int8 FROM job_figures WHERE hour >= (now() AT TIME ZONE 'UTC')::date::timestamp AT TIME ZONE 'UTC' GROUP BY 1 ORDER BY 1"
 run "SELECT (EXTRACT(EPOCH FROM now() - finished_at) / 60)::int4 AS ago, count(*)::int8 FROM jobs WHERE finished_at > now() - interval '10 minutes' GROUP BY 1"
 run "SELECT model, sum(c)::int8, sum(e)::int8 FROM (SELECT model, calls AS c, retryable_calls + terminal_calls AS e FROM call_rollups WHERE hour >= date_bin('1 hour', now() - interval '1 hour', '2000-01-01Z') + interval '1 hour' UNION ALL SELECT model, count(*), count(*) FILTER (WHERE outcome IN ('retryable_error', 'terminal_error')) FROM calls WHERE created_at >= now() - interval '1 hour' AND created_at < date_bin('1 hour', now() - interval '1 hour', '2000-01-01Z') + interval '1 hour' GROUP BY 1) s GROUP BY 1"
 run "SELECT category, sum(cost_usd) FROM call_rollups WHERE hour >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' GROUP BY 1"

@@ -1,6 +1,7 @@
 //! The dashboard's figures from Postgres (fleet-wide): jobs finished
-//! recently, today's (UTC) jobs by status and spend by model, and the last
-//! hour's errors by model.
+//! recently (through `jobs_finished_idx`, migration 0027), today's (UTC)
+//! jobs by status (job rollups) and spend by model (call rollups), and the
+//! last hour's errors by model.
 
 use anyhow::Result;
 use rust_decimal::Decimal;
@@ -30,15 +31,25 @@ pub async fn finished_last_minute(pool: &PgPool) -> Result<i64> {
     .await?)
 }
 
-/// Today's (UTC) jobs by status, by status name.
+/// Today's (UTC) jobs by status, by status name: the report's per-job
+/// figures for the window from midnight (the job rollups' whole hours and
+/// a raw tail of minutes), so the count does not read every job of the day.
 pub async fn jobs_today(pool: &PgPool) -> Result<Vec<(String, i64)>> {
     // Constant SQL: the format! only joins the constant above.
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT status, count(*)::int8 FROM jobs
-         WHERE created_at >= {TODAY}::timestamp AT TIME ZONE 'UTC' GROUP BY 1 ORDER BY 1"
+    let midnight: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT to_char({TODAY}, 'YYYY-MM-DD') || 'T00:00:00Z'"
     )))
-    .fetch_all(pool)
-    .await?)
+    .fetch_one(pool)
+    .await?;
+    let scope = super::report::Scope {
+        since: super::report::TimeBound::At(midnight),
+        ..Default::default()
+    };
+    Ok(super::report::jobs_by_status(pool, &scope)
+        .await?
+        .into_iter()
+        .map(|c| (c.status, c.jobs))
+        .collect())
 }
 
 /// One model's calls and their cost.

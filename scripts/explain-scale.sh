@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The analysts' queries at scale: fill a scratch database with ROWS `calls`
-# rows (90 days, 4 categories, 7 models; ROWS*2/5 jobs, 90% with a result),
+# rows (90 days, 4 categories, 7 models; ROWS*2/5 jobs, 90% with a result;
+# each table in creation order, as a live system writes it),
 # through the real schema (rollups rebuilt once after the bulk load, as the
 # migration's backfill does), then time `switchyard report`,
 # the dashboard's queries, the job rollups and the daily views (EXPLAIN
@@ -39,7 +40,8 @@ SELECT 'j' || g, (ARRAY['support','sales','lookup','auto'])[1 + g % 4],
        jsonb_build_object('kind', (ARRAY['fallback','pipeline','consensus','single'])[1 + g % 4]),
        t - (g % 90) * interval '1 day' - (g % 86400) * interval '1 second',
        t - (g % 90) * interval '1 day' - (g % 86400) * interval '1 second' + interval '2 seconds'
-FROM generate_series(1, $JOBS) g, t0;
+FROM generate_series(1, $JOBS) g, t0
+ORDER BY 5;
 -- Bulk load without the per-statement rollup trigger; rollups are rebuilt
 -- from the loaded rows below (call_rollups_rebuild, the migration's backfill).
 ALTER TABLE calls DISABLE TRIGGER call_rollups_insert;
@@ -55,12 +57,13 @@ SELECT 'j' || jn, (ARRAY['support','sales','lookup','auto'])[1 + jn % 4],
        jc + (g / $JOBS) * interval '1 second'
 FROM (SELECT g, g % $JOBS + 1 AS jn,
              t - ((g % $JOBS + 1) % 90) * interval '1 day' - ((g % $JOBS + 1) % 86400) * interval '1 second' AS jc
-      FROM generate_series(0, $ROWS - 1) g, t0) s;
+      FROM generate_series(0, $ROWS - 1) g, t0) s
+ORDER BY 16;
 ALTER TABLE calls ENABLE TRIGGER call_rollups_insert;
 SELECT call_rollups_rebuild();
 INSERT INTO results (job_id, category, output, model, cost_usd, input_tokens, output_tokens, latency_ms, created_at, answer_step)
 SELECT id, category, 'answer', 'gpt-4o-mini', 0.001, 500, 200, 500 + length(id) * 37 % 5000, created_at + interval '2 seconds', 0
-FROM jobs WHERE status = 'succeeded';
+FROM jobs WHERE status = 'succeeded' ORDER BY created_at;
 ALTER TABLE jobs ENABLE TRIGGER job_rollups_job_insert;
 ALTER TABLE calls ENABLE TRIGGER job_rollups_calls_insert;
 ALTER TABLE results ENABLE TRIGGER job_rollups_results_insert;

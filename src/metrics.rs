@@ -68,7 +68,7 @@ const METRICS: &[(&str, &str, &str)] = &[
     (
         "switchyard_job_rollups_lag_seconds",
         "gauge",
-        "How far behind now the job rollups' rolled hours end (reports read the rest raw).",
+        "How far behind now the job rollups end (five to six minutes when the roller keeps up; reports read the rest raw).",
     ),
     (
         "switchyard_job_rollups_dirty_hours",

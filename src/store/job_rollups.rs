@@ -108,7 +108,8 @@ pub async fn roll_periodically(pool: PgPool, token: CancellationToken) {
 
 /// Set the roller's gauges from the database, and return them: seconds
 /// from `rolled_until` to now (`None` before the first roll; five to six
-/// minutes when the roller keeps up) and the hours marked dirty. Every worker sets them, whichever rolled.
+/// minutes when the roller keeps up) and the hours marked dirty. Every
+/// worker sets them, whichever rolled.
 pub async fn observe(pool: &PgPool) -> Result<(Option<f64>, i64)> {
     let (lag, dirty): (Option<f64>, i64) = sqlx::query_as(
         "SELECT EXTRACT(EPOCH FROM now() - rolled_until)::float8,

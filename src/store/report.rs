@@ -204,9 +204,10 @@ fn calls_src(hist: bool) -> String {
 /// hour holding `rolled_until` up to it), and `job_figures_raw()` (the
 /// same rows aggregated from `job_costs`) for the rest: the window's
 /// partial hours, what is not rolled yet, hours marked dirty (up to
-/// `rolled_until`), or everything when a job prefix is given. So every figure is
-/// exact whatever the roller has done; see [`super::job_rollups`]. The
-/// columns are `job_rollups`' (`hour`, `category`, ..., `latency_hist`).
+/// `rolled_until`), or everything when a job prefix is given. So every
+/// figure is exact whatever the roller has done; see
+/// [`super::job_rollups`]. The columns are `job_rollups`' (`hour`,
+/// `category`, ..., `latency_hist`).
 fn jobs_src() -> String {
     "(WITH b AS (
          SELECT s, u, lo, LEAST(hi, wm) AS rhi

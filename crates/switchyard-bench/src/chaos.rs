@@ -93,6 +93,10 @@ pub struct ChaosFigures {
     /// Attempts whose worker died before recording the answer: outcome
     /// `unknown`, at the reserved cost.
     pub unknown_calls: usize,
+    /// The highest attempt number of a real-time call: a call made at a
+    /// message's n-th delivery has attempt n or more, so this is how close
+    /// a step came to `max_deliver` (where it would become a dead letter).
+    pub max_attempt: i32,
     pub unknown_cost_usd: Decimal,
     pub total_cost_usd: Decimal,
     /// Steps answered `ok` more than once (paid twice; the job still ended once).
@@ -556,6 +560,7 @@ pub(crate) async fn reconcile_into(
     f.duplicate_answers = rec.duplicate_answers;
     f.calls_rows = rows.len();
     f.unknown_calls = unknown as usize;
+    f.max_attempt = rows.iter().map(|r| r.2).max().unwrap_or(0);
     f.unknown_cost_usd = unknown_cost.unwrap_or_default();
     f.total_cost_usd = total_cost.unwrap_or_default();
     if rec.duplicate_answers > 0 {
@@ -601,7 +606,7 @@ impl ChaosFigures {
              duplicated results        {}\n\
              ended in no recorded way  {}\n\
              requests answered (sim)   {}\n\
-             calls rows                {} ({} unknown, ${} reserved)\n\
+             calls rows                {} ({} unknown, ${} reserved; highest attempt {})\n\
              unrecorded calls          {}\n\
              phantom calls             {}\n\
              steps answered twice      {}\n\
@@ -625,6 +630,7 @@ impl ChaosFigures {
             self.calls_rows,
             self.unknown_calls,
             self.unknown_cost_usd.round_dp(6),
+            self.max_attempt,
             self.unrecorded_calls,
             self.phantom_calls,
             self.duplicate_answers,

@@ -215,6 +215,58 @@ async fn a_failed_attempt_settles_as_a_retry_with_its_row() {
     env.cleanup().await;
 }
 
+/// A redelivery that finds another attempt's intent standing (its worker
+/// is calling the step, or died calling it) gives the message back until
+/// that intent stops counting, instead of holding it in this worker: a
+/// holder killed in turn would cost the message a delivery each time. On
+/// its last deliveries it is held here instead, and called once the intent
+/// has aged out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_another_attempts_intent_holds_is_given_back_until_the_intent_ends() {
+    let env = env().await;
+    let timeout = Config::from_toml_with_env(common::SHIPPED_CONFIG, &[])
+        .unwrap()
+        .providers["openai"]
+        .timeout_secs;
+    let busy_for = Duration::from_secs(timeout + 10);
+    // A worker called the step and died before recording the answer: its
+    // intent (`unknown`) is committed, its final row is not.
+    let first = env.run(&single_call("step-busy"), 1).await;
+    assert!(matches!(first, Settlement::Commit { .. }), "{first:?}");
+    assert_eq!(env.sim.ledger().len(), 1);
+
+    let s = env.run(&single_call("step-busy"), 2).await;
+    let Settlement::Nak(Some(back_in)) = s else {
+        panic!("expected the message given back with a delay, got {s:?}");
+    };
+    assert!(
+        back_in > busy_for - Duration::from_secs(10)
+            && back_in <= busy_for + Duration::from_secs(1),
+        "given back for the rest of the intent's {busy_for:?}, not {back_in:?}"
+    );
+    assert_eq!(env.sim.ledger().len(), 1, "no second provider call");
+
+    // The same redelivery as one of the message's last two: held here
+    // until the intent ages out (2 s from now), then called.
+    sqlx::query("UPDATE calls SET created_at = now() - make_interval(secs => $1)")
+        .bind(busy_for.as_secs_f64() - 2.0)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let s = env
+        .run(&single_call("step-busy"), env.step.max_deliver() - 1)
+        .await;
+    let Settlement::Commit { effects, .. } = s else {
+        panic!("expected the step called after the hold, got {s:?}");
+    };
+    assert!(effects
+        .rows
+        .iter()
+        .any(|r| matches!(r, Row::Call(c) if c.outcome == CallOutcome::Ok && c.attempt > 1)));
+    assert_eq!(env.sim.ledger().len(), 2);
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_job_is_acked_without_a_provider_call() {
     let env = env().await;

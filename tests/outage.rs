@@ -320,7 +320,13 @@ async fn a_call_answered_but_never_recorded_is_an_unknown_row_at_the_reserved_co
         .fetch_one(&pool)
         .await
         .unwrap();
-        assert_eq!(ok_attempt, 2, "{job}: the rerun is a new attempt");
+        // A later attempt: its number is the delivery's, and a delivery
+        // that found the intent standing went back to JetStream until it
+        // stopped counting (it may have been the second or the third).
+        assert!(
+            (2..=4).contains(&ok_attempt),
+            "{job}: the rerun is a new attempt, not {ok_attempt}"
+        );
         assert!(*cost > ok_cost, "{job}: reserved {cost} > real {ok_cost}");
     }
     assert_eq!(

@@ -363,7 +363,13 @@ impl LaneStep {
         let span = info_span!("call", job_id = %call.job_id, category = %call.category,
                               provider = %self.name, model = %call.model, delivery = attempt,
                               attempt = tracing::field::Empty);
-        Box::pin(self.step_call(hold, call, attempt, ticket).instrument(span)).await
+        // Deliveries JetStream has left for this message after this one.
+        let left = self.max_deliver() - d.delivered;
+        Box::pin(
+            self.step_call(hold, call, attempt, left, ticket)
+                .instrument(span),
+        )
+        .await
     }
 
     /// The sub-futures awaited here (and in [`Self::claim`]) are boxed: a
@@ -377,6 +383,7 @@ impl LaneStep {
         hold: &H,
         call: CallMsg,
         attempt: i32,
+        deliveries_left: i64,
         ticket: crate::limits::lane::Ticket,
     ) -> Settlement {
         let key = call.msg_id();
@@ -452,11 +459,19 @@ impl LaneStep {
         // The call's cost record, filled in as it goes.
         let row = self.cost_row(&call, attempt, prices, None);
         let waiting_since = Instant::now();
-        let (admission, attempt) =
-            match Box::pin(self.claim(hold, &call, estimate, &row, ticket)).await {
-                Ok(claimed) => claimed,
-                Err(settled) => return settled,
-            };
+        let (admission, attempt) = match Box::pin(self.claim(
+            hold,
+            &call,
+            estimate,
+            &row,
+            deliveries_left,
+            ticket,
+        ))
+        .await
+        {
+            Ok(claimed) => claimed,
+            Err(settled) => return settled,
+        };
         let m = crate::metrics::global();
         m.observe(
             "switchyard_limiter_wait_seconds",
@@ -900,12 +915,14 @@ impl LaneStep {
     /// slow), then record the call's intent, which is the check-and-claim
     /// across processes. `Ok` with the admission and the attempt number the
     /// intent took; `Err` with how the message settles instead.
+    /// `deliveries_left`: how many more times JetStream would deliver it.
     async fn claim<H: Hold>(
         &self,
         hold: &H,
         call: &CallMsg,
         estimate: u64,
         row: &CallRow,
+        deliveries_left: i64,
         ticket: crate::limits::lane::Ticket,
     ) -> Result<(Admission, i32), Settlement> {
         let attempt = row.attempt;
@@ -994,13 +1011,34 @@ impl LaneStep {
                 }
             }
             // The job ended or the step is answered (settled at once), or
-            // another worker is calling it right now (this message's ack
-            // wait ran out while it waited here, and JetStream delivered it
-            // again): hold it until that call is recorded (or its intent is
-            // too old to be alive), then look again.
+            // another worker's intent holds the step: that worker is calling
+            // it right now (this message's ack wait ran out while it waited
+            // there, and JetStream delivered it again), or it died calling
+            // and its intent stands until it is too old to be alive.
             Box::pin(self.limiter.settle(admission, Some((0, 0)))).await;
             if let Some(s) = Box::pin(self.done_already(hold, call)).await {
                 return Err(s);
+            }
+            // Give the message back until the intent stops counting rather
+            // than hold it here: a worker holding it may be killed in turn,
+            // and JetStream counts each such redelivery toward max_deliver
+            // (a killed worker's steps could run out of deliveries while
+            // their intents stood). Held here only when that return would
+            // be the message's last delivery, or the intent is just ending.
+            let busy_for = self.provider_timeout + BUSY_MARGIN;
+            if deliveries_left >= 2 {
+                match store::jobs::busy_left(&self.pool, &call.job_id, call.step, busy_for).await {
+                    Ok(Some(left)) if left > Duration::from_secs(1) => {
+                        debug!(?left, "step held by another attempt's intent; giving the message back until it ends");
+                        return Err(Settlement::Nak(Some(left + Duration::from_millis(500))));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), "status check failed; will retry");
+                        self.writer.report_failure(&e);
+                        return Err(Settlement::Nak(Some(Duration::from_secs(1))));
+                    }
+                }
             }
             debug!("step being called elsewhere; holding the message");
             Box::pin(hold.progress()).await;

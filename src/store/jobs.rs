@@ -144,6 +144,29 @@ pub async fn count_finished(pool: &PgPool, ids: &[String]) -> Result<i64> {
     .await?)
 }
 
+/// How long the newest `unknown` attempt of `job_id`'s `step` still holds
+/// it (intents younger than `busy_for` refuse other attempts; see
+/// [`crate::store::Row::Intent`]): `None` when none does any more.
+pub async fn busy_left(
+    pool: &PgPool,
+    job_id: &str,
+    step: i32,
+    busy_for: std::time::Duration,
+) -> Result<Option<std::time::Duration>> {
+    let secs: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM max(created_at) + make_interval(secs => $3) - now())::float8
+         FROM calls WHERE job_id = $1 AND step = $2 AND outcome = 'unknown'",
+    )
+    .bind(job_id)
+    .bind(step)
+    .bind(busy_for.as_secs_f64())
+    .fetch_one(pool)
+    .await?;
+    Ok(secs
+        .filter(|s| *s > 0.0)
+        .map(|s| std::time::Duration::from_secs_f64(s.min(busy_for.as_secs_f64()))))
+}
+
 /// One recorded provider attempt of a job.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Attempt {

@@ -926,6 +926,8 @@ impl LaneStep {
         ticket: crate::limits::lane::Ticket,
     ) -> Result<(Admission, i32), Settlement> {
         let attempt = row.attempt;
+        // How long an intent counts as a call under way.
+        let busy_for = self.provider_timeout + BUSY_MARGIN;
         let mut ticket = Some(ticket);
         loop {
             // A fallback step whose lane would make it wait too long moves on.
@@ -997,7 +999,7 @@ impl LaneStep {
                     outcome: CallOutcome::Unknown,
                     ..row.clone()
                 },
-                busy_for: self.provider_timeout + BUSY_MARGIN,
+                busy_for,
             };
             match Box::pin(self.commit(hold, vec![intent])).await {
                 Ok(c) => {
@@ -1025,7 +1027,6 @@ impl LaneStep {
             // (a killed worker's steps could run out of deliveries while
             // their intents stood). Held here only when that return would
             // be the message's last delivery, or the intent is just ending.
-            let busy_for = self.provider_timeout + BUSY_MARGIN;
             if deliveries_left >= 2 {
                 match store::jobs::busy_left(&self.pool, &call.job_id, call.step, busy_for).await {
                     Ok(Some(left)) if left > Duration::from_secs(1) => {
@@ -1033,11 +1034,7 @@ impl LaneStep {
                         return Err(Settlement::Nak(Some(left + Duration::from_millis(500))));
                     }
                     Ok(_) => {}
-                    Err(e) => {
-                        warn!(error = %format!("{e:#}"), "status check failed; will retry");
-                        self.writer.report_failure(&e);
-                        return Err(Settlement::Nak(Some(Duration::from_secs(1))));
-                    }
+                    Err(e) => return Err(self.read_failed(&e)),
                 }
             }
             debug!("step being called elsewhere; holding the message");
@@ -1107,12 +1104,16 @@ impl LaneStep {
                 Some(self.after_step(hold, call, None, history, None).await)
             }
             Ok(Recorded::No) => None,
-            Err(e) => {
-                warn!(error = %format!("{e:#}"), "status check failed; will retry");
-                self.writer.report_failure(&e);
-                Some(Settlement::Nak(Some(Duration::from_secs(1))))
-            }
+            Err(e) => Some(self.read_failed(&e)),
         }
+    }
+
+    /// A read of the job's state failed: try the message again shortly
+    /// (and stop taking work if the database is away).
+    fn read_failed(&self, e: &anyhow::Error) -> Settlement {
+        warn!(error = %format!("{e:#}"), "status check failed; will retry");
+        self.writer.report_failure(e);
+        Settlement::Nak(Some(Duration::from_secs(1)))
     }
 
     /// Whether this call's work is already done.

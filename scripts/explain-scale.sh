@@ -116,13 +116,13 @@ wall report --since 7d
 wall report --since 30d
 wall report --since 7d --category sales
 echo "== dashboard (src/store/stats.rs, spend.rs)"
-run "SELECT model, sum(calls)::int8, sum(cost_usd) FROM call_rollups WHERE hour >= (now() AT TIME ZONE 'UTC')::date::timestamp AT TIME ZONE 'UTC' GROUP BY 1 HAVING sum(calls) > 0 ORDER BY 3 DESC"
+run "SELECT model, sum(calls)::int8, sum(cost_usd) FROM call_rollups_live WHERE hour >= (now() AT TIME ZONE 'UTC')::date::timestamp AT TIME ZONE 'UTC' GROUP BY 1 HAVING sum(calls) > 0 ORDER BY 3 DESC"
 # Jobs today by status: through the job rollups since 0027's build (the
 # report's jobs_by_status from midnight; job_figures is the same split).
 run "SELECT status, sum(jobs)::int8 FROM job_figures WHERE hour >= (now() AT TIME ZONE 'UTC')::date::timestamp AT TIME ZONE 'UTC' GROUP BY 1 ORDER BY 1"
 run "SELECT (EXTRACT(EPOCH FROM now() - finished_at) / 60)::int4 AS ago, count(*)::int8 FROM jobs WHERE finished_at > now() - interval '10 minutes' GROUP BY 1"
-run "SELECT model, sum(c)::int8, sum(e)::int8 FROM (SELECT model, calls AS c, retryable_calls + terminal_calls AS e FROM call_rollups WHERE hour >= date_bin('1 hour', now() - interval '1 hour', '2000-01-01Z') + interval '1 hour' UNION ALL SELECT model, count(*), count(*) FILTER (WHERE outcome IN ('retryable_error', 'terminal_error')) FROM calls WHERE created_at >= now() - interval '1 hour' AND created_at < date_bin('1 hour', now() - interval '1 hour', '2000-01-01Z') + interval '1 hour' GROUP BY 1) s GROUP BY 1"
-run "SELECT category, sum(cost_usd) FROM call_rollups WHERE hour >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' GROUP BY 1"
+run "SELECT model, sum(c)::int8, sum(e)::int8 FROM (SELECT model, calls AS c, retryable_calls + terminal_calls AS e FROM call_rollups_live WHERE hour >= date_bin('1 hour', now() - interval '1 hour', '2000-01-01Z') + interval '1 hour' UNION ALL SELECT model, count(*), count(*) FILTER (WHERE outcome IN ('retryable_error', 'terminal_error')) FROM calls WHERE created_at >= now() - interval '1 hour' AND created_at < date_bin('1 hour', now() - interval '1 hour', '2000-01-01Z') + interval '1 hour' GROUP BY 1) s GROUP BY 1"
+run "SELECT category, sum(cost_usd) FROM call_rollups_live WHERE hour >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' GROUP BY 1"
 run "SELECT category, count(*), sum(cost_usd) FROM job_costs WHERE created_at >= now() - interval '1 day' GROUP BY category"
 echo "== job rollups (job_figures: rolled hours + the rest raw)"
 run "SELECT category, sum(jobs), sum(cost_usd) FROM job_figures WHERE hour >= now() - interval '1 day' GROUP BY category"

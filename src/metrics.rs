@@ -71,6 +71,11 @@ const METRICS: &[(&str, &str, &str)] = &[
         "How far behind now the job rollups end (five to six minutes when the roller keeps up; reports read the rest raw).",
     ),
     (
+        "switchyard_call_rollups_lag_seconds",
+        "gauge",
+        "How far behind now the call rollups end (about a minute when the roller keeps up; readers read the rest raw).",
+    ),
+    (
         "switchyard_job_rollups_dirty_hours",
         "gauge",
         "Rolled hours changed since, read raw until the roller re-rolls them.",

@@ -314,14 +314,17 @@ async fn metrics_and_the_dashboard_show_real_figures() {
     assert!(sum("switchyard_cost_usd_total{") > 0.0);
     assert!(metrics.contains("# TYPE switchyard_call_latency_seconds histogram"));
     assert!(metrics.contains("switchyard_database_up 1"));
-    // The job roller reports how far behind its rolled hours end (its
-    // first look runs at start; nothing here is old enough to be dirty).
+    // The job and call rollers report how far behind their rolled rows end
+    // (their first looks run at start; nothing here is old enough to be
+    // dirty).
     common::wait_until(Duration::from_secs(15), "the job rollup gauges", || async {
         let m = scrape().await;
         m.lines()
             .any(|l| l == "switchyard_job_rollups_dirty_hours 0")
             && m.lines()
                 .any(|l| l.starts_with("switchyard_job_rollups_lag_seconds "))
+            && m.lines()
+                .any(|l| l.starts_with("switchyard_call_rollups_lag_seconds "))
     })
     .await;
     // Queue depths are polled every 2 s: wait for a poll after the drain.

@@ -1,19 +1,52 @@
-//! Hourly call rollups (migration 0022) against the calls they summarize:
-//! real jobs through the pipeline (fallbacks, pipelines, consensus, retried
-//! server errors, cached and reasoning tokens), then retention deleting some
-//! of them; after each, every rollup figure must equal the aggregate over
-//! `calls`, and the report's rollup-read figures the raw ones.
+//! Hourly call rollups (migrations 0022, 0028) against the calls they
+//! summarize: real jobs through the pipeline (fallbacks, pipelines,
+//! consensus, retried server errors, cached and reasoning tokens), read
+//! from the raw tail, then rolled, then changed late (a long call's final
+//! record, retention, a move); and a roller racing a worker. After each,
+//! every rolled figure must equal the aggregate over the calls it covers,
+//! and the report's rollup-read figures the raw ones.
 
 mod common;
+
+use std::time::Duration;
 
 use common::TestEnv;
 use switchyard::sim::SimProfile;
 use switchyard::store::report::{self, Scope};
+use switchyard::store::rollups;
+use tokio_util::sync::CancellationToken;
 
-async fn assert_exact(env: &TestEnv, when: &str) {
-    let diff = switchyard::store::rollups::mismatches(&env.pool)
+/// Make changes late after `settle` instead of a minute (lowering it is
+/// always safe).
+async fn set_settle(env: &TestEnv, settle: &str) {
+    sqlx::query("UPDATE call_rollup_state SET settle = $1::interval")
+        .bind(settle)
+        .execute(&env.pool)
         .await
         .unwrap();
+}
+
+/// Roll until every call is covered (the watermark waits `settle` past the
+/// newest call); how many calls the rolled rows then cover.
+async fn roll_all(env: &TestEnv) -> i64 {
+    let token = CancellationToken::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        rollups::roll(&env.pool, 1000, &token).await.unwrap();
+        let (rolled, tail) = rollups::coverage(&env.pool).await.unwrap();
+        if tail == 0 {
+            return rolled;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{tail} calls still unrolled after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn assert_exact(env: &TestEnv, when: &str) {
+    let diff = rollups::mismatches(&env.pool).await.unwrap();
     assert!(
         diff.is_empty(),
         "rollups differ from calls {when}: {diff:#?}"
@@ -86,7 +119,26 @@ async fn rollups_equal_the_calls_after_real_jobs_and_a_prune() {
             .await
             > 0
     );
-    assert_exact(&env, "after the run").await;
+    // The worker's roller leaves calls under a minute old to the raw tail.
+    let calls = env.count("SELECT count(*) FROM calls").await;
+    assert_exact(&env, "after the run, read from the raw tail").await;
+
+    // Rolled: the rolled rows cover every call, and equal them.
+    set_settle(&env, "0").await;
+    assert_eq!(roll_all(&env).await, calls);
+    assert_exact(&env, "after rolling").await;
+
+    // A late final record (a call over the settle time answered) applies
+    // its delta to the rolled rows.
+    sqlx::query(
+        "UPDATE calls SET outcome = 'ok', cost_usd = cost_usd + 0.25, output_tokens = 99,
+                latency_ms = 70000
+         WHERE id = (SELECT min(id) FROM calls WHERE outcome <> 'ok')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    assert_exact(&env, "after a late final record").await;
 
     // Retention deletes the calls of ended jobs: the rollups follow.
     let pruned = switchyard::store::retention::delete_jobs_older_than(&env.pool, 0, 20)
@@ -103,5 +155,47 @@ async fn rollups_equal_the_calls_after_real_jobs_and_a_prune() {
     .await
     .unwrap();
     assert_exact(&env, "after moving a job's calls").await;
+    let (rolled, tail) = rollups::coverage(&env.pool).await.unwrap();
+    assert_eq!(
+        (rolled, tail),
+        (env.count("SELECT count(*) FROM calls").await, 0)
+    );
+    env.cleanup().await;
+}
+
+/// A roller stepping every few milliseconds while a worker writes, with
+/// changes late after 150 ms: some of each call's rows are the roll's, some
+/// apply deltas, and some arrive while a roll runs. Once everything is
+/// rolled, the rollups equal the calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_roller_racing_the_writer_keeps_the_rollups_exact() {
+    let env = TestEnv::new(common::mixed_profile(SimProfile {
+        latency_ms: 140,
+        ..Default::default()
+    }))
+    .await;
+    set_settle(&env, "150 milliseconds").await;
+    let token = CancellationToken::new();
+    let roller = async {
+        let mut steps = 0;
+        while !token.is_cancelled() {
+            steps += rollups::roll(&env.pool, 1000, &token).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        steps
+    };
+    let writer = async {
+        common::run_jobs(&env, "ru", 120).await;
+        token.cancel();
+    };
+    let (steps, ()) = tokio::join!(roller, writer);
+    assert!(steps > 0, "the roller rolled while the worker wrote");
+    let late = env
+        .count("SELECT count(*) FROM calls WHERE outcome = 'ok' AND latency_ms > 150")
+        .await;
+    assert!(late > 0, "some calls were answered after the settle time");
+    let calls = env.count("SELECT count(*) FROM calls").await;
+    assert_eq!(roll_all(&env).await, calls);
+    assert_exact(&env, "after racing the writer").await;
     env.cleanup().await;
 }

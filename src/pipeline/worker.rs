@@ -187,6 +187,12 @@ pub async fn start(
         token.clone(),
     ));
 
+    // Calls a minute old go into the call rollups (one roller at a time).
+    tracker.spawn(crate::store::rollups::roll_periodically(
+        pool.clone(),
+        token.clone(),
+    ));
+
     // Messages JetStream gave up on become dead letters.
     tracker.spawn(crate::pipeline::poison::run(
         bus.clone(),

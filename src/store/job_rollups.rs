@@ -52,7 +52,7 @@ use std::time::Duration;
 use anyhow::Result;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::warn;
 
 /// How often a worker's roller looks for work.
 pub const ROLL_EVERY: Duration = Duration::from_secs(30);
@@ -74,36 +74,21 @@ pub async fn step(pool: &PgPool) -> Result<Option<String>> {
 /// Roller steps until there is nothing to do, `max` steps, or `token` is
 /// cancelled; how many did something.
 pub async fn roll(pool: &PgPool, max: usize, token: &CancellationToken) -> Result<usize> {
-    let mut n = 0;
-    while n < max && !token.is_cancelled() {
-        match step(pool).await? {
-            Some(h) => {
-                debug!(step = %h, "rolled jobs");
-                n += 1;
-            }
-            None => break,
-        }
-    }
-    Ok(n)
+    super::rollups::steps(max, token, "rolled jobs", || step(pool)).await
 }
 
 /// Every [`ROLL_EVERY`] until `token` is cancelled: [`roll`].
 pub async fn roll_periodically(pool: PgPool, token: CancellationToken) {
-    let mut tick = tokio::time::interval(ROLL_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = token.cancelled() => return,
-            _ = tick.tick() => {
-                if let Err(e) = roll(&pool, STEPS_PER_LOOK, &token).await {
-                    warn!(error = %format!("{e:#}"), "rolling job figures up failed");
-                }
-                if let Err(e) = observe(&pool).await {
-                    warn!(error = %format!("{e:#}"), "reading the job rollups' state failed");
-                }
-            }
+    let t = token.clone();
+    super::rollups::periodically(ROLL_EVERY, token, || async {
+        if let Err(e) = roll(&pool, STEPS_PER_LOOK, &t).await {
+            warn!(error = %format!("{e:#}"), "rolling job figures up failed");
         }
-    }
+        if let Err(e) = observe(&pool).await {
+            warn!(error = %format!("{e:#}"), "reading the job rollups' state failed");
+        }
+    })
+    .await
 }
 
 /// Set the roller's gauges from the database, and return them: seconds

@@ -132,12 +132,14 @@ fn cond(id: &str, time: &str, category: &str) -> String {
     )
 }
 
-/// The scope's calls as rollup rows (migration 0022), from `$1`-`$6`:
-/// `call_rollups` for the whole UTC hours inside the window, and `calls`
-/// aggregated the same way for the rest (the partial hours at its ends, or
-/// everything when a job prefix is given: rollups know no job ids). So
-/// every sum and count is exact, and a window of any length reads at most
-/// two hours of raw calls. Columns: `hour`, `category`, `provider`,
+/// The scope's calls as rollup rows (migrations 0022, 0028), from
+/// `$1`-`$6`: `call_rollups_live` (the rolled rows and the calls since the
+/// roller's watermark, see [`super::rollups`]) for the whole UTC hours
+/// inside the window, and `calls` aggregated the same way for the rest
+/// (the partial hours at its ends, or everything when a job prefix is
+/// given: rollups know no job ids). So every sum and count is exact, and a
+/// window of any length reads at most two hours and the roller's tail of
+/// raw calls. Columns: `hour`, `category`, `provider`,
 /// `model`, `batched`, `calls`, `ok_calls`, `retryable_calls`,
 /// `terminal_calls`, `cached_calls`, `input_tokens`, `output_tokens`,
 /// `cached_input_tokens`, `cache_write_input_tokens`, `reasoning_tokens`,
@@ -185,7 +187,7 @@ fn calls_src(hist: bool) -> String {
                 r.input_tokens::numeric, r.output_tokens::numeric,
                 r.cached_input_tokens::numeric, r.cache_write_input_tokens::numeric,
                 r.reasoning_tokens::numeric, r.cost_usd, r.saved_usd, {hist_r}
-         FROM call_rollups r
+         FROM call_rollups_live r
          WHERE r.hour >= (SELECT lo FROM b) AND r.hour < (SELECT hi FROM b)
            AND ($6::text IS NULL OR r.category = $6)
          UNION ALL {}

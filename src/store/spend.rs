@@ -20,12 +20,13 @@ pub struct Spend {
 /// category missing from the map has spent nothing).
 pub async fn by_category(pool: &PgPool, categories: &[String]) -> Result<HashMap<String, Spend>> {
     let rows: Vec<(String, Decimal, Decimal)> = sqlx::query_as(
-        // From the hourly rollups: UTC days and months are whole hours.
+        // From the hourly rollups and the roller's raw tail: UTC days and
+        // months are whole hours.
         "SELECT category,
                 COALESCE(sum(cost_usd) FILTER (
                     WHERE hour >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'), 0),
                 COALESCE(sum(cost_usd), 0)
-         FROM call_rollups
+         FROM call_rollups_live
          WHERE category = ANY($1)
            AND hour >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
          GROUP BY category HAVING sum(calls) > 0",

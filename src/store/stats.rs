@@ -61,10 +61,10 @@ pub struct ModelSpend {
 }
 
 /// Today's (UTC) calls and USD by model, the most expensive first (from
-/// the hourly rollups: a UTC day is whole hours).
+/// the hourly rollups and their raw tail: a UTC day is whole hours).
 pub async fn spend_today(pool: &PgPool) -> Result<Vec<ModelSpend>> {
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT model, sum(calls)::int8 AS calls, sum(cost_usd) AS cost_usd FROM call_rollups
+        "SELECT model, sum(calls)::int8 AS calls, sum(cost_usd) AS cost_usd FROM call_rollups_live
          WHERE hour >= {TODAY}::timestamp AT TIME ZONE 'UTC'
          GROUP BY 1 HAVING sum(calls) > 0 ORDER BY 3 DESC"
     )))

@@ -203,13 +203,11 @@ pub fn jobs(tag: &str, n: usize) -> Vec<Outgoing> {
         .collect()
 }
 
-/// A test database after `n` jobs tagged `tag` ran through a worker
-/// against a simulator that fails a fifth of its calls (Haiku a third, for
-/// good, so support falls back to Sonnet), caches and disagrees: retries,
-/// fallbacks, several steps per job. The worker is stopped; returns the
-/// environment and the jobs' ids.
+/// A simulator that fails a fifth of its calls (Haiku a third, for good,
+/// so support falls back to Sonnet), caches and disagrees: retries,
+/// fallbacks, several steps per job.
 #[allow(dead_code)]
-pub async fn mixed_run(tag: &str, n: usize, extra: SimProfile) -> (TestEnv, Vec<String>) {
+pub fn mixed_profile(extra: SimProfile) -> SimProfile {
     let mut profile = SimProfile {
         error_rate: 0.2,
         cached_share: 0.3,
@@ -218,7 +216,13 @@ pub async fn mixed_run(tag: &str, n: usize, extra: SimProfile) -> (TestEnv, Vec<
         ..extra
     };
     profile.model_errors.insert("claude-haiku-4-5".into(), 0.3);
-    let env = TestEnv::new(profile).await;
+    profile
+}
+
+/// Run `n` jobs tagged `tag` through a worker of `env` until they finish,
+/// then stop it; the jobs' ids.
+#[allow(dead_code)]
+pub async fn run_jobs(env: &TestEnv, tag: &str, n: usize) -> Vec<String> {
     let worker = env.start_worker(env.config()).await;
     let js = jobs(tag, n);
     switchyard::enqueue::publish_jobs(&env.bus, &js, None)
@@ -232,6 +236,16 @@ pub async fn mixed_run(tag: &str, n: usize, extra: SimProfile) -> (TestEnv, Vec<
         "jobs finished"
     );
     assert!(worker.shutdown().await);
+    ids
+}
+
+/// A test database after `n` jobs tagged `tag` ran through a worker
+/// against the [`mixed_profile`] simulator. The worker is stopped; returns
+/// the environment and the jobs' ids.
+#[allow(dead_code)]
+pub async fn mixed_run(tag: &str, n: usize, extra: SimProfile) -> (TestEnv, Vec<String>) {
+    let env = TestEnv::new(mixed_profile(extra)).await;
+    let ids = run_jobs(&env, tag, n).await;
     (env, ids)
 }
 

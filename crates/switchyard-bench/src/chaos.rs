@@ -76,6 +76,9 @@ pub struct ChaosFigures {
     /// Rollup keys where `call_rollups` differs from the calls (each side
     /// counted), and categories whose job counts differ: 0 when exact.
     pub rollup_mismatches: usize,
+    /// Calls the rolled rows covered when they were compared (all of them
+    /// once the roller caught up; see [`roll_all`]).
+    pub rolled_calls: i64,
     /// Worker processes killed with SIGKILL (and restarted).
     pub kills: usize,
     /// Worker processes that exited by themselves (say, started while a
@@ -342,6 +345,7 @@ pub async fn run(
         .context("starting a private nats-server for the chaos run")?;
     let database_url = pg.url("switchyard");
     let pool = switchyard::store::connect_and_migrate(&database_url, 4).await?;
+    short_settle(&pool, "2 seconds").await?;
 
     // The demo's error mix (500s, a model that refuses 10%, cached prompts)
     // and a per-model limit that draws some 429s.
@@ -489,6 +493,38 @@ pub async fn run(
 /// Fill in `f` (whose `published` is set) from the database and the
 /// simulator's ledger: how the jobs ended, and every answered request
 /// against its `calls` row.
+/// Let the call roller catch up (the workers' rollers run every ten
+/// seconds; this one until every call is covered, which takes the
+/// database's settle time past the newest call, or gives up after it and a
+/// minute more), so the rollup check compares rolled rows, not the raw
+/// tail with itself; the calls the rolled rows cover.
+pub(crate) async fn roll_all(pool: &PgPool) -> Result<i64> {
+    let settle: f64 =
+        sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM settle)::float8 FROM call_rollup_state")
+            .fetch_one(pool)
+            .await?;
+    let deadline = Instant::now() + Duration::from_secs_f64(settle + 60.0);
+    loop {
+        switchyard::store::rollups::roll(pool, 10_000, &Default::default()).await?;
+        let (rolled, tail) = switchyard::store::rollups::coverage(pool).await?;
+        if tail == 0 || Instant::now() > deadline {
+            return Ok(rolled);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Changes to calls become late (deltas) after `settle` instead of a
+/// minute, and the roller covers calls that old: the invariants runs
+/// exercise both paths, racing kills and restarts.
+pub(crate) async fn short_settle(pool: &PgPool, settle: &str) -> Result<()> {
+    sqlx::query("UPDATE call_rollup_state SET settle = $1::interval")
+        .bind(settle)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 pub(crate) async fn reconcile_into(
     pool: &PgPool,
     sim: &SimServer,
@@ -553,6 +589,7 @@ pub(crate) async fn reconcile_into(
     )
     .fetch_one(pool)
     .await? as usize;
+    f.rolled_calls = roll_all(pool).await?;
     f.rollup_mismatches = switchyard::store::rollups::mismatches(pool).await?.len();
     f.answered = rec.answered;
     f.unrecorded_calls = rec.unrecorded;
@@ -606,7 +643,7 @@ impl ChaosFigures {
              duplicated results        {}\n\
              ended in no recorded way  {}\n\
              requests answered (sim)   {}\n\
-             calls rows                {} ({} unknown, ${} reserved; highest attempt {})\n\
+             calls rows                {} ({} unknown, ${} reserved; highest attempt {}; {} rolled)\n\
              unrecorded calls          {}\n\
              phantom calls             {}\n\
              steps answered twice      {}\n\
@@ -631,6 +668,7 @@ impl ChaosFigures {
             self.unknown_calls,
             self.unknown_cost_usd.round_dp(6),
             self.max_attempt,
+            self.rolled_calls,
             self.unrecorded_calls,
             self.phantom_calls,
             self.duplicate_answers,

@@ -45,6 +45,10 @@ async fn kills_and_server_restarts_lose_double_and_leave_unrecorded_nothing() {
     assert_eq!(f.unrecorded_calls, 0, "every answered request has its row");
     assert_eq!(f.phantom_calls, 0);
     assert_eq!(f.rollup_mismatches, 0, "the rollups equal the calls");
+    assert_eq!(
+        f.rolled_calls as usize, f.calls_rows,
+        "every call was rolled"
+    );
     assert_eq!(f.dead, 0, "no job ran out of deliveries");
     assert!(f.answered > 1500);
 }

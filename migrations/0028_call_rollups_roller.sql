@@ -12,13 +12,13 @@
 --     `call_rollup_state.rolled_until`; readers add the rest from `calls`
 --     (the view `call_rollups_live`).
 --   * The roller moves `rolled_until` only to a time T such that no
---     transaction that began before T + one minute is still open. A
---     change to a call made by a transaction that began within a minute
+--     transaction that began before T + 30 seconds is still open. A
+--     change to a call made by a transaction that began within 30 s
 --     of the call's creation ("young") has therefore committed before the
 --     roll that covers the call, and the roll sees it. The writer's intent
 --     rows, final records and results are young (a call longer than a
---     minute is the exception).
---   * Any other change ("late": a call over a minute old at the start of
+--     30 s is the exception).
+--   * Any other change ("late": a call over 30 s old at the start of
 --     the changing transaction, a delete, a bulk load of old rows) applies
 --     its delta (new minus old) to the rows the roller has already covered
 --     (created before `rolled_until`), as 0022's triggers did for every
@@ -30,14 +30,14 @@
 --     rows against the clock.
 
 -- Every call created before `rolled_until` is in call_rollups (NULL: none).
--- `settle` is the minute above: data, so that every session agrees. Tests
+-- `settle` is the 30 s above: data, so that every session agrees. Tests
 -- lower it (a change is then late sooner, which is always safe); raising
 -- it while calls are written is not (a change the new value calls young
 -- may be to a call already rolled under the old one).
 CREATE TABLE IF NOT EXISTS call_rollup_state (
     one          BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
     rolled_until TIMESTAMPTZ,
-    settle       INTERVAL NOT NULL DEFAULT interval '1 minute'
+    settle       INTERVAL NOT NULL DEFAULT interval '30 seconds'
 );
 CREATE OR REPLACE FUNCTION call_rollups_settle() RETURNS INTERVAL
 LANGUAGE sql STABLE AS $$ SELECT settle FROM call_rollup_state $$;
@@ -268,7 +268,7 @@ BEGIN
 END
 $$;
 
--- The latest time the roller may cover: a minute before the start of the
+-- The latest time the roller may cover: `settle` before the start of the
 -- oldest transaction still open in this database (or before now). The
 -- roller must see the other sessions' `xact_start` (same role, or
 -- pg_read_all_stats), as the job roller must.

@@ -73,7 +73,7 @@ const METRICS: &[(&str, &str, &str)] = &[
     (
         "switchyard_call_rollups_lag_seconds",
         "gauge",
-        "How far behind now the call rollups end (about a minute when the roller keeps up; readers read the rest raw).",
+        "How far behind now the call rollups end (30 to 35 s when the roller keeps up; readers read the rest raw).",
     ),
     (
         "switchyard_job_rollups_dirty_hours",

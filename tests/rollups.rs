@@ -16,7 +16,7 @@ use switchyard::store::report::{self, Scope};
 use switchyard::store::rollups;
 use tokio_util::sync::CancellationToken;
 
-/// Make changes late after `settle` instead of a minute (lowering it is
+/// Make changes late after `settle` instead of 30 s (lowering it is
 /// always safe).
 async fn set_settle(env: &TestEnv, settle: &str) {
     sqlx::query("UPDATE call_rollup_state SET settle = $1::interval")
@@ -119,7 +119,7 @@ async fn rollups_equal_the_calls_after_real_jobs_and_a_prune() {
             .await
             > 0
     );
-    // The worker's roller leaves calls under a minute old to the raw tail.
+    // The worker's roller leaves calls under 30 s old to the raw tail.
     let calls = env.count("SELECT count(*) FROM calls").await;
     assert_exact(&env, "after the run, read from the raw tail").await;
 

@@ -187,7 +187,7 @@ pub async fn start(
         token.clone(),
     ));
 
-    // Calls a minute old go into the call rollups (one roller at a time).
+    // Calls 30 s old go into the call rollups (one roller at a time).
     tracker.spawn(crate::store::rollups::roll_periodically(
         pool.clone(),
         token.clone(),

@@ -18,13 +18,13 @@
 //!   `call_rollups_live` (rolled rows plus the raw tail, aggregated the
 //!   same way), so every figure is exact whatever the roller has done.
 //! * **Young changes are the roll's.** The watermark only moves to a time T
-//!   when no transaction that began before T + `settle` (a minute) is still
+//!   when no transaction that began before T + `settle` (30 s) is still
 //!   open. A change made within `settle` of its call's creation (the
 //!   writer's intent row, its final record: "young") has therefore
 //!   committed before the roll that covers the call, and the roll sees it.
 //!   Young changes cost the writer one check of its statement's rows
 //!   against the clock, nothing more.
-//! * **Late changes apply deltas.** Any other change (a call over a minute
+//! * **Late changes apply deltas.** Any other change (a call over 30 s
 //!   old: a long call's final record, provider batches, retention,
 //!   updates by hand, bulk loads) adds new minus old to the rows already
 //!   rolled (calls before the watermark), as 0022's triggers did for
@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 /// How often a worker's call roller looks for work.
-pub const ROLL_EVERY: Duration = Duration::from_secs(10);
+pub const ROLL_EVERY: Duration = Duration::from_secs(5);
 
 /// Steps per look at most (each its own transaction, at most an hour of
 /// calls), so a backfill of months proceeds in slices and shutdown never
@@ -132,7 +132,7 @@ pub async fn roll_periodically(pool: PgPool, token: CancellationToken) {
 }
 
 /// Seconds from the watermark to now (`None` before the first roll; about
-/// a minute when the roller keeps up).
+/// 30 to 35 s when the roller keeps up).
 pub async fn lag(pool: &PgPool) -> Result<Option<f64>> {
     Ok(sqlx::query_scalar(
         "SELECT EXTRACT(EPOCH FROM now() - rolled_until)::float8 FROM call_rollup_state",

@@ -490,10 +490,7 @@ pub async fn run(
     Ok(figures)
 }
 
-/// Fill in `f` (whose `published` is set) from the database and the
-/// simulator's ledger: how the jobs ended, and every answered request
-/// against its `calls` row.
-/// Let the call roller catch up (the workers' rollers run every ten
+/// Let the call roller catch up (the workers' rollers run every five
 /// seconds; this one until every call is covered, which takes the
 /// database's settle time past the newest call, or gives up after it and a
 /// minute more), so the rollup check compares rolled rows, not the raw
@@ -514,8 +511,8 @@ pub(crate) async fn roll_all(pool: &PgPool) -> Result<i64> {
     }
 }
 
-/// Changes to calls become late (deltas) after `settle` instead of a
-/// minute, and the roller covers calls that old: the invariants runs
+/// Changes to calls become late (deltas) after `settle` instead of 30
+/// s, and the roller covers calls that old: the invariants runs
 /// exercise both paths, racing kills and restarts.
 pub(crate) async fn short_settle(pool: &PgPool, settle: &str) -> Result<()> {
     sqlx::query("UPDATE call_rollup_state SET settle = $1::interval")
@@ -525,6 +522,9 @@ pub(crate) async fn short_settle(pool: &PgPool, settle: &str) -> Result<()> {
     Ok(())
 }
 
+/// Fill in `f` (whose `published` is set) from the database and the
+/// simulator's ledger: how the jobs ended, and every answered request
+/// against its `calls` row.
 pub(crate) async fn reconcile_into(
     pool: &PgPool,
     sim: &SimServer,

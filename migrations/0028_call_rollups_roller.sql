@@ -305,8 +305,9 @@ BEGIN
 END
 $$;
 
--- One step of the roller: add the next calls that may be covered (up to
--- the end of their hour) and return the new `rolled_until`; or move
+-- One step of the roller: add the next calls that may be covered (five
+-- minutes of them at most, up to the end of their hour) and return the new
+-- `rolled_until`; or move
 -- `rolled_until` over a stretch without calls and return NULL, as when
 -- there is nothing to do or another roller is at work. `upto` caps how far
 -- it goes (tests).
@@ -318,12 +319,22 @@ DECLARE
     closable TIMESTAMPTZ;
     first_call TIMESTAMPTZ;
     hi TIMESTAMPTZ;
+    was TEXT;
 BEGIN
     IF NOT pg_try_advisory_xact_lock(x'5359524353'::bigint) THEN
         RETURN NULL;
     END IF;
-    -- Waits for late changes in flight; later ones wait for this roll.
-    PERFORM pg_advisory_xact_lock(x'5359524352'::bigint);
+    -- Waits for late changes in flight (later ones wait for this roll),
+    -- but not for long: a bulk load of old calls in one transaction holds
+    -- them off, and the worker's shutdown waits for this step.
+    was := current_setting('lock_timeout');
+    PERFORM set_config('lock_timeout', '2s', true);
+    BEGIN
+        PERFORM pg_advisory_xact_lock(x'5359524352'::bigint);
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN NULL;
+    END;
+    PERFORM set_config('lock_timeout', was, true);
     SELECT rolled_until INTO wm FROM call_rollup_state FOR UPDATE;
     closable := LEAST(call_rollups_closable(), upto);
     IF wm IS NULL THEN
@@ -341,7 +352,10 @@ BEGIN
         UPDATE call_rollup_state SET rolled_until = closable;
         RETURN NULL;
     END IF;
-    hi := LEAST(rollup_hour(first_call) + interval '1 hour', closable);
+    -- At most five minutes of calls per step (one transaction), within
+    -- their hour: a backlog (no worker for a while) proceeds in slices.
+    hi := LEAST(rollup_hour(first_call) + interval '1 hour', first_call + interval '5 minutes',
+                closable);
     PERFORM call_rollups_add_range(wm, hi);
     UPDATE call_rollup_state SET rolled_until = hi;
     RETURN hi;

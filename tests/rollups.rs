@@ -199,3 +199,46 @@ async fn a_roller_racing_the_writer_keeps_the_rollups_exact() {
     assert_exact(&env, "after racing the writer").await;
     env.cleanup().await;
 }
+
+/// A late change still open holds the roller off, but only for the lock's
+/// two seconds: the step gives up (so a worker's shutdown never waits on
+/// it) and rolls once the change commits, which it sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_late_change_holds_the_roller_off_without_hanging_it() {
+    let env = TestEnv::new(SimProfile::default()).await;
+    set_settle(&env, "0").await;
+    let insert = |job: &'static str| {
+        sqlx::query(
+            "INSERT INTO calls (job_id, category, provider, model, step, attempt, input_tokens,
+                                output_tokens, price_input_per_mtok, price_output_per_mtok,
+                                price_cached_input_per_mtok, cost_usd, latency_ms, outcome)
+             VALUES ($1, 'support', 'sim', 'm', 0, 1, 10, 5, 1, 1, 1, 0.5, 40, 'ok')",
+        )
+        .bind(job)
+        .execute(&env.pool)
+    };
+    insert("ru-a").await.unwrap();
+    assert_eq!(roll_all(&env).await, 1);
+    insert("ru-b").await.unwrap();
+
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE calls SET cost_usd = 2.5, outcome = 'terminal_error' WHERE job_id = 'ru-a'",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let held = tokio::time::timeout(Duration::from_secs(20), rollups::step(&env.pool))
+        .await
+        .expect("the roller gave up instead of waiting for the open change")
+        .unwrap();
+    assert_eq!(held, None, "no roll while a late change is open");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    tx.commit().await.unwrap();
+
+    assert!(rollups::step(&env.pool).await.unwrap().is_some());
+    assert_eq!(rollups::coverage(&env.pool).await.unwrap(), (2, 0));
+    assert_exact(&env, "after a late change the roller waited for").await;
+    env.cleanup().await;
+}

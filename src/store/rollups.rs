@@ -12,7 +12,7 @@
 //! * **The roller** ([`roll_periodically`], in every worker; an advisory
 //!   lock lets one at a time work) adds the calls created before a moving
 //!   watermark, `call_rollup_state.rolled_until`, to their hour's rows
-//!   (`call_rollups_step()`: at most an hour of calls per step and
+//!   (`call_rollups_step()`: at most five minutes of calls per step and
 //!   transaction). `call_rollups` covers exactly the calls created before
 //!   the watermark; readers take the rest from `calls` through the view
 //!   `call_rollups_live` (rolled rows plus the raw tail, aggregated the
@@ -51,9 +51,9 @@ use tracing::{debug, warn};
 /// How often a worker's call roller looks for work.
 pub const ROLL_EVERY: Duration = Duration::from_secs(5);
 
-/// Steps per look at most (each its own transaction, at most an hour of
-/// calls), so a backfill of months proceeds in slices and shutdown never
-/// waits on more than one.
+/// Steps per look at most (each its own transaction, at most five minutes
+/// of calls), so a backlog proceeds in slices and shutdown never waits on
+/// more than one.
 const STEPS_PER_LOOK: usize = 200;
 
 /// One roller step: the new watermark when it added calls, `None` when

@@ -259,24 +259,38 @@ pub async fn build(
                 .map_err(|e| anyhow::anyhow!("{flag} `{at}` is not a date or time: {e}"))?;
         }
     }
+    // The sections' queries are independent: run them side by side (the
+    // pool's connections), each aggregating its share of the raw tails.
     // The per-job sections come from one read of the job figures.
-    let figures = rows::job_figures(pool, &scope).await?;
+    let (
+        figures,
+        by_category,
+        by_model,
+        total,
+        dead_letters,
+        daily,
+        latency_by_model,
+        batch_by_category,
+        batch_by_model,
+        cache_by_category,
+        ratings,
+    ) = tokio::try_join!(
+        rows::job_figures(pool, &scope),
+        rows::costs_by_category(pool, &scope),
+        rows::costs_by_model(pool, &scope),
+        rows::cost_total(pool, &scope),
+        rows::dead_letters(pool, &scope),
+        rows::daily_spend(pool, &scope),
+        rows::latency_by_model(pool, &scope),
+        rows::batch_lines(pool, &scope, false),
+        rows::batch_lines(pool, &scope, true),
+        rows::cache_lines(pool, &scope),
+        rows::ratings_by_category(pool, &scope),
+    )?;
     let jobs_by_status = rows::status_counts(&figures);
-    let by_category = rows::costs_by_category(pool, &scope).await?;
-    let by_model = rows::costs_by_model(pool, &scope).await?;
-    let total = rows::cost_total(pool, &scope).await?;
-    let dead_letters = rows::dead_letters(pool, &scope).await?;
     let routes = rows::route_lines(&figures);
     let served_by = rows::served_by_lines(&figures);
-    let daily = rows::daily_spend(pool, &scope).await?;
-    let latency_by_model = rows::latency_by_model(pool, &scope).await?;
-    let batch_by_category = rows::batch_lines(pool, &scope, false).await?;
-    let batch_by_model = rows::batch_lines(pool, &scope, true).await?;
-    let cache_by_category = rows::cache_lines(pool, &scope).await?;
-    let costs = rows::with_ratings(
-        rows::category_costs(&figures),
-        &rows::ratings_by_category(pool, &scope).await?,
-    );
+    let costs = rows::with_ratings(rows::category_costs(&figures), &ratings);
     let sum = sum_costs(&costs);
     let base_prices = baseline.as_ref().map(|(_, p)| p);
     let (savings_by_category, savings_total) = savings_lines(&costs, base_prices);

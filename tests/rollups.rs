@@ -16,33 +16,18 @@ use switchyard::store::report::{self, Scope};
 use switchyard::store::rollups;
 use tokio_util::sync::CancellationToken;
 
-/// Make changes late after `settle` instead of 30 s (lowering it is
-/// always safe).
 async fn set_settle(env: &TestEnv, settle: &str) {
-    sqlx::query("UPDATE call_rollup_state SET settle = $1::interval")
-        .bind(settle)
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    rollups::lower_settle(&env.pool, settle).await.unwrap();
 }
 
-/// Roll until every call is covered (the watermark waits `settle` past the
-/// newest call); how many calls the rolled rows then cover.
+/// Roll until every call is covered; how many calls the rolled rows then
+/// cover.
 async fn roll_all(env: &TestEnv) -> i64 {
-    let token = CancellationToken::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        rollups::roll(&env.pool, 1000, &token).await.unwrap();
-        let (rolled, tail) = rollups::coverage(&env.pool).await.unwrap();
-        if tail == 0 {
-            return rolled;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{tail} calls still unrolled after 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (rolled, tail) = rollups::roll_until_covered(&env.pool, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(tail, 0, "{tail} calls still unrolled after 30 s");
+    rolled
 }
 
 async fn assert_exact(env: &TestEnv, when: &str) {

@@ -199,3 +199,36 @@ pub async fn coverage(pool: &PgPool) -> Result<(i64, i64)> {
     .fetch_one(pool)
     .await?)
 }
+
+/// Make changes to calls late after `settle` (an interval, such as
+/// `"2 seconds"`) instead of 30 s, and let the roller cover calls that old:
+/// tests and the invariants benches, so both paths run while they watch.
+/// Only lower it: raising it while calls are written is not safe (see
+/// migration 0028).
+pub async fn lower_settle(pool: &PgPool, settle: &str) -> Result<()> {
+    sqlx::query("UPDATE call_rollup_state SET settle = $1::interval")
+        .bind(settle)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Roll until every call is covered, which takes the settle time past the
+/// newest call, or give up `patience` after that; the calls the rolled rows
+/// then cover and those still in the raw tail (0 unless it gave up).
+pub async fn roll_until_covered(pool: &PgPool, patience: Duration) -> Result<(i64, i64)> {
+    let settle: f64 =
+        sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM settle)::float8 FROM call_rollup_state")
+            .fetch_one(pool)
+            .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(settle) + patience;
+    let token = CancellationToken::new();
+    loop {
+        roll(pool, 10_000, &token).await?;
+        let (rolled, tail) = coverage(pool).await?;
+        if tail == 0 || tokio::time::Instant::now() > deadline {
+            return Ok((rolled, tail));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -77,7 +77,7 @@ pub struct ChaosFigures {
     /// counted), and categories whose job counts differ: 0 when exact.
     pub rollup_mismatches: usize,
     /// Calls the rolled rows covered when they were compared (all of them
-    /// once the roller caught up; see [`roll_all`]).
+    /// once the roller caught up).
     pub rolled_calls: i64,
     /// Worker processes killed with SIGKILL (and restarted).
     pub kills: usize,
@@ -345,7 +345,9 @@ pub async fn run(
         .context("starting a private nats-server for the chaos run")?;
     let database_url = pg.url("switchyard");
     let pool = switchyard::store::connect_and_migrate(&database_url, 4).await?;
-    short_settle(&pool, "2 seconds").await?;
+    // Changes turn late after 2 s and rolls cover calls that old: both
+    // rollup paths race the kills and restarts.
+    switchyard::store::rollups::lower_settle(&pool, "2 seconds").await?;
 
     // The demo's error mix (500s, a model that refuses 10%, cached prompts)
     // and a per-model limit that draws some 429s.
@@ -490,38 +492,6 @@ pub async fn run(
     Ok(figures)
 }
 
-/// Let the call roller catch up (the workers' rollers run every five
-/// seconds; this one until every call is covered, which takes the
-/// database's settle time past the newest call, or gives up after it and a
-/// minute more), so the rollup check compares rolled rows, not the raw
-/// tail with itself; the calls the rolled rows cover.
-pub(crate) async fn roll_all(pool: &PgPool) -> Result<i64> {
-    let settle: f64 =
-        sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM settle)::float8 FROM call_rollup_state")
-            .fetch_one(pool)
-            .await?;
-    let deadline = Instant::now() + Duration::from_secs_f64(settle + 60.0);
-    loop {
-        switchyard::store::rollups::roll(pool, 10_000, &Default::default()).await?;
-        let (rolled, tail) = switchyard::store::rollups::coverage(pool).await?;
-        if tail == 0 || Instant::now() > deadline {
-            return Ok(rolled);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Changes to calls become late (deltas) after `settle` instead of 30
-/// s, and the roller covers calls that old: the invariants runs
-/// exercise both paths, racing kills and restarts.
-pub(crate) async fn short_settle(pool: &PgPool, settle: &str) -> Result<()> {
-    sqlx::query("UPDATE call_rollup_state SET settle = $1::interval")
-        .bind(settle)
-        .execute(pool)
-        .await?;
-    Ok(())
-}
-
 /// Fill in `f` (whose `published` is set) from the database and the
 /// simulator's ledger: how the jobs ended, and every answered request
 /// against its `calls` row.
@@ -589,7 +559,11 @@ pub(crate) async fn reconcile_into(
     )
     .fetch_one(pool)
     .await? as usize;
-    f.rolled_calls = roll_all(pool).await?;
+    // Let the roller catch up first, so the check compares rolled rows,
+    // not the raw tail with itself.
+    f.rolled_calls = switchyard::store::rollups::roll_until_covered(pool, Duration::from_secs(60))
+        .await?
+        .0;
     f.rollup_mismatches = switchyard::store::rollups::mismatches(pool).await?.len();
     f.answered = rec.answered;
     f.unrecorded_calls = rec.unrecorded;

@@ -244,7 +244,7 @@ pub async fn run(
         .context("starting a three-node NATS cluster")?;
     let database_url = pg.url("switchyard");
     let pool = switchyard::store::connect_and_migrate(&database_url, 4).await?;
-    crate::chaos::short_settle(&pool, "2 seconds").await?;
+    switchyard::store::rollups::lower_settle(&pool, "2 seconds").await?;
 
     let mut profile = SimProfile::demo();
     profile.rpm = 20_000;

@@ -19,16 +19,17 @@ pub struct ReviewItem {
     pub waiting_secs: i64,
 }
 
-/// Jobs waiting for a person, oldest first, of `category` if given.
+/// Jobs waiting for a person, oldest first, of `category` if given. The
+/// status is a literal so that `jobs_review_idx` (partial, `WHERE status =
+/// 'needs_review'`) serves a generic plan too.
 pub async fn waiting(pool: &PgPool, category: Option<&str>) -> Result<Vec<ReviewItem>> {
     Ok(sqlx::query_as(
         "SELECT id AS job_id, category, review_reason AS reason,
                 EXTRACT(EPOCH FROM now() - COALESCE(finished_at, created_at))::int8 AS waiting_secs
-         FROM jobs WHERE status = $2 AND ($1::text IS NULL OR category = $1)
+         FROM jobs WHERE status = 'needs_review' AND ($1::text IS NULL OR category = $1)
          ORDER BY COALESCE(finished_at, created_at), id",
     )
     .bind(category)
-    .bind(JobStatus::NeedsReview.as_str())
     .fetch_all(pool)
     .await?)
 }

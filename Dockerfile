@@ -1,4 +1,7 @@
 FROM rust:1-slim-bookworm AS build
+# make: jemalloc's C sources (tikv-jemalloc-sys) build with it.
+RUN apt-get update && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # The shipped binary only; the measuring harness (switchyard-bench) stays out.

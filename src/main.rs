@@ -1,5 +1,7 @@
 use clap::Parser;
 
+switchyard::jemalloc_global!();
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     switchyard::init_logging();

@@ -1,92 +1,62 @@
-//! Giving the heap a worker freed back to the operating system.
+//! The binaries' allocator: jemalloc, configured for a worker's memory.
 //!
-//! glibc's `malloc` keeps what a process frees inside its arenas for reuse,
-//! and returns it to the system only from the top of each heap. Free space
-//! below a live allocation stays resident, so a worker that once held a
-//! burst of calls keeps that burst's RSS for the rest of its life, whatever
-//! it holds afterwards. The million-job soak showed it: one of three workers
-//! went from 99.7 MiB at 10% of the night to 157.5 MiB at 90% while the
-//! calls in flight fell from 923 to 444 (docs/benchmarks.md, "The
-//! million-job night").
+//! Both binaries (`switchyard`, `switchyard-bench`, whose in-process runs
+//! are a worker) declare [`crate::jemalloc_global!`]; the library itself
+//! leaves the choice to whoever links it (its tests run on the system
+//! allocator).
 //!
-//! [`trim_periodically`] asks glibc every [`TRIM_EVERY`] to hand back the
-//! free pages of every arena (`malloc_trim(0)`: `madvise(MADV_DONTNEED)` on
-//! whole free pages, also in the middle of a heap). It runs on the blocking
-//! pool, takes a few milliseconds, and ends when the worker stops. With any
-//! other C library it does nothing.
+//! Why not glibc's `malloc`: a profile of a full-load run (`perf record -a
+//! -g`, `switchyard-bench --json`) put `malloc`, `free` and their
+//! consolidation at a third of the worker's CPU; jemalloc's per-thread
+//! caches serve the same allocations for a fraction of that
+//! (docs/benchmarks.md, "jemalloc"). glibc also keeps a burst's freed heap
+//! resident below any live allocation, which an earlier build worked around
+//! with `malloc_trim(0)` every 10 s.
+//!
+//! [`MALLOC_CONF`] sets:
+//! - `narenas:1`: one arena. jemalloc's default (four per core) holds a
+//!   partly used arena per thread; at 1,000 calls in flight that put a
+//!   worker at 66 MiB, over the 64 MB target, against 61–62 MiB with one.
+//!   The threads' caches (below) keep them off the arena's lock.
+//! - `tcache_max:4096`: per-thread caches for sizes up to 4 KiB, where
+//!   nearly all of a job's allocations are (messages, rows, JSON).
+//! - `background_thread:true`: a jemalloc thread returns freed pages to the
+//!   system after `dirty_decay_ms` (10 s), also while the worker is idle,
+//!   as the trim did.
+//!
+//! An operator may override any of them without a rebuild through the
+//! environment variable `_RJEM_MALLOC_CONF` (jemalloc's `MALLOC_CONF`,
+//! under the prefix of this build's symbols), e.g.
+//! `_RJEM_MALLOC_CONF=narenas:2`; `stats_print:true` prints the allocator's
+//! options and statistics when the process exits.
 
-use std::time::Duration;
+/// jemalloc's options for the binaries: see the module doc.
+pub const MALLOC_CONF: &std::ffi::CStr = c"narenas:1,tcache_max:4096,background_thread:true";
 
-use tokio_util::sync::CancellationToken;
+/// A C string pointer jemalloc reads at start-up (`const char
+/// *malloc_conf`): what [`crate::jemalloc_global!`] exports.
+#[repr(transparent)]
+pub struct Conf(pub *const std::ffi::c_char);
 
-/// How often the worker hands freed heap back.
-pub const TRIM_EVERY: Duration = Duration::from_secs(10);
+// SAFETY: it points at a `'static` string that is never written.
+unsafe impl Sync for Conf {}
 
-/// Every [`TRIM_EVERY`] until `token` is cancelled: [`trim`].
-pub async fn trim_periodically(token: CancellationToken) {
-    let mut tick = tokio::time::interval(TRIM_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = token.cancelled() => return,
-            _ = tick.tick() => {
-                // Awaited: at most one trim at a time, none after shutdown.
-                let _ = tokio::task::spawn_blocking(trim).await;
-            }
-        }
-    }
-}
+#[cfg(not(target_env = "msvc"))]
+pub use tikv_jemallocator::Jemalloc;
 
-/// Return the free pages of every malloc arena to the operating system;
-/// whether any memory was released (always false without glibc).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn trim() -> bool {
-    extern "C" {
-        /// glibc, `<malloc.h>`: `int malloc_trim(size_t pad)`.
-        fn malloc_trim(pad: usize) -> std::os::raw::c_int;
-    }
-    // SAFETY: malloc_trim takes no pointers, only a size; it locks each
-    // arena itself and is safe to call from any thread at any time.
-    unsafe { malloc_trim(0) == 1 }
-}
+/// Make jemalloc, with [`MALLOC_CONF`], the global allocator of the binary
+/// that invokes it (once, at its crate root).
+#[macro_export]
+macro_rules! jemalloc_global {
+    () => {
+        #[cfg(not(target_env = "msvc"))]
+        #[global_allocator]
+        static GLOBAL_ALLOCATOR: $crate::memory::Jemalloc = $crate::memory::Jemalloc;
 
-/// Return the free pages of every malloc arena to the operating system;
-/// whether any memory was released (always false without glibc).
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn trim() -> bool {
-    false
-}
-
-#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
-mod tests {
-    /// This process's resident set, in KiB (`VmRSS`).
-    fn rss_kib() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
-
-    #[test]
-    fn freed_heap_below_a_live_allocation_goes_back_to_the_system() {
-        // 64 MiB in 4 KiB blocks, each written so its page is resident,
-        // then one block kept above them: glibc's free cannot shrink the
-        // heap from the top past it, so the 64 MiB stay resident after
-        // they are freed until trim hands them back.
-        let mut blocks: Vec<Box<[u8]>> = (0..16_384)
-            .map(|i| vec![(i % 251) as u8; 4096].into_boxed_slice())
-            .collect();
-        let keep = vec![1u8; 4096].into_boxed_slice();
-        let full = rss_kib();
-        blocks.clear();
-        blocks.shrink_to_fit();
-        let freed = rss_kib();
-        assert!(super::trim(), "trim released memory");
-        let trimmed = rss_kib();
-        assert!(
-            freed.saturating_sub(trimmed) > 32 * 1024,
-            "RSS {full} KiB full, {freed} KiB after free, {trimmed} KiB after trim"
-        );
-        assert_eq!(keep[4095], 1);
-    }
+        /// jemalloc reads its options from this symbol before `main`.
+        #[cfg(not(target_env = "msvc"))]
+        #[export_name = "_rjem_malloc_conf"]
+        pub static JEMALLOC_CONF: $crate::memory::Conf =
+            $crate::memory::Conf($crate::memory::MALLOC_CONF.as_ptr());
+    };
 }

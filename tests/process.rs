@@ -27,6 +27,34 @@ async fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitSt
     }
 }
 
+/// The shipped binary allocates with jemalloc under the options
+/// `switchyard::memory` documents (one arena, small-size thread caches,
+/// a background purge), and an operator can still override them from the
+/// environment: asked for its statistics, jemalloc prints the options it
+/// runs with when the process exits.
+#[test]
+fn the_binary_allocates_with_jemalloc_as_configured() {
+    let out = switchyard(&[])
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", "stats_print:true,dirty_decay_ms:5000")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stats = String::from_utf8_lossy(&out.stderr);
+    let option = |name: &str| {
+        stats
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("opt.{name}: ")))
+            .unwrap_or_else(|| panic!("no opt.{name} in jemalloc's statistics:\n{stats}"))
+            .to_string()
+    };
+    assert_eq!(option("narenas"), "1");
+    assert_eq!(option("tcache_max"), "4096");
+    assert!(option("background_thread").starts_with("true"));
+    // The environment is read after the compiled-in options, so it wins.
+    assert!(option("dirty_decay_ms").starts_with("5000"));
+}
+
 #[test]
 fn bad_config_fails_at_start_naming_the_key() {
     let dir = std::env::temp_dir().join(format!("sy-cfg-{}", std::process::id()));

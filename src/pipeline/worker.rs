@@ -177,9 +177,6 @@ pub async fn start(
     // One view of the budgets' spend for the dispatcher and the lanes.
     let book = Arc::new(crate::limits::budget::Book::new(&cfg, pool.clone()));
 
-    // Freed heap goes back to the system, so a burst's RSS does not stay.
-    tracker.spawn(crate::memory::trim_periodically(token.clone()));
-
     // Settled hours of jobs go into the job rollups (one roller at a time
     // across the fleet: an advisory lock).
     tracker.spawn(crate::store::job_rollups::roll_periodically(

@@ -10,6 +10,8 @@
 
 use std::time::Duration;
 
+switchyard::jemalloc_global!();
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use switchyard::cli::Global;

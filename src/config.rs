@@ -355,11 +355,18 @@ impl Default for WriterConfig {
 pub struct DispatcherConfig {
     /// Jobs in flight in one dispatcher.
     pub concurrency: usize,
+    /// Jobs whose first call this process makes itself, at once, without
+    /// the calls stream, when the call's lane runs here and is idle (see
+    /// `pipeline::dispatcher::Direct`); 0: every call goes through the stream.
+    pub direct_calls: usize,
 }
 
 impl Default for DispatcherConfig {
     fn default() -> Self {
-        Self { concurrency: 256 }
+        Self {
+            concurrency: 256,
+            direct_calls: 256,
+        }
     }
 }
 

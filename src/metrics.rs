@@ -16,6 +16,11 @@ const METRICS: &[(&str, &str, &str)] = &[
         "Valid jobs the dispatcher stored and routed, by category.",
     ),
     (
+        "switchyard_direct_calls_total",
+        "counter",
+        "Jobs whose first call the dispatcher handed to an idle lane of its own process instead of the calls stream, by provider.",
+    ),
+    (
         "switchyard_jobs_finished_total",
         "counter",
         "Jobs that ended, by category and status (succeeded, failed, needs_review, dead).",

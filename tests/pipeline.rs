@@ -452,3 +452,139 @@ async fn lanes_obey_rate_limit_headers_instead_of_collecting_429s() {
     assert!(worker.shutdown().await);
     env.cleanup().await;
 }
+
+/// Messages the run's calls stream has ever stored.
+async fn calls_published(env: &TestEnv) -> u64 {
+    let mut st = env
+        .bus
+        .js
+        .get_stream(env.bus.names.calls_stream())
+        .await
+        .unwrap();
+    st.info().await.unwrap().state.last_sequence
+}
+
+/// A job's first call goes straight to an idle lane of the dispatcher's own
+/// process: no calls-stream message, and the job's row is committed in the
+/// same transaction as the call's intent (both rows carry that
+/// transaction's start time). With `dispatcher.direct_calls = 0` every call
+/// goes through the stream, in transactions of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_lane_here_takes_first_calls_without_the_calls_stream() {
+    for direct in [true, false] {
+        let env = TestEnv::new(SimProfile::default()).await;
+        let mut overrides = common::SINGLE_ROUTES.to_vec();
+        if !direct {
+            overrides.push(("SWITCHYARD_DISPATCHER__DIRECT_CALLS", "0"));
+        }
+        let worker = env.start_worker(env.config_with(&overrides)).await;
+        // One at a time, so the lane is idle when each job arrives.
+        let js = jobs(if direct { "direct" } else { "stream" }, 6);
+        for j in &js {
+            publish_jobs(&env.bus, std::slice::from_ref(j), None)
+                .await
+                .unwrap();
+            assert!(wait_finished(
+                &env.pool,
+                std::slice::from_ref(&j.id),
+                Duration::from_secs(30),
+                None
+            )
+            .await
+            .unwrap());
+        }
+        let n = js.len() as i64;
+        assert_eq!(
+            env.count("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+                .await,
+            n
+        );
+        assert_eq!(env.count("SELECT count(*) FROM results").await, n);
+        assert_eq!(
+            env.count("SELECT count(*) FROM calls WHERE outcome = 'ok' AND attempt = 1")
+                .await,
+            n
+        );
+        assert_eq!(env.sim.ledger().len(), js.len(), "one request per job");
+        let together = env
+            .count(
+                "SELECT count(*) FROM jobs j JOIN calls c ON c.job_id = j.id \
+                 WHERE c.created_at = j.created_at",
+            )
+            .await;
+        let published = calls_published(&env).await;
+        if direct {
+            assert_eq!(published, 0, "no call went through the stream");
+            assert_eq!(together, n, "each job's row committed with its intent");
+        } else {
+            assert_eq!(published, js.len() as u64);
+            assert_eq!(together, 0);
+        }
+        // Every job message acked once its call was recorded.
+        let mut st = env
+            .bus
+            .js
+            .get_stream(env.bus.names.jobs_stream())
+            .await
+            .unwrap();
+        let left = st.info().await.unwrap().state.messages;
+        assert_eq!(left, 0);
+        assert!(worker.shutdown().await);
+        env.cleanup().await;
+    }
+}
+
+/// A direct call that fails retryably gives its job message back for the
+/// retry's delay; the job is dispatched again and its next attempts go
+/// through the calls stream, numbered on from the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_call_that_fails_is_retried_through_the_stream() {
+    let env = TestEnv::new(SimProfile {
+        error_rate: 1.0,
+        ..SimProfile::default()
+    })
+    .await;
+    let mut overrides = common::SINGLE_ROUTES.to_vec();
+    overrides.extend([
+        ("SWITCHYARD_RETRY__MAX_ATTEMPTS", "3"),
+        ("SWITCHYARD_RETRY__BASE_DELAY_MS", "50"),
+        ("SWITCHYARD_RETRY__MAX_DELAY_MS", "100"),
+    ]);
+    let worker = env.start_worker(env.config_with(&overrides)).await;
+    let js = jobs("retried", 2);
+    publish_jobs(&env.bus, &js, None).await.unwrap();
+    finish_or_explain(&env, &js).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE status = 'failed'")
+            .await,
+        2
+    );
+    let attempts: Vec<(String, Vec<i32>)> = sqlx::query_as(
+        "SELECT job_id, array_agg(attempt ORDER BY attempt) FROM calls \
+         WHERE outcome = 'retryable_error' GROUP BY job_id ORDER BY job_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    for (job, a) in &attempts {
+        assert_eq!(a, &[1, 2, 3], "{job}");
+    }
+    assert_eq!(attempts.len(), 2);
+    // The first attempts were direct: their intents committed with the job rows.
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM jobs j JOIN calls c ON c.job_id = j.id \
+             WHERE c.created_at = j.created_at AND c.attempt = 1"
+        )
+        .await,
+        2
+    );
+    assert_eq!(env.count("SELECT count(*) FROM calls").await, 6);
+    assert_eq!(env.sim.ledger().len(), 6, "every attempt asked once");
+    assert!(
+        calls_published(&env).await >= 2,
+        "the retries went through the stream"
+    );
+    assert!(worker.shutdown().await);
+    env.cleanup().await;
+}

@@ -78,21 +78,33 @@ pub struct LaneLimiter {
     /// Calls claimed and not yet admitted, and how many may wait before the
     /// lane stops taking messages.
     waiting: AtomicUsize,
+    /// Of those, calls the dispatcher handed over directly.
+    direct_waiting: AtomicUsize,
     queue_cap: usize,
     freed: Notify,
     claim_turn: tokio::sync::Mutex<()>,
     counts_max_tokens: bool,
 }
 
-/// A message taken by a lane and not yet admitted (see [`LaneLimiter::ready`]).
-pub struct Ticket(Option<Arc<LaneLimiter>>);
+/// A message taken by a lane and not yet admitted (see [`LaneLimiter::ready`]),
+/// or a call the dispatcher handed over (`direct`, see [`LaneLimiter::try_ready`]).
+pub struct Ticket {
+    lane: Option<Arc<LaneLimiter>>,
+    direct: bool,
+}
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if let Some(l) = self.0.take() {
+        if let Some(l) = self.lane.take() {
+            let less = |w: usize| w.checked_sub(1);
+            if self.direct {
+                let _ = l
+                    .direct_waiting
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, less);
+            }
             let _ = l
                 .waiting
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1));
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, less);
             l.freed.notify_waiters();
         }
     }
@@ -138,6 +150,7 @@ impl LaneLimiter {
             shared,
             pending: Mutex::new(0),
             waiting: AtomicUsize::new(0),
+            direct_waiting: AtomicUsize::new(0),
             // About a second of requests may wait here, and no more than
             // keeps the concurrency cap busy while the next messages are
             // fetched (an eighth of it, plus 16): more stay in NATS, where a
@@ -227,13 +240,42 @@ impl LaneLimiter {
                     .compare_exchange(w, w + 1, Ordering::SeqCst, Ordering::SeqCst)
                     .is_ok()
             {
-                return Ticket(Some(self.clone()));
+                return Ticket {
+                    lane: Some(self.clone()),
+                    direct: false,
+                };
             }
             if w < self.queue_cap {
                 continue; // raced another taker
             }
             freed.await;
         }
+    }
+
+    /// A ticket at once if the lane can start a call now: not paused, a
+    /// concurrency slot free for it, and at most half its backpressure
+    /// queue taken by messages from the calls stream (a lane waiting for
+    /// its budget fills the queue; one whose calls flow holds a few
+    /// messages between pull and admission, and an idle one's pull loop a
+    /// ticket while it waits for a message; calls handed over directly are
+    /// admitted at once, so they do not count). The dispatcher hands a
+    /// job's first call straight to such a lane of its own process; a
+    /// backlogged or paused one gets it through the calls stream, in its turn.
+    pub fn try_ready(self: &Arc<Self>) -> Option<Ticket> {
+        let direct = self.direct_waiting.load(Ordering::SeqCst);
+        let pulled = self.waiting.load(Ordering::SeqCst).saturating_sub(direct);
+        if pulled > (self.queue_cap / 2).max(1)
+            || self.concurrency.available_permits() <= direct
+            || self.paused_until().is_some()
+        {
+            return None;
+        }
+        self.direct_waiting.fetch_add(1, Ordering::SeqCst);
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        Some(Ticket {
+            lane: Some(self.clone()),
+            direct: true,
+        })
     }
 
     /// How many calls may wait for admission before the lane stops taking
@@ -443,6 +485,44 @@ mod tests {
         l.take(b, 50).await;
         let waited = start.elapsed().as_secs_f64();
         assert!((4.9..=5.2).contains(&waited), "{waited}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_an_idle_lane_takes_a_call_directly() {
+        let l = Arc::new(LaneLimiter::local(6000, 1_000_000, 2));
+        // The pull loop's ticket, held while it waits for a message.
+        let pulling = l.ready().await;
+        let t = l.try_ready().expect("idle lane");
+        let u = l
+            .try_ready()
+            .expect("a second slot for a second direct call");
+        assert!(l.try_ready().is_none(), "both slots spoken for");
+        let a = l.admit("m", 10, 10).await;
+        drop(t); // admitted
+        let b = l.admit("m", 10, 10).await;
+        drop(u);
+        assert!(l.try_ready().is_none(), "both slots busy");
+        l.settle(a, Some((5, 5))).await;
+        l.settle(b, Some((5, 5))).await;
+        // Half its queue (16 with one slot) taken by messages from the
+        // stream waiting for admission: backlogged.
+        assert_eq!(l.queue_cap(), 16);
+        let mut queued = Vec::new();
+        for _ in 0..7 {
+            queued.push(l.ready().await);
+        }
+        assert!(l.try_ready().is_some(), "8 of 16: still flowing");
+        queued.push(l.ready().await);
+        assert!(l.try_ready().is_none(), "9 of 16 pulled messages wait");
+        queued.clear();
+        assert!(l.try_ready().is_some());
+        l.pause_for(Duration::from_secs(3));
+        assert!(l.try_ready().is_none(), "paused");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let _t = l.try_ready().expect("the pause ended");
+        // A ticket taken directly counts toward the backpressure as any other.
+        assert_eq!(l.waiting.load(Ordering::SeqCst), 2);
+        drop(pulling);
     }
 
     #[tokio::test(start_paused = true)]

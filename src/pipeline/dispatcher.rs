@@ -1,7 +1,9 @@
 //! The dispatcher: consumes `<prefix>.jobs.>`, validates each job, stores it
 //! (or dead-letters it), asks the router for the first call and publishes
 //! that call to its provider lane. A job message is acked only after its row
-//! is committed and its call is accepted by JetStream.
+//! is committed and its call is accepted by JetStream, or, when the call
+//! went straight to an idle lane of this process ([`Direct`]), after the
+//! call's final commit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +12,8 @@ use anyhow::Result;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::Message;
 use tracing::{warn, Instrument};
+
+use crate::pipeline::lane::LaneStep;
 
 use serde_json::json;
 
@@ -23,6 +27,20 @@ use crate::route::{self, Routes};
 use crate::store::{DeadLetterRow, JobRow, JobStatus, Row, Writer};
 use tokio_util::sync::CancellationToken;
 
+/// A valid job stored (its row written) and routed, counted once: not a
+/// duplicate of a finished job, nor a parked one (`category` None).
+fn count_received(stored: bool, status: Option<JobStatus>, category: Option<String>) {
+    if let (true, Some(category)) = (stored, category) {
+        if !status.is_some_and(|s| s.is_terminal()) {
+            crate::metrics::global().inc(
+                "switchyard_jobs_received_total",
+                &[("category", category.as_str())],
+                1.0,
+            );
+        }
+    }
+}
+
 /// Redeliveries of one job message before JetStream gives up on it (each
 /// one only happens when Postgres or NATS failed while handling it).
 pub const DISPATCH_MAX_DELIVER: i64 = 20;
@@ -34,6 +52,41 @@ pub struct Dispatcher {
     /// Settles its messages; its `bus` is also where the dispatcher consumes.
     settler: Settler,
     budget: Arc<crate::limits::budget::Book>,
+    /// This process's lanes, when jobs' first calls may go to them directly.
+    direct: Option<Arc<Direct>>,
+}
+
+/// Direct calls: a job whose plan starts with one real-time call, to a
+/// provider whose lane runs in this process and is idle, has that call made
+/// here, without the calls stream (one JetStream message fewer), and the
+/// job's row committed with the call's intent (one commit fewer). The job
+/// message is held (progress acks) until the call's final commit, then
+/// acked: a crash gives it back, and its next delivery goes the usual way.
+/// At most `dispatcher.direct_calls` at once; the rest go through the
+/// stream, as do retries (the job message comes back after the delay) and
+/// every later step.
+pub struct Direct {
+    lanes: std::collections::HashMap<String, Arc<LaneStep>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    tracker: tokio_util::task::TaskTracker,
+}
+
+impl Direct {
+    /// `None` when there is nothing to hand calls to (no lane here, or
+    /// `dispatcher.direct_calls = 0`).
+    pub fn new(
+        cfg: &Config,
+        lanes: std::collections::HashMap<String, Arc<LaneStep>>,
+        tracker: tokio_util::task::TaskTracker,
+    ) -> Option<Arc<Self>> {
+        (cfg.dispatcher.direct_calls > 0 && !lanes.is_empty()).then(|| {
+            Arc::new(Self {
+                lanes,
+                slots: Arc::new(tokio::sync::Semaphore::new(cfg.dispatcher.direct_calls)),
+                tracker,
+            })
+        })
+    }
 }
 
 impl Dispatcher {
@@ -50,7 +103,14 @@ impl Dispatcher {
             cfg,
             routes,
             budget,
+            direct: None,
         }
+    }
+
+    /// Hand jobs' first calls to these lanes when they are idle (see [`Direct`]).
+    pub fn with_direct(mut self, direct: Option<Arc<Direct>>) -> Self {
+        self.direct = direct;
+        self
     }
 
     pub async fn consumer(&self) -> Result<PullConsumer> {
@@ -62,15 +122,22 @@ impl Dispatcher {
             &n.jobs_wildcard(),
             self.cfg.ack_wait(),
             DISPATCH_MAX_DELIVER,
-            (self.cfg.dispatcher.concurrency + self.cfg.writer.batch_size) as i64,
+            (self.cfg.dispatcher.concurrency
+                + self.cfg.writer.batch_size
+                + self.cfg.dispatcher.direct_calls) as i64,
         )
         .await
     }
 
     /// Handle one job message. Never panics on its content.
-    pub async fn handle(&self, msg: Message) {
-        let (stream, seq, published) = match msg.info() {
-            Ok(i) => (i.stream.to_string(), i.stream_sequence, published_ms(&i)),
+    pub async fn handle(&self, mut msg: Message) {
+        let (stream, seq, published, delivered) = match msg.info() {
+            Ok(i) => (
+                i.stream.to_string(),
+                i.stream_sequence,
+                published_ms(&i),
+                i.delivered,
+            ),
             Err(e) => {
                 warn!(error = %e, "job message without JetStream metadata; dropping");
                 let _ = msg.ack().await;
@@ -101,7 +168,7 @@ impl Dispatcher {
         };
         let span =
             tracing::info_span!("job", job_id = tracing::field::Empty, category = %category, seq);
-        async {
+        async move {
             match parsed {
                 Parsed::Valid(job) => {
                     tracing::Span::current().record("job_id", job.id.as_str());
@@ -113,17 +180,22 @@ impl Dispatcher {
                             (Settlement::Nak(Some(Duration::from_secs(1))), None)
                         }
                     };
+                    // Only a first delivery: a job message given back goes the usual way.
+                    let settlement = match (delivered, received) {
+                        (1, Some(category)) => match self.try_direct(msg, settlement, category) {
+                            Ok(()) => return,
+                            Err((m, s, category)) => {
+                                msg = m;
+                                (s, Some(category))
+                            }
+                        },
+                        (_, received) => (settlement, received),
+                    };
+                    let (settlement, received) = settlement;
                     let committed = self.settler.settle(&msg, settlement).await;
-                    // Counted once: not for a duplicate of a finished job, nor a parked one.
-                    if let (Some(c), Some(category)) = (committed, received) {
-                        if !c.job_status.get(&id).is_some_and(|s| s.is_terminal()) {
-                            crate::metrics::global().inc(
-                                "switchyard_jobs_received_total",
-                                &[("category", category.as_str())],
-                                1.0,
-                            );
-                        }
-                    }
+                    let stored = committed.is_some();
+                    let status = committed.and_then(|c| c.job_status.get(&id).copied());
+                    count_received(stored, status, received);
                 }
                 Parsed::Rejected {
                     id,
@@ -168,6 +240,70 @@ impl Dispatcher {
         }
         .instrument(span)
         .await;
+    }
+
+    /// Hand the job's first call to an idle lane of this process (see
+    /// [`Direct`]), in a task of its own; everything back when it cannot go.
+    #[allow(clippy::result_large_err)]
+    fn try_direct(
+        &self,
+        msg: Message,
+        s: Settlement,
+        category: String,
+    ) -> Result<(), (Message, Settlement, String)> {
+        let Some(direct) = self.direct.clone() else {
+            return Err((msg, s, category));
+        };
+        let lane = match &s {
+            Settlement::Commit {
+                effects,
+                retry_in: None,
+                ..
+            } if effects.calls.len() == 1 && effects.done.is_none() && effects.review.is_none() => {
+                let c = &effects.calls[0];
+                (!c.batch && c.batch_result.is_none())
+                    .then(|| direct.lanes.get(&c.provider).cloned())
+                    .flatten()
+            }
+            _ => None,
+        };
+        let Some(lane) = lane else {
+            return Err((msg, s, category));
+        };
+        let Ok(slot) = direct.slots.clone().try_acquire_owned() else {
+            return Err((msg, s, category));
+        };
+        let Some(ticket) = lane.try_ready() else {
+            return Err((msg, s, category));
+        };
+        let (rows, call) = match s {
+            Settlement::Commit { mut effects, .. } => match effects.calls.pop() {
+                Some(call) => (effects.rows, call),
+                None => return Err((msg, Settlement::finished(effects), category)),
+            },
+            other => return Err((msg, other, category)),
+        };
+        let settler = self.settler.clone();
+        let provider = call.provider.clone();
+        let id = call.job_id.clone();
+        direct.tracker.spawn(
+            async move {
+                let (settlement, status) = lane.direct(&msg, call, rows, ticket).await;
+                let committed = settler.settle(&msg, settlement).await;
+                let stored = status.is_some() || committed.is_some();
+                let status =
+                    status.or_else(|| committed.and_then(|c| c.job_status.get(&id).copied()));
+                count_received(stored, status, Some(category));
+                crate::metrics::global().inc(
+                    "switchyard_direct_calls_total",
+                    &[("provider", provider.as_str())],
+                    1.0,
+                );
+                drop(slot);
+            }
+            .in_current_span(),
+        );
+        Ok(())
     }
 
     /// Why a job's messages could not travel in its call messages, if they

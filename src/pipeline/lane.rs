@@ -63,7 +63,7 @@ enum Recorded {
 
 /// One provider lane: its consumer, its step and the settling path.
 pub struct Lane {
-    step: LaneStep,
+    step: Arc<LaneStep>,
     /// Settles its messages; its `bus` is also where the lane consumes.
     settler: Settler,
 }
@@ -110,6 +110,16 @@ pub struct LaneShared {
     pub services: crate::tasks::Tasks,
 }
 
+/// Rows committed in the same transaction as a call's intent: the job's
+/// own row when the dispatcher hands the job's first call straight to its
+/// lane ([`LaneStep::direct`]), so that the job row and the claim cost one
+/// commit, not two. `status`: the job's status after that commit.
+#[derive(Default)]
+pub struct Prior {
+    rows: Option<Vec<Row>>,
+    status: Option<JobStatus>,
+}
+
 /// Removes a step from [`LaneStep::in_hand`] when its handling ends.
 struct InHand<'a>(&'a LaneStep, String);
 
@@ -133,7 +143,7 @@ impl Lane {
     ) -> Result<Self> {
         let step = LaneStep::new(name, cfg, writer.clone(), pool, token.clone(), shared)?;
         Ok(Self {
-            step,
+            step: Arc::new(step),
             settler: Settler { bus, writer, token },
         })
     }
@@ -141,6 +151,12 @@ impl Lane {
     /// Messages in flight in this lane (see [`LaneStep::max_in_flight`]).
     pub fn max_in_flight(&self) -> usize {
         self.step.max_in_flight()
+    }
+
+    /// The lane's step, for the dispatcher's direct calls (see
+    /// [`LaneStep::direct`]).
+    pub fn step(&self) -> Arc<LaneStep> {
+        self.step.clone()
     }
 
     /// Messages to request from NATS at once: no more than may wait here
@@ -275,6 +291,11 @@ impl LaneStep {
         i64::from(self.cfg.retry.max_attempts) + 3
     }
 
+    /// A ticket at once if the lane is idle (see [`LaneLimiter::try_ready`]).
+    pub fn try_ready(&self) -> Option<crate::limits::lane::Ticket> {
+        self.limiter.try_ready()
+    }
+
     /// See [`Lane::ready`].
     pub async fn ready(&self) -> crate::limits::lane::Ticket {
         self.limiter.ready().await
@@ -366,10 +387,68 @@ impl LaneStep {
         // Deliveries JetStream has left for this message after this one.
         let left = self.max_deliver() - d.delivered;
         Box::pin(
-            self.step_call(hold, call, attempt, left, ticket)
+            self.step_call(hold, call, attempt, left, ticket, &mut Prior::default())
                 .instrument(span),
         )
         .await
+    }
+
+    /// A job's first call, handed over by the dispatcher of this process
+    /// instead of published to the calls stream: the lane was idle (its
+    /// `ticket` taken at once, see [`LaneLimiter::try_ready`]). `rows` (the
+    /// job's row, from the dispatcher) commit with the call's intent, or,
+    /// if the step ends before one, with its settlement. `hold` is the job
+    /// message, which the returned settlement settles: acked after the
+    /// final commit, or given back (a provider retry's delay, a stop), in
+    /// which case it is dispatched again and goes through the calls stream.
+    /// Also returns the job's status after its row was written, when the
+    /// intent carried it (`None`: the settlement's commit carries the row).
+    pub async fn direct<H: Hold>(
+        &self,
+        hold: &H,
+        call: CallMsg,
+        rows: Vec<Row>,
+        ticket: crate::limits::lane::Ticket,
+    ) -> (Settlement, Option<JobStatus>) {
+        let attempt = (1 + i64::from(call.attempt_base)).clamp(1, i64::from(i32::MAX)) as i32;
+        let span = info_span!("call", job_id = %call.job_id, category = %call.category,
+                              provider = %self.name, model = %call.model, delivery = attempt,
+                              attempt = tracing::field::Empty, direct = true);
+        let mut prior = Prior {
+            rows: Some(rows),
+            status: None,
+        };
+        let left = self.max_deliver() - 1;
+        let settled = Box::pin(
+            self.step_call(hold, call, attempt, left, ticket, &mut prior)
+                .instrument(span),
+        )
+        .await;
+        let Some(rows) = prior.rows else {
+            return (settled, prior.status);
+        };
+        // The step ended before its intent (expired, answered from the
+        // cache, an unknown model, ...): the job's row goes with its end.
+        let settled = match settled {
+            Settlement::Commit {
+                mut effects,
+                retry_in,
+                unless_finished,
+            } => {
+                let mut all = rows;
+                all.append(&mut effects.rows);
+                effects.rows = all;
+                Settlement::Commit {
+                    effects,
+                    retry_in,
+                    unless_finished,
+                }
+            }
+            Settlement::Ack => Settlement::rows(rows),
+            // Given back: dispatched again, its row written then.
+            other @ (Settlement::Nak(_) | Settlement::Leave) => other,
+        };
+        (settled, None)
     }
 
     /// The sub-futures awaited here (and in [`Self::claim`]) are boxed: a
@@ -385,6 +464,7 @@ impl LaneStep {
         attempt: i32,
         deliveries_left: i64,
         ticket: crate::limits::lane::Ticket,
+        prior: &mut Prior,
     ) -> Settlement {
         let key = call.msg_id();
         // Hold a second delivery of a step in hand here until the first is
@@ -459,19 +539,13 @@ impl LaneStep {
         // The call's cost record, filled in as it goes.
         let row = self.cost_row(&call, attempt, prices, None);
         let waiting_since = Instant::now();
-        let (admission, attempt) = match Box::pin(self.claim(
-            hold,
-            &call,
-            estimate,
-            &row,
-            deliveries_left,
-            ticket,
-        ))
-        .await
-        {
-            Ok(claimed) => claimed,
-            Err(settled) => return settled,
-        };
+        let (admission, attempt) =
+            match Box::pin(self.claim(hold, &call, estimate, &row, deliveries_left, ticket, prior))
+                .await
+            {
+                Ok(claimed) => claimed,
+                Err(settled) => return settled,
+            };
         let m = crate::metrics::global();
         m.observe(
             "switchyard_limiter_wait_seconds",
@@ -916,6 +990,7 @@ impl LaneStep {
     /// across processes. `Ok` with the admission and the attempt number the
     /// intent took; `Err` with how the message settles instead.
     /// `deliveries_left`: how many more times JetStream would deliver it.
+    #[allow(clippy::too_many_arguments)]
     async fn claim<H: Hold>(
         &self,
         hold: &H,
@@ -924,6 +999,7 @@ impl LaneStep {
         row: &CallRow,
         deliveries_left: i64,
         ticket: crate::limits::lane::Ticket,
+        prior: &mut Prior,
     ) -> Result<(Admission, i32), Settlement> {
         let attempt = row.attempt;
         // How long an intent counts as a call under way.
@@ -1001,8 +1077,14 @@ impl LaneStep {
                 },
                 busy_for,
             };
-            match Box::pin(self.commit(hold, vec![intent])).await {
+            let mut rows = prior.rows.take().unwrap_or_default();
+            let with_job = !rows.is_empty();
+            rows.push(intent);
+            match Box::pin(self.commit(hold, rows)).await {
                 Ok(c) => {
+                    if with_job {
+                        prior.status = c.job_status.get(&call.job_id).copied();
+                    }
                     if let Some(a) = c.attempts.get(&(call.job_id.clone(), call.step)) {
                         return Ok((admission, *a));
                     }

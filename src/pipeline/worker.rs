@@ -198,6 +198,58 @@ pub async fn start(
         token.clone(),
     ));
 
+    let shared = crate::pipeline::lane::LaneShared {
+        fleet_store: fleet_store.clone(),
+        budget: book.clone(),
+        routes: routes.clone(),
+        services: services.clone(),
+    };
+    // The lanes' steps, for the dispatcher's direct calls.
+    let mut steps = std::collections::HashMap::new();
+    for name in lane_names.clone() {
+        let lane = Arc::new(
+            Lane::new(
+                &name,
+                cfg.clone(),
+                bus.clone(),
+                writer.clone(),
+                pool.clone(),
+                token.clone(),
+                &shared,
+            )
+            .with_context(|| format!("building lane `{name}`"))?,
+        );
+        steps.insert(name.clone(), lane.step());
+        let consumers = lane.consumers().await?;
+        let in_flight = lane.max_in_flight();
+        let gate = lane.clone();
+        let db = writer.clone();
+        tracker.spawn(consume(
+            format!("lane-{name}"),
+            consumers,
+            Pull {
+                max_in_flight: in_flight,
+                share: cfg.priority.low_share,
+                ack_wait: cfg.ack_wait(),
+            },
+            token.clone(),
+            tracker.clone(),
+            move || {
+                let lane = gate.clone();
+                let db = db.clone();
+                // No new work while the database is unreachable or the lane
+                // has no budget: the messages stay in NATS.
+                async move {
+                    db.wait_up().await;
+                    lane.ready().await
+                }
+            },
+            move |m, ticket| {
+                let lane = lane.clone();
+                async move { lane.handle(m, ticket).await }
+            },
+        ));
+    }
     if opts.dispatcher {
         let d = Dispatcher::new(
             cfg.clone(),
@@ -206,7 +258,12 @@ pub async fn start(
             writer.clone(),
             token.clone(),
             book.clone(),
-        );
+        )
+        .with_direct(crate::pipeline::dispatcher::Direct::new(
+            &cfg,
+            steps,
+            tracker.clone(),
+        ));
         // Parked jobs of paused categories go out again when their budget allows.
         tracker.spawn(resume_parked(
             cfg.clone(),
@@ -236,55 +293,6 @@ pub async fn start(
             move |m, ()| {
                 let d = d.clone();
                 async move { d.handle(m).await }
-            },
-        ));
-    }
-    let shared = crate::pipeline::lane::LaneShared {
-        fleet_store: fleet_store.clone(),
-        budget: book.clone(),
-        routes: routes.clone(),
-        services: services.clone(),
-    };
-    for name in lane_names.clone() {
-        let lane = Arc::new(
-            Lane::new(
-                &name,
-                cfg.clone(),
-                bus.clone(),
-                writer.clone(),
-                pool.clone(),
-                token.clone(),
-                &shared,
-            )
-            .with_context(|| format!("building lane `{name}`"))?,
-        );
-        let consumers = lane.consumers().await?;
-        let in_flight = lane.max_in_flight();
-        let gate = lane.clone();
-        let db = writer.clone();
-        tracker.spawn(consume(
-            format!("lane-{name}"),
-            consumers,
-            Pull {
-                max_in_flight: in_flight,
-                share: cfg.priority.low_share,
-                ack_wait: cfg.ack_wait(),
-            },
-            token.clone(),
-            tracker.clone(),
-            move || {
-                let lane = gate.clone();
-                let db = db.clone();
-                // No new work while the database is unreachable or the lane
-                // has no budget: the messages stay in NATS.
-                async move {
-                    db.wait_up().await;
-                    lane.ready().await
-                }
-            },
-            move |m, ticket| {
-                let lane = lane.clone();
-                async move { lane.handle(m, ticket).await }
             },
         ));
     }

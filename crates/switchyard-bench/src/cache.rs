@@ -85,7 +85,7 @@ pub async fn run(cfg: Config, pool: PgPool, nats_url: &str, n: usize) -> Result<
         let jobs = sample_jobs(&c, &run, n)?;
         let before = sim.ledger().len();
         eprintln!("bench: {n} jobs, run {name}…");
-        secs.push(run_pipeline(c, &pool, nats_url, &jobs, &run).await?);
+        secs.push(run_pipeline(c, &pool, nats_url, &jobs, &run).await?.secs);
         calls.push(sim.ledger().len() - before);
         runs.push(run);
     }

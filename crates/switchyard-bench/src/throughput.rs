@@ -45,6 +45,28 @@ pub struct BenchFigures {
     pub pg_commits_per_job: f64,
     pub pg_rows_inserted_per_job: f64,
     pub pg_rows_updated_per_job: f64,
+    /// Share of the jobs whose first call went straight to an idle lane of
+    /// the dispatcher's process (no calls-stream message; see
+    /// `dispatcher.direct_calls`), in each run.
+    pub inproc_direct_share: f64,
+    pub http_direct_share: f64,
+}
+
+/// What one run through a worker measured.
+pub(crate) struct Run {
+    pub secs: f64,
+    /// Messages the run's calls stream stored.
+    pub calls_published: u64,
+}
+
+impl Run {
+    /// Share of `jobs` single-call jobs whose call the stream never saw.
+    fn direct_share(&self, jobs: usize) -> f64 {
+        if jobs == 0 {
+            return 0.0;
+        }
+        (1.0 - self.calls_published as f64 / jobs as f64).max(0.0)
+    }
 }
 
 /// CPU time per job of each process family, in milliseconds.
@@ -193,7 +215,7 @@ pub(crate) async fn run_pipeline(
     nats_url: &str,
     jobs: &[Outgoing],
     run_prefix: &str,
-) -> Result<f64> {
+) -> Result<Run> {
     let bus = Bus::connect_configured(nats_url, &cfg.nats).await?;
     bus.delete_streams().await;
     let cfg = Arc::new(cfg);
@@ -213,9 +235,16 @@ pub(crate) async fn run_pipeline(
     let finished = wait_done(done, pool, run_prefix, jobs.len(), Duration::from_secs(600)).await?;
     anyhow::ensure!(finished, "bench run did not finish within 10 minutes");
     let secs = started.elapsed().as_secs_f64();
+    let calls_published = match bus.js.get_stream(bus.names.calls_stream()).await {
+        Ok(mut st) => st.info().await.map_or(0, |i| i.state.last_sequence),
+        Err(_) => 0,
+    };
     handle.shutdown().await;
     bus.delete_streams().await;
-    Ok(secs)
+    Ok(Run {
+        secs,
+        calls_published,
+    })
 }
 
 /// Wait until `n` jobs whose ids start with `prefix` are finished: by their
@@ -370,7 +399,8 @@ pub async fn run(cfg: Config, pool: PgPool, nats_url: &str, n: usize) -> Result<
         .await?;
     let pg_before = pg_counters(&pool).await?;
     let cpu_before = CpuSplit::now();
-    let inproc_secs = run_pipeline(c1, &run_pool, nats_url, &jobs1, &run1).await?;
+    let inproc = run_pipeline(c1, &run_pool, nats_url, &jobs1, &run1).await?;
+    let inproc_secs = inproc.secs;
     let cpu = cpu_before.per_job(&CpuSplit::now(), n);
     run_pool.close().await;
     // Backends report their counters as they exit: give them a moment.
@@ -388,7 +418,8 @@ pub async fn run(cfg: Config, pool: PgPool, nats_url: &str, n: usize) -> Result<
     let jobs2 = sample_jobs(&c2, &run2, n)?;
     eprintln!("bench: {n} jobs through the HTTP simulator…");
     vacuum(&pool).await;
-    let http_secs = run_pipeline(c2, &pool, nats_url, &jobs2, &run2).await?;
+    let http = run_pipeline(c2, &pool, nats_url, &jobs2, &run2).await?;
+    let http_secs = http.secs;
     sim.stop();
 
     // 3. JetStream ceiling with the same count and size.
@@ -440,6 +471,8 @@ pub async fn run(cfg: Config, pool: PgPool, nats_url: &str, n: usize) -> Result<
         pg_commits_per_job: pg_per_job(pg_before.0, pg_after.0),
         pg_rows_inserted_per_job: pg_per_job(pg_before.1, pg_after.1),
         pg_rows_updated_per_job: pg_per_job(pg_before.2, pg_after.2),
+        inproc_direct_share: inproc.direct_share(n),
+        http_direct_share: http.direct_share(n),
     })
 }
 
@@ -454,7 +487,8 @@ impl BenchFigures {
              HTTP / ceiling            {:>10.2}\n\
              peak RSS                  {:>10.1} MiB\n\
              CPU per job (in-process)  {:>10.3} ms  (switchyard {:.3}, nats-server {:.3}, postgres {:.3})\n\
-             Postgres per job          {:>10.2} commits, {:.2} rows inserted, {:.2} updated",
+             Postgres per job          {:>10.2} commits, {:.2} rows inserted, {:.2} updated\n\
+             first calls made directly {:>10.2} in-process, {:.2} HTTP",
             self.jobs,
             self.inproc_jobs_per_sec,
             self.inproc_secs,
@@ -472,7 +506,9 @@ impl BenchFigures {
             self.cpu_split_ms_per_job.postgres,
             self.pg_commits_per_job,
             self.pg_rows_inserted_per_job,
-            self.pg_rows_updated_per_job
+            self.pg_rows_updated_per_job,
+            self.inproc_direct_share,
+            self.http_direct_share
         )
     }
 }

@@ -356,7 +356,7 @@ pub struct DispatcherConfig {
     /// Jobs in flight in one dispatcher.
     pub concurrency: usize,
     /// Jobs whose first call this process makes itself, at once, without
-    /// the calls stream, when the call's lane runs here and is idle (see
+    /// the calls stream, when the call's lane runs here and is free (see
     /// `pipeline::dispatcher::Direct`); 0: every call goes through the stream.
     pub direct_calls: usize,
 }

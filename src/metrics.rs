@@ -18,7 +18,7 @@ const METRICS: &[(&str, &str, &str)] = &[
     (
         "switchyard_direct_calls_total",
         "counter",
-        "Jobs whose first call the dispatcher handed to an idle lane of its own process instead of the calls stream, by provider.",
+        "Jobs whose first call the dispatcher handed to a free lane of its own process instead of the calls stream, by provider.",
     ),
     (
         "switchyard_jobs_finished_total",

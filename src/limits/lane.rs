@@ -253,18 +253,19 @@ impl LaneLimiter {
     }
 
     /// A ticket at once if the lane can start a call now: not paused, a
-    /// concurrency slot free for it, and at most half its backpressure
-    /// queue taken by messages from the calls stream (a lane waiting for
-    /// its budget fills the queue; one whose calls flow holds a few
-    /// messages between pull and admission, and an idle one's pull loop a
-    /// ticket while it waits for a message; calls handed over directly are
-    /// admitted at once, so they do not count). The dispatcher hands a
-    /// job's first call straight to such a lane of its own process; a
-    /// backlogged or paused one gets it through the calls stream, in its turn.
+    /// concurrency slot free for it, and at most half its backpressure queue
+    /// taken by calls waiting for admission, whether pulled from the calls
+    /// stream or handed over directly (a lane waiting for its request or
+    /// token budget fills the queue; one whose calls flow holds a few
+    /// between pull and admission, and an idle one's pull loop a ticket
+    /// while it waits for a message). The dispatcher hands a job's first
+    /// call straight to such a lane of its own process; a backlogged or
+    /// paused one gets it through the calls stream, in its turn, so a lane
+    /// without budget keeps its work in NATS either way.
     pub fn try_ready(self: &Arc<Self>) -> Option<Ticket> {
         let direct = self.direct_waiting.load(Ordering::SeqCst);
-        let pulled = self.waiting.load(Ordering::SeqCst).saturating_sub(direct);
-        if pulled > (self.queue_cap / 2).max(1)
+        let waiting = self.waiting.load(Ordering::SeqCst);
+        if waiting > (self.queue_cap / 2).max(1)
             || self.concurrency.available_permits() <= direct
             || self.paused_until().is_some()
         {
@@ -504,16 +505,18 @@ mod tests {
         assert!(l.try_ready().is_none(), "both slots busy");
         l.settle(a, Some((5, 5))).await;
         l.settle(b, Some((5, 5))).await;
-        // Half its queue (16 with one slot) taken by messages from the
-        // stream waiting for admission: backlogged.
+        // Half its queue (16 here) taken by calls waiting for admission:
+        // backlogged, whether they came from the stream or directly.
         assert_eq!(l.queue_cap(), 16);
         let mut queued = Vec::new();
         for _ in 0..7 {
             queued.push(l.ready().await);
         }
-        assert!(l.try_ready().is_some(), "8 of 16: still flowing");
+        let d = l.try_ready().expect("8 of 16: still flowing");
+        assert!(l.try_ready().is_none(), "9 of 16 wait, one of them direct");
+        drop(d);
         queued.push(l.ready().await);
-        assert!(l.try_ready().is_none(), "9 of 16 pulled messages wait");
+        assert!(l.try_ready().is_none(), "9 of 16 wait");
         queued.clear();
         assert!(l.try_ready().is_some());
         l.pause_for(Duration::from_secs(3));
@@ -523,6 +526,23 @@ mod tests {
         // A ticket taken directly counts toward the backpressure as any other.
         assert_eq!(l.waiting.load(Ordering::SeqCst), 2);
         drop(pulling);
+    }
+
+    /// A lane out of request budget (one a minute) takes one call directly
+    /// and leaves the rest to the calls stream.
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_without_budget_takes_no_pile_of_direct_calls() {
+        let l = Arc::new(LaneLimiter::local(1, 1_000_000, 64));
+        let _pulling = l.ready().await;
+        let first = l.try_ready().expect("room for one");
+        let a = l.admit("m", 10, 10).await;
+        drop(first);
+        let second = l.try_ready().expect("the queue is empty again");
+        assert!(
+            l.try_ready().is_none(),
+            "the second waits for the budget: nothing more"
+        );
+        drop((second, a));
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,7 +2,7 @@
 //! (or dead-letters it), asks the router for the first call and publishes
 //! that call to its provider lane. A job message is acked only after its row
 //! is committed and its call is accepted by JetStream, or, when the call
-//! went straight to an idle lane of this process ([`Direct`]), after the
+//! went straight to a free lane of this process ([`Direct`]), after the
 //! call's final commit.
 
 use std::sync::Arc;
@@ -57,7 +57,9 @@ pub struct Dispatcher {
 }
 
 /// Direct calls: a job whose plan starts with one real-time call, to a
-/// provider whose lane runs in this process and is idle, has that call made
+/// provider whose lane runs in this process and is free (see
+/// [`LaneStep::try_ready`]: not paused, a concurrency slot open, no backlog
+/// of calls waiting for admission), has that call made
 /// here, without the calls stream (one JetStream message fewer), and the
 /// job's row committed with the call's intent (one commit fewer). The job
 /// message is held (progress acks) until the call's final commit, then
@@ -107,7 +109,7 @@ impl Dispatcher {
         }
     }
 
-    /// Hand jobs' first calls to these lanes when they are idle (see [`Direct`]).
+    /// Hand jobs' first calls to these lanes when they are free (see [`Direct`]).
     pub fn with_direct(mut self, direct: Option<Arc<Direct>>) -> Self {
         self.direct = direct;
         self
@@ -242,7 +244,7 @@ impl Dispatcher {
         .await;
     }
 
-    /// Hand the job's first call to an idle lane of this process (see
+    /// Hand the job's first call to a free lane of this process (see
     /// [`Direct`]), in a task of its own; everything back when it cannot go.
     #[allow(clippy::result_large_err)]
     fn try_direct(

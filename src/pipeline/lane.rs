@@ -291,7 +291,8 @@ impl LaneStep {
         i64::from(self.cfg.retry.max_attempts) + 3
     }
 
-    /// A ticket at once if the lane is idle (see [`LaneLimiter::try_ready`]).
+    /// A ticket at once if the lane is free to start a call now (see
+    /// [`LaneLimiter::try_ready`]).
     pub fn try_ready(&self) -> Option<crate::limits::lane::Ticket> {
         self.limiter.try_ready()
     }
@@ -394,7 +395,7 @@ impl LaneStep {
     }
 
     /// A job's first call, handed over by the dispatcher of this process
-    /// instead of published to the calls stream: the lane was idle (its
+    /// instead of published to the calls stream: the lane was free (its
     /// `ticket` taken at once, see [`LaneLimiter::try_ready`]). `rows` (the
     /// job's row, from the dispatcher) commit with the call's intent, or,
     /// if the step ends before one, with its settlement. `hold` is the job

@@ -455,13 +455,9 @@ async fn lanes_obey_rate_limit_headers_instead_of_collecting_429s() {
 
 /// Messages the run's calls stream has ever stored.
 async fn calls_published(env: &TestEnv) -> u64 {
-    let mut st = env
-        .bus
-        .js
-        .get_stream(env.bus.names.calls_stream())
+    env.stream_state(&env.bus.names.calls_stream())
         .await
-        .unwrap();
-    st.info().await.unwrap().state.last_sequence
+        .last_sequence
 }
 
 /// A job's first call goes straight to an idle lane of the dispatcher's own
@@ -521,13 +517,10 @@ async fn an_idle_lane_here_takes_first_calls_without_the_calls_stream() {
             assert_eq!(together, 0);
         }
         // Every job message acked once its call was recorded.
-        let mut st = env
-            .bus
-            .js
-            .get_stream(env.bus.names.jobs_stream())
+        let left = env
+            .stream_state(&env.bus.names.jobs_stream())
             .await
-            .unwrap();
-        let left = st.info().await.unwrap().state.messages;
+            .messages;
         assert_eq!(left, 0);
         assert!(worker.shutdown().await);
         env.cleanup().await;

@@ -183,7 +183,7 @@ impl Dispatcher {
                         }
                     };
                     // Only a first delivery: a job message given back goes the usual way.
-                    let settlement = match (delivered, received) {
+                    let (settlement, received) = match (delivered, received) {
                         (1, Some(category)) => match self.try_direct(msg, settlement, category) {
                             Ok(()) => return,
                             Err((m, s, category)) => {
@@ -193,7 +193,6 @@ impl Dispatcher {
                         },
                         (_, received) => (settlement, received),
                     };
-                    let (settlement, received) = settlement;
                     let committed = self.settler.settle(&msg, settlement).await;
                     let stored = committed.is_some();
                     let status = committed.and_then(|c| c.job_status.get(&id).copied());

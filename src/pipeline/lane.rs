@@ -379,16 +379,30 @@ impl LaneStep {
                 return Settlement::rows(rows);
             }
         };
+        Box::pin(self.step_delivered(hold, call, d.delivered, ticket, &mut Prior::default())).await
+    }
+
+    /// A call on its `delivered`-th delivery (a direct call's is its first):
+    /// its attempt number, span and the deliveries left, then
+    /// [`Self::step_call`].
+    async fn step_delivered<H: Hold>(
+        &self,
+        hold: &H,
+        call: CallMsg,
+        delivered: i64,
+        ticket: crate::limits::lane::Ticket,
+        prior: &mut Prior,
+    ) -> Settlement {
         let attempt =
-            (d.delivered + i64::from(call.attempt_base)).clamp(1, i64::from(i32::MAX)) as i32;
+            (delivered + i64::from(call.attempt_base)).clamp(1, i64::from(i32::MAX)) as i32;
         // The attempt number is settled when the call's intent is recorded.
         let span = info_span!("call", job_id = %call.job_id, category = %call.category,
                               provider = %self.name, model = %call.model, delivery = attempt,
-                              attempt = tracing::field::Empty);
+                              attempt = tracing::field::Empty, direct = prior.rows.is_some());
         // Deliveries JetStream has left for this message after this one.
-        let left = self.max_deliver() - d.delivered;
+        let left = self.max_deliver() - delivered;
         Box::pin(
-            self.step_call(hold, call, attempt, left, ticket, &mut Prior::default())
+            self.step_call(hold, call, attempt, left, ticket, prior)
                 .instrument(span),
         )
         .await
@@ -411,20 +425,11 @@ impl LaneStep {
         rows: Vec<Row>,
         ticket: crate::limits::lane::Ticket,
     ) -> (Settlement, Option<JobStatus>) {
-        let attempt = (1 + i64::from(call.attempt_base)).clamp(1, i64::from(i32::MAX)) as i32;
-        let span = info_span!("call", job_id = %call.job_id, category = %call.category,
-                              provider = %self.name, model = %call.model, delivery = attempt,
-                              attempt = tracing::field::Empty, direct = true);
         let mut prior = Prior {
             rows: Some(rows),
             status: None,
         };
-        let left = self.max_deliver() - 1;
-        let settled = Box::pin(
-            self.step_call(hold, call, attempt, left, ticket, &mut prior)
-                .instrument(span),
-        )
-        .await;
+        let settled = Box::pin(self.step_delivered(hold, call, 1, ticket, &mut prior)).await;
         let Some(rows) = prior.rows else {
             return (settled, prior.status);
         };

@@ -125,6 +125,12 @@ impl TestEnv {
         .expect("worker starts")
     }
 
+    /// The state of one of this test's streams (messages held, last sequence).
+    pub async fn stream_state(&self, stream: &str) -> async_nats::jetstream::stream::State {
+        let mut st = self.bus.js.get_stream(stream).await.unwrap();
+        st.info().await.unwrap().state.clone()
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
             .fetch_one(&self.pool)

@@ -264,15 +264,18 @@ impl LaneLimiter {
     /// without budget keeps its work in NATS either way.
     pub fn try_ready(self: &Arc<Self>) -> Option<Ticket> {
         let direct = self.direct_waiting.load(Ordering::SeqCst);
-        let waiting = self.waiting.load(Ordering::SeqCst);
-        if waiting > (self.queue_cap / 2).max(1)
-            || self.concurrency.available_permits() <= direct
-            || self.paused_until().is_some()
-        {
+        if self.concurrency.available_permits() <= direct || self.paused_until().is_some() {
             return None;
         }
+        // Checked and taken in one step: dispatcher tasks on other threads
+        // race for the same room.
+        let half = (self.queue_cap / 2).max(1);
+        self.waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                (w <= half).then_some(w + 1)
+            })
+            .ok()?;
         self.direct_waiting.fetch_add(1, Ordering::SeqCst);
-        self.waiting.fetch_add(1, Ordering::SeqCst);
         Some(Ticket {
             lane: Some(self.clone()),
             direct: true,
@@ -526,6 +529,21 @@ mod tests {
         // A ticket taken directly counts toward the backpressure as any other.
         assert_eq!(l.waiting.load(Ordering::SeqCst), 2);
         drop(pulling);
+    }
+
+    /// Dispatcher tasks on several threads asking at once take no more room
+    /// than one asking after another.
+    #[test]
+    fn racing_direct_takers_never_overfill_the_queue() {
+        let l = Arc::new(LaneLimiter::local(1, 1_000_000, 64)); // half its queue: 1
+        let taken = std::thread::scope(|s| {
+            let asks: Vec<_> = (0..8).map(|_| s.spawn(|| l.try_ready())).collect();
+            asks.into_iter()
+                .map(|h| h.join().expect("no panic"))
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(taken.iter().filter(|t| t.is_some()).count(), 2);
+        assert_eq!(l.waiting.load(Ordering::SeqCst), 2);
     }
 
     /// A lane out of request budget (one a minute) takes one call directly

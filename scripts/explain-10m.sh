@@ -15,6 +15,7 @@ DATABASE_URL="postgres://${PGUSER:-postgres}@${PGHOST:-127.0.0.1}/$DB" ./target/
 JOBS=$((ROWS * 2 / 5))
 time "${PSQL[@]}" -d "$DB" <<SQL
 SET synchronous_commit = off;
+SELECT calls_ensure_partitions(now() - interval '91 days', 3);
 INSERT INTO jobs (id, category, status, route_decision, created_at)
 SELECT 'j' || g, (ARRAY['support','sales','lookup','auto'])[1 + g % 4],
        CASE WHEN g % 10 = 0 THEN 'failed' WHEN g % 25 = 1 THEN 'needs_review' ELSE 'succeeded' END,
@@ -23,21 +24,23 @@ SELECT 'j' || g, (ARRAY['support','sales','lookup','auto'])[1 + g % 4],
 FROM generate_series(1, $JOBS) g;
 INSERT INTO calls (job_id, category, provider, model, step, attempt, input_tokens, output_tokens,
                    cached_input_tokens, price_input_per_mtok, price_output_per_mtok,
-                   price_cached_input_per_mtok, cost_usd, latency_ms, outcome, created_at)
+                   price_cached_input_per_mtok, cost_usd, latency_ms, outcome, created_at,
+                   job_created_at)
 SELECT 'j' || (g % $JOBS + 1), (ARRAY['support','sales','lookup','auto'])[1 + (g % $JOBS + 1) % 4],
        (ARRAY['openai','openai','openai','anthropic','anthropic','gemini','gemini'])[1 + g % 7],
        (ARRAY['gpt-4o-mini','gpt-4o','gpt-4.1','claude-haiku-4-5','claude-sonnet-4-5','gemini-2.5-flash','gemini-2.5-flash-lite'])[1 + g % 7],
        g / $JOBS, 1, 200 + g % 800, 50 + g % 400, g % 100, 1, 5, 0.1,
        (200 + g % 800) * 0.000001 + (50 + g % 400) * 0.000005, 20 + g % 2000,
        CASE WHEN g % 17 = 0 THEN 'retryable_error' WHEN g % 53 = 0 THEN 'terminal_error' ELSE 'ok' END,
-       now() - ((g % $JOBS + 1) % 90) * interval '1 day' - (g % 86400) * interval '1 second'
+       now() - ((g % $JOBS + 1) % 90) * interval '1 day' - (g % 86400) * interval '1 second',
+       now() - ((g % $JOBS + 1) % 90) * interval '1 day' - ((g % $JOBS + 1) % 86400) * interval '1 second'
 FROM generate_series(0, $ROWS - 1) g;
 INSERT INTO results (job_id, category, output, model, cost_usd, input_tokens, output_tokens, latency_ms, created_at, answer_step)
 SELECT id, category, 'answer', 'gpt-4o-mini', 0.001, 500, 200, 500 + length(id) * 37 % 5000, created_at, 0
 FROM jobs WHERE status = 'succeeded';
 VACUUM ANALYZE jobs; VACUUM ANALYZE calls; VACUUM ANALYZE results;
 SQL
-"${PSQL[@]}" -d "$DB" -c "SELECT count(*) AS calls FROM calls" -c "SELECT pg_size_pretty(pg_total_relation_size('calls')) AS calls_size"
+"${PSQL[@]}" -d "$DB" -c "SELECT count(*) AS calls FROM calls" -c "SELECT pg_size_pretty(sum(pg_total_relation_size(relid))) AS calls_size FROM pg_partition_tree('calls')"
 run() {
   echo "== $1"
   local plan

@@ -45,16 +45,20 @@ ORDER BY 5;
 -- Bulk load without the per-statement rollup trigger; rollups are rebuilt
 -- from the loaded rows below (call_rollups_rebuild, the migration's backfill).
 ALTER TABLE calls DISABLE TRIGGER call_rollups_insert;
+-- The monthly partitions of the 90 days (migration 0030); each call under
+-- its job's creation time, as the writer files it.
+SELECT calls_ensure_partitions(t - interval '91 days', 3) FROM t0;
 INSERT INTO calls (job_id, category, provider, model, step, attempt, input_tokens, output_tokens,
                    cached_input_tokens, price_input_per_mtok, price_output_per_mtok,
-                   price_cached_input_per_mtok, cost_usd, latency_ms, outcome, created_at)
+                   price_cached_input_per_mtok, cost_usd, latency_ms, outcome, created_at,
+                   job_created_at)
 SELECT 'j' || jn, (ARRAY['support','sales','lookup','auto'])[1 + jn % 4],
        (ARRAY['openai','openai','openai','anthropic','anthropic','gemini','gemini'])[1 + g % 7],
        (ARRAY['gpt-4o-mini','gpt-4o','gpt-4.1','claude-haiku-4-5','claude-sonnet-4-5','gemini-2.5-flash','gemini-2.5-flash-lite'])[1 + g % 7],
        g / $JOBS, 1, 200 + g % 800, 50 + g % 400, g % 100, 1, 5, 0.1,
        (200 + g % 800) * 0.000001 + (50 + g % 400) * 0.000005, 20 + g % 2000,
        CASE WHEN g % 17 = 0 THEN 'retryable_error' WHEN g % 53 = 0 THEN 'terminal_error' ELSE 'ok' END,
-       jc + (g / $JOBS) * interval '1 second'
+       jc + (g / $JOBS) * interval '1 second', jc
 FROM (SELECT g, g % $JOBS + 1 AS jn,
              t - ((g % $JOBS + 1) % 90) * interval '1 day' - ((g % $JOBS + 1) % 86400) * interval '1 second' AS jc
       FROM generate_series(0, $ROWS - 1) g, t0) s

@@ -1018,7 +1018,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let pool = store::connect_and_migrate(&g.database_url, 2).await?;
             let p = crate::ops::prune::run(&pool, older_than_days, dry_run, batch).await?;
             println!(
-                "{} {} jobs, {} calls, {} steps, {} results, {} ratings, {} webhook deliveries, {} dead letters, {} provider batches with {} items (ended more than {older_than_days} days ago), {} expired cache entries",
+                "{} {} jobs, {} calls, {} steps, {} results, {} ratings, {} webhook deliveries, {} dead letters, {} provider batches with {} items (ended more than {older_than_days} days ago), {} expired cache entries; {} monthly calls partitions {}",
                 if dry_run { "would delete" } else { "deleted" },
                 p.jobs,
                 p.calls,
@@ -1029,7 +1029,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 p.dead_letters,
                 p.batches,
                 p.batch_items,
-                p.cache_entries
+                p.cache_entries,
+                p.calls_partitions,
+                if dry_run { "would be dropped whole" } else { "dropped whole" }
             );
             Ok(0)
         }

@@ -3,7 +3,8 @@
 //! feedback), dead letters and ended provider batches (with their items)
 //! older than N days, and expired response cache entries, in batches (short
 //! transactions beside a running fleet). Jobs still queued, running or
-//! parked are kept, whatever their age.
+//! parked are kept, whatever their age. Monthly `calls` partitions whose
+//! jobs all ended before the cut-off are dropped whole, first.
 
 use anyhow::Result;
 use sqlx::PgPool;
@@ -17,6 +18,13 @@ pub async fn run(pool: &PgPool, days: u32, dry_run: bool, batch: i64) -> Result<
         return retention::count_older_than(pool, days).await;
     }
     let mut total = Pruned::default();
+    retention::ensure_call_partitions(pool, retention::PARTITIONS_AHEAD).await?;
+    // Whole months of calls first: one aggregate and a DROP each instead of
+    // a delete per row (their jobs' other rows go below).
+    for (name, _) in retention::droppable_call_partitions(pool, days).await? {
+        total.calls += retention::drop_call_partition(pool, &name).await?;
+        total.calls_partitions += 1;
+    }
     loop {
         let b = retention::delete_jobs_older_than(pool, days, batch).await?;
         total.jobs += b.jobs;

@@ -103,6 +103,11 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPo
         .run(&pool)
         .await
         .context("applying database migrations")?;
+    // The monthly `calls` partitions ahead (migration 0030); a call for a
+    // month without one lands in the default partition.
+    retention::ensure_call_partitions(&pool, retention::PARTITIONS_AHEAD)
+        .await
+        .context("creating calls partitions")?;
     Ok(pool)
 }
 

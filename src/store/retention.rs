@@ -3,6 +3,9 @@
 //! (calls, steps, results, feedback, webhook deliveries); dead letters and ended provider
 //! batches (with their items) go by their own age.
 //! Deletes run one batch per statement, so each transaction stays short.
+//! Before them, whole monthly `calls` partitions whose jobs all ended
+//! before the cut-off are dropped (migration 0030): one aggregate taken out
+//! of the rollups and a `DROP TABLE` per month instead of a delete per row.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -26,6 +29,9 @@ pub struct Pruned {
     pub cache_entries: i64,
     /// Webhook delivery attempts of the pruned jobs.
     pub webhook_deliveries: i64,
+    /// Monthly `calls` partitions dropped whole (their calls are counted
+    /// in `calls`).
+    pub calls_partitions: i64,
 }
 
 /// `days` as the `int` that `make_interval` takes.
@@ -80,6 +86,7 @@ pub async fn count_older_than(pool: &PgPool, days: u32) -> Result<Pruned> {
         batch_items,
         cache_entries,
         webhook_deliveries,
+        calls_partitions: droppable_call_partitions(pool, days).await?.len() as i64,
     })
 }
 
@@ -155,4 +162,58 @@ pub async fn delete_batches_older_than(pool: &PgPool, days: u32, batch: i64) -> 
     .bind(batch)
     .fetch_one(pool)
     .await?)
+}
+
+/// Monthly `calls` partitions (migration 0030) that retention can drop
+/// whole, oldest first, with their estimated rows: the month ended more than
+/// `days` ago and every job created in it ended (a terminal status,
+/// `finished_at`) more than `days` ago, as the row deletes judge a job.
+/// Empty old months go too.
+pub async fn droppable_call_partitions(pool: &PgPool, days: u32) -> Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "WITH p AS (
+             SELECT c.relname::text AS name, c.reltuples::int8 AS rows,
+                    to_date(substr(c.relname, 8), 'YYYYMM')::timestamp AT TIME ZONE 'UTC' AS lo
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'calls'::regclass AND c.relname ~ '^calls_p[0-9]{6}$')
+         SELECT name, greatest(rows, 0) FROM p
+         WHERE lo + interval '1 month' <= now() - make_interval(days => $1::int)
+           AND NOT EXISTS (
+               SELECT 1 FROM jobs j
+               WHERE j.created_at >= p.lo AND j.created_at < p.lo + interval '1 month'
+                 AND NOT COALESCE(j.status = ANY($2::text[])
+                                  AND j.finished_at < now() - make_interval(days => $1::int),
+                                  false))
+         ORDER BY lo",
+    )
+    .bind(days_param(days))
+    .bind(JobStatus::terminal_names())
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Drop one monthly `calls` partition: its calls leave the rollups and go,
+/// without deleting row by row (`calls_drop_partition`). Returns the calls
+/// dropped.
+pub async fn drop_call_partition(pool: &PgPool, name: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT calls_drop_partition($1)")
+        .bind(name)
+        .fetch_one(pool)
+        .await?)
+}
+
+/// How many months ahead `calls` partitions are kept ready.
+pub const PARTITIONS_AHEAD: i32 = 1;
+
+/// Create the monthly `calls` partitions from last month (a job created
+/// just before the month turned still gets calls) to `ahead` months on,
+/// moving rows the default partition holds for them; returns how many were
+/// created.
+pub async fn ensure_call_partitions(pool: &PgPool, ahead: i32) -> Result<i32> {
+    Ok(
+        sqlx::query_scalar("SELECT calls_ensure_partitions(now() - interval '1 month', $1)")
+            .bind(ahead)
+            .fetch_one(pool)
+            .await?,
+    )
 }

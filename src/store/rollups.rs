@@ -51,6 +51,9 @@ use tracing::{debug, warn};
 /// How often a worker's call roller looks for work.
 pub const ROLL_EVERY: Duration = Duration::from_secs(5);
 
+/// How often the roller's task makes sure the `calls` partitions ahead exist.
+const PARTITIONS_EVERY: Duration = Duration::from_secs(3600);
+
 /// Steps per look at most (each its own transaction, at most five minutes
 /// of calls), so a backlog proceeds in slices and shutdown never waits on
 /// more than one.
@@ -116,7 +119,25 @@ where
 /// lag gauge.
 pub async fn roll_periodically(pool: PgPool, token: CancellationToken) {
     let t = token.clone();
+    // Once an hour (and at the first look), the monthly `calls` partitions
+    // ahead: a fleet that runs for months without a migrating start keeps
+    // them ready.
+    let partitions_due = std::sync::Mutex::new(std::time::Instant::now());
     periodically(ROLL_EVERY, token, || async {
+        let due = {
+            let mut at = partitions_due.lock().unwrap_or_else(|p| p.into_inner());
+            let due = std::time::Instant::now() >= *at;
+            if due {
+                *at = std::time::Instant::now() + PARTITIONS_EVERY;
+            }
+            due
+        };
+        if due {
+            let ahead = super::retention::PARTITIONS_AHEAD;
+            if let Err(e) = super::retention::ensure_call_partitions(&pool, ahead).await {
+                warn!(error = %format!("{e:#}"), "creating calls partitions failed");
+            }
+        }
         if let Err(e) = roll(&pool, STEPS_PER_LOOK, &t).await {
             warn!(error = %format!("{e:#}"), "rolling calls up failed");
         }

@@ -287,6 +287,18 @@ pub fn switchyard(env: &[(String, String)]) -> std::process::Command {
     cmd
 }
 
+/// Run `switchyard <args>` with `env` to its end; its stdout, after
+/// asserting that it succeeded (its stderr in the failure).
+pub fn switchyard_ok(env: &[(String, String)], args: &[&str]) -> String {
+    let out = switchyard(env).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "switchyard {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A child worker process, killed if the test ends early.
 pub struct Worker(pub std::process::Child);
 

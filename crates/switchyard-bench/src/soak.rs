@@ -141,6 +141,12 @@ pub struct WorkerRss {
     pub peak_rss_mb: f64,
     /// The largest VmRSS sampled.
     pub max_sampled_rss_mb: f64,
+    /// Open sockets (provider connections, NATS, Postgres) at the 10% and
+    /// 90% samples, and the most seen at a sample: what the connection
+    /// pools hold.
+    pub sockets_at_10pct: usize,
+    pub sockets_at_90pct: usize,
+    pub max_sockets: usize,
 }
 
 /// One table's share of the run's database.
@@ -225,6 +231,16 @@ pub struct SoakFigures {
 }
 
 /// A line of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), in MiB.
+/// The sockets a process holds open (its file descriptors that are sockets).
+pub fn pid_sockets(pid: u32) -> usize {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
 pub fn pid_status_mb(pid: u32, key: &str) -> Option<f64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
@@ -331,13 +347,16 @@ async fn drop_database(base_url: &str, db: &str) -> Result<()> {
     Ok(())
 }
 
-/// Every table of the current database (with indexes and TOAST).
+/// Every table of the current database (with indexes and TOAST); a
+/// partitioned table's partitions (`calls`, migration 0030) under its name.
 async fn table_bytes(pool: &PgPool) -> Result<Vec<(String, i64)>> {
     Ok(sqlx::query_as(
-        "SELECT c.relname::text, pg_total_relation_size(c.oid)
+        "SELECT COALESCE((SELECT i.inhparent::regclass::text FROM pg_inherits i
+                          WHERE i.inhrelid = c.oid), c.relname::text),
+                sum(pg_total_relation_size(c.oid))::int8
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = 'public' AND c.relkind IN ('r', 'm')
-         ORDER BY 2 DESC",
+         GROUP BY 1 ORDER BY 2 DESC",
     )
     .fetch_all(pool)
     .await?)
@@ -406,6 +425,9 @@ struct Watch {
     rss_at_10: Vec<f64>,
     rss_at_90: Vec<f64>,
     max_rss: Vec<f64>,
+    sockets_at_10: Vec<usize>,
+    sockets_at_90: Vec<usize>,
+    max_sockets: Vec<usize>,
     in_flight_at_10: u64,
     in_flight_at_90: u64,
     in_flight_max: u64,
@@ -614,12 +636,14 @@ async fn run_in(
     // calls in flight; a tenth's end when the count crosses it.
     let mut w = Watch {
         max_rss: vec![0.0; opts.workers],
+        max_sockets: vec![0; opts.workers],
         ..Default::default()
     };
     let deadline = Instant::now() + opts.timeout;
     let mut last_report = Instant::now();
     let mut last_db_check = Instant::now();
     let mut finished = false;
+    let mut sample = 0u64;
     while Instant::now() < deadline {
         let d = done.load(Ordering::SeqCst);
         let now = started.elapsed().as_secs_f64();
@@ -633,15 +657,28 @@ async fn run_in(
         for (m, r) in w.max_rss.iter_mut().zip(&rss) {
             *m = m.max(*r);
         }
+        // Sockets once a second (a directory walk per worker).
+        let sockets: Option<Vec<usize>> = (sample.is_multiple_of(5)
+            || (w.rss_at_10.is_empty() && d * 10 >= n)
+            || (w.rss_at_90.is_empty() && d * 10 >= n * 9))
+            .then(|| pids.iter().map(|p| pid_sockets(*p)).collect());
+        sample += 1;
+        if let Some(s) = &sockets {
+            for (m, c) in w.max_sockets.iter_mut().zip(s) {
+                *m = (*m).max(*c);
+            }
+        }
         while w.tenth_at.len() < 10 && d * 10 >= n * (w.tenth_at.len() + 1) {
             w.tenth_at.push(now);
         }
         if w.rss_at_10.is_empty() && d * 10 >= n {
             w.rss_at_10 = rss.clone();
+            w.sockets_at_10 = sockets.clone().unwrap_or_default();
             w.in_flight_at_10 = in_flight;
         }
         if w.rss_at_90.is_empty() && d * 10 >= n * 9 {
             w.rss_at_90 = rss.clone();
+            w.sockets_at_90 = sockets.clone().unwrap_or_default();
             w.in_flight_at_90 = in_flight;
         }
         if d >= n {
@@ -693,6 +730,9 @@ async fn run_in(
             rss_ratio_90_to_10: if at10 > 0.0 { at90 / at10 } else { 0.0 },
             peak_rss_mb: pid_status_mb(pid, "VmHWM:").unwrap_or(0.0),
             max_sampled_rss_mb: w.max_rss.get(i).copied().unwrap_or(0.0),
+            sockets_at_10pct: w.sockets_at_10.get(i).copied().unwrap_or(0),
+            sockets_at_90pct: w.sockets_at_90.get(i).copied().unwrap_or(0),
+            max_sockets: w.max_sockets.get(i).copied().unwrap_or(0),
         });
     }
     tokio::task::block_in_place(|| fleet.stop(Duration::from_secs(30)));
@@ -906,13 +946,16 @@ impl SoakFigures {
         );
         for w in &self.worker_rss {
             s += &format!(
-                "worker {} RSS (MiB)        {:.1} at 10%, {:.1} at 90% (x{:.3}), peak {:.1} (largest sample {:.1})\n",
+                "worker {} RSS (MiB)        {:.1} at 10%, {:.1} at 90% (x{:.3}), peak {:.1} (largest sample {:.1}); sockets {} at 10%, {} at 90%, {} at most\n",
                 w.worker,
                 w.rss_mb_at_10pct,
                 w.rss_mb_at_90pct,
                 w.rss_ratio_90_to_10,
                 w.peak_rss_mb,
-                w.max_sampled_rss_mb
+                w.max_sampled_rss_mb,
+                w.sockets_at_10pct,
+                w.sockets_at_90pct,
+                w.max_sockets
             );
         }
         s += &format!(

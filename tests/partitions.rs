@@ -391,3 +391,66 @@ async fn prune_drops_whole_months_and_the_rollups_follow() {
     assert_rollups_exact(p, "after moving a row out of the default partition").await;
     env.cleanup().await;
 }
+
+/// Dropping a month locks `calls` exclusively for a moment. Behind a long
+/// query (an analyst's open transaction) prune does not queue every writer
+/// behind its lock request: after a few seconds it leaves the month to the
+/// row deletes, and the rollups follow those as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_calls_table_leaves_the_month_to_the_row_deletes() {
+    let env = TestEnv::new(Default::default()).await;
+    let p = &env.pool;
+    sqlx::raw_sql(
+        "SELECT calls_ensure_partitions(now() - interval '200 days', 1);
+         INSERT INTO jobs (id, category, status, created_at, finished_at)
+         SELECT 'busy-' || g, 'support', 'succeeded',
+                date_trunc('month', now() - interval '150 days') + g * interval '1 hour',
+                date_trunc('month', now() - interval '150 days') + g * interval '1 hour' + interval '1 minute'
+         FROM generate_series(1, 10) g;
+         INSERT INTO calls (job_id, category, provider, model, step, attempt, input_tokens,
+                            output_tokens, price_input_per_mtok, price_output_per_mtok,
+                            price_cached_input_per_mtok, cost_usd, latency_ms, outcome,
+                            created_at, job_created_at)
+         SELECT j.id, j.category, 'openai', 'gpt-4o-mini', 0, 1, 100, 10, 1, 5, 0.1, 0.001, 40,
+                'ok', j.created_at + interval '1 second', j.created_at
+         FROM jobs j;",
+    )
+    .execute(p)
+    .await
+    .unwrap();
+    assert_rollups_exact(p, "after the load").await;
+    let month = partition_of(p, "150 days").await;
+
+    // An analyst's transaction that has read `calls` and stays open.
+    let mut analyst = p.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM calls")
+        .execute(&mut *analyst)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let said = common::switchyard_ok(&env.child_env(), &["prune", "--older-than-days", "30"]);
+    // One lock wait (5 s), not one per month.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "prune waited {:?}",
+        started.elapsed()
+    );
+    assert!(said.starts_with("deleted 10 jobs, 10 calls,"), "{said}");
+    assert!(
+        said.contains("; 0 monthly calls partitions dropped"),
+        "{said}"
+    );
+    analyst.rollback().await.unwrap();
+    assert!(
+        sqlx::query_scalar::<_, Option<String>>("SELECT to_regclass($1)::text")
+            .bind(&month)
+            .fetch_one(p)
+            .await
+            .unwrap()
+            .is_some(),
+        "{month} stays, emptied"
+    );
+    assert_eq!(count(p, "SELECT count(*) FROM calls").await, 0);
+    assert_rollups_exact(p, "after the row deletes").await;
+    env.cleanup().await;
+}

@@ -192,14 +192,52 @@ pub async fn droppable_call_partitions(pool: &PgPool, days: u32) -> Result<Vec<(
     .await?)
 }
 
+/// How long creating or dropping a `calls` partition waits for its locks.
+/// Both take `calls` exclusively for a moment; a request queued behind a
+/// long query (an analyst's) would hold every writer queued behind it.
+const PARTITION_LOCK_TIMEOUT: &str = "5s";
+
+/// Run `q` (one scalar) in a transaction whose lock waits give up after
+/// [`PARTITION_LOCK_TIMEOUT`]; `None` when a lock was not granted in time.
+async fn with_lock_timeout<T>(
+    pool: &PgPool,
+    q: sqlx::query::QueryScalar<'_, sqlx::Postgres, T, sqlx::postgres::PgArguments>,
+) -> Result<Option<T>>
+where
+    T: Send + Unpin,
+    (T,): for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(PARTITION_LOCK_TIMEOUT)
+        .execute(&mut *tx)
+        .await?;
+    match q.fetch_one(&mut *tx).await {
+        Ok(v) => {
+            tx.commit().await?;
+            Ok(Some(v))
+        }
+        Err(e)
+            if e.as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c == "55P03") =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Drop one monthly `calls` partition: its calls leave the rollups and go,
 /// without deleting row by row (`calls_drop_partition`). Returns the calls
-/// dropped.
-pub async fn drop_call_partition(pool: &PgPool, name: &str) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT calls_drop_partition($1)")
-        .bind(name)
-        .fetch_one(pool)
-        .await?)
+/// dropped, or `None` when `calls` could not be locked within
+/// [`PARTITION_LOCK_TIMEOUT`] (the month is then left as it is).
+pub async fn drop_call_partition(pool: &PgPool, name: &str) -> Result<Option<i64>> {
+    with_lock_timeout(
+        pool,
+        sqlx::query_scalar("SELECT calls_drop_partition($1)").bind(name),
+    )
+    .await
 }
 
 /// How many months ahead `calls` partitions are kept ready.
@@ -208,12 +246,14 @@ pub const PARTITIONS_AHEAD: i32 = 1;
 /// Create the monthly `calls` partitions from last month (a job created
 /// just before the month turned still gets calls) to `ahead` months on,
 /// moving rows the default partition holds for them; returns how many were
-/// created.
-pub async fn ensure_call_partitions(pool: &PgPool, ahead: i32) -> Result<i32> {
-    Ok(
+/// created, or `None` when `calls` could not be locked within
+/// [`PARTITION_LOCK_TIMEOUT`] (calls for a missing month wait in
+/// `calls_default` until a later try).
+pub async fn ensure_call_partitions(pool: &PgPool, ahead: i32) -> Result<Option<i32>> {
+    with_lock_timeout(
+        pool,
         sqlx::query_scalar("SELECT calls_ensure_partitions(now() - interval '1 month', $1)")
-            .bind(ahead)
-            .fetch_one(pool)
-            .await?,
+            .bind(ahead),
     )
+    .await
 }

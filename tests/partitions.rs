@@ -454,3 +454,20 @@ async fn a_busy_calls_table_leaves_the_month_to_the_row_deletes() {
     assert_rollups_exact(p, "after the row deletes").await;
     env.cleanup().await;
 }
+
+/// A session that is not Switchyard's (an analyst's psql) runs without JIT:
+/// the views over the partitioned `calls` are priced high enough to be
+/// compiled for longer than they run (migration 0032).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_analysts_session_runs_without_jit() {
+    use sqlx::Connection;
+    let env = TestEnv::new(Default::default()).await;
+    let mut plain = sqlx::PgConnection::connect(&env.db_url).await.unwrap();
+    let jit: String = sqlx::query_scalar("SHOW jit")
+        .fetch_one(&mut plain)
+        .await
+        .unwrap();
+    assert_eq!(jit, "off");
+    plain.close().await.unwrap();
+    env.cleanup().await;
+}

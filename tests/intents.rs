@@ -7,36 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use rust_decimal::Decimal;
-use switchyard::pricing::{Prices, Usage};
-use switchyard::store::{CallOutcome, CallRow, Row, Writer};
+use switchyard::store::{CallOutcome, Row, Writer};
 
 fn intent(job: &str, attempt: i32) -> Row {
     Row::Intent {
-        row: CallRow {
-            job_id: job.into(),
-            category: "support".into(),
-            provider: "openai".into(),
-            model: "gpt-4o-mini".into(),
-            step: 0,
-            attempt,
-            usage: Usage {
-                input_tokens: 100,
-                output_tokens: 50,
-                ..Usage::default()
-            },
-            prices: Prices {
-                input_per_mtok: Decimal::new(15, 2),
-                output_per_mtok: Decimal::new(60, 2),
-                cached_input_per_mtok: Decimal::ZERO,
-                cache_write_per_mtok: Decimal::ZERO,
-            },
-            latency_ms: 0,
-            http_status: None,
-            outcome: CallOutcome::Unknown,
-            error: None,
-            batch_id: None,
-        },
+        row: common::call_row(job, attempt, CallOutcome::Unknown),
         busy_for: Duration::from_secs(60),
     }
 }

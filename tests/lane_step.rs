@@ -108,15 +108,7 @@ impl Env {
         drop((self.step, self.writer));
         self.tasks.stop(Duration::from_secs(10)).await;
         self.pool.close().await;
-        let admin = sqlx::PgPool::connect(&common::database_url_for("postgres"))
-            .await
-            .unwrap();
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.db
-        )))
-        .execute(&admin)
-        .await;
+        common::drop_database(&self.db).await;
     }
 }
 

@@ -11,34 +11,14 @@ use std::time::Duration;
 
 use common::TestEnv;
 use rust_decimal::Decimal;
-use switchyard::pricing::{Prices, Usage};
 use switchyard::store::{job_rollups, rollups, CallOutcome, CallRow, Row, Writer};
 use tokio_util::sync::CancellationToken;
 
 fn call(job: &str, attempt: i32, outcome: CallOutcome) -> CallRow {
     CallRow {
-        job_id: job.into(),
-        category: "support".into(),
-        provider: "openai".into(),
-        model: "gpt-4o-mini".into(),
-        step: 0,
-        attempt,
-        usage: Usage {
-            input_tokens: 100,
-            output_tokens: 50,
-            ..Usage::default()
-        },
-        prices: Prices {
-            input_per_mtok: Decimal::new(15, 2),
-            output_per_mtok: Decimal::new(60, 2),
-            cached_input_per_mtok: Decimal::ZERO,
-            cache_write_per_mtok: Decimal::ZERO,
-        },
         latency_ms: 40,
         http_status: Some(200),
-        outcome,
-        error: None,
-        batch_id: None,
+        ..common::call_row(job, attempt, outcome)
     }
 }
 
@@ -207,13 +187,8 @@ async fn partitioning_an_existing_calls_table_keeps_every_row() {
     assert_eq!(count(&pool, MISPLACED).await, 0);
     assert_rollups_exact(&pool, "after the writer").await;
     pool.close().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-    )))
-    .execute(&admin)
-    .await
-    .unwrap();
     admin.close().await;
+    common::drop_database(&name).await;
 }
 
 /// A job created last month: its intent and its final record (written

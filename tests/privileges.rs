@@ -24,7 +24,6 @@ async fn several_databases_migrate_at_once_and_share_the_analyst_role() {
         async move { switchyard::store::connect_and_migrate(&url, 2).await }
     });
     let pools = futures::future::join_all(runs).await;
-    let admin = admin().await;
     for (pool, name) in pools.into_iter().zip(&names) {
         let pool = pool.unwrap_or_else(|e| panic!("migrating {name}: {e:#}"));
         let can: bool = sqlx::query_scalar(
@@ -35,12 +34,7 @@ async fn several_databases_migrate_at_once_and_share_the_analyst_role() {
         .unwrap();
         assert!(can, "{name}: the analyst cannot read calls");
         pool.close().await;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-        )))
-        .execute(&admin)
-        .await
-        .unwrap();
+        common::drop_database(name).await;
     }
 }
 

@@ -18,16 +18,13 @@ pub async fn run(pool: &PgPool, days: u32, dry_run: bool, batch: i64) -> Result<
         return retention::count_older_than(pool, days).await;
     }
     let mut total = Pruned::default();
-    if retention::ensure_call_partitions(pool, retention::PARTITIONS_AHEAD)
-        .await?
-        .is_none()
-    {
+    if retention::ensure_call_partitions(pool).await?.is_none() {
         tracing::warn!("calls is busy: the partitions ahead are left for a later try");
     }
     // Whole months of calls first: one aggregate and a DROP each instead of
     // a delete per row (their jobs' other rows go below, and a month whose
     // drop could not have its lock goes row by row with them).
-    for (name, _) in retention::droppable_call_partitions(pool, days).await? {
+    for name in retention::droppable_call_partitions(pool, days).await? {
         match retention::drop_call_partition(pool, &name).await? {
             Some(n) => {
                 total.calls += n;

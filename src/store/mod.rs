@@ -106,7 +106,7 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPo
     // The monthly `calls` partitions ahead (migration 0030); a call for a
     // month without one lands in the default partition, so a start does not
     // fail for want of them (the call roller tries again hourly).
-    match retention::ensure_call_partitions(&pool, retention::PARTITIONS_AHEAD).await {
+    match retention::ensure_call_partitions(&pool).await {
         Ok(Some(_)) => {}
         Ok(None) => tracing::warn!("calls is busy: its partitions ahead are left to the roller"),
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "creating calls partitions failed"),

@@ -165,18 +165,18 @@ pub async fn delete_batches_older_than(pool: &PgPool, days: u32, batch: i64) -> 
 }
 
 /// Monthly `calls` partitions (migration 0030) that retention can drop
-/// whole, oldest first, with their estimated rows: the month ended more than
+/// whole, oldest first: the month ended more than
 /// `days` ago and every job created in it ended (a terminal status,
 /// `finished_at`) more than `days` ago, as the row deletes judge a job.
 /// Empty old months go too.
-pub async fn droppable_call_partitions(pool: &PgPool, days: u32) -> Result<Vec<(String, i64)>> {
-    Ok(sqlx::query_as(
+pub async fn droppable_call_partitions(pool: &PgPool, days: u32) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
         "WITH p AS (
-             SELECT c.relname::text AS name, c.reltuples::int8 AS rows,
+             SELECT c.relname::text AS name,
                     to_date(substr(c.relname, 8), 'YYYYMM')::timestamp AT TIME ZONE 'UTC' AS lo
              FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
              WHERE i.inhparent = 'calls'::regclass AND c.relname ~ '^calls_p[0-9]{6}$')
-         SELECT name, greatest(rows, 0) FROM p
+         SELECT name FROM p
          WHERE lo + interval '1 month' <= now() - make_interval(days => $1::int)
            AND NOT EXISTS (
                SELECT 1 FROM jobs j
@@ -241,19 +241,20 @@ pub async fn drop_call_partition(pool: &PgPool, name: &str) -> Result<Option<i64
 }
 
 /// How many months ahead `calls` partitions are kept ready.
-pub const PARTITIONS_AHEAD: i32 = 1;
+const PARTITIONS_AHEAD: i32 = 1;
 
 /// Create the monthly `calls` partitions from last month (a job created
-/// just before the month turned still gets calls) to `ahead` months on,
+/// just before the month turned still gets calls) to [`PARTITIONS_AHEAD`]
+/// months on,
 /// moving rows the default partition holds for them; returns how many were
 /// created, or `None` when `calls` could not be locked within
 /// [`PARTITION_LOCK_TIMEOUT`] (calls for a missing month wait in
 /// `calls_default` until a later try).
-pub async fn ensure_call_partitions(pool: &PgPool, ahead: i32) -> Result<Option<i32>> {
+pub async fn ensure_call_partitions(pool: &PgPool) -> Result<Option<i32>> {
     with_lock_timeout(
         pool,
         sqlx::query_scalar("SELECT calls_ensure_partitions(now() - interval '1 month', $1)")
-            .bind(ahead),
+            .bind(PARTITIONS_AHEAD),
     )
     .await
 }

@@ -133,9 +133,8 @@ pub async fn roll_periodically(pool: PgPool, token: CancellationToken) {
             due
         };
         if due {
-            let ahead = super::retention::PARTITIONS_AHEAD;
             // `Ok(None)`: `calls` was busy; the next hour tries again.
-            if let Err(e) = super::retention::ensure_call_partitions(&pool, ahead).await {
+            if let Err(e) = super::retention::ensure_call_partitions(&pool).await {
                 warn!(error = %format!("{e:#}"), "creating calls partitions failed");
             }
         }

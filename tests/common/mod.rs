@@ -163,17 +163,21 @@ impl TestEnv {
         self.sim.stop();
         self.bus.delete_streams().await;
         self.pool.close().await;
-        let admin = sqlx::PgPool::connect(&database_url_for("postgres"))
-            .await
-            .expect("admin");
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            self.name
-        )))
-        .execute(&admin)
-        .await;
-        admin.close().await;
+        drop_database(&self.name).await;
     }
+}
+
+/// Drop database `name` on the test server, whoever is still connected.
+pub async fn drop_database(name: &str) {
+    let admin = sqlx::PgPool::connect(&database_url_for("postgres"))
+        .await
+        .expect("admin");
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await;
+    admin.close().await;
 }
 
 /// Overrides that serve each shipped category by one model (no fallback,
@@ -321,3 +325,38 @@ pub fn spawn_worker(env: &[(String, String)]) -> Worker {
 
 #[allow(unused_imports)]
 pub use switchyard_servers::have;
+
+/// A gpt-4o-mini cost record of step 0 (100 tokens in, 50 out, at its
+/// prices), as the writer takes them: an intent when `outcome` is
+/// `Unknown`, a final record otherwise.
+pub fn call_row(
+    job: &str,
+    attempt: i32,
+    outcome: switchyard::store::CallOutcome,
+) -> switchyard::store::CallRow {
+    use rust_decimal::Decimal;
+    switchyard::store::CallRow {
+        job_id: job.into(),
+        category: "support".into(),
+        provider: "openai".into(),
+        model: "gpt-4o-mini".into(),
+        step: 0,
+        attempt,
+        usage: switchyard::pricing::Usage {
+            input_tokens: 100,
+            output_tokens: 50,
+            ..Default::default()
+        },
+        prices: switchyard::pricing::Prices {
+            input_per_mtok: Decimal::new(15, 2),
+            output_per_mtok: Decimal::new(60, 2),
+            cached_input_per_mtok: Decimal::ZERO,
+            cache_write_per_mtok: Decimal::ZERO,
+        },
+        latency_ms: 0,
+        http_status: None,
+        outcome,
+        error: None,
+        batch_id: None,
+    }
+}

@@ -3,7 +3,8 @@
 //! job's month, with the rollups exact and an intent written before the
 //! upgrade met by its final record after it; the writer files a call of an
 //! older job in that job's month, however many times it is written; and
-//! retention drops whole months whose jobs all ended, the rollups following.
+//! retention drops whole months whose jobs all ended, the rollups following;
+//! a job's calls are read in its own month (migration 0033).
 
 mod common;
 
@@ -445,4 +446,135 @@ async fn an_analysts_session_runs_without_jit() {
     assert_eq!(jit, "off");
     plain.close().await.unwrap();
     env.cleanup().await;
+}
+
+/// The `calls` partitions a plan's nodes actually ran on (EXPLAIN ANALYZE
+/// in JSON: scans Postgres pruned while running have no loops).
+async fn partitions_read(pool: &sqlx::PgPool, query: &str) -> std::collections::BTreeSet<String> {
+    fn walk(node: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+        if let (Some(rel), Some(loops)) = (
+            node.get("Relation Name").and_then(|v| v.as_str()),
+            node.get("Actual Loops").and_then(|v| v.as_i64()),
+        ) {
+            if rel.starts_with("calls_") && loops > 0 {
+                out.insert(rel.to_string());
+            }
+        }
+        for child in node
+            .get("Plans")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
+            walk(child, out);
+        }
+    }
+    let plan: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN (ANALYZE, FORMAT JSON) {query}"
+    )))
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let mut out = std::collections::BTreeSet::new();
+    walk(&plan[0]["Plan"], &mut out);
+    out
+}
+
+/// A job's costs and its calls (the API's, the review's) are read in the
+/// job's month and the default partition only, however many months are
+/// kept, and a call inserted by hand without its partition key (filed in
+/// the default partition since 0033) still counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_calls_are_read_in_its_own_month() {
+    let env = TestEnv::new(Default::default()).await;
+    let p = &env.pool;
+    sqlx::raw_sql(
+        "SELECT calls_ensure_partitions(now() - interval '200 days', 3);
+         INSERT INTO jobs (id, category, status, created_at, finished_at)
+         SELECT 'own-' || g, 'support', 'succeeded', now() - g * interval '30 days',
+                now() - g * interval '30 days' + interval '1 minute'
+         FROM generate_series(0, 6) g;
+         INSERT INTO calls (job_id, category, provider, model, step, attempt, input_tokens,
+                            output_tokens, price_input_per_mtok, price_output_per_mtok,
+                            price_cached_input_per_mtok, cost_usd, latency_ms, outcome,
+                            job_created_at)
+         SELECT j.id, j.category, 'openai', 'gpt-4o-mini', 0, a, 100, 10, 1, 5, 0.1,
+                0.001 * a, 40, CASE WHEN a = 1 THEN 'retryable_error' ELSE 'ok' END, j.created_at
+         FROM jobs j, generate_series(1, 2) a;
+         -- by hand, without the key
+         INSERT INTO calls (job_id, category, provider, model, step, attempt,
+                            price_input_per_mtok, price_output_per_mtok,
+                            price_cached_input_per_mtok, cost_usd, latency_ms, outcome)
+         VALUES ('own-3', 'support', 'openai', 'gpt-4o-mini', 1, 1, 1, 5, 0.1, 0.5, 5, 'ok');
+         INSERT INTO results (job_id, category, output, model, cost_usd, input_tokens,
+                              output_tokens, latency_ms, answer_step)
+         SELECT id, category, 'x', 'gpt-4o-mini', 0.002, 100, 10, 40, 0 FROM jobs;
+         ANALYZE calls; ANALYZE jobs;",
+    )
+    .execute(p)
+    .await
+    .unwrap();
+    assert_eq!(
+        count(
+            p,
+            "SELECT count(*) FROM calls_default WHERE job_id = 'own-3'"
+        )
+        .await,
+        1,
+        "a call inserted without its key is filed in the default partition"
+    );
+    let kept = count(
+        p,
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'calls'::regclass",
+    )
+    .await;
+    assert!(
+        kept >= 8,
+        "{kept} partitions: the test needs several months"
+    );
+    let (calls, cost): (i64, Decimal) =
+        sqlx::query_as("SELECT calls, cost_usd FROM job_costs WHERE job_id = 'own-3'")
+            .fetch_one(p)
+            .await
+            .unwrap();
+    assert_eq!((calls, cost), (3, Decimal::new(503, 3)));
+    let shown = switchyard::store::jobs::job_calls(p, "own-3")
+        .await
+        .unwrap();
+    assert_eq!(
+        shown
+            .iter()
+            .map(|c| (c.step, c.attempt))
+            .collect::<Vec<_>>(),
+        [(0, 1), (0, 2), (1, 1)]
+    );
+    let totals = switchyard::store::review::call_totals(p, "own-3")
+        .await
+        .unwrap();
+    assert_eq!((totals.calls, totals.cost_usd), (3, Decimal::new(503, 3)));
+
+    let month = partition_of(p, "90 days").await;
+    let own = std::collections::BTreeSet::from([month, "calls_default".to_string()]);
+    assert_eq!(
+        partitions_read(p, "SELECT * FROM job_costs WHERE job_id = 'own-3'").await,
+        own
+    );
+    let old = count(
+        p,
+        "SELECT count(*) FROM job_costs WHERE created_at < now() - interval '80 days'",
+    )
+    .await;
+    assert_eq!(old, 4);
+    let read = partitions_read(
+        p,
+        "SELECT category, sum(cost_usd) FROM job_costs WHERE created_at >= now() - interval '1 day' GROUP BY 1",
+    )
+    .await;
+    assert_eq!(
+        read,
+        std::collections::BTreeSet::from([
+            partition_of(p, "0 days").await,
+            "calls_default".to_string()
+        ])
+    );
 }

@@ -64,11 +64,13 @@ pub async fn enqueue(pool: &PgPool, it: &NewItem<'_>) -> Result<Enqueued> {
     if pending.is_some() {
         return Ok(Enqueued::AlreadyPending);
     }
-    let attempt: i32 = sqlx::query_scalar(
-        "SELECT GREATEST(
-             COALESCE((SELECT max(attempt) FROM calls WHERE job_id = $1 AND step = $2), 0),
-             COALESCE((SELECT max(attempt) FROM batch_items WHERE job_id = $1 AND step = $2), 0)) + 1",
-    )
+    let attempt: i32 = sqlx::query_scalar(concat!(
+            "SELECT GREATEST(
+             COALESCE((SELECT max(attempt) FROM calls WHERE ",
+            calls_of_job_1!(),
+            " AND step = $2), 0),
+             COALESCE((SELECT max(attempt) FROM batch_items WHERE job_id = $1 AND step = $2), 0)) + 1"
+    ))
     .bind(it.job_id)
     .bind(it.step)
     .fetch_one(&mut *tx)

@@ -143,13 +143,15 @@ impl Claim {
     /// The highest attempt recorded for step `step` of `job_id`, read in
     /// the claim's transaction.
     pub async fn recorded_attempt(&mut self, job_id: &str, step: i32) -> Result<Option<i32>> {
-        Ok(
-            sqlx::query_scalar("SELECT max(attempt) FROM calls WHERE job_id = $1 AND step = $2")
-                .bind(job_id)
-                .bind(step)
-                .fetch_one(&mut *self.tx)
-                .await?,
-        )
+        Ok(sqlx::query_scalar(concat!(
+            "SELECT max(attempt) FROM calls WHERE ",
+            calls_of_job_1!(),
+            " AND step = $2"
+        ))
+        .bind(job_id)
+        .bind(step)
+        .fetch_one(&mut *self.tx)
+        .await?)
     }
 
     /// Commit the claim.

@@ -153,10 +153,12 @@ pub async fn busy_left(
     step: i32,
     busy_for: std::time::Duration,
 ) -> Result<Option<std::time::Duration>> {
-    let secs: Option<f64> = sqlx::query_scalar(
+    let secs: Option<f64> = sqlx::query_scalar(concat!(
         "SELECT extract(epoch FROM max(created_at) + make_interval(secs => $3) - now())::float8
-         FROM calls WHERE job_id = $1 AND step = $2 AND outcome = 'unknown'",
-    )
+         FROM calls WHERE ",
+        calls_of_job_1!(),
+        " AND step = $2 AND outcome = 'unknown'"
+    ))
     .bind(job_id)
     .bind(step)
     .bind(busy_for.as_secs_f64())
@@ -178,10 +180,11 @@ pub struct Attempt {
 
 /// Every provider attempt recorded for `job_id`, by step and attempt.
 pub async fn attempts(pool: &PgPool, job_id: &str) -> Result<Vec<Attempt>> {
-    Ok(sqlx::query_as(
-        "SELECT step, attempt, COALESCE(error, outcome) AS error FROM calls
-         WHERE job_id = $1 ORDER BY step, attempt",
-    )
+    Ok(sqlx::query_as(concat!(
+        "SELECT step, attempt, COALESCE(error, outcome) AS error FROM calls WHERE ",
+        calls_of_job_1!(),
+        " ORDER BY step, attempt"
+    ))
     .bind(job_id)
     .fetch_all(pool)
     .await?)
@@ -211,7 +214,8 @@ const JOB_VIEW: &str = "SELECT j.id, j.category, j.status, j.created_at::text AS
         j.finished_at::text AS finished_at, j.error, j.review_reason,
         j.envelope->'metadata' AS metadata, j.route_decision,
         r.output, r.output_json, r.model,
-        COALESCE(r.cost_usd, (SELECT sum(cost_usd) FROM calls c WHERE c.job_id = j.id)) AS cost_usd,
+        COALESCE(r.cost_usd, (SELECT sum(cost_usd) FROM calls c WHERE c.job_id = j.id
+                      AND c.job_created_at IN (j.created_at, TIMESTAMPTZ '1970-01-01 00:00:00+00'))) AS cost_usd,
         r.latency_ms::int8 AS latency_ms
      FROM jobs j LEFT JOIN results r ON r.job_id = j.id";
 
@@ -244,11 +248,13 @@ pub struct CallView {
 
 /// Every call of a job, by step and attempt.
 pub async fn job_calls(pool: &PgPool, id: &str) -> Result<Vec<CallView>> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as(concat!(
         "SELECT step, attempt, provider, model, outcome, input_tokens, output_tokens, cost_usd,
                 latency_ms, batch_id, error, created_at::text AS created_at
-         FROM calls WHERE job_id = $1 ORDER BY step, attempt",
-    )
+         FROM calls WHERE ",
+        calls_of_job_1!(),
+        " ORDER BY step, attempt"
+    ))
     .bind(id)
     .fetch_all(pool)
     .await?)
@@ -380,12 +386,14 @@ pub async fn cancel_where(pool: &PgPool, f: &CancelFilter) -> Result<Vec<(String
 
 /// Whether any provider call of job `id` is recorded (it has started).
 pub async fn has_calls(pool: &PgPool, id: &str) -> Result<bool> {
-    Ok(
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM calls WHERE job_id = $1)")
-            .bind(id)
-            .fetch_one(pool)
-            .await?,
-    )
+    Ok(sqlx::query_scalar(concat!(
+        "SELECT EXISTS (SELECT 1 FROM calls WHERE ",
+        calls_of_job_1!(),
+        ")"
+    ))
+    .bind(id)
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Take up to `limit` scheduled jobs that are due (their `not_before`

@@ -23,6 +23,19 @@
 //!
 //! Job statuses are [`JobStatus`]; SQL receives them as bound parameters.
 
+/// The SQL condition for the `calls` rows of the job whose id is `$1`:
+/// its id, and one of the two partition keys its calls can carry (its
+/// creation time, or 1970-01-01 for a call written while its job row was
+/// missing; migration 0030). Naming them lets Postgres skip the other
+/// months' partitions while it runs the query (after 0033 `job_costs` does
+/// the same for its per-job lookups).
+macro_rules! calls_of_job_1 {
+    () => {
+        "job_id = $1 AND job_created_at IN ((SELECT j.created_at FROM jobs j WHERE j.id = $1), \
+         TIMESTAMPTZ '1970-01-01 00:00:00+00')"
+    };
+}
+
 pub mod batches;
 pub mod cache;
 pub mod client_batches;

@@ -80,9 +80,10 @@ pub struct CallTotals {
 
 /// The calls recorded for `job_id`.
 pub async fn call_totals(pool: &PgPool, job_id: &str) -> Result<CallTotals> {
-    let (calls, cost_usd): (i64, Decimal) = sqlx::query_as(
-        "SELECT count(*)::int8, COALESCE(sum(cost_usd), 0) FROM calls WHERE job_id = $1",
-    )
+    let (calls, cost_usd): (i64, Decimal) = sqlx::query_as(concat!(
+        "SELECT count(*)::int8, COALESCE(sum(cost_usd), 0) FROM calls WHERE ",
+        calls_of_job_1!()
+    ))
     .bind(job_id)
     .fetch_one(pool)
     .await?;
@@ -129,7 +130,8 @@ pub async fn resolve(pool: &PgPool, job_id: &str, how: Resolution, by: &str) -> 
                  FROM jobs j LEFT JOIN LATERAL (
                      SELECT sum(cost_usd) AS cost, sum(input_tokens)::int8 AS inp,
                             sum(output_tokens)::int8 AS outp
-                     FROM calls WHERE calls.job_id = j.id) c ON true
+                     FROM calls WHERE calls.job_id = j.id
+                       AND calls.job_created_at IN (j.created_at, TIMESTAMPTZ '1970-01-01 00:00:00+00')) c ON true
                  WHERE j.id = $1
                  ON CONFLICT (job_id) DO NOTHING",
             )

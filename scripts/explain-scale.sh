@@ -9,7 +9,7 @@
 # backfill runs once after the load and is timed.
 #   ROWS=1000000 ./scripts/explain-scale.sh      # database sy_explain_scale
 #   ROWS=10000000 ./scripts/explain-scale.sh     # about 4 GB, ~10 minutes here
-#   ROWS=100000000 KEEP=1 ./scripts/explain-scale.sh   # about 50 GB free disk
+#   ROWS=100000000 KEEP=1 ./scripts/explain-scale.sh   # 51 GB; leave 60 GB free
 #   TAIL='2 hours' SKIP_LOAD=1 KEEP=1 ./scripts/explain-scale.sh   # see TAIL below
 # Prints one line per query: `<ms> <query>`; drops the database at the end
 # unless KEEP=1 (then SKIP_LOAD=1 reruns the timings on it).

@@ -577,4 +577,5 @@ async fn a_jobs_calls_are_read_in_its_own_month() {
             "calls_default".to_string()
         ])
     );
+    env.cleanup().await;
 }
